@@ -1,0 +1,36 @@
+//! `honua-scheduler`: the scheduler loops and the HTTP gateway.
+
+use clap::Parser;
+use honua_shared::config::Config;
+use honua_worker::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Honua scheduler and HTTP gateway")]
+struct Args {
+    /// Config file (TOML); also HONUA_CONFIG.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address (overrides HONUA_HTTP_ADDR).
+    #[arg(long)]
+    http_addr: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(LogFormat::Json);
+    honua_worker::install_crypto_provider();
+    let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(a) = args.http_addr {
+        cfg.http_addr = a;
+    }
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        s.cancel();
+    });
+    honua_scheduler::run_scheduler(cfg, None, shutdown).await
+}

@@ -1,0 +1,74 @@
+//! The Honua scheduler (submissions, graph transitions, timers), the HTTP gateway, and the
+//! `honua` operator command (`honua dev` runs the whole system on one machine).
+
+pub mod dev;
+pub mod gateway;
+pub mod scheduler;
+pub mod submit;
+pub mod view;
+
+pub use scheduler::Scheduler;
+pub use submit::{Engine, SubmitError, Submitted};
+
+use honua_shared::config::Config;
+use honua_shared::definition::DefinitionSet;
+use honua_worker::HandlerRegistry;
+use std::sync::Arc;
+
+/// Loads the definitions with the kinds of `handlers` plus `custom_step_kinds` from config.
+pub fn load_definitions(
+    cfg: &Config,
+    handlers: &HandlerRegistry,
+) -> anyhow::Result<(
+    Arc<DefinitionSet>,
+    Arc<honua_shared::definition::KindRegistry>,
+)> {
+    let mut kinds = handlers.kinds().clone();
+    for k in &cfg.custom_step_kinds {
+        if kinds.executor(k).is_none() {
+            kinds.register(
+                k,
+                honua_shared::definition::Executor::Worker,
+                |_: &serde_json::Value| Ok(()),
+            );
+        }
+    }
+    let defs = DefinitionSet::load_dir(&cfg.definitions_dir, &kinds).map_err(|e| {
+        anyhow::anyhow!(
+            "process definitions in {}: {e}",
+            cfg.definitions_dir.display()
+        )
+    })?;
+    Ok((Arc::new(defs), Arc::new(kinds)))
+}
+
+/// Runs the scheduler loops and the gateway until `shutdown` fires (`honua-scheduler`).
+pub async fn run_scheduler(
+    cfg: Config,
+    listener: Option<tokio::net::TcpListener>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let handlers = honua_worker::builtin_handlers(&cfg);
+    let (defs, kinds) = load_definitions(&cfg, &handlers)?;
+    let store = honua_shared::store::Store::open(
+        &cfg.redis_url,
+        honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
+    )?;
+    let cfg = Arc::new(cfg);
+    let engine = Engine::new(cfg.clone(), store, defs, kinds).await;
+    if !engine.waitaof {
+        tracing::warn!(
+            "WAITAOF unavailable (Redis < 7.2 or AOF off): a machine crash can lose about the last second of acknowledged submissions"
+        );
+    }
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(&cfg.http_addr).await?,
+    };
+    tracing::info!(addr = %listener.local_addr()?, redis = %cfg.redacted_redis_url(), "gateway listening");
+    let gw = tokio::spawn(gateway::serve(engine.clone(), listener, shutdown.clone()));
+    Scheduler::new(engine).run(shutdown).await;
+    gw.await??;
+    Ok(())
+}

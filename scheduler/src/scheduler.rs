@@ -1,0 +1,384 @@
+//! The scheduler loops: submissions → processes, events → graph transitions, due timers
+//! and retries → streams, and takeover of events another scheduler left pending.
+//!
+//! Any number of schedulers may run: streams are read through one consumer group, and every
+//! transition is one commit.lua call guarded by the process revision, so two schedulers
+//! deciding from the same snapshot cannot both apply (the loser re-reads and decides again).
+
+use crate::submit::{Engine, SubmitError};
+use honua_shared::engine::{self, AckSource, Ctx};
+use honua_shared::envelope::{Event, Submission};
+use honua_shared::keys::{Key, SCHEDULER_GROUP};
+use honua_shared::record::ProcessRecord;
+use honua_shared::store::{Commit, Entry, StoreError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Counters a scheduler keeps.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub submissions: AtomicU64,
+    pub events: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub promoted: AtomicU64,
+    pub quarantined: AtomicU64,
+    pub groups_recreated: AtomicU64,
+    /// Server time (ms) of the last completed timer round: loop liveness.
+    pub last_tick_ms: AtomicU64,
+}
+
+pub struct Scheduler {
+    engine: Engine,
+    id: String,
+    stats: Arc<SchedulerStats>,
+}
+
+impl Scheduler {
+    pub fn new(engine: Engine) -> Self {
+        let id = engine
+            .cfg
+            .scheduler
+            .id
+            .clone()
+            .unwrap_or_else(|| honua_shared::config::default_instance_id("scheduler"));
+        Self {
+            engine,
+            id,
+            stats: Arc::new(SchedulerStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<SchedulerStats> {
+        self.stats.clone()
+    }
+
+    /// Runs every loop until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let me = Arc::new(self);
+        let store = &me.engine.store;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let ready = async {
+                store.ensure_groups().await?;
+                store.load_scripts().await
+            };
+            match ready.await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "redis not ready; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(honua_worker::jitter(delay)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        info!(scheduler = %me.id, "scheduler started");
+        let keys = store.keys().clone();
+        let tasks = vec![
+            tokio::spawn(me.clone().reader(keys.submit(), shutdown.clone())),
+            tokio::spawn(me.clone().reader(keys.events(), shutdown.clone())),
+            tokio::spawn(me.clone().timers(shutdown.clone())),
+            tokio::spawn(me.clone().takeover(shutdown.clone())),
+        ];
+        for t in tasks {
+            let _ = t.await;
+        }
+        info!(scheduler = %me.id, "scheduler stopped");
+    }
+
+    async fn reader(self: Arc<Self>, stream: Key, shutdown: CancellationToken) {
+        let cfg = &self.engine.cfg.scheduler;
+        let block = Duration::from_millis(cfg.read_block_ms);
+        let store = &self.engine.store;
+        let Ok(mut conn) = store.blocking(block) else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(50);
+        while !shutdown.is_cancelled() {
+            let r = store
+                .read_group(
+                    &mut conn,
+                    &stream,
+                    SCHEDULER_GROUP,
+                    &self.id,
+                    cfg.batch,
+                    block,
+                )
+                .await;
+            match r {
+                Ok(entries) => {
+                    backoff = Duration::from_millis(50);
+                    self.handle(&stream, entries).await;
+                }
+                Err(StoreError::NoGroup { stream: s, group }) => {
+                    error!(stream = %s, %group, "consumer group missing (server restarted without data?); recreating it");
+                    self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                    let _ = store.ensure_groups().await;
+                }
+                Err(e) => {
+                    warn!(error = %e, stream = %stream, "reading failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(honua_worker::jitter(backoff)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, stream: &Key, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        if *stream == self.engine.store.keys().submit() {
+            for e in entries {
+                self.handle_submission(e).await;
+            }
+        } else {
+            self.handle_events(entries).await;
+        }
+    }
+
+    async fn quarantine(&self, stream: &Key, id: &str, reason: &str) {
+        self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+        error!(stream = %stream, entry = %id, %reason, "entry set aside in the quarantine stream");
+        if let Err(e) = self
+            .engine
+            .store
+            .drop_entry(stream, SCHEDULER_GROUP, id, reason, None)
+            .await
+        {
+            warn!(error = %e, "quarantining failed; the entry stays pending");
+        }
+    }
+
+    async fn handle_submission(&self, e: Entry) {
+        let stream = self.engine.store.keys().submit();
+        let sub = match Submission::from_fields(&e.fields) {
+            Ok(s) => s,
+            Err(err) => {
+                return self
+                    .quarantine(&stream, &e.id, &format!("invalid submission: {err}"))
+                    .await;
+            }
+        };
+        self.stats.submissions.fetch_add(1, Ordering::Relaxed);
+        match self.engine.create(&sub, Some(&e.id)).await {
+            Ok(s) => debug!(process_id = s.id(), "submission stored"),
+            Err(SubmitError::Store(err)) => {
+                // Left pending: retried by takeover once idle.
+                warn!(error = %err, entry = %e.id, "submission not stored yet; will retry");
+            }
+            Err(err) => {
+                self.quarantine(&stream, &e.id, &format!("rejected submission: {err}"))
+                    .await
+            }
+        }
+    }
+
+    async fn handle_events(&self, entries: Vec<Entry>) {
+        let stream = self.engine.store.keys().events();
+        let mut parsed = Vec::with_capacity(entries.len());
+        for e in entries {
+            match Event::from_fields(&e.fields) {
+                Ok(ev) => parsed.push((e.id, ev)),
+                Err(err) => {
+                    self.quarantine(&stream, &e.id, &format!("invalid event: {err}"))
+                        .await
+                }
+            }
+        }
+        if parsed.is_empty() {
+            return;
+        }
+        // One round trip for every record; later events of a process already seen in this
+        // batch re-read it (the first commit changed it).
+        let ids: Vec<&str> = parsed.iter().map(|(_, ev)| ev.process_id()).collect();
+        let preloaded = match self.engine.store.load_processes(&ids).await {
+            Ok((now, recs)) => Some((now, recs)),
+            Err(e) => {
+                warn!(error = %e, "loading records failed; events stay pending");
+                return;
+            }
+        };
+        let (now, recs) = preloaded.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for ((entry_id, ev), loaded) in parsed.iter().zip(recs) {
+            let first = seen.insert(ev.process_id().to_string());
+            let pre = first.then_some((now, loaded));
+            self.stats.events.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.apply_event(entry_id, ev, pre).await {
+                warn!(error = %e, entry = %entry_id, "event not applied yet; will retry");
+            }
+        }
+    }
+
+    /// Decides and commits one event, re-reading on a revision conflict.
+    #[allow(clippy::type_complexity)]
+    async fn apply_event(
+        &self,
+        entry_id: &str,
+        ev: &Event,
+        mut pre: Option<(
+            u64,
+            (
+                std::collections::HashMap<String, String>,
+                std::collections::HashMap<String, String>,
+            ),
+        )>,
+    ) -> Result<(), StoreError> {
+        let store = &self.engine.store;
+        let stream = store.keys().events();
+        let pid = ev.process_id();
+        for _ in 0..50 {
+            let (now, (meta, steps)) = match pre.take() {
+                Some(p) => p,
+                None => {
+                    let (now, mut v) = store.load_processes(&[pid]).await?;
+                    (now, v.remove(0))
+                }
+            };
+            let rec = match ProcessRecord::parse(pid, &meta, &steps) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    debug!(process_id = %pid, "event for a process that no longer exists");
+                    store
+                        .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
+                        .await?;
+                    return Ok(());
+                }
+                Err(err) => {
+                    self.quarantine(
+                        &stream,
+                        entry_id,
+                        &format!("process {pid} record is corrupt: {err}"),
+                    )
+                    .await;
+                    return Ok(());
+                }
+            };
+            let Some(def) = self.engine.defs.get(&rec.process_type, rec.version) else {
+                error!(process_id = %pid, process_type = %rec.process_type, version = rec.version, "definition not loaded on this scheduler; event left for another");
+                return Ok(());
+            };
+            let ctx = Ctx {
+                def,
+                kinds: &self.engine.kinds,
+                now_ms: now,
+                jitter: rand::random(),
+            };
+            let t = engine::on_event(&ctx, &rec, ev);
+            for n in &t.notes {
+                debug!(process_id = %pid, note = %n);
+            }
+            if t.is_empty() {
+                store
+                    .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
+                    .await?;
+                return Ok(());
+            }
+            let call = t.to_commit(
+                store.keys(),
+                pid,
+                Some(rec.rev),
+                now,
+                self.engine.cfg.retention_secs,
+                Some(AckSource {
+                    stream: stream.clone(),
+                    id: entry_id,
+                }),
+            );
+            match store.commit(&call).await? {
+                Commit::Ok { .. } => {
+                    if let Some((status, error)) = t.finish() {
+                        let took = rec.duration_ms(now).unwrap_or(0);
+                        match error {
+                            Some(err) => {
+                                warn!(process_id = %pid, process_type = %rec.process_type, status = %status, error = %err, duration_ms = took, "Process {pid} failed: {err}")
+                            }
+                            None => {
+                                info!(process_id = %pid, process_type = %rec.process_type, status = %status, duration_ms = took, "Process {pid} completed, duration {took} ms")
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+                Commit::Conflict => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Commit::Gone | Commit::Exists | Commit::Duplicate(_) => return Ok(()),
+            }
+        }
+        warn!(process_id = %pid, "50 revision conflicts in a row; event left pending");
+        Ok(())
+    }
+
+    async fn timers(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = Duration::from_millis(self.engine.cfg.scheduler.timer_interval_ms);
+        let store = &self.engine.store;
+        while !shutdown.is_cancelled() {
+            match store.promote(1000).await {
+                Ok((moved, _next, now)) => {
+                    self.stats.last_tick_ms.store(now, Ordering::Relaxed);
+                    if moved > 0 {
+                        self.stats.promoted.fetch_add(moved, Ordering::Relaxed);
+                        if moved >= 1000 {
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => debug!(error = %e, "promoting timers failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Takes over submissions and events left pending by a stopped scheduler (or by this
+    /// one after a Redis error).
+    async fn takeover(self: Arc<Self>, shutdown: CancellationToken) {
+        let idle = Duration::from_millis(self.engine.cfg.scheduler.reclaim_idle_ms);
+        let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let store = &self.engine.store;
+        let keys = store.keys().clone();
+        while !shutdown.is_cancelled() {
+            tokio::select! {
+                _ = tokio::time::sleep(honua_worker::jitter(every)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for stream in [keys.submit(), keys.events()] {
+                let mut cursor = "0-0".to_string();
+                for _ in 0..10 {
+                    match store
+                        .autoclaim(&stream, SCHEDULER_GROUP, &self.id, idle, &cursor, 100)
+                        .await
+                    {
+                        Ok((next, entries)) => {
+                            if !entries.is_empty() {
+                                info!(count = entries.len(), stream = %stream, "took over pending entries");
+                            }
+                            self.handle(&stream, entries).await;
+                            if next == "0-0" {
+                                break;
+                            }
+                            cursor = next;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "takeover failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

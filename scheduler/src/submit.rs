@@ -1,0 +1,167 @@
+//! Creating a process: shared by the HTTP gateway and the submission-stream consumer.
+
+use honua_shared::config::{Config, WaitAof};
+use honua_shared::definition::{DefinitionSet, KindRegistry};
+use honua_shared::engine::{self, AckSource, Ctx};
+use honua_shared::envelope::Submission;
+use honua_shared::store::{Commit, Store, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything process creation needs.
+#[derive(Clone)]
+pub struct Engine {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub defs: Arc<DefinitionSet>,
+    pub kinds: Arc<KindRegistry>,
+    /// Decided once at start: the server has WAITAOF and AOF is on.
+    pub waitaof: bool,
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("unknown process type {0:?}")]
+    UnknownType(String),
+    #[error("process type {0} has no version {1}")]
+    UnknownVersion(String, u32),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("a process with id {0} already exists")]
+    IdTaken(String),
+    #[error("the submission could not be made durable: {0}")]
+    NotDurable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What happened to a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    Created(String),
+    /// The idempotency key was seen before: the existing process.
+    Duplicate(String),
+}
+
+impl Submitted {
+    pub fn id(&self) -> &str {
+        match self {
+            Submitted::Created(id) | Submitted::Duplicate(id) => id,
+        }
+    }
+}
+
+impl Engine {
+    pub async fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        defs: Arc<DefinitionSet>,
+        kinds: Arc<KindRegistry>,
+    ) -> Self {
+        let waitaof = match cfg.wait_aof {
+            WaitAof::Off => false,
+            _ => store.supports_waitaof().await.unwrap_or(false),
+        };
+        Self {
+            cfg,
+            store,
+            defs,
+            kinds,
+            waitaof,
+        }
+    }
+
+    /// Creates the process (one commit.lua call that also enqueues its first steps and,
+    /// with `ack`, acknowledges the submission entry) and waits for the AOF where possible.
+    pub async fn create(
+        &self,
+        sub: &Submission,
+        ack: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
+        let def = match sub.version {
+            Some(v) => self
+                .defs
+                .get(&sub.process_type, v)
+                .ok_or_else(|| SubmitError::UnknownVersion(sub.process_type.clone(), v))?,
+            None => self
+                .defs
+                .latest(&sub.process_type)
+                .ok_or_else(|| SubmitError::UnknownType(sub.process_type.clone()))?,
+        };
+        if self.cfg.wait_aof == WaitAof::Required && !self.waitaof {
+            return Err(SubmitError::NotDurable(
+                "the server has no WAITAOF (Redis/Valkey >= 7.2 with appendonly yes)".into(),
+            ));
+        }
+        if !sub.input.is_object() {
+            return Err(SubmitError::InvalidInput(
+                "input must be a JSON object".into(),
+            ));
+        }
+        let input = self
+            .cfg
+            .codec()
+            .encode(&sub.input)
+            .map_err(|e| SubmitError::InvalidInput(e.to_string()))?;
+        let id = sub
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let now = self.store.server_time_ms().await?;
+        let ctx = Ctx {
+            def,
+            kinds: &self.kinds,
+            now_ms: now,
+            jitter: rand::random(),
+        };
+        let timeout = self.cfg.process_timeout(&def.name, def.timeout);
+        let t = engine::create(
+            &ctx,
+            &id,
+            input,
+            sub.idempotency_key.clone(),
+            sub.trace.traceparent.clone(),
+            timeout,
+        );
+        let ack = ack.map(|entry| AckSource {
+            stream: self.store.keys().submit(),
+            id: entry,
+        });
+        let call = t.to_commit(
+            self.store.keys(),
+            &id,
+            None,
+            now,
+            self.cfg.retention_secs,
+            ack,
+        );
+        let result = match self.store.commit(&call).await? {
+            Commit::Ok { .. } => Submitted::Created(id.clone()),
+            Commit::Duplicate(existing) => Submitted::Duplicate(existing),
+            Commit::Exists => return Err(SubmitError::IdTaken(id)),
+            other => {
+                return Err(SubmitError::Store(StoreError::Reply {
+                    script: "commit",
+                    detail: format!("{other:?} on create"),
+                }));
+            }
+        };
+        if self.waitaof {
+            match self.store.wait_aof(Duration::from_secs(1)).await {
+                Ok(true) => {}
+                Ok(false) if self.cfg.wait_aof == WaitAof::Required => {
+                    return Err(SubmitError::NotDurable("WAITAOF timed out".into()));
+                }
+                Ok(false) => {
+                    tracing::warn!(process_id = %id, "WAITAOF timed out; acknowledged anyway")
+                }
+                Err(e) => tracing::warn!(error = %e, "WAITAOF failed"),
+            }
+        }
+        if let Submitted::Created(_) = &result {
+            tracing::info!(process_id = %id, process_type = %def.name, "Process {id} started ({})", def.name);
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,147 @@
+//! The JSON view of a process record, as the operations guide reads it (camelCase).
+
+use honua_shared::definition::ProcessDefinition;
+use honua_shared::record::{ProcessRecord, StepRecord};
+use serde::Serialize;
+use std::time::{Duration, UNIX_EPOCH};
+
+fn ts(ms: Option<u64>) -> Option<String> {
+    ms.map(|ms| {
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    })
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub visit: u32,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<u64>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub duration_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepView {
+    pub name: String,
+    pub kind: String,
+    pub status: String,
+    pub attempt: u32,
+    pub visits: u32,
+    pub deliveries: Option<u64>,
+    pub worker: Option<String>,
+    pub queued_at: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+    pub error_code: Option<String>,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessView {
+    pub id: String,
+    pub process_type: String,
+    pub version: u32,
+    pub status: String,
+    pub current_steps: Vec<String>,
+    pub steps: Vec<StepView>,
+    pub error_message: Option<String>,
+    pub error_code: Option<String>,
+    pub created_at: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub deadline_at: Option<String>,
+    /// Seconds from start to end (or to now while running).
+    pub duration: Option<f64>,
+    pub idempotency_key: Option<String>,
+}
+
+fn step_view(name: &str, kind: &str, r: &StepRecord) -> StepView {
+    StepView {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        status: r.status.to_string(),
+        attempt: r.attempt,
+        visits: r.visit,
+        deliveries: r.deliveries,
+        worker: r.worker.clone(),
+        queued_at: ts(r.queued_ms),
+        started_at: ts(r.started_ms),
+        ended_at: ts(r.ended_ms),
+        duration_ms: r.duration_ms(),
+        outcome: r.outcome.clone(),
+        error: r.error.clone(),
+        error_code: r.code.clone(),
+        attempts: r
+            .history
+            .iter()
+            .map(|a| AttemptView {
+                attempt: a.attempt,
+                visit: a.visit,
+                outcome: a.outcome.clone(),
+                error: a.error.clone(),
+                error_code: a.code.clone(),
+                worker: a.worker.clone(),
+                deliveries: a.deliveries,
+                started_at: ts(a.started_ms),
+                ended_at: ts(a.ended_ms),
+                duration_ms: a
+                    .ended_ms
+                    .zip(a.started_ms)
+                    .map(|(e, s)| e.saturating_sub(s)),
+            })
+            .collect(),
+    }
+}
+
+impl ProcessView {
+    /// Steps in definition order; steps never reached are listed as `idle`.
+    pub fn new(rec: &ProcessRecord, def: Option<&ProcessDefinition>, now_ms: u64) -> Self {
+        let mut steps = Vec::new();
+        match def {
+            Some(d) => {
+                for s in &d.steps {
+                    let r = rec.steps.get(&s.name).cloned().unwrap_or_default();
+                    steps.push(step_view(&s.name, &s.kind, &r));
+                }
+            }
+            None => {
+                for (n, r) in &rec.steps {
+                    steps.push(step_view(n, "", r));
+                }
+            }
+        }
+        ProcessView {
+            id: rec.id.clone(),
+            process_type: rec.process_type.clone(),
+            version: rec.version,
+            status: rec.status.to_string(),
+            current_steps: rec.active_steps().map(|(n, _)| n.clone()).collect(),
+            steps,
+            error_message: rec.error.clone(),
+            error_code: rec.code.clone(),
+            created_at: ts(Some(rec.created_ms)),
+            started_at: ts(rec.started_ms),
+            ended_at: ts(rec.ended_ms),
+            updated_at: ts(rec.updated_ms),
+            deadline_at: ts(rec.deadline_ms),
+            duration: rec.duration_ms(now_ms).map(|ms| ms as f64 / 1000.0),
+            idempotency_key: rec.idempotency_key.clone(),
+        }
+    }
+}

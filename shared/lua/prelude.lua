@@ -1,0 +1,47 @@
+-- Shared prelude, prepended to every script by shared/src/scripts.rs. The constants
+-- above this line are generated from the Rust definitions (status.rs, keys.rs), so status
+-- and field names have one source.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The PEL entry of one id: {id, consumer, idle_ms, deliveries}, or nil.
+local function pending_entry(stream, group, id)
+  local r = redis.call('XPENDING', stream, group, id, id, 1)
+  return r[1]
+end
+
+-- Acknowledge and delete one entry: acknowledged entries are never needed again, so the
+-- stream holds only pending and undelivered work and never needs MAXLEN trimming.
+local function ack_del(stream, group, id)
+  redis.call('XACK', stream, group, id)
+  redis.call('XDEL', stream, id)
+end
+
+local function process_active(status)
+  return status == PS_PENDING or status == PS_RUNNING or status == PS_WAITING
+end
+
+-- Owner- and fence-checked access to a running step.
+-- Returns 'ok', record | 'stale' | 'finished' (process over or deleted: stop the step).
+local function fence(jobs, group, consumer, id, deliveries, meta, steps, step, token)
+  local p = pending_entry(jobs, group, id)
+  if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(deliveries) then
+    return 'stale'
+  end
+  local st = redis.call('HGET', meta, F_STATUS)
+  if not st or not process_active(st) then
+    return 'finished'
+  end
+  local raw = redis.call('HGET', steps, step)
+  if not raw then
+    return 'stale'
+  end
+  local rec = cjson.decode(raw)
+  if rec.token ~= token or rec.status ~= SS_RUNNING then
+    return 'stale'
+  end
+  return 'ok', rec
+end

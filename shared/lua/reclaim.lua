@@ -1,0 +1,41 @@
+-- reclaim: take over jobs whose owner stopped heartbeating (idle > lease), or dead-letter
+-- them once Redis's own delivery counter passes max_deliveries.
+-- KEYS[1] job stream, KEYS[2] dead-letter stream, KEYS[3] event stream
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms (the lease), ARGV[4] cursor,
+-- ARGV[5] count, ARGV[6] max deliveries, ARGV[7] dead-letter stream approximate max length
+-- Returns {next_cursor, {{id, deliveries, fields}...}, deleted_count, {dead_lettered_id...}}
+-- XAUTOCLAIM scans at most COUNT*10 PEL entries per call, so this script is bounded;
+-- the caller iterates the cursor.
+local jobs, dlq, events = KEYS[1], KEYS[2], KEYS[3]
+local group, consumer, min_idle, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local count, max_deliveries, dlq_max = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local r = redis.call('XAUTOCLAIM', jobs, group, consumer, min_idle, cursor, 'COUNT', count)
+local claimed, dead = {}, {}
+for _, e in ipairs(r[2]) do
+  local id, fields = e[1], e[2]
+  local p = pending_entry(jobs, group, id)
+  local n = tonumber(p[4])
+  if n > max_deliveries then
+    local f = {}
+    for i = 1, #fields, 2 do
+      f[fields[i]] = fields[i + 1]
+    end
+    local ran = n - 1
+    local reason = 'delivered ' .. ran .. ' times without completing (max_deliveries ' .. max_deliveries .. ')'
+    local args = {dlq, 'MAXLEN', '~', dlq_max, '*'}
+    for i = 1, #fields do
+      args[#args + 1] = fields[i]
+    end
+    for _, v in ipairs({'job_id', id, 'deliveries', ran, 'reason', reason, 'dead_ms', now_ms()}) do
+      args[#args + 1] = v
+    end
+    redis.call('XADD', unpack(args))
+    redis.call('XADD', events, '*', 'v', '1', 't', 'dead_letter', 'pid', f.pid or '',
+      'step', f.step or '', 'token', f.token or '', 'deliveries', ran, 'reason', reason)
+    ack_del(jobs, group, id)
+    dead[#dead + 1] = id
+  else
+    claimed[#claimed + 1] = {id, n, fields}
+  end
+end
+return {r[1], claimed, #(r[3] or {}), dead}

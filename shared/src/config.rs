@@ -1,0 +1,561 @@
+//! Configuration in layers: compiled-in defaults → TOML file → `HONUA_*` environment →
+//! command-line flags (applied by the binaries), then [`Config::validate`] once.
+//! Tests build a `Config` as a value; nothing here reads the process environment unless
+//! handed it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var} is invalid: {message}")]
+    Env { var: &'static str, message: String },
+    #[error("config field `{field}` is invalid: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Whether a submission waits for the AOF fsync (`WAITAOF`, Redis/Valkey ≥ 7.2) before it
+/// is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitAof {
+    /// Use WAITAOF when the server supports it.
+    #[default]
+    Auto,
+    Off,
+    /// Refuse submissions when the server lacks WAITAOF or AOF is off.
+    Required,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Cap on one state blob (input, step output, checkpoint), checked before decoding.
+    pub max_state_size_kb: usize,
+    /// MessagePack nesting cap (at most 64).
+    pub max_depth: usize,
+    /// LZ4-compress blobs of 256 bytes or more.
+    pub compression: bool,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            max_state_size_kb: 1024,
+            max_depth: 32,
+            compression: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessFrameworkConfig {
+    /// Process timeout when neither the definition nor `process_timeouts` sets one.
+    pub default_timeout_minutes: u64,
+    /// Per-type overrides (minutes), as the guide's `ProcessTimeouts`.
+    pub process_timeouts: BTreeMap<String, u64>,
+}
+
+impl Default for ProcessFrameworkConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_minutes: 60,
+            process_timeouts: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Stable consumer name; defaults to the host name.
+    pub id: Option<String>,
+    /// How long one blocking read of the submission/event streams waits.
+    pub read_block_ms: u64,
+    /// Entries read per batch.
+    pub batch: usize,
+    /// How often due timers and delayed jobs are promoted.
+    pub timer_interval_ms: u64,
+    /// A scheduler's unacknowledged events idle this long are taken over by another one.
+    pub reclaim_idle_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            read_block_ms: 1000,
+            batch: 128,
+            timer_interval_ms: 50,
+            reclaim_idle_ms: 15_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Stable consumer name; defaults to the host name (the pod name on Kubernetes).
+    pub id: Option<String>,
+    pub max_concurrent_steps: usize,
+    /// A job whose worker has not heartbeaten for this long is reclaimed.
+    pub lease_ms: u64,
+    /// How often each worker looks for jobs to reclaim.
+    pub sweep_ms: u64,
+    /// Heartbeat period; default a third of the lease.
+    pub heartbeat_ms: Option<u64>,
+    /// Deliveries (Redis's own counter) after which a job is dead-lettered.
+    pub max_deliveries: u64,
+    /// On SIGTERM, in-flight steps get this long to finish before they are handed back.
+    pub shutdown_grace_ms: u64,
+    pub read_block_ms: u64,
+    /// URL prefixes the `http` step kind may call.
+    pub http_allowlist: Vec<String>,
+    pub http_max_response_kb: usize,
+    /// Consumers idle this long that own nothing are deleted.
+    pub retire_consumer_after_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            max_concurrent_steps: 32,
+            lease_ms: 15_000,
+            sweep_ms: 2_000,
+            heartbeat_ms: None,
+            max_deliveries: 5,
+            shutdown_grace_ms: 25_000,
+            read_block_ms: 1_000,
+            http_allowlist: Vec::new(),
+            http_max_response_kb: 1024,
+            retire_consumer_after_secs: 3_600,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.unwrap_or(self.lease_ms / 3).max(1))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS.
+    pub redis_url: String,
+    /// Separates deployments (and tests) that share one Redis.
+    pub key_prefix: String,
+    /// Gateway listen address.
+    pub http_addr: String,
+    /// Directory of process definitions (TOML/YAML).
+    pub definitions_dir: PathBuf,
+    /// Step kinds registered in Rust by custom worker binaries, so definitions using them
+    /// validate in the scheduler too.
+    pub custom_step_kinds: Vec<String>,
+    /// Finished processes are deleted this long after they end.
+    pub retention_secs: u64,
+    pub wait_aof: WaitAof,
+    pub max_request_body_kb: usize,
+    pub state: StateConfig,
+    pub process_framework: ProcessFrameworkConfig,
+    pub scheduler: SchedulerConfig,
+    pub worker: WorkerConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "honua".into(),
+            http_addr: "0.0.0.0:9090".into(),
+            definitions_dir: PathBuf::from("processes"),
+            custom_step_kinds: Vec::new(),
+            retention_secs: 24 * 3600,
+            wait_aof: WaitAof::Auto,
+            max_request_body_kb: 1024,
+            state: StateConfig::default(),
+            process_framework: ProcessFrameworkConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+/// The environment variables read, for the README and `--help`.
+pub const ENV_VARS: &[&str] = &[
+    "HONUA_CONFIG",
+    "HONUA_REDIS_URL",
+    "HONUA_KEY_PREFIX",
+    "HONUA_HTTP_ADDR",
+    "HONUA_DEFINITIONS_DIR",
+    "HONUA_RETENTION_SECS",
+    "HONUA_WAIT_AOF",
+    "HONUA_WORKER_ID",
+    "HONUA_SCHEDULER_ID",
+    "HONUA_MAX_CONCURRENT_STEPS",
+    "HONUA_LEASE_MS",
+    "HONUA_SWEEP_MS",
+    "HONUA_MAX_DELIVERIES",
+    "HONUA_SHUTDOWN_GRACE_MS",
+    "HONUA_MAX_STATE_SIZE_KB",
+    "HONUA_DEFAULT_TIMEOUT_MINUTES",
+    "HONUA_HTTP_ALLOWLIST",
+];
+
+fn parse_env<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    v.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+        var,
+        message: e.to_string(),
+    })
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then the given environment.
+    pub fn load<I>(file: Option<&Path>, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("HONUA_"))
+            .collect();
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("HONUA_CONFIG").map(PathBuf::from));
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path,
+                    message: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(&env)?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        for (k, v) in env {
+            match k.as_str() {
+                "HONUA_REDIS_URL" => self.redis_url = v.clone(),
+                "HONUA_KEY_PREFIX" => self.key_prefix = v.clone(),
+                "HONUA_HTTP_ADDR" => self.http_addr = v.clone(),
+                "HONUA_DEFINITIONS_DIR" => self.definitions_dir = PathBuf::from(v),
+                "HONUA_RETENTION_SECS" => {
+                    self.retention_secs = parse_env("HONUA_RETENTION_SECS", v)?
+                }
+                "HONUA_WAIT_AOF" => {
+                    self.wait_aof = match v.as_str() {
+                        "auto" => WaitAof::Auto,
+                        "off" => WaitAof::Off,
+                        "required" => WaitAof::Required,
+                        _ => {
+                            return Err(ConfigError::Env {
+                                var: "HONUA_WAIT_AOF",
+                                message: "expected auto, off or required".into(),
+                            });
+                        }
+                    }
+                }
+                "HONUA_WORKER_ID" => self.worker.id = Some(v.clone()),
+                "HONUA_SCHEDULER_ID" => self.scheduler.id = Some(v.clone()),
+                "HONUA_MAX_CONCURRENT_STEPS" => {
+                    self.worker.max_concurrent_steps = parse_env("HONUA_MAX_CONCURRENT_STEPS", v)?
+                }
+                "HONUA_LEASE_MS" => self.worker.lease_ms = parse_env("HONUA_LEASE_MS", v)?,
+                "HONUA_SWEEP_MS" => self.worker.sweep_ms = parse_env("HONUA_SWEEP_MS", v)?,
+                "HONUA_MAX_DELIVERIES" => {
+                    self.worker.max_deliveries = parse_env("HONUA_MAX_DELIVERIES", v)?
+                }
+                "HONUA_SHUTDOWN_GRACE_MS" => {
+                    self.worker.shutdown_grace_ms = parse_env("HONUA_SHUTDOWN_GRACE_MS", v)?
+                }
+                "HONUA_MAX_STATE_SIZE_KB" => {
+                    self.state.max_state_size_kb = parse_env("HONUA_MAX_STATE_SIZE_KB", v)?
+                }
+                "HONUA_DEFAULT_TIMEOUT_MINUTES" => {
+                    self.process_framework.default_timeout_minutes =
+                        parse_env("HONUA_DEFAULT_TIMEOUT_MINUTES", v)?
+                }
+                "HONUA_HTTP_ALLOWLIST" => {
+                    self.worker.http_allowlist = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every field once; the message names the bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.into(),
+            })
+        }
+        if redis::Client::open(self.redis_url.as_str()).is_err() {
+            return bad("redis_url", "not a redis:// or rediss:// URL");
+        }
+        if !crate::envelope::valid_id(&self.key_prefix) {
+            return bad("key_prefix", "must be 1-64 characters of [A-Za-z0-9_-]");
+        }
+        if self.http_addr.parse::<std::net::SocketAddr>().is_err() {
+            return bad("http_addr", "must be host:port with an IP address");
+        }
+        if self.retention_secs < 60 {
+            return bad("retention_secs", "must be at least 60");
+        }
+        if !(1..=64 * 1024).contains(&self.max_request_body_kb) {
+            return bad("max_request_body_kb", "must be 1..=65536");
+        }
+        if !(1..=64 * 1024).contains(&self.state.max_state_size_kb) {
+            return bad("state.max_state_size_kb", "must be 1..=65536");
+        }
+        if !(1..=crate::codec::MAX_DEPTH_CEILING).contains(&self.state.max_depth) {
+            return bad("state.max_depth", "must be 1..=64");
+        }
+        if self.process_framework.default_timeout_minutes == 0 {
+            return bad("process_framework.default_timeout_minutes", "must be > 0");
+        }
+        if self
+            .process_framework
+            .process_timeouts
+            .values()
+            .any(|m| *m == 0)
+        {
+            return bad("process_framework.process_timeouts", "minutes must be > 0");
+        }
+        let s = &self.scheduler;
+        if !(1..=10_000).contains(&s.batch) {
+            return bad("scheduler.batch", "must be 1..=10000");
+        }
+        if s.timer_interval_ms == 0 || s.read_block_ms == 0 || s.reclaim_idle_ms < 100 {
+            return bad(
+                "scheduler",
+                "timer_interval_ms and read_block_ms must be > 0, reclaim_idle_ms >= 100",
+            );
+        }
+        let w = &self.worker;
+        if !(1..=100_000).contains(&w.max_concurrent_steps) {
+            return bad("worker.max_concurrent_steps", "must be 1..=100000");
+        }
+        if w.lease_ms < 100 {
+            return bad("worker.lease_ms", "must be at least 100");
+        }
+        if w.heartbeat().as_millis() as u64 * 2 > w.lease_ms {
+            return bad("worker.heartbeat_ms", "must be at most half of lease_ms");
+        }
+        if w.sweep_ms == 0 || w.read_block_ms == 0 {
+            return bad("worker.sweep_ms", "sweep_ms and read_block_ms must be > 0");
+        }
+        if w.max_deliveries == 0 {
+            return bad("worker.max_deliveries", "must be at least 1");
+        }
+        for id in [&w.id, &s.id].into_iter().flatten() {
+            if !crate::envelope::valid_id(id) {
+                return bad("worker.id", "ids must be 1-64 characters of [A-Za-z0-9_-]");
+            }
+        }
+        for url in &w.http_allowlist {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(
+                    "worker.http_allowlist",
+                    format!("{url:?} is not an http(s) URL prefix"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Process timeout for a type: the override, else the definition's, else the default.
+    pub fn process_timeout(
+        &self,
+        process_type: &str,
+        from_definition: Option<Duration>,
+    ) -> Duration {
+        if let Some(m) = self.process_framework.process_timeouts.get(process_type) {
+            return Duration::from_secs(m * 60);
+        }
+        from_definition.unwrap_or(Duration::from_secs(
+            self.process_framework.default_timeout_minutes * 60,
+        ))
+    }
+
+    pub fn codec(&self) -> crate::codec::StateCodec {
+        crate::codec::StateCodec::new(
+            self.state.max_state_size_kb * 1024,
+            self.state.max_depth,
+            self.state.compression,
+        )
+    }
+
+    /// The Redis URL with any password replaced, for logs and the config endpoint.
+    pub fn redacted_redis_url(&self) -> String {
+        redact_url(&self.redis_url)
+    }
+}
+
+/// Replaces the password (or lone user token) of a URL's userinfo with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = match userinfo.split_once(':') {
+                Some((u, _)) => format!("{u}:***"),
+                None => "***".to_string(),
+            };
+            format!("{scheme}://{user}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// A stable default consumer name: the host name, else a random one.
+pub fn default_instance_id(kind: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| crate::envelope::valid_id(h));
+    match host {
+        Some(h) => format!("{kind}-{h}"),
+        None => format!("{kind}-{}", uuid::Uuid::now_v7().simple()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("honua-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("honua.toml");
+        std::fs::write(
+            &path,
+            "key_prefix = \"fromfile\"\n[worker]\nlease_ms = 9000\nmax_deliveries = 7\n",
+        )
+        .unwrap();
+        let cfg = Config::load(
+            Some(&path),
+            env(&[("HONUA_LEASE_MS", "6000"), ("OTHER", "x")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.key_prefix, "fromfile");
+        assert_eq!(cfg.worker.lease_ms, 6000, "env beats file");
+        assert_eq!(cfg.worker.max_deliveries, 7, "file beats default");
+        assert_eq!(cfg.worker.sweep_ms, 2000, "default kept");
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_file_fields_and_bad_env_are_errors() {
+        let dir = std::env::temp_dir().join(format!("honua-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "leese_ms = 1\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&path), env(&[])),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::load(None, env(&[("HONUA_LEASE_MS", "soon")])),
+            Err(ConfigError::Env {
+                var: "HONUA_LEASE_MS",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = Config::default();
+        c.worker.lease_ms = 1000;
+        c.worker.heartbeat_ms = Some(900);
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "worker.heartbeat_ms"),
+            other => panic!("{other:?}"),
+        }
+        let mut c = Config::default();
+        c.state.max_depth = 1024;
+        assert!(c.validate().is_err());
+        let c = Config {
+            http_addr: "nowhere".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn process_timeout_precedence() {
+        let mut c = Config::default();
+        assert_eq!(c.process_timeout("X", None), Duration::from_secs(3600));
+        assert_eq!(
+            c.process_timeout("X", Some(Duration::from_secs(5))),
+            Duration::from_secs(5)
+        );
+        c.process_framework.process_timeouts.insert("X".into(), 2);
+        assert_eq!(
+            c.process_timeout("X", Some(Duration::from_secs(5))),
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://secret@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+}

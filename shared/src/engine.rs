@@ -1,0 +1,833 @@
+//! Pure decisions: what a process transition does, as a list of [`Action`]s computed from a
+//! definition, the current record and one event. No I/O here: the scheduler performs the
+//! actions through one `commit.lua` call ([`Transition::to_commit`]) guarded by the record's
+//! revision, and the tests assert on the actions.
+
+use crate::definition::{Executor, Join, KindRegistry, ProcessDefinition, StepDef};
+use crate::envelope::{Event, JobEnvelope, TraceContext, event_type};
+use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
+use crate::record::{AttemptRecord, HISTORY_CAP, ProcessRecord, StepRecord};
+use crate::status::{ProcessStatus, StepStatus, outcome};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// `Retry-After` values above this are clamped.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// One effect of a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Create the process record (only in a create transition).
+    Create {
+        process_type: String,
+        version: u32,
+        input: Vec<u8>,
+        idempotency_key: Option<String>,
+        trace: Option<String>,
+        timeout_ms: u64,
+    },
+    /// Write a step's record.
+    SetStep { step: String, record: StepRecord },
+    /// Put a job on the job stream now.
+    Enqueue(JobEnvelope),
+    /// Put a job on the job stream after a delay (retry backoff).
+    EnqueueLater { job: JobEnvelope, delay_ms: u64 },
+    /// Deliver an event to the scheduler after a delay (timers, step timeouts).
+    EventLater { event: Event, delay_ms: u64 },
+    /// The process changes status (not finished).
+    SetStatus(ProcessStatus),
+    /// The process ends.
+    Finish {
+        status: ProcessStatus,
+        error: Option<String>,
+        code: Option<String>,
+    },
+}
+
+/// The actions of one transition and what the scheduler should log about it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Transition {
+    pub actions: Vec<Action>,
+    pub notes: Vec<String>,
+}
+
+impl Transition {
+    pub fn finish(&self) -> Option<(ProcessStatus, Option<&str>)> {
+        self.actions.iter().find_map(|a| match a {
+            Action::Finish { status, error, .. } => Some((*status, error.as_deref())),
+            _ => None,
+        })
+    }
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// What the decisions need besides the definition and the record.
+pub struct Ctx<'a> {
+    pub def: &'a ProcessDefinition,
+    pub kinds: &'a KindRegistry,
+    /// Server time (ms) read with the record.
+    pub now_ms: u64,
+    /// Random draw in [0, 1) for retry jitter (injected so tests are deterministic).
+    pub jitter: f64,
+}
+
+/// The delayed-set member that fires a process's timeout (deterministic, so finishing the
+/// process can remove it).
+pub fn deadline_member(process_id: &str) -> String {
+    delayed_member(
+        "event",
+        &Event::ProcessTimeout {
+            process_id: process_id.to_string(),
+        }
+        .to_fields(),
+    )
+}
+
+fn delayed_member(kind: &str, fields: &[(String, String)]) -> String {
+    let flat: Vec<&str> = fields
+        .iter()
+        .flat_map(|(k, v)| [k.as_str(), v.as_str()])
+        .collect();
+    serde_json::json!({ "k": kind, "f": flat }).to_string()
+}
+
+struct Planner<'a> {
+    ctx: &'a Ctx<'a>,
+    pid: &'a str,
+    trace: TraceContext,
+    token_base: u64,
+    tokens: u32,
+    steps: BTreeMap<String, StepRecord>,
+    touched: Vec<String>,
+    actions: Vec<Action>,
+    notes: Vec<String>,
+    failure: Option<(ProcessStatus, String, String)>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        ctx: &'a Ctx<'a>,
+        pid: &'a str,
+        rev: u64,
+        steps: BTreeMap<String, StepRecord>,
+        trace: Option<String>,
+    ) -> Self {
+        Self {
+            ctx,
+            pid,
+            trace: TraceContext {
+                traceparent: trace,
+                tracestate: None,
+            },
+            token_base: rev + 1,
+            tokens: 0,
+            steps,
+            touched: Vec::new(),
+            actions: Vec::new(),
+            notes: Vec::new(),
+            failure: None,
+        }
+    }
+
+    fn token(&mut self) -> String {
+        self.tokens += 1;
+        format!("{}.{}", self.token_base, self.tokens)
+    }
+
+    fn rec(&mut self, step: &str) -> &mut StepRecord {
+        if !self.touched.iter().any(|s| s == step) {
+            self.touched.push(step.to_string());
+        }
+        self.steps.entry(step.to_string()).or_default()
+    }
+
+    fn fail(&mut self, status: ProcessStatus, error: String, code: &str) {
+        if self.failure.is_none() {
+            self.failure = Some((status, error, code.to_string()));
+        }
+    }
+
+    fn job(&self, step: &str, rec: &StepRecord) -> JobEnvelope {
+        JobEnvelope {
+            process_id: self.pid.to_string(),
+            step: step.to_string(),
+            token: rec.token.clone(),
+            attempt: rec.attempt,
+            visit: rec.visit,
+            enqueued_ms: self.ctx.now_ms,
+            trace: self.trace.clone(),
+        }
+    }
+
+    /// Enter a step: enqueue its job, or start its timer / wait.
+    fn activate(&mut self, name: &str) {
+        let Some(def) = self.ctx.def.step(name) else {
+            self.fail(
+                ProcessStatus::Failed,
+                format!("step {name} is not in the definition"),
+                "definition_mismatch",
+            );
+            return;
+        };
+        let def: &StepDef = def;
+        let visit = self.steps.get(name).map_or(0, |r| r.visit) + 1;
+        if let Some(max) = def.max_visits
+            && visit > max
+        {
+            self.fail(
+                ProcessStatus::Failed,
+                format!("step {name} exceeded max_visits ({max})"),
+                "max_visits",
+            );
+            return;
+        }
+        let token = self.token();
+        let now = self.ctx.now_ms;
+        let history = std::mem::take(&mut self.rec(name).history);
+        let mut rec = StepRecord {
+            status: StepStatus::Queued,
+            token,
+            attempt: 1,
+            visit,
+            queued_ms: Some(now),
+            history,
+            ..Default::default()
+        };
+        match self.ctx.kinds.executor(&def.kind) {
+            Some(Executor::Worker) => {
+                let job = self.job(name, &rec);
+                self.actions.push(Action::Enqueue(job));
+            }
+            Some(Executor::Scheduler) => {
+                rec.status = StepStatus::Waiting;
+                rec.started_ms = Some(now);
+                let (event, delay) = if def.kind == "sleep" {
+                    let d = def
+                        .config
+                        .get("duration")
+                        .and_then(|v| v.as_str())
+                        .and_then(|s| humantime::parse_duration(s).ok())
+                        .unwrap_or_default();
+                    (
+                        Event::Timer {
+                            process_id: self.pid.to_string(),
+                            step: name.to_string(),
+                            token: rec.token.clone(),
+                        },
+                        d,
+                    )
+                } else {
+                    (
+                        Event::StepTimeout {
+                            process_id: self.pid.to_string(),
+                            step: name.to_string(),
+                            token: rec.token.clone(),
+                        },
+                        def.timeout,
+                    )
+                };
+                self.actions.push(Action::EventLater {
+                    event,
+                    delay_ms: delay.as_millis() as u64,
+                });
+            }
+            None => {
+                self.fail(
+                    ProcessStatus::Failed,
+                    format!("step {name} has unknown kind {:?}", def.kind),
+                    "unknown_kind",
+                );
+                return;
+            }
+        }
+        *self.rec(name) = rec;
+    }
+
+    /// A route from `from` reaches `target`.
+    fn arrive(&mut self, target: &str, from: &str) {
+        let inbound = self.ctx.def.inbound(target).to_vec();
+        let join = self.ctx.def.step(target).map(|s| s.join.clone());
+        if matches!(join, Some(Join::All)) && inbound.len() > 1 {
+            let rec = self.rec(target);
+            if !rec.arrived.iter().any(|a| a == from) {
+                rec.arrived.push(from.to_string());
+            }
+            if inbound.iter().all(|i| rec.arrived.contains(i)) {
+                rec.arrived.clear();
+                self.activate(target);
+            }
+        } else if self.steps.get(target).is_some_and(|r| r.status.is_active()) {
+            self.notes.push(format!(
+                "{target} already active; arrival from {from} ignored"
+            ));
+        } else {
+            self.activate(target);
+        }
+    }
+
+    /// Close the current attempt of a step into its history.
+    fn close_attempt(
+        &mut self,
+        step: &str,
+        out: &str,
+        error: Option<String>,
+        code: Option<String>,
+    ) {
+        let now = self.ctx.now_ms;
+        let rec = self.rec(step);
+        rec.history.push(AttemptRecord {
+            attempt: rec.attempt,
+            visit: rec.visit,
+            outcome: out.to_string(),
+            error: error.clone(),
+            code: code.clone(),
+            worker: rec.worker.clone(),
+            deliveries: rec.deliveries,
+            started_ms: rec.claimed_ms.or(rec.started_ms),
+            ended_ms: rec.ended_ms.or(Some(now)),
+        });
+        if rec.history.len() > HISTORY_CAP {
+            let extra = rec.history.len() - HISTORY_CAP;
+            rec.history.drain(..extra);
+        }
+        rec.outcome = Some(out.to_string());
+        rec.error = error;
+        rec.code = code;
+        rec.ended_ms.get_or_insert(now);
+    }
+
+    /// A step ended with `out`; route it.
+    fn step_ended(&mut self, step: &str, out: &str) {
+        self.rec(step).status = StepStatus::Completed;
+        let targets = self.ctx.def.targets(step, out).to_vec();
+        if targets.is_empty() && out != outcome::OK {
+            self.notes.push(format!(
+                "step {step} outcome {out:?} has no route; branch ends"
+            ));
+        }
+        for t in targets {
+            self.arrive(&t, step);
+        }
+    }
+
+    /// A step failed for good (no retry left, or permanent).
+    fn step_failed(&mut self, step: &str, error: &str, code: &str) {
+        self.rec(step).status = StepStatus::Failed;
+        let targets = self.ctx.def.targets(step, outcome::FAILED).to_vec();
+        if targets.is_empty() {
+            self.fail(
+                ProcessStatus::Failed,
+                format!("step {step} failed: {error}"),
+                code,
+            );
+        } else {
+            for t in targets {
+                self.arrive(&t, step);
+            }
+        }
+    }
+
+    fn finish(mut self, current: Option<ProcessStatus>) -> Transition {
+        let status = if let Some((status, error, code)) = self.failure.take() {
+            // Everything still open is cancelled; late commits are fenced out.
+            let open: Vec<String> = self
+                .steps
+                .iter()
+                .filter(|(_, r)| r.status.is_active())
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in open {
+                let now = self.ctx.now_ms;
+                let r = self.rec(&n);
+                r.status = StepStatus::Cancelled;
+                r.ended_ms.get_or_insert(now);
+            }
+            self.push_steps();
+            self.actions.push(Action::Finish {
+                status,
+                error: Some(error),
+                code: Some(code),
+            });
+            return Transition {
+                actions: self.actions,
+                notes: self.notes,
+            };
+        } else if !self.steps.values().any(|r| r.status.is_active()) {
+            None
+        } else if self.steps.iter().any(|(n, r)| {
+            r.status == StepStatus::Waiting
+                && self.ctx.def.step(n).is_some_and(|d| d.kind == "approval")
+        }) {
+            Some(ProcessStatus::WaitingForApproval)
+        } else {
+            Some(ProcessStatus::Running)
+        };
+        self.push_steps();
+        match status {
+            None => self.actions.push(Action::Finish {
+                status: ProcessStatus::Completed,
+                error: None,
+                code: None,
+            }),
+            Some(s) if Some(s) != current => self.actions.push(Action::SetStatus(s)),
+            Some(_) => {}
+        }
+        Transition {
+            actions: self.actions,
+            notes: self.notes,
+        }
+    }
+
+    fn push_steps(&mut self) {
+        let mut sets: Vec<Action> = self
+            .touched
+            .iter()
+            .map(|n| Action::SetStep {
+                step: n.clone(),
+                record: self.steps[n].clone(),
+            })
+            .collect();
+        sets.append(&mut self.actions);
+        self.actions = sets;
+    }
+}
+
+/// The transition that creates a process.
+#[allow(clippy::too_many_arguments)]
+pub fn create(
+    ctx: &Ctx<'_>,
+    process_id: &str,
+    input: Vec<u8>,
+    idempotency_key: Option<String>,
+    trace: Option<String>,
+    timeout: Duration,
+) -> Transition {
+    let mut p = Planner::new(ctx, process_id, 0, BTreeMap::new(), trace.clone());
+    p.actions.push(Action::Create {
+        process_type: ctx.def.name.clone(),
+        version: ctx.def.version,
+        input,
+        idempotency_key,
+        trace,
+        timeout_ms: timeout.as_millis() as u64,
+    });
+    for s in ctx.def.start.clone() {
+        p.activate(&s);
+    }
+    p.finish(None)
+}
+
+/// The transition an event causes, or an empty one when the event no longer applies
+/// (stale token, finished process): the event is then only acknowledged.
+pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition {
+    if rec.status.is_finished() {
+        return Transition {
+            actions: vec![],
+            notes: vec![format!("process already {}", rec.status)],
+        };
+    }
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let matches = |step: &str, token: &str, statuses: &[StepStatus]| {
+        rec.steps
+            .get(step)
+            .is_some_and(|r| r.token == token && statuses.contains(&r.status))
+    };
+    match event {
+        Event::Step {
+            step,
+            token,
+            result,
+            ..
+        } => {
+            if !matches(step, token, &[StepStatus::Done, StepStatus::Running]) {
+                return stale(step);
+            }
+            if result.outcome == outcome::FAILED {
+                let error = result.error.clone().unwrap_or_else(|| "step failed".into());
+                let code = result.code.clone().unwrap_or_else(|| "step_failed".into());
+                p.close_attempt(
+                    step,
+                    outcome::FAILED,
+                    Some(error.clone()),
+                    Some(code.clone()),
+                );
+                let attempt = rec.steps[step].attempt;
+                let policy = ctx.def.step(step).map(|d| d.retry.clone());
+                if result.fatal {
+                    p.rec(step).status = StepStatus::Failed;
+                    p.fail(
+                        ProcessStatus::Failed,
+                        format!("step {step} failed: {error}"),
+                        &code,
+                    );
+                } else if let Some(policy) =
+                    policy.filter(|pol| result.retryable && attempt < pol.max_attempts)
+                {
+                    let backoff = backoff_ms(&policy, attempt, ctx.jitter);
+                    let asked = result
+                        .retry_after_ms
+                        .unwrap_or(0)
+                        .min(MAX_RETRY_AFTER.as_millis() as u64);
+                    let delay = backoff.max(asked);
+                    let token = p.token();
+                    let now = ctx.now_ms;
+                    let r = p.rec(step);
+                    r.status = StepStatus::Delayed;
+                    r.token = token;
+                    r.attempt = attempt + 1;
+                    r.due_ms = Some(now + delay);
+                    r.queued_ms = Some(now);
+                    r.started_ms = None;
+                    r.claimed_ms = None;
+                    r.ended_ms = None;
+                    r.worker = None;
+                    r.deliveries = None;
+                    let r = r.clone();
+                    let job = p.job(step, &r);
+                    p.actions.push(Action::EnqueueLater {
+                        job,
+                        delay_ms: delay,
+                    });
+                    p.notes.push(format!(
+                        "step {step} retries in {delay} ms (attempt {})",
+                        attempt + 1
+                    ));
+                } else {
+                    let error = if attempt > 1 {
+                        format!("{error} (after {attempt} attempts)")
+                    } else {
+                        error
+                    };
+                    p.step_failed(step, &error, &code);
+                }
+            } else {
+                p.close_attempt(step, &result.outcome, None, None);
+                p.step_ended(step, &result.outcome);
+            }
+        }
+        Event::Timer { step, token, .. } => {
+            if !matches(step, token, &[StepStatus::Waiting]) {
+                return stale(step);
+            }
+            p.close_attempt(step, outcome::OK, None, None);
+            p.step_ended(step, outcome::OK);
+        }
+        Event::StepTimeout { step, token, .. } => {
+            if !matches(step, token, &[StepStatus::Waiting]) {
+                return stale(step);
+            }
+            let timeout = ctx.def.step(step).map(|d| d.timeout).unwrap_or_default();
+            let error = format!(
+                "no signal within the step timeout of {}",
+                humantime::format_duration(timeout)
+            );
+            p.close_attempt(
+                step,
+                outcome::FAILED,
+                Some(error.clone()),
+                Some("step_timeout".into()),
+            );
+            p.step_failed(step, &error, "step_timeout");
+        }
+        Event::DeadLetter {
+            step,
+            token,
+            deliveries,
+            reason,
+            ..
+        } => {
+            let active = [StepStatus::Queued, StepStatus::Running, StepStatus::Done];
+            if !matches(step, token, &active) {
+                return stale(step);
+            }
+            let error =
+                format!("step {step} was dead-lettered after {deliveries} deliveries: {reason}");
+            p.close_attempt(
+                step,
+                outcome::FAILED,
+                Some(error.clone()),
+                Some("max_deliveries".into()),
+            );
+            p.rec(step).status = StepStatus::Failed;
+            p.fail(ProcessStatus::Failed, error, "max_deliveries");
+        }
+        Event::ProcessTimeout { .. } => {
+            let timeout = rec
+                .deadline_ms
+                .map(|d| d.saturating_sub(rec.created_ms))
+                .unwrap_or_default();
+            p.fail(
+                ProcessStatus::TimedOut,
+                format!(
+                    "timeout exceeded: process ran longer than {}",
+                    humantime::format_duration(Duration::from_millis(timeout))
+                ),
+                "process_timeout",
+            );
+        }
+        Event::Signal { name, value, .. } => {
+            let waiting = rec.steps.iter().find(|(n, r)| {
+                r.status == StepStatus::Waiting
+                    && ctx.def.step(n).is_some_and(|d| {
+                        d.kind == "approval"
+                            && d.config
+                                .get("signal")
+                                .and_then(|v| v.as_str())
+                                .unwrap_or("approval")
+                                == name
+                    })
+            });
+            let Some((step, _)) = waiting else {
+                return Transition {
+                    actions: vec![],
+                    notes: vec![format!("no step is waiting for signal {name:?}")],
+                };
+            };
+            let step = step.clone();
+            let out = signal_outcome(value);
+            p.close_attempt(&step, &out, None, None);
+            p.step_ended(&step, &out);
+        }
+    }
+    p.finish(Some(rec.status))
+}
+
+fn stale(step: &str) -> Transition {
+    Transition {
+        actions: vec![],
+        notes: vec![format!("event for step {step} no longer applies")],
+    }
+}
+
+/// Maps a signal value to an outcome: approve → `ok`, reject → `rejected`, else the value
+/// itself when it is a valid outcome name.
+pub fn signal_outcome(value: &str) -> String {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "approve" | "approved" | "ok" | "yes" => outcome::OK.into(),
+        "reject" | "rejected" | "no" | "deny" | "denied" => outcome::REJECTED.into(),
+        other => other.to_string(),
+    }
+}
+
+/// Backoff before attempt `failed_attempts + 1`: full jitter under the policy's ceiling.
+pub fn backoff_ms(
+    policy: &crate::definition::RetryPolicy,
+    failed_attempts: u32,
+    jitter: f64,
+) -> u64 {
+    let ceiling = policy.backoff_ceiling(failed_attempts).as_millis() as f64;
+    (ceiling * jitter.clamp(0.0, 1.0)) as u64
+}
+
+/// The arguments of one `commit.lua` call.
+#[derive(Debug, Clone)]
+pub struct CommitCall {
+    pub keys: Vec<Key>,
+    pub args: Vec<Vec<u8>>,
+}
+
+struct KeyTable(Vec<Key>);
+
+impl KeyTable {
+    fn idx(&mut self, k: Key) -> Vec<u8> {
+        let i = match self.0.iter().position(|x| *x == k) {
+            Some(i) => i,
+            None => {
+                self.0.push(k);
+                self.0.len() - 1
+            }
+        };
+        (i + 1).to_string().into_bytes()
+    }
+}
+
+/// The source entry a commit acknowledges (submission or event).
+pub struct AckSource<'a> {
+    pub stream: Key,
+    pub id: &'a str,
+}
+
+struct Ops {
+    n: usize,
+    args: Vec<Vec<u8>>,
+}
+
+impl Ops {
+    fn op(&mut self, parts: Vec<Vec<u8>>) {
+        self.n += 1;
+        self.args.extend(parts);
+    }
+    fn pairs(&mut self, op: &str, key: Vec<u8>, pairs: Vec<(String, Vec<u8>)>) {
+        if pairs.is_empty() {
+            return;
+        }
+        let mut v = vec![
+            op.as_bytes().to_vec(),
+            key,
+            pairs.len().to_string().into_bytes(),
+        ];
+        for (f, val) in pairs {
+            v.push(f.into_bytes());
+            v.push(val);
+        }
+        self.op(v);
+    }
+}
+
+fn b(s: impl ToString) -> Vec<u8> {
+    s.to_string().into_bytes()
+}
+
+impl Transition {
+    /// Compiles the actions into one `commit.lua` call. `rev` is the revision the decision
+    /// was made on (`None` for a create).
+    pub fn to_commit(
+        &self,
+        keys: &Keys,
+        process_id: &str,
+        rev: Option<u64>,
+        now_ms: u64,
+        retention_secs: u64,
+        ack: Option<AckSource<'_>>,
+    ) -> CommitCall {
+        let mut kt = KeyTable(vec![keys.process(process_id)]);
+        let meta = kt.idx(keys.process(process_id));
+        let steps_k = kt.idx(keys.steps(process_id));
+        let data_k = kt.idx(keys.data(process_id));
+        let mut ops = Ops { n: 0, args: vec![] };
+        let mut meta_fields: Vec<(String, Vec<u8>)> = vec![
+            (field::REV.into(), b(rev.map_or(1, |r| r + 1))),
+            (field::UPDATED_MS.into(), b(now_ms)),
+        ];
+        let mut idem_idx = b(0);
+        let mut step_fields = Vec::new();
+        for a in &self.actions {
+            match a {
+                Action::Create {
+                    process_type,
+                    version,
+                    input,
+                    idempotency_key,
+                    trace,
+                    timeout_ms,
+                } => {
+                    meta_fields.extend([
+                        (field::TYPE.into(), b(process_type)),
+                        (field::VERSION.into(), b(version)),
+                        (field::STATUS.into(), b(ProcessStatus::Running)),
+                        (field::CREATED_MS.into(), b(now_ms)),
+                        (field::STARTED_MS.into(), b(now_ms)),
+                        (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
+                    ]);
+                    if let Some(t) = trace {
+                        meta_fields.push((field::TRACE.into(), b(t)));
+                    }
+                    ops.pairs(
+                        "hset",
+                        data_k.clone(),
+                        vec![(field::INPUT.into(), input.clone())],
+                    );
+                    let idx_all = kt.idx(keys.index_all());
+                    ops.op(vec![b("zadd"), idx_all, b(now_ms), b(process_id)]);
+                    let idx_active = kt.idx(keys.index_active());
+                    ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(timeout_ms),
+                        b(deadline_member(process_id)),
+                    ]);
+                    if let Some(k) = idempotency_key {
+                        meta_fields.push((field::IDEMPOTENCY_KEY.into(), b(k)));
+                        let ik = kt.idx(keys.idempotency(k));
+                        idem_idx = ik.clone();
+                        let ttl = retention_secs + timeout_ms / 1000 + 1;
+                        ops.op(vec![b("setex"), ik, b(ttl), b(process_id)]);
+                    }
+                }
+                Action::SetStep { step, record } => {
+                    step_fields
+                        .push((step.clone(), serde_json::to_vec(record).unwrap_or_default()));
+                }
+                Action::Enqueue(job) => {
+                    let jobs = kt.idx(keys.jobs());
+                    ops.pairs(
+                        "xadd",
+                        jobs,
+                        job.to_fields()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.into_bytes()))
+                            .collect(),
+                    );
+                }
+                Action::EnqueueLater { job, delay_ms } => {
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(delay_ms),
+                        b(delayed_member("job", &job.to_fields())),
+                    ]);
+                }
+                Action::EventLater { event, delay_ms } => {
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(delay_ms),
+                        b(delayed_member("event", &event.to_fields())),
+                    ]);
+                }
+                Action::SetStatus(s) => meta_fields.push((field::STATUS.into(), b(s))),
+                Action::Finish {
+                    status,
+                    error,
+                    code,
+                } => {
+                    meta_fields.push((field::STATUS.into(), b(status)));
+                    meta_fields.push((field::ENDED_MS.into(), b(now_ms)));
+                    if let Some(e) = error {
+                        meta_fields.push((field::ERROR.into(), b(e)));
+                    }
+                    if let Some(c) = code {
+                        meta_fields.push((field::CODE.into(), b(c)));
+                    }
+                    let idx_active = kt.idx(keys.index_active());
+                    ops.op(vec![b("zrem"), idx_active, b(process_id)]);
+                    let idx_status = kt.idx(keys.index_status(*status));
+                    ops.op(vec![b("zadd"), idx_status, b(now_ms), b(process_id)]);
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![b("zrem"), delayed, b(deadline_member(process_id))]);
+                }
+            }
+        }
+        ops.pairs("hset", steps_k.clone(), step_fields);
+        ops.pairs("hset", meta.clone(), meta_fields);
+        if self.finish().is_some() {
+            for k in [meta, steps_k, data_k] {
+                ops.op(vec![b("expire"), k, b(retention_secs)]);
+            }
+        }
+        let (ack_idx, ack_id) = match ack {
+            Some(a) => (kt.idx(a.stream), b(a.id)),
+            None => (b(0), b("")),
+        };
+        let mut args = vec![
+            b(if rev.is_some() { "update" } else { "create" }),
+            b(rev.unwrap_or(0)),
+            idem_idx,
+            ack_idx,
+            b(SCHEDULER_GROUP),
+            ack_id,
+            b(ops.n),
+        ];
+        args.extend(ops.args);
+        CommitCall { keys: kt.0, args }
+    }
+}
+
+/// Event type names the Lua side writes must be ones the Rust side reads.
+pub const LUA_EVENT_TYPES: &[&str] = &[event_type::STEP, event_type::DEAD_LETTER];

@@ -1,0 +1,528 @@
+//! What travels on the streams: submissions, step jobs and scheduler events.
+//!
+//! Every entry is a flat list of string fields so any Redis client (and the Lua scripts)
+//! can read and write it. Each type has a version field `v`; new fields are optional with a
+//! default, a breaking change gets a new version number that old readers reject clearly.
+
+use std::collections::HashMap;
+
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Fields of one stream entry, in order.
+pub type Fields = Vec<(String, String)>;
+
+/// Why an entry could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("missing field {0:?}")]
+    Missing(&'static str),
+    #[error("field {field:?} is invalid: {detail}")]
+    Invalid { field: &'static str, detail: String },
+    #[error("unsupported envelope version {0}")]
+    Version(u32),
+    #[error("unknown event type {0:?}")]
+    UnknownEvent(String),
+}
+
+/// Read access to an entry's fields.
+#[derive(Debug, Default, Clone)]
+pub struct FieldMap(HashMap<String, String>);
+
+impl FieldMap {
+    pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        Self(pairs.into_iter().collect())
+    }
+
+    /// From the raw values of a stream entry (binary-safe: non-UTF-8 values are replaced).
+    pub fn from_redis(map: &HashMap<String, redis::Value>) -> Self {
+        Self(
+            map.iter()
+                .filter_map(|(k, v)| match v {
+                    redis::Value::BulkString(b) => {
+                        Some((k.clone(), String::from_utf8_lossy(b).into_owned()))
+                    }
+                    redis::Value::SimpleString(s) => Some((k.clone(), s.clone())),
+                    redis::Value::Int(i) => Some((k.clone(), i.to_string())),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, f: &str) -> Option<&str> {
+        self.0.get(f).map(String::as_str).filter(|s| !s.is_empty())
+    }
+
+    pub fn req(&self, f: &'static str) -> Result<&str, EnvelopeError> {
+        self.get(f).ok_or(EnvelopeError::Missing(f))
+    }
+
+    pub fn num<T: std::str::FromStr>(&self, f: &'static str) -> Result<Option<T>, EnvelopeError> {
+        match self.get(f) {
+            None => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|_| EnvelopeError::Invalid {
+                field: f,
+                detail: format!("{s:?} is not a number"),
+            }),
+        }
+    }
+
+    fn version(&self) -> Result<(), EnvelopeError> {
+        match self.num::<u32>("v")?.unwrap_or(ENVELOPE_VERSION) {
+            ENVELOPE_VERSION => Ok(()),
+            other => Err(EnvelopeError::Version(other)),
+        }
+    }
+}
+
+fn push(out: &mut Fields, k: &str, v: impl ToString) {
+    out.push((k.to_string(), v.to_string()));
+}
+
+fn push_opt<T: std::fmt::Display>(out: &mut Fields, k: &str, v: &Option<T>) {
+    if let Some(v) = v {
+        push(out, k, v);
+    }
+}
+
+/// W3C trace context carried from the submission through every job of a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+/// One step job on the job stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEnvelope {
+    pub process_id: String,
+    pub step: String,
+    /// Fences this job: the step record holds the token of the one job allowed to run it.
+    pub token: String,
+    /// Application-level attempt (1-based): retries after handler errors.
+    pub attempt: u32,
+    /// How many times the step was entered in this process (loops).
+    pub visit: u32,
+    /// Server time (ms) when the job was enqueued.
+    pub enqueued_ms: u64,
+    pub trace: TraceContext,
+}
+
+impl JobEnvelope {
+    pub fn to_fields(&self) -> Fields {
+        let mut f = Fields::with_capacity(9);
+        push(&mut f, "v", ENVELOPE_VERSION);
+        push(&mut f, "pid", &self.process_id);
+        push(&mut f, "step", &self.step);
+        push(&mut f, "token", &self.token);
+        push(&mut f, "attempt", self.attempt);
+        push(&mut f, "visit", self.visit);
+        push(&mut f, "enq_ms", self.enqueued_ms);
+        push_opt(&mut f, "tp", &self.trace.traceparent);
+        push_opt(&mut f, "ts", &self.trace.tracestate);
+        f
+    }
+
+    pub fn from_fields(f: &FieldMap) -> Result<Self, EnvelopeError> {
+        f.version()?;
+        Ok(Self {
+            process_id: f.req("pid")?.to_string(),
+            step: f.req("step")?.to_string(),
+            token: f.req("token")?.to_string(),
+            attempt: f.num("attempt")?.unwrap_or(1),
+            visit: f.num("visit")?.unwrap_or(1),
+            enqueued_ms: f.num("enq_ms")?.unwrap_or(0),
+            trace: TraceContext {
+                traceparent: f.get("tp").map(str::to_string),
+                tracestate: f.get("ts").map(str::to_string),
+            },
+        })
+    }
+}
+
+/// What a worker reports when a step ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StepResult {
+    pub outcome: String,
+    pub error: Option<String>,
+    pub code: Option<String>,
+    /// The error may succeed on another attempt.
+    pub retryable: bool,
+    /// The handler (or provider) asked for at least this much delay before the next attempt.
+    pub retry_after_ms: Option<u64>,
+    /// Fail the whole process whatever the routing says (corrupt state, missing handler).
+    pub fatal: bool,
+}
+
+/// An entry of the scheduler's event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A worker committed a step's result.
+    Step {
+        process_id: String,
+        step: String,
+        token: String,
+        result: StepResult,
+    },
+    /// A job exhausted its deliveries and went to the dead-letter stream.
+    DeadLetter {
+        process_id: String,
+        step: String,
+        token: String,
+        deliveries: u64,
+        reason: String,
+    },
+    /// A durable timer (the `sleep` kind) fired.
+    Timer {
+        process_id: String,
+        step: String,
+        token: String,
+    },
+    /// A waiting step (approval) hit its timeout.
+    StepTimeout {
+        process_id: String,
+        step: String,
+        token: String,
+    },
+    /// The process hit its deadline.
+    ProcessTimeout { process_id: String },
+    /// An external signal (approval decision) arrived.
+    Signal {
+        process_id: String,
+        name: String,
+        value: String,
+    },
+}
+
+/// Event type tags (`t` field); the Lua scripts write `step` and `dead_letter`.
+pub mod event_type {
+    pub const STEP: &str = "step";
+    pub const DEAD_LETTER: &str = "dead_letter";
+    pub const TIMER: &str = "timer";
+    pub const STEP_TIMEOUT: &str = "step_timeout";
+    pub const PROCESS_TIMEOUT: &str = "process_timeout";
+    pub const SIGNAL: &str = "signal";
+}
+
+impl Event {
+    pub fn process_id(&self) -> &str {
+        match self {
+            Event::Step { process_id, .. }
+            | Event::DeadLetter { process_id, .. }
+            | Event::Timer { process_id, .. }
+            | Event::StepTimeout { process_id, .. }
+            | Event::ProcessTimeout { process_id }
+            | Event::Signal { process_id, .. } => process_id,
+        }
+    }
+
+    pub fn to_fields(&self) -> Fields {
+        let mut f = Fields::new();
+        push(&mut f, "v", ENVELOPE_VERSION);
+        match self {
+            Event::Step {
+                process_id,
+                step,
+                token,
+                result,
+            } => {
+                push(&mut f, "t", event_type::STEP);
+                push(&mut f, "pid", process_id);
+                push(&mut f, "step", step);
+                push(&mut f, "token", token);
+                push(&mut f, "outcome", &result.outcome);
+                push_opt(&mut f, "error", &result.error);
+                push_opt(&mut f, "code", &result.code);
+                push(&mut f, "retryable", u8::from(result.retryable));
+                push_opt(&mut f, "retry_after_ms", &result.retry_after_ms);
+                push(&mut f, "fatal", u8::from(result.fatal));
+            }
+            Event::DeadLetter {
+                process_id,
+                step,
+                token,
+                deliveries,
+                reason,
+            } => {
+                push(&mut f, "t", event_type::DEAD_LETTER);
+                push(&mut f, "pid", process_id);
+                push(&mut f, "step", step);
+                push(&mut f, "token", token);
+                push(&mut f, "deliveries", deliveries);
+                push(&mut f, "reason", reason);
+            }
+            Event::Timer {
+                process_id,
+                step,
+                token,
+            }
+            | Event::StepTimeout {
+                process_id,
+                step,
+                token,
+            } => {
+                let t = if matches!(self, Event::Timer { .. }) {
+                    event_type::TIMER
+                } else {
+                    event_type::STEP_TIMEOUT
+                };
+                push(&mut f, "t", t);
+                push(&mut f, "pid", process_id);
+                push(&mut f, "step", step);
+                push(&mut f, "token", token);
+            }
+            Event::ProcessTimeout { process_id } => {
+                push(&mut f, "t", event_type::PROCESS_TIMEOUT);
+                push(&mut f, "pid", process_id);
+            }
+            Event::Signal {
+                process_id,
+                name,
+                value,
+            } => {
+                push(&mut f, "t", event_type::SIGNAL);
+                push(&mut f, "pid", process_id);
+                push(&mut f, "name", name);
+                push(&mut f, "value", value);
+            }
+        }
+        f
+    }
+
+    pub fn from_fields(f: &FieldMap) -> Result<Self, EnvelopeError> {
+        f.version()?;
+        let pid = || f.req("pid").map(str::to_string);
+        let step = || f.req("step").map(str::to_string);
+        let token = || f.req("token").map(str::to_string);
+        let flag = |name: &'static str| -> Result<bool, EnvelopeError> {
+            Ok(f.num::<u8>(name)?.unwrap_or(0) != 0)
+        };
+        Ok(match f.req("t")? {
+            event_type::STEP => Event::Step {
+                process_id: pid()?,
+                step: step()?,
+                token: token()?,
+                result: StepResult {
+                    outcome: f.req("outcome")?.to_string(),
+                    error: f.get("error").map(str::to_string),
+                    code: f.get("code").map(str::to_string),
+                    retryable: flag("retryable")?,
+                    retry_after_ms: f.num("retry_after_ms")?,
+                    fatal: flag("fatal")?,
+                },
+            },
+            event_type::DEAD_LETTER => Event::DeadLetter {
+                process_id: pid()?,
+                step: step()?,
+                token: token()?,
+                deliveries: f.num("deliveries")?.unwrap_or(0),
+                reason: f.get("reason").unwrap_or("dead-lettered").to_string(),
+            },
+            event_type::TIMER => Event::Timer {
+                process_id: pid()?,
+                step: step()?,
+                token: token()?,
+            },
+            event_type::STEP_TIMEOUT => Event::StepTimeout {
+                process_id: pid()?,
+                step: step()?,
+                token: token()?,
+            },
+            event_type::PROCESS_TIMEOUT => Event::ProcessTimeout { process_id: pid()? },
+            event_type::SIGNAL => Event::Signal {
+                process_id: pid()?,
+                name: f.req("name")?.to_string(),
+                value: f.get("value").unwrap_or("").to_string(),
+            },
+            other => return Err(EnvelopeError::UnknownEvent(other.to_string())),
+        })
+    }
+}
+
+/// A submission written to the submit stream by any Redis client:
+///
+/// `XADD honua:v1:{0}:submit * type Test input '{"k":1}' id <uuid> idempotency_key <key>`
+///
+/// Only `type` is required. `input` is a JSON object; `id` (a client-chosen process id,
+/// `[A-Za-z0-9_-]{1,64}`) lets the client follow the process without a lookup;
+/// `idempotency_key` makes resubmission return the same process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    pub process_type: String,
+    pub version: Option<u32>,
+    pub input: serde_json::Value,
+    pub id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub trace: TraceContext,
+}
+
+/// Process ids and idempotency keys: what a key segment may contain.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Submission {
+    pub fn to_fields(&self) -> Fields {
+        let mut f = Fields::new();
+        push(&mut f, "v", ENVELOPE_VERSION);
+        push(&mut f, "type", &self.process_type);
+        push_opt(&mut f, "version", &self.version);
+        push(&mut f, "input", &self.input);
+        push_opt(&mut f, "id", &self.id);
+        push_opt(&mut f, "idempotency_key", &self.idempotency_key);
+        push_opt(&mut f, "tp", &self.trace.traceparent);
+        push_opt(&mut f, "ts", &self.trace.tracestate);
+        f
+    }
+
+    pub fn from_fields(f: &FieldMap) -> Result<Self, EnvelopeError> {
+        f.version()?;
+        let input = match f.get("input") {
+            None => serde_json::Value::Object(Default::default()),
+            Some(s) => serde_json::from_str(s).map_err(|e| EnvelopeError::Invalid {
+                field: "input",
+                detail: format!("not JSON: {e}"),
+            })?,
+        };
+        if !input.is_object() {
+            return Err(EnvelopeError::Invalid {
+                field: "input",
+                detail: "must be a JSON object".into(),
+            });
+        }
+        let checked = |field: &'static str| -> Result<Option<String>, EnvelopeError> {
+            match f.get(field) {
+                None => Ok(None),
+                Some(s) if valid_id(s) => Ok(Some(s.to_string())),
+                Some(_) => Err(EnvelopeError::Invalid {
+                    field,
+                    detail: "must be 1-64 characters of [A-Za-z0-9_-]".into(),
+                }),
+            }
+        };
+        Ok(Self {
+            process_type: f.req("type")?.to_string(),
+            version: f.num("version")?,
+            input,
+            id: checked("id")?,
+            idempotency_key: checked("idempotency_key")?,
+            trace: TraceContext {
+                traceparent: f.get("tp").map(str::to_string),
+                tracestate: f.get("ts").map(str::to_string),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(f: Fields) -> FieldMap {
+        FieldMap::from_pairs(f)
+    }
+
+    #[test]
+    fn job_round_trip() {
+        let j = JobEnvelope {
+            process_id: "p".into(),
+            step: "S".into(),
+            token: "7".into(),
+            attempt: 2,
+            visit: 1,
+            enqueued_ms: 123,
+            trace: TraceContext {
+                traceparent: Some("00-abc-def-01".into()),
+                tracestate: None,
+            },
+        };
+        assert_eq!(JobEnvelope::from_fields(&map(j.to_fields())).unwrap(), j);
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let events = vec![
+            Event::Step {
+                process_id: "p".into(),
+                step: "S".into(),
+                token: "1".into(),
+                result: StepResult {
+                    outcome: "failed".into(),
+                    error: Some("boom".into()),
+                    code: Some("x".into()),
+                    retryable: true,
+                    retry_after_ms: Some(50),
+                    fatal: false,
+                },
+            },
+            Event::DeadLetter {
+                process_id: "p".into(),
+                step: "S".into(),
+                token: "1".into(),
+                deliveries: 5,
+                reason: "r".into(),
+            },
+            Event::Timer {
+                process_id: "p".into(),
+                step: "S".into(),
+                token: "2".into(),
+            },
+            Event::StepTimeout {
+                process_id: "p".into(),
+                step: "S".into(),
+                token: "2".into(),
+            },
+            Event::ProcessTimeout {
+                process_id: "p".into(),
+            },
+            Event::Signal {
+                process_id: "p".into(),
+                name: "review".into(),
+                value: "approve".into(),
+            },
+        ];
+        for e in events {
+            assert_eq!(Event::from_fields(&map(e.to_fields())).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_typed_errors() {
+        let f = map(vec![("t".into(), "bogus".into())]);
+        assert!(matches!(
+            Event::from_fields(&f),
+            Err(EnvelopeError::UnknownEvent(_))
+        ));
+        let f = map(vec![("v".into(), "9".into()), ("t".into(), "timer".into())]);
+        assert_eq!(Event::from_fields(&f), Err(EnvelopeError::Version(9)));
+        let f = map(vec![
+            ("type".into(), "Test".into()),
+            ("input".into(), "[1]".into()),
+        ]);
+        assert!(matches!(
+            Submission::from_fields(&f),
+            Err(EnvelopeError::Invalid { field: "input", .. })
+        ));
+        let f = map(vec![("input".into(), "{}".into())]);
+        assert_eq!(
+            Submission::from_fields(&f),
+            Err(EnvelopeError::Missing("type"))
+        );
+        let f = map(vec![
+            ("type".into(), "T".into()),
+            ("id".into(), "a:b".into()),
+        ]);
+        assert!(Submission::from_fields(&f).is_err());
+    }
+
+    #[test]
+    fn minimal_submission_defaults() {
+        let f = map(vec![("type".into(), "Test".into())]);
+        let s = Submission::from_fields(&f).unwrap();
+        assert_eq!(s.input, serde_json::json!({}));
+        assert_eq!(s.id, None);
+    }
+}

@@ -1,0 +1,193 @@
+//! Every Redis structure Honua uses, in one place. No other module writes a key string.
+//!
+//! All keys of one deployment share one hash tag (`{shard}`), so every atomic script runs
+//! unchanged on Redis Cluster: every key it touches is passed in `KEYS` and lives in one slot.
+//! The layout carries a version segment (`v1`) so a later layout can migrate side by side.
+//!
+//! | key | type | what it holds |
+//! |---|---|---|
+//! | `<prefix>:v1:{<shard>}:submit` | stream, group `scheduler` | submissions written by any Redis client |
+//! | `<prefix>:v1:{<shard>}:jobs` | stream, group `workers` | step jobs ([`crate::envelope::JobEnvelope`]) |
+//! | `<prefix>:v1:{<shard>}:events` | stream, group `scheduler` | step results, timers, signals, timeouts |
+//! | `<prefix>:v1:{<shard>}:dlq` | stream (no group) | dead-lettered jobs with their reason |
+//! | `<prefix>:v1:{<shard>}:delayed` | sorted set, score = due time (server ms) | delayed jobs and timer events |
+//! | `<prefix>:v1:{<shard>}:process:<id>` | hash | process metadata: type, version, status, rev, times, error |
+//! | `<prefix>:v1:{<shard>}:process:<id>:steps` | hash, field per step | step records (JSON) |
+//! | `<prefix>:v1:{<shard>}:process:<id>:data` | hash | `input`, `out:<step>`, `ck:<step>` state blobs (MessagePack) |
+//! | `<prefix>:v1:{<shard>}:idem:<key>` | string with TTL | idempotency key → process id |
+//! | `<prefix>:v1:{<shard>}:index:all` | sorted set, score = created ms | every live process id |
+//! | `<prefix>:v1:{<shard>}:index:active` | sorted set, score = created ms | processes not yet finished |
+//! | `<prefix>:v1:{<shard>}:index:status:<Status>` | sorted set, score = ended ms | finished processes by status |
+//! | `<prefix>:v1:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
+//! | `<prefix>:v1:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
+
+use std::fmt;
+
+/// Consumer group of the workers on the job stream.
+pub const WORKERS_GROUP: &str = "workers";
+/// Consumer group of the schedulers on the submission and event streams.
+pub const SCHEDULER_GROUP: &str = "scheduler";
+/// Layout version segment.
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// A Redis key. A newtype so that a key cannot be confused with a value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+impl Key {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl redis::ToRedisArgs for Key {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg(self.0.as_bytes())
+    }
+}
+
+impl redis::ToSingleRedisArg for Key {}
+
+/// Builds every key of one deployment (prefix) and shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    base: String,
+}
+
+impl Keys {
+    /// `prefix` separates deployments (and tests) sharing one server; `shard` is the hash tag.
+    pub fn new(prefix: &str, shard: u16) -> Self {
+        Self {
+            base: format!("{prefix}:{LAYOUT_VERSION}:{{{shard}}}"),
+        }
+    }
+
+    fn key(&self, suffix: &str) -> Key {
+        Key(format!("{}:{suffix}", self.base))
+    }
+
+    pub fn submit(&self) -> Key {
+        self.key("submit")
+    }
+    pub fn jobs(&self) -> Key {
+        self.key("jobs")
+    }
+    pub fn events(&self) -> Key {
+        self.key("events")
+    }
+    pub fn dlq(&self) -> Key {
+        self.key("dlq")
+    }
+    pub fn quarantine(&self) -> Key {
+        self.key("quarantine")
+    }
+    pub fn delayed(&self) -> Key {
+        self.key("delayed")
+    }
+    pub fn workers(&self) -> Key {
+        self.key("workers")
+    }
+    pub fn process(&self, id: &str) -> Key {
+        self.key(&format!("process:{id}"))
+    }
+    pub fn steps(&self, id: &str) -> Key {
+        self.key(&format!("process:{id}:steps"))
+    }
+    pub fn data(&self, id: &str) -> Key {
+        self.key(&format!("process:{id}:data"))
+    }
+    /// The three keys of one process, in the order scripts expect them.
+    pub fn process_keys(&self, id: &str) -> [Key; 3] {
+        [self.process(id), self.steps(id), self.data(id)]
+    }
+    pub fn idempotency(&self, idem: &str) -> Key {
+        self.key(&format!("idem:{idem}"))
+    }
+    pub fn index_all(&self) -> Key {
+        self.key("index:all")
+    }
+    pub fn index_active(&self) -> Key {
+        self.key("index:active")
+    }
+    pub fn index_status(&self, status: crate::status::ProcessStatus) -> Key {
+        self.key(&format!("index:status:{}", status.as_str()))
+    }
+    /// The pattern that matches every key of this deployment and shard (for `--scan`).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.base)
+    }
+}
+
+/// Field names inside the process hashes, shared by Rust and (through the script prelude) Lua.
+pub mod field {
+    pub const TYPE: &str = "type";
+    pub const VERSION: &str = "version";
+    pub const STATUS: &str = "status";
+    pub const REV: &str = "rev";
+    pub const CREATED_MS: &str = "created_ms";
+    pub const STARTED_MS: &str = "started_ms";
+    pub const ENDED_MS: &str = "ended_ms";
+    pub const UPDATED_MS: &str = "updated_ms";
+    pub const DEADLINE_MS: &str = "deadline_ms";
+    pub const ERROR: &str = "error";
+    pub const CODE: &str = "code";
+    pub const IDEMPOTENCY_KEY: &str = "idem";
+    pub const TRACE: &str = "trace";
+    pub const INPUT: &str = "input";
+    pub const OUTPUT_PREFIX: &str = "out:";
+    pub const CHECKPOINT_PREFIX: &str = "ck:";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(key: &Key) -> &str {
+        let s = key.as_str();
+        let open = s.find('{').unwrap();
+        let close = s[open..].find('}').unwrap() + open;
+        &s[open + 1..close]
+    }
+
+    #[test]
+    fn every_key_shares_one_hash_tag() {
+        let k = Keys::new("honua", 0);
+        let all = [
+            k.submit(),
+            k.jobs(),
+            k.events(),
+            k.dlq(),
+            k.delayed(),
+            k.workers(),
+            k.process("p1"),
+            k.steps("p1"),
+            k.data("p1"),
+            k.idempotency("x"),
+            k.index_all(),
+            k.index_active(),
+            k.index_status(crate::status::ProcessStatus::Failed),
+            k.quarantine(),
+        ];
+        for key in &all {
+            assert_eq!(tag(key), "0", "{key}");
+            assert!(key.as_str().starts_with("honua:v1:{0}:"), "{key}");
+        }
+        let mut unique: Vec<_> = all.iter().map(|k| k.as_str()).collect();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), all.len());
+    }
+
+    #[test]
+    fn prefixes_and_shards_separate() {
+        assert_ne!(Keys::new("a", 0).jobs(), Keys::new("b", 0).jobs());
+        assert_ne!(Keys::new("a", 0).jobs(), Keys::new("a", 1).jobs());
+        assert_eq!(Keys::new("a", 3).pattern(), "a:v1:{3}:*");
+    }
+}

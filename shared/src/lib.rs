@@ -1,0 +1,14 @@
+//! The Honua protocol, shared by the scheduler, the workers, the gateway and any client:
+//! typed hash-tagged keys, the stream envelopes, the state codec, process definitions and
+//! the pure decisions over them, the Lua scripts, configuration and Redis plumbing.
+
+pub mod codec;
+pub mod config;
+pub mod definition;
+pub mod engine;
+pub mod envelope;
+pub mod keys;
+pub mod record;
+pub mod scripts;
+pub mod status;
+pub mod store;

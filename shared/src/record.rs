@@ -1,0 +1,232 @@
+//! The process record as stored in Redis (meta hash + steps hash) and read back by the
+//! scheduler, the workers and the API.
+
+use crate::keys::field;
+use crate::status::{ProcessStatus, StepStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// How many past attempts a step record keeps.
+pub const HISTORY_CAP: usize = 10;
+
+/// One finished attempt of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub visit: u32,
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+}
+
+/// One step's record (JSON in the steps hash; the worker scripts edit it with cjson, so
+/// empty lists are omitted — cjson cannot tell an empty array from an empty object).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StepRecord {
+    #[serde(default)]
+    pub status: StepStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub visit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Inputs of a join that have arrived.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "lenient_vec"
+    )]
+    pub arrived: Vec<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "lenient_vec"
+    )]
+    pub history: Vec<AttemptRecord>,
+}
+
+/// Accepts `{}` (an empty Lua table re-encoded by cjson) as an empty list.
+fn lenient_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        List(Vec<T>),
+        Map(BTreeMap<String, serde_json::Value>),
+    }
+    match Either::<T>::deserialize(d)? {
+        Either::List(v) => Ok(v),
+        Either::Map(m) if m.is_empty() => Ok(Vec::new()),
+        Either::Map(_) => Err(serde::de::Error::custom("expected a list")),
+    }
+}
+
+impl StepRecord {
+    pub fn duration_ms(&self) -> Option<u64> {
+        Some(self.ended_ms?.saturating_sub(self.started_ms?))
+    }
+}
+
+/// Why a stored record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("process record field {0:?} is missing")]
+    Missing(&'static str),
+    #[error("process record field {field:?} is invalid: {detail}")]
+    Invalid { field: String, detail: String },
+}
+
+/// A process's metadata and step records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRecord {
+    pub id: String,
+    pub process_type: String,
+    pub version: u32,
+    pub status: ProcessStatus,
+    pub rev: u64,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    pub updated_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub error: Option<String>,
+    pub code: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub trace: Option<String>,
+    pub steps: BTreeMap<String, StepRecord>,
+}
+
+impl ProcessRecord {
+    /// From the meta hash and the steps hash. `Ok(None)` when the process does not exist.
+    pub fn parse(
+        id: &str,
+        meta: &HashMap<String, String>,
+        steps: &HashMap<String, String>,
+    ) -> Result<Option<Self>, RecordError> {
+        if meta.is_empty() {
+            return Ok(None);
+        }
+        let get = |f: &'static str| meta.get(f).map(String::as_str).filter(|s| !s.is_empty());
+        let req = |f: &'static str| get(f).ok_or(RecordError::Missing(f));
+        fn num<T: std::str::FromStr>(
+            f: &'static str,
+            v: Option<&str>,
+        ) -> Result<Option<T>, RecordError> {
+            v.map(|s| {
+                s.parse().map_err(|_| RecordError::Invalid {
+                    field: f.into(),
+                    detail: format!("{s:?} is not a number"),
+                })
+            })
+            .transpose()
+        }
+        let status = req(field::STATUS)?
+            .parse()
+            .map_err(|e: crate::status::UnknownStatus| RecordError::Invalid {
+                field: field::STATUS.into(),
+                detail: e.to_string(),
+            })?;
+        let mut parsed = BTreeMap::new();
+        for (name, raw) in steps {
+            let rec: StepRecord = serde_json::from_str(raw).map_err(|e| RecordError::Invalid {
+                field: format!("steps.{name}"),
+                detail: e.to_string(),
+            })?;
+            parsed.insert(name.clone(), rec);
+        }
+        Ok(Some(Self {
+            id: id.to_string(),
+            process_type: req(field::TYPE)?.to_string(),
+            version: num(field::VERSION, get(field::VERSION))?
+                .ok_or(RecordError::Missing(field::VERSION))?,
+            status,
+            rev: num(field::REV, get(field::REV))?.unwrap_or(0),
+            created_ms: num(field::CREATED_MS, get(field::CREATED_MS))?.unwrap_or(0),
+            started_ms: num(field::STARTED_MS, get(field::STARTED_MS))?,
+            ended_ms: num(field::ENDED_MS, get(field::ENDED_MS))?,
+            updated_ms: num(field::UPDATED_MS, get(field::UPDATED_MS))?,
+            deadline_ms: num(field::DEADLINE_MS, get(field::DEADLINE_MS))?,
+            error: get(field::ERROR).map(str::to_string),
+            code: get(field::CODE).map(str::to_string),
+            idempotency_key: get(field::IDEMPOTENCY_KEY).map(str::to_string),
+            trace: get(field::TRACE).map(str::to_string),
+            steps: parsed,
+        }))
+    }
+
+    /// Steps that still hold the process open.
+    pub fn active_steps(&self) -> impl Iterator<Item = (&String, &StepRecord)> {
+        self.steps.iter().filter(|(_, s)| s.status.is_active())
+    }
+
+    pub fn duration_ms(&self, now_ms: u64) -> Option<u64> {
+        let start = self.started_ms?;
+        Some(self.ended_ms.unwrap_or(now_ms).saturating_sub(start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_record_survives_cjson_shapes() {
+        // What cjson writes back: floats-as-integers, `{}` for an emptied list.
+        let raw = r#"{"status":"running","token":"3.1","attempt":1,"visit":1,"arrived":{},"history":{},"claimed_ms":1732780000000,"worker":"w1"}"#;
+        let r: StepRecord = serde_json::from_str(raw).unwrap();
+        assert_eq!(r.status, StepStatus::Running);
+        assert!(r.arrived.is_empty());
+        assert_eq!(r.claimed_ms, Some(1_732_780_000_000));
+        let back = serde_json::to_string(&r).unwrap();
+        assert!(!back.contains("arrived"), "empty lists are omitted: {back}");
+    }
+
+    #[test]
+    fn parse_rejects_bad_fields() {
+        let meta: HashMap<String, String> =
+            [("type", "Test"), ("version", "x"), ("status", "Running")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+        assert!(ProcessRecord::parse("p", &meta, &HashMap::new()).is_err());
+        assert!(
+            ProcessRecord::parse("p", &HashMap::new(), &HashMap::new())
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,786 @@
+//! Redis plumbing: connections, stream reads and typed calls of every script. The only
+//! module that names Redis commands; binaries call these methods.
+//!
+//! Connections: one multiplexed [`ConnectionManager`] (auto-reconnecting) for short commands
+//! and scripts; every blocking reader gets its own connection whose response timeout is
+//! longer than its `BLOCK` (redis-rs defaults to 500 ms, and a blocking read on a shared
+//! multiplexed connection would delay every other command on it).
+
+use crate::envelope::{Event, FieldMap, Fields, JobEnvelope};
+use crate::keys::{Key, Keys, SCHEDULER_GROUP, WORKERS_GROUP};
+use crate::scripts::Scripts;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// What went wrong talking to Redis, typed by what the caller must do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The group is missing (data loss or a flushed server): recreate it and raise an alert.
+    #[error("consumer group {group} on {stream} is missing")]
+    NoGroup { stream: String, group: String },
+    /// Connection refused/dropped, timeout, loading, failover: retry with backoff.
+    #[error("redis unavailable: {0}")]
+    Unavailable(#[source] RedisError),
+    /// Anything else (a script error, a bad reply): a bug or corrupt data.
+    #[error("redis error: {0}")]
+    Redis(#[source] RedisError),
+    #[error("unexpected reply from {script}: {detail}")]
+    Reply {
+        script: &'static str,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::NoGroup { .. }
+        )
+    }
+}
+
+impl From<RedisError> for StoreError {
+    fn from(e: RedisError) -> Self {
+        let transient = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::ReadOnly
+                )
+            )
+            || matches!(e.code(), Some("BUSY") | Some("NOREPLICAS"));
+        if transient {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Redis(e)
+        }
+    }
+}
+
+impl From<redis::ParsingError> for StoreError {
+    fn from(e: redis::ParsingError) -> Self {
+        StoreError::Reply {
+            script: "reply",
+            detail: e.to_string(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+fn reply(script: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Reply {
+        script,
+        detail: detail.into(),
+    }
+}
+
+/// One stream entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub fields: FieldMap,
+}
+
+/// A job this worker holds: the fence it must present on every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub entry_id: String,
+    pub deliveries: u64,
+    pub job: JobEnvelope,
+}
+
+/// The answer of `begin.lua` for one job.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+pub enum Begin {
+    Ok {
+        deliveries: u64,
+        process_type: String,
+        version: u32,
+        step: crate::record::StepRecord,
+        data: HashMap<String, Vec<u8>>,
+    },
+    /// No longer ours (reclaimed meanwhile).
+    Lost,
+    /// Superseded or the process is over; acknowledged and dropped.
+    Obsolete(String),
+}
+
+/// The answer of an owner- and fence-checked call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    Ok,
+    /// Someone else owns the job now: stop, never commit.
+    Stale,
+    /// The process is over (cancelled, failed, timed out, deleted): stop.
+    Finished,
+}
+
+impl Fence {
+    fn parse(script: &'static str, s: &str) -> Result<Self> {
+        match s {
+            "ok" => Ok(Fence::Ok),
+            "stale" => Ok(Fence::Stale),
+            "finished" => Ok(Fence::Finished),
+            other => Err(reply(script, format!("status {other:?}"))),
+        }
+    }
+}
+
+/// The answer of `reclaim.lua`.
+#[derive(Debug, Clone, Default)]
+pub struct Reclaimed {
+    pub next_cursor: String,
+    pub claimed: Vec<(Entry, u64)>,
+    /// Pending ids whose entries no longer exist (deleted/trimmed): their payload is lost.
+    pub deleted: u64,
+    pub dead_lettered: Vec<String>,
+}
+
+/// The answer of `commit.lua`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    Ok { now_ms: u64 },
+    Conflict,
+    Gone,
+    Exists,
+    Duplicate(String),
+}
+
+/// Information about one consumer of a group.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pending: u64,
+    pub idle_ms: u64,
+}
+
+/// A handle on one deployment's Redis data.
+#[derive(Clone)]
+pub struct Store {
+    keys: Keys,
+    client: redis::Client,
+    conn: ConnectionManager,
+}
+
+fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+impl Store {
+    /// Connects lazily: a Redis that is down at start is not an error here; calls fail with
+    /// [`StoreError::Unavailable`] until it is back.
+    pub fn open(url: &str, keys: Keys) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(StoreError::Redis)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            manager_config(Duration::from_secs(5)),
+        )?;
+        Ok(Self { keys, client, conn })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A multiplexed connection handle for ad-hoc reads (cheap to clone).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A dedicated connection for blocking reads of up to `block`.
+    pub fn blocking(&self, block: Duration) -> Result<ConnectionManager> {
+        Ok(ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            manager_config(block + Duration::from_secs(5)),
+        )?)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Server time in ms: the only clock decisions use.
+    pub async fn server_time_ms(&self) -> Result<u64> {
+        let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
+        Ok(s * 1000 + us / 1000)
+    }
+
+    /// Loads every script (after connect or a restart) so pipelines never hit NOSCRIPT.
+    pub async fn load_scripts(&self) -> Result<()> {
+        Scripts::load_all(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Creates the consumer groups if missing (idempotent). Returns how many were created.
+    pub async fn ensure_groups(&self) -> Result<usize> {
+        let mut created = 0;
+        for (stream, group) in [
+            (self.keys.jobs(), WORKERS_GROUP),
+            (self.keys.submit(), SCHEDULER_GROUP),
+            (self.keys.events(), SCHEDULER_GROUP),
+        ] {
+            if self.ensure_group(&stream, group).await? {
+                created += 1;
+            }
+        }
+        Ok(created)
+    }
+
+    /// `XGROUP CREATE … 0 MKSTREAM`: a recreated group re-reads whatever the stream still
+    /// holds, so nothing still in it is skipped. Returns true when it was missing.
+    pub async fn ensure_group(&self, stream: &Key, group: &str) -> Result<bool> {
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `XREADGROUP … >` on a dedicated blocking connection.
+    pub async fn read_group(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &Key,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>> {
+        let r: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(group)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(count.max(1))
+                .arg("BLOCK")
+                .arg(block.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">")
+                .query_async(conn)
+                .await;
+        match r {
+            Ok(reply) => Ok(reply
+                .map(|r| {
+                    r.keys
+                        .into_iter()
+                        .flat_map(|k| k.ids)
+                        .map(|id| Entry {
+                            fields: FieldMap::from_redis(&id.map),
+                            id: id.id,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()),
+            Err(e) if e.code() == Some("NOGROUP") => Err(StoreError::NoGroup {
+                stream: stream.to_string(),
+                group: group.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Appends a submission (what any Redis client may do instead).
+    pub async fn submit(&self, fields: &Fields) -> Result<String> {
+        self.xadd(&self.keys.submit(), fields).await
+    }
+
+    /// Appends an event for the scheduler (signals from the gateway).
+    pub async fn send_event(&self, event: &Event) -> Result<String> {
+        self.xadd(&self.keys.events(), &event.to_fields()).await
+    }
+
+    async fn xadd(&self, stream: &Key, fields: &Fields) -> Result<String> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        Ok(cmd.query_async(&mut self.conn()).await?)
+    }
+
+    /// The meta and steps hashes of a process (empty when it does not exist).
+    pub async fn load_process(
+        &self,
+        id: &str,
+    ) -> Result<(HashMap<String, String>, HashMap<String, String>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL")
+            .arg(self.keys.process(id))
+            .cmd("HGETALL")
+            .arg(self.keys.steps(id));
+        Ok(pipe.query_async(&mut self.conn()).await?)
+    }
+
+    /// Records of many processes in one round trip, with the server time.
+    #[allow(clippy::type_complexity)]
+    pub async fn load_processes(
+        &self,
+        ids: &[&str],
+    ) -> Result<(u64, Vec<(HashMap<String, String>, HashMap<String, String>)>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        for id in ids {
+            pipe.cmd("HGETALL")
+                .arg(self.keys.process(id))
+                .cmd("HGETALL")
+                .arg(self.keys.steps(id));
+        }
+        let mut vals: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        let rest = vals.split_off(1);
+        let (s, us): (u64, u64) = redis::from_redis_value(vals.remove(0))?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut it = rest.into_iter();
+        while let (Some(m), Some(st)) = (it.next(), it.next()) {
+            out.push((redis::from_redis_value(m)?, redis::from_redis_value(st)?));
+        }
+        Ok((s * 1000 + us / 1000, out))
+    }
+
+    /// The data hash of a process (input, outputs, checkpoints).
+    pub async fn load_data(&self, id: &str) -> Result<HashMap<String, Vec<u8>>> {
+        Ok(redis::cmd("HGETALL")
+            .arg(self.keys.data(id))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Runs `commit.lua`.
+    pub async fn commit(&self, call: &crate::engine::CommitCall) -> Result<Commit> {
+        let mut inv = Scripts::get().commit.prepare_invoke();
+        for k in &call.keys {
+            inv.key(k);
+        }
+        for a in &call.args {
+            inv.arg(a.as_slice());
+        }
+        let r: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
+        let tag = r.first().map(value_str).unwrap_or_default();
+        let second = r.get(1).map(value_str);
+        Ok(match tag.as_str() {
+            "ok" => Commit::Ok {
+                now_ms: second.and_then(|s| s.parse().ok()).unwrap_or(0),
+            },
+            "conflict" => Commit::Conflict,
+            "gone" => Commit::Gone,
+            "exists" => Commit::Exists,
+            "duplicate" => Commit::Duplicate(second.unwrap_or_default()),
+            other => return Err(reply("commit", format!("status {other:?}"))),
+        })
+    }
+
+    /// Runs `begin.lua` for a batch of jobs this consumer just read or reclaimed.
+    pub async fn begin(
+        &self,
+        consumer: &str,
+        jobs: &[(String, JobEnvelope)],
+    ) -> Result<Vec<Begin>> {
+        if jobs.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut inv = Scripts::get().begin.prepare_invoke();
+        inv.key(self.keys.jobs());
+        inv.arg(WORKERS_GROUP).arg(consumer);
+        for (id, job) in jobs {
+            for k in self.keys.process_keys(&job.process_id) {
+                inv.key(k);
+            }
+            inv.arg(id).arg(&job.step).arg(&job.token);
+        }
+        let replies: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn()).await?;
+        replies
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let tag = it.next().map(|v| value_str(&v)).unwrap_or_default();
+                match tag.as_str() {
+                    "lost" => Ok(Begin::Lost),
+                    "obsolete" => Ok(Begin::Obsolete(
+                        it.next().map(|v| value_str(&v)).unwrap_or_default(),
+                    )),
+                    "ok" => {
+                        let deliveries: u64 = redis::from_redis_value(
+                            it.next().ok_or_else(|| reply("begin", "short reply"))?,
+                        )?;
+                        let process_type = it.next().map(|v| value_str(&v)).unwrap_or_default();
+                        let version = value_str(&it.next().unwrap_or(Value::Nil))
+                            .parse()
+                            .unwrap_or(0);
+                        let raw = value_str(&it.next().unwrap_or(Value::Nil));
+                        let step = serde_json::from_str(&raw)
+                            .map_err(|e| reply("begin", format!("step record: {e}")))?;
+                        let data: HashMap<String, Vec<u8>> =
+                            redis::from_redis_value(it.next().unwrap_or(Value::Nil))?;
+                        Ok(Begin::Ok {
+                            deliveries,
+                            process_type,
+                            version,
+                            step,
+                            data,
+                        })
+                    }
+                    other => Err(reply("begin", format!("status {other:?}"))),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `heartbeat.lua` for every held job; one answer per job.
+    pub async fn heartbeat(&self, consumer: &str, held: &[Held]) -> Result<Vec<Fence>> {
+        let mut inv = Scripts::get().heartbeat.prepare_invoke();
+        inv.key(self.keys.jobs()).key(self.keys.workers());
+        inv.arg(WORKERS_GROUP).arg(consumer);
+        for h in held {
+            inv.key(self.keys.process(&h.job.process_id))
+                .key(self.keys.steps(&h.job.process_id));
+            inv.arg(&h.entry_id)
+                .arg(h.deliveries)
+                .arg(&h.job.step)
+                .arg(&h.job.token);
+        }
+        let r: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        r.iter().map(|s| Fence::parse("heartbeat", s)).collect()
+    }
+
+    /// Runs `checkpoint.lua`.
+    pub async fn checkpoint(&self, consumer: &str, held: &Held, blob: &[u8]) -> Result<Fence> {
+        let [meta, steps, data] = self.keys.process_keys(&held.job.process_id);
+        let r: String = Scripts::get()
+            .checkpoint
+            .key(self.keys.jobs())
+            .key(meta)
+            .key(steps)
+            .key(data)
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(&held.entry_id)
+            .arg(held.deliveries)
+            .arg(&held.job.step)
+            .arg(&held.job.token)
+            .arg(blob)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Fence::parse("checkpoint", &r)
+    }
+
+    /// Runs `complete.lua`: output, completion event and ack in one step.
+    pub async fn complete(
+        &self,
+        consumer: &str,
+        held: &Held,
+        output: Option<&[u8]>,
+        result: &crate::envelope::StepResult,
+    ) -> Result<Fence> {
+        let [meta, steps, data] = self.keys.process_keys(&held.job.process_id);
+        let event = Event::Step {
+            process_id: held.job.process_id.clone(),
+            step: held.job.step.clone(),
+            token: held.job.token.clone(),
+            result: result.clone(),
+        };
+        let mut inv = Scripts::get().complete.prepare_invoke();
+        inv.key(self.keys.jobs())
+            .key(meta)
+            .key(steps)
+            .key(data)
+            .key(self.keys.events())
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(&held.entry_id)
+            .arg(held.deliveries)
+            .arg(&held.job.step)
+            .arg(&held.job.token)
+            .arg(&held.job.process_id)
+            .arg(output.unwrap_or(b""));
+        for (k, v) in event.to_fields() {
+            inv.arg(k).arg(v);
+        }
+        let r: String = inv.invoke_async(&mut self.conn()).await?;
+        Fence::parse("complete", &r)
+    }
+
+    /// Runs `release.lua`: hands a held job back for another worker at once.
+    pub async fn release(&self, consumer: &str, held: &Held) -> Result<Fence> {
+        let mut inv = Scripts::get().release.prepare_invoke();
+        inv.key(self.keys.jobs())
+            .key(self.keys.process(&held.job.process_id))
+            .key(self.keys.steps(&held.job.process_id))
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(&held.entry_id)
+            .arg(held.deliveries)
+            .arg(&held.job.step)
+            .arg(&held.job.token);
+        for (k, v) in held.job.to_fields() {
+            inv.arg(k).arg(v);
+        }
+        let r: String = inv.invoke_async(&mut self.conn()).await?;
+        Fence::parse("release", &r)
+    }
+
+    /// Runs one `reclaim.lua` call (one cursor step) on the job stream.
+    pub async fn reclaim(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+        max_deliveries: u64,
+    ) -> Result<Reclaimed> {
+        type ClaimedRaw = Vec<(String, u64, Vec<(String, Value)>)>;
+        let r: (String, ClaimedRaw, u64, Vec<String>) = Scripts::get()
+            .reclaim
+            .key(self.keys.jobs())
+            .key(self.keys.dlq())
+            .key(self.keys.events())
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg(count.max(1))
+            .arg(max_deliveries)
+            .arg(100_000)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(Reclaimed {
+            next_cursor: r.0,
+            claimed: r
+                .1
+                .into_iter()
+                .map(|(id, n, fields)| {
+                    let map: HashMap<String, Value> = fields.into_iter().collect();
+                    (
+                        Entry {
+                            id,
+                            fields: FieldMap::from_redis(&map),
+                        },
+                        n,
+                    )
+                })
+                .collect(),
+            deleted: r.2,
+            dead_lettered: r.3,
+        })
+    }
+
+    /// Runs `promote.lua`: moves due delayed entries. Returns (moved, next due ms, now ms).
+    pub async fn promote(&self, limit: usize) -> Result<(u64, Option<u64>, u64)> {
+        let r: (u64, Option<String>, u64) = Scripts::get()
+            .promote
+            .key(self.keys.delayed())
+            .key(self.keys.jobs())
+            .key(self.keys.events())
+            .arg(limit.max(1))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok((
+            r.0,
+            r.1.and_then(|s| s.parse::<f64>().ok()).map(|f| f as u64),
+            r.2,
+        ))
+    }
+
+    /// Scheduler side: takes over events or submissions another scheduler left pending.
+    /// These are not fenced steps (commits are revision-checked), so a plain XAUTOCLAIM is
+    /// enough. Returns the entries and the next cursor.
+    pub async fn autoclaim(
+        &self,
+        stream: &Key,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<Entry>)> {
+        let r: (String, Vec<Value>, Value) = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut self.conn())
+            .await?;
+        let mut out = Vec::new();
+        for v in r.1 {
+            let (id, fields): (String, Vec<(String, Value)>) = match redis::from_redis_value(v) {
+                Ok(x) => x,
+                Err(_) => continue,
+            };
+            let map: HashMap<String, Value> = fields.into_iter().collect();
+            out.push(Entry {
+                id,
+                fields: FieldMap::from_redis(&map),
+            });
+        }
+        Ok((r.0, out))
+    }
+
+    /// Runs `drop_entry.lua`: set an unprocessable entry aside (with `reason`) and ack it.
+    pub async fn drop_entry(
+        &self,
+        stream: &Key,
+        group: &str,
+        id: &str,
+        reason: &str,
+        owner: Option<&str>,
+    ) -> Result<Fence> {
+        let r: String = Scripts::get()
+            .drop_entry
+            .key(stream)
+            .key(self.keys.quarantine())
+            .arg(group)
+            .arg(id)
+            .arg(reason)
+            .arg(owner.unwrap_or(""))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Fence::parse("drop_entry", &r)
+    }
+
+    /// Consumers of the job group with their pending counts and idle times.
+    pub async fn job_consumers(&self) -> Result<Vec<ConsumerInfo>> {
+        let infos: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(self.keys.jobs())
+            .arg(WORKERS_GROUP)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(infos
+            .into_iter()
+            .map(|m| ConsumerInfo {
+                name: m.get("name").map(value_str).unwrap_or_default(),
+                pending: m.get("pending").map(value_u64).unwrap_or(0),
+                idle_ms: m.get("idle").map(value_u64).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Runs `retire_consumer.lua`: deletes the consumer only if it owns nothing.
+    pub async fn retire_consumer(&self, consumer: &str) -> Result<bool> {
+        let r: i64 = Scripts::get()
+            .retire_consumer
+            .key(self.keys.jobs())
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(r == 1)
+    }
+
+    /// Whether the server has `WAITAOF` (Redis/Valkey ≥ 7.2) and AOF is on.
+    pub async fn supports_waitaof(&self) -> Result<bool> {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut self.conn())
+            .await?;
+        let aof_on = info.lines().any(|l| l.trim() == "aof_enabled:1");
+        let cmd: Value = redis::cmd("COMMAND")
+            .arg("INFO")
+            .arg("WAITAOF")
+            .query_async(&mut self.conn())
+            .await?;
+        let has = matches!(&cmd, Value::Array(v) if v.iter().any(|x| !matches!(x, Value::Nil)));
+        Ok(aof_on && has)
+    }
+
+    /// `WAITAOF 1 0 timeout`: the local AOF has fsynced every write made so far on this
+    /// connection. Returns false when it timed out.
+    pub async fn wait_aof(&self, timeout: Duration) -> Result<bool> {
+        let (local, _): (u64, u64) = redis::cmd("WAITAOF")
+            .arg(1)
+            .arg(0)
+            .arg(timeout.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(local >= 1)
+    }
+
+    /// Length and pending count of the job stream (queue depth).
+    pub async fn job_depth(&self) -> Result<(u64, u64)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(self.keys.jobs());
+        pipe.cmd("XPENDING")
+            .arg(self.keys.jobs())
+            .arg(WORKERS_GROUP);
+        let (len, pending): (u64, Value) = pipe.query_async(&mut self.conn()).await?;
+        let pending = match pending {
+            Value::Array(v) => v.first().map(value_u64).unwrap_or(0),
+            _ => 0,
+        };
+        Ok((len, pending))
+    }
+
+    /// Process ids of one index, newest first.
+    pub async fn index(&self, key: &Key, limit: usize) -> Result<Vec<String>> {
+        Ok(redis::cmd("ZREVRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Entries of a stream (no group), for inspection (dead letters, quarantine).
+    pub async fn stream_entries(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(r.ids
+            .into_iter()
+            .map(|id| Entry {
+                fields: FieldMap::from_redis(&id.map),
+                id: id.id,
+            })
+            .collect())
+    }
+}
+
+fn value_str(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Double(d) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn value_u64(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => (*i).max(0) as u64,
+        other => value_str(other).parse().unwrap_or(0),
+    }
+}

@@ -1,0 +1,451 @@
+//! Test harness: real redis-server processes on free ports, in-process or child-process
+//! fleets, and waiting for conditions with a deadline (never a fixed sleep).
+
+use honua_shared::config::Config;
+use honua_shared::keys::Keys;
+use honua_shared::store::Store;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A generous default deadline: tests run on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Picks a free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Without persistence.
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `appendonly yes`, `appendfsync everysec` when `aof`.
+    pub fn start_with(aof: bool) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            aof,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                if self.aof { "yes" } else { "no" },
+            ])
+            .args([
+                "--appendfsync",
+                "everysec",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = redis::Client::open(self.url().as_str())
+                && let Ok(mut conn) = c.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url().as_str()).unwrap()
+    }
+
+    /// `kill -9` of the server process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until `f` returns `Some`, polling; panics with `what` after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A config with millisecond-scale timings for tests.
+pub fn test_config(redis_url: &str, defs_dir: &Path) -> Config {
+    let mut c = Config {
+        redis_url: redis_url.to_string(),
+        key_prefix: "t".into(),
+        http_addr: "127.0.0.1:0".into(),
+        definitions_dir: defs_dir.to_path_buf(),
+        ..Config::default()
+    };
+    c.worker.lease_ms = 1_500;
+    c.worker.sweep_ms = 200;
+    c.worker.read_block_ms = 200;
+    c.worker.shutdown_grace_ms = 2_000;
+    c.worker.max_deliveries = 3;
+    c.scheduler.read_block_ms = 200;
+    c.scheduler.timer_interval_ms = 20;
+    c.scheduler.reclaim_idle_ms = 1_000;
+    c
+}
+
+/// A directory of definitions written from `(file name, text)` pairs.
+pub fn defs_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(d.path().join(name), text).unwrap();
+    }
+    d
+}
+
+/// The repository's shipped process definitions.
+pub fn shipped_definitions() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../processes")
+}
+
+pub fn store(cfg: &Config) -> Store {
+    Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0)).unwrap()
+}
+
+/// A child `honua-test-worker` process, killed on drop.
+pub struct WorkerProcess {
+    pub id: String,
+    /// The worker's JSON log (stdout).
+    pub stdout: PathBuf,
+    child: Option<Child>,
+}
+
+impl WorkerProcess {
+    /// Starts the worker binary `bin` (integration tests pass
+    /// `env!("CARGO_BIN_EXE_honua-test-worker")`) with `cfg` as `HONUA_*` variables.
+    pub fn spawn(bin: &str, cfg: &Config, id: &str, log: &Path) -> Self {
+        let stdout = log.with_file_name(format!("{id}.stdout"));
+        let err_file = std::fs::File::create(&stdout).unwrap();
+        let child = Command::new(bin)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("HONUA_REDIS_URL", &cfg.redis_url)
+            .env("HONUA_KEY_PREFIX", &cfg.key_prefix)
+            .env("HONUA_DEFINITIONS_DIR", &cfg.definitions_dir)
+            .env("HONUA_WORKER_ID", id)
+            .env("HONUA_LEASE_MS", cfg.worker.lease_ms.to_string())
+            .env("HONUA_SWEEP_MS", cfg.worker.sweep_ms.to_string())
+            .env(
+                "HONUA_MAX_DELIVERIES",
+                cfg.worker.max_deliveries.to_string(),
+            )
+            .env(
+                "HONUA_SHUTDOWN_GRACE_MS",
+                cfg.worker.shutdown_grace_ms.to_string(),
+            )
+            .env("HONUA_TEST_LOG", log)
+            .stdout(err_file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn honua-test-worker");
+        Self {
+            id: id.to_string(),
+            stdout,
+            child: Some(child),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let _ = send_signal(self.pid(), sig);
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit (after SIGTERM) within `deadline`; returns its status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_ref() {
+            let _ = send_signal(c.id() as i32, SIGCONT);
+        }
+        self.kill9();
+    }
+}
+
+/// Signal numbers (Linux).
+pub const SIGTERM: i32 = 15;
+pub const SIGSTOP: i32 = 19;
+pub const SIGCONT: i32 = 18;
+
+/// Sends a signal with kill(1) (the crate forbids unsafe code, so no libc call).
+pub fn send_signal(pid: i32, sig: i32) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
+
+/// One line of the test workers' execution log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub event: String,
+    pub process_id: String,
+    pub step: String,
+    pub worker: String,
+    pub value: u64,
+}
+
+/// Reads the execution log the test step kinds append to.
+pub fn read_log(path: &Path) -> Vec<LogLine> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let p: Vec<&str> = l.split(' ').collect();
+            (p.len() == 5).then(|| LogLine {
+                event: p[0].into(),
+                process_id: p[1].into(),
+                step: p[2].into(),
+                worker: p[3].into(),
+                value: p[4].parse().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Appends one line to the execution log (used by the test step kinds).
+pub fn append_log(path: &Path, event: &str, pid: &str, step: &str, worker: &str, value: u64) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{event} {pid} {step} {worker} {value}");
+    }
+}
+
+/// An in-process fleet: schedulers (with gateways) and workers on one Redis.
+pub struct Fleet {
+    pub cfg: Config,
+    pub engine: honua_scheduler::Engine,
+    pub addr: std::net::SocketAddr,
+    pub worker_stats: Vec<std::sync::Arc<honua_worker::WorkerStats>>,
+    shutdown: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Starts `schedulers` schedulers (the first one's gateway is `addr`) and `workers`
+    /// workers with the built-in step kinds.
+    pub async fn start(cfg: Config, schedulers: usize, workers: usize) -> Self {
+        use std::sync::Arc;
+        cfg.validate().unwrap();
+        honua_worker::install_crypto_provider();
+        let handlers = honua_worker::builtin_handlers(&cfg);
+        let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+        let handlers = Arc::new(handlers);
+        let st = store(&cfg);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let cfg_arc = Arc::new(cfg.clone());
+        let engine =
+            honua_scheduler::Engine::new(cfg_arc.clone(), st.clone(), defs.clone(), kinds.clone())
+                .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut tasks = Vec::new();
+        let (e, s) = (engine.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = honua_scheduler::gateway::serve(e, listener, s).await;
+        }));
+        for i in 0..schedulers {
+            let mut c = cfg.clone();
+            c.scheduler.id = Some(format!("scheduler-{i}"));
+            let e =
+                honua_scheduler::Engine::new(Arc::new(c), st.clone(), defs.clone(), kinds.clone())
+                    .await;
+            tasks.push(tokio::spawn(
+                honua_scheduler::Scheduler::new(e).run(shutdown.clone()),
+            ));
+        }
+        let mut worker_stats = Vec::new();
+        for i in 0..workers {
+            let mut c = cfg.clone();
+            c.worker.id = Some(format!("worker-{i}"));
+            let w = honua_worker::Worker::new(c, st.clone(), defs.clone(), handlers.clone());
+            worker_stats.push(w.stats());
+            tasks.push(tokio::spawn(w.run(shutdown.clone())));
+        }
+        Fleet {
+            cfg,
+            engine,
+            addr,
+            worker_stats,
+            shutdown,
+            tasks,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.engine.store
+    }
+
+    /// Submits through the engine (as the gateway does); returns the process id.
+    pub async fn submit(&self, process_type: &str, input: serde_json::Value) -> String {
+        let sub = honua_shared::envelope::Submission {
+            process_type: process_type.into(),
+            version: None,
+            input,
+            id: None,
+            idempotency_key: None,
+            trace: Default::default(),
+        };
+        self.engine
+            .create(&sub, None)
+            .await
+            .unwrap()
+            .id()
+            .to_string()
+    }
+
+    pub async fn record(&self, id: &str) -> Option<honua_shared::record::ProcessRecord> {
+        let (meta, steps) = self.store().load_process(id).await.ok()?;
+        honua_shared::record::ProcessRecord::parse(id, &meta, &steps).ok()?
+    }
+
+    /// Waits until the process is finished and returns its record.
+    pub async fn wait_finished(&self, id: &str) -> honua_shared::record::ProcessRecord {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let rec = self.record(id).await;
+            if let Some(r) = rec.as_ref().filter(|r| r.status.is_finished()) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < end,
+                "process {id} did not finish: {rec:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.worker_stats
+            .iter()
+            .map(|s| s.committed.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// `XINFO STREAM` field `entries-added`: how many entries a stream ever received.
+pub async fn entries_added(store: &Store, key: &honua_shared::keys::Key) -> u64 {
+    let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(key)
+        .query_async(&mut store.conn())
+        .await
+        .unwrap();
+    match info.get("entries-added") {
+        Some(redis::Value::Int(n)) => *n as u64,
+        other => panic!("entries-added missing: {other:?}"),
+    }
+}

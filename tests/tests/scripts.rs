@@ -1,0 +1,240 @@
+//! Contract tests of the Lua scripts against a real redis-server: ownership and fencing
+//! (a reclaimed job's old owner can never heartbeat, checkpoint, commit or hand back),
+//! dead-lettering by Redis's delivery counter, and consumer retirement.
+
+use honua_shared::envelope::{JobEnvelope, StepResult};
+use honua_shared::keys::WORKERS_GROUP;
+use honua_shared::store::{Begin, Fence, Held, Store};
+use honua_tests::*;
+use serde_json::json;
+use std::time::Duration;
+
+const DEF: &[(&str, &str)] = &[(
+    "one.toml",
+    r#"
+name = "One"
+version = 1
+[[steps]]
+name = "S"
+kind = "noop"
+"#,
+)];
+
+/// A process created through the engine (no scheduler or worker running), with its one job
+/// read by consumer `a`.
+async fn setup(redis: &RedisServer) -> (Store, Held, honua_scheduler::Engine, tempfile::TempDir) {
+    let dir = defs_dir(DEF);
+    let cfg = test_config(&redis.url(), dir.path());
+    let handlers = honua_worker::builtin_handlers(&cfg);
+    let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+    let st = store(&cfg);
+    st.ensure_groups().await.unwrap();
+    let engine =
+        honua_scheduler::Engine::new(std::sync::Arc::new(cfg), st.clone(), defs, kinds).await;
+    let pid = engine
+        .create(
+            &honua_shared::envelope::Submission {
+                process_type: "One".into(),
+                version: None,
+                input: json!({}),
+                id: None,
+                idempotency_key: None,
+                trace: Default::default(),
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .id()
+        .to_string();
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let entries = st
+        .read_group(
+            &mut conn,
+            &st.keys().jobs(),
+            WORKERS_GROUP,
+            "a",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
+    assert_eq!(job.process_id, pid);
+    let begin = st
+        .begin("a", &[(entries[0].id.clone(), job.clone())])
+        .await
+        .unwrap();
+    let Begin::Ok { deliveries, .. } = begin[0] else {
+        panic!("{begin:?}")
+    };
+    assert_eq!(deliveries, 1);
+    let held = Held {
+        entry_id: entries[0].id.clone(),
+        deliveries,
+        job,
+    };
+    (st, held, engine, dir)
+}
+
+fn ok_result() -> StepResult {
+    StepResult {
+        outcome: "ok".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_reclaimed_job_fences_out_its_old_owner() {
+    let redis = RedisServer::start();
+    let (st, held_a, _e, _d) = setup(&redis).await;
+    assert_eq!(
+        st.heartbeat("a", std::slice::from_ref(&held_a))
+            .await
+            .unwrap(),
+        vec![Fence::Ok]
+    );
+    // Consumer b reclaims it (lease 0 for the test).
+    let r = st.reclaim("b", Duration::ZERO, "0-0", 10, 5).await.unwrap();
+    assert_eq!(r.claimed.len(), 1, "{r:?}");
+    let (entry, deliveries) = &r.claimed[0];
+    assert_eq!(*deliveries, 2, "the reclaim counted as a delivery");
+    let job = JobEnvelope::from_fields(&entry.fields).unwrap();
+    let begin = st
+        .begin("b", &[(entry.id.clone(), job.clone())])
+        .await
+        .unwrap();
+    assert!(
+        matches!(begin[0], Begin::Ok { deliveries: 2, .. }),
+        "{begin:?}"
+    );
+    // a is now a zombie: every fenced call is refused and writes nothing.
+    assert_eq!(
+        st.heartbeat("a", std::slice::from_ref(&held_a))
+            .await
+            .unwrap(),
+        vec![Fence::Stale]
+    );
+    assert_eq!(
+        st.checkpoint("a", &held_a, b"x").await.unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(
+        st.complete("a", &held_a, None, &ok_result()).await.unwrap(),
+        Fence::Stale
+    );
+    assert_eq!(st.release("a", &held_a).await.unwrap(), Fence::Stale);
+    let events: u64 = redis::cmd("XLEN")
+        .arg(st.keys().events())
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    assert_eq!(events, 0, "the zombie emitted nothing");
+    // A heartbeat with the right owner but an old fence (delivery count) is refused too.
+    let held_b = Held {
+        entry_id: entry.id.clone(),
+        deliveries: 2,
+        job,
+    };
+    let old_fence = Held {
+        deliveries: 1,
+        ..held_b.clone()
+    };
+    assert_eq!(
+        st.heartbeat("b", &[old_fence]).await.unwrap(),
+        vec![Fence::Stale]
+    );
+    // The owner commits exactly once.
+    assert_eq!(
+        st.complete("b", &held_b, Some(b"out"), &ok_result())
+            .await
+            .unwrap(),
+        Fence::Ok
+    );
+    assert_eq!(
+        st.complete("b", &held_b, Some(b"out"), &ok_result())
+            .await
+            .unwrap(),
+        Fence::Stale
+    );
+    let events: u64 = redis::cmd("XLEN")
+        .arg(st.keys().events())
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    assert_eq!(events, 1);
+    // Acknowledged jobs are deleted: the job stream holds only live work.
+    let jobs: u64 = redis::cmd("XLEN")
+        .arg(st.keys().jobs())
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0);
+}
+
+#[tokio::test]
+async fn delivery_counter_dead_letters_and_consumers_retire_only_when_empty() {
+    let redis = RedisServer::start();
+    let (st, held, _e, _d) = setup(&redis).await;
+    // a owns a pending job: it cannot be retired.
+    assert!(!st.retire_consumer("a").await.unwrap());
+    // Reclaims raise the counter: 2, 3; at max_deliveries 3 the next one dead-letters it.
+    for expected in [2u64, 3] {
+        let r = st.reclaim("b", Duration::ZERO, "0-0", 10, 3).await.unwrap();
+        assert_eq!(r.claimed.len(), 1);
+        assert_eq!(r.claimed[0].1, expected);
+    }
+    let r = st.reclaim("b", Duration::ZERO, "0-0", 10, 3).await.unwrap();
+    assert!(r.claimed.is_empty());
+    assert_eq!(r.dead_lettered, vec![held.entry_id.clone()]);
+    let dlq = st.stream_entries(&st.keys().dlq(), 10).await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].fields.get("deliveries"), Some("3"));
+    assert_eq!(dlq[0].fields.get("pid"), Some(held.job.process_id.as_str()));
+    let ev = st.stream_entries(&st.keys().events(), 10).await.unwrap();
+    assert_eq!(ev[0].fields.get("t"), Some("dead_letter"));
+    // Nothing pending any more: both consumers can go.
+    assert!(st.retire_consumer("a").await.unwrap());
+    assert!(st.retire_consumer("b").await.unwrap());
+}
+
+#[tokio::test]
+async fn a_released_job_is_requeued_at_once_with_its_fence_kept() {
+    let redis = RedisServer::start();
+    let (st, held, _e, _d) = setup(&redis).await;
+    st.checkpoint("a", &held, b"ck").await.unwrap();
+    assert_eq!(st.release("a", &held).await.unwrap(), Fence::Ok);
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let entries = st
+        .read_group(
+            &mut conn,
+            &st.keys().jobs(),
+            WORKERS_GROUP,
+            "b",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
+    assert_eq!(job, held.job);
+    let begin = st
+        .begin("b", &[(entries[0].id.clone(), job)])
+        .await
+        .unwrap();
+    let Begin::Ok {
+        data, deliveries, ..
+    } = &begin[0]
+    else {
+        panic!("{begin:?}")
+    };
+    assert_eq!(*deliveries, 1);
+    assert_eq!(data.get("ck:S").map(Vec::as_slice), Some(&b"ck"[..]));
+    // The old entry is gone: a is stale.
+    assert_eq!(
+        st.heartbeat("a", &[held]).await.unwrap(),
+        vec![Fence::Stale]
+    );
+}

@@ -1,0 +1,30 @@
+//! `honua-worker`: a stateless worker with the built-in step kinds.
+
+use clap::Parser;
+use honua_shared::config::Config;
+use honua_worker::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Honua worker")]
+struct Args {
+    /// Config file (TOML); also HONUA_CONFIG.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Consumer name (overrides HONUA_WORKER_ID; default: worker-<hostname>).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(LogFormat::Json);
+    let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(id) = args.id {
+        cfg.worker.id = Some(id);
+    }
+    let handlers = honua_worker::builtin_handlers(&cfg);
+    honua_worker::run_main(cfg, handlers, CancellationToken::new()).await
+}

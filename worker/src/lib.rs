@@ -1,0 +1,68 @@
+//! The stateless Honua worker: claims step jobs from Redis Streams, runs their handlers,
+//! heartbeats, checkpoints, reclaims the jobs of stopped workers, and commits each step's
+//! result exactly once through fenced scripts.
+
+pub mod builtin;
+pub mod handler;
+pub mod runner;
+pub mod telemetry;
+
+pub use handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepOutput};
+pub use runner::{Worker, WorkerStats};
+
+use std::time::Duration;
+
+/// A random duration in [d/2, d] (jitter for backoffs and periodic loops).
+pub fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+/// Installs rustls's ring provider once (reqwest is built without a default provider).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The built-in handlers configured from `cfg`.
+pub fn builtin_handlers(cfg: &honua_shared::config::Config) -> HandlerRegistry {
+    HandlerRegistry::builtin(builtin::HttpOptions {
+        allowlist: cfg.worker.http_allowlist.clone(),
+        max_response_kb: cfg.worker.http_max_response_kb,
+    })
+}
+
+/// What a worker binary's `main` does: validate config, load definitions with the kinds of
+/// `handlers`, run until SIGTERM/Ctrl-C (or `shutdown`), then drain and hand back.
+pub async fn run_main(
+    cfg: honua_shared::config::Config,
+    handlers: HandlerRegistry,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    install_crypto_provider();
+    let defs =
+        honua_shared::definition::DefinitionSet::load_dir(&cfg.definitions_dir, handlers.kinds())
+            .map_err(|e| {
+            anyhow::anyhow!(
+                "process definitions in {}: {e}",
+                cfg.definitions_dir.display()
+            )
+        })?;
+    let store = honua_shared::store::Store::open(
+        &cfg.redis_url,
+        honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
+    )?;
+    let worker = Worker::new(
+        cfg,
+        store,
+        std::sync::Arc::new(defs),
+        std::sync::Arc::new(handlers),
+    );
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        s.cancel();
+    });
+    worker.run(shutdown).await;
+    Ok(())
+}

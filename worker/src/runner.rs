@@ -1,0 +1,783 @@
+//! The worker loop: claim (XREADGROUP), begin, run the handler, heartbeat, checkpoint,
+//! commit — every Redis transition through the fenced scripts of `honua_shared::store`.
+//!
+//! Tasks: a reader (blocking XREADGROUP on its own connection), a sweeper (reclaim.lua:
+//! XAUTOCLAIM of jobs idle longer than the lease, dead-lettering at `max_deliveries`), a
+//! heartbeat (one heartbeat.lua call for every held job; a `stale` answer cancels that
+//! job's handler at once), and one task per running step.
+
+use crate::handler::{Checkpointer, HandlerRegistry, StepContext, StepError, StepOutput};
+use honua_shared::codec::{CodecError, StateCodec};
+use honua_shared::config::Config;
+use honua_shared::definition::DefinitionSet;
+use honua_shared::envelope::{JobEnvelope, StepResult};
+use honua_shared::keys::{WORKERS_GROUP, field};
+use honua_shared::status::outcome;
+use honua_shared::store::{Begin, Entry, Fence, Held, Store, StoreError};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+const REASON_NONE: u8 = 0;
+const REASON_STALE: u8 = 1;
+const REASON_FINISHED: u8 = 2;
+const REASON_SHUTDOWN: u8 = 3;
+
+/// Counters a worker keeps (exported as metrics, read by tests).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub started: AtomicU64,
+    pub committed: AtomicU64,
+    /// Commits or heartbeats refused because the claim was lost (zombie fence).
+    pub stale: AtomicU64,
+    pub reclaimed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub released: AtomicU64,
+    /// Pending ids whose entries had been deleted (payload lost).
+    pub deleted_pending: AtomicU64,
+    pub groups_recreated: AtomicU64,
+}
+
+struct Running {
+    held: Held,
+    cancel: CancellationToken,
+    reason: Arc<AtomicU8>,
+}
+
+struct Inner {
+    cfg: Config,
+    store: Store,
+    defs: Arc<DefinitionSet>,
+    handlers: Arc<HandlerRegistry>,
+    id: Arc<str>,
+    codec: StateCodec,
+    slots: Arc<Semaphore>,
+    inflight: Mutex<HashMap<String, Running>>,
+    stats: Arc<WorkerStats>,
+}
+
+/// A worker. Cheap to construct; [`Worker::run`] until the shutdown token fires.
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Worker {
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        defs: Arc<DefinitionSet>,
+        handlers: Arc<HandlerRegistry>,
+    ) -> Self {
+        let id: Arc<str> = cfg
+            .worker
+            .id
+            .clone()
+            .unwrap_or_else(|| honua_shared::config::default_instance_id("worker"))
+            .into();
+        let codec = cfg.codec();
+        let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_steps));
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                store,
+                defs,
+                handlers,
+                id,
+                codec,
+                slots,
+                inflight: Mutex::new(HashMap::new()),
+                stats: Arc::new(WorkerStats::default()),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Runs until `shutdown` fires, then stops claiming, lets in-flight steps finish within
+    /// the grace period, hands the rest back (release.lua) and retires its consumer if it
+    /// owns nothing.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let inner = self.inner;
+        info!(worker = %inner.id, "worker starting");
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let ready = async {
+                inner.store.ensure_groups().await?;
+                inner.store.load_scripts().await
+            };
+            match ready.await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "redis not ready; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::jitter(delay)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let hb_stop = CancellationToken::new();
+        let reader = tokio::spawn(inner.clone().reader(shutdown.clone()));
+        let sweeper = tokio::spawn(inner.clone().sweeper(shutdown.clone()));
+        let heartbeat = tokio::spawn(inner.clone().heartbeat(hb_stop.clone()));
+        shutdown.cancelled().await;
+        info!(worker = %inner.id, "shutdown: no longer claiming");
+        let _ = reader.await;
+        let _ = sweeper.await;
+        let grace = Duration::from_millis(inner.cfg.worker.shutdown_grace_ms);
+        let drained = inner.wait_idle(grace).await;
+        if !drained {
+            let left: Vec<String> = {
+                let mut map = inner.inflight.lock().unwrap();
+                map.values_mut()
+                    .map(|r| {
+                        r.reason.store(REASON_SHUTDOWN, Ordering::SeqCst);
+                        r.cancel.cancel();
+                        r.held.job.step.clone()
+                    })
+                    .collect()
+            };
+            info!(worker = %inner.id, steps = ?left, "grace period over; handing steps back");
+            inner.wait_idle(Duration::from_secs(10)).await;
+        }
+        hb_stop.cancel();
+        let _ = heartbeat.await;
+        match inner.store.retire_consumer(&inner.id).await {
+            Ok(true) => info!(worker = %inner.id, "consumer retired"),
+            Ok(false) => warn!(worker = %inner.id, "consumer still owns pending jobs; kept"),
+            Err(e) => warn!(error = %e, "could not retire consumer"),
+        }
+        info!(worker = %inner.id, "worker stopped");
+    }
+}
+
+impl Inner {
+    async fn wait_idle(&self, max: Duration) -> bool {
+        let deadline = Instant::now() + max;
+        loop {
+            if self.inflight.lock().unwrap().is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn take_permits(&self, first: OwnedSemaphorePermit, max: usize) -> Vec<OwnedSemaphorePermit> {
+        let mut permits = vec![first];
+        while permits.len() < max {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        permits
+    }
+
+    async fn reader(self: Arc<Self>, shutdown: CancellationToken) {
+        let block = Duration::from_millis(self.cfg.worker.read_block_ms);
+        let Ok(mut conn) = self.store.blocking(block) else {
+            error!("cannot create the blocking connection");
+            return;
+        };
+        let jobs = self.store.keys().jobs();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let first = tokio::select! {
+                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = shutdown.cancelled() => return,
+            };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // Only one slot is held while blocked, so the sweeper can still reclaim into the
+            // others; the read asks for as many jobs as there are free slots now.
+            let count = (1 + self.slots.available_permits()).min(256);
+            // Not raced against shutdown: entries Redis has delivered must not be dropped
+            // unprocessed. The read returns within `block`.
+            let res = self
+                .store
+                .read_group(&mut conn, &jobs, WORKERS_GROUP, &self.id, count, block)
+                .await;
+            match res {
+                Ok(entries) => {
+                    backoff = Duration::from_millis(50);
+                    let mut permits = vec![first];
+                    while permits.len() < entries.len() {
+                        match self.slots.clone().acquire_owned().await {
+                            Ok(p) => permits.push(p),
+                            Err(_) => return,
+                        }
+                    }
+                    let entries = entries.into_iter().map(|e| (e, None)).collect();
+                    self.clone().start(entries, permits).await;
+                }
+                Err(StoreError::NoGroup { stream, group }) => {
+                    drop(first);
+                    error!(%stream, %group, "consumer group missing (server restarted without data?); recreating it");
+                    self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.store.ensure_groups().await {
+                        warn!(error = %e, "recreating groups failed");
+                    }
+                }
+                Err(e) => {
+                    drop(first);
+                    warn!(error = %e, "reading jobs failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::jitter(backoff)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = Duration::from_millis(self.cfg.worker.sweep_ms);
+        let lease = self.cfg.worker.lease();
+        let mut rounds: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::jitter(every)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            rounds += 1;
+            let mut cursor = "0-0".to_string();
+            loop {
+                let Ok(first) = self.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let permits = self.take_permits(first, 100);
+                let r = self
+                    .store
+                    .reclaim(
+                        &self.id,
+                        lease,
+                        &cursor,
+                        permits.len(),
+                        self.cfg.worker.max_deliveries,
+                    )
+                    .await;
+                let r = match r {
+                    Ok(r) => r,
+                    Err(StoreError::Redis(e)) if e.code() == Some("NOGROUP") => {
+                        self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                        error!("job consumer group missing; recreating it");
+                        let _ = self.store.ensure_groups().await;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reclaim failed");
+                        break;
+                    }
+                };
+                for id in &r.dead_lettered {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    warn!(entry = %id, "job dead-lettered after max_deliveries");
+                }
+                if r.deleted > 0 {
+                    self.stats
+                        .deleted_pending
+                        .fetch_add(r.deleted, Ordering::Relaxed);
+                    error!(
+                        count = r.deleted,
+                        "pending jobs whose entries were deleted: their payload is lost"
+                    );
+                }
+                if !r.claimed.is_empty() {
+                    self.stats
+                        .reclaimed
+                        .fetch_add(r.claimed.len() as u64, Ordering::Relaxed);
+                    info!(count = r.claimed.len(), worker = %self.id, "reclaimed jobs of a stopped worker");
+                }
+                let claimed = r.claimed.into_iter().map(|(e, n)| (e, Some(n))).collect();
+                self.clone().start(claimed, permits).await;
+                if r.next_cursor == "0-0" {
+                    break;
+                }
+                cursor = r.next_cursor;
+            }
+            if rounds.is_multiple_of(30) {
+                self.retire_idle_consumers().await;
+            }
+        }
+    }
+
+    async fn retire_idle_consumers(&self) {
+        let after_ms = self.cfg.worker.retire_consumer_after_secs * 1000;
+        let Ok(consumers) = self.store.job_consumers().await else {
+            return;
+        };
+        for c in consumers {
+            if c.pending == 0
+                && c.idle_ms > after_ms
+                && *c.name != *self.id
+                && let Ok(true) = self.store.retire_consumer(&c.name).await
+            {
+                info!(consumer = %c.name, "retired idle consumer");
+            }
+        }
+    }
+
+    async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.cfg.worker.heartbeat();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let held: Vec<Held> = self
+                .inflight
+                .lock()
+                .unwrap()
+                .values()
+                .map(|r| r.held.clone())
+                .collect();
+            for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
+                match self.store.heartbeat(&self.id, chunk).await {
+                    Ok(answers) => {
+                        for (h, a) in chunk.iter().zip(answers) {
+                            let reason = match a {
+                                Fence::Ok => continue,
+                                Fence::Stale => REASON_STALE,
+                                Fence::Finished => REASON_FINISHED,
+                            };
+                            if let Some(r) = self.inflight.lock().unwrap().get(&h.entry_id) {
+                                r.reason.store(reason, Ordering::SeqCst);
+                                r.cancel.cancel();
+                            }
+                            if reason == REASON_STALE {
+                                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                                warn!(process_id = %h.job.process_id, step = %h.job.step, "claim is stale (reclaimed elsewhere); stopping the step");
+                            } else {
+                                info!(process_id = %h.job.process_id, step = %h.job.step, "process is over; stopping the step");
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        }
+    }
+
+    /// Parses, begins and spawns the given entries (deliveries known for reclaimed ones).
+    async fn start(
+        self: Arc<Self>,
+        entries: Vec<(Entry, Option<u64>)>,
+        mut permits: Vec<OwnedSemaphorePermit>,
+    ) {
+        let jobs_key = self.store.keys().jobs();
+        let mut jobs = Vec::with_capacity(entries.len());
+        for (e, _) in entries {
+            match JobEnvelope::from_fields(&e.fields) {
+                Ok(job) => jobs.push((e.id, job)),
+                Err(err) => {
+                    error!(entry = %e.id, error = %err, "unreadable job entry; quarantined");
+                    let _ = self
+                        .store
+                        .drop_entry(
+                            &jobs_key,
+                            WORKERS_GROUP,
+                            &e.id,
+                            &format!("unreadable job: {err}"),
+                            Some(&self.id),
+                        )
+                        .await;
+                }
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let mut answers = None;
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..5 {
+            match self.store.begin(&self.id, &jobs).await {
+                Ok(a) => {
+                    answers = Some(a);
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "begin failed; retrying");
+                    tokio::time::sleep(crate::jitter(delay)).await;
+                    delay *= 2;
+                }
+            }
+        }
+        let Some(answers) = answers else {
+            // The entries stay in this consumer's pending list; the sweep reclaims them.
+            return;
+        };
+        for ((entry_id, job), answer) in jobs.into_iter().zip(answers) {
+            match answer {
+                Begin::Ok {
+                    deliveries,
+                    process_type,
+                    version,
+                    step,
+                    data,
+                } => {
+                    let Some(permit) = permits.pop() else { break };
+                    let held = Held {
+                        entry_id,
+                        deliveries,
+                        job,
+                    };
+                    let _ = step;
+                    let me = self.clone();
+                    let cancel = CancellationToken::new();
+                    let reason = Arc::new(AtomicU8::new(REASON_NONE));
+                    self.inflight.lock().unwrap().insert(
+                        held.entry_id.clone(),
+                        Running {
+                            held: held.clone(),
+                            cancel: cancel.clone(),
+                            reason: reason.clone(),
+                        },
+                    );
+                    self.stats.started.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        me.execute(held, process_type, version, data, cancel, reason)
+                            .await;
+                        drop(permit);
+                    });
+                }
+                Begin::Lost => {
+                    debug!(entry = %entry_id, "job reclaimed by another worker before it began")
+                }
+                Begin::Obsolete(why) => debug!(entry = %entry_id, %why, "obsolete job dropped"),
+            }
+        }
+    }
+
+    async fn execute(
+        self: Arc<Self>,
+        held: Held,
+        process_type: String,
+        version: u32,
+        data: HashMap<String, Vec<u8>>,
+        cancel: CancellationToken,
+        reason: Arc<AtomicU8>,
+    ) {
+        let started = Instant::now();
+        let stale_flag = Arc::new(AtomicBool::new(false));
+        let (result, output) = self
+            .run_step(
+                &held,
+                &process_type,
+                version,
+                data,
+                cancel.clone(),
+                stale_flag.clone(),
+            )
+            .await;
+        if stale_flag.load(Ordering::SeqCst) {
+            reason.store(REASON_STALE, Ordering::SeqCst);
+        }
+        let pid = &held.job.process_id;
+        let step = &held.job.step;
+        match reason.load(Ordering::SeqCst) {
+            REASON_STALE => {
+                info!(process_id = %pid, step = %step, "result discarded: claim is stale");
+            }
+            REASON_FINISHED => {
+                info!(process_id = %pid, step = %step, "result discarded: process is over");
+            }
+            REASON_SHUTDOWN => self.release(&held).await,
+            _ => {
+                let duration_ms = started.elapsed().as_millis() as u64;
+                self.commit(&held, result, output, duration_ms).await;
+            }
+        }
+        self.inflight.lock().unwrap().remove(&held.entry_id);
+    }
+
+    async fn release(&self, held: &Held) {
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..10 {
+            match self.store.release(&self.id, held).await {
+                Ok(Fence::Ok) => {
+                    self.stats.released.fetch_add(1, Ordering::Relaxed);
+                    info!(process_id = %held.job.process_id, step = %held.job.step, "step handed back for another worker");
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    warn!(error = %e, "release failed; retrying");
+                    tokio::time::sleep(crate::jitter(delay)).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        warn!(process_id = %held.job.process_id, step = %held.job.step, "could not hand the step back; it resumes after the lease");
+    }
+
+    async fn commit(
+        &self,
+        held: &Held,
+        result: StepResult,
+        output: Option<Vec<u8>>,
+        duration_ms: u64,
+    ) {
+        let pid = &held.job.process_id;
+        let step = &held.job.step;
+        let mut delay = Duration::from_millis(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self
+                .store
+                .complete(&self.id, held, output.as_deref(), &result)
+                .await
+            {
+                Ok(Fence::Ok) => {
+                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                    if result.outcome == outcome::FAILED {
+                        warn!(process_id = %pid, step = %step, worker = %self.id, duration_ms, error = result.error.as_deref().unwrap_or(""), "Process {pid} step {step} failed, duration {duration_ms} ms");
+                    } else {
+                        info!(process_id = %pid, step = %step, worker = %self.id, duration_ms, outcome = %result.outcome, "Process {pid} step {step} completed, duration {duration_ms} ms");
+                    }
+                    return;
+                }
+                Ok(Fence::Stale) => {
+                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    warn!(process_id = %pid, step = %step, "commit refused: claim is stale (job was reclaimed)");
+                    return;
+                }
+                Ok(Fence::Finished) => {
+                    info!(process_id = %pid, step = %step, "commit discarded: process is over");
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    warn!(error = %e, process_id = %pid, step = %step, "commit failed; retrying");
+                    tokio::time::sleep(crate::jitter(delay)).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    error!(error = %e, process_id = %pid, step = %step, "commit failed for 60 s; the job will be reclaimed and run again");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs the handler; returns the result to commit and the encoded output.
+    async fn run_step(
+        &self,
+        held: &Held,
+        process_type: &str,
+        version: u32,
+        data: HashMap<String, Vec<u8>>,
+        cancel: CancellationToken,
+        stale: Arc<AtomicBool>,
+    ) -> (StepResult, Option<Vec<u8>>) {
+        let job = &held.job;
+        let fail = |error: String, code: &str, retryable: bool, fatal: bool| StepResult {
+            outcome: outcome::FAILED.into(),
+            error: Some(error),
+            code: Some(code.into()),
+            retryable,
+            retry_after_ms: None,
+            fatal,
+        };
+        let Some(def) = self.defs.get(process_type, version) else {
+            return (
+                fail(
+                    format!(
+                        "definition {process_type} v{version} is not loaded on worker {}",
+                        self.id
+                    ),
+                    "definition_missing",
+                    true,
+                    false,
+                ),
+                None,
+            );
+        };
+        let Some(step_def) = def.step(&job.step) else {
+            return (
+                fail(
+                    format!("step {} is not in {process_type} v{version}", job.step),
+                    "definition_mismatch",
+                    false,
+                    true,
+                ),
+                None,
+            );
+        };
+        let Some(handler) = self.handlers.get(&step_def.kind) else {
+            return (
+                fail(
+                    format!(
+                        "no handler for step kind {:?} on worker {}",
+                        step_def.kind, self.id
+                    ),
+                    "no_handler",
+                    false,
+                    true,
+                ),
+                None,
+            );
+        };
+        let state = match decode_state(&self.codec, &data, &job.step) {
+            Ok(s) => s,
+            Err((fieldname, e)) => {
+                error!(process_id = %job.process_id, field = %fieldname, error = %e, "process state is unreadable; quarantining the process");
+                return (
+                    fail(
+                        format!("process state field {fieldname} is unreadable: {e}"),
+                        e.code(),
+                        false,
+                        true,
+                    ),
+                    None,
+                );
+            }
+        };
+        let ctx = StepContext {
+            process_id: job.process_id.clone(),
+            process_type: process_type.to_string(),
+            version,
+            step: job.step.clone(),
+            kind: step_def.kind.clone(),
+            config: step_def.config.clone(),
+            timeout: step_def.timeout,
+            attempt: job.attempt,
+            visit: job.visit,
+            deliveries: held.deliveries,
+            input: state.input,
+            outputs: state.outputs,
+            checkpoint: state.checkpoint,
+            cancel: cancel.clone(),
+            checkpointer: Some(Checkpointer {
+                store: self.store.clone(),
+                consumer: self.id.clone(),
+                held: held.clone(),
+                codec: self.codec,
+                cancel: cancel.clone(),
+                stale,
+            }),
+        };
+        let timeout = step_def.timeout;
+        let mut task = tokio::spawn(async move { handler.run(ctx).await });
+        let joined = tokio::select! {
+            r = tokio::time::timeout(timeout, &mut task) => r,
+            _ = cancel.cancelled() => {
+                task.abort();
+                return (fail("step cancelled".into(), "cancelled", true, false), None);
+            }
+        };
+        let r = match joined {
+            Err(_) => {
+                task.abort();
+                return (
+                    fail(
+                        format!(
+                            "step timed out after {}",
+                            humantime::format_duration(timeout)
+                        ),
+                        "step_timeout",
+                        true,
+                        false,
+                    ),
+                    None,
+                );
+            }
+            Ok(Err(join)) => {
+                let msg = if join.is_panic() {
+                    "step handler panicked"
+                } else {
+                    "step handler was aborted"
+                };
+                return (fail(msg.into(), "handler_panic", true, false), None);
+            }
+            Ok(Ok(r)) => r,
+        };
+        match r {
+            Ok(StepOutput {
+                outcome: out,
+                output,
+            }) => {
+                let blob = match output.map(|v| self.codec.encode(&v)).transpose() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return (
+                            fail(format!("step output rejected: {e}"), e.code(), false, false),
+                            None,
+                        );
+                    }
+                };
+                (
+                    StepResult {
+                        outcome: out,
+                        ..Default::default()
+                    },
+                    blob,
+                )
+            }
+            Err(e) => {
+                let mut r = fail(e.to_string(), e.code(), true, false);
+                match e {
+                    StepError::Permanent(_) => r.retryable = false,
+                    StepError::RetryAfter { after, .. } => {
+                        r.retry_after_ms = Some(after.as_millis() as u64)
+                    }
+                    _ => {}
+                }
+                (r, None)
+            }
+        }
+    }
+}
+
+struct State {
+    input: Value,
+    outputs: BTreeMap<String, Value>,
+    checkpoint: Option<Value>,
+}
+
+/// Decodes the process input, earlier outputs and this step's checkpoint, naming the field
+/// that fails.
+fn decode_state(
+    codec: &StateCodec,
+    data: &HashMap<String, Vec<u8>>,
+    step: &str,
+) -> Result<State, (String, CodecError)> {
+    let dec = |name: &str, blob: &[u8]| {
+        codec
+            .decode::<Value>(blob)
+            .map_err(|e| (name.to_string(), e))
+    };
+    let input = match data.get(field::INPUT) {
+        Some(b) => dec(field::INPUT, b)?,
+        None => Value::Object(Default::default()),
+    };
+    let mut outputs = BTreeMap::new();
+    let mut checkpoint = None;
+    for (k, v) in data {
+        if let Some(name) = k.strip_prefix(field::OUTPUT_PREFIX) {
+            outputs.insert(name.to_string(), dec(k, v)?);
+        } else if k.strip_prefix(field::CHECKPOINT_PREFIX) == Some(step) {
+            checkpoint = Some(dec(k, v)?);
+        }
+    }
+    Ok(State {
+        input,
+        outputs,
+        checkpoint,
+    })
+}
