@@ -45,6 +45,9 @@ impl RedisChild {
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            // Its own process group: Ctrl-C reaches honua, which drains the workers before
+            // it stops Redis.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start redis-server ({e}); install it (apt-get install redis-server) or set HONUA_REDIS_URL"))?;
@@ -171,10 +174,11 @@ async fn progress(
     auto_approve: bool,
     shutdown: &CancellationToken,
 ) {
+    let started = std::time::Instant::now();
     let mut last = String::new();
     let mut approved = std::collections::HashSet::new();
     while !shutdown.is_cancelled() {
-        let Ok((now, recs)) = engine
+        let Ok((_, recs)) = engine
             .store
             .load_processes(&ids.iter().map(String::as_str).collect::<Vec<_>>())
             .await
@@ -228,7 +232,10 @@ async fn progress(
             }
         }
         if table != last {
-            println!("processes at +{} ms:\n{table}", now % 100_000);
+            println!(
+                "processes at +{:.1} s:\n{table}",
+                started.elapsed().as_secs_f64()
+            );
             last = table;
         }
         if open == 0 {

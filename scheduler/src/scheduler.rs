@@ -323,10 +323,22 @@ impl Scheduler {
     async fn timers(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_millis(self.engine.cfg.scheduler.timer_interval_ms);
         let store = &self.engine.store;
+        let mut last_trim = 0u64;
         while !shutdown.is_cancelled() {
             match store.promote(1000).await {
                 Ok((moved, _next, now)) => {
                     self.stats.last_tick_ms.store(now, Ordering::Relaxed);
+                    if now.saturating_sub(last_trim) > 60_000 {
+                        last_trim = now;
+                        match store
+                            .trim_indexes(now, self.engine.cfg.retention_secs)
+                            .await
+                        {
+                            Ok(n) if n > 0 => debug!(removed = n, "trimmed expired index entries"),
+                            Ok(_) => {}
+                            Err(e) => debug!(error = %e, "trimming indexes failed"),
+                        }
+                    }
                     if moved > 0 {
                         self.stats.promoted.fetch_add(moved, Ordering::Relaxed);
                         if moved >= 1000 {

@@ -748,6 +748,32 @@ impl Store {
             .await?)
     }
 
+    /// Housekeeping: drops index entries of processes whose records have expired (finished
+    /// more than `retention_secs` ago; for `index:all`, created more than the retention plus
+    /// the longest allowed process timeout ago) and workers not seen for a day. Returns how
+    /// many entries were removed.
+    pub async fn trim_indexes(&self, now_ms: u64, retention_secs: u64) -> Result<u64> {
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let cutoff = now_ms.saturating_sub(retention_secs * 1000);
+        let longest = crate::definition::MAX_TIMEOUT.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        let mut trim = |key: Key, before: u64| {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(format!("({before}"));
+        };
+        for st in crate::status::ProcessStatus::ALL {
+            if st.is_finished() {
+                trim(self.keys.index_status(st), cutoff);
+            }
+        }
+        trim(self.keys.index_all(), cutoff.saturating_sub(longest));
+        trim(self.keys.workers(), now_ms.saturating_sub(DAY_MS));
+        let removed: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        Ok(removed.iter().sum())
+    }
+
     /// Entries of a stream (no group), for inspection (dead letters, quarantine).
     pub async fn stream_entries(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
         let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")

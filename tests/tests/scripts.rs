@@ -238,3 +238,49 @@ async fn a_released_job_is_requeued_at_once_with_its_fence_kept() {
         vec![Fence::Stale]
     );
 }
+
+#[tokio::test]
+async fn housekeeping_trims_only_expired_index_entries() {
+    use honua_shared::status::ProcessStatus;
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let st = store(&test_config(&redis.url(), dir.path()));
+    let now = st.server_time_ms().await.unwrap();
+    let day = 24 * 3600 * 1000;
+    let done = st.keys().index_status(ProcessStatus::Completed);
+    let active = st.keys().index_active();
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(&done)
+        .arg(now - 2 * day)
+        .arg("expired")
+        .cmd("ZADD")
+        .arg(&done)
+        .arg(now - 1000)
+        .arg("recent")
+        .cmd("ZADD")
+        .arg(&active)
+        .arg(now - 30 * day)
+        .arg("long-running")
+        .cmd("ZADD")
+        .arg(st.keys().workers())
+        .arg(now - 2 * day)
+        .arg("gone-worker");
+    let _: () = pipe.query_async(&mut st.conn()).await.unwrap();
+    let removed = st.trim_indexes(now, 24 * 3600).await.unwrap();
+    assert_eq!(removed, 2);
+    let left: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&done)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["recent".to_string()]);
+    let active_left: u64 = redis::cmd("ZCARD")
+        .arg(&active)
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    assert_eq!(active_left, 1, "active processes are never trimmed");
+}

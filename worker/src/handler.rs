@@ -1,6 +1,7 @@
 //! The step handler trait: how a step kind is implemented in Rust, and what it receives.
 
 use async_trait::async_trait;
+use backon::Retryable;
 use honua_shared::codec::StateCodec;
 use honua_shared::definition::{Executor, KindRegistry};
 use honua_shared::store::{Fence, Held, Store};
@@ -90,34 +91,24 @@ impl Checkpointer {
             .codec
             .encode(value)
             .map_err(|e| StepError::Permanent(format!("checkpoint rejected: {e}")))?;
-        let mut delay = Duration::from_millis(50);
-        for _ in 0..8 {
-            match self
-                .store
-                .checkpoint(&self.consumer, &self.held, &blob)
-                .await
-            {
-                Ok(Fence::Ok) => return Ok(()),
-                Ok(Fence::Stale) => {
-                    self.stale.store(true, std::sync::atomic::Ordering::SeqCst);
-                    self.cancel.cancel();
-                    return Err(StepError::Stale);
-                }
-                Ok(Fence::Finished) => {
-                    self.cancel.cancel();
-                    return Err(StepError::Cancelled);
-                }
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, "checkpoint: redis unavailable, retrying");
-                    tokio::time::sleep(crate::jitter(delay)).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(StepError::Retryable(format!("checkpoint failed: {e}"))),
+        let r = (|| self.store.checkpoint(&self.consumer, &self.held, &blob))
+            .retry(crate::redis_backoff(Duration::from_secs(10)))
+            .when(honua_shared::store::StoreError::is_retryable)
+            .notify(|e, _| tracing::warn!(error = %e, "checkpoint: redis unavailable, retrying"))
+            .await;
+        match r {
+            Ok(Fence::Ok) => Ok(()),
+            Ok(Fence::Stale) => {
+                self.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.cancel.cancel();
+                Err(StepError::Stale)
             }
+            Ok(Fence::Finished) => {
+                self.cancel.cancel();
+                Err(StepError::Cancelled)
+            }
+            Err(e) => Err(StepError::Retryable(format!("checkpoint failed: {e}"))),
         }
-        Err(StepError::Retryable(
-            "checkpoint failed: redis unavailable".into(),
-        ))
     }
 }
 

@@ -18,6 +18,17 @@ pub fn jitter(d: Duration) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
+/// Jittered exponential backoff for retrying Redis calls that a running step depends on
+/// (commit, hand-back, checkpoint), giving up after `total`.
+pub(crate) fn redis_backoff(total: Duration) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_secs(2))
+        .with_total_delay(Some(total))
+        .without_max_times()
+}
+
 /// Installs rustls's ring provider once (reqwest is built without a default provider).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

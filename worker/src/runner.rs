@@ -7,6 +7,7 @@
 //! job's handler at once), and one task per running step.
 
 use crate::handler::{Checkpointer, HandlerRegistry, StepContext, StepError, StepOutput};
+use backon::Retryable;
 use honua_shared::codec::{CodecError, StateCodec};
 use honua_shared::config::Config;
 use honua_shared::definition::DefinitionSet;
@@ -404,21 +405,13 @@ impl Inner {
         if jobs.is_empty() {
             return;
         }
-        let mut answers = None;
-        let mut delay = Duration::from_millis(50);
-        for _ in 0..5 {
-            match self.store.begin(&self.id, &jobs).await {
-                Ok(a) => {
-                    answers = Some(a);
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, "begin failed; retrying");
-                    tokio::time::sleep(crate::jitter(delay)).await;
-                    delay *= 2;
-                }
-            }
-        }
+        let answers = (|| self.store.begin(&self.id, &jobs))
+            .retry(crate::redis_backoff(Duration::from_secs(5)))
+            .when(StoreError::is_retryable)
+            .notify(|e, _| warn!(error = %e, "begin failed; retrying"))
+            .await
+            .inspect_err(|e| warn!(error = %e, "begin failed; the jobs stay pending and are reclaimed after the lease"))
+            .ok();
         let Some(answers) = answers else {
             // The entries stay in this consumer's pending list; the sweep reclaims them.
             return;
@@ -508,23 +501,21 @@ impl Inner {
     }
 
     async fn release(&self, held: &Held) {
-        let mut delay = Duration::from_millis(50);
-        for _ in 0..10 {
-            match self.store.release(&self.id, held).await {
-                Ok(Fence::Ok) => {
-                    self.stats.released.fetch_add(1, Ordering::Relaxed);
-                    info!(process_id = %held.job.process_id, step = %held.job.step, "step handed back for another worker");
-                    return;
-                }
-                Ok(_) => return,
-                Err(e) => {
-                    warn!(error = %e, "release failed; retrying");
-                    tokio::time::sleep(crate::jitter(delay)).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
+        let r = (|| self.store.release(&self.id, held))
+            .retry(crate::redis_backoff(Duration::from_secs(10)))
+            .when(StoreError::is_retryable)
+            .notify(|e, _| warn!(error = %e, "release failed; retrying"))
+            .await;
+        match r {
+            Ok(Fence::Ok) => {
+                self.stats.released.fetch_add(1, Ordering::Relaxed);
+                info!(process_id = %held.job.process_id, step = %held.job.step, "step handed back for another worker");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, process_id = %held.job.process_id, step = %held.job.step, "could not hand the step back; it resumes after the lease")
             }
         }
-        warn!(process_id = %held.job.process_id, step = %held.job.step, "could not hand the step back; it resumes after the lease");
     }
 
     async fn commit(
@@ -536,41 +527,34 @@ impl Inner {
     ) {
         let pid = &held.job.process_id;
         let step = &held.job.step;
-        let mut delay = Duration::from_millis(20);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match self
-                .store
+        let r = (|| {
+            self.store
                 .complete(&self.id, held, output.as_deref(), &result)
-                .await
-            {
-                Ok(Fence::Ok) => {
-                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
-                    if result.outcome == outcome::FAILED {
-                        warn!(process_id = %pid, step = %step, worker = %self.id, duration_ms, error = result.error.as_deref().unwrap_or(""), "Process {pid} step {step} failed, duration {duration_ms} ms");
-                    } else {
-                        info!(process_id = %pid, step = %step, worker = %self.id, duration_ms, outcome = %result.outcome, "Process {pid} step {step} completed, duration {duration_ms} ms");
-                    }
-                    return;
+        })
+        .retry(crate::redis_backoff(Duration::from_secs(60)))
+        .when(StoreError::is_retryable)
+        .notify(
+            |e, _| warn!(error = %e, process_id = %pid, step = %step, "commit failed; retrying"),
+        )
+        .await;
+        match r {
+            Ok(Fence::Ok) => {
+                self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                if result.outcome == outcome::FAILED {
+                    warn!(process_id = %pid, step = %step, worker = %self.id, duration_ms, error = result.error.as_deref().unwrap_or(""), "Process {pid} step {step} failed, duration {duration_ms} ms");
+                } else {
+                    info!(process_id = %pid, step = %step, worker = %self.id, duration_ms, outcome = %result.outcome, "Process {pid} step {step} completed, duration {duration_ms} ms");
                 }
-                Ok(Fence::Stale) => {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                    warn!(process_id = %pid, step = %step, "commit refused: claim is stale (job was reclaimed)");
-                    return;
-                }
-                Ok(Fence::Finished) => {
-                    info!(process_id = %pid, step = %step, "commit discarded: process is over");
-                    return;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    warn!(error = %e, process_id = %pid, step = %step, "commit failed; retrying");
-                    tokio::time::sleep(crate::jitter(delay)).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    error!(error = %e, process_id = %pid, step = %step, "commit failed for 60 s; the job will be reclaimed and run again");
-                    return;
-                }
+            }
+            Ok(Fence::Stale) => {
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                warn!(process_id = %pid, step = %step, "commit refused: claim is stale (job was reclaimed)");
+            }
+            Ok(Fence::Finished) => {
+                info!(process_id = %pid, step = %step, "commit discarded: process is over")
+            }
+            Err(e) => {
+                error!(error = %e, process_id = %pid, step = %step, "commit failed; the job will be reclaimed and run again")
             }
         }
     }
