@@ -3,6 +3,7 @@
 
 pub mod dev;
 pub mod gateway;
+pub mod ops;
 pub mod scheduler;
 pub mod submit;
 pub mod view;
@@ -67,8 +68,18 @@ pub async fn run_scheduler(
         None => tokio::net::TcpListener::bind(&cfg.http_addr).await?,
     };
     tracing::info!(addr = %listener.local_addr()?, redis = %cfg.redacted_redis_url(), "gateway listening");
-    let gw = tokio::spawn(gateway::serve(engine.clone(), listener, shutdown.clone()));
-    Scheduler::new(engine).run(shutdown).await;
+    if cfg.api.keys.is_empty() {
+        tracing::warn!(
+            "no API keys configured (api.keys / HONUA_API_KEYS): the API is open to anyone who can reach it"
+        );
+    }
+    let scheduler = Scheduler::new(engine.clone());
+    let state = gateway::ApiState {
+        engine,
+        scheduler: Some(scheduler.stats()),
+    };
+    let gw = tokio::spawn(gateway::serve_with(state, listener, shutdown.clone()));
+    scheduler.run(shutdown).await;
     gw.await??;
     Ok(())
 }

@@ -4,6 +4,7 @@ use honua_shared::definition::ProcessDefinition;
 use honua_shared::record::{ProcessRecord, StepRecord};
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
+use utoipa::ToSchema;
 
 fn ts(ms: Option<u64>) -> Option<String> {
     ms.map(|ms| {
@@ -11,7 +12,7 @@ fn ts(ms: Option<u64>) -> Option<String> {
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AttemptView {
     pub attempt: u32,
@@ -30,7 +31,7 @@ pub struct AttemptView {
     pub duration_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StepView {
     pub name: String,
@@ -50,7 +51,7 @@ pub struct StepView {
     pub attempts: Vec<AttemptView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessView {
     pub id: String,
@@ -69,6 +70,52 @@ pub struct ProcessView {
     /// Seconds from start to end (or to now while running).
     pub duration: Option<f64>,
     pub idempotency_key: Option<String>,
+    /// Operator actions (cancel, retry, retry-current-step), oldest first.
+    pub audit: Vec<AuditView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditView {
+    pub at: Option<String>,
+    pub action: String,
+    pub detail: Option<String>,
+}
+
+/// One line of a process listing.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessSummary {
+    pub id: String,
+    pub process_type: String,
+    pub version: u32,
+    pub status: String,
+    pub current_steps: Vec<String>,
+    pub error_message: Option<String>,
+    pub error_code: Option<String>,
+    pub created_at: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    /// Seconds from start to end (or to now while running).
+    pub duration: Option<f64>,
+}
+
+impl ProcessSummary {
+    pub fn new(rec: &ProcessRecord, now_ms: u64) -> Self {
+        ProcessSummary {
+            id: rec.id.clone(),
+            process_type: rec.process_type.clone(),
+            version: rec.version,
+            status: rec.status.to_string(),
+            current_steps: rec.active_steps().map(|(n, _)| n.clone()).collect(),
+            error_message: rec.error.clone(),
+            error_code: rec.code.clone(),
+            created_at: ts(Some(rec.created_ms)),
+            started_at: ts(rec.started_ms),
+            ended_at: ts(rec.ended_ms),
+            duration: rec.duration_ms(now_ms).map(|ms| ms as f64 / 1000.0),
+        }
+    }
 }
 
 fn step_view(name: &str, kind: &str, r: &StepRecord) -> StepView {
@@ -142,6 +189,15 @@ impl ProcessView {
             deadline_at: ts(rec.deadline_ms),
             duration: rec.duration_ms(now_ms).map(|ms| ms as f64 / 1000.0),
             idempotency_key: rec.idempotency_key.clone(),
+            audit: rec
+                .audit
+                .iter()
+                .map(|a| AuditView {
+                    at: ts(Some(a.at_ms)),
+                    action: a.action.clone(),
+                    detail: a.detail.clone(),
+                })
+                .collect(),
         }
     }
 }

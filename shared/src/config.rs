@@ -116,7 +116,8 @@ pub struct WorkerConfig {
     pub lease_ms: u64,
     /// How often each worker looks for jobs to reclaim.
     pub sweep_ms: u64,
-    /// Heartbeat period; default a third of the lease.
+    /// Heartbeat period; default a third of the lease, at most one second (a cancelled
+    /// process stops its running steps within one heartbeat).
     pub heartbeat_ms: Option<u64>,
     /// Deliveries (Redis's own counter) after which a job is dead-lettered.
     pub max_deliveries: u64,
@@ -153,7 +154,66 @@ impl WorkerConfig {
         Duration::from_millis(self.lease_ms)
     }
     pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms.unwrap_or(self.lease_ms / 3).max(1))
+        Duration::from_millis(
+            self.heartbeat_ms
+                .unwrap_or((self.lease_ms / 3).min(1000))
+                .max(1),
+        )
+    }
+}
+
+/// What an API key may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read processes, queues, workers, config.
+    Read,
+    /// Also submit, cancel, retry, signal.
+    Operate,
+    /// Also purge and replay dead letters.
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(Role::Read),
+            "operate" => Ok(Role::Operate),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?} (read, operate, admin)")),
+        }
+    }
+}
+
+/// One API key: only the SHA-256 of the token is stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub name: String,
+    pub role: Role,
+    /// Hex SHA-256 of the bearer token (`honua hash-token` prints it).
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer API keys. With none, the API is open (a warning is logged at start).
+    pub keys: Vec<ApiKey>,
+    /// `/health*` answers without a token.
+    pub open_health: bool,
+    /// `/metrics` answers without a token.
+    pub open_metrics: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            open_health: true,
+            open_metrics: true,
+        }
     }
 }
 
@@ -175,6 +235,7 @@ pub struct Config {
     pub retention_secs: u64,
     pub wait_aof: WaitAof,
     pub max_request_body_kb: usize,
+    pub api: ApiConfig,
     pub state: StateConfig,
     pub process_framework: ProcessFrameworkConfig,
     pub scheduler: SchedulerConfig,
@@ -192,6 +253,7 @@ impl Default for Config {
             retention_secs: 24 * 3600,
             wait_aof: WaitAof::Auto,
             max_request_body_kb: 1024,
+            api: ApiConfig::default(),
             state: StateConfig::default(),
             process_framework: ProcessFrameworkConfig::default(),
             scheduler: SchedulerConfig::default(),
@@ -219,6 +281,7 @@ pub const ENV_VARS: &[&str] = &[
     "HONUA_MAX_STATE_SIZE_KB",
     "HONUA_DEFAULT_TIMEOUT_MINUTES",
     "HONUA_HTTP_ALLOWLIST",
+    "HONUA_API_KEYS",
 ];
 
 fn parse_env<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
@@ -303,6 +366,12 @@ impl Config {
                 "HONUA_DEFAULT_TIMEOUT_MINUTES" => {
                     self.process_framework.default_timeout_minutes =
                         parse_env("HONUA_DEFAULT_TIMEOUT_MINUTES", v)?
+                }
+                "HONUA_API_KEYS" => {
+                    self.api.keys = parse_api_keys(v).map_err(|message| ConfigError::Env {
+                        var: "HONUA_API_KEYS",
+                        message,
+                    })?
                 }
                 "HONUA_HTTP_ALLOWLIST" => {
                     self.worker.http_allowlist = v
@@ -389,6 +458,14 @@ impl Config {
                 return bad("worker.id", "ids must be 1-64 characters of [A-Za-z0-9_-]");
             }
         }
+        for k in &self.api.keys {
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(
+                    "api.keys",
+                    format!("key {:?}: sha256 must be 64 hex digits", k.name),
+                );
+            }
+        }
         for url in &w.http_allowlist {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return bad(
@@ -426,6 +503,26 @@ impl Config {
     pub fn redacted_redis_url(&self) -> String {
         redact_url(&self.redis_url)
     }
+}
+
+/// `name:role:sha256hex` entries separated by commas.
+fn parse_api_keys(v: &str) -> Result<Vec<ApiKey>, String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|entry| {
+            let mut parts = entry.splitn(3, ':');
+            let (Some(name), Some(role), Some(sha)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err("expected name:role:sha256hex entries".to_string());
+            };
+            Ok(ApiKey {
+                name: name.to_string(),
+                role: role.parse()?,
+                sha256: sha.to_ascii_lowercase(),
+            })
+        })
+        .collect()
 }
 
 /// Replaces the password (or lone user token) of a URL's userinfo with `***`.

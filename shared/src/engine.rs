@@ -17,6 +17,16 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// One effect of a transition.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
+    /// A finished process runs again (retry): it leaves its status index, its keys lose
+    /// their expiry, and it gets a fresh deadline.
+    Reopen {
+        from: ProcessStatus,
+        timeout_ms: u64,
+    },
+    /// Replace the process input (a retry's state patch), already encoded.
+    SetInput(Vec<u8>),
+    /// The full audit list after appending an operator action.
+    Audit(Vec<crate::record::AuditEntry>),
     /// Create the process record (only in a create transition).
     Create {
         process_type: String,
@@ -243,6 +253,15 @@ impl<'a> Planner<'a> {
             }
         }
         *self.rec(name) = rec;
+    }
+
+    /// Runs a step again in the same visit (operator retry): fresh token and attempts.
+    fn reenter(&mut self, name: &str) {
+        let visit = self.steps.get(name).map_or(0, |r| r.visit);
+        if let Some(r) = self.steps.get_mut(name) {
+            r.visit = visit.saturating_sub(1);
+        }
+        self.activate(name);
     }
 
     /// A route from `from` reaches `target`.
@@ -586,12 +605,155 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                 };
             };
             let step = step.clone();
-            let out = signal_outcome(value);
+            let Some(out) = signal_outcome(value) else {
+                return Transition {
+                    actions: vec![],
+                    notes: vec![format!("signal value {value:?} is not an outcome")],
+                };
+            };
             p.close_attempt(&step, &out, None, None);
             p.step_ended(&step, &out);
         }
     }
     p.finish(Some(rec.status))
+}
+
+/// Why an operator action does not apply to a process in its current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("process is {0}; {1}")]
+    InvalidState(ProcessStatus, &'static str),
+}
+
+fn audit(rec: &ProcessRecord, now_ms: u64, action: &str, detail: Option<String>) -> Action {
+    let mut list = rec.audit.clone();
+    list.push(crate::record::AuditEntry {
+        at_ms: now_ms,
+        action: action.to_string(),
+        detail,
+    });
+    if list.len() > crate::record::AUDIT_CAP {
+        let extra = list.len() - crate::record::AUDIT_CAP;
+        list.drain(..extra);
+    }
+    Action::Audit(list)
+}
+
+/// Cancels a running process: it ends Cancelled, its open steps are cancelled, and the
+/// workers running them are stopped at their next heartbeat (their commits are refused).
+pub fn cancel(
+    ctx: &Ctx<'_>,
+    rec: &ProcessRecord,
+    reason: Option<&str>,
+) -> Result<Transition, OpError> {
+    if rec.status.is_finished() {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "only unfinished processes can be cancelled",
+        ));
+    }
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let why = reason.unwrap_or("cancelled by an operator");
+    p.actions
+        .push(audit(rec, ctx.now_ms, "cancel", reason.map(str::to_string)));
+    p.fail(ProcessStatus::Cancelled, why.to_string(), "cancelled");
+    Ok(p.finish(Some(rec.status)))
+}
+
+/// Re-runs a Failed, Cancelled or TimedOut process from where it stopped: completed steps
+/// keep their results; the step that failed it (and every step that was cancelled) runs
+/// again with fresh attempts.
+pub fn retry(
+    ctx: &Ctx<'_>,
+    rec: &ProcessRecord,
+    timeout: Duration,
+    input: Option<Vec<u8>>,
+) -> Result<Transition, OpError> {
+    if !matches!(
+        rec.status,
+        ProcessStatus::Failed | ProcessStatus::Cancelled | ProcessStatus::TimedOut
+    ) {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "only Failed, Cancelled or TimedOut processes can be retried",
+        ));
+    }
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    p.actions.push(Action::Reopen {
+        from: rec.status,
+        timeout_ms: timeout.as_millis() as u64,
+    });
+    if let Some(blob) = input {
+        p.actions.push(Action::SetInput(blob));
+    }
+    let rerun: Vec<String> = rec
+        .steps
+        .iter()
+        .filter(|(name, r)| match r.status {
+            StepStatus::Cancelled => true,
+            StepStatus::Failed => ctx.def.targets(name, outcome::FAILED).is_empty(),
+            _ => false,
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    p.actions.push(audit(
+        rec,
+        ctx.now_ms,
+        "retry",
+        Some(format!("from {}", rerun.join(", "))),
+    ));
+    if rerun.is_empty() {
+        // Nothing failed a step (e.g. a timeout before any step ran): start over.
+        for s in ctx.def.start.clone() {
+            p.reenter(&s);
+        }
+    }
+    for s in &rerun {
+        p.reenter(s);
+    }
+    Ok(p.finish(Some(rec.status)))
+}
+
+/// Re-enqueues the worker steps of a running process now (stuck or delayed ones): each gets
+/// a new token, so the previous claim can no longer heartbeat or commit.
+pub fn retry_current_step(
+    ctx: &Ctx<'_>,
+    rec: &ProcessRecord,
+) -> Result<(Transition, Vec<String>), OpError> {
+    if rec.status.is_finished() {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "the process is not running",
+        ));
+    }
+    let steps: Vec<String> = rec
+        .steps
+        .iter()
+        .filter(|(_, r)| {
+            matches!(
+                r.status,
+                StepStatus::Queued | StepStatus::Running | StepStatus::Delayed
+            )
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    if steps.is_empty() {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "no queued, delayed or running step to retry",
+        ));
+    }
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    p.actions.push(audit(
+        rec,
+        ctx.now_ms,
+        "retry-current-step",
+        Some(steps.join(", ")),
+    ));
+    for s in &steps {
+        p.reenter(s);
+    }
+    Ok((p.finish(Some(rec.status)), steps))
 }
 
 fn stale(step: &str) -> Transition {
@@ -602,12 +764,15 @@ fn stale(step: &str) -> Transition {
 }
 
 /// Maps a signal value to an outcome: approve → `ok`, reject → `rejected`, else the value
-/// itself when it is a valid outcome name.
-pub fn signal_outcome(value: &str) -> String {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "" | "approve" | "approved" | "ok" | "yes" => outcome::OK.into(),
-        "reject" | "rejected" | "no" | "deny" | "denied" => outcome::REJECTED.into(),
-        other => other.to_string(),
+/// itself when it is a valid outcome name other than `failed`; `None` for anything else.
+pub fn signal_outcome(value: &str) -> Option<String> {
+    let v = value.trim().to_ascii_lowercase();
+    match v.as_str() {
+        "" | "approve" | "approved" | "ok" | "yes" => Some(outcome::OK.into()),
+        "reject" | "rejected" | "no" | "deny" | "denied" => Some(outcome::REJECTED.into()),
+        outcome::FAILED => None,
+        other if crate::definition::is_valid_outcome(other) => Some(other.to_string()),
+        _ => None,
     }
 }
 
@@ -782,6 +947,44 @@ impl Transition {
                     ]);
                 }
                 Action::SetStatus(s) => meta_fields.push((field::STATUS.into(), b(s))),
+                Action::Reopen { from, timeout_ms } => {
+                    ops.op(vec![
+                        b("hdel"),
+                        meta.clone(),
+                        b(3),
+                        b(field::ENDED_MS),
+                        b(field::ERROR),
+                        b(field::CODE),
+                    ]);
+                    meta_fields.push((field::DEADLINE_MS.into(), b(now_ms + timeout_ms)));
+                    let idx_status = kt.idx(keys.index_status(*from));
+                    ops.op(vec![b("zrem"), idx_status, b(process_id)]);
+                    let idx_active = kt.idx(keys.index_active());
+                    ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
+                    for k in [meta.clone(), steps_k.clone(), data_k.clone()] {
+                        ops.op(vec![b("persist"), k]);
+                    }
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(timeout_ms),
+                        b(deadline_member(process_id)),
+                    ]);
+                }
+                Action::SetInput(blob) => {
+                    ops.pairs(
+                        "hset",
+                        data_k.clone(),
+                        vec![(field::INPUT.into(), blob.clone())],
+                    );
+                }
+                Action::Audit(list) => {
+                    meta_fields.push((
+                        field::AUDIT.into(),
+                        serde_json::to_vec(list).unwrap_or_default(),
+                    ));
+                }
                 Action::Finish {
                     status,
                     error,
@@ -831,3 +1034,7 @@ impl Transition {
 
 /// Event type names the Lua side writes must be ones the Rust side reads.
 pub const LUA_EVENT_TYPES: &[&str] = &[event_type::STEP, event_type::DEAD_LETTER];
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

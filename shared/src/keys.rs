@@ -139,6 +139,7 @@ pub mod field {
     pub const CODE: &str = "code";
     pub const IDEMPOTENCY_KEY: &str = "idem";
     pub const TRACE: &str = "trace";
+    pub const AUDIT: &str = "audit";
     pub const INPUT: &str = "input";
     pub const OUTPUT_PREFIX: &str = "out:";
     pub const CHECKPOINT_PREFIX: &str = "ck:";

@@ -101,6 +101,18 @@ impl StepRecord {
     }
 }
 
+/// How many operator actions a process record keeps.
+pub const AUDIT_CAP: usize = 20;
+
+/// An operator action on a process (cancel, retry, retry-current-step).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at_ms: u64,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// Why a stored record could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -127,6 +139,7 @@ pub struct ProcessRecord {
     pub code: Option<String>,
     pub idempotency_key: Option<String>,
     pub trace: Option<String>,
+    pub audit: Vec<AuditEntry>,
     pub steps: BTreeMap<String, StepRecord>,
 }
 
@@ -184,6 +197,13 @@ impl ProcessRecord {
             code: get(field::CODE).map(str::to_string),
             idempotency_key: get(field::IDEMPOTENCY_KEY).map(str::to_string),
             trace: get(field::TRACE).map(str::to_string),
+            audit: match get(field::AUDIT) {
+                Some(raw) => serde_json::from_str(raw).map_err(|e| RecordError::Invalid {
+                    field: field::AUDIT.into(),
+                    detail: e.to_string(),
+                })?,
+                None => Vec::new(),
+            },
             steps: parsed,
         }))
     }

@@ -46,6 +46,7 @@ pub struct Scripts {
     pub commit: redis::Script,
     pub drop_entry: redis::Script,
     pub retire_consumer: redis::Script,
+    pub purge: redis::Script,
 }
 
 /// The sources, by name, for tests and tooling.
@@ -89,6 +90,7 @@ impl Scripts {
                 commit: s("commit"),
                 drop_entry: s("drop_entry"),
                 retire_consumer: s("retire_consumer"),
+                purge: s("purge"),
             }
         })
     }
@@ -107,6 +109,7 @@ impl Scripts {
             &s.commit,
             &s.drop_entry,
             &s.retire_consumer,
+            &s.purge,
         ] {
             script.prepare_invoke().load_async(conn).await?;
         }

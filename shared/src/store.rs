@@ -166,6 +166,44 @@ pub struct ConsumerInfo {
     pub idle_ms: u64,
 }
 
+/// Depth of one stream and its consumer group.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStats {
+    pub stream: String,
+    pub group: String,
+    /// The stream or its group does not exist (yet).
+    pub missing: bool,
+    pub length: u64,
+    /// Entries not yet delivered to the group (`None` when Redis cannot tell).
+    pub lag: Option<u64>,
+    /// Delivered, not yet acknowledged.
+    pub pending: u64,
+    /// Enqueue time (ms) of the oldest pending entry.
+    pub oldest_pending_ms: Option<u64>,
+    pub consumers: u64,
+}
+
+/// A job a worker holds.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldJob {
+    pub entry_id: String,
+    pub process_id: String,
+    pub step: String,
+    pub idle_ms: u64,
+    pub deliveries: u64,
+}
+
+/// A worker seen by heartbeat.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerInfo {
+    pub id: String,
+    pub last_seen_ms: u64,
+    pub jobs: Vec<HeldJob>,
+}
+
 /// A handle on one deployment's Redis data.
 #[derive(Clone)]
 pub struct Store {
@@ -695,6 +733,27 @@ impl Store {
         Ok(r == 1)
     }
 
+    /// Runs `purge.lua` for each id: deletes those still in the finished `status`.
+    pub async fn purge(&self, status: crate::status::ProcessStatus, ids: &[String]) -> Result<u64> {
+        let mut n = 0;
+        for id in ids {
+            let [meta, steps, data] = self.keys.process_keys(id);
+            let r: u64 = Scripts::get()
+                .purge
+                .key(meta)
+                .key(steps)
+                .key(data)
+                .key(self.keys.index_status(status))
+                .key(self.keys.index_all())
+                .arg(status.as_str())
+                .arg(id)
+                .invoke_async(&mut self.conn())
+                .await?;
+            n += r;
+        }
+        Ok(n)
+    }
+
     /// Whether the server has `WAITAOF` (Redis/Valkey ≥ 7.2) and AOF is on.
     pub async fn supports_waitaof(&self) -> Result<bool> {
         let info: String = redis::cmd("INFO")
@@ -772,6 +831,167 @@ impl Store {
         trim(self.keys.workers(), now_ms.saturating_sub(DAY_MS));
         let removed: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
         Ok(removed.iter().sum())
+    }
+
+    /// Members of a sorted-set index with scores in `[min, max]`, highest first, paged.
+    pub async fn index_page(
+        &self,
+        key: &Key,
+        min: u64,
+        max: u64,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<(String, u64)>> {
+        let raw: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+            .arg(key)
+            .arg(max)
+            .arg(min)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(offset)
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(raw.into_iter().map(|(m, s)| (m, s as u64)).collect())
+    }
+
+    /// Length, group lag, pending count, oldest pending entry and consumer count of a stream.
+    pub async fn stream_stats(&self, stream: &Key, group: &str) -> Result<StreamStats> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(stream);
+        pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+        pipe.cmd("XPENDING").arg(stream).arg(group);
+        type Reply = (u64, Vec<HashMap<String, Value>>, Value);
+        let r: redis::RedisResult<Reply> = pipe.query_async(&mut self.conn()).await;
+        let (length, groups, pending) = match r {
+            Ok(v) => v,
+            Err(e) if e.code() == Some("ERR") || e.code() == Some("NOGROUP") => {
+                return Ok(StreamStats {
+                    stream: stream.to_string(),
+                    group: group.to_string(),
+                    missing: true,
+                    ..Default::default()
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let g = groups
+            .iter()
+            .find(|g| g.get("name").map(value_str).as_deref() == Some(group));
+        let (count, oldest) = match &pending {
+            Value::Array(v) => (
+                v.first().map(value_u64).unwrap_or(0),
+                v.get(1).map(value_str).filter(|s| !s.is_empty()),
+            ),
+            _ => (0, None),
+        };
+        Ok(StreamStats {
+            stream: stream.to_string(),
+            group: group.to_string(),
+            missing: g.is_none(),
+            length,
+            lag: g.and_then(|g| g.get("lag")).map(value_u64),
+            pending: count,
+            oldest_pending_ms: oldest
+                .and_then(|id| id.split('-').next().and_then(|t| t.parse().ok())),
+            consumers: g
+                .and_then(|g| g.get("consumers"))
+                .map(value_u64)
+                .unwrap_or(0),
+        })
+    }
+
+    /// Workers seen by heartbeat (id, last seen ms) and, per worker, the jobs it holds.
+    pub async fn workers(&self, limit: usize) -> Result<Vec<WorkerInfo>> {
+        let seen: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
+            .arg(self.keys.workers())
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .arg("WITHSCORES")
+            .query_async(&mut self.conn())
+            .await?;
+        let mut out = Vec::with_capacity(seen.len());
+        for (id, last) in seen {
+            let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(self.keys.jobs())
+                .arg(WORKERS_GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(100)
+                .arg(&id)
+                .query_async(&mut self.conn())
+                .await
+                .unwrap_or_default();
+            let mut jobs = Vec::new();
+            for (entry, _, idle, deliveries) in pending {
+                let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(self.keys.jobs())
+                    .arg(&entry)
+                    .arg(&entry)
+                    .query_async(&mut self.conn())
+                    .await?;
+                if let Some(e) = r.ids.first()
+                    && let Ok(job) = JobEnvelope::from_fields(&FieldMap::from_redis(&e.map))
+                {
+                    jobs.push(HeldJob {
+                        entry_id: entry,
+                        process_id: job.process_id,
+                        step: job.step,
+                        idle_ms: idle,
+                        deliveries,
+                    });
+                }
+            }
+            out.push(WorkerInfo {
+                id,
+                last_seen_ms: last as u64,
+                jobs,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The newest entries of a stream without a group (dead letters, quarantine).
+    pub async fn stream_latest(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(r.ids
+            .into_iter()
+            .map(|id| Entry {
+                fields: FieldMap::from_redis(&id.map),
+                id: id.id,
+            })
+            .collect())
+    }
+
+    /// One entry of a stream by id.
+    pub async fn stream_entry(&self, stream: &Key, id: &str) -> Result<Option<Entry>> {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(r.ids.into_iter().next().map(|id| Entry {
+            fields: FieldMap::from_redis(&id.map),
+            id: id.id,
+        }))
+    }
+
+    /// Removes a replayed entry from a stream without a consumer group (dead letters).
+    pub async fn delete_dead_letter(&self, id: &str) -> Result<bool> {
+        let n: u64 = redis::cmd("XDEL")
+            .arg(self.keys.dlq())
+            .arg(id)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(n == 1)
     }
 
     /// Entries of a stream (no group), for inspection (dead letters, quarantine).

@@ -1,0 +1,313 @@
+//! Operator actions on processes (cancel, retry, retry-current-step, signal, purge) and
+//! listing, shared by the HTTP API and tests. Every state change is a pure decision in
+//! `honua_shared::engine` applied by one revision-checked `commit.lua` call.
+
+use crate::submit::Engine;
+use honua_shared::engine::{self, Ctx, OpError, Transition};
+use honua_shared::envelope::Event;
+use honua_shared::record::ProcessRecord;
+use honua_shared::status::{ProcessStatus, StepStatus};
+use honua_shared::store::{Commit, StoreError};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Why an operator action failed, typed by the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("no process {0}")]
+    NotFound(String),
+    /// Not allowed in the process's current state (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is wrong (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("process record is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<OpError> for OpsError {
+    fn from(e: OpError) -> Self {
+        OpsError::Conflict(e.to_string())
+    }
+}
+
+/// Filters of `GET /api/processes`.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<ProcessStatus>,
+    pub since: Option<Duration>,
+    pub process_type: Option<String>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+    /// Only unfinished processes.
+    pub active: bool,
+}
+
+/// Parses `24h`, `7d`, `30m`, `90s` (and any humantime duration).
+pub fn parse_age(s: &str) -> Result<Duration, OpsError> {
+    humantime::parse_duration(s.trim())
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| OpsError::Invalid(format!("{s:?} is not a duration like 30m, 24h or 7d")))
+}
+
+impl Engine {
+    /// The record and the server time.
+    pub async fn load(&self, id: &str) -> Result<(ProcessRecord, u64), OpsError> {
+        if !honua_shared::envelope::valid_id(id) {
+            return Err(OpsError::NotFound(id.to_string()));
+        }
+        let (now, mut v) = self.store.load_processes(&[id]).await?;
+        let (meta, steps) = v.remove(0);
+        match ProcessRecord::parse(id, &meta, &steps) {
+            Ok(Some(r)) => Ok((r, now)),
+            Ok(None) => Err(OpsError::NotFound(id.to_string())),
+            Err(e) => Err(OpsError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// Decides with `decide` on a fresh snapshot and commits, re-reading on a revision
+    /// conflict. Returns what `decide` returned besides the transition.
+    async fn transition<T>(
+        &self,
+        id: &str,
+        mut decide: impl FnMut(&Ctx<'_>, &ProcessRecord) -> Result<(Transition, T), OpsError>,
+    ) -> Result<T, OpsError> {
+        for _ in 0..20 {
+            let (rec, now) = self.load(id).await?;
+            let def = self
+                .defs
+                .get(&rec.process_type, rec.version)
+                .ok_or_else(|| {
+                    OpsError::Conflict(format!(
+                        "definition {} v{} is not loaded on this gateway",
+                        rec.process_type, rec.version
+                    ))
+                })?
+                .clone();
+            let ctx = Ctx {
+                def: &def,
+                kinds: &self.kinds,
+                now_ms: now,
+                jitter: rand::random(),
+            };
+            let (t, extra) = decide(&ctx, &rec)?;
+            let call = t.to_commit(
+                self.store.keys(),
+                id,
+                Some(rec.rev),
+                now,
+                self.cfg.retention_secs,
+                None,
+            );
+            match self.store.commit(&call).await? {
+                Commit::Ok { .. } => return Ok(extra),
+                Commit::Conflict => continue,
+                Commit::Gone => return Err(OpsError::NotFound(id.to_string())),
+                other => {
+                    return Err(OpsError::Store(StoreError::Reply {
+                        script: "commit",
+                        detail: format!("{other:?}"),
+                    }));
+                }
+            }
+        }
+        Err(OpsError::Conflict(
+            "the process is changing too fast; try again".into(),
+        ))
+    }
+
+    /// Cancels an unfinished process; its running steps stop within one heartbeat.
+    pub async fn cancel(&self, id: &str, reason: Option<&str>) -> Result<(), OpsError> {
+        self.transition(id, |ctx, rec| Ok((engine::cancel(ctx, rec, reason)?, ())))
+            .await?;
+        tracing::info!(process_id = %id, "Process {id} cancelled");
+        Ok(())
+    }
+
+    /// Re-runs a Failed, Cancelled or TimedOut process from its failed step, optionally
+    /// merging `patch` (a JSON object) into its input.
+    pub async fn retry(&self, id: &str, patch: Option<&Value>) -> Result<(), OpsError> {
+        let input = match patch {
+            None => None,
+            Some(Value::Object(p)) => {
+                let data = self.store.load_data(id).await?;
+                let codec = self.cfg.codec();
+                let mut input: Value = match data.get(honua_shared::keys::field::INPUT) {
+                    Some(b) => codec.decode(b).map_err(|e| {
+                        OpsError::Conflict(format!("the process input is unreadable: {e}"))
+                    })?,
+                    None => Value::Object(Default::default()),
+                };
+                if let Value::Object(obj) = &mut input {
+                    for (k, v) in p {
+                        obj.insert(k.clone(), v.clone());
+                    }
+                }
+                Some(
+                    codec
+                        .encode(&input)
+                        .map_err(|e| OpsError::Invalid(format!("patched input rejected: {e}")))?,
+                )
+            }
+            Some(_) => return Err(OpsError::Invalid("statePatch must be a JSON object".into())),
+        };
+        self.transition(id, |ctx, rec| {
+            let timeout = self.cfg.process_timeout(&rec.process_type, ctx.def.timeout);
+            Ok((engine::retry(ctx, rec, timeout, input.clone())?, ()))
+        })
+        .await?;
+        tracing::info!(process_id = %id, "Process {id} retried");
+        Ok(())
+    }
+
+    /// Re-enqueues the running, queued or delayed steps of a process now; the previous
+    /// claims are fenced out. Returns the steps.
+    pub async fn retry_current_step(&self, id: &str) -> Result<Vec<String>, OpsError> {
+        let steps = self
+            .transition(id, |ctx, rec| Ok(engine::retry_current_step(ctx, rec)?))
+            .await?;
+        tracing::info!(process_id = %id, steps = ?steps, "Process {id} current step re-enqueued");
+        Ok(steps)
+    }
+
+    /// Delivers a signal to a step waiting for it (approval gates).
+    pub async fn signal(&self, id: &str, name: &str, value: &str) -> Result<(), OpsError> {
+        if engine::signal_outcome(value).is_none() {
+            return Err(OpsError::Invalid(format!(
+                "signal value {value:?} must be approve, reject or an outcome name"
+            )));
+        }
+        let (rec, _) = self.load(id).await?;
+        let def = self.defs.get(&rec.process_type, rec.version);
+        let waiting = rec.steps.iter().any(|(n, r)| {
+            r.status == StepStatus::Waiting
+                && def.and_then(|d| d.step(n)).is_some_and(|s| {
+                    s.kind == "approval"
+                        && s.config
+                            .get("signal")
+                            .and_then(Value::as_str)
+                            .unwrap_or("approval")
+                            == name
+                })
+        });
+        if !waiting {
+            return Err(OpsError::Conflict(format!(
+                "process {id} has no step waiting for signal {name:?} (status {})",
+                rec.status
+            )));
+        }
+        self.store
+            .send_event(&Event::Signal {
+                process_id: id.to_string(),
+                name: name.to_string(),
+                value: value.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes processes finished with `status` more than `older_than` ago. Running
+    /// processes are never touched (only finished statuses are accepted, and the delete
+    /// script re-checks the status).
+    pub async fn purge(
+        &self,
+        status: ProcessStatus,
+        older_than: Duration,
+    ) -> Result<u64, OpsError> {
+        if !status.is_finished() {
+            return Err(OpsError::Invalid(format!(
+                "only finished processes can be purged, not {status}"
+            )));
+        }
+        let now = self.store.server_time_ms().await?;
+        let cutoff = now.saturating_sub(older_than.as_millis() as u64);
+        let key = self.store.keys().index_status(status);
+        let mut deleted = 0;
+        loop {
+            let page = self.store.index_page(&key, 0, cutoff, 0, 500).await?;
+            if page.is_empty() {
+                break;
+            }
+            let ids: Vec<String> = page.into_iter().map(|(id, _)| id).collect();
+            let n = self.store.purge(status, &ids).await?;
+            deleted += n;
+            if n == 0 {
+                break;
+            }
+        }
+        tracing::info!(status = %status, deleted, "purged finished processes");
+        Ok(deleted)
+    }
+
+    /// One page of processes, newest first, and the cursor of the next page.
+    pub async fn list(
+        &self,
+        q: &ListQuery,
+    ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
+        let keys = self.store.keys();
+        let now = self.store.server_time_ms().await?;
+        let limit = q.limit.clamp(1, 1000);
+        // Finished statuses are indexed by end time, the others by creation time.
+        let key = match q.status {
+            Some(s) if s.is_finished() => keys.index_status(s),
+            Some(_) => keys.index_active(),
+            None if q.active => keys.index_active(),
+            None => keys.index_all(),
+        };
+        let min = q
+            .since
+            .map(|d| now.saturating_sub(d.as_millis() as u64))
+            .unwrap_or(0);
+        let (max, mut offset) = match &q.cursor {
+            None => (u64::MAX / 2, 0usize),
+            Some(c) => {
+                let (m, o) = c
+                    .split_once(':')
+                    .ok_or_else(|| OpsError::Invalid("bad cursor".into()))?;
+                (
+                    m.parse()
+                        .map_err(|_| OpsError::Invalid("bad cursor".into()))?,
+                    o.parse()
+                        .map_err(|_| OpsError::Invalid("bad cursor".into()))?,
+                )
+            }
+        };
+        let mut out = Vec::new();
+        let mut exhausted = false;
+        for _ in 0..20 {
+            let page = self.store.index_page(&key, min, max, offset, limit).await?;
+            if page.len() < limit {
+                exhausted = true;
+            }
+            let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
+            let (_, recs) = self.store.load_processes(&ids).await?;
+            for ((id, _), (meta, steps)) in page.iter().zip(recs) {
+                offset += 1;
+                let Ok(Some(r)) = ProcessRecord::parse(id, &meta, &steps) else {
+                    continue;
+                };
+                if q.status.is_some_and(|s| s != r.status)
+                    || q.process_type
+                        .as_ref()
+                        .is_some_and(|t| *t != r.process_type)
+                {
+                    continue;
+                }
+                out.push(r);
+                if out.len() == limit {
+                    break;
+                }
+            }
+            if out.len() == limit || exhausted {
+                break;
+            }
+        }
+        let more = !out.is_empty() && (!exhausted || out.len() == limit);
+        let next = more.then(|| format!("{max}:{offset}"));
+        Ok((out, next))
+    }
+}
