@@ -1,6 +1,7 @@
 //! The Honua scheduler (submissions, graph transitions, timers), the HTTP gateway, and the
 //! `honua` operator command (`honua dev` runs the whole system on one machine).
 
+pub mod cli;
 pub mod dev;
 pub mod gateway;
 pub mod ops;

@@ -1,25 +1,41 @@
 //! `honua`: the operator command. `honua dev` runs the whole system on one machine;
-//! `honua scheduler` and `honua worker` run one role each.
+//! `honua scheduler` and `honua worker` run one role each; the other subcommands (`ps`,
+//! `get`, `submit`, ...) talk to a gateway over HTTP ([`honua_scheduler::cli`], which
+//! documents their exit codes).
 
 use clap::{Parser, Subcommand};
+use honua_scheduler::cli::{self, CliArgs};
 use honua_scheduler::dev::{self, DevOptions};
 use honua_shared::config::Config;
 use honua_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "Honua Process Framework")]
+#[command(version, about = "Honua Process Framework", after_help = cli::AFTER_HELP)]
 struct Cli {
     /// Config file (TOML); also HONUA_CONFIG.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Options of the operator commands.
+    #[command(flatten)]
+    ops: cli::GlobalOpts,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    #[command(flatten)]
+    Role(Role),
+    #[command(flatten)]
+    Ops(cli::Command),
+}
+
+/// The roles that run the system (they read the config).
+#[derive(Subcommand)]
+enum Role {
     /// Everything on one machine: private Redis (unless HONUA_REDIS_URL is set), scheduler,
     /// gateway on :9090 and in-process workers; submits the example processes.
     Dev {
@@ -43,8 +59,18 @@ enum Cmd {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    let role = match cli.cmd {
+        Cmd::Role(role) => role,
+        Cmd::Ops(command) => {
+            let mut global = cli.ops;
+            global.token = std::env::var("HONUA_TOKEN").ok().filter(|t| !t.is_empty());
+            let args = CliArgs { global, command };
+            let code = cli::run(args, &mut std::io::stdout(), &mut std::io::stderr()).await;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+    };
     honua_worker::install_crypto_provider();
     let env: Vec<(String, String)> = std::env::vars().collect();
     let redis_from_env = env
@@ -58,8 +84,8 @@ async fn main() -> anyhow::Result<()> {
         telemetry::shutdown_signal().await;
         s.cancel();
     });
-    match cli.cmd {
-        Cmd::Dev {
+    match role {
+        Role::Dev {
             workers,
             data_dir,
             no_examples,
@@ -73,16 +99,38 @@ async fn main() -> anyhow::Result<()> {
                 auto_approve: !no_auto_approve,
                 redis_url: redis_from_env,
             };
-            dev::run(cfg, opts, shutdown).await
+            dev::run(cfg, opts, shutdown).await?
         }
-        Cmd::Scheduler => {
+        Role::Scheduler => {
             telemetry::init(LogFormat::Json);
-            honua_scheduler::run_scheduler(cfg, None, shutdown).await
+            honua_scheduler::run_scheduler(cfg, None, shutdown).await?
         }
-        Cmd::Worker => {
+        Role::Worker => {
             telemetry::init(LogFormat::Json);
             let handlers = honua_worker::builtin_handlers(&cfg);
-            honua_worker::run_main(cfg, handlers, shutdown).await
+            honua_worker::run_main(cfg, handlers, shutdown).await?
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn roles_and_operator_commands_parse() {
+        let cli = Cli::try_parse_from(["honua", "dev", "--workers", "3"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Role(Role::Dev { workers: 3, .. })));
+        let cli = Cli::try_parse_from(["honua", "--url", "http://h:1", "ps", "--json"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Ops(cli::Command::Ps(_))));
+        assert!(cli.ops.json);
+        assert_eq!(cli.ops.url, "http://h:1");
     }
 }
