@@ -276,6 +276,10 @@ impl Engine {
                 )
             }
         };
+        // The next page starts below the last entry scanned: the cursor is its score and how
+        // many entries with exactly that score were scanned, so processes indexed after
+        // this page (newer scores) neither repeat nor hide items of the next one.
+        let mut last = (max, offset);
         let mut out = Vec::new();
         let mut exhausted = false;
         for _ in 0..20 {
@@ -285,8 +289,13 @@ impl Engine {
             }
             let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
             let (_, recs) = self.store.load_processes(&ids).await?;
-            for ((id, _), (meta, steps)) in page.iter().zip(recs) {
+            for ((id, score), (meta, steps)) in page.iter().zip(recs) {
                 offset += 1;
+                last = if *score == last.0 {
+                    (last.0, last.1 + 1)
+                } else {
+                    (*score, 1)
+                };
                 let Ok(Some(r)) = ProcessRecord::parse(id, &meta, &steps) else {
                     continue;
                 };
@@ -306,8 +315,10 @@ impl Engine {
                 break;
             }
         }
-        let more = !out.is_empty() && (!exhausted || out.len() == limit);
-        let next = more.then(|| format!("{max}:{offset}"));
+        // A page the filters left short (or empty) still has a cursor while the index has
+        // entries left to scan.
+        let more = !exhausted || out.len() == limit;
+        let next = more.then(|| format!("{}:{}", last.0, last.1));
         Ok((out, next))
     }
 }

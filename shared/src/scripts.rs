@@ -64,6 +64,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "retire_consumer",
         include_str!("../lua/retire_consumer.lua"),
     ),
+    ("purge", include_str!("../lua/purge.lua")),
 ];
 
 /// The full text of one script as sent to Redis.
@@ -120,6 +121,12 @@ impl Scripts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_script_field_has_a_source() {
+        // `Scripts::get` panics when a field names a script missing from SOURCES.
+        let _ = Scripts::get();
+    }
 
     #[test]
     fn every_script_has_a_header_and_uses_only_keys_from_keys() {

@@ -514,10 +514,10 @@ async fn gateway_rejects_bad_input_and_reports_redis_outages() {
     let c = http();
     let h = c.get(f.url("/health")).send().await.unwrap();
     assert_eq!(h.status(), 200);
-    assert_eq!(
-        h.json::<Value>().await.unwrap(),
-        json!({"status": "Healthy", "checks": {"redis": "Healthy"}})
-    );
+    // Degraded until the worker's first heartbeat; redis is what this test is about.
+    let h = h.json::<Value>().await.unwrap();
+    assert!(h["status"] == "Healthy" || h["status"] == "Degraded", "{h}");
+    assert_eq!(h["checks"]["redis"], "Healthy", "{h}");
     let cases = [
         ("{not json", 400, "malformed_json"),
         (r#"{"processType":"Nope"}"#, 400, "unknown_process_type"),

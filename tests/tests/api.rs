@@ -1,0 +1,1129 @@
+//! Whole-system tests of the operator API (`honua_scheduler::gateway`, `ops`) against a live
+//! fleet on a real redis-server: the operations guide's curl commands, cancel and retry
+//! with real workers and an in-test HTTP endpoint, purge, bearer-key roles, error bodies,
+//! the OpenAPI document, queues, dead letters and replay, and health.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use honua_shared::config::{ApiKey, Role};
+use honua_shared::envelope::JobEnvelope;
+use honua_shared::keys::WORKERS_GROUP;
+use honua_shared::status::ProcessStatus;
+use honua_tests::*;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+const DEFS: &[(&str, &str)] = &[
+    (
+        "ok.toml",
+        r#"
+name = "Ok"
+version = 1
+[[steps]]
+name = "Only"
+kind = "noop"
+"#,
+    ),
+    (
+        "other.toml",
+        r#"
+name = "Other"
+version = 1
+[[steps]]
+name = "Only"
+kind = "noop"
+"#,
+    ),
+    (
+        "bad.toml",
+        r#"
+name = "Bad"
+version = 1
+[[steps]]
+name = "Boom"
+kind = "fail"
+config = { message = "deployment target unreachable", permanent = true }
+"#,
+    ),
+    (
+        "gate.toml",
+        r#"
+name = "Gate"
+version = 1
+[[steps]]
+name = "Review"
+kind = "approval"
+config = { signal = "review" }
+next = "Apply"
+[[steps]]
+name = "Apply"
+kind = "noop"
+"#,
+    ),
+];
+
+fn http() -> reqwest::Client {
+    honua_worker::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+/// Status and JSON body of a response (`Null` when the body is not JSON).
+async fn json_of(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let body = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    json_of(c.get(url).send().await.unwrap()).await
+}
+
+async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    json_of(c.post(url).json(&body).send().await.unwrap()).await
+}
+
+/// Asserts the shape every error body has: `{"error": code, "detail": text}`.
+fn assert_error_body(body: &Value, what: &str) {
+    assert!(body["error"].is_string(), "{what}: no error code in {body}");
+    assert!(body["detail"].is_string(), "{what}: no detail in {body}");
+}
+
+fn ids_of(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn wait_status(f: &Fleet, id: &str, status: ProcessStatus) {
+    wait_for(&format!("{id} {status}"), DEADLINE, || async {
+        f.record(id).await.filter(|r| r.status == status)
+    })
+    .await;
+}
+
+/// Sets a flag when dropped: records that a request handler's future was dropped (the
+/// client went away) rather than finished.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What the in-test endpoint saw.
+#[derive(Clone, Default)]
+struct Probe {
+    calls: Arc<AtomicU32>,
+    /// The first hanging request's future was dropped.
+    dropped: Arc<AtomicBool>,
+}
+
+impl Probe {
+    fn calls(&self) -> u32 {
+        self.calls.load(Ordering::SeqCst)
+    }
+    fn dropped(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+/// An HTTP server for `http` steps:
+/// - `/hang` never answers;
+/// - `/hang-once` never answers its first call, then answers 200;
+/// - `/fixable` answers 400 unless the posted `input.fixed` is `true`.
+async fn serve(probe: Probe) -> String {
+    async fn hang_forever(p: &Probe) -> Response {
+        let _flag = DropFlag(p.dropped.clone());
+        std::future::pending::<()>().await;
+        StatusCode::OK.into_response()
+    }
+    let app = Router::new()
+        .route(
+            "/hang",
+            post(|State(p): State<Probe>| async move {
+                p.calls.fetch_add(1, Ordering::SeqCst);
+                hang_forever(&p).await
+            }),
+        )
+        .route(
+            "/hang-once",
+            post(|State(p): State<Probe>| async move {
+                if p.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    hang_forever(&p).await
+                } else {
+                    axum::Json(json!({"ok": true})).into_response()
+                }
+            }),
+        )
+        .route(
+            "/fixable",
+            post(
+                |State(p): State<Probe>, body: axum::Json<Value>| async move {
+                    p.calls.fetch_add(1, Ordering::SeqCst);
+                    if body["input"]["fixed"] == json!(true) {
+                        axum::Json(json!({"fixed": true})).into_response()
+                    } else {
+                        StatusCode::BAD_REQUEST.into_response()
+                    }
+                },
+            ),
+        )
+        .with_state(probe);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+/// A fleet whose definitions call the in-test server at `base`.
+async fn http_fleet(
+    redis: &RedisServer,
+    base: &str,
+    defs: &[(&str, String)],
+) -> (Fleet, tempfile::TempDir) {
+    let dir = defs_dir(
+        &defs
+            .iter()
+            .map(|(n, t)| (*n, t.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.worker.http_allowlist = vec![format!("{base}/")];
+    (Fleet::start(cfg, 1, 1).await, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_checks_list_failed_completed_and_active_processes() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let failed = f.submit("Bad", json!({})).await;
+    let mut completed = Vec::new();
+    for _ in 0..3 {
+        completed.push(f.submit("Ok", json!({})).await);
+    }
+    let other = f.submit("Other", json!({})).await;
+    let gate = f.submit("Gate", json!({})).await;
+    assert_eq!(f.wait_finished(&failed).await.status, ProcessStatus::Failed);
+    for id in completed.iter().chain([&other]) {
+        assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+    }
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+
+    // curl ".../api/processes?status=Failed&since=24h" | jq
+    let (code, list) = get_json(&c, &f.url("/api/processes?status=Failed&since=24h")).await;
+    assert_eq!(code, 200, "{list}");
+    let ids = ids_of(&list);
+    assert!(ids.contains(&failed), "{list}");
+    assert!(!ids.iter().any(|i| completed.contains(i)), "{list}");
+    let item = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == json!(failed))
+        .unwrap();
+    assert_eq!(item["status"], "Failed");
+    assert_eq!(item["processType"], "Bad");
+    let msg = item["errorMessage"].as_str().expect("errorMessage");
+    assert!(msg.contains("deployment target unreachable"), "{msg}");
+    assert!(item["duration"].as_f64().unwrap() >= 0.0, "{item}");
+    // jq 'group_by(.errorMessage) | map({error: .[0].errorMessage, count: length})'
+    for p in list.as_array().unwrap() {
+        for field in ["errorMessage", "processType", "status", "duration"] {
+            assert!(p.get(field).is_some(), "{field} missing from {p}");
+        }
+    }
+
+    // curl ".../api/processes?status=Failed&since=7d" | jq > failed_processes.json
+    let (code, week) = get_json(&c, &f.url("/api/processes?status=Failed&since=7d")).await;
+    assert_eq!(code, 200, "{week}");
+    assert_eq!(ids_of(&week), vec![failed.clone()]);
+
+    // curl ".../api/processes?status=Completed&since=24h" | jq
+    let (code, list) = get_json(&c, &f.url("/api/processes?status=Completed&since=24h")).await;
+    assert_eq!(code, 200, "{list}");
+    let ids = ids_of(&list);
+    for id in completed.iter().chain([&other]) {
+        assert!(ids.contains(id), "{id} missing from {list}");
+    }
+    assert!(!ids.contains(&failed), "{list}");
+    assert!(!ids.contains(&gate), "{list}");
+    for p in list.as_array().unwrap() {
+        assert_eq!(p["status"], "Completed");
+        assert!(p["errorMessage"].is_null(), "{p}");
+        assert!(p["duration"].as_f64().unwrap() >= 0.0, "{p}");
+    }
+
+    // curl .../api/processes/active | jq '. | length'
+    let (code, active) = get_json(&c, &f.url("/api/processes/active")).await;
+    assert_eq!(code, 200, "{active}");
+    assert_eq!(ids_of(&active), vec![gate.clone()], "{active}");
+    assert_eq!(active[0]["status"], "WaitingForApproval");
+    assert_eq!(active[0]["currentSteps"], json!(["Review"]));
+
+    // processType= filter.
+    let (code, list) = get_json(&c, &f.url("/api/processes?processType=Other")).await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(ids_of(&list), vec![other.clone()]);
+    let (_, list) = get_json(
+        &c,
+        &f.url("/api/processes?status=Completed&since=24h&processType=Ok"),
+    )
+    .await;
+    let got: HashSet<String> = ids_of(&list).into_iter().collect();
+    assert_eq!(got, completed.iter().cloned().collect::<HashSet<_>>());
+
+    // Paging: limit=1 and x-next-cursor walk every item once.
+    let all: HashSet<String> = completed.iter().chain([&other]).cloned().collect();
+    let seen = list_all(&c, &f, "status=Completed&limit=1").await;
+    assert_eq!(
+        seen.len(),
+        all.len(),
+        "pages overlap or miss items: {seen:?}"
+    );
+    assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), all);
+
+    // A process created between two pages neither repeats nor hides an item.
+    let r = c.get(f.url("/api/processes?limit=1")).send().await.unwrap();
+    let cur = r.headers()["x-next-cursor"].to_str().unwrap().to_string();
+    let first = ids_of(&r.json::<Value>().await.unwrap());
+    let newer = f.submit("Ok", json!({})).await;
+    let r = c
+        .get(f.url(&format!("/api/processes?limit=1&cursor={cur}")))
+        .send()
+        .await
+        .unwrap();
+    let second = ids_of(&r.json::<Value>().await.unwrap());
+    assert_eq!(second.len(), 1);
+    assert_ne!(first, second, "the second page repeats the first");
+    assert_ne!(
+        second[0], newer,
+        "a newer process leaked into an older page"
+    );
+
+    // A filter that matches nothing in the newest pages still leads to older matches.
+    for _ in 0..25 {
+        f.submit("Ok", json!({})).await;
+    }
+    let found = list_all(&c, &f, "processType=Other&limit=1").await;
+    assert_eq!(found, vec![other.clone()]);
+    f.stop().await;
+}
+
+/// Every id a `limit=1` listing yields, following `x-next-cursor` (pages may be empty).
+async fn list_all(c: &reqwest::Client, f: &Fleet, query: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let mut url = f.url(&format!("/api/processes?{query}"));
+        if let Some(cur) = &cursor {
+            url = format!("{url}&cursor={cur}");
+        }
+        let r = c.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        cursor = r
+            .headers()
+            .get("x-next-cursor")
+            .map(|v| v.to_str().unwrap().to_string());
+        let page = ids_of(&r.json::<Value>().await.unwrap());
+        assert!(page.len() <= 1, "limit=1 gave {page:?}");
+        seen.extend(page);
+        if cursor.is_none() {
+            return seen;
+        }
+    }
+    panic!("paging did not end: {seen:?}");
+}
+
+fn hang_def(name: &str, url: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+version = 1
+[[steps]]
+name = "Call"
+kind = "http"
+timeout = "10m"
+config = {{ url = "{url}" }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_running_step_on_its_worker() {
+    let probe = Probe::default();
+    let base = serve(probe.clone()).await;
+    let redis = RedisServer::start();
+    let (f, _dir) = http_fleet(
+        &redis,
+        &base,
+        &[("hang.toml", hang_def("Hang", &format!("{base}/hang")))],
+    )
+    .await;
+    let c = http();
+    let id = f.submit("Hang", json!({})).await;
+    wait_for("the endpoint called", DEADLINE, || async {
+        (probe.calls() == 1).then_some(())
+    })
+    .await;
+    let held = |f: &Fleet| {
+        let c = c.clone();
+        let url = f.url("/api/workers");
+        let id = id.clone();
+        async move {
+            let (code, ws) = get_json(&c, &url).await;
+            assert_eq!(code, 200, "{ws}");
+            ws.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|w| w["jobs"].as_array().unwrap().clone())
+                .any(|j| j["processId"] == json!(id))
+        }
+    };
+    // The worker holds the job while the call hangs.
+    wait_for("the job shown held", DEADLINE, || async {
+        held(&f).await.then_some(())
+    })
+    .await;
+
+    // curl -X POST ".../api/processes/${PROCESS_ID}/cancel"
+    let r = c
+        .post(f.url(&format!("/api/processes/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "Cancelled");
+    assert_eq!(body["id"], json!(id));
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert_eq!(view["status"], "Cancelled");
+    assert!(
+        view["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "cancel"),
+        "{view}"
+    );
+
+    // The worker's handler is cancelled: the in-flight request is dropped, and the job is
+    // no longer held.
+    wait_for("the hanging request dropped", DEADLINE, || async {
+        probe.dropped().then_some(())
+    })
+    .await;
+    wait_for("no job held for the process", DEADLINE, || async {
+        (!held(&f).await).then_some(())
+    })
+    .await;
+    assert_eq!(probe.calls(), 1, "the cancelled step is not called again");
+
+    let r = c
+        .post(f.url(&format!("/api/processes/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 409, "{body}");
+    assert_error_body(&body, "second cancel");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_resumes_from_the_failed_step_with_a_state_patch() {
+    let probe = Probe::default();
+    let base = serve(probe.clone()).await;
+    let redis = RedisServer::start();
+    let def = format!(
+        r#"
+name = "Fixable"
+version = 1
+[[steps]]
+name = "A"
+kind = "noop"
+next = "B"
+[[steps]]
+name = "B"
+kind = "http"
+next = "C"
+config = {{ url = "{base}/fixable" }}
+[[steps]]
+name = "C"
+kind = "noop"
+"#
+    );
+    let (f, _dir) = http_fleet(&redis, &base, &[("fixable.toml", def)]).await;
+    let c = http();
+    let id = f.submit("Fixable", json!({"region": "eu"})).await;
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Failed, "{rec:?}");
+    assert!(rec.error.as_deref().unwrap().contains("400"), "{rec:?}");
+    assert_eq!(probe.calls(), 1, "a 4xx is permanent: not retried");
+
+    let url = f.url(&format!("/api/processes/{id}/retry"));
+    let (code, body) = post_json(&c, &url, json!({"statePatch": {"fixed": true}})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["id"], json!(id));
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+    assert_eq!(probe.calls(), 2);
+
+    let (code, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert_eq!(code, 200);
+    assert_eq!(view["status"], "Completed");
+    assert!(view["errorMessage"].is_null(), "{view}");
+    // curl ".../api/processes/${PROCESS_ID}" | jq '.duration'
+    assert!(view["duration"].as_f64().unwrap() >= 0.0, "{view}");
+    let attempts = |step: &str| {
+        view["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == step)
+            .unwrap_or_else(|| panic!("no step {step} in {view}"))["attempts"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(attempts("A"), 1, "A is not re-run: {view}");
+    assert_eq!(attempts("B"), 2, "{view}");
+    assert_eq!(attempts("C"), 1, "{view}");
+    assert!(
+        view["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "retry"),
+        "{view}"
+    );
+    // The patch was merged into the input, keeping the other keys.
+    let input: Value = f
+        .cfg
+        .codec()
+        .decode(&f.store().load_data(&id).await.unwrap()["input"])
+        .unwrap();
+    assert_eq!(input, json!({"region": "eu", "fixed": true}));
+
+    let (code, body) = post_json(&c, &url, json!({})).await;
+    assert_eq!(code, 409, "{body}");
+    assert_error_body(&body, "retry of a completed process");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_current_step_fences_a_stuck_claim_and_runs_it_again() {
+    let probe = Probe::default();
+    let base = serve(probe.clone()).await;
+    let redis = RedisServer::start();
+    let (f, _dir) = http_fleet(
+        &redis,
+        &base,
+        &[(
+            "stuck.toml",
+            hang_def("Stuck", &format!("{base}/hang-once")),
+        )],
+    )
+    .await;
+    let c = http();
+    let id = f.submit("Stuck", json!({})).await;
+    wait_for("the first call", DEADLINE, || async {
+        (probe.calls() == 1).then_some(())
+    })
+    .await;
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert_eq!(view["status"], "Running", "{view}");
+
+    // curl -X POST ".../api/processes/${PROCESS_ID}/retry-current-step"
+    let (code, body) = post_json(
+        &c,
+        &f.url(&format!("/api/processes/{id}/retry-current-step")),
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["steps"], json!(["Call"]));
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+    assert_eq!(probe.calls(), 2);
+    // The old claim was fenced out, so its worker cancelled the hanging call.
+    wait_for("the first request dropped", DEADLINE, || async {
+        probe.dropped().then_some(())
+    })
+    .await;
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert!(
+        view["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "retry-current-step"),
+        "{view}"
+    );
+    // Nothing left to retry once finished.
+    let r = c
+        .post(f.url(&format!("/api/processes/{id}/retry-current-step")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_deletes_old_finished_processes_only() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let gate = f.submit("Gate", json!({})).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(f.submit("Ok", json!({})).await);
+    }
+    for id in &ids {
+        assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+    }
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+
+    // curl -X DELETE ".../api/processes?status=Completed&olderThan=30d"
+    let purge = |q: &'static str| {
+        let c = c.clone();
+        let url = f.url(&format!("/api/processes?{q}"));
+        async move { json_of(c.delete(url).send().await.unwrap()).await }
+    };
+    let (code, body) = purge("status=Completed&olderThan=30d").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, json!({"deleted": 0}), "nothing is 30 days old");
+    // Once they are over a second old, all three go (possibly over several calls).
+    let deleted = AtomicU64::new(0);
+    wait_for("three purged", DEADLINE, || async {
+        let (code, body) = purge("status=Completed&olderThan=1s").await;
+        assert_eq!(code, 200, "{body}");
+        let n = deleted.fetch_add(body["deleted"].as_u64().unwrap(), Ordering::SeqCst);
+        (n + body["deleted"].as_u64().unwrap() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(deleted.load(Ordering::SeqCst), 3);
+    for id in &ids {
+        let (code, body) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+        assert_eq!(code, 404, "{id}: {body}");
+        assert_error_body(&body, "purged process");
+    }
+    let (code, view) = get_json(&c, &f.url(&format!("/api/processes/{gate}"))).await;
+    assert_eq!(code, 200);
+    assert_eq!(view["status"], "WaitingForApproval");
+    let (_, list) = get_json(&c, &f.url("/api/processes?status=Completed")).await;
+    assert_eq!(list, json!([]));
+
+    for q in [
+        "status=Running&olderThan=1s",
+        "status=WaitingForApproval&olderThan=1s",
+        "status=Completed&olderThan=soon",
+        "status=Completed",
+        "olderThan=1s",
+    ] {
+        let (code, body) = purge(q).await;
+        assert_eq!(code, 400, "{q}: {body}");
+        assert_error_body(&body, q);
+    }
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{gate}"))).await;
+    assert_eq!(view["status"], "WaitingForApproval");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_keys_enforce_roles() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let token_hash = honua_scheduler::gateway::token_hash;
+    cfg.api.keys = vec![
+        ApiKey {
+            name: "dashboard".into(),
+            role: Role::Read,
+            sha256: token_hash("read-token"),
+        },
+        ApiKey {
+            name: "oncall".into(),
+            role: Role::Operate,
+            sha256: token_hash("operate-token"),
+        },
+        ApiKey {
+            name: "platform".into(),
+            role: Role::Admin,
+            sha256: token_hash("admin-token"),
+        },
+    ];
+    let f = Fleet::start(cfg, 1, 1).await;
+    let c = http();
+    let list = f.url("/api/processes");
+    let send = |req: reqwest::RequestBuilder, token: Option<&str>| {
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        async move { req.send().await.unwrap() }
+    };
+
+    // No token, a malformed header, or an unknown token: 401 with a challenge.
+    for (req, what) in [
+        (send(c.get(&list), None).await, "no token"),
+        (
+            send(c.get(&list).header("authorization", "Basic eDp5"), None).await,
+            "basic auth",
+        ),
+        (send(c.get(&list), Some("guess")).await, "unknown token"),
+        (
+            send(c.post(&list).json(&json!({"processType": "Ok"})), None).await,
+            "anonymous submit",
+        ),
+    ] {
+        assert_eq!(req.status(), 401, "{what}");
+        assert_eq!(req.headers()["www-authenticate"], "Bearer", "{what}");
+        let (_, body) = json_of(req).await;
+        assert_error_body(&body, what);
+    }
+
+    // read: may list, may not submit.
+    let r = send(c.get(&list), Some("read-token")).await;
+    assert_eq!(r.status(), 200);
+    let r = send(
+        c.post(&list).json(&json!({"processType": "Ok"})),
+        Some("read-token"),
+    )
+    .await;
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 403, "{body}");
+    assert_error_body(&body, "read submit");
+
+    // operate: may submit, may not purge.
+    let r = send(
+        c.post(&list).json(&json!({"processType": "Ok"})),
+        Some("operate-token"),
+    )
+    .await;
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let purge = || c.delete(format!("{list}?status=Completed&olderThan=30d"));
+    let r = send(purge(), Some("operate-token")).await;
+    assert_eq!(r.status(), 403);
+
+    // admin: may purge.
+    let r = send(purge(), Some("admin-token")).await;
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["deleted"], 0);
+
+    // Health stays open for probes.
+    for path in ["/health", "/health/live", "/health/ready"] {
+        let r = send(c.get(f.url(path)), None).await;
+        assert_eq!(r.status(), 200, "{path}");
+    }
+
+    // Existence is not revealed without a token.
+    let unknown = f.url("/api/processes/no-such-process");
+    let r = send(c.get(&unknown), None).await;
+    assert_eq!(r.status(), 401);
+    let r = send(c.get(&unknown), Some("read-token")).await;
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 404, "{body}");
+    assert_error_body(&body, "unknown process");
+    let r = send(
+        c.get(f.url(&format!("/api/processes/{id}"))),
+        Some("read-token"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_typed_json_errors() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let done = f.submit("Ok", json!({})).await;
+    assert_eq!(
+        f.wait_finished(&done).await.status,
+        ProcessStatus::Completed
+    );
+    let gate = f.submit("Gate", json!({})).await;
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+
+    let check = |r: reqwest::Response, status: u16, code: Option<&'static str>, what: String| async move {
+        let (got, body) = json_of(r).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert_error_body(&body, &what);
+        if let Some(code) = code {
+            assert_eq!(body["error"], code, "{what}");
+        }
+    };
+
+    for (body, code) in [
+        ("{not json", "malformed_json"),
+        (r#"{"processType":"Nope"}"#, "unknown_process_type"),
+        (r#"{"processType":"Ok","bogus":1}"#, "malformed_json"),
+        (r#"{"input":{}}"#, "malformed_json"),
+        (r#"{"processType":"Ok","input":"x"}"#, "invalid_input"),
+    ] {
+        let r = c
+            .post(f.url("/api/processes"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        check(r, 400, Some(code), body.to_string()).await;
+    }
+
+    for q in [
+        "since=yesterday",
+        "status=Finished",
+        "limit=many",
+        "sort=age",
+        "cursor=garbage",
+    ] {
+        let r = c
+            .get(f.url(&format!("/api/processes?{q}")))
+            .send()
+            .await
+            .unwrap();
+        check(r, 400, None, q.to_string()).await;
+    }
+    let r = c.get(f.url("/api/deadletters?x=1")).send().await.unwrap();
+    check(r, 400, Some("invalid_query"), "deadletters query".into()).await;
+
+    let r = c
+        .post(f.url(&format!("/api/processes/{done}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    check(r, 409, Some("invalid_state"), "cancel completed".into()).await;
+    let r = c
+        .post(f.url(&format!("/api/processes/{done}/retry-current-step")))
+        .send()
+        .await
+        .unwrap();
+    check(
+        r,
+        409,
+        Some("invalid_state"),
+        "retry-current-step completed".into(),
+    )
+    .await;
+    let r = c
+        .post(f.url(&format!("/api/processes/{gate}/retry")))
+        .send()
+        .await
+        .unwrap();
+    check(r, 409, Some("invalid_state"), "retry waiting".into()).await;
+
+    // curl -X POST ".../api/processes/${PROCESS_ID}/retry" (no body) re-runs a failed
+    // process; and curl -d sends JSON as a form, which is accepted.
+    let r = c
+        .post(f.url("/api/processes"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"processType":"Bad"}"#)
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 201, "{body}");
+    let bad = body["id"].as_str().unwrap().to_string();
+    assert_eq!(f.wait_finished(&bad).await.status, ProcessStatus::Failed);
+    let r = c
+        .post(f.url(&format!("/api/processes/{bad}/retry")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = wait_for("the retried run to fail again", DEADLINE, || async {
+        f.record(&bad)
+            .await
+            .filter(|r| r.status == ProcessStatus::Failed && r.steps["Boom"].history.len() == 2)
+    })
+    .await;
+    assert_eq!(rec.audit.len(), 1, "{rec:?}");
+    for (method, path) in [
+        ("GET", "/api/processes/nope-123"),
+        ("POST", "/api/processes/nope-123/cancel"),
+        ("POST", "/api/processes/nope-123/retry"),
+        ("POST", "/api/processes/nope-123/retry-current-step"),
+        ("POST", "/api/processes/nope-123/signal/review"),
+        ("POST", "/api/deadletters/1-0/replay"),
+        ("POST", "/api/deadletters/bogus/replay"),
+        ("GET", "/api/no-such-route"),
+    ] {
+        let r = c
+            .request(method.parse().unwrap(), f.url(path))
+            .send()
+            .await
+            .unwrap();
+        check(r, 404, None, format!("{method} {path}")).await;
+    }
+    let r = c.put(f.url("/api/processes")).send().await.unwrap();
+    check(r, 405, None, "PUT".into()).await;
+
+    // A body over the limit (1 MiB by default).
+    let big = format!(
+        r#"{{"processType":"Ok","input":{{"s":"{}"}}}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let r = c
+        .post(f.url("/api/processes"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    check(r, 413, Some("body_too_large"), "2 MiB body".into()).await;
+
+    // Signals: an unknown value, malformed JSON, and a signal nobody waits for.
+    let sig = f.url(&format!("/api/processes/{gate}/signal/review"));
+    let r = c
+        .post(&sig)
+        .json(&json!({"value": "LGTM!"}))
+        .send()
+        .await
+        .unwrap();
+    check(r, 400, Some("invalid_request"), "LGTM!".into()).await;
+    let r = c.post(&sig).body("{").send().await.unwrap();
+    check(r, 400, Some("malformed_json"), "signal body".into()).await;
+    let r = c
+        .post(f.url(&format!("/api/processes/{gate}/signal/deploy")))
+        .send()
+        .await
+        .unwrap();
+    check(r, 409, None, "wrong signal".into()).await;
+    let r = c
+        .post(f.url(&format!("/api/processes/{gate}/retry")))
+        .json(&json!({"statePatch": [1]}))
+        .send()
+        .await
+        .unwrap();
+    check(r, 400, None, "array patch".into()).await;
+    // The gate is untouched by all of that.
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{gate}"))).await;
+    assert_eq!(view["status"], "WaitingForApproval");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_and_config_describe_the_running_gateway() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    // A nopass user accepts any password, so the URL can carry one to be redacted.
+    let url = format!("redis://default:s3cret-pw@127.0.0.1:{}", redis.port);
+    let mut cfg = test_config(&url, dir.path());
+    cfg.api.keys = vec![ApiKey {
+        name: "dashboard".into(),
+        role: Role::Read,
+        sha256: honua_scheduler::gateway::token_hash("read-token"),
+    }];
+    let f = Fleet::start(cfg, 1, 0).await;
+    let c = http();
+
+    let r = c
+        .get(f.url("/api/openapi.json"))
+        .bearer_auth("read-token")
+        .send()
+        .await
+        .unwrap();
+    let (code, doc) = json_of(r).await;
+    assert_eq!(code, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for (method, path, _) in honua_scheduler::gateway::ROUTES {
+        assert!(
+            doc["paths"][*path]
+                .get(method.to_ascii_lowercase())
+                .is_some(),
+            "{method} {path} missing from the OpenAPI document"
+        );
+    }
+
+    // curl ".../api/config" | jq '.processFramework.defaultTimeoutMinutes'
+    let r = c
+        .get(f.url("/api/config"))
+        .bearer_auth("read-token")
+        .send()
+        .await
+        .unwrap();
+    let (code, cfg) = json_of(r).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        cfg["processFramework"]["defaultTimeoutMinutes"], 60,
+        "{cfg}"
+    );
+    assert_eq!(
+        cfg["redisUrl"],
+        format!("redis://default:***@127.0.0.1:{}", redis.port)
+    );
+    assert_eq!(
+        cfg["api"]["keys"],
+        json!([{"name": "dashboard", "role": "read"}])
+    );
+    let text = cfg.to_string();
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    assert!(
+        !text.contains(&honua_scheduler::gateway::token_hash("read-token")),
+        "{text}"
+    );
+    assert_eq!(cfg["worker"]["maxDeliveries"], 3, "{cfg}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 0).await;
+    let c = http();
+    let st = f.store();
+    st.ensure_groups().await.unwrap();
+    let id = f.submit("Ok", json!({})).await;
+
+    // A fake consumer takes the job and never finishes it.
+    let conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let entries = wait_for("the job", DEADLINE, || {
+        let mut conn = conn.clone();
+        async move {
+            let e = st
+                .read_group(
+                    &mut conn,
+                    &st.keys().jobs(),
+                    WORKERS_GROUP,
+                    "fake",
+                    10,
+                    Duration::from_millis(100),
+                )
+                .await
+                .ok()?;
+            (!e.is_empty()).then_some(e)
+        }
+    })
+    .await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        JobEnvelope::from_fields(&entries[0].fields)
+            .unwrap()
+            .process_id,
+        id
+    );
+    let (code, queues) = get_json(&c, &f.url("/api/queues")).await;
+    assert_eq!(code, 200, "{queues}");
+    let queues = queues.as_array().unwrap();
+    assert_eq!(queues.len(), 3, "{queues:?}");
+    for q in queues {
+        for field in ["stream", "length", "pending", "lag"] {
+            assert!(q.get(field).is_some(), "{field} missing from {q}");
+        }
+    }
+    let jobs = queues
+        .iter()
+        .find(|q| q["stream"] == json!(st.keys().jobs().to_string()))
+        .unwrap_or_else(|| panic!("no job stream in {queues:?}"));
+    assert_eq!(jobs["pending"], 1, "{jobs}");
+    assert_eq!(jobs["lag"], 0, "{jobs}");
+
+    // A second delivery exceeds max_deliveries 1: dead-lettered.
+    let r = st
+        .reclaim("other", Duration::ZERO, "0-0", 10, 1)
+        .await
+        .unwrap();
+    assert_eq!(r.dead_lettered.len(), 1, "{r:?}");
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Failed);
+    assert_eq!(rec.code.as_deref(), Some("max_deliveries"), "{rec:?}");
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert_eq!(view["errorCode"], "max_deliveries");
+
+    let (code, dlq) = get_json(&c, &f.url("/api/deadletters")).await;
+    assert_eq!(code, 200, "{dlq}");
+    let dlq = dlq.as_array().unwrap().clone();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    let dead = &dlq[0];
+    assert_eq!(dead["processId"], json!(id));
+    assert_eq!(dead["step"], "Only");
+    // The reclaim that found it over the limit was not a run: one delivery ran.
+    assert_eq!(dead["deliveries"], 1, "{dead}");
+    assert!(
+        dead["reason"].as_str().unwrap().contains("max_deliveries"),
+        "{dead}"
+    );
+    let dead_id = dead["id"].as_str().unwrap().to_string();
+
+    let replay = f.url(&format!("/api/deadletters/{dead_id}/replay"));
+    let (code, body) = json_of(c.post(&replay).send().await.unwrap()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["id"], json!(id));
+    assert_eq!(body["status"], "Running");
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert_eq!(view["status"], "Running", "{view}");
+    assert_eq!(view["steps"][0]["status"], "queued", "{view}");
+    assert_eq!(view["currentSteps"], json!(["Only"]));
+    let (_, dlq) = get_json(&c, &f.url("/api/deadletters")).await;
+    assert_eq!(dlq, json!([]));
+    let (code, body) = json_of(c.post(&replay).send().await.unwrap()).await;
+    assert_eq!(code, 404, "{body}");
+    assert_error_body(&body, "second replay");
+    // The replayed job is back in the stream for a worker.
+    let (_, queues) = get_json(&c, &f.url("/api/queues")).await;
+    let jobs = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["stream"] == json!(st.keys().jobs().to_string()))
+        .unwrap()
+        .clone();
+    assert_eq!(jobs["lag"], 1, "{jobs}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_redis_and_readiness() {
+    let mut redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    // curl .../health → {"status":"Healthy","checks":{"redis":"Healthy",...}}
+    let (code, h) = get_json(&c, &f.url("/health")).await;
+    assert_eq!(code, 200, "{h}");
+    assert!(h["status"] == "Healthy" || h["status"] == "Degraded", "{h}");
+    assert_eq!(h["checks"]["redis"], "Healthy", "{h}");
+    // Once the worker has heartbeaten, nothing is degraded.
+    wait_for("healthy with a live worker", DEADLINE, || async {
+        let (_, h) = get_json(&c, &f.url("/health")).await;
+        (h["status"] == "Healthy").then_some(())
+    })
+    .await;
+    let (code, _) = get_json(&c, &f.url("/health/live")).await;
+    assert_eq!(code, 200);
+    let (code, _) = get_json(&c, &f.url("/health/ready")).await;
+    assert_eq!(code, 200);
+
+    redis.kill9();
+    let r = c.get(f.url("/health/ready")).send().await.unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 503, "{body}");
+    assert_error_body(&body, "ready without redis");
+    let (code, h) = get_json(&c, &f.url("/health")).await;
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(h["checks"]["redis"], "Unhealthy");
+    let (code, _) = get_json(&c, &f.url("/health/live")).await;
+    assert_eq!(code, 200, "liveness does not depend on redis");
+    f.stop().await;
+}
