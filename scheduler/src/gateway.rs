@@ -30,6 +30,7 @@ pub const ROUTES: &[(&str, &str, Option<Role>)] = &[
     ("GET", "/health", None),
     ("GET", "/health/live", None),
     ("GET", "/health/ready", None),
+    ("GET", "/metrics", None),
     ("GET", "/api/openapi.json", Some(Role::Read)),
     ("POST", "/api/processes", Some(Role::Operate)),
     ("GET", "/api/processes", Some(Role::Read)),
@@ -780,10 +781,20 @@ async fn ready(State(st): State<ApiState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, description = "Prometheus text format: this process's metrics and the fleet-wide gauges")))]
+async fn prometheus_metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        honua_worker::telemetry::metrics_handle().render(),
+    )
+        .into_response()
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Honua Process Framework API", description = "The operator API of the operations guide."),
-    paths(health, live, ready, openapi_json, submit, list, purge, active, get_process, cancel, retry,
+    paths(health, live, ready, prometheus_metrics, openapi_json, submit, list, purge, active, get_process, cancel, retry,
           retry_current_step, signal, config, queues, workers, deadletters, replay),
     components(schemas(ErrorBody, SubmitBody, SubmitReply, ProcessSummary, ProcessView, PurgeReply, CancelBody,
                        RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply)),
@@ -920,6 +931,7 @@ pub fn router_with(state: ApiState) -> Router {
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/metrics", get(prometheus_metrics))
         .route("/api/openapi.json", get(openapi_json))
         .route("/api/processes", post(submit).get(list).delete(purge))
         .route("/api/processes/active", get(active))

@@ -17,6 +17,37 @@ use honua_shared::definition::DefinitionSet;
 use honua_worker::HandlerRegistry;
 use std::sync::Arc;
 
+/// Counts a process that just finished (`status`) in the guide's metrics.
+pub fn record_finish(
+    process_type: &str,
+    status: honua_shared::status::ProcessStatus,
+    code: Option<&str>,
+    duration_ms: u64,
+) {
+    use honua_shared::metrics as m;
+    use honua_shared::status::ProcessStatus as S;
+    let t = process_type.to_string();
+    match status {
+        S::Completed => {
+            metrics::counter!(m::PROCESS_COMPLETED, "process_type" => t.clone()).increment(1)
+        }
+        S::Failed => metrics::counter!(m::PROCESS_FAILURES, "process_type" => t.clone(),
+            "reason" => code.unwrap_or("unknown").to_string())
+        .increment(1),
+        S::TimedOut => {
+            metrics::counter!(m::PROCESS_TIMEOUTS, "process_type" => t.clone()).increment(1)
+        }
+        S::Cancelled => {
+            metrics::counter!(m::PROCESS_CANCELLED, "process_type" => t.clone()).increment(1)
+        }
+        _ => {}
+    }
+    metrics::counter!(m::PROCESS_TRANSITIONS, "process_type" => t.clone(), "status" => status.as_str())
+        .increment(1);
+    metrics::histogram!(m::PROCESS_DURATION, "process_type" => t, "status" => status.as_str())
+        .record(duration_ms as f64 / 1000.0);
+}
+
 /// Loads the definitions with the kinds of `handlers` plus `custom_step_kinds` from config.
 pub fn load_definitions(
     cfg: &Config,

@@ -122,8 +122,24 @@ impl Engine {
 
     /// Cancels an unfinished process; its running steps stop within one heartbeat.
     pub async fn cancel(&self, id: &str, reason: Option<&str>) -> Result<(), OpsError> {
-        self.transition(id, |ctx, rec| Ok((engine::cancel(ctx, rec, reason)?, ())))
+        let (process_type, took) = self
+            .transition(id, |ctx, rec| {
+                let t = engine::cancel(ctx, rec, reason)?;
+                Ok((
+                    t,
+                    (
+                        rec.process_type.clone(),
+                        rec.duration_ms(ctx.now_ms).unwrap_or(0),
+                    ),
+                ))
+            })
             .await?;
+        crate::record_finish(
+            &process_type,
+            ProcessStatus::Cancelled,
+            Some("cancelled"),
+            took,
+        );
         tracing::info!(process_id = %id, "Process {id} cancelled");
         Ok(())
     }

@@ -9,6 +9,7 @@ use crate::submit::{Engine, SubmitError};
 use honua_shared::engine::{self, AckSource, Ctx};
 use honua_shared::envelope::{Event, Submission};
 use honua_shared::keys::{Key, SCHEDULER_GROUP};
+use honua_shared::metrics as m;
 use honua_shared::record::ProcessRecord;
 use honua_shared::store::{Commit, Entry, StoreError};
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(engine: Engine) -> Self {
+        // Installs the metrics recorder before anything is counted.
+        honua_worker::telemetry::metrics_handle();
         let id = engine
             .cfg
             .scheduler
@@ -118,6 +121,8 @@ impl Scheduler {
                 Err(StoreError::NoGroup { stream: s, group }) => {
                     error!(stream = %s, %group, "consumer group missing (server restarted without data?); recreating it");
                     self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::GROUPS_RECREATED, "stream" => stream_name(&stream))
+                        .increment(1);
                     let _ = store.ensure_groups().await;
                 }
                 Err(e) => {
@@ -147,6 +152,7 @@ impl Scheduler {
 
     async fn quarantine(&self, stream: &Key, id: &str, reason: &str) {
         self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::QUARANTINED, "stream" => stream_name(stream)).increment(1);
         error!(stream = %stream, entry = %id, %reason, "entry set aside in the quarantine stream");
         if let Err(e) = self
             .engine
@@ -298,6 +304,11 @@ impl Scheduler {
                 Commit::Ok { .. } => {
                     if let Some((status, error)) = t.finish() {
                         let took = rec.duration_ms(now).unwrap_or(0);
+                        let code = t.actions.iter().find_map(|a| match a {
+                            honua_shared::engine::Action::Finish { code, .. } => code.as_deref(),
+                            _ => None,
+                        });
+                        crate::record_finish(&rec.process_type, status, code, took);
                         match error {
                             Some(err) => {
                                 warn!(process_id = %pid, process_type = %rec.process_type, status = %status, error = %err, duration_ms = took, "Process {pid} failed: {err}")
@@ -311,6 +322,7 @@ impl Scheduler {
                 }
                 Commit::Conflict => {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::COMMIT_CONFLICTS).increment(1);
                     continue;
                 }
                 Commit::Gone | Commit::Exists | Commit::Duplicate(_) => return Ok(()),
@@ -324,10 +336,15 @@ impl Scheduler {
         let every = Duration::from_millis(self.engine.cfg.scheduler.timer_interval_ms);
         let store = &self.engine.store;
         let mut last_trim = 0u64;
+        let mut last_sample = 0u64;
         while !shutdown.is_cancelled() {
             match store.promote(1000).await {
                 Ok((moved, _next, now)) => {
                     self.stats.last_tick_ms.store(now, Ordering::Relaxed);
+                    if now.saturating_sub(last_sample) >= 5_000 {
+                        last_sample = now;
+                        self.sample_fleet(now).await;
+                    }
                     if now.saturating_sub(last_trim) > 60_000 {
                         last_trim = now;
                         match store
@@ -346,13 +363,63 @@ impl Scheduler {
                         }
                     }
                 }
-                Err(e) => debug!(error = %e, "promoting timers failed"),
+                Err(e) => {
+                    metrics::gauge!(m::REDIS_UP).set(0.0);
+                    debug!(error = %e, "promoting timers failed")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// Samples the fleet-wide gauges from Redis (every replica exports the same values).
+    async fn sample_fleet(&self, now: u64) {
+        let store = &self.engine.store;
+        let keys = store.keys();
+        let mut ok = true;
+        match redis::cmd("ZCARD")
+            .arg(keys.index_active())
+            .query_async::<u64>(&mut store.conn())
+            .await
+        {
+            Ok(n) => metrics::gauge!(m::ACTIVE_PROCESSES).set(n as f64),
+            Err(_) => ok = false,
+        }
+        for (stream, group) in [
+            (keys.submit(), SCHEDULER_GROUP),
+            (keys.jobs(), honua_shared::keys::WORKERS_GROUP),
+            (keys.events(), SCHEDULER_GROUP),
+        ] {
+            let name = stream_name(&stream);
+            match store.stream_stats(&stream, group).await {
+                Ok(s) => {
+                    metrics::gauge!(m::QUEUE_LENGTH, "stream" => name).set(s.length as f64);
+                    metrics::gauge!(m::QUEUE_LAG, "stream" => name)
+                        .set(s.lag.unwrap_or(s.length) as f64);
+                    metrics::gauge!(m::QUEUE_PENDING, "stream" => name).set(s.pending as f64);
+                    let age = s
+                        .oldest_pending_ms
+                        .map(|t| now.saturating_sub(t) as f64 / 1000.0)
+                        .unwrap_or(0.0);
+                    metrics::gauge!(m::QUEUE_OLDEST_PENDING_AGE, "stream" => name).set(age);
+                }
+                Err(_) => ok = false,
+            }
+        }
+        match store.workers(1000).await {
+            Ok(ws) => {
+                let live = ws
+                    .iter()
+                    .filter(|w| now.saturating_sub(w.last_seen_ms) < 30_000)
+                    .count();
+                metrics::gauge!(m::WORKERS_LIVE).set(live as f64);
+            }
+            Err(_) => ok = false,
+        }
+        metrics::gauge!(m::REDIS_UP).set(if ok { 1.0 } else { 0.0 });
     }
 
     /// Takes over submissions and events left pending by a stopped scheduler (or by this
@@ -392,5 +459,17 @@ impl Scheduler {
                 }
             }
         }
+    }
+}
+
+/// The stream's short name for metric labels (`submit`, `jobs`, `events`).
+fn stream_name(stream: &Key) -> &'static str {
+    let s = stream.as_str();
+    if s.ends_with(":jobs") {
+        "jobs"
+    } else if s.ends_with(":events") {
+        "events"
+    } else {
+        "submit"
     }
 }

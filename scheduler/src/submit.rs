@@ -160,6 +160,11 @@ impl Engine {
             }
         }
         if let Submitted::Created(_) = &result {
+            metrics::counter!(honua_shared::metrics::PROCESS_STARTED, "process_type" => def.name.clone())
+                .increment(1);
+            metrics::counter!(honua_shared::metrics::PROCESS_TRANSITIONS, "process_type" => def.name.clone(),
+                "status" => honua_shared::status::ProcessStatus::Running.as_str())
+            .increment(1);
             tracing::info!(process_id = %id, process_type = %def.name, "Process {id} started ({})", def.name);
         }
         Ok(result)

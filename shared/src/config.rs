@@ -129,6 +129,8 @@ pub struct WorkerConfig {
     pub http_max_response_kb: usize,
     /// Consumers idle this long that own nothing are deleted.
     pub retire_consumer_after_secs: u64,
+    /// Where `honua-worker` serves its own `/metrics` (empty: nowhere).
+    pub metrics_addr: String,
 }
 
 impl Default for WorkerConfig {
@@ -145,6 +147,7 @@ impl Default for WorkerConfig {
             http_allowlist: Vec::new(),
             http_max_response_kb: 1024,
             retire_consumer_after_secs: 3_600,
+            metrics_addr: "0.0.0.0:9091".into(),
         }
     }
 }
@@ -282,6 +285,7 @@ pub const ENV_VARS: &[&str] = &[
     "HONUA_DEFAULT_TIMEOUT_MINUTES",
     "HONUA_HTTP_ALLOWLIST",
     "HONUA_API_KEYS",
+    "HONUA_WORKER_METRICS_ADDR",
 ];
 
 fn parse_env<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
@@ -367,6 +371,7 @@ impl Config {
                     self.process_framework.default_timeout_minutes =
                         parse_env("HONUA_DEFAULT_TIMEOUT_MINUTES", v)?
                 }
+                "HONUA_WORKER_METRICS_ADDR" => self.worker.metrics_addr = v.clone(),
                 "HONUA_API_KEYS" => {
                     self.api.keys = parse_api_keys(v).map_err(|message| ConfigError::Env {
                         var: "HONUA_API_KEYS",
@@ -457,6 +462,12 @@ impl Config {
             if !crate::envelope::valid_id(id) {
                 return bad("worker.id", "ids must be 1-64 characters of [A-Za-z0-9_-]");
             }
+        }
+        if !w.metrics_addr.is_empty() && w.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "worker.metrics_addr",
+                "must be empty or host:port with an IP address",
+            );
         }
         for k in &self.api.keys {
             if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {

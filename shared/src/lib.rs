@@ -8,6 +8,7 @@ pub mod definition;
 pub mod engine;
 pub mod envelope;
 pub mod keys;
+pub mod metrics;
 pub mod record;
 pub mod scripts;
 pub mod status;

@@ -198,6 +198,7 @@ impl WorkerProcess {
                 cfg.worker.shutdown_grace_ms.to_string(),
             )
             .env("HONUA_TEST_LOG", log)
+            .env("HONUA_WORKER_METRICS_ADDR", "127.0.0.1:0")
             .stdout(err_file)
             .stderr(Stdio::null())
             .spawn()

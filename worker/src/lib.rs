@@ -63,6 +63,12 @@ pub async fn run_main(
         &cfg.redis_url,
         honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
     )?;
+    if !cfg.worker.metrics_addr.is_empty() {
+        let addr = cfg.worker.metrics_addr.parse()?;
+        if let Err(e) = telemetry::serve_worker_metrics(addr) {
+            tracing::warn!(error = %e, %addr, "cannot serve worker metrics");
+        }
+    }
     let worker = Worker::new(
         cfg,
         store,

@@ -13,6 +13,7 @@ use honua_shared::config::Config;
 use honua_shared::definition::DefinitionSet;
 use honua_shared::envelope::{JobEnvelope, StepResult};
 use honua_shared::keys::{WORKERS_GROUP, field};
+use honua_shared::metrics as m;
 use honua_shared::status::outcome;
 use honua_shared::store::{Begin, Entry, Fence, Held, Store, StoreError};
 use serde_json::Value;
@@ -82,6 +83,8 @@ impl Worker {
             .into();
         let codec = cfg.codec();
         let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_steps));
+        // Installs the metrics recorder before anything is counted.
+        crate::telemetry::metrics_handle();
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -231,6 +234,7 @@ impl Inner {
                     drop(first);
                     error!(%stream, %group, "consumer group missing (server restarted without data?); recreating it");
                     self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
                     if let Err(e) = self.store.ensure_groups().await {
                         warn!(error = %e, "recreating groups failed");
                     }
@@ -278,6 +282,7 @@ impl Inner {
                     Ok(r) => r,
                     Err(StoreError::Redis(e)) if e.code() == Some("NOGROUP") => {
                         self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
                         error!("job consumer group missing; recreating it");
                         let _ = self.store.ensure_groups().await;
                         break;
@@ -289,12 +294,14 @@ impl Inner {
                 };
                 for id in &r.dead_lettered {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::DEAD_LETTERS).increment(1);
                     warn!(entry = %id, "job dead-lettered after max_deliveries");
                 }
                 if r.deleted > 0 {
                     self.stats
                         .deleted_pending
                         .fetch_add(r.deleted, Ordering::Relaxed);
+                    metrics::counter!(m::LOST_PENDING).increment(r.deleted);
                     error!(
                         count = r.deleted,
                         "pending jobs whose entries were deleted: their payload is lost"
@@ -304,6 +311,7 @@ impl Inner {
                     self.stats
                         .reclaimed
                         .fetch_add(r.claimed.len() as u64, Ordering::Relaxed);
+                    metrics::counter!(m::RECLAIMS).increment(r.claimed.len() as u64);
                     info!(count = r.claimed.len(), worker = %self.id, "reclaimed jobs of a stopped worker");
                 }
                 let claimed = r.claimed.into_iter().map(|(e, n)| (e, Some(n))).collect();
@@ -364,6 +372,7 @@ impl Inner {
                             }
                             if reason == REASON_STALE {
                                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!(m::STALE_COMMITS).increment(1);
                                 warn!(process_id = %h.job.process_id, step = %h.job.step, "claim is stale (reclaimed elsewhere); stopping the step");
                             } else {
                                 info!(process_id = %h.job.process_id, step = %h.job.step, "process is over; stopping the step");
@@ -444,6 +453,7 @@ impl Inner {
                         },
                     );
                     self.stats.started.fetch_add(1, Ordering::Relaxed);
+                    self.slot_gauges();
                     tokio::spawn(async move {
                         me.execute(held, process_type, version, data, cancel, reason)
                             .await;
@@ -494,10 +504,28 @@ impl Inner {
             REASON_SHUTDOWN => self.release(&held).await,
             _ => {
                 let duration_ms = started.elapsed().as_millis() as u64;
-                self.commit(&held, result, output, duration_ms).await;
+                let kind = self
+                    .defs
+                    .get(&process_type, version)
+                    .and_then(|d| d.step(&held.job.step).map(|s| s.kind.clone()))
+                    .unwrap_or_default();
+                self.commit(&held, (&process_type, &kind), result, output, duration_ms)
+                    .await;
             }
         }
         self.inflight.lock().unwrap().remove(&held.entry_id);
+        self.slot_gauges();
+    }
+
+    fn slot_gauges(&self) {
+        let inflight = self.inflight.lock().unwrap().len();
+        metrics::gauge!(m::WORKER_INFLIGHT).set(inflight as f64);
+        let free = self
+            .cfg
+            .worker
+            .max_concurrent_steps
+            .saturating_sub(inflight);
+        metrics::gauge!(m::WORKER_FREE_SLOTS).set(free as f64);
     }
 
     async fn release(&self, held: &Held) {
@@ -509,6 +537,7 @@ impl Inner {
         match r {
             Ok(Fence::Ok) => {
                 self.stats.released.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::RELEASES).increment(1);
                 info!(process_id = %held.job.process_id, step = %held.job.step, "step handed back for another worker");
             }
             Ok(_) => {}
@@ -521,6 +550,7 @@ impl Inner {
     async fn commit(
         &self,
         held: &Held,
+        (process_type, kind): (&str, &str),
         result: StepResult,
         output: Option<Vec<u8>>,
         duration_ms: u64,
@@ -540,6 +570,14 @@ impl Inner {
         match r {
             Ok(Fence::Ok) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                let labels = [
+                    ("process_type", process_type.to_string()),
+                    ("kind", kind.to_string()),
+                    ("outcome", result.outcome.clone()),
+                ];
+                metrics::counter!(m::STEPS, &labels).increment(1);
+                metrics::histogram!(m::STEP_DURATION, &labels[1..])
+                    .record(duration_ms as f64 / 1000.0);
                 if result.outcome == outcome::FAILED {
                     warn!(process_id = %pid, step = %step, worker = %self.id, duration_ms, error = result.error.as_deref().unwrap_or(""), "Process {pid} step {step} failed, duration {duration_ms} ms");
                 } else {
@@ -548,6 +586,7 @@ impl Inner {
             }
             Ok(Fence::Stale) => {
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::STALE_COMMITS).increment(1);
                 warn!(process_id = %pid, step = %step, "commit refused: claim is stale (job was reclaimed)");
             }
             Ok(Fence::Finished) => {
