@@ -380,12 +380,12 @@ impl Scheduler {
         let store = &self.engine.store;
         let keys = store.keys();
         let mut ok = true;
-        match redis::cmd("ZCARD")
-            .arg(keys.index_active())
-            .query_async::<u64>(&mut store.conn())
-            .await
-        {
-            Ok(n) => metrics::gauge!(m::ACTIVE_PROCESSES).set(n as f64),
+        match store.active_summary().await {
+            Ok((n, oldest)) => {
+                metrics::gauge!(m::ACTIVE_PROCESSES).set(n as f64);
+                let age = oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+                metrics::gauge!(m::OLDEST_ACTIVE_AGE).set(age);
+            }
             Err(_) => ok = false,
         }
         for (stream, group) in [

@@ -9,6 +9,8 @@
 
 /// Unfinished processes (gauge, from Redis).
 pub const ACTIVE_PROCESSES: &str = "honua_active_processes";
+/// Age of the oldest unfinished process (gauge, seconds, from Redis): stuck processes.
+pub const OLDEST_ACTIVE_AGE: &str = "honua_oldest_active_process_age_seconds";
 /// Processes created (counter; label `process_type`).
 pub const PROCESS_STARTED: &str = "honua_process_started_total";
 /// Processes that completed successfully (counter; `process_type`).
@@ -73,6 +75,7 @@ pub const LLM_LATENCY: &str = "honua_llm_request_duration_seconds";
 /// Every name above, for tests that check dashboards and rules reference only these.
 pub const ALL: &[&str] = &[
     ACTIVE_PROCESSES,
+    OLDEST_ACTIVE_AGE,
     PROCESS_STARTED,
     PROCESS_COMPLETED,
     PROCESS_FAILURES,

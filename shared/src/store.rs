@@ -833,6 +833,19 @@ impl Store {
         Ok(removed.iter().sum())
     }
 
+    /// How many processes are unfinished, and when the oldest of them was created.
+    pub async fn active_summary(&self) -> Result<(u64, Option<u64>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZCARD").arg(self.keys.index_active());
+        pipe.cmd("ZRANGE")
+            .arg(self.keys.index_active())
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES");
+        let (n, oldest): (u64, Vec<(String, f64)>) = pipe.query_async(&mut self.conn()).await?;
+        Ok((n, oldest.first().map(|(_, s)| *s as u64)))
+    }
+
     /// Members of a sorted-set index with scores in `[min, max]`, highest first, paged.
     pub async fn index_page(
         &self,
