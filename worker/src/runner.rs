@@ -29,6 +29,9 @@ const REASON_NONE: u8 = 0;
 const REASON_STALE: u8 = 1;
 const REASON_FINISHED: u8 = 2;
 const REASON_SHUTDOWN: u8 = 3;
+/// The handler returned and the runner is committing: heartbeats leave it alone (a
+/// heartbeat racing the commit would otherwise report a false stale claim).
+const REASON_FINISHING: u8 = 4;
 
 /// Counters a worker keeps (exported as metrics, read by tests).
 #[derive(Debug, Default)]
@@ -355,6 +358,7 @@ impl Inner {
                 .lock()
                 .unwrap()
                 .values()
+                .filter(|r| r.reason.load(Ordering::SeqCst) == REASON_NONE)
                 .map(|r| r.held.clone())
                 .collect();
             for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
@@ -366,9 +370,28 @@ impl Inner {
                                 Fence::Stale => REASON_STALE,
                                 Fence::Finished => REASON_FINISHED,
                             };
-                            if let Some(r) = self.inflight.lock().unwrap().get(&h.entry_id) {
-                                r.reason.store(reason, Ordering::SeqCst);
-                                r.cancel.cancel();
+                            // Only a step still running counts: one that finished meanwhile
+                            // was acknowledged by its own commit.
+                            let applied = match self.inflight.lock().unwrap().get(&h.entry_id) {
+                                Some(r) => {
+                                    let set = r
+                                        .reason
+                                        .compare_exchange(
+                                            REASON_NONE,
+                                            reason,
+                                            Ordering::SeqCst,
+                                            Ordering::SeqCst,
+                                        )
+                                        .is_ok();
+                                    if set {
+                                        r.cancel.cancel();
+                                    }
+                                    set
+                                }
+                                None => false,
+                            };
+                            if !applied {
+                                continue;
                             }
                             if reason == REASON_STALE {
                                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
@@ -490,11 +513,25 @@ impl Inner {
             )
             .await;
         if stale_flag.load(Ordering::SeqCst) {
-            reason.store(REASON_STALE, Ordering::SeqCst);
+            let _ = reason.compare_exchange(
+                REASON_NONE,
+                REASON_STALE,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
         let pid = &held.job.process_id;
         let step = &held.job.step;
-        match reason.load(Ordering::SeqCst) {
+        let decided = match reason.compare_exchange(
+            REASON_NONE,
+            REASON_FINISHING,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => REASON_NONE,
+            Err(r) => r,
+        };
+        match decided {
             REASON_STALE => {
                 info!(process_id = %pid, step = %step, "result discarded: claim is stale");
             }

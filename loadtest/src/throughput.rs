@@ -1,0 +1,657 @@
+//! Engine throughput: N processes of a three-step `noop` type (A → B → C) run by one
+//! scheduler (or S) and W workers against the server under test.
+//!
+//! Every scheduler and worker runs on a runtime of its own with its own Redis connections,
+//! like separate pods, so their CPU can be told apart. Submissions go through
+//! [`Engine::create`] (what the gateway does) from concurrent tasks on the main runtime.
+//! One warm-up process per worker runs first, so connections, scripts and consumer groups
+//! exist before the clock starts. The clock runs from the first submission until the poller
+//! sees the last process finished.
+
+use crate::component::Component;
+use crate::cputime::{self, SCHEDULER_THREADS, WORKER_THREADS};
+use crate::error::BenchError;
+use crate::meter::Meter;
+use crate::server::{self, Server};
+use honua_scheduler::Engine;
+use honua_scheduler::scheduler::SchedulerStats;
+use honua_shared::config::{Config, WorkerConfig};
+use honua_shared::definition::{DefinitionSet, KindRegistry};
+use honua_shared::envelope::{Submission, TraceContext};
+use honua_shared::keys::Keys;
+use honua_shared::status::ProcessStatus;
+use honua_shared::store::{Store, StoreError};
+use honua_worker::{HandlerRegistry, Worker, WorkerStats};
+use redis::AsyncCommands;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const PROCESS_TYPE: &str = "Bench3";
+pub const STEPS_PER_PROCESS: usize = 3;
+const DEFINITION: &str = r#"name = "Bench3"
+version = 1
+description = "Load test: three noop steps in sequence"
+
+[[steps]]
+name = "A"
+kind = "noop"
+next = "B"
+
+[[steps]]
+name = "B"
+kind = "noop"
+next = "C"
+
+[[steps]]
+name = "C"
+kind = "noop"
+"#;
+
+/// Completion poll period. Finer than the 50 ms one might expect: a 1000-process run lasts
+/// about a second, and the poll's granularity is an error on the measured time. Four
+/// `ZCARD`s per poll cost Redis next to nothing.
+const POLL: Duration = Duration::from_millis(10);
+/// How long the warm-up processes may take.
+const WARM_UP: Duration = Duration::from_secs(30);
+/// How long each component may take to stop after shutdown.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+/// Finished records expire after this (the engine's minimum); the cost is the same as the
+/// 24 h default, and an external server is not left holding them for a day.
+const RETENTION_SECS: u64 = 60;
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineParams {
+    pub processes: usize,
+    pub schedulers: usize,
+    pub workers: usize,
+    pub max_concurrent_steps: usize,
+    pub submitters: usize,
+    pub timeout: Duration,
+}
+
+/// Per-component figures (scheduler, workers, submitters).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PerComponent {
+    pub scheduler: f64,
+    pub workers: f64,
+    pub submitters: f64,
+}
+
+impl PerComponent {
+    fn scaled(cpu: cputime::CpuUse, by: f64) -> Self {
+        Self {
+            scheduler: cpu.scheduler_secs * by,
+            workers: cpu.workers_secs * by,
+            submitters: cpu.client_secs * by,
+        }
+    }
+}
+
+/// Processes by final status, counted from the status indexes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Outcome {
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub timed_out: u64,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} completed, {} failed, {} cancelled, {} timed out",
+            self.completed, self.failed, self.cancelled, self.timed_out
+        )
+    }
+}
+
+impl Outcome {
+    fn finished(&self) -> u64 {
+        self.completed + self.failed + self.cancelled + self.timed_out
+    }
+
+    fn minus(&self, earlier: &Outcome) -> Outcome {
+        Outcome {
+            completed: self.completed.saturating_sub(earlier.completed),
+            failed: self.failed.saturating_sub(earlier.failed),
+            cancelled: self.cancelled.saturating_sub(earlier.cancelled),
+            timed_out: self.timed_out.saturating_sub(earlier.timed_out),
+        }
+    }
+}
+
+/// What the engine counted while running (warm-up included) and what it set aside.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Health {
+    /// Steps the run should have executed, warm-up included.
+    pub steps_expected: u64,
+    pub steps_started: u64,
+    pub steps_committed: u64,
+    pub stale_claims: u64,
+    pub reclaimed: u64,
+    pub dead_lettered: u64,
+    pub deleted_pending: u64,
+    pub released: u64,
+    pub revision_conflicts: u64,
+    pub quarantined: u64,
+    pub groups_recreated: u64,
+    pub dlq_entries: u64,
+    pub quarantine_entries: u64,
+}
+
+impl Health {
+    /// Everything that should not happen in a clean run on a healthy server.
+    pub fn anomalies(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.steps_started != self.steps_expected {
+            out.push(format!(
+                "{} steps started, {} expected",
+                self.steps_started, self.steps_expected
+            ));
+        }
+        if self.steps_committed != self.steps_expected {
+            out.push(format!(
+                "{} steps committed, {} expected",
+                self.steps_committed, self.steps_expected
+            ));
+        }
+        for (n, what) in [
+            (self.stale_claims, "stale claims"),
+            (self.reclaimed, "reclaimed jobs"),
+            (self.dead_lettered, "dead-lettered jobs"),
+            (self.deleted_pending, "pending jobs with deleted entries"),
+            (self.released, "jobs handed back"),
+            (self.quarantined, "quarantined entries"),
+            (self.groups_recreated, "consumer groups recreated"),
+            (self.dlq_entries, "entries in the dead-letter stream"),
+            (self.quarantine_entries, "entries in the quarantine stream"),
+        ] {
+            if n > 0 {
+                out.push(format!("{n} {what}"));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineResult {
+    pub process_type: &'static str,
+    pub processes: usize,
+    pub steps: usize,
+    pub schedulers: usize,
+    pub workers: usize,
+    pub max_concurrent_steps: usize,
+    pub submitters: usize,
+    /// Whether submissions waited for `WAITAOF` (Redis/Valkey ≥ 7.2 with AOF on).
+    pub waitaof: bool,
+    pub seconds: f64,
+    /// From the first submission until the last one was acknowledged.
+    pub submit_seconds: f64,
+    pub steps_per_sec: f64,
+    pub processes_per_sec: f64,
+    pub redis_cpu_us_per_step: f64,
+    /// Redis CPU over the run's wall time (1.0 = one core busy the whole time).
+    pub redis_busy: f64,
+    /// This process's CPU per step by component; `None` without /proc.
+    pub cpu_us_per_step: Option<PerComponent>,
+    /// Component CPU over wall time (cores busy).
+    pub busy: Option<PerComponent>,
+    /// Cores the rest of the host kept busy meanwhile (other processes, the kernel's
+    /// network work): other load here makes the figures unreliable.
+    pub host_other_busy: Option<f64>,
+    /// Where Redis spent its command time, per step, costliest first.
+    pub redis_commands: Vec<server::CommandCost>,
+    pub outcome: Outcome,
+    pub health: Health,
+}
+
+/// Runs the scenario against `server`, keys under `prefix`.
+pub async fn run(
+    server: &Server,
+    prefix: &str,
+    params: EngineParams,
+) -> Result<EngineResult, BenchError> {
+    let defs_dir = tempfile::Builder::new()
+        .prefix("honua-loadtest-defs-")
+        .tempdir()
+        .map_err(BenchError::io("cannot create a temporary directory"))?;
+    let path = defs_dir.path().join("bench3.toml");
+    std::fs::write(&path, DEFINITION)
+        .map_err(BenchError::io(format!("cannot write {}", path.display())))?;
+    let cfg = bench_config(&server.url, prefix, defs_dir.path(), params);
+    cfg.validate()?;
+    let handlers = honua_worker::builtin_handlers(&cfg);
+    let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers)
+        .map_err(BenchError::setup("cannot load the benchmark definition"))?;
+    let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
+    let shutdown = CancellationToken::new();
+    let fleet = Fleet::start(&cfg, (&defs, &kinds), handlers, params, &shutdown).await;
+    let fleet = match fleet {
+        Ok(f) => f,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e);
+        }
+    };
+    let measured = measure(server, &cfg, &store, defs, kinds, params).await;
+    shutdown.cancel();
+    let (stats, stopped) = fleet.stop().await;
+    let total = params.processes + warm_up_processes(params);
+    let health = health(&store, stats, total).await;
+    if !server.is_private()
+        && let Err(e) = cleanup(&store).await
+    {
+        tracing::warn!(error = %e, "could not delete the run's keys");
+    }
+    let mut result = measured?;
+    stopped?;
+    result.health = health?;
+    Ok(result)
+}
+
+fn bench_config(url: &str, prefix: &str, definitions: &Path, params: EngineParams) -> Config {
+    Config {
+        redis_url: url.to_string(),
+        key_prefix: prefix.to_string(),
+        definitions_dir: definitions.to_path_buf(),
+        retention_secs: RETENTION_SECS,
+        worker: WorkerConfig {
+            max_concurrent_steps: params.max_concurrent_steps,
+            ..WorkerConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+/// The schedulers and the workers, each on its own runtime.
+struct Fleet {
+    components: Vec<Component>,
+    stats: FleetStats,
+}
+
+#[derive(Default)]
+struct FleetStats {
+    schedulers: Vec<Arc<SchedulerStats>>,
+    workers: Vec<Arc<WorkerStats>>,
+}
+
+type Ready<T> = oneshot::Receiver<Result<Arc<T>, StoreError>>;
+
+impl Fleet {
+    async fn start(
+        cfg: &Config,
+        (defs, kinds): (&Arc<DefinitionSet>, &Arc<KindRegistry>),
+        handlers: HandlerRegistry,
+        params: EngineParams,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, BenchError> {
+        let mut fleet = Fleet {
+            components: Vec::new(),
+            stats: FleetStats::default(),
+        };
+        for i in 0..params.schedulers.max(1) {
+            let name = format!("{SCHEDULER_THREADS}-{i}");
+            let (scheduler, ready) = spawn_scheduler(&name, cfg, defs, kinds, shutdown)?;
+            fleet.components.push(scheduler);
+            fleet
+                .stats
+                .schedulers
+                .push(ready_stats(&name, ready).await?);
+        }
+        for i in 0..params.workers.max(1) {
+            let name = format!("{WORKER_THREADS}-{i}");
+            let (worker, ready) = spawn_worker(&name, cfg, defs, handlers.clone(), shutdown)?;
+            fleet.components.push(worker);
+            fleet.stats.workers.push(ready_stats(&name, ready).await?);
+        }
+        Ok(fleet)
+    }
+
+    /// Waits for every component to stop (the shutdown token must have fired).
+    async fn stop(self) -> (FleetStats, Result<(), BenchError>) {
+        let mut result = Ok(());
+        for c in self.components {
+            let r = c.join(STOP_WAIT).await;
+            result = result.and(r);
+        }
+        (self.stats, result)
+    }
+}
+
+async fn ready_stats<T>(name: &str, ready: Ready<T>) -> Result<Arc<T>, BenchError> {
+    ready
+        .await
+        .map_err(|_| BenchError::Component(format!("{name} exited before it started")))?
+        .map_err(BenchError::from)
+}
+
+fn spawn_scheduler(
+    name: &str,
+    cfg: &Config,
+    defs: &Arc<DefinitionSet>,
+    kinds: &Arc<KindRegistry>,
+    shutdown: &CancellationToken,
+) -> Result<(Component, Ready<SchedulerStats>), BenchError> {
+    let (tx, rx) = oneshot::channel();
+    let mut cfg = cfg.clone();
+    cfg.scheduler.id = Some(name.to_string());
+    let (cfg, defs, kinds) = (Arc::new(cfg), defs.clone(), kinds.clone());
+    let shutdown = shutdown.clone();
+    let component = Component::spawn(name, move || async move {
+        let store = match Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let engine = Engine::new(cfg, store, defs, kinds).await;
+        let scheduler = honua_scheduler::Scheduler::new(engine);
+        let _ = tx.send(Ok(scheduler.stats()));
+        scheduler.run(shutdown).await;
+    })?;
+    Ok((component, rx))
+}
+
+fn spawn_worker(
+    name: &str,
+    cfg: &Config,
+    defs: &Arc<DefinitionSet>,
+    handlers: HandlerRegistry,
+    shutdown: &CancellationToken,
+) -> Result<(Component, Ready<WorkerStats>), BenchError> {
+    let (tx, rx) = oneshot::channel();
+    let mut cfg = cfg.clone();
+    cfg.worker.id = Some(name.to_string());
+    let (defs, shutdown) = (defs.clone(), shutdown.clone());
+    let component = Component::spawn(name, move || async move {
+        let store = match Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let worker = Worker::new(cfg, store, defs, Arc::new(handlers));
+        let _ = tx.send(Ok(worker.stats()));
+        worker.run(shutdown).await;
+    })?;
+    Ok((component, rx))
+}
+
+async fn measure(
+    server: &Server,
+    cfg: &Config,
+    store: &Store,
+    defs: Arc<DefinitionSet>,
+    kinds: Arc<KindRegistry>,
+    params: EngineParams,
+) -> Result<EngineResult, BenchError> {
+    let engine = Engine::new(Arc::new(cfg.clone()), store.clone(), defs, kinds).await;
+    let mut admin = server.connect(Duration::from_secs(5)).await?;
+    warm_up(&engine, warm_up_processes(params)).await?;
+    let before = outcome(store).await?;
+    let meter = Meter::start(&mut admin).await?;
+    let submitting = tokio::spawn(submit_all(
+        engine.clone(),
+        params.processes,
+        params.submitters,
+    ));
+    let (done, submitted_at) = wait_finished(
+        store,
+        before,
+        params.processes as u64,
+        submitting,
+        params.timeout,
+    )
+    .await?;
+    let start = meter.started();
+    let used = meter.stop(&mut admin, Instant::now()).await?;
+    let seconds = used.seconds;
+    let steps = params.processes * STEPS_PER_PROCESS;
+    let per_step = 1e6 / steps.max(1) as f64;
+    Ok(EngineResult {
+        process_type: PROCESS_TYPE,
+        processes: params.processes,
+        steps,
+        schedulers: params.schedulers,
+        workers: params.workers,
+        max_concurrent_steps: params.max_concurrent_steps,
+        submitters: params.submitters,
+        waitaof: engine.waitaof,
+        seconds,
+        submit_seconds: submitted_at.duration_since(start).as_secs_f64(),
+        steps_per_sec: steps as f64 / seconds,
+        processes_per_sec: params.processes as f64 / seconds,
+        redis_cpu_us_per_step: used.redis_cpu_secs * per_step,
+        redis_busy: used.redis_cpu_secs / seconds,
+        cpu_us_per_step: used.cpu.map(|c| PerComponent::scaled(c, per_step)),
+        busy: used.cpu.map(|c| PerComponent::scaled(c, 1.0 / seconds)),
+        host_other_busy: used.host_other_busy,
+        redis_commands: used.top_commands(steps, 12),
+        outcome: done,
+        health: Health::default(),
+    })
+}
+
+fn submission() -> Submission {
+    Submission {
+        process_type: PROCESS_TYPE.into(),
+        version: None,
+        input: serde_json::json!({}),
+        id: None,
+        idempotency_key: None,
+        trace: TraceContext::default(),
+    }
+}
+
+/// Runs one process per worker to completion, so connections, scripts and groups are
+/// ready before the clock starts. (Which workers ran them is not checked: on Redis < 7.2 a
+/// consumer that was never served an entry does not show in `XINFO CONSUMERS`.)
+async fn warm_up(engine: &Engine, processes: usize) -> Result<(), BenchError> {
+    let store = &engine.store;
+    let target = outcome(store).await?.finished() + processes as u64;
+    for _ in 0..processes {
+        engine.create(&submission(), None).await?;
+    }
+    let deadline = Instant::now() + WARM_UP;
+    loop {
+        let finished = outcome(store).await?.finished();
+        if finished >= target {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Stuck(format!(
+                "warm-up: after {WARM_UP:?} {} of {processes} warm-up processes had finished",
+                processes as u64 - (target - finished)
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Creates `total` processes from `tasks` concurrent tasks; returns when the last was
+/// acknowledged.
+async fn submit_all(engine: Engine, total: usize, tasks: usize) -> Result<Instant, BenchError> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut set = JoinSet::new();
+    for _ in 0..tasks.max(1) {
+        let (engine, next) = (engine.clone(), next.clone());
+        set.spawn(async move {
+            let sub = submission();
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                engine.create(&sub, None).await?;
+            }
+            Ok::<(), BenchError>(())
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        joined.map_err(|_| BenchError::Component("a submitter panicked".into()))??;
+    }
+    Ok(Instant::now())
+}
+
+/// Polls until `processes` more than `before` have finished (returns those); fails early
+/// when submitting failed and with a progress report at `timeout`.
+async fn wait_finished(
+    store: &Store,
+    before: Outcome,
+    processes: u64,
+    mut submitting: tokio::task::JoinHandle<Result<Instant, BenchError>>,
+    timeout: Duration,
+) -> Result<(Outcome, Instant), BenchError> {
+    let deadline = Instant::now() + timeout;
+    let mut submitted_at = None;
+    loop {
+        if submitted_at.is_none() && submitting.is_finished() {
+            let joined = (&mut submitting).await;
+            submitted_at =
+                Some(joined.map_err(|_| BenchError::Component("submitting panicked".into()))??);
+        }
+        let done = outcome(store).await?.minus(&before);
+        if let Some(at) = submitted_at
+            && done.finished() >= processes
+        {
+            return Ok((done, at));
+        }
+        if Instant::now() > deadline {
+            submitting.abort();
+            return Err(BenchError::Stuck(
+                stuck_report(store, done, processes, timeout).await,
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn stuck_report(store: &Store, done: Outcome, processes: u64, timeout: Duration) -> String {
+    let mut conn = store.conn();
+    let active: Option<u64> = conn.zcard(store.keys().index_active()).await.ok();
+    let depth = store.job_depth().await.ok();
+    let dlq: Option<u64> = conn.xlen(store.keys().dlq()).await.ok();
+    format!(
+        "after {timeout:?} only {} of {processes} processes had finished ({done}); processes still active: {}; job stream entries/pending: {}; dead-letter entries: {}",
+        done.finished(),
+        show(active),
+        depth.map_or("?".into(), |(len, pending)| format!("{len}/{pending}")),
+        show(dlq),
+    )
+}
+
+fn show(n: Option<u64>) -> String {
+    n.map_or("?".into(), |n| n.to_string())
+}
+
+async fn outcome(store: &Store) -> Result<Outcome, BenchError> {
+    let keys = store.keys();
+    let (completed, failed, cancelled, timed_out) = redis::pipe()
+        .zcard(keys.index_status(ProcessStatus::Completed))
+        .zcard(keys.index_status(ProcessStatus::Failed))
+        .zcard(keys.index_status(ProcessStatus::Cancelled))
+        .zcard(keys.index_status(ProcessStatus::TimedOut))
+        .query_async(&mut store.conn())
+        .await?;
+    Ok(Outcome {
+        completed,
+        failed,
+        cancelled,
+        timed_out,
+    })
+}
+
+fn warm_up_processes(params: EngineParams) -> usize {
+    params.workers.max(1)
+}
+
+async fn health(store: &Store, stats: FleetStats, processes: usize) -> Result<Health, BenchError> {
+    let sum = |f: fn(&WorkerStats) -> u64| stats.workers.iter().map(|w| f(w)).sum::<u64>();
+    let mut conn = store.conn();
+    let sched = |f: fn(&SchedulerStats) -> u64| stats.schedulers.iter().map(|s| f(s)).sum::<u64>();
+    Ok(Health {
+        // Warm-up processes included.
+        steps_expected: (processes * STEPS_PER_PROCESS) as u64,
+        steps_started: sum(|w| w.started.load(Ordering::Relaxed)),
+        steps_committed: sum(|w| w.committed.load(Ordering::Relaxed)),
+        stale_claims: sum(|w| w.stale.load(Ordering::Relaxed)),
+        reclaimed: sum(|w| w.reclaimed.load(Ordering::Relaxed)),
+        dead_lettered: sum(|w| w.dead_lettered.load(Ordering::Relaxed)),
+        deleted_pending: sum(|w| w.deleted_pending.load(Ordering::Relaxed)),
+        released: sum(|w| w.released.load(Ordering::Relaxed)),
+        revision_conflicts: sched(|s| s.conflicts.load(Ordering::Relaxed)),
+        quarantined: sched(|s| s.quarantined.load(Ordering::Relaxed)),
+        groups_recreated: sched(|s| s.groups_recreated.load(Ordering::Relaxed))
+            + sum(|w| w.groups_recreated.load(Ordering::Relaxed)),
+        dlq_entries: conn.xlen(store.keys().dlq()).await?,
+        quarantine_entries: conn.xlen(store.keys().quarantine()).await?,
+    })
+}
+
+/// On an external server: deletes the run's streams and indexes (process records expire
+/// after [`RETENTION_SECS`]).
+async fn cleanup(store: &Store) -> Result<(), BenchError> {
+    let k = store.keys();
+    let mut keys = vec![
+        k.submit(),
+        k.jobs(),
+        k.events(),
+        k.dlq(),
+        k.quarantine(),
+        k.delayed(),
+        k.workers(),
+        k.index_all(),
+        k.index_active(),
+    ];
+    keys.extend(ProcessStatus::ALL.into_iter().map(|s| k.index_status(s)));
+    let _: usize = store.conn().del(&keys).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_definition_loads_with_the_builtin_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bench3.toml"), DEFINITION).unwrap();
+        let params = EngineParams {
+            processes: 1,
+            schedulers: 1,
+            workers: 1,
+            max_concurrent_steps: 64,
+            submitters: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let cfg = bench_config("redis://127.0.0.1:1", "lt-test", dir.path(), params);
+        cfg.validate().unwrap();
+        let handlers = honua_worker::builtin_handlers(&cfg);
+        let (defs, _) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+        let def = defs.latest(PROCESS_TYPE).unwrap();
+        assert_eq!(def.steps.len(), STEPS_PER_PROCESS);
+    }
+
+    #[test]
+    fn a_clean_run_has_no_anomalies_and_a_failed_step_is_one() {
+        let clean = Health {
+            steps_expected: 6,
+            steps_started: 6,
+            steps_committed: 6,
+            ..Health::default()
+        };
+        assert!(clean.anomalies().is_empty());
+        let lost = Health {
+            steps_committed: 5,
+            dead_lettered: 1,
+            ..clean
+        };
+        assert_eq!(lost.anomalies().len(), 2);
+    }
+}
