@@ -13,4 +13,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+deploy/prometheus/check.sh
 cargo test --workspace --locked "$@"
