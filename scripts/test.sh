@@ -15,3 +15,4 @@ fi
 
 deploy/prometheus/check.sh
 cargo test --workspace --locked "$@"
+scripts/schemathesis.sh

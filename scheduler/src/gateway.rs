@@ -195,7 +195,8 @@ fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError
 }
 
 fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"null" {
         Ok(T::default())
     } else {
         json_body(bytes)
@@ -816,6 +817,50 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             Vec::<String>::new(),
         )]);
+        // The answers every protected route can give, whatever the handler: a bad request,
+        // no or an unknown token, a role that may not, a body over the cap, Redis down.
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |desc: &str| {
+            ResponseBuilder::new()
+                .description(desc)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        let common = [
+            ("400", "invalid request"),
+            ("401", "no or an unknown bearer token"),
+            ("403", "the token's role may not do this"),
+            (
+                "503",
+                "Redis is unreachable; retry after the Retry-After delay",
+            ),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let protected = path.starts_with("/api/");
+            for op in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
+                let responses = &mut op.responses.responses;
+                if protected {
+                    for (code, desc) in common {
+                        responses
+                            .entry(code.to_string())
+                            .or_insert_with(|| error(desc).into());
+                    }
+                }
+                if op.request_body.is_some() {
+                    responses
+                        .entry("413".to_string())
+                        .or_insert_with(|| error("the body exceeds max_request_body_kb").into());
+                }
+            }
+        }
     }
 }
 
