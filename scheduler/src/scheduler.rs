@@ -39,8 +39,20 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(engine: Engine) -> Self {
-        // Installs the metrics recorder before anything is counted.
+        // Installs the metrics recorder before anything is counted, and exports the
+        // process counters at 0 for every known type so rate()/increase() see the first
+        // event too.
         honua_worker::telemetry::metrics_handle();
+        for name in engine.defs.names() {
+            for counter in [
+                m::PROCESS_STARTED,
+                m::PROCESS_COMPLETED,
+                m::PROCESS_TIMEOUTS,
+                m::PROCESS_CANCELLED,
+            ] {
+                metrics::counter!(counter, "process_type" => name.to_string()).increment(0);
+            }
+        }
         let id = engine
             .cfg
             .scheduler
