@@ -128,6 +128,15 @@ pub enum DefinitionError {
     #[error("{file}: cycle {} has no step with max_visits", cycle(steps))]
     UnboundedCycle { file: String, steps: Vec<String> },
 
+    #[error(
+        "{file}: step `{step}` joins all its inputs but `{input}` is only reached after `{step}` itself; use join = \"any\""
+    )]
+    JoinOnLoop {
+        file: String,
+        step: String,
+        input: String,
+    },
+
     #[error("process `{name}` version {version} is defined in both {first} and {second}")]
     DuplicateDefinition {
         name: String,

@@ -248,6 +248,7 @@ impl Builder<'_> {
         }
         self.check_reachable(&start, &steps)?;
         self.check_cycles(&steps)?;
+        self.check_joins(&steps)?;
 
         Ok(ProcessDefinition::new(
             raw.name,
@@ -515,6 +516,40 @@ impl Builder<'_> {
             }),
             None => Ok(()),
         }
+    }
+
+    /// A `join = "all"` step must not wait for an input that only runs after the join
+    /// itself (a back edge of a loop): it would never fire.
+    fn check_joins(&self, steps: &[StepDef]) -> Result<(), DefinitionError> {
+        let by_name: BTreeMap<&str, &StepDef> =
+            steps.iter().map(|s| (s.name.as_str(), s)).collect();
+        for join in steps.iter().filter(|s| s.join == Join::All) {
+            let inputs: Vec<&str> = steps
+                .iter()
+                .filter(|s| s.routes.values().flatten().any(|t| *t == join.name))
+                .map(|s| s.name.as_str())
+                .collect();
+            if inputs.len() < 2 {
+                continue;
+            }
+            // Everything reachable from the join.
+            let mut seen: BTreeSet<&str> = BTreeSet::new();
+            let mut queue: VecDeque<&str> =
+                join.routes.values().flatten().map(String::as_str).collect();
+            while let Some(n) = queue.pop_front() {
+                if seen.insert(n) {
+                    queue.extend(by_name[n].routes.values().flatten().map(String::as_str));
+                }
+            }
+            if let Some(input) = inputs.into_iter().find(|i| seen.contains(i)) {
+                return Err(DefinitionError::JoinOnLoop {
+                    file: self.file.to_string(),
+                    step: join.name.clone(),
+                    input: input.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Every cycle passes through a step with `max_visits`: the graph without those
@@ -1034,7 +1069,19 @@ max_visits = 2
             three("", "", "on = { again = \"C\" }"),
             DefinitionError::UnboundedCycle { .. }
         );
-        assert!(parse(&three("", "", "on = { again = \"C\" }\nmax_visits = 5")).is_ok());
+        assert!(
+            parse(&three(
+                "",
+                "",
+                "on = { again = \"C\" }\nmax_visits = 5\njoin = \"any\""
+            ))
+            .is_ok()
+        );
+        // Without join = "any", C would wait for its own arrival forever.
+        assert_err!(
+            three("", "", "on = { again = \"C\" }\nmax_visits = 5"),
+            DefinitionError::JoinOnLoop { .. }
+        );
         // Bounding B does not bound the inner C <-> D loop of the same component.
         let text = process(
             "[[steps]]\nname = \"B\"\nkind = \"noop\"\nnext = \"C\"\nmax_visits = 2\n\
@@ -1142,5 +1189,35 @@ steps:
         );
         assert_eq!(a.inbound("A"), ["B"]);
         assert_eq!(a.inbound("D"), ["B", "C"]);
+    }
+
+    #[test]
+    fn a_join_all_waiting_for_its_own_loop_is_an_error() {
+        let text = r#"
+name = "Loop"
+version = 1
+[[steps]]
+name = "A"
+kind = "noop"
+next = "J"
+[[steps]]
+name = "J"
+kind = "noop"
+max_visits = 3
+next = "B"
+[[steps]]
+name = "B"
+kind = "noop"
+[steps.on]
+retry = "J"
+"#;
+        let r = ProcessDefinition::parse(text, Format::Toml, "loop.toml", &KindRegistry::builtin());
+        assert!(
+            matches!(&r, Err(DefinitionError::JoinOnLoop { step, input, .. }) if step == "J" && input == "B"),
+            "{r:?}"
+        );
+        let any = text.replace("max_visits = 3", "max_visits = 3\njoin = \"any\"");
+        ProcessDefinition::parse(&any, Format::Toml, "loop.toml", &KindRegistry::builtin())
+            .unwrap();
     }
 }
