@@ -964,12 +964,19 @@ impl Store {
         Ok(out)
     }
 
-    /// The newest entries of a stream without a group (dead letters, quarantine).
-    pub async fn stream_latest(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
-        let r: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+    /// `XRANGE`/`XREVRANGE` of a stream between `from` and `to`, at most `count` entries.
+    async fn range(
+        &self,
+        cmd: &str,
+        stream: &Key,
+        from: &str,
+        to: &str,
+        count: usize,
+    ) -> Result<Vec<Entry>> {
+        let r: redis::streams::StreamRangeReply = redis::cmd(cmd)
             .arg(stream)
-            .arg("+")
-            .arg("-")
+            .arg(from)
+            .arg(to)
             .arg("COUNT")
             .arg(count)
             .query_async(&mut self.conn())
@@ -983,18 +990,18 @@ impl Store {
             .collect())
     }
 
+    /// The newest entries of a stream without a group (dead letters, quarantine).
+    pub async fn stream_latest(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
+        self.range("XREVRANGE", stream, "+", "-", count).await
+    }
+
     /// One entry of a stream by id.
     pub async fn stream_entry(&self, stream: &Key, id: &str) -> Result<Option<Entry>> {
-        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(id)
-            .arg(id)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(r.ids.into_iter().next().map(|id| Entry {
-            fields: FieldMap::from_redis(&id.map),
-            id: id.id,
-        }))
+        Ok(self
+            .range("XRANGE", stream, id, id, 1)
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// Removes a replayed entry from a stream without a consumer group (dead letters).
@@ -1007,23 +1014,9 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Entries of a stream (no group), for inspection (dead letters, quarantine).
+    /// Entries of a stream (no group), oldest first, for inspection.
     pub async fn stream_entries(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
-        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(r.ids
-            .into_iter()
-            .map(|id| Entry {
-                fields: FieldMap::from_redis(&id.map),
-                id: id.id,
-            })
-            .collect())
+        self.range("XRANGE", stream, "-", "+", count).await
     }
 }
 
