@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 /// Counters a scheduler keeps.
 #[derive(Debug, Default)]
@@ -312,7 +312,43 @@ impl Scheduler {
                     id: entry_id,
                 }),
             );
-            match store.commit(&call).await? {
+            let status_after =
+                t.actions
+                    .iter()
+                    .find_map(|a| match a {
+                        engine::Action::Finish { status, .. }
+                        | engine::Action::SetStatus(status) => Some(*status),
+                        _ => None,
+                    })
+                    .unwrap_or(rec.status);
+            let span = tracing::info_span!(
+                parent: None,
+                "process.transition",
+                honua.process_id = %pid,
+                honua.process_type = %rec.process_type,
+                honua.event = event_kind(ev),
+                honua.status = status_after.as_str(),
+                honua.commit = tracing::field::Empty,
+            );
+            honua_worker::telemetry::set_parent(
+                &span,
+                &honua_shared::envelope::TraceContext {
+                    traceparent: rec.trace.clone(),
+                    tracestate: None,
+                },
+            );
+            let committed = store.commit(&call).instrument(span.clone()).await;
+            span.record(
+                "honua.commit",
+                match &committed {
+                    Ok(Commit::Ok { .. }) => "ok",
+                    Ok(Commit::Conflict) => "conflict",
+                    Ok(_) => "discarded",
+                    Err(_) => "error",
+                },
+            );
+            let _entered = span.enter();
+            match committed? {
                 Commit::Ok { .. } => {
                     if let Some((status, error)) = t.finish() {
                         let took = rec.duration_ms(now).unwrap_or(0);
@@ -483,5 +519,18 @@ fn stream_name(stream: &Key) -> &'static str {
         "events"
     } else {
         "submit"
+    }
+}
+
+/// The event's type tag (a span attribute).
+fn event_kind(ev: &Event) -> &'static str {
+    use honua_shared::envelope::event_type as t;
+    match ev {
+        Event::Step { .. } => t::STEP,
+        Event::DeadLetter { .. } => t::DEAD_LETTER,
+        Event::Timer { .. } => t::TIMER,
+        Event::StepTimeout { .. } => t::STEP_TIMEOUT,
+        Event::ProcessTimeout { .. } => t::PROCESS_TIMEOUT,
+        Event::Signal { .. } => t::SIGNAL,
     }
 }

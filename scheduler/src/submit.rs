@@ -7,6 +7,7 @@ use honua_shared::envelope::Submission;
 use honua_shared::store::{Commit, Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Everything process creation needs.
 #[derive(Clone)]
@@ -74,10 +75,40 @@ impl Engine {
 
     /// Creates the process (one commit.lua call that also enqueues its first steps and,
     /// with `ack`, acknowledges the submission entry) and waits for the AOF where possible.
+    ///
+    /// Runs in a `process.submit` span: a child of the submission's `traceparent` if it has
+    /// one, else a new trace. That span's context becomes the process's stored traceparent,
+    /// the parent of every transition and step span of the process (when no exporter is
+    /// installed the submission's traceparent is stored as is).
     pub async fn create(
         &self,
         sub: &Submission,
         ack: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
+        let span = tracing::info_span!(
+            parent: None,
+            "process.submit",
+            honua.process_id = tracing::field::Empty,
+            honua.process_type = %sub.process_type,
+            honua.duplicate = tracing::field::Empty,
+        );
+        honua_worker::telemetry::set_parent(&span, &sub.trace);
+        let r = self
+            .create_in_span(sub, ack, &span)
+            .instrument(span.clone())
+            .await;
+        if let Ok(s) = &r {
+            span.record("honua.process_id", s.id());
+            span.record("honua.duplicate", matches!(s, Submitted::Duplicate(_)));
+        }
+        r
+    }
+
+    async fn create_in_span(
+        &self,
+        sub: &Submission,
+        ack: Option<&str>,
+        span: &tracing::Span,
     ) -> Result<Submitted, SubmitError> {
         let def = match sub.version {
             Some(v) => self
@@ -121,7 +152,9 @@ impl Engine {
             &id,
             input,
             sub.idempotency_key.clone(),
-            sub.trace.traceparent.clone(),
+            honua_worker::telemetry::trace_context_of(span)
+                .and_then(|t| t.traceparent)
+                .or_else(|| sub.trace.traceparent.clone()),
             timeout,
         );
         let ack = ack.map(|entry| AckSource {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 const REASON_NONE: u8 = 0;
 const REASON_STALE: u8 = 1;
@@ -500,6 +500,48 @@ impl Inner {
         cancel: CancellationToken,
         reason: Arc<AtomicU8>,
     ) {
+        // A root tracing span whose parent is the job's W3C context (the process span the
+        // scheduler copied into every job), so every attempt of every step joins the
+        // process's trace. A reclaimed attempt cannot link to the previous attempt's span
+        // (its context is not stored): it records the delivery count and a `reclaimed` event.
+        let span = tracing::info_span!(
+            parent: None,
+            "step.execute",
+            otel.kind = "consumer",
+            honua.process_id = %held.job.process_id,
+            honua.process_type = %process_type,
+            honua.step = %held.job.step,
+            honua.attempt = held.job.attempt,
+            honua.deliveries = held.deliveries,
+            honua.worker = %self.id,
+            honua.outcome = tracing::field::Empty,
+        );
+        crate::telemetry::set_parent(&span, &held.job.trace);
+        if held.deliveries > 1 {
+            span.in_scope(|| {
+                info!(
+                    process_id = %held.job.process_id,
+                    step = %held.job.step,
+                    deliveries = held.deliveries,
+                    "reclaimed"
+                )
+            });
+        }
+        let me = self.clone();
+        me.execute_in_span(held, process_type, version, data, cancel, reason)
+            .instrument(span)
+            .await;
+    }
+
+    async fn execute_in_span(
+        self: Arc<Self>,
+        held: Held,
+        process_type: String,
+        version: u32,
+        data: HashMap<String, Vec<u8>>,
+        cancel: CancellationToken,
+        reason: Arc<AtomicU8>,
+    ) {
         let started = Instant::now();
         let stale_flag = Arc::new(AtomicBool::new(false));
         let (result, output) = self
@@ -512,6 +554,7 @@ impl Inner {
                 stale_flag.clone(),
             )
             .await;
+        tracing::Span::current().record("honua.outcome", result.outcome.as_str());
         if stale_flag.load(Ordering::SeqCst) {
             let _ = reason.compare_exchange(
                 REASON_NONE,

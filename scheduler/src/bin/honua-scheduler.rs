@@ -20,7 +20,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(LogFormat::Json);
+    let _telemetry = telemetry::init_from_env(LogFormat::Json);
     honua_worker::install_crypto_provider();
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(a) = args.http_addr {

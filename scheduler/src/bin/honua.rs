@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             no_examples,
             no_auto_approve,
         } => {
-            telemetry::init(LogFormat::Human);
+            let _telemetry = telemetry::init_from_env(LogFormat::Human);
             let opts = DevOptions {
                 workers,
                 data_dir,
@@ -102,11 +102,11 @@ async fn main() -> anyhow::Result<ExitCode> {
             dev::run(cfg, opts, shutdown).await?
         }
         Role::Scheduler => {
-            telemetry::init(LogFormat::Json);
+            let _telemetry = telemetry::init_from_env(LogFormat::Json);
             honua_scheduler::run_scheduler(cfg, None, shutdown).await?
         }
         Role::Worker => {
-            telemetry::init(LogFormat::Json);
+            let _telemetry = telemetry::init_from_env(LogFormat::Json);
             let handlers = honua_worker::builtin_handlers(&cfg);
             honua_worker::run_main(cfg, handlers, shutdown).await?
         }

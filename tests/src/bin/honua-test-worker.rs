@@ -103,7 +103,7 @@ fn register(reg: &mut honua_worker::HandlerRegistry, kinds: Arc<Kinds>) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(LogFormat::Json);
+    let _telemetry = telemetry::init_from_env(LogFormat::Json);
     let cfg = Config::load(None, std::env::vars())?;
     let kinds = Arc::new(Kinds {
         log: std::env::var("HONUA_TEST_LOG")

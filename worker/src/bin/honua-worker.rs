@@ -20,7 +20,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(LogFormat::Json);
+    let _telemetry = telemetry::init_from_env(LogFormat::Json);
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(id) = args.id {
         cfg.worker.id = Some(id);

@@ -1,0 +1,269 @@
+//! OTLP traces: one trace per process across the gateway, the scheduler and the workers.
+//! An in-test OTLP/gRPC receiver collects the spans of an in-process fleet. (Its own test
+//! binary: the tracing subscriber and the span exporter are process-global.)
+
+use honua_tests::*;
+use honua_worker::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+const DEFS: &[(&str, &str)] = &[(
+    "traced.toml",
+    r#"
+name = "Traced"
+version = 1
+[[steps]]
+name = "A"
+kind = "noop"
+next = "B"
+[[steps]]
+name = "B"
+kind = "noop"
+"#,
+)];
+
+/// A secret-looking input value that must appear in no span.
+const SECRET: &str = "sk-never-in-a-span-4242";
+
+/// The OTLP trace receiver: keeps every exported span.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+    services: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for rs in req.into_inner().resource_spans {
+            if let Some(r) = &rs.resource {
+                for a in &r.attributes {
+                    if a.key == "service.name" {
+                        self.services
+                            .lock()
+                            .unwrap()
+                            .push(value(a).unwrap_or_default());
+                    }
+                }
+            }
+            for ss in rs.scope_spans {
+                self.spans.lock().unwrap().extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn value(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> Option<String> {
+    match kv.value.as_ref()?.value.as_ref()? {
+        AnyValue::StringValue(s) => Some(s.clone()),
+        AnyValue::IntValue(i) => Some(i.to_string()),
+        AnyValue::BoolValue(b) => Some(b.to_string()),
+        AnyValue::DoubleValue(d) => Some(d.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn attrs(s: &Span) -> HashMap<String, String> {
+    s.attributes
+        .iter()
+        .filter_map(|a| Some((a.key.clone(), value(a)?)))
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The spans of process `pid`, by name.
+fn spans_of(all: &[Span], pid: &str) -> HashMap<String, Vec<Span>> {
+    let mut out: HashMap<String, Vec<Span>> = HashMap::new();
+    for s in all {
+        if attrs(s).get("honua.process_id").map(String::as_str) == Some(pid) {
+            out.entry(s.name.clone()).or_default().push(s.clone());
+        }
+    }
+    out
+}
+
+async fn post(f: &Fleet, traceparent: Option<&str>) -> String {
+    let mut req = reqwest::Client::new()
+        .post(f.url("/api/processes"))
+        .json(&json!({"processType": "Traced", "input": {"apiKey": SECRET}}));
+    if let Some(tp) = traceparent {
+        req = req.header("traceparent", tp);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let body: serde_json::Value = r.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_per_process_across_gateway_scheduler_and_workers() {
+    honua_worker::install_crypto_provider();
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(receiver.clone()))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    let server = tokio::spawn(server);
+
+    let guard = telemetry::init_with(
+        LogFormat::Json,
+        Some(OtlpConfig {
+            endpoint: format!("http://{addr}"),
+            protocol: OtlpProtocol::Grpc,
+            service_name: "honua-traces-test".into(),
+        }),
+    );
+    assert!(guard.exporting(), "the OTLP exporter was not installed");
+
+    let redis = RedisServer::start();
+    let defs = defs_dir(DEFS);
+    let fleet = Fleet::start(test_config(&redis.url(), defs.path()), 1, 2).await;
+
+    // Without a traceparent: the submission starts a new trace.
+    let root_pid = post(&fleet, None).await;
+    // With one: the process joins the caller's trace.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let child_pid = post(&fleet, Some(&format!("00-{caller_trace}-{caller_span}-01"))).await;
+    for pid in [&root_pid, &child_pid] {
+        let rec = fleet.wait_finished(pid).await;
+        assert_eq!(rec.status.as_str(), "Completed");
+    }
+
+    // Every span of both processes: one submit, two steps, and a transition per step.
+    let complete = |all: &[Span], pid: &str| {
+        let by = spans_of(all, pid);
+        let n = |name: &str| by.get(name).map_or(0, Vec::len);
+        n("process.submit") == 1 && n("step.execute") >= 2 && n("process.transition") >= 2
+    };
+    let all = wait_for("the spans of both processes", DEADLINE, || {
+        guard.flush();
+        let all = receiver.spans.lock().unwrap().clone();
+        let ok = complete(&all, &root_pid) && complete(&all, &child_pid);
+        async move { ok.then_some(all) }
+    })
+    .await;
+    assert!(
+        receiver
+            .services
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s == "honua-traces-test")
+    );
+
+    for pid in [&root_pid, &child_pid] {
+        let by = spans_of(&all, pid);
+        let submit = &by["process.submit"][0];
+        let trace = hex(&submit.trace_id);
+        let process_span = hex(&submit.span_id);
+        let a = attrs(submit);
+        assert_eq!(a["honua.process_type"], "Traced");
+
+        // The submit span's context is the process's stored traceparent.
+        let rec = fleet.record(pid).await.unwrap();
+        assert_eq!(
+            rec.trace.as_deref(),
+            Some(format!("00-{trace}-{process_span}-01").as_str()),
+            "stored traceparent of {pid}"
+        );
+
+        // One trace id for the process; steps and transitions are children of the
+        // process span.
+        for name in ["step.execute", "process.transition"] {
+            for s in &by[name] {
+                assert_eq!(
+                    hex(&s.trace_id),
+                    trace,
+                    "{name} span of {pid} in another trace"
+                );
+                assert_eq!(
+                    hex(&s.parent_span_id),
+                    process_span,
+                    "{name} span of {pid} not a child of process.submit"
+                );
+            }
+        }
+
+        let mut steps: Vec<String> = by["step.execute"]
+            .iter()
+            .map(|s| {
+                let a = attrs(s);
+                for key in [
+                    "honua.process_type",
+                    "honua.step",
+                    "honua.attempt",
+                    "honua.deliveries",
+                    "honua.worker",
+                    "honua.outcome",
+                ] {
+                    assert!(a.contains_key(key), "step.execute lacks {key}: {a:?}");
+                }
+                assert_eq!(a["honua.process_type"], "Traced");
+                assert_eq!(a["honua.outcome"], "ok");
+                assert_eq!(a["honua.attempt"], "1");
+                assert_eq!(a["honua.deliveries"], "1");
+                assert!(a["honua.worker"].starts_with("worker-"));
+                a["honua.step"].clone()
+            })
+            .collect();
+        steps.sort();
+        assert_eq!(steps, ["A", "B"]);
+
+        let transitions: Vec<HashMap<String, String>> =
+            by["process.transition"].iter().map(attrs).collect();
+        for a in &transitions {
+            assert_eq!(a["honua.process_type"], "Traced");
+            assert_eq!(a["honua.event"], "step");
+            assert!(a.contains_key("honua.status"), "{a:?}");
+        }
+        assert!(
+            transitions
+                .iter()
+                .any(|a| a["honua.status"] == "Completed" && a["honua.commit"] == "ok"),
+            "no transition to Completed: {transitions:?}"
+        );
+    }
+
+    // Without a traceparent the submit span is a root; with one it is the caller's child.
+    let root_submit = &spans_of(&all, &root_pid)["process.submit"][0];
+    assert!(root_submit.parent_span_id.is_empty());
+    assert_ne!(hex(&root_submit.trace_id), caller_trace);
+    let child_submit = &spans_of(&all, &child_pid)["process.submit"][0];
+    assert_eq!(hex(&child_submit.trace_id), caller_trace);
+    assert_eq!(hex(&child_submit.parent_span_id), caller_span);
+    assert_ne!(
+        hex(&root_submit.trace_id),
+        hex(&child_submit.trace_id),
+        "two processes share a trace"
+    );
+
+    // No input value reaches a span (attributes or events).
+    for s in &all {
+        let text = format!("{s:?}");
+        assert!(!text.contains(SECRET), "input leaked into span {}", s.name);
+    }
+
+    fleet.stop().await;
+    drop(guard);
+    server.abort();
+}
