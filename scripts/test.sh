@@ -14,5 +14,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 deploy/prometheus/check.sh
+deploy/k8s/validate.sh
 cargo test --workspace --locked "$@"
 scripts/schemathesis.sh

@@ -1,0 +1,645 @@
+//! The deployment assets (`deploy/Dockerfile`, `deploy/k8s/`) agree with the code: binary
+//! names, env var names, ports, probe paths, metric names, Redis key and group names, the
+//! config file and the synced copies of the process definitions, alert rules, dashboard
+//! and scripts. No network and no cluster: `deploy/k8s/validate.sh` checks the rendered
+//! objects against the Kubernetes schemas; this checks their meaning.
+
+use honua_shared::config::{Config, ENV_VARS};
+use honua_shared::keys::{Keys, WORKERS_GROUP};
+use honua_shared::metrics as m;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Every YAML document of a file, as JSON values.
+fn docs(rel: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(&read(rel))
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The base's objects (the files its kustomization lists, plus the observability
+/// component), and the KEDA component's.
+fn base_objects() -> Vec<Value> {
+    let k = &docs("deploy/k8s/base/kustomization.yaml")[0];
+    let mut out = Vec::new();
+    for r in k["resources"].as_array().unwrap() {
+        out.extend(docs(&format!("deploy/k8s/base/{}", r.as_str().unwrap())));
+    }
+    let obs = &docs("deploy/k8s/base/observability/kustomization.yaml")[0];
+    for r in obs["resources"].as_array().unwrap() {
+        out.extend(docs(&format!(
+            "deploy/k8s/base/observability/{}",
+            r.as_str().unwrap()
+        )));
+    }
+    out.extend(docs("deploy/k8s/components/keda/scaledobject.yaml"));
+    out
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in deploy/k8s"))
+}
+
+/// The pod spec of a workload (Deployment, StatefulSet, CronJob).
+fn pod_spec(o: &Value) -> &Value {
+    match o["kind"].as_str().unwrap() {
+        "CronJob" => &o["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        _ => &o["spec"]["template"]["spec"],
+    }
+}
+
+fn workloads(objs: &[Value]) -> Vec<&Value> {
+    objs.iter()
+        .filter(|o| {
+            matches!(
+                o["kind"].as_str(),
+                Some("Deployment" | "StatefulSet" | "CronJob")
+            )
+        })
+        .collect()
+}
+
+fn container<'a>(o: &'a Value, name: &str) -> &'a Value {
+    pod_spec(o)["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_value<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)
+}
+
+fn port_of(addr: &str) -> u64 {
+    addr.parse::<std::net::SocketAddr>().unwrap().port() as u64
+}
+
+/// `[[bin]]` names of every workspace member.
+fn workspace_bins() -> BTreeSet<String> {
+    let mut bins = BTreeSet::new();
+    for member in ["shared", "scheduler", "worker", "loadtest", "tests"] {
+        let text = read(&format!("{member}/Cargo.toml"));
+        let mut in_bin = false;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_bin = line == "[[bin]]";
+            } else if in_bin && let Some(v) = line.strip_prefix("name") {
+                bins.insert(
+                    v.trim_start_matches([' ', '='])
+                        .trim()
+                        .trim_matches('"')
+                        .into(),
+                );
+            }
+        }
+    }
+    bins
+}
+
+const IMAGE_BINS: &[&str] = &["honua-scheduler", "honua-worker", "honua", "honua-loadtest"];
+
+#[test]
+fn dockerfile_builds_the_workspace_binaries_as_a_non_root_user_from_pinned_images() {
+    let df = read("deploy/Dockerfile");
+    let lines: Vec<&str> = df
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    // Base images pinned by tag; the builder is the toolchain of rust-toolchain.toml.
+    let toolchain = read("rust-toolchain.toml");
+    let channel = toolchain
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("channel"))
+        .unwrap()
+        .trim_start_matches([' ', '='])
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    let froms: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(froms.len(), 2, "builder + runtime: {froms:?}");
+    for image in &froms {
+        let (_, tag) = image
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{image} is not pinned by tag"));
+        assert!(
+            tag != "latest" && tag.chars().any(|c| c.is_ascii_digit()),
+            "{image}: pin a versioned tag"
+        );
+    }
+    assert!(
+        froms[0].starts_with(&format!("rust:{channel}-")),
+        "builder {} must match rust-toolchain.toml {channel}",
+        froms[0]
+    );
+    assert!(froms[1].starts_with("debian:"), "runtime {}", froms[1]);
+    // Builder and runtime share the Debian release (glibc).
+    assert!(froms[0].ends_with("-bookworm") && read("deploy/Dockerfile").contains("debian:12."));
+
+    // Non-root USER (numeric, so runAsNonRoot can verify it), after the last FROM.
+    let last_from = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap();
+    let user = lines[last_from..]
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER in the runtime stage");
+    let uid = user.split(':').next().unwrap();
+    assert!(
+        uid.parse::<u32>().is_ok_and(|u| u > 0),
+        "USER {user}: non-root uid"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("HEALTHCHECK")),
+        "Kubernetes probes, not HEALTHCHECK"
+    );
+
+    // The binaries: the workspace's [[bin]] targets, built and copied.
+    let bins = workspace_bins();
+    for b in IMAGE_BINS {
+        assert!(bins.contains(*b), "{b} is not a [[bin]] target: {bins:?}");
+    }
+    let copied: BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("COPY --from=builder "))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .filter_map(|p| p.strip_prefix("/out/"))
+        .collect();
+    assert_eq!(
+        copied,
+        IMAGE_BINS.iter().copied().collect(),
+        "binaries copied into the image"
+    );
+    let build_loop = lines
+        .iter()
+        .find(|l| l.starts_with("for b in ") && l.contains("cp \"target/release/$b\""))
+        .expect("the loop copying the release binaries");
+    let built: BTreeSet<&str> = build_loop["for b in ".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(built, IMAGE_BINS.iter().copied().collect());
+    for l in lines.iter().filter(|l| l.contains("cargo build")) {
+        for p in ["honua-scheduler", "honua-worker", "honua-loadtest"] {
+            assert!(l.contains(&format!("-p {p}")), "{l}: builds package {p}");
+        }
+        assert!(l.contains("--release") && l.contains("--locked"));
+    }
+
+    // Every path COPY'd from the build context exists.
+    for l in &lines {
+        let Some(rest) = l.strip_prefix("COPY ") else {
+            continue;
+        };
+        if rest.starts_with("--from") {
+            continue;
+        }
+        let parts: Vec<&str> = rest.split_whitespace().collect();
+        for src in &parts[..parts.len() - 1] {
+            assert!(root().join(src).exists(), "COPY {src}: no such path");
+        }
+    }
+    assert!(df.contains("COPY processes /app/processes"));
+}
+
+#[test]
+fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
+    let objs = base_objects();
+    let bins = workspace_bins();
+    let defaults = Config::default();
+    // Read by the `llm` step kind (its issue); optional secret keys until then.
+    let other_env = ["RUST_LOG", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"];
+
+    let sched = find(&objs, "Deployment", "honua-process-framework-scheduler");
+    let worker = find(&objs, "Deployment", "honua-process-framework");
+    assert_eq!(sched["spec"]["replicas"], 2);
+    assert_eq!(worker["spec"]["replicas"], 3);
+    let sc = container(sched, "scheduler");
+    // The guide's `kubectl set image ... honua-cli=...` acts on the workers.
+    let wc = container(worker, "honua-cli");
+    assert_eq!(sc["command"][0], "honua-scheduler");
+    assert_eq!(wc["command"][0], "honua-worker");
+    for c in [sc, wc] {
+        let cmd = c["command"][0].as_str().unwrap();
+        assert!(bins.contains(cmd), "{cmd} is not a [[bin]] target");
+        for e in c["env"].as_array().unwrap() {
+            let name = e["name"].as_str().unwrap();
+            assert!(
+                ENV_VARS.contains(&name) || other_env.contains(&name),
+                "{name}: not an env var the code reads (honua_shared::config::ENV_VARS)"
+            );
+        }
+        let url = env_value(c, "HONUA_REDIS_URL").expect("HONUA_REDIS_URL");
+        assert_eq!(url["valueFrom"]["secretKeyRef"]["name"], "redis-secret");
+        assert_eq!(url["valueFrom"]["secretKeyRef"]["key"], "connection-string");
+    }
+
+    // Gateway: port, probes and the Service of the guide (honua-process-framework:9090).
+    let http_port = port_of(&defaults.http_addr);
+    assert_eq!(sc["ports"][0]["containerPort"], http_port);
+    assert_eq!(sc["ports"][0]["name"], "http");
+    let gateway = read("scheduler/src/gateway.rs");
+    for (probe, path) in [
+        ("livenessProbe", "/health/live"),
+        ("readinessProbe", "/health/ready"),
+        ("startupProbe", "/health/live"),
+    ] {
+        assert_eq!(sc[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(sc[probe]["httpGet"]["port"], "http");
+        assert!(
+            gateway.contains(&format!(".route(\"{path}\"")),
+            "{path} is not a route"
+        );
+    }
+    let svc = find(&objs, "Service", "honua-process-framework");
+    assert_eq!(svc["spec"]["ports"][0]["port"], http_port);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&sched["spec"]["template"]["metadata"]["labels"][k], v);
+    }
+
+    // Worker: the metrics port, the drain deadline and the grace period.
+    let metrics_port = port_of(&defaults.worker.metrics_addr);
+    assert_eq!(wc["ports"][0]["containerPort"], metrics_port);
+    let addr = env_value(wc, "HONUA_WORKER_METRICS_ADDR").unwrap()["value"]
+        .as_str()
+        .unwrap();
+    assert_eq!(port_of(addr), metrics_port);
+    assert_eq!(wc["livenessProbe"]["httpGet"]["port"], "metrics");
+    let grace_ms: u64 = env_value(wc, "HONUA_SHUTDOWN_GRACE_MS").unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let file_cfg = Config::load(
+        Some(&root().join("deploy/k8s/base/config/honua.toml")),
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap();
+    file_cfg.validate().unwrap();
+    assert_eq!(grace_ms, file_cfg.worker.shutdown_grace_ms);
+    let tgps = pod_spec(worker)["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        tgps * 1000 >= grace_ms + 10_000,
+        "terminationGracePeriodSeconds {tgps}s must exceed the {grace_ms} ms drain plus the hand-back"
+    );
+
+    // Config file and definitions: mounted where honua.toml says they are.
+    for (d, c) in [(sched, sc), (worker, wc)] {
+        assert_eq!(
+            env_value(c, "HONUA_CONFIG").unwrap()["value"],
+            "/etc/honua/honua.toml"
+        );
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        let defs_mount = mounts.iter().find(|m| m["name"] == "processes").unwrap();
+        assert_eq!(
+            Path::new(defs_mount["mountPath"].as_str().unwrap()),
+            file_cfg.definitions_dir
+        );
+        let vol = pod_spec(d)["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "processes")
+            .unwrap();
+        assert_eq!(vol["configMap"]["name"], "process-config");
+        let keys: BTreeSet<&str> = vol["configMap"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            shipped_definition_files()
+                .iter()
+                .map(String::as_str)
+                .collect()
+        );
+    }
+}
+
+fn shipped_definition_files() -> BTreeSet<String> {
+    std::fs::read_dir(root().join("processes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".toml") || n.ends_with(".yaml") || n.ends_with(".yml"))
+        .collect()
+}
+
+#[test]
+fn synced_copies_match_their_sources() {
+    // Process definitions: byte-identical, and every one in the ConfigMap generator.
+    let copies: BTreeSet<String> =
+        std::fs::read_dir(root().join("deploy/k8s/base/config/processes"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+    assert_eq!(
+        copies,
+        shipped_definition_files(),
+        "run deploy/k8s/sync-observability.sh"
+    );
+    let k = read("deploy/k8s/base/kustomization.yaml");
+    for f in &copies {
+        assert_eq!(
+            read(&format!("processes/{f}")),
+            read(&format!("deploy/k8s/base/config/processes/{f}")),
+            "{f}: run deploy/k8s/sync-observability.sh"
+        );
+        assert!(
+            k.contains(&format!("config/processes/{f}")),
+            "{f} not in process-config"
+        );
+    }
+    // Dashboard and scripts: byte-identical.
+    for (src, copy) in [
+        (
+            "deploy/grafana/honua-process-framework.json",
+            "deploy/k8s/base/observability/honua-process-framework.json",
+        ),
+        (
+            "deploy/scripts/backup-redis.sh",
+            "deploy/k8s/base/scripts/backup-redis.sh",
+        ),
+        (
+            "deploy/scripts/restore-redis.sh",
+            "deploy/k8s/base/scripts/restore-redis.sh",
+        ),
+    ] {
+        assert!(
+            read(src) == read(copy),
+            "{copy} differs from {src}: run deploy/k8s/sync-observability.sh"
+        );
+    }
+    // PrometheusRule: its spec is the rules file.
+    let rules = &docs("deploy/prometheus/rules.yml")[0];
+    let pr = &docs("deploy/k8s/base/observability/prometheusrule.yaml")[0];
+    assert_eq!(pr["kind"], "PrometheusRule");
+    assert!(
+        &pr["spec"] == rules,
+        "prometheusrule.yaml differs from deploy/prometheus/rules.yml: run deploy/k8s/sync-observability.sh"
+    );
+}
+
+#[test]
+fn autoscaling_and_monitoring_use_exported_metrics_and_the_real_stream() {
+    let objs = base_objects();
+    let keys = Keys::new(&Config::default().key_prefix, 0);
+    let jobs = keys.jobs();
+    let stream_label = jobs.as_str().rsplit(':').next().unwrap();
+
+    let hpa = find(&objs, "HorizontalPodAutoscaler", "honua-process-framework");
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        "honua-process-framework"
+    );
+    let mut resources = BTreeSet::new();
+    let mut external = 0;
+    for metric in hpa["spec"]["metrics"].as_array().unwrap() {
+        match metric["type"].as_str().unwrap() {
+            "Resource" => {
+                let r = &metric["resource"];
+                let want = if r["name"] == "cpu" { 70 } else { 80 };
+                assert_eq!(r["target"]["averageUtilization"], want, "{r}");
+                resources.insert(r["name"].as_str().unwrap().to_string());
+            }
+            kind @ ("External" | "Pods") => {
+                let spec = &metric[if kind == "External" {
+                    "external"
+                } else {
+                    "pods"
+                }];
+                let name = spec["metric"]["name"].as_str().unwrap();
+                assert!(
+                    m::ALL.contains(&name),
+                    "{name} is not exported (metrics::ALL)"
+                );
+                assert_eq!(name, m::QUEUE_LAG);
+                assert_eq!(
+                    spec["metric"]["selector"]["matchLabels"]["stream"],
+                    stream_label
+                );
+                assert_eq!(spec["target"]["type"], "AverageValue");
+                external += 1;
+            }
+            other => panic!("unexpected HPA metric type {other}"),
+        }
+    }
+    assert_eq!(resources, ["cpu", "memory"].map(String::from).into());
+    assert_eq!(external, 1);
+    let down = hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(down >= 600, "scale-down stabilisation {down}s < 10 min");
+
+    let so = find(&objs, "ScaledObject", "honua-process-framework");
+    assert_eq!(
+        so["spec"]["scaleTargetRef"]["name"],
+        "honua-process-framework"
+    );
+    let t = so["spec"]["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "redis-streams")
+        .expect("a redis-streams trigger");
+    assert_eq!(t["metadata"]["stream"], jobs.as_str());
+    assert_eq!(t["metadata"]["consumerGroup"], WORKERS_GROUP);
+    assert!(t["metadata"]["lagCount"].is_string());
+    assert!(t["metadata"]["pendingEntriesCount"].is_null());
+    let so_down = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        ["stabilizationWindowSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(so_down >= 600);
+    let auth = find(&objs, "TriggerAuthentication", "honua-redis");
+    assert_eq!(auth["spec"]["secretTargetRef"][0]["name"], "redis-secret");
+
+    // Scrape targets: the gateway Service's port and the workers' metrics port, /metrics.
+    let sm = find(&objs, "ServiceMonitor", "honua-process-framework");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    assert!(read("scheduler/src/gateway.rs").contains(".route(\"/metrics\""));
+    let pm = find(&objs, "PodMonitor", "honua-worker");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    // Alert and recording expressions only name exported metrics (or recorded series).
+    let pr = find(&objs, "PrometheusRule", "honua-process-framework");
+    let mut recorded = BTreeSet::new();
+    for g in pr["spec"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            if let Some(rec) = r["record"].as_str() {
+                recorded.insert(rec.to_string());
+            }
+        }
+    }
+    for g in pr["spec"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            let expr = r["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+                if word.starts_with("honua_") || word == "redis_up" {
+                    let base = word
+                        .trim_end_matches("_bucket")
+                        .trim_end_matches("_sum")
+                        .trim_end_matches("_count");
+                    assert!(
+                        m::ALL.contains(&word) || m::ALL.contains(&base) || recorded.contains(word),
+                        "{word} in {expr} is not exported"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn pods_are_locked_down_and_secrets_only_referenced() {
+    let objs = base_objects();
+    assert!(
+        objs.iter().all(|o| o["kind"] != "Secret"),
+        "no Secret objects"
+    );
+    let ns = find(&objs, "Namespace", "honua-process-framework");
+    assert_eq!(ns["kind"], "Namespace");
+    assert_eq!(
+        docs("deploy/k8s/base/kustomization.yaml")[0]["namespace"],
+        "honua-process-framework"
+    );
+    for w in workloads(&objs) {
+        let name = w["metadata"]["name"].as_str().unwrap();
+        let ps = pod_spec(w);
+        assert_eq!(ps["securityContext"]["runAsNonRoot"], true, "{name}");
+        let mut all = ps["containers"].as_array().unwrap().clone();
+        all.extend(ps["initContainers"].as_array().cloned().unwrap_or_default());
+        for c in &all {
+            let cn = c["name"].as_str().unwrap();
+            let sc = &c["securityContext"];
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}/{cn}");
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}/{cn}");
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{name}/{cn}"
+            );
+            assert!(
+                c["resources"]["requests"]["memory"].is_string(),
+                "{name}/{cn}"
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "{name}/{cn}"
+            );
+            let image = c["image"].as_str().unwrap();
+            let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+            assert!(
+                !tag.is_empty() && tag != "latest",
+                "{name}/{cn}: pin {image}"
+            );
+        }
+    }
+    for pdb in [
+        "honua-process-framework-scheduler",
+        "honua-process-framework-worker",
+    ] {
+        find(&objs, "PodDisruptionBudget", pdb);
+    }
+    // Worker egress: Redis, DNS, HTTPS (LLM), OTLP, nothing else.
+    let np = find(&objs, "NetworkPolicy", "honua-worker");
+    let mut ports = BTreeSet::new();
+    for rule in np["spec"]["egress"].as_array().unwrap() {
+        for p in rule["ports"].as_array().unwrap() {
+            ports.insert(p["port"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(ports, [53, 443, 4317, 4318, 6379].into());
+}
+
+#[test]
+fn redis_is_durable_never_evicts_and_is_backed_up_as_the_guide_says() {
+    let objs = base_objects();
+    let sts = find(&objs, "StatefulSet", "redis");
+    assert_eq!(sts["spec"]["replicas"], 1, "one pod: redis-0");
+    assert!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+            .is_string()
+    );
+    let conf = read("deploy/k8s/base/redis/redis.conf");
+    let directives: Vec<&str> = conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for want in [
+        "appendonly yes",
+        "appendfsync everysec",
+        "maxmemory-policy noeviction",
+        "save 900 1",
+        "dir /data",
+        "dbfilename dump.rdb",
+    ] {
+        assert!(directives.contains(&want), "redis.conf lacks `{want}`");
+    }
+    let init = &pod_spec(sts)["initContainers"][0];
+    assert!(
+        init["command"][2]
+            .as_str()
+            .unwrap()
+            .contains("/scripts/restore-redis.sh")
+    );
+
+    let cj = find(&objs, "CronJob", "redis-backup");
+    let c = &pod_spec(cj)["containers"][0];
+    assert_eq!(
+        c["command"],
+        serde_json::json!(["/bin/bash", "/scripts/backup-redis.sh"])
+    );
+    assert_eq!(env_value(c, "BACKUP_KEEP_DAYS").unwrap()["value"], "7");
+    assert!(env_value(c, "BACKUP_UPLOAD_COMMAND").is_some());
+    let url = env_value(c, "REDIS_URL").unwrap();
+    assert_eq!(url["valueFrom"]["secretKeyRef"]["key"], "connection-string");
+    let vols = pod_spec(cj)["volumes"].as_array().unwrap();
+    assert!(
+        vols.iter()
+            .any(|v| v["configMap"]["name"] == "backup-scripts")
+    );
+    assert!(
+        vols.iter()
+            .any(|v| v["persistentVolumeClaim"]["claimName"] == "backup-pvc")
+    );
+    let script = read("deploy/scripts/backup-redis.sh");
+    for step in [
+        "BGSAVE",
+        "LASTSAVE",
+        "--rdb",
+        "-mtime +\"$keep_days\"",
+        "BACKUP_UPLOAD_COMMAND",
+    ] {
+        assert!(script.contains(step), "backup-redis.sh lacks {step}");
+    }
+}
