@@ -16,4 +16,6 @@ fi
 deploy/prometheus/check.sh
 deploy/k8s/validate.sh
 cargo test --workspace --locked "$@"
+# A real Prometheus scrapes `honua dev` (built by the tests above) and runs the guide's queries.
+deploy/prometheus/smoke.sh
 scripts/schemathesis.sh
