@@ -3,13 +3,14 @@
 # (`honua dev`: private redis-server, scheduler, gateway, in-process workers) with
 # deploy/prometheus/rules.yml loaded, and the operations guide's PromQL queries
 # (OPERATIONS_GUIDE.md "Prometheus Queries", Weekly and Monthly checklists) must return
-# data. Also lints one scrape of /metrics with `promtool check metrics` (reported, not
-# fatal). Everything runs on free ports under a temporary directory and is stopped on exit.
+# data. Also lints one scrape of /metrics with `promtool check metrics` (fails the run on
+# any finding, e.g. a metric without `# HELP`). Everything runs on free ports under a temporary directory and is stopped on exit.
 #
 # Usage: deploy/prometheus/smoke.sh
 # Environment: SMOKE_DEADLINE_SECS (default 90) how long to wait for every query;
 #              SMOKE_KEEP=1 keeps the temporary directory (logs) on exit.
-# Exit: 0 when every required query returned data; 1 otherwise (or on a set-up failure).
+# Exit: 0 when every required query returned data and the lint was clean; 1 otherwise (or
+# on a set-up failure).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -219,6 +220,10 @@ printf '\npromtool check metrics (one scrape of %s/metrics, %s lines): exit %s\n
 echo
 if [ "$missing" -ne 0 ]; then
   echo "smoke: FAILED: $missing required queries returned no data within ${DEADLINE_SECS}s ($(( $(date +%s) - T0 ))s total)" >&2
+  exit 1
+fi
+if [ "$LINT_RC" -ne 0 ] || [ -n "$LINT" ]; then
+  echo "smoke: FAILED: promtool check metrics reported findings on /metrics" >&2
   exit 1
 fi
 echo "smoke: OK: every required query returned data ($(( $(date +%s) - T0 ))s total)"

@@ -71,6 +71,15 @@ pub const LLM_TOKENS_USED: &str = "honua_llm_tokens_used_total";
 pub const LLM_ERRORS: &str = "honua_llm_errors_total";
 pub const LLM_REQUESTS: &str = "honua_llm_requests_total";
 pub const LLM_LATENCY: &str = "honua_llm_request_duration_seconds";
+/// Time an LLM call waited for the fleet-wide limiter (histogram, seconds; `bucket`:
+/// provider/model, `outcome`: granted, timeout, cancelled).
+pub const LLM_LIMITER_WAIT: &str = "honua_llm_limiter_wait_seconds";
+/// LLM calls held back by rate limits (counter; `bucket`, `source`: `limiter` = not admitted
+/// within the wait bound, `provider` = the provider answered 429 and the bucket was paused).
+pub const LLM_RATE_LIMITED: &str = "honua_llm_rate_limited_total";
+/// Limiter admissions decided by the local stage alone because Redis was unreachable
+/// (counter; `bucket`).
+pub const LLM_LIMITER_FALLBACK: &str = "honua_llm_limiter_local_fallback_total";
 
 /// Every name above, for tests that check dashboards and rules reference only these.
 pub const ALL: &[&str] = &[
@@ -105,4 +114,200 @@ pub const ALL: &[&str] = &[
     LLM_ERRORS,
     LLM_REQUESTS,
     LLM_LATENCY,
+    LLM_LIMITER_WAIT,
+    LLM_RATE_LIMITED,
+    LLM_LIMITER_FALLBACK,
 ];
+
+/// How a metric is exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// `# HELP` text and type of every metric (one line each; the doc comments above say more).
+pub const HELP: &[(&str, Kind, &str)] = &[
+    (
+        ACTIVE_PROCESSES,
+        Kind::Gauge,
+        "Unfinished processes (fleet-wide, from Redis).",
+    ),
+    (
+        OLDEST_ACTIVE_AGE,
+        Kind::Gauge,
+        "Age in seconds of the oldest unfinished process (fleet-wide).",
+    ),
+    (PROCESS_STARTED, Kind::Counter, "Processes created."),
+    (
+        PROCESS_COMPLETED,
+        Kind::Counter,
+        "Processes that completed successfully.",
+    ),
+    (
+        PROCESS_FAILURES,
+        Kind::Counter,
+        "Processes that failed, by error code.",
+    ),
+    (
+        PROCESS_TIMEOUTS,
+        Kind::Counter,
+        "Processes that hit their timeout.",
+    ),
+    (
+        PROCESS_CANCELLED,
+        Kind::Counter,
+        "Processes cancelled by an operator.",
+    ),
+    (
+        PROCESS_DURATION,
+        Kind::Histogram,
+        "Start to end of finished processes, in seconds.",
+    ),
+    (
+        PROCESS_TRANSITIONS,
+        Kind::Counter,
+        "Transitions of processes into a status.",
+    ),
+    (
+        STEPS,
+        Kind::Counter,
+        "Step executions finished by workers, by kind and outcome.",
+    ),
+    (
+        STEP_DURATION,
+        Kind::Histogram,
+        "Step handler run time in seconds.",
+    ),
+    (
+        WORKER_INFLIGHT,
+        Kind::Gauge,
+        "Steps running on this worker.",
+    ),
+    (
+        WORKER_FREE_SLOTS,
+        Kind::Gauge,
+        "Free step slots on this worker.",
+    ),
+    (
+        RECLAIMS,
+        Kind::Counter,
+        "Jobs taken over from stopped workers.",
+    ),
+    (
+        DEAD_LETTERS,
+        Kind::Counter,
+        "Jobs dead-lettered at max_deliveries.",
+    ),
+    (
+        STALE_COMMITS,
+        Kind::Counter,
+        "Commits, heartbeats or checkpoints refused because the claim was stale.",
+    ),
+    (RELEASES, Kind::Counter, "Steps handed back at shutdown."),
+    (
+        LOST_PENDING,
+        Kind::Counter,
+        "Pending jobs whose stream entries had been deleted.",
+    ),
+    (
+        GROUPS_RECREATED,
+        Kind::Counter,
+        "Consumer groups recreated after NOGROUP.",
+    ),
+    (
+        QUARANTINED,
+        Kind::Counter,
+        "Entries set aside in the quarantine stream.",
+    ),
+    (
+        COMMIT_CONFLICTS,
+        Kind::Counter,
+        "Revision conflicts between scheduler replicas.",
+    ),
+    (QUEUE_LENGTH, Kind::Gauge, "Stream length."),
+    (
+        QUEUE_LAG,
+        Kind::Gauge,
+        "Entries not yet delivered to the stream's consumer group.",
+    ),
+    (
+        QUEUE_PENDING,
+        Kind::Gauge,
+        "Delivered, unacknowledged stream entries.",
+    ),
+    (
+        QUEUE_OLDEST_PENDING_AGE,
+        Kind::Gauge,
+        "Age in seconds of the oldest pending stream entry.",
+    ),
+    (
+        WORKERS_LIVE,
+        Kind::Gauge,
+        "Workers with a heartbeat in the last 30 s.",
+    ),
+    (
+        REDIS_UP,
+        Kind::Gauge,
+        "1 when Redis answered the last sample, else 0.",
+    ),
+    (
+        LLM_TOKENS_USED,
+        Kind::Counter,
+        "LLM tokens used (input and output).",
+    ),
+    (LLM_ERRORS, Kind::Counter, "LLM call errors, by error type."),
+    (
+        LLM_REQUESTS,
+        Kind::Counter,
+        "LLM requests sent to providers.",
+    ),
+    (
+        LLM_LATENCY,
+        Kind::Histogram,
+        "LLM request latency in seconds.",
+    ),
+    (
+        LLM_LIMITER_WAIT,
+        Kind::Histogram,
+        "Time an LLM call waited for the fleet-wide limiter, in seconds.",
+    ),
+    (
+        LLM_RATE_LIMITED,
+        Kind::Counter,
+        "LLM calls held back by rate limits.",
+    ),
+    (
+        LLM_LIMITER_FALLBACK,
+        Kind::Counter,
+        "Limiter admissions decided locally because Redis was unreachable.",
+    ),
+];
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_help_and_a_kind_that_matches_its_name() {
+        let named: Vec<&str> = HELP.iter().map(|h| h.0).collect();
+        for name in ALL {
+            assert!(named.contains(name), "{name} has no entry in HELP");
+        }
+        assert_eq!(
+            named.len(),
+            ALL.len(),
+            "HELP lists a name that ALL does not"
+        );
+        for &(name, kind, help) in HELP {
+            assert!(!help.is_empty(), "{name}: empty help");
+            if name.ends_with("_total") {
+                assert_eq!(kind, Kind::Counter, "{name}");
+            }
+            if kind == Kind::Counter {
+                assert!(name.ends_with("_total"), "{name}: counters end in _total");
+            }
+        }
+    }
+}

@@ -375,6 +375,7 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
             }
+            describe_metrics();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -388,6 +389,18 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Registers the `# HELP` text of every metric named in `honua_shared::metrics::HELP`.
+fn describe_metrics() {
+    use honua_shared::metrics::{HELP, Kind};
+    for &(name, kind, help) in HELP {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }
 
 /// The exporter configuration: histogram buckets for every `*_seconds` metric.
