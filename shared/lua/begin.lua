@@ -2,7 +2,8 @@
 -- KEYS[1]            job stream
 -- KEYS[3i-1..3i+1]   for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer
--- ARGV[3i..3i+2]     for job i: entry id, step name, token
+-- ARGV[4i-1..4i+2]   for job i: entry id, step name, token, the traceparent of this
+--                    attempt's span ('' when the worker does not trace)
 -- Returns one reply per job:
 --   {'ok', deliveries, type, version, step_record_json, data_hash_flat}
 --   {'lost'}              the entry is no longer ours (reclaimed meanwhile): skip it
@@ -10,10 +11,10 @@
 local jobs, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local now = now_ms()
 local out = {}
-local n = (#ARGV - 2) / 3
+local n = (#ARGV - 2) / 4
 for i = 1, n do
   local meta, steps, data = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local id, step, token = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+  local id, step, token, trace = ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
   local p = pending_entry(jobs, group, id)
   if not p or p[2] ~= consumer then
     out[i] = {'lost'}
@@ -35,6 +36,10 @@ for i = 1, n do
         rec.started_ms = now
       end
       rec.claimed_ms = now
+      if trace ~= '' and rec.attempt_trace ~= trace then
+        rec.previous_attempt_trace = rec.attempt_trace
+        rec.attempt_trace = trace
+      end
       local enc = cjson.encode(rec)
       redis.call('HSET', steps, step, enc)
       out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data)}

@@ -61,6 +61,13 @@ pub struct StepRecord {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    /// W3C `traceparent` of the latest attempt's `step.execute` span (set by `begin.lua`
+    /// when the worker traces), so a reclaimed or retried attempt can link to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_trace: Option<String>,
+    /// The `attempt_trace` of the attempt before the latest one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_attempt_trace: Option<String>,
     /// Inputs of a join that have arrived.
     #[serde(
         default,

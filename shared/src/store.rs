@@ -434,10 +434,13 @@ impl Store {
     }
 
     /// Runs `begin.lua` for a batch of jobs this consumer just read or reclaimed.
+    /// `attempt_traces[i]` is the `traceparent` of job i's `step.execute` span (`None` or
+    /// missing: not traced); it is kept in the step record for the next attempt to link to.
     pub async fn begin(
         &self,
         consumer: &str,
         jobs: &[(String, JobEnvelope)],
+        attempt_traces: &[Option<String>],
     ) -> Result<Vec<Begin>> {
         if jobs.is_empty() {
             return Ok(vec![]);
@@ -445,11 +448,12 @@ impl Store {
         let mut inv = Scripts::get().begin.prepare_invoke();
         inv.key(self.keys.jobs());
         inv.arg(WORKERS_GROUP).arg(consumer);
-        for (id, job) in jobs {
+        for (i, (id, job)) in jobs.iter().enumerate() {
             for k in self.keys.process_keys(&job.process_id) {
                 inv.key(k);
             }
-            inv.arg(id).arg(&job.step).arg(&job.token);
+            let trace = attempt_traces.get(i).cloned().flatten().unwrap_or_default();
+            inv.arg(id).arg(&job.step).arg(&job.token).arg(trace);
         }
         let replies: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn()).await?;
         replies

@@ -1,6 +1,8 @@
 //! Test harness: real redis-server processes on free ports, in-process or child-process
 //! fleets, and waiting for conditions with a deadline (never a fixed sleep).
 
+pub mod otlp;
+
 use honua_shared::config::Config;
 use honua_shared::keys::Keys;
 use honua_shared::store::Store;
@@ -177,6 +179,17 @@ impl WorkerProcess {
     /// Starts the worker binary `bin` (integration tests pass
     /// `env!("CARGO_BIN_EXE_honua-test-worker")`) with `cfg` as `HONUA_*` variables.
     pub fn spawn(bin: &str, cfg: &Config, id: &str, log: &Path) -> Self {
+        Self::spawn_with_env(bin, cfg, id, log, &[])
+    }
+
+    /// [`WorkerProcess::spawn`] with extra environment variables (e.g. `OTEL_*`).
+    pub fn spawn_with_env(
+        bin: &str,
+        cfg: &Config,
+        id: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let stdout = log.with_file_name(format!("{id}.stdout"));
         let err_file = std::fs::File::create(&stdout).unwrap();
         let child = Command::new(bin)
@@ -199,6 +212,7 @@ impl WorkerProcess {
             )
             .env("HONUA_TEST_LOG", log)
             .env("HONUA_WORKER_METRICS_ADDR", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdout(err_file)
             .stderr(Stdio::null())
             .spawn()

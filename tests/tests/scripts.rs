@@ -63,7 +63,7 @@ async fn setup(redis: &RedisServer) -> (Store, Held, honua_scheduler::Engine, te
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
     assert_eq!(job.process_id, pid);
     let begin = st
-        .begin("a", &[(entries[0].id.clone(), job.clone())])
+        .begin("a", &[(entries[0].id.clone(), job.clone())], &[])
         .await
         .unwrap();
     let Begin::Ok { deliveries, .. } = begin[0] else {
@@ -102,7 +102,7 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
     assert_eq!(*deliveries, 2, "the reclaim counted as a delivery");
     let job = JobEnvelope::from_fields(&entry.fields).unwrap();
     let begin = st
-        .begin("b", &[(entry.id.clone(), job.clone())])
+        .begin("b", &[(entry.id.clone(), job.clone())], &[])
         .await
         .unwrap();
     assert!(
@@ -221,7 +221,7 @@ async fn a_released_job_is_requeued_at_once_with_its_fence_kept() {
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
     assert_eq!(job, held.job);
     let begin = st
-        .begin("b", &[(entries[0].id.clone(), job)])
+        .begin("b", &[(entries[0].id.clone(), job)], &[])
         .await
         .unwrap();
     let Begin::Ok {

@@ -2,19 +2,11 @@
 //! An in-test OTLP/gRPC receiver collects the spans of an in-process fleet. (Its own test
 //! binary: the tracing subscriber and the span exporter are process-global.)
 
+use honua_tests::otlp::{Receiver, Span, attrs, hex, spans_of};
 use honua_tests::*;
 use honua_worker::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
-use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 const DEFS: &[(&str, &str)] = &[(
     "traced.toml",
@@ -34,72 +26,6 @@ kind = "noop"
 /// A secret-looking input value that must appear in no span.
 const SECRET: &str = "sk-never-in-a-span-4242";
 
-/// The OTLP trace receiver: keeps every exported span.
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Span>>>,
-    services: Arc<Mutex<Vec<String>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        for rs in req.into_inner().resource_spans {
-            if let Some(r) = &rs.resource {
-                for a in &r.attributes {
-                    if a.key == "service.name" {
-                        self.services
-                            .lock()
-                            .unwrap()
-                            .push(value(a).unwrap_or_default());
-                    }
-                }
-            }
-            for ss in rs.scope_spans {
-                self.spans.lock().unwrap().extend(ss.spans);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-fn value(kv: &opentelemetry_proto::tonic::common::v1::KeyValue) -> Option<String> {
-    match kv.value.as_ref()?.value.as_ref()? {
-        AnyValue::StringValue(s) => Some(s.clone()),
-        AnyValue::IntValue(i) => Some(i.to_string()),
-        AnyValue::BoolValue(b) => Some(b.to_string()),
-        AnyValue::DoubleValue(d) => Some(d.to_string()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
-fn attrs(s: &Span) -> HashMap<String, String> {
-    s.attributes
-        .iter()
-        .filter_map(|a| Some((a.key.clone(), value(a)?)))
-        .collect()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The spans of process `pid`, by name.
-fn spans_of(all: &[Span], pid: &str) -> HashMap<String, Vec<Span>> {
-    let mut out: HashMap<String, Vec<Span>> = HashMap::new();
-    for s in all {
-        if attrs(s).get("honua.process_id").map(String::as_str) == Some(pid) {
-            out.entry(s.name.clone()).or_default().push(s.clone());
-        }
-    }
-    out
-}
-
 async fn post(f: &Fleet, traceparent: Option<&str>) -> String {
     let mut req = reqwest::Client::new()
         .post(f.url("/api/processes"))
@@ -117,12 +43,7 @@ async fn post(f: &Fleet, traceparent: Option<&str>) -> String {
 async fn one_trace_per_process_across_gateway_scheduler_and_workers() {
     honua_worker::install_crypto_provider();
     let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(receiver.clone()))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-    let server = tokio::spawn(server);
+    let (addr, server) = receiver.start().await;
 
     let guard = telemetry::init_with(
         LogFormat::Json,
@@ -136,6 +57,11 @@ async fn one_trace_per_process_across_gateway_scheduler_and_workers() {
 
     let redis = RedisServer::start();
     let defs = defs_dir(DEFS);
+    std::fs::copy(
+        shipped_definitions().join("deployment.toml"),
+        defs.path().join("deployment.toml"),
+    )
+    .unwrap();
     let fleet = Fleet::start(test_config(&redis.url(), defs.path()), 1, 2).await;
 
     // Without a traceparent: the submission starts a new trace.
@@ -263,7 +189,122 @@ async fn one_trace_per_process_across_gateway_scheduler_and_workers() {
         assert!(!text.contains(SECRET), "input leaked into span {}", s.name);
     }
 
+    deployment_is_one_trace(&fleet, &guard, &receiver).await;
+
     fleet.stop().await;
     drop(guard);
     server.abort();
+}
+
+/// The shipped Deployment process (review gate approved over the API) is one trace: the
+/// submit span is the root, every worker step and every scheduler transition its child.
+/// The tree is printed (run with `--nocapture`) for the record.
+async fn deployment_is_one_trace(
+    fleet: &Fleet,
+    guard: &telemetry::TelemetryGuard,
+    receiver: &Receiver,
+) {
+    let http = reqwest::Client::new();
+    let r = http
+        .post(fleet.url("/api/processes"))
+        .json(&json!({"processType": "Deployment", "input": {"app": "shop"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pid = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("the review gate to take the approval", DEADLINE, || async {
+        let r = http
+            .post(fleet.url(&format!("/api/processes/{pid}/signal/review")))
+            .json(&json!({"value": "approve"}))
+            .send()
+            .await
+            .unwrap();
+        (r.status() == 202).then_some(())
+    })
+    .await;
+    let rec = fleet.wait_finished(&pid).await;
+    assert_eq!(rec.status.as_str(), "Completed");
+    let worker_steps = [
+        "ConfigureObservability",
+        "GenerateInfrastructureCode",
+        "ValidateDeployment",
+        "ValidateDeploymentRequirements",
+    ];
+    let spans = wait_for("every span of the Deployment", DEADLINE, || {
+        guard.flush();
+        let by = spans_of(&receiver.spans.lock().unwrap(), &pid);
+        let done = by.get("step.execute").map_or(0, Vec::len) == worker_steps.len()
+            && by.get("process.transition").is_some_and(|t| {
+                t.iter()
+                    .any(|s| attrs(s).get("honua.status").map(String::as_str) == Some("Completed"))
+            });
+        let all: Vec<Span> = by.into_values().flatten().collect();
+        async move { done.then_some(all) }
+    })
+    .await;
+    let root = spans.iter().find(|s| s.name == "process.submit").unwrap();
+    let mut steps: Vec<String> = Vec::new();
+    for s in &spans {
+        assert_eq!(
+            hex(&s.trace_id),
+            hex(&root.trace_id),
+            "{} in another trace",
+            s.name
+        );
+        if s.name != "process.submit" {
+            assert_eq!(
+                hex(&s.parent_span_id),
+                hex(&root.span_id),
+                "{} not under the root",
+                s.name
+            );
+        }
+        if s.name == "step.execute" {
+            steps.push(attrs(s)["honua.step"].clone());
+        }
+    }
+    steps.sort();
+    assert_eq!(steps, worker_steps);
+
+    let mut children: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name != "process.submit")
+        .collect();
+    children.sort_by_key(|s| s.start_time_unix_nano);
+    let ms = |s: &Span| (s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano)) / 1_000_000;
+    let at = |s: &Span| {
+        (s.start_time_unix_nano
+            .saturating_sub(root.start_time_unix_nano))
+            / 1_000_000
+    };
+    let mut tree = format!(
+        "trace {} (Deployment {pid})\nprocess.submit {} ms\n",
+        hex(&root.trace_id),
+        ms(root)
+    );
+    for s in children {
+        let a = attrs(s);
+        let what = match s.name.as_str() {
+            "step.execute" => format!(
+                "{} attempt {} on {} -> {}",
+                a["honua.step"], a["honua.attempt"], a["honua.worker"], a["honua.outcome"]
+            ),
+            _ => format!(
+                "{} -> {}",
+                a.get("honua.event").map_or("", String::as_str),
+                a.get("honua.status").map_or("", String::as_str)
+            ),
+        };
+        tree.push_str(&format!(
+            "  +{:>5} ms {} {what} ({} ms)\n",
+            at(s),
+            s.name,
+            ms(s)
+        ));
+    }
+    eprintln!("{tree}");
 }

@@ -437,7 +437,14 @@ impl Inner {
         if jobs.is_empty() {
             return;
         }
-        let answers = (|| self.store.begin(&self.id, &jobs))
+        // Each attempt's span exists before `begin`, so its context is stored with the step
+        // record and a later attempt (reclaim, retry) can link to it.
+        let mut spans: Vec<tracing::Span> = jobs.iter().map(|(_, j)| self.step_span(j)).collect();
+        let traces: Vec<Option<String>> = spans
+            .iter()
+            .map(|s| crate::telemetry::trace_context_of(s).and_then(|t| t.traceparent))
+            .collect();
+        let answers = (|| self.store.begin(&self.id, &jobs, &traces))
             .retry(crate::redis_backoff(Duration::from_secs(5)))
             .when(StoreError::is_retryable)
             .notify(|e, _| warn!(error = %e, "begin failed; retrying"))
@@ -448,7 +455,9 @@ impl Inner {
             // The entries stay in this consumer's pending list; the sweep reclaims them.
             return;
         };
+        spans.reverse();
         for ((entry_id, job), answer) in jobs.into_iter().zip(answers) {
+            let span = spans.pop().unwrap_or_else(tracing::Span::none);
             match answer {
                 Begin::Ok {
                     deliveries,
@@ -463,7 +472,11 @@ impl Inner {
                         deliveries,
                         job,
                     };
-                    let _ = step;
+                    span.record("honua.process_type", process_type.as_str());
+                    span.record("honua.deliveries", deliveries);
+                    if let Some(previous) = step.previous_attempt_trace.as_deref() {
+                        crate::telemetry::add_link(&span, previous);
+                    }
                     let me = self.clone();
                     let cancel = CancellationToken::new();
                     let reason = Arc::new(AtomicU8::new(REASON_NONE));
@@ -478,21 +491,48 @@ impl Inner {
                     self.stats.started.fetch_add(1, Ordering::Relaxed);
                     self.slot_gauges();
                     tokio::spawn(async move {
-                        me.execute(held, process_type, version, data, cancel, reason)
+                        me.execute(span, held, process_type, version, data, cancel, reason)
                             .await;
                         drop(permit);
                     });
                 }
                 Begin::Lost => {
+                    span.record("honua.outcome", "lost");
                     debug!(entry = %entry_id, "job reclaimed by another worker before it began")
                 }
-                Begin::Obsolete(why) => debug!(entry = %entry_id, %why, "obsolete job dropped"),
+                Begin::Obsolete(why) => {
+                    span.record("honua.outcome", "obsolete");
+                    debug!(entry = %entry_id, %why, "obsolete job dropped")
+                }
             }
         }
     }
 
+    /// The `step.execute` span of one attempt: a root tracing span whose parent is the
+    /// job's W3C context (the process span the scheduler copied into every job), so every
+    /// attempt of every step joins the process's trace. Type and deliveries are recorded
+    /// once `begin` has answered.
+    fn step_span(&self, job: &JobEnvelope) -> tracing::Span {
+        let span = tracing::info_span!(
+            parent: None,
+            "step.execute",
+            otel.kind = "consumer",
+            honua.process_id = %job.process_id,
+            honua.process_type = tracing::field::Empty,
+            honua.step = %job.step,
+            honua.attempt = job.attempt,
+            honua.deliveries = tracing::field::Empty,
+            honua.worker = %self.id,
+            honua.outcome = tracing::field::Empty,
+        );
+        crate::telemetry::set_parent(&span, &job.trace);
+        span
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         self: Arc<Self>,
+        span: tracing::Span,
         held: Held,
         process_type: String,
         version: u32,
@@ -500,23 +540,6 @@ impl Inner {
         cancel: CancellationToken,
         reason: Arc<AtomicU8>,
     ) {
-        // A root tracing span whose parent is the job's W3C context (the process span the
-        // scheduler copied into every job), so every attempt of every step joins the
-        // process's trace. A reclaimed attempt cannot link to the previous attempt's span
-        // (its context is not stored): it records the delivery count and a `reclaimed` event.
-        let span = tracing::info_span!(
-            parent: None,
-            "step.execute",
-            otel.kind = "consumer",
-            honua.process_id = %held.job.process_id,
-            honua.process_type = %process_type,
-            honua.step = %held.job.step,
-            honua.attempt = held.job.attempt,
-            honua.deliveries = held.deliveries,
-            honua.worker = %self.id,
-            honua.outcome = tracing::field::Empty,
-        );
-        crate::telemetry::set_parent(&span, &held.job.trace);
         if held.deliveries > 1 {
             span.in_scope(|| {
                 info!(

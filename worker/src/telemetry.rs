@@ -323,6 +323,20 @@ pub fn set_parent(span: &tracing::Span, trace: &TraceContext) {
     }
 }
 
+/// Links `span` to the span whose W3C `traceparent` is given (an earlier attempt of the same
+/// step). Nothing happens for an invalid `traceparent` or without the exporter.
+pub fn add_link(span: &tracing::Span, traceparent: &str) {
+    let carrier = Carrier(HashMap::from([(
+        "traceparent".to_string(),
+        traceparent.to_string(),
+    )]));
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
 /// The W3C context of `span`, `None` when it is not traced (no exporter installed).
 pub fn trace_context_of(span: &tracing::Span) -> Option<TraceContext> {
     let cx = span.context();
