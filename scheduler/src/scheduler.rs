@@ -215,165 +215,240 @@ impl Scheduler {
         if parsed.is_empty() {
             return;
         }
-        // One round trip for every record; later events of a process already seen in this
-        // batch re-read it (the first commit changed it).
+        // One round trip for every record. The first event of each process is decided from
+        // that snapshot and every such commit goes out in one pipeline (each commit is its
+        // own revision-checked script, so this is the same as sending them one by one, minus
+        // the round trips). Later events of a process already seen in this batch, and
+        // commits that lost a revision race, re-read and go one by one.
         let ids: Vec<&str> = parsed.iter().map(|(_, ev)| ev.process_id()).collect();
-        let preloaded = match self.engine.store.load_processes(&ids).await {
-            Ok((now, recs)) => Some((now, recs)),
+        let (now, recs) = match self.engine.store.load_processes(&ids).await {
+            Ok(loaded) => loaded,
             Err(e) => {
                 warn!(error = %e, "loading records failed; events stay pending");
                 return;
             }
         };
-        let (now, recs) = preloaded.unwrap();
         let mut seen = std::collections::HashSet::new();
-        for ((entry_id, ev), loaded) in parsed.iter().zip(recs) {
-            let first = seen.insert(ev.process_id().to_string());
-            let pre = first.then_some((now, loaded));
+        let mut batch = Vec::with_capacity(parsed.len());
+        let mut again = Vec::new();
+        for ((entry_id, ev), (meta, steps)) in parsed.iter().zip(recs) {
             self.stats.events.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.apply_event(entry_id, ev, pre).await {
+            if !seen.insert(ev.process_id()) {
+                again.push((entry_id.as_str(), ev));
+                continue;
+            }
+            match self.prepare(entry_id, ev, now, &meta, &steps).await {
+                Ok(Some(p)) => batch.push(p),
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, entry = %entry_id, "event not applied yet; will retry"),
+            }
+        }
+        let calls: Vec<&engine::CommitCall> = batch.iter().map(|p| &p.call).collect();
+        // `None`: nothing is known about which commits of the batch applied. Every event of
+        // it then re-reads its record (an applied commit acknowledged its entry, and
+        // replaying its event changes nothing).
+        let answers: Vec<Option<Result<Commit, StoreError>>> =
+            match self.engine.store.commit_many(&calls).await {
+                Ok(a) => a.into_iter().map(Some).collect(),
+                Err(e) => {
+                    warn!(error = %e, "committing a batch failed; applying its events one by one");
+                    (0..batch.len()).map(|_| None).collect()
+                }
+            };
+        let mut reload = false;
+        for (p, answer) in batch.into_iter().zip(answers) {
+            let (entry_id, ev) = (p.entry_id, p.ev);
+            let retry = match answer {
+                Some(Ok(c)) => self.committed(p, c),
+                Some(Err(e)) => {
+                    // NOSCRIPT after a server restart: the one-by-one path reloads it.
+                    reload |= is_noscript(&e);
+                    p.span.record("honua.commit", "error");
+                    true
+                }
+                None => {
+                    p.span.record("honua.commit", "error");
+                    true
+                }
+            };
+            if retry {
+                again.push((entry_id, ev));
+            }
+        }
+        if reload && let Err(e) = self.engine.store.load_scripts().await {
+            warn!(error = %e, "reloading scripts failed");
+        }
+        // In stream order, so events of one process apply in the order they were written.
+        again.sort_by_key(|(id, _)| stream_order(id));
+        for (entry_id, ev) in again {
+            if let Err(e) = self.apply_event(entry_id, ev).await {
                 warn!(error = %e, entry = %entry_id, "event not applied yet; will retry");
             }
         }
     }
 
-    /// Decides and commits one event, re-reading on a revision conflict.
-    #[allow(clippy::type_complexity)]
-    async fn apply_event(
+    /// Decides one event from a record snapshot: `Some` commit to send, or `None` when the
+    /// event was dealt with here (dropped, quarantined, or left for another scheduler).
+    async fn prepare<'e>(
         &self,
-        entry_id: &str,
-        ev: &Event,
-        mut pre: Option<(
-            u64,
-            (
-                std::collections::HashMap<String, String>,
-                std::collections::HashMap<String, String>,
-            ),
-        )>,
-    ) -> Result<(), StoreError> {
+        entry_id: &'e str,
+        ev: &'e Event,
+        now: u64,
+        meta: &std::collections::HashMap<String, String>,
+        steps: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<Prepared<'e>>, StoreError> {
         let store = &self.engine.store;
         let stream = store.keys().events();
         let pid = ev.process_id();
-        for _ in 0..50 {
-            let (now, (meta, steps)) = match pre.take() {
-                Some(p) => p,
-                None => {
-                    let (now, mut v) = store.load_processes(&[pid]).await?;
-                    (now, v.remove(0))
-                }
-            };
-            let rec = match ProcessRecord::parse(pid, &meta, &steps) {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    debug!(process_id = %pid, "event for a process that no longer exists");
-                    store
-                        .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
-                        .await?;
-                    return Ok(());
-                }
-                Err(err) => {
-                    self.quarantine(
-                        &stream,
-                        entry_id,
-                        &format!("process {pid} record is corrupt: {err}"),
-                    )
-                    .await;
-                    return Ok(());
-                }
-            };
-            let Some(def) = self.engine.defs.get(&rec.process_type, rec.version) else {
-                error!(process_id = %pid, process_type = %rec.process_type, version = rec.version, "definition not loaded on this scheduler; event left for another");
-                return Ok(());
-            };
-            let ctx = Ctx {
-                def,
-                kinds: &self.engine.kinds,
-                now_ms: now,
-                jitter: rand::random(),
-            };
-            let t = engine::on_event(&ctx, &rec, ev);
-            for n in &t.notes {
-                debug!(process_id = %pid, note = %n);
-            }
-            if t.is_empty() {
+        let rec = match ProcessRecord::parse(pid, meta, steps) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                debug!(process_id = %pid, "event for a process that no longer exists");
                 store
                     .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
                     .await?;
-                return Ok(());
+                return Ok(None);
             }
-            let call = t.to_commit(
-                store.keys(),
-                pid,
-                Some(rec.rev),
-                now,
-                self.engine.cfg.retention_secs,
-                Some(AckSource {
-                    stream: stream.clone(),
-                    id: entry_id,
-                }),
-            );
-            let status_after =
-                t.actions
-                    .iter()
-                    .find_map(|a| match a {
-                        engine::Action::Finish { status, .. }
-                        | engine::Action::SetStatus(status) => Some(*status),
+            Err(err) => {
+                self.quarantine(
+                    &stream,
+                    entry_id,
+                    &format!("process {pid} record is corrupt: {err}"),
+                )
+                .await;
+                return Ok(None);
+            }
+        };
+        let Some(def) = self.engine.defs.get(&rec.process_type, rec.version) else {
+            error!(process_id = %pid, process_type = %rec.process_type, version = rec.version, "definition not loaded on this scheduler; event left for another");
+            return Ok(None);
+        };
+        let ctx = Ctx {
+            def,
+            kinds: &self.engine.kinds,
+            now_ms: now,
+            jitter: rand::random(),
+        };
+        let t = engine::on_event(&ctx, &rec, ev);
+        for n in &t.notes {
+            debug!(process_id = %pid, note = %n);
+        }
+        if t.is_empty() {
+            store
+                .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
+                .await?;
+            return Ok(None);
+        }
+        let call = t.to_commit(
+            store.keys(),
+            pid,
+            Some(rec.rev),
+            now,
+            self.engine.cfg.retention_secs,
+            Some(AckSource {
+                stream: stream.clone(),
+                id: entry_id,
+            }),
+        );
+        let status_after = t
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                engine::Action::Finish { status, .. } | engine::Action::SetStatus(status) => {
+                    Some(*status)
+                }
+                _ => None,
+            })
+            .unwrap_or(rec.status);
+        let span = tracing::info_span!(
+            parent: None,
+            "process.transition",
+            honua.process_id = %pid,
+            honua.process_type = %rec.process_type,
+            honua.event = event_kind(ev),
+            honua.status = status_after.as_str(),
+            honua.commit = tracing::field::Empty,
+        );
+        honua_worker::telemetry::set_parent(
+            &span,
+            &honua_shared::envelope::TraceContext {
+                traceparent: rec.trace.clone(),
+                tracestate: None,
+            },
+        );
+        Ok(Some(Prepared {
+            entry_id,
+            ev,
+            now,
+            rec,
+            t,
+            call,
+            span,
+        }))
+    }
+
+    /// Records the answer of one commit. Returns true when the event must be decided again
+    /// from a fresh read (a revision conflict).
+    fn committed(&self, p: Prepared<'_>, committed: Commit) -> bool {
+        let Prepared {
+            now, rec, t, span, ..
+        } = p;
+        let pid = &rec.id;
+        span.record(
+            "honua.commit",
+            match &committed {
+                Commit::Ok { .. } => "ok",
+                Commit::Conflict => "conflict",
+                _ => "discarded",
+            },
+        );
+        let _entered = span.enter();
+        match committed {
+            Commit::Ok { .. } => {
+                if let Some((status, error)) = t.finish() {
+                    let took = rec.duration_ms(now).unwrap_or(0);
+                    let code = t.actions.iter().find_map(|a| match a {
+                        honua_shared::engine::Action::Finish { code, .. } => code.as_deref(),
                         _ => None,
-                    })
-                    .unwrap_or(rec.status);
-            let span = tracing::info_span!(
-                parent: None,
-                "process.transition",
-                honua.process_id = %pid,
-                honua.process_type = %rec.process_type,
-                honua.event = event_kind(ev),
-                honua.status = status_after.as_str(),
-                honua.commit = tracing::field::Empty,
-            );
-            honua_worker::telemetry::set_parent(
-                &span,
-                &honua_shared::envelope::TraceContext {
-                    traceparent: rec.trace.clone(),
-                    tracestate: None,
-                },
-            );
-            let committed = store.commit(&call).instrument(span.clone()).await;
-            span.record(
-                "honua.commit",
-                match &committed {
-                    Ok(Commit::Ok { .. }) => "ok",
-                    Ok(Commit::Conflict) => "conflict",
-                    Ok(_) => "discarded",
-                    Err(_) => "error",
-                },
-            );
-            let _entered = span.enter();
-            match committed? {
-                Commit::Ok { .. } => {
-                    if let Some((status, error)) = t.finish() {
-                        let took = rec.duration_ms(now).unwrap_or(0);
-                        let code = t.actions.iter().find_map(|a| match a {
-                            honua_shared::engine::Action::Finish { code, .. } => code.as_deref(),
-                            _ => None,
-                        });
-                        crate::record_finish(&rec.process_type, status, code, took);
-                        match error {
-                            Some(err) => {
-                                warn!(process_id = %pid, process_type = %rec.process_type, status = %status, error = %err, duration_ms = took, "Process {pid} failed: {err}")
-                            }
-                            None => {
-                                info!(process_id = %pid, process_type = %rec.process_type, status = %status, duration_ms = took, "Process {pid} completed, duration {took} ms")
-                            }
+                    });
+                    crate::record_finish(&rec.process_type, status, code, took);
+                    match error {
+                        Some(err) => {
+                            warn!(process_id = %pid, process_type = %rec.process_type, status = %status, error = %err, duration_ms = took, "Process {pid} failed: {err}")
+                        }
+                        None => {
+                            info!(process_id = %pid, process_type = %rec.process_type, status = %status, duration_ms = took, "Process {pid} completed, duration {took} ms")
                         }
                     }
-                    return Ok(());
                 }
-                Commit::Conflict => {
-                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::COMMIT_CONFLICTS).increment(1);
-                    continue;
-                }
-                Commit::Gone | Commit::Exists | Commit::Duplicate(_) => return Ok(()),
+                false
+            }
+            Commit::Conflict => {
+                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::COMMIT_CONFLICTS).increment(1);
+                true
+            }
+            Commit::Gone | Commit::Exists | Commit::Duplicate(_) => false,
+        }
+    }
+
+    /// Decides and commits one event from a fresh read, re-reading on a revision conflict.
+    async fn apply_event(&self, entry_id: &str, ev: &Event) -> Result<(), StoreError> {
+        let store = &self.engine.store;
+        let pid = ev.process_id();
+        for _ in 0..50 {
+            let (now, mut v) = store.load_processes(&[pid]).await?;
+            let (meta, steps) = v.remove(0);
+            let Some(p) = self.prepare(entry_id, ev, now, &meta, &steps).await? else {
+                return Ok(());
+            };
+            let span = p.span.clone();
+            let committed = store.commit(&p.call).instrument(span.clone()).await;
+            if committed.is_err() {
+                span.record("honua.commit", "error");
+            }
+            if !self.committed(p, committed?) {
+                return Ok(());
             }
         }
         warn!(process_id = %pid, "50 revision conflicts in a row; event left pending");
@@ -533,4 +608,28 @@ fn event_kind(ev: &Event) -> &'static str {
         Event::ProcessTimeout { .. } => t::PROCESS_TIMEOUT,
         Event::Signal { .. } => t::SIGNAL,
     }
+}
+
+/// One decided transition, ready to commit.
+struct Prepared<'e> {
+    entry_id: &'e str,
+    ev: &'e Event,
+    now: u64,
+    rec: ProcessRecord,
+    t: engine::Transition,
+    call: engine::CommitCall,
+    span: tracing::Span,
+}
+
+/// A stream entry id (`ms-seq`) as a sortable pair; unparsable ids sort last.
+fn stream_order(id: &str) -> (u64, u64) {
+    let mut it = id
+        .splitn(2, '-')
+        .map(|p| p.parse::<u64>().unwrap_or(u64::MAX));
+    (it.next().unwrap_or(u64::MAX), it.next().unwrap_or(u64::MAX))
+}
+
+fn is_noscript(e: &StoreError) -> bool {
+    matches!(e, StoreError::Redis(r)
+        if r.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
 }

@@ -10,6 +10,54 @@
 --   {'obsolete', reason}  superseded or the process is over: acknowledged and dropped
 local jobs, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local now = now_ms()
+
+-- The step record marked running for this attempt, or nil when the job is superseded.
+-- The common shape (a queued or delayed record of this token, no history and no attempt
+-- fields yet: a visit's first attempt) is edited as text instead of decoded and re-encoded:
+-- a key matched with its quotes and colon cannot occur inside a JSON string (its quotes are
+-- escaped), and with no history the record has no nested object. Any other shape goes
+-- through cjson.
+local function running_record(raw, token, deliveries, trace)
+  local s, e = string.find(raw, '"status":"' .. SS_QUEUED .. '"', 1, true)
+  if not s then
+    s, e = string.find(raw, '"status":"' .. SS_DELAYED .. '"', 1, true)
+  end
+  if s and string.sub(raw, -1) == '}'
+      and string.find(raw, '"token":' .. cjson.encode(token), 1, true)
+      and not string.find(raw, '"history":', 1, true)
+      and not string.find(raw, '"worker":', 1, true)
+      and not string.find(raw, '"deliveries":', 1, true)
+      and not string.find(raw, '"started_ms":', 1, true)
+      and not string.find(raw, '"claimed_ms":', 1, true)
+      and not string.find(raw, '"attempt_trace":', 1, true)
+      and not string.find(raw, '"previous_attempt_trace":', 1, true) then
+    local parts = {string.sub(raw, 1, s - 1), '"status":"', SS_RUNNING, '"', string.sub(raw, e + 1, -2),
+      ',"worker":', cjson.encode(consumer), ',"deliveries":', deliveries,
+      ',"started_ms":', now, ',"claimed_ms":', now}
+    if trace ~= '' then
+      parts[#parts + 1] = ',"attempt_trace":' .. cjson.encode(trace)
+    end
+    parts[#parts + 1] = '}'
+    return table.concat(parts)
+  end
+  local rec = cjson.decode(raw)
+  if rec.token ~= token or (rec.status ~= SS_QUEUED and rec.status ~= SS_DELAYED and rec.status ~= SS_RUNNING) then
+    return nil
+  end
+  rec.status = SS_RUNNING
+  rec.worker = consumer
+  rec.deliveries = deliveries
+  if not rec.started_ms then
+    rec.started_ms = now
+  end
+  rec.claimed_ms = now
+  if trace ~= '' and rec.attempt_trace ~= trace then
+    rec.previous_attempt_trace = rec.attempt_trace
+    rec.attempt_trace = trace
+  end
+  return cjson.encode(rec)
+end
+
 local out = {}
 local n = (#ARGV - 2) / 4
 for i = 1, n do
@@ -20,29 +68,19 @@ for i = 1, n do
     out[i] = {'lost'}
   else
     local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION)
-    local raw = redis.call('HGET', steps, step)
-    local rec = raw and cjson.decode(raw)
     if not m[1] or not process_active(m[1]) then
       ack_del(jobs, group, id)
       out[i] = {'obsolete', 'process is ' .. tostring(m[1] or 'gone')}
-    elseif not rec or rec.token ~= token or (rec.status ~= SS_QUEUED and rec.status ~= SS_DELAYED and rec.status ~= SS_RUNNING) then
-      ack_del(jobs, group, id)
-      out[i] = {'obsolete', 'job superseded'}
     else
-      rec.status = SS_RUNNING
-      rec.worker = consumer
-      rec.deliveries = tonumber(p[4])
-      if not rec.started_ms then
-        rec.started_ms = now
+      local raw = redis.call('HGET', steps, step)
+      local enc = raw and running_record(raw, token, tonumber(p[4]), trace)
+      if not enc then
+        ack_del(jobs, group, id)
+        out[i] = {'obsolete', 'job superseded'}
+      else
+        redis.call('HSET', steps, step, enc)
+        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data)}
       end
-      rec.claimed_ms = now
-      if trace ~= '' and rec.attempt_trace ~= trace then
-        rec.previous_attempt_trace = rec.attempt_trace
-        rec.attempt_trace = trace
-      end
-      local enc = cjson.encode(rec)
-      redis.call('HSET', steps, step, enc)
-      out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data)}
     end
   end
 end

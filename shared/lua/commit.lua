@@ -14,7 +14,6 @@
 -- (k is a KEYS index). Every op is parsed before anything is written.
 -- Returns {'ok', now} | {'conflict', rev} | {'gone'} | {'exists'} | {'duplicate', process_id}
 local mode = ARGV[1]
-local ops, i = {}, 8
 local nops = tonumber(ARGV[7])
 local function key(idx)
   local k = KEYS[tonumber(idx)]
@@ -23,37 +22,28 @@ local function key(idx)
   end
   return k
 end
+-- Validation pass: op names, key indexes and argument counts; nothing is copied (the
+-- apply pass reads the arguments straight from ARGV).
+local FIXED = {zadd = 2, zaddin = 2, setex = 2, zrem = 1, expire = 1, persist = 0, del = 0}
+local ops, i = {}, 8
 for _ = 1, nops do
   local op = ARGV[i]
-  local k = key(ARGV[i + 1])
+  key(ARGV[i + 1])
+  local last
   if op == 'hset' or op == 'xadd' then
-    local n = tonumber(ARGV[i + 2])
-    local args = {}
-    for j = 1, 2 * n do
-      args[j] = ARGV[i + 2 + j]
-    end
-    ops[#ops + 1] = {op, k, args}
-    i = i + 3 + 2 * n
+    last = i + 2 + 2 * tonumber(ARGV[i + 2])
   elseif op == 'hdel' then
-    local n = tonumber(ARGV[i + 2])
-    local args = {}
-    for j = 1, n do
-      args[j] = ARGV[i + 2 + j]
-    end
-    ops[#ops + 1] = {op, k, args}
-    i = i + 3 + n
-  elseif op == 'zadd' or op == 'zaddin' or op == 'setex' then
-    ops[#ops + 1] = {op, k, {ARGV[i + 2], ARGV[i + 3]}}
-    i = i + 4
-  elseif op == 'zrem' or op == 'expire' then
-    ops[#ops + 1] = {op, k, {ARGV[i + 2]}}
-    i = i + 3
-  elseif op == 'persist' or op == 'del' then
-    ops[#ops + 1] = {op, k, {}}
-    i = i + 2
+    last = i + 2 + tonumber(ARGV[i + 2])
+  elseif FIXED[op] then
+    last = i + 1 + FIXED[op]
   else
     error('commit: unknown op ' .. tostring(op))
   end
+  if last > #ARGV then
+    error('commit: short arguments for ' .. op)
+  end
+  ops[#ops + 1] = i
+  i = last + 1
 end
 
 local function ack_source()
@@ -91,26 +81,26 @@ else
 end
 
 local now = now_ms()
-for _, o in ipairs(ops) do
-  local op, k, a = o[1], o[2], o[3]
+for _, at in ipairs(ops) do
+  local op, k = ARGV[at], key(ARGV[at + 1])
   if op == 'hset' then
-    redis.call('HSET', k, unpack(a))
+    redis.call('HSET', k, unpack(ARGV, at + 3, at + 2 + 2 * tonumber(ARGV[at + 2])))
   elseif op == 'hdel' then
-    redis.call('HDEL', k, unpack(a))
+    redis.call('HDEL', k, unpack(ARGV, at + 3, at + 2 + tonumber(ARGV[at + 2])))
   elseif op == 'xadd' then
-    redis.call('XADD', k, '*', unpack(a))
+    redis.call('XADD', k, '*', unpack(ARGV, at + 3, at + 2 + 2 * tonumber(ARGV[at + 2])))
   elseif op == 'zadd' then
-    redis.call('ZADD', k, a[1], a[2])
+    redis.call('ZADD', k, ARGV[at + 2], ARGV[at + 3])
   elseif op == 'zaddin' then
-    redis.call('ZADD', k, now + tonumber(a[1]), a[2])
+    redis.call('ZADD', k, now + tonumber(ARGV[at + 2]), ARGV[at + 3])
   elseif op == 'zrem' then
-    redis.call('ZREM', k, a[1])
+    redis.call('ZREM', k, ARGV[at + 2])
   elseif op == 'expire' then
-    redis.call('EXPIRE', k, a[1])
+    redis.call('EXPIRE', k, ARGV[at + 2])
   elseif op == 'persist' then
     redis.call('PERSIST', k)
   elseif op == 'setex' then
-    redis.call('SET', k, a[2], 'EX', a[1])
+    redis.call('SET', k, ARGV[at + 3], 'EX', ARGV[at + 2])
   elseif op == 'del' then
     redis.call('DEL', k)
   end

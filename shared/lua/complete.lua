@@ -1,43 +1,117 @@
--- complete: commit a step's result exactly once: output write, completion event and
--- acknowledgement in one step, only by the current owner with the current fence.
--- KEYS[1] job stream, KEYS[2] process meta, KEYS[3] steps hash, KEYS[4] data hash,
--- KEYS[5] event stream
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] deliveries seen at claim,
--- ARGV[5] step, ARGV[6] token, ARGV[7] process id, ARGV[8] output blob ('' for none),
--- ARGV[9..] event fields (name, value pairs; the event's outcome must be among them)
--- Returns 'ok' | 'stale' (nothing written) | 'finished' (process over: acknowledged, discarded)
-local jobs, meta, steps, data, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, consumer, id, dl, step, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local r, rec = fence(jobs, group, consumer, id, dl, meta, steps, step, token)
-if r == 'finished' then
-  ack_del(jobs, group, id)
+-- complete: commit the results of a batch of steps, each exactly once: output write,
+-- completion event and acknowledgement in one step, only by the current owner with the
+-- current fence. Every job is checked and committed on its own; one call saves round trips.
+-- KEYS[1] job stream, KEYS[2] event stream
+-- KEYS[3i..3i+2]  for job i: process meta hash, steps hash, data hash
+-- ARGV[1] group, ARGV[2] consumer, then for each job: entry id, deliveries seen at claim,
+-- step, token, output blob ('' for none), n, then n event fields as name, value pairs (the
+-- event's outcome must be among them)
+-- Returns one answer per job: 'ok' | 'stale' (nothing written)
+--   | 'finished' (process over: acknowledged, discarded)
+local jobs, events, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+
+-- Parse and validate every job before writing anything.
+local todo, a = {}, 3
+while a <= #ARGV do
+  local n = tonumber(ARGV[a + 5])
+  if not n or n < 1 then
+    return redis.error_reply('complete: bad event field count')
+  end
+  local t = {id = ARGV[a], dl = ARGV[a + 1], step = ARGV[a + 2], token = ARGV[a + 3],
+    output = ARGV[a + 4], first = a + 6, last = a + 5 + 2 * n}
+  if t.last > #ARGV then
+    return redis.error_reply('complete: short arguments')
+  end
+  for i = t.first, t.last, 2 do
+    local f = ARGV[i]
+    if f == 'outcome' then t.outcome = ARGV[i + 1]
+    elseif f == 'error' then t.error = ARGV[i + 1]
+    elseif f == 'code' then t.code = ARGV[i + 1]
+    end
+  end
+  if not t.outcome or t.outcome == '' then
+    return redis.error_reply('complete: event has no outcome')
+  end
+  todo[#todo + 1] = t
+  a = t.last + 1
 end
-if r ~= 'ok' then
-  return r
+if #KEYS ~= 2 + 3 * #todo then
+  return redis.error_reply('complete: ' .. #KEYS .. ' keys for ' .. #todo .. ' jobs')
 end
-local ev = {}
-for i = 9, #ARGV, 2 do
-  ev[ARGV[i]] = ARGV[i + 1]
+
+-- The step record with this attempt's result. The common shape (the running record of this
+-- token, no history and no result fields yet: a visit's first attempt) is edited as text
+-- instead of decoded and re-encoded: a key matched with its quotes and colon cannot occur
+-- inside a JSON string (its quotes are escaped), and with no history the record has no
+-- nested object. Any other shape goes through cjson. Returns 'ok', json | 'stale'.
+local function done_record(raw, t, now)
+  local running = '"status":"' .. SS_RUNNING .. '"'
+  local s, e = string.find(raw, running, 1, true)
+  if s and string.sub(raw, -1) == '}'
+      and string.find(raw, '"token":' .. cjson.encode(t.token), 1, true)
+      and not string.find(raw, '"history":', 1, true)
+      and not string.find(raw, '"outcome":', 1, true)
+      and not string.find(raw, '"error":', 1, true)
+      and not string.find(raw, '"code":', 1, true)
+      and not string.find(raw, '"ended_ms":', 1, true) then
+    local parts = {string.sub(raw, 1, s - 1), '"status":"', SS_DONE, '"', string.sub(raw, e + 1, -2),
+      ',"outcome":', cjson.encode(t.outcome)}
+    if t.error then
+      parts[#parts + 1] = ',"error":' .. cjson.encode(t.error)
+    end
+    if t.code then
+      parts[#parts + 1] = ',"code":' .. cjson.encode(t.code)
+    end
+    parts[#parts + 1] = ',"ended_ms":' .. now .. '}'
+    return 'ok', table.concat(parts)
+  end
+  local rec = cjson.decode(raw)
+  if rec.token ~= t.token or rec.status ~= SS_RUNNING then
+    return 'stale'
+  end
+  rec.status = SS_DONE
+  rec.outcome = t.outcome
+  rec.error = t.error
+  rec.code = t.code
+  rec.ended_ms = now
+  return 'ok', cjson.encode(rec)
 end
-if not ev.outcome or ev.outcome == '' then
-  return redis.error_reply('complete: event has no outcome')
+
+-- Owner- and fence-checked like `fence` in the prelude, then committed.
+local now
+local function complete_one(t, meta, steps, data)
+  local p = pending_entry(jobs, group, t.id)
+  if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(t.dl) then
+    return 'stale'
+  end
+  local st = redis.call('HGET', meta, F_STATUS)
+  if not st or not process_active(st) then
+    ack_del(jobs, group, t.id)
+    return 'finished'
+  end
+  local raw = redis.call('HGET', steps, t.step)
+  if not raw then
+    return 'stale'
+  end
+  now = now or now_ms()
+  local r, rec = done_record(raw, t, now)
+  if r ~= 'ok' then
+    return r
+  end
+  if t.output ~= '' then
+    redis.call('HSET', data, F_OUTPUT_PREFIX .. t.step, t.output)
+  end
+  if t.outcome ~= OUTCOME_FAILED then
+    redis.call('HDEL', data, F_CHECKPOINT_PREFIX .. t.step)
+  end
+  redis.call('HSET', steps, t.step, rec)
+  redis.call('XADD', events, '*', unpack(ARGV, t.first, t.last))
+  ack_del(jobs, group, t.id)
+  return 'ok'
 end
-if ARGV[8] ~= '' then
-  redis.call('HSET', data, F_OUTPUT_PREFIX .. step, ARGV[8])
+
+local out = {}
+for j, t in ipairs(todo) do
+  out[j] = complete_one(t, KEYS[3 * j], KEYS[3 * j + 1], KEYS[3 * j + 2])
 end
-if ev.outcome ~= OUTCOME_FAILED then
-  redis.call('HDEL', data, F_CHECKPOINT_PREFIX .. step)
-end
-rec.status = SS_DONE
-rec.outcome = ev.outcome
-rec.error = ev.error
-rec.code = ev.code
-rec.ended_ms = now_ms()
-redis.call('HSET', steps, step, cjson.encode(rec))
-local args = {events, '*'}
-for i = 9, #ARGV do
-  args[#args + 1] = ARGV[i]
-end
-redis.call('XADD', unpack(args))
-ack_del(jobs, group, id)
-return 'ok'
+return out

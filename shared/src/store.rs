@@ -117,6 +117,15 @@ pub enum Begin {
     Obsolete(String),
 }
 
+/// One step result to commit with [`Store::complete_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    pub held: &'a Held,
+    /// The encoded output (`None`: the step wrote none).
+    pub output: Option<&'a [u8]>,
+    pub result: &'a crate::envelope::StepResult,
+}
+
 /// The answer of an owner- and fence-checked call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fence {
@@ -419,18 +428,47 @@ impl Store {
             inv.arg(a.as_slice());
         }
         let r: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
-        let tag = r.first().map(value_str).unwrap_or_default();
-        let second = r.get(1).map(value_str);
-        Ok(match tag.as_str() {
-            "ok" => Commit::Ok {
-                now_ms: second.and_then(|s| s.parse().ok()).unwrap_or(0),
-            },
-            "conflict" => Commit::Conflict,
-            "gone" => Commit::Gone,
-            "exists" => Commit::Exists,
-            "duplicate" => Commit::Duplicate(second.unwrap_or_default()),
-            other => return Err(reply("commit", format!("status {other:?}"))),
-        })
+        parse_commit(r)
+    }
+
+    /// Runs `commit.lua` for several transitions in one round trip (one pipeline of
+    /// `EVALSHA`s; each call is still its own atomic, revision-checked script). One answer
+    /// per call, in order. The pipeline does not load scripts: after a server restart every
+    /// answer is a NOSCRIPT error (reload with [`Store::load_scripts`] and retry).
+    pub async fn commit_many(
+        &self,
+        calls: &[&crate::engine::CommitCall],
+    ) -> Result<Vec<Result<Commit>>> {
+        if calls.is_empty() {
+            return Ok(vec![]);
+        }
+        let hash = Scripts::get().commit.get_hash();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for call in calls {
+            let cmd = pipe.cmd("EVALSHA").arg(hash).arg(call.keys.len());
+            for k in &call.keys {
+                cmd.arg(k);
+            }
+            for a in &call.args {
+                cmd.arg(a.as_slice());
+            }
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        if replies.len() != calls.len() {
+            return Err(reply(
+                "commit",
+                format!("{} answers to {} calls", replies.len(), calls.len()),
+            ));
+        }
+        Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                Value::ServerError(e) => Err(StoreError::from(RedisError::from(e))),
+                Value::Array(r) => parse_commit(r),
+                other => Err(reply("commit", format!("reply {other:?}"))),
+            })
+            .collect())
     }
 
     /// Runs `begin.lua` for a batch of jobs this consumer just read or reclaimed.
@@ -531,7 +569,7 @@ impl Store {
         Fence::parse("checkpoint", &r)
     }
 
-    /// Runs `complete.lua`: output, completion event and ack in one step.
+    /// Runs `complete.lua` for one step: output, completion event and ack in one step.
     pub async fn complete(
         &self,
         consumer: &str,
@@ -539,32 +577,60 @@ impl Store {
         output: Option<&[u8]>,
         result: &crate::envelope::StepResult,
     ) -> Result<Fence> {
-        let [meta, steps, data] = self.keys.process_keys(&held.job.process_id);
-        let event = Event::Step {
-            process_id: held.job.process_id.clone(),
-            step: held.job.step.clone(),
-            token: held.job.token.clone(),
-            result: result.clone(),
-        };
+        let one = [Completion {
+            held,
+            output,
+            result,
+        }];
+        let mut r = self.complete_many(consumer, &one).await?;
+        r.pop().ok_or_else(|| reply("complete", "no answer"))
+    }
+
+    /// Runs `complete.lua` for a batch of steps in one call: each step is fenced and
+    /// committed on its own (output, completion event, ack); one answer per step, in order.
+    pub async fn complete_many(
+        &self,
+        consumer: &str,
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Fence>> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
         let mut inv = Scripts::get().complete.prepare_invoke();
         inv.key(self.keys.jobs())
-            .key(meta)
-            .key(steps)
-            .key(data)
             .key(self.keys.events())
             .arg(WORKERS_GROUP)
-            .arg(consumer)
-            .arg(&held.entry_id)
-            .arg(held.deliveries)
-            .arg(&held.job.step)
-            .arg(&held.job.token)
-            .arg(&held.job.process_id)
-            .arg(output.unwrap_or(b""));
-        for (k, v) in event.to_fields() {
-            inv.arg(k).arg(v);
+            .arg(consumer);
+        for c in items {
+            let job = &c.held.job;
+            for k in self.keys.process_keys(&job.process_id) {
+                inv.key(k);
+            }
+            let event = Event::Step {
+                process_id: job.process_id.clone(),
+                step: job.step.clone(),
+                token: job.token.clone(),
+                result: c.result.clone(),
+            };
+            let fields = event.to_fields();
+            inv.arg(&c.held.entry_id)
+                .arg(c.held.deliveries)
+                .arg(&job.step)
+                .arg(&job.token)
+                .arg(c.output.unwrap_or(b""))
+                .arg(fields.len());
+            for (k, v) in fields {
+                inv.arg(k).arg(v);
+            }
         }
-        let r: String = inv.invoke_async(&mut self.conn()).await?;
-        Fence::parse("complete", &r)
+        let r: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        if r.len() != items.len() {
+            return Err(reply(
+                "complete",
+                format!("{} answers for {} steps", r.len(), items.len()),
+            ));
+        }
+        r.iter().map(|s| Fence::parse("complete", s)).collect()
     }
 
     /// Runs `release.lua`: hands a held job back for another worker at once.
@@ -1022,6 +1088,21 @@ impl Store {
     pub async fn stream_entries(&self, stream: &Key, count: usize) -> Result<Vec<Entry>> {
         self.range("XRANGE", stream, "-", "+", count).await
     }
+}
+
+fn parse_commit(r: Vec<Value>) -> Result<Commit> {
+    let tag = r.first().map(value_str).unwrap_or_default();
+    let second = r.get(1).map(value_str);
+    Ok(match tag.as_str() {
+        "ok" => Commit::Ok {
+            now_ms: second.and_then(|s| s.parse().ok()).unwrap_or(0),
+        },
+        "conflict" => Commit::Conflict,
+        "gone" => Commit::Gone,
+        "exists" => Commit::Exists,
+        "duplicate" => Commit::Duplicate(second.unwrap_or_default()),
+        other => return Err(reply("commit", format!("status {other:?}"))),
+    })
 }
 
 fn value_str(v: &Value) -> String {

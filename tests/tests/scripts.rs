@@ -284,3 +284,144 @@ async fn housekeeping_trims_only_expired_index_entries() {
         .unwrap();
     assert_eq!(active_left, 1, "active processes are never trimmed");
 }
+
+#[tokio::test]
+async fn a_batch_of_completions_is_fenced_step_by_step() {
+    use honua_shared::store::Completion;
+    let redis = RedisServer::start();
+    let (st, held_1, engine, _d) = setup(&redis).await;
+    // A second process whose job `a` also holds.
+    let sub = honua_shared::envelope::Submission {
+        process_type: "One".into(),
+        version: None,
+        input: json!({}),
+        id: None,
+        idempotency_key: None,
+        trace: Default::default(),
+    };
+    engine.create(&sub, None).await.unwrap();
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let entries = st
+        .read_group(
+            &mut conn,
+            &st.keys().jobs(),
+            WORKERS_GROUP,
+            "a",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
+    st.begin("a", &[(entries[0].id.clone(), job.clone())], &[])
+        .await
+        .unwrap();
+    let held_2 = Held {
+        entry_id: entries[0].id.clone(),
+        deliveries: 1,
+        job,
+    };
+    let wrong_fence = Held {
+        deliveries: 2,
+        ..held_2.clone()
+    };
+    let ok = ok_result();
+    let item = |held| Completion {
+        held,
+        output: Some(b"out"),
+        result: &ok,
+    };
+    // One call: the first commits, a wrong fence is refused, a repeat of the first is stale.
+    assert_eq!(
+        st.complete_many("a", &[item(&held_1), item(&wrong_fence), item(&held_1)])
+            .await
+            .unwrap(),
+        vec![Fence::Ok, Fence::Stale, Fence::Stale]
+    );
+    let xlen = |key| {
+        let mut conn = st.conn();
+        async move {
+            redis::cmd("XLEN")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(xlen(st.keys().events()).await, 1, "one event per commit");
+    assert_eq!(
+        xlen(st.keys().jobs()).await,
+        1,
+        "the refused job is still held"
+    );
+    assert_eq!(
+        st.complete_many("a", &[item(&held_2)]).await.unwrap(),
+        vec![Fence::Ok]
+    );
+    assert_eq!(xlen(st.keys().events()).await, 2);
+    assert_eq!(xlen(st.keys().jobs()).await, 0);
+    let data = st.load_data(&held_2.job.process_id).await.unwrap();
+    assert_eq!(data.get("out:S").map(Vec::as_slice), Some(&b"out"[..]));
+    // The committed step record reads back with the result.
+    let pid = &held_2.job.process_id;
+    let (meta, steps) = st.load_process(pid).await.unwrap();
+    let rec = honua_shared::record::ProcessRecord::parse(pid, &meta, &steps)
+        .unwrap()
+        .unwrap();
+    let s = &rec.steps["S"];
+    assert_eq!(s.status, honua_shared::status::StepStatus::Done);
+    assert_eq!(s.outcome.as_deref(), Some("ok"));
+    assert_eq!(s.token, held_2.job.token);
+    assert_eq!(s.worker.as_deref(), Some("a"));
+    assert!(s.ended_ms >= s.started_ms && s.ended_ms.is_some());
+
+    // A failure whose text needs escaping reads back intact.
+    engine.create(&sub, None).await.unwrap();
+    let entries = st
+        .read_group(
+            &mut conn,
+            &st.keys().jobs(),
+            WORKERS_GROUP,
+            "a",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
+    st.begin("a", &[(entries[0].id.clone(), job.clone())], &[])
+        .await
+        .unwrap();
+    let held_3 = Held {
+        entry_id: entries[0].id.clone(),
+        deliveries: 1,
+        job,
+    };
+    let error = "bad \"quote\" / back\\slash \u{e9}\n{\"status\":\"running\"}";
+    let failed = StepResult {
+        outcome: "failed".into(),
+        error: Some(error.into()),
+        code: Some("E_1".into()),
+        ..Default::default()
+    };
+    let failing = Completion {
+        held: &held_3,
+        output: None,
+        result: &failed,
+    };
+    assert_eq!(
+        st.complete_many("a", &[failing]).await.unwrap(),
+        vec![Fence::Ok]
+    );
+    let pid = &held_3.job.process_id;
+    let (meta, steps) = st.load_process(pid).await.unwrap();
+    let rec = honua_shared::record::ProcessRecord::parse(pid, &meta, &steps)
+        .unwrap()
+        .unwrap();
+    let s = &rec.steps["S"];
+    assert_eq!(s.status, honua_shared::status::StepStatus::Done);
+    assert_eq!(s.outcome.as_deref(), Some("failed"));
+    assert_eq!(s.error.as_deref(), Some(error));
+    assert_eq!(s.code.as_deref(), Some("E_1"));
+}

@@ -4,7 +4,9 @@
 //! Tasks: a reader (blocking XREADGROUP on its own connection), a sweeper (reclaim.lua:
 //! XAUTOCLAIM of jobs idle longer than the lease, dead-lettering at `max_deliveries`), a
 //! heartbeat (one heartbeat.lua call for every held job; a `stale` answer cancels that
-//! job's handler at once), and one task per running step.
+//! job's handler at once), a completer (one complete.lua call for every step result that
+//! arrived while the previous call was in flight; each step is still fenced on its own),
+//! and one task per running step.
 
 use crate::handler::{Checkpointer, HandlerRegistry, StepContext, StepError, StepOutput};
 use backon::Retryable;
@@ -15,13 +17,13 @@ use honua_shared::envelope::{JobEnvelope, StepResult};
 use honua_shared::keys::{WORKERS_GROUP, field};
 use honua_shared::metrics as m;
 use honua_shared::status::outcome;
-use honua_shared::store::{Begin, Entry, Fence, Held, Store, StoreError};
+use honua_shared::store::{Begin, Completion, Entry, Fence, Held, Store, StoreError};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
@@ -64,6 +66,20 @@ struct Inner {
     slots: Arc<Semaphore>,
     inflight: Mutex<HashMap<String, Running>>,
     stats: Arc<WorkerStats>,
+    /// Step results waiting for the completer, which commits them in batches.
+    completions: mpsc::UnboundedSender<Completing>,
+    completions_rx: Mutex<Option<mpsc::UnboundedReceiver<Completing>>>,
+}
+
+/// Most step results one `complete.lua` call commits.
+const COMPLETE_BATCH: usize = 256;
+
+/// A step result handed to the completer, with where to send its answer.
+struct Completing {
+    held: Held,
+    output: Option<Vec<u8>>,
+    result: StepResult,
+    done: oneshot::Sender<Result<Fence, String>>,
 }
 
 /// A worker. Cheap to construct; [`Worker::run`] until the shutdown token fires.
@@ -85,6 +101,7 @@ impl Worker {
             .unwrap_or_else(|| honua_shared::config::default_instance_id("worker"))
             .into();
         let codec = cfg.codec();
+        let (completions, completions_rx) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_steps));
         // Installs the metrics recorder before anything is counted.
         crate::telemetry::metrics_handle();
@@ -98,6 +115,8 @@ impl Worker {
                 codec,
                 slots,
                 inflight: Mutex::new(HashMap::new()),
+                completions,
+                completions_rx: Mutex::new(Some(completions_rx)),
                 stats: Arc::new(WorkerStats::default()),
             }),
         }
@@ -139,6 +158,12 @@ impl Worker {
         let reader = tokio::spawn(inner.clone().reader(shutdown.clone()));
         let sweeper = tokio::spawn(inner.clone().sweeper(shutdown.clone()));
         let heartbeat = tokio::spawn(inner.clone().heartbeat(hb_stop.clone()));
+        let completer = inner
+            .completions_rx
+            .lock()
+            .unwrap()
+            .take()
+            .map(|rx| tokio::spawn(inner.clone().completer(rx, hb_stop.clone())));
         shutdown.cancelled().await;
         info!(worker = %inner.id, "shutdown: no longer claiming");
         let _ = reader.await;
@@ -161,6 +186,9 @@ impl Worker {
         }
         hb_stop.cancel();
         let _ = heartbeat.await;
+        if let Some(c) = completer {
+            let _ = c.await;
+        }
         match inner.store.retire_consumer(&inner.id).await {
             Ok(true) => info!(worker = %inner.id, "consumer retired"),
             Ok(false) => warn!(worker = %inner.id, "consumer still owns pending jobs; kept"),
@@ -348,10 +376,15 @@ impl Inner {
 
     async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
         let every = self.cfg.worker.heartbeat();
+        // The first beat goes out at once, so the worker counts as live (`/health`,
+        // `honua_workers_live`) from its start, not one interval later.
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
             }
             let held: Vec<Held> = self
                 .inflight
@@ -660,16 +693,19 @@ impl Inner {
     ) {
         let pid = &held.job.process_id;
         let step = &held.job.step;
-        let r = (|| {
-            self.store
-                .complete(&self.id, held, output.as_deref(), &result)
-        })
-        .retry(crate::redis_backoff(Duration::from_secs(60)))
-        .when(StoreError::is_retryable)
-        .notify(
-            |e, _| warn!(error = %e, process_id = %pid, step = %step, "commit failed; retrying"),
-        )
-        .await;
+        let (done, answer) = oneshot::channel();
+        let sent = self.completions.send(Completing {
+            held: held.clone(),
+            output,
+            result: result.clone(),
+            done,
+        });
+        let r = match sent {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err("the completer stopped".into())),
+            Err(_) => Err("the worker is stopping".into()),
+        };
         match r {
             Ok(Fence::Ok) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
@@ -697,6 +733,64 @@ impl Inner {
             }
             Err(e) => {
                 error!(error = %e, process_id = %pid, step = %step, "commit failed; the job will be reclaimed and run again")
+            }
+        }
+    }
+
+    /// Commits step results in batches: one `complete.lua` call for every result that
+    /// arrived while the previous call was in flight (each step still fenced and committed
+    /// on its own inside the script). Stops when `stop` fires, after answering what is
+    /// queued.
+    async fn completer(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Completing>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = stop.cancelled() => {
+                    // Later sends fail at once; what is queued is still committed.
+                    rx.close();
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < COMPLETE_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let items: Vec<Completion<'_>> = batch
+                .iter()
+                .map(|c| Completion {
+                    held: &c.held,
+                    output: c.output.as_deref(),
+                    result: &c.result,
+                })
+                .collect();
+            let r = (|| self.store.complete_many(&self.id, &items))
+                .retry(crate::redis_backoff(Duration::from_secs(60)))
+                .when(StoreError::is_retryable)
+                .notify(|e, _| warn!(error = %e, steps = items.len(), "commit failed; retrying"))
+                .await;
+            drop(items);
+            match r {
+                Ok(answers) => {
+                    for (c, a) in batch.into_iter().zip(answers) {
+                        let _ = c.done.send(Ok(a));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for c in batch {
+                        let _ = c.done.send(Err(msg.clone()));
+                    }
+                }
             }
         }
     }
@@ -799,7 +893,8 @@ impl Inner {
             }),
         };
         let timeout = step_def.timeout;
-        let mut task = tokio::spawn(async move { handler.run(ctx).await });
+        // The handler runs as a child of the step span (its own spans join the trace).
+        let mut task = tokio::spawn(async move { handler.run(ctx).await }.in_current_span());
         let joined = tokio::select! {
             r = tokio::time::timeout(timeout, &mut task) => r,
             _ = cancel.cancelled() => {
