@@ -243,6 +243,8 @@ pub struct Config {
     pub process_framework: ProcessFrameworkConfig,
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
+    /// The `llm` step kind (`[llm_provider]`); absent = workers do not register it.
+    pub llm_provider: Option<crate::llm_config::LlmProviderConfig>,
 }
 
 impl Default for Config {
@@ -261,6 +263,7 @@ impl Default for Config {
             process_framework: ProcessFrameworkConfig::default(),
             scheduler: SchedulerConfig::default(),
             worker: WorkerConfig::default(),
+            llm_provider: None,
         }
     }
 }
@@ -484,6 +487,10 @@ impl Config {
                     format!("{url:?} is not an http(s) URL prefix"),
                 );
             }
+        }
+        if let Some(llm) = &self.llm_provider {
+            llm.validate()
+                .map_err(|(field, message)| ConfigError::Invalid { field, message })?;
         }
         Ok(())
     }

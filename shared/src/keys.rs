@@ -20,6 +20,11 @@
 //! | `<prefix>:v1:{<shard>}:index:status:<Status>` | sorted set, score = ended ms | finished processes by status |
 //! | `<prefix>:v1:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
 //! | `<prefix>:v1:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
+//! | `<prefix>:v1:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
+//! | `<prefix>:v1:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
+//! | `<prefix>:v1:{<shard>}:llm:cache:<sha256>` | string (JSON) with TTL | shared LLM response cache |
+//! | `<prefix>:v1:{llm:<bucket>}:limit` | hash `req_tat`, `tok_tat` (server µs), with TTL | fleet-wide GCRA state of one LLM bucket |
+//! | `<prefix>:v1:{llm:<bucket>}:paused` | string (server µs) with TTL | the bucket is paused until then (provider 429) |
 
 use std::fmt;
 
@@ -58,6 +63,8 @@ impl redis::ToSingleRedisArg for Key {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     base: String,
+    /// The deployment prefix alone (keys with their own hash tag, e.g. LLM limiter buckets).
+    prefix: String,
 }
 
 impl Keys {
@@ -65,6 +72,7 @@ impl Keys {
     pub fn new(prefix: &str, shard: u16) -> Self {
         Self {
             base: format!("{prefix}:{LAYOUT_VERSION}:{{{shard}}}"),
+            prefix: prefix.to_string(),
         }
     }
 
@@ -117,6 +125,30 @@ impl Keys {
     }
     pub fn index_status(&self, status: crate::status::ProcessStatus) -> Key {
         self.key(&format!("index:status:{}", status.as_str()))
+    }
+    /// LLM token and cost usage of one process (`llm_budget.lua`).
+    pub fn llm_usage(&self, id: &str) -> Key {
+        self.key(&format!("process:{id}:llm"))
+    }
+    /// LLM tokens used by all processes of `process_type` on the UTC day `day` (yyyymmdd).
+    pub fn llm_type_usage(&self, process_type: &str, day: &str) -> Key {
+        self.key(&format!("llm:usage:{process_type}:{day}"))
+    }
+    /// One entry of the shared LLM response cache (`hash`: hex SHA-256 of the request).
+    pub fn llm_cache(&self, hash: &str) -> Key {
+        self.key(&format!("llm:cache:{hash}"))
+    }
+    /// The keys of one fleet-wide LLM limiter bucket (`provider/model`), in the order
+    /// `llm_limit.lua` expects them: the GCRA state hash and the pause key. Each bucket has
+    /// its own hash tag (`{llm:<bucket>}`), so buckets spread over a cluster's slots; braces
+    /// in a bucket name are replaced so they cannot break the tag.
+    pub fn llm_limit(&self, bucket: &str) -> [Key; 2] {
+        let b: String = bucket
+            .chars()
+            .map(|c| if c == '{' || c == '}' { '_' } else { c })
+            .collect();
+        let base = format!("{}:{LAYOUT_VERSION}:{{llm:{b}}}", self.prefix);
+        [Key(format!("{base}:limit")), Key(format!("{base}:paused"))]
     }
     /// The pattern that matches every key of this deployment and shard (for `--scan`).
     pub fn pattern(&self) -> String {
@@ -174,6 +206,9 @@ mod tests {
             k.index_active(),
             k.index_status(crate::status::ProcessStatus::Failed),
             k.quarantine(),
+            k.llm_usage("p1"),
+            k.llm_type_usage("T", "20260101"),
+            k.llm_cache("ab"),
         ];
         for key in &all {
             assert_eq!(tag(key), "0", "{key}");

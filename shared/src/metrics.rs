@@ -81,6 +81,12 @@ pub const LLM_RATE_LIMITED: &str = "honua_llm_rate_limited_total";
 /// (counter; `bucket`).
 pub const LLM_LIMITER_FALLBACK: &str = "honua_llm_limiter_local_fallback_total";
 
+/// Estimated LLM spend from the config's price table (counter, micro-USD; `provider`,
+/// `model`): divide by 1e6 for dollars.
+pub const LLM_COST_MICRO_USD: &str = "honua_llm_cost_microdollars_total";
+/// Lookups of the shared LLM response cache (counter; `result`: hit, miss).
+pub const LLM_CACHE: &str = "honua_llm_cache_lookups_total";
+
 /// Every name above, for tests that check dashboards and rules reference only these.
 pub const ALL: &[&str] = &[
     ACTIVE_PROCESSES,
@@ -114,6 +120,8 @@ pub const ALL: &[&str] = &[
     LLM_ERRORS,
     LLM_REQUESTS,
     LLM_LATENCY,
+    LLM_COST_MICRO_USD,
+    LLM_CACHE,
     LLM_LIMITER_WAIT,
     LLM_RATE_LIMITED,
     LLM_LIMITER_FALLBACK,
@@ -282,6 +290,16 @@ pub const HELP: &[(&str, Kind, &str)] = &[
         LLM_LIMITER_FALLBACK,
         Kind::Counter,
         "Limiter admissions decided locally because Redis was unreachable.",
+    ),
+    (
+        LLM_COST_MICRO_USD,
+        Kind::Counter,
+        "Estimated LLM spend from the configured price table, in micro-USD.",
+    ),
+    (
+        LLM_CACHE,
+        Kind::Counter,
+        "Lookups of the shared LLM response cache, by result (hit, miss).",
     ),
 ];
 

@@ -47,6 +47,8 @@ pub struct Scripts {
     pub drop_entry: redis::Script,
     pub retire_consumer: redis::Script,
     pub purge: redis::Script,
+    pub llm_limit: redis::Script,
+    pub llm_budget: redis::Script,
 }
 
 /// The sources, by name, for tests and tooling.
@@ -65,6 +67,8 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../lua/retire_consumer.lua"),
     ),
     ("purge", include_str!("../lua/purge.lua")),
+    ("llm_limit", include_str!("../lua/llm_limit.lua")),
+    ("llm_budget", include_str!("../lua/llm_budget.lua")),
 ];
 
 /// The full text of one script as sent to Redis.
@@ -92,6 +96,8 @@ impl Scripts {
                 drop_entry: s("drop_entry"),
                 retire_consumer: s("retire_consumer"),
                 purge: s("purge"),
+                llm_limit: s("llm_limit"),
+                llm_budget: s("llm_budget"),
             }
         })
     }
@@ -111,6 +117,8 @@ impl Scripts {
             &s.drop_entry,
             &s.retire_consumer,
             &s.purge,
+            &s.llm_limit,
+            &s.llm_budget,
         ] {
             script.prepare_invoke().load_async(conn).await?;
         }

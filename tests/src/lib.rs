@@ -1,6 +1,7 @@
 //! Test harness: real redis-server processes on free ports, in-process or child-process
 //! fleets, and waiting for conditions with a deadline (never a fixed sleep).
 
+pub mod llm_load;
 pub mod otlp;
 
 use honua_shared::config::Config;
@@ -28,6 +29,10 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     aof: bool,
+    /// Extra `redis-server` arguments (e.g. `--aclfile <path>`).
+    extra_args: Vec<String>,
+    /// The user the harness logs in as to see that the server is up (`default` may be off).
+    probe_auth: Option<(String, String)>,
     child: Option<Child>,
 }
 
@@ -39,10 +44,23 @@ impl RedisServer {
 
     /// With `appendonly yes`, `appendfsync everysec` when `aof`.
     pub fn start_with(aof: bool) -> Self {
+        Self::start_with_options(aof, &[], None)
+    }
+
+    /// With extra `redis-server` arguments (`--aclfile <path>`, any `--<directive> <value>`),
+    /// and the user and password the harness uses to see that the server is up (needed when
+    /// the `default` user is off).
+    pub fn start_with_options(
+        aof: bool,
+        extra_args: &[String],
+        probe_auth: Option<(&str, &str)>,
+    ) -> Self {
         let mut s = Self {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             aof,
+            extra_args: extra_args.to_vec(),
+            probe_auth: probe_auth.map(|(u, p)| (u.to_string(), p.to_string())),
             child: None,
         };
         s.spawn();
@@ -66,6 +84,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,7 +92,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(c) = redis::Client::open(self.url().as_str())
+            let url = match &self.probe_auth {
+                Some((user, password)) => self.url_as(user, password),
+                None => self.url(),
+            };
+            if let Ok(c) = redis::Client::open(url.as_str())
                 && let Ok(mut conn) = c.get_connection()
                 && redis::cmd("PING").query::<String>(&mut conn).is_ok()
             {
@@ -86,6 +109,11 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL logging in as `user` (ACL users; the password must be URL-safe, e.g. hex).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}", self.port)
     }
 
     pub fn client(&self) -> redis::Client {

@@ -4,6 +4,8 @@
 
 pub mod builtin;
 pub mod handler;
+pub mod limit;
+pub mod llm;
 pub mod runner;
 pub mod telemetry;
 
@@ -34,12 +36,15 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The built-in handlers configured from `cfg`.
+/// The built-in handlers configured from `cfg`, with kind `llm` when `cfg.llm_provider`
+/// is set (API keys read from the process environment or secret files).
 pub fn builtin_handlers(cfg: &honua_shared::config::Config) -> HandlerRegistry {
-    HandlerRegistry::builtin(builtin::HttpOptions {
+    let mut reg = HandlerRegistry::builtin(builtin::HttpOptions {
         allowlist: cfg.worker.http_allowlist.clone(),
         max_response_kb: cfg.worker.http_max_response_kb,
-    })
+    });
+    llm::register(&mut reg, cfg, &|var| std::env::var(var).ok());
+    reg
 }
 
 /// What a worker binary's `main` does: validate config, load definitions with the kinds of

@@ -5,6 +5,9 @@
 //!   and checkpointing after every tick; logs `start` with the value it resumed from.
 //! - `crash`: logs `start`, then aborts the whole process (a poison job).
 //! - `slow`: logs `start`, sleeps `config.ms`, logs `done`.
+//! - `llm_crash_once` (when `[llm_provider]` is configured): the `llm` kind, but on the
+//!   job's first delivery the process aborts right after the step's provider call completed
+//!   (and was checkpointed), before its result is committed.
 
 use async_trait::async_trait;
 use honua_shared::config::Config;
@@ -94,6 +97,22 @@ impl StepHandler for Slow {
     }
 }
 
+struct LlmCrashOnce(honua_worker::llm::LlmStep, Arc<Kinds>);
+
+#[async_trait]
+impl StepHandler for LlmCrashOnce {
+    async fn run(&self, ctx: StepContext) -> Result<StepOutput, StepError> {
+        let (deliveries, pid, step) = (ctx.deliveries, ctx.process_id.clone(), ctx.step.clone());
+        let r = self.0.run(ctx).await;
+        let k = &self.1;
+        honua_tests::append_log(&k.log, "called", &pid, &step, &k.worker, deliveries);
+        if deliveries == 1 {
+            std::process::abort();
+        }
+        r
+    }
+}
+
 /// Registers the test kinds on a registry (also used by in-process tests).
 fn register(reg: &mut honua_worker::HandlerRegistry, kinds: Arc<Kinds>) {
     reg.register("counter", |_| Ok(()), Counter(kinds.clone()));
@@ -112,6 +131,18 @@ async fn main() -> anyhow::Result<()> {
         worker: cfg.worker.id.clone().unwrap_or_default(),
     });
     let mut reg = honua_worker::builtin_handlers(&cfg);
+    if let Some(llm) = &cfg.llm_provider {
+        let store = honua_shared::store::Store::open(
+            &cfg.redis_url,
+            honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
+        )?;
+        let step = honua_worker::llm::LlmStep::new(&cfg, llm, store, &|v| std::env::var(v).ok());
+        reg.register(
+            "llm_crash_once",
+            |c| honua_worker::llm::parse_spec(c).map(|_| ()),
+            LlmCrashOnce(step, kinds.clone()),
+        );
+    }
     register(&mut reg, kinds);
     honua_worker::run_main(cfg, reg, CancellationToken::new()).await
 }

@@ -1,0 +1,953 @@
+//! A faithful OpenAI-compatible mock LLM provider, for tests, `honua dev` and load tests.
+//!
+//! Endpoints:
+//! - `POST /v1/chat/completions` (OpenAI JSON; `stream: true` → SSE `data:` chunks and
+//!   `data: [DONE]`, with a final usage chunk when `stream_options.include_usage`);
+//! - `POST /openai/deployments/{deployment}/chat/completions?api-version=…` (Azure; the key
+//!   comes in the `api-key` header);
+//! - `GET /v1/models`.
+//!
+//! Behaviour a client must cope with, all configurable ([`MockConfig`]) or scripted at run
+//! time ([`MockLlm::script`]): a latency distribution, 429 with `Retry-After`, 500/503, a
+//! hang (no answer until the client times out), a stall in the middle of a stream, and its
+//! own sliding-window request/token limit that answers 429 + `Retry-After` when exceeded
+//! and sends `x-ratelimit-*` headers on every answer.
+//!
+//! Token counting (a stated estimate, no tokenizer): a text counts `ceil(chars / 4)` tokens
+//! ([`estimate_tokens`]); the prompt counts the sum over its messages' contents; the
+//! completion counts its generated text, cut to `max_tokens` (then `finish_reason` is
+//! `length`). The limit counts prompt + completion tokens of each admitted request at its
+//! arrival.
+//!
+//! Every request is recorded ([`RecordedRequest`]: arrival instant, path, model, tokens,
+//! status, the credential header it saw) so tests count overshoot at the server.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Tokens of a text: `ceil(chars / 4)` (OpenAI's rule of thumb for English).
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+/// How long the mock takes before it answers (before the first chunk when streaming).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Latency {
+    Fixed(Duration),
+    /// Uniformly distributed in `[min, max]`.
+    Uniform {
+        min: Duration,
+        max: Duration,
+    },
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::Fixed(Duration::ZERO)
+    }
+}
+
+impl Latency {
+    fn sample(&self) -> Duration {
+        match *self {
+            Latency::Fixed(d) => d,
+            Latency::Uniform { min, max } if max > min => {
+                min + (max - min).mul_f64(rand::random::<f64>())
+            }
+            Latency::Uniform { min, .. } => min,
+        }
+    }
+}
+
+/// One scripted answer, consumed by the next request (first in, first out).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Answer normally.
+    Ok,
+    /// 429 with `Retry-After` (whole seconds, rounded up) and `retry-after-ms`.
+    RateLimited { retry_after: Duration },
+    /// An error status (500, 503, …) with an OpenAI-style error body.
+    Status(u16),
+    /// Accept the request and never answer (until the mock stops): a client timeout.
+    Hang,
+    /// Stream this many content chunks, then stall without ending the stream. A request
+    /// without `stream: true` hangs instead.
+    StallAfter(usize),
+    /// Answer normally after this extra delay.
+    Delay(Duration),
+}
+
+impl Fault {
+    /// Parses a fault script: a comma-separated list of `ok`, `429` or `429:<secs>`,
+    /// `500`/`503`/any status, `hang`, `stall` or `stall:<chunks>`, `delay:<ms>`.
+    pub fn parse_script(s: &str) -> Result<Vec<Fault>, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                let (head, arg) = match t.split_once(':') {
+                    Some((h, a)) => (h, Some(a)),
+                    None => (t, None),
+                };
+                let num = |what: &str| -> Result<u64, String> {
+                    arg.map(|a| a.parse::<u64>())
+                        .transpose()
+                        .map_err(|_| format!("fault {t:?}: {what} must be a whole number"))
+                        .map(|v| v.unwrap_or(0))
+                };
+                match head {
+                    "ok" => Ok(Fault::Ok),
+                    "429" => Ok(Fault::RateLimited {
+                        retry_after: Duration::from_secs(if arg.is_some() {
+                            num("seconds")?
+                        } else {
+                            1
+                        }),
+                    }),
+                    "hang" => Ok(Fault::Hang),
+                    "stall" => Ok(Fault::StallAfter(if arg.is_some() {
+                        num("chunks")? as usize
+                    } else {
+                        1
+                    })),
+                    "delay" => Ok(Fault::Delay(Duration::from_millis(num("milliseconds")?))),
+                    code => match code.parse::<u16>() {
+                        Ok(c) if (400..600).contains(&c) => Ok(Fault::Status(c)),
+                        _ => Err(format!(
+                            "unknown fault {t:?}: expected ok, 429[:secs], a 4xx/5xx status, \
+                             hang, stall[:chunks] or delay:<ms>"
+                        )),
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a request looked like, for completion functions.
+#[derive(Debug, Clone)]
+pub struct ChatRequestView {
+    pub model: String,
+    /// (role, text content) of each message.
+    pub messages: Vec<(String, String)>,
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+    /// The whole JSON body (e.g. to look at `response_format`).
+    pub body: Value,
+}
+
+/// The completion text the mock generates.
+#[derive(Clone, Default)]
+pub enum Completion {
+    /// Always this text.
+    Fixed(String),
+    /// The last user message, prefixed with "echo: ".
+    #[default]
+    Echo,
+    /// A function of the request.
+    Func(Arc<dyn Fn(&ChatRequestView) -> String + Send + Sync>),
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Completion::Fixed(s) => f.debug_tuple("Fixed").field(s).finish(),
+            Completion::Echo => f.write_str("Echo"),
+            Completion::Func(_) => f.write_str("Func(..)"),
+        }
+    }
+}
+
+/// The mock's own rate limit: at most `max_requests` requests and `max_tokens` tokens
+/// (prompt + completion) admitted in any sliding window of `window`. 0 = no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowLimit {
+    pub window: Duration,
+    pub max_requests: u64,
+    pub max_tokens: u64,
+}
+
+impl WindowLimit {
+    /// A provider-style per-minute limit.
+    pub fn per_minute(rpm: u64, tpm: u64) -> Self {
+        WindowLimit {
+            window: Duration::from_secs(60),
+            max_requests: rpm,
+            max_tokens: tpm,
+        }
+    }
+}
+
+/// Configuration of a [`MockLlm`].
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Reported in answers and `GET /v1/models` (requests may name any model).
+    pub model: String,
+    pub latency: Latency,
+    /// Pause between two stream chunks.
+    pub chunk_delay: Duration,
+    /// Words per stream chunk.
+    pub words_per_chunk: usize,
+    pub completion: Completion,
+    /// `max_tokens` when the request sets none.
+    pub default_max_tokens: u64,
+    pub limit: Option<WindowLimit>,
+    /// Scripted answers for the first requests.
+    pub faults: Vec<Fault>,
+    /// When set, requests must carry this key (`Authorization: Bearer` or `api-key`), else 401.
+    pub api_key: Option<String>,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            model: "mock-gpt".into(),
+            latency: Latency::default(),
+            chunk_delay: Duration::from_millis(5),
+            words_per_chunk: 2,
+            completion: Completion::Echo,
+            default_max_tokens: 256,
+            limit: None,
+            faults: Vec::new(),
+            api_key: None,
+        }
+    }
+}
+
+/// One request as the mock saw it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// When it arrived (before latency).
+    pub at: Instant,
+    pub path: String,
+    /// Azure deployment name, when called on the Azure path.
+    pub deployment: Option<String>,
+    pub api_version: Option<String>,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u64>,
+    /// Tokens of the generated completion (0 when the request failed).
+    pub completion_tokens: u64,
+    pub stream: bool,
+    /// The status answered (a stalled stream or hang records 200 or 0 respectively: 0 =
+    /// never answered).
+    pub status: u16,
+    /// The `Authorization` header seen, verbatim (to check redaction and key routing).
+    pub authorization: Option<String>,
+    /// The `api-key` header seen, verbatim.
+    pub api_key: Option<String>,
+    /// The fault applied, if one was scripted.
+    pub fault: Option<Fault>,
+    /// The OpenAI `user` field, if sent.
+    pub user: Option<String>,
+}
+
+impl RecordedRequest {
+    /// Tokens this request counts against the mock's limit (prompt + completion).
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+    /// Whether the mock admitted it and answered 200.
+    pub fn admitted(&self) -> bool {
+        self.status == 200
+    }
+}
+
+struct Shared {
+    cfg: Mutex<MockConfig>,
+    faults: Mutex<VecDeque<Fault>>,
+    records: Mutex<Vec<RecordedRequest>>,
+    /// Admitted requests in the current window: (arrival, tokens).
+    window: Mutex<VecDeque<(Instant, u64)>>,
+    ids: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A running mock provider on 127.0.0.1. Stops when dropped.
+pub struct MockLlm {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MockLlm {
+    /// Binds 127.0.0.1 on a free port and serves until dropped.
+    pub async fn start(cfg: MockConfig) -> anyhow::Result<MockLlm> {
+        Self::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Binds `addr` and serves until dropped.
+    pub async fn start_on(cfg: MockConfig, addr: SocketAddr) -> anyhow::Result<MockLlm> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            faults: Mutex::new(cfg.faults.iter().copied().collect()),
+            cfg: Mutex::new(cfg),
+            records: Mutex::new(Vec::new()),
+            window: Mutex::new(VecDeque::new()),
+            ids: AtomicU64::new(0),
+            shutdown: shutdown.clone(),
+        });
+        let app = router(shared.clone());
+        let mut sd = shutdown;
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = sd.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::warn!(error = %e, "mock llm server stopped");
+            }
+        });
+        Ok(MockLlm {
+            addr,
+            shared,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// e.g. "http://127.0.0.1:PORT/v1" (OpenAI-style base URL).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The Azure endpoint ("http://127.0.0.1:PORT"); deployments live under `/openai/deployments`.
+    pub fn azure_endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.records.lock().unwrap().clone()
+    }
+
+    /// Forgets recorded requests (the limit window is kept).
+    pub fn clear_requests(&self) {
+        self.shared.records.lock().unwrap().clear();
+    }
+
+    /// Appends scripted answers for the next requests.
+    pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.faults.lock().unwrap().extend(faults);
+    }
+
+    /// Changes the configuration of later requests (scripted faults are not touched).
+    pub fn reconfigure(&self, f: impl FnOnce(&mut MockConfig)) {
+        f(&mut self.shared.cfg.lock().unwrap());
+    }
+
+    /// Stops serving; hung and stalled requests end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The router (testable without a socket).
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/chat/completions", post(openai_chat))
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            post(azure_chat),
+        )
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .with_state(shared)
+}
+
+async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let model = s.cfg.lock().unwrap().model.clone();
+    Json(json!({
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "honua-mock"}]
+    }))
+}
+
+async fn openai_chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    chat(s, headers, body, "/v1/chat/completions".into(), None, None).await
+}
+
+async fn azure_chat(
+    State(s): State<Arc<Shared>>,
+    Path(deployment): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = format!("/openai/deployments/{deployment}/chat/completions");
+    let Some(version) = q.get("api-version").cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "the api-version query parameter is required",
+        );
+    };
+    chat(s, headers, body, path, Some(deployment), Some(version)).await
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}})),
+    )
+        .into_response()
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Cuts `text` to at most `max` tokens (4 chars each); returns (text, cut).
+fn cut_to(text: String, max: u64) -> (String, bool) {
+    if estimate_tokens(&text) <= max {
+        return (text, false);
+    }
+    (text.chars().take((max * 4) as usize).collect(), true)
+}
+
+/// Admission against the sliding window: admitted only if every window of `limit.window`
+/// that contains `at` stays within the limit (arrivals can reach this point out of order
+/// under load, so the window is kept sorted and checked exactly). Ok(remaining requests,
+/// remaining tokens, reset) or Err(retry after).
+fn admit(
+    s: &Shared,
+    limit: &WindowLimit,
+    at: Instant,
+    tokens: u64,
+) -> Result<(u64, u64, Duration), Duration> {
+    let mut w = s.window.lock().unwrap();
+    let width = limit.window;
+    // Entries older than two windows before `at` can no longer matter.
+    while w.front().is_some_and(|(t, _)| {
+        at.checked_duration_since(*t)
+            .is_some_and(|d| d >= 2 * width)
+    }) {
+        w.pop_front();
+    }
+    let pos = w.partition_point(|(t, _)| *t <= at);
+    // Windows [start, start + width) containing `at`: start in (at - width, at].
+    let starts = w
+        .iter()
+        .map(|(t, _)| *t)
+        .filter(|t| *t <= at && at.duration_since(*t) < width)
+        .chain([at]);
+    let (mut worst_n, mut worst_t) = (0u64, 0u64);
+    for start in starts {
+        let (mut n, mut t) = (1u64, tokens);
+        for (e, k) in w.iter() {
+            if *e >= start && e.duration_since(start) < width {
+                n += 1;
+                t += k;
+            }
+        }
+        worst_n = worst_n.max(n);
+        worst_t = worst_t.max(t);
+    }
+    let over_requests = limit.max_requests > 0 && worst_n > limit.max_requests;
+    let over_tokens = limit.max_tokens > 0 && worst_t > limit.max_tokens;
+    // The earliest arrival still in the window ending at `at`.
+    let oldest = w
+        .iter()
+        .map(|(t, _)| *t)
+        .find(|t| *t <= at && at.duration_since(*t) < width);
+    if over_requests || over_tokens {
+        // Not before the oldest arrival of the window leaves it (a provider-style hint).
+        return Err(oldest.map_or(width, |t| (t + width).saturating_duration_since(at)));
+    }
+    w.insert(pos, (at, tokens));
+    let (count, used) = w
+        .iter()
+        .filter(|(t, _)| *t <= at && at.duration_since(*t) < width)
+        .fold((0u64, 0u64), |(n, u), (_, k)| (n + 1, u + k));
+    let reset = oldest
+        .unwrap_or(at)
+        .checked_add(width)
+        .map_or(width, |r| r.saturating_duration_since(at));
+    Ok((
+        limit.max_requests.saturating_sub(count),
+        limit.max_tokens.saturating_sub(used),
+        reset,
+    ))
+}
+
+fn retry_after_headers(h: &mut HeaderMap, d: Duration) {
+    let secs = d.as_millis().div_ceil(1000).max(1);
+    h.insert("retry-after", HeaderValue::from(secs as u64));
+    h.insert("retry-after-ms", HeaderValue::from(d.as_millis() as u64));
+}
+
+async fn chat(
+    s: Arc<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+    path: String,
+    deployment: Option<String>,
+    api_version: Option<String>,
+) -> Response {
+    let at = Instant::now();
+    let cfg = s.cfg.lock().unwrap().clone();
+    let mut rec = RecordedRequest {
+        at,
+        path,
+        deployment: deployment.clone(),
+        api_version,
+        model: String::new(),
+        prompt_tokens: 0,
+        max_tokens: None,
+        completion_tokens: 0,
+        stream: false,
+        status: 0,
+        authorization: header(&headers, "authorization"),
+        api_key: header(&headers, "api-key"),
+        fault: None,
+        user: None,
+    };
+    let (status, response) = answer(&s, &cfg, &headers, &body, &mut rec).await;
+    rec.status = status;
+    s.records.lock().unwrap().push(rec);
+    match response {
+        Answer::Now(resp) => resp,
+        Answer::Hang => {
+            let mut sd = s.shutdown.clone();
+            let _ = sd.wait_for(|s| *s).await;
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "mock stopped",
+            )
+        }
+        Answer::Stream {
+            chunks,
+            stall,
+            usage,
+            id,
+            model,
+            finish,
+            headers: h,
+        } => stream_response(&s, &cfg, chunks, stall, usage, id, model, finish, h),
+    }
+}
+
+enum Answer {
+    Now(Response),
+    Hang,
+    Stream {
+        chunks: Vec<String>,
+        stall: Option<usize>,
+        usage: Option<Value>,
+        id: String,
+        model: String,
+        finish: &'static str,
+        headers: HeaderMap,
+    },
+}
+
+async fn answer(
+    s: &Shared,
+    cfg: &MockConfig,
+    headers: &HeaderMap,
+    body: &[u8],
+    rec: &mut RecordedRequest,
+) -> (u16, Answer) {
+    let now = |r: Response| (r.status().as_u16(), Answer::Now(r));
+    if let Some(key) = &cfg.api_key {
+        let bearer = rec
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "));
+        let seen = if rec.deployment.is_some() {
+            rec.api_key.as_deref()
+        } else {
+            bearer.or(rec.api_key.as_deref())
+        };
+        if seen != Some(key.as_str()) {
+            return now(error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "incorrect api key provided",
+            ));
+        }
+    }
+    let _ = headers;
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return now(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the body must be a JSON object",
+            ));
+        }
+    };
+    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
+        return now(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "'messages' is a required property",
+        ));
+    };
+    let messages: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.get("role")
+                    .and_then(Value::as_str)
+                    .unwrap_or("user")
+                    .to_string(),
+                m.get("content").map(text_of).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| rec.deployment.clone())
+        .unwrap_or_else(|| cfg.model.clone());
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let max_tokens = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    rec.model = model.clone();
+    rec.user = req.get("user").and_then(Value::as_str).map(str::to_string);
+    rec.stream = stream;
+    rec.max_tokens = max_tokens;
+    rec.prompt_tokens = messages.iter().map(|(_, c)| estimate_tokens(c)).sum();
+
+    // A scripted fault comes first.
+    let fault = s.faults.lock().unwrap().pop_front();
+    rec.fault = fault;
+    let mut extra_delay = Duration::ZERO;
+    let mut stall = None;
+    match fault {
+        None | Some(Fault::Ok) => {}
+        Some(Fault::Delay(d)) => extra_delay = d,
+        Some(Fault::RateLimited { retry_after }) => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "rate limit reached (scripted); please retry later",
+            );
+            retry_after_headers(r.headers_mut(), retry_after);
+            return now(r);
+        }
+        Some(Fault::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            tokio::time::sleep(cfg.latency.sample()).await;
+            return now(error(status, "server_error", "scripted failure"));
+        }
+        Some(Fault::Hang) => return (0, Answer::Hang),
+        Some(Fault::StallAfter(n)) => {
+            if !stream {
+                return (0, Answer::Hang);
+            }
+            stall = Some(n);
+        }
+    }
+
+    let view = ChatRequestView {
+        model: model.clone(),
+        messages,
+        max_tokens,
+        stream,
+        body: req.clone(),
+    };
+    let text = match &cfg.completion {
+        Completion::Fixed(t) => t.clone(),
+        Completion::Echo => {
+            let last = view
+                .messages
+                .iter()
+                .rev()
+                .find(|(r, _)| r == "user")
+                .map(|(_, c)| c.as_str())
+                .unwrap_or("");
+            format!("echo: {last}")
+        }
+        Completion::Func(f) => f(&view),
+    };
+    let (text, cut) = cut_to(text, max_tokens.unwrap_or(cfg.default_max_tokens));
+    let completion_tokens = estimate_tokens(&text);
+    let total = rec.prompt_tokens + completion_tokens;
+
+    // The mock's own limit, counted at arrival.
+    let mut h = HeaderMap::new();
+    if let Some(limit) = &cfg.limit {
+        match admit(s, limit, rec.at, total) {
+            Ok((rem_req, rem_tok, reset)) => {
+                h.insert("x-ratelimit-limit-requests", limit.max_requests.into());
+                h.insert("x-ratelimit-remaining-requests", rem_req.into());
+                h.insert("x-ratelimit-limit-tokens", limit.max_tokens.into());
+                h.insert("x-ratelimit-remaining-tokens", rem_tok.into());
+                let reset = format!("{:.3}s", reset.as_secs_f64());
+                if let Ok(v) = HeaderValue::from_str(&reset) {
+                    h.insert("x-ratelimit-reset-requests", v.clone());
+                    h.insert("x-ratelimit-reset-tokens", v);
+                }
+            }
+            Err(retry) => {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    "rate limit reached for requests or tokens; please retry later",
+                );
+                retry_after_headers(r.headers_mut(), retry);
+                r.headers_mut()
+                    .insert("x-ratelimit-remaining-requests", 0u64.into());
+                return now(r);
+            }
+        }
+    }
+    rec.completion_tokens = completion_tokens;
+
+    tokio::time::sleep(cfg.latency.sample() + extra_delay).await;
+    let id = format!("chatcmpl-mock-{}", s.ids.fetch_add(1, Ordering::Relaxed));
+    let usage = json!({
+        "prompt_tokens": rec.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total,
+    });
+    let finish = if cut { "length" } else { "stop" };
+    if stream {
+        let words: Vec<&str> = text.split_inclusive(' ').collect();
+        let mut chunks: Vec<String> = words
+            .chunks(cfg.words_per_chunk.max(1))
+            .map(|c| c.concat())
+            .collect();
+        chunks.push(String::new()); // the finish chunk
+        return (
+            200,
+            Answer::Stream {
+                chunks,
+                stall,
+                usage: include_usage.then_some(usage),
+                id,
+                model,
+                finish,
+                headers: h,
+            },
+        );
+    }
+    let body = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "system_fingerprint": "fp_honua_mock",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish,
+        }],
+        "usage": usage,
+    });
+    let mut r = Json(body).into_response();
+    r.headers_mut().extend(h);
+    now(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_response(
+    s: &Shared,
+    cfg: &MockConfig,
+    chunks: Vec<String>,
+    stall: Option<usize>,
+    usage: Option<Value>,
+    id: String,
+    model: String,
+    finish: &'static str,
+    headers: HeaderMap,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let delay = cfg.chunk_delay;
+    let mut shutdown = s.shutdown.clone();
+    tokio::spawn(async move {
+        let created = unix_now();
+        let last = chunks.len() - 1;
+        for (i, text) in chunks.into_iter().enumerate() {
+            if stall == Some(i) {
+                // Stall: keep the connection open, send nothing more.
+                let _ = shutdown.wait_for(|s| *s).await;
+                return;
+            }
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": text})
+            } else if i == last {
+                json!({})
+            } else {
+                json!({"content": text})
+            };
+            let finish = if i == last {
+                json!(finish)
+            } else {
+                Value::Null
+            };
+            let chunk = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            });
+            if tx
+                .send(Ok(Bytes::from(format!("data: {chunk}\n\n"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if i != last {
+                tokio::time::sleep(delay).await;
+            }
+        }
+        if let Some(usage) = usage {
+            let chunk = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": usage,
+            });
+            let _ = tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    h.extend(headers);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_estimate_is_ceil_chars_over_4() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("abcd"), 1);
+        assert_eq!(estimate_tokens("abcde"), 2);
+    }
+
+    #[test]
+    fn fault_script_parses_and_rejects() {
+        assert_eq!(
+            Fault::parse_script("ok, 429:3,500,503,hang,stall:2,delay:10").unwrap(),
+            vec![
+                Fault::Ok,
+                Fault::RateLimited {
+                    retry_after: Duration::from_secs(3)
+                },
+                Fault::Status(500),
+                Fault::Status(503),
+                Fault::Hang,
+                Fault::StallAfter(2),
+                Fault::Delay(Duration::from_millis(10)),
+            ]
+        );
+        assert!(Fault::parse_script("boom").unwrap_err().contains("boom"));
+        assert!(
+            Fault::parse_script("429:x")
+                .unwrap_err()
+                .contains("whole number")
+        );
+        assert!(Fault::parse_script("200").is_err());
+    }
+
+    #[test]
+    fn cut_respects_max_tokens() {
+        let (t, cut) = cut_to("a".repeat(100), 10);
+        assert!(cut);
+        assert_eq!(estimate_tokens(&t), 10);
+        let (_, cut) = cut_to("abc".into(), 10);
+        assert!(!cut);
+    }
+
+    #[test]
+    fn window_admits_up_to_the_limit_then_says_when() {
+        let (_tx, rx) = watch::channel(false);
+        let s = Shared {
+            cfg: Mutex::new(MockConfig::default()),
+            faults: Mutex::new(VecDeque::new()),
+            records: Mutex::new(Vec::new()),
+            window: Mutex::new(VecDeque::new()),
+            ids: AtomicU64::new(0),
+            shutdown: rx,
+        };
+        let limit = WindowLimit {
+            window: Duration::from_secs(1),
+            max_requests: 2,
+            max_tokens: 100,
+        };
+        let t0 = Instant::now();
+        assert!(admit(&s, &limit, t0, 10).is_ok());
+        assert!(admit(&s, &limit, t0 + Duration::from_millis(100), 10).is_ok());
+        let retry = admit(&s, &limit, t0 + Duration::from_millis(200), 10).unwrap_err();
+        assert_eq!(retry, Duration::from_millis(800));
+        // After the first left the window, one more fits.
+        assert!(admit(&s, &limit, t0 + Duration::from_millis(1000), 10).is_ok());
+        // Tokens bind too.
+        let retry = admit(&s, &limit, t0 + Duration::from_millis(1500), 95).unwrap_err();
+        assert!(retry > Duration::ZERO);
+        // An arrival that reaches the check late (out of order) is judged by every window
+        // containing it: [0.95, 1.95) already holds 1.0 and 1.1 (admitted next).
+        assert!(admit(&s, &limit, t0 + Duration::from_millis(1100), 10).is_ok());
+        assert!(admit(&s, &limit, t0 + Duration::from_millis(950), 10).is_err());
+    }
+}

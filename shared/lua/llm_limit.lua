@@ -1,0 +1,152 @@
+-- llm_limit: fleet-wide GCRA limiter of one LLM bucket, requests and tokens at once.
+--
+-- Every decision uses the server's clock (TIME, in µs): worker clocks never meet.
+-- A caller willing to wait books its slot: when the earliest admission lies within its
+-- max wait, the cost is charged now as if it arrived then, and the caller sleeps the
+-- returned wait before sending (one round trip per call, no re-check herd). Booking at
+-- t + wait leaves the bucket exactly as an arrival at t + wait would.
+-- A bucket of capacity C refilling at one unit per interval T is kept as its theoretical
+-- arrival time `tat`: the bucket holds (tat - now) / T units while tat > now. A cost of n
+-- units is admitted iff max(tat, now) + n*T - now <= C*T (the tolerance), and then tat
+-- moves to max(tat, now) + n*T. Requests and tokens are checked together and charged only
+-- when both admit (all or nothing), so no window ever sees more than C + rate * window.
+--
+-- KEYS[1] limit hash: `req_tat`, `tok_tat` (server µs, as exact decimal doubles)
+-- KEYS[2] pause key: server µs until which the bucket is paused (provider 429)
+-- ARGV[1] mode: 'acquire' | 'settle' | 'confirm' | 'pause'
+-- acquire: ARGV[2] request interval µs (0 = no request limit), ARGV[3] request tolerance µs,
+--          ARGV[4] token interval µs per token (0 = no token limit), ARGV[5] token tolerance µs,
+--          ARGV[6] tokens to reserve, ARGV[7] max wait µs the caller accepts (booking)
+--   returns {1, wait_us, 'ok'} granted: send after wait_us (0 = now)
+--         | {0, wait_us, 'paused' | 'rate'} not within the max wait; earliest in wait_us
+--         | {0, 0, 'too_large'} the reservation exceeds the token capacity: never admissible
+-- settle:  ARGV[2] request interval µs, ARGV[3] signed request difference (-1 gives a
+--          booked, unused request back), ARGV[4] token interval µs per token, ARGV[5]
+--          signed token difference (actual - reserved: negative refunds, positive charges)
+--   returns {1, 0, 'ok'}
+-- confirm: (after sleeping until a booked slot) ARGV[2] request interval µs, ARGV[3] token
+--          interval µs, ARGV[4] tokens booked
+--   returns {1, 0, 'ok'} send | {0, wait_us, 'paused'} the bucket was paused meanwhile:
+--          the booked request and tokens were given back; the pause ends in wait_us
+-- pause:   ARGV[2] pause length ms; the pause only ever grows (max with an existing one)
+--   returns {1, remaining_us, 'paused'}
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function num(s)
+  local n = tonumber(s)
+  if n == nil then
+    return redis.error_reply('ERR llm_limit: not a number: ' .. tostring(s))
+  end
+  return n
+end
+
+-- %.17g round-trips a double exactly (tostring keeps only 14 digits).
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local mode = ARGV[1]
+local now = now_us()
+
+-- Moves one tat by `delta` units of interval `t` (a refund when negative). A refund below
+-- `now` only means "full bucket" (acquire takes max(tat, now) anyway), so the field goes.
+local function adjust(field, t, delta)
+  if t <= 0 or delta == 0 then
+    return
+  end
+  local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  local new_tat = math.max(tat, now) + delta * t
+  if new_tat > now then
+    redis.call('HSET', KEYS[1], field, fmt(new_tat))
+    local ttl = redis.call('PTTL', KEYS[1])
+    local need = math.ceil((new_tat - now) / 1000) + 1000
+    if ttl < need then
+      redis.call('PEXPIRE', KEYS[1], need)
+    end
+  else
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
+
+if mode == 'acquire' then
+  local req_t, req_tau = num(ARGV[2]), num(ARGV[3])
+  local tok_t, tok_tau = num(ARGV[4]), num(ARGV[5])
+  local tokens, max_wait = num(ARGV[6]), num(ARGV[7])
+  for _, v in ipairs({req_t, req_tau, tok_t, tok_tau, tokens, max_wait}) do
+    if type(v) == 'table' then return v end
+    if v < 0 then return redis.error_reply('ERR llm_limit: negative argument') end
+  end
+  local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if paused > now then
+    return {0, math.ceil(paused - now), 'paused'}
+  end
+  if tok_t > 0 and tokens * tok_t > tok_tau then
+    return {0, 0, 'too_large'}
+  end
+  local state = redis.call('HMGET', KEYS[1], 'req_tat', 'tok_tat')
+  local wait = 0
+  local new_req, new_tok
+  if req_t > 0 then
+    new_req = math.max(tonumber(state[1] or '0'), now) + req_t
+    wait = math.max(wait, new_req - now - req_tau)
+  end
+  if tok_t > 0 then
+    new_tok = math.max(tonumber(state[2] or '0'), now) + tokens * tok_t
+    wait = math.max(wait, new_tok - now - tok_tau)
+  end
+  if wait > max_wait then
+    return {0, math.ceil(wait), 'rate'}
+  end
+  local horizon = now
+  if new_req then
+    redis.call('HSET', KEYS[1], 'req_tat', fmt(new_req))
+    horizon = math.max(horizon, new_req)
+  end
+  if new_tok then
+    redis.call('HSET', KEYS[1], 'tok_tat', fmt(new_tok))
+    horizon = math.max(horizon, new_tok)
+  end
+  if new_req or new_tok then
+    -- Once every tat is in the past the state means "full bucket" = no key at all.
+    redis.call('PEXPIRE', KEYS[1], math.ceil((horizon - now) / 1000) + 1000)
+  end
+  return {1, math.ceil(wait), 'ok'}
+elseif mode == 'settle' then
+  local args = {num(ARGV[2]), num(ARGV[3]), num(ARGV[4]), num(ARGV[5])}
+  for _, v in ipairs(args) do
+    if type(v) == 'table' then return v end
+  end
+  adjust('req_tat', args[1], args[2])
+  adjust('tok_tat', args[3], args[4])
+  return {1, 0, 'ok'}
+elseif mode == 'confirm' then
+  local args = {num(ARGV[2]), num(ARGV[3]), num(ARGV[4])}
+  for _, v in ipairs(args) do
+    if type(v) == 'table' then return v end
+  end
+  local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if paused <= now then
+    return {1, 0, 'ok'}
+  end
+  -- Paused while the caller waited for its booked slot: give the slot back.
+  adjust('req_tat', args[1], -1)
+  adjust('tok_tat', args[2], -args[3])
+  return {0, math.ceil(paused - now), 'paused'}
+elseif mode == 'pause' then
+  local ms = num(ARGV[2])
+  if type(ms) == 'table' then return ms end
+  if ms <= 0 then return redis.error_reply('ERR llm_limit: pause must be positive') end
+  local until_us = now + ms * 1000
+  local existing = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if existing > until_us then
+    until_us = existing
+  end
+  redis.call('SET', KEYS[2], fmt(until_us), 'PX', math.ceil((until_us - now) / 1000) + 1)
+  return {1, math.ceil(until_us - now), 'paused'}
+else
+  return redis.error_reply('ERR llm_limit: unknown mode ' .. tostring(mode))
+end

@@ -1,0 +1,89 @@
+//! Redis operations of the `llm` step kind: the shared response cache and the token
+//! budgets (`llm_budget.lua`). Keys come from [`crate::keys::Keys`].
+
+use crate::scripts::Scripts;
+use crate::store::{Result, Store};
+use std::time::Duration;
+
+/// Usage after a budget check or charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetUsage {
+    /// Tokens this process has used.
+    pub process_tokens: u64,
+    /// Tokens all processes of its type used today (UTC).
+    pub type_tokens_today: u64,
+    pub over: BudgetOver,
+}
+
+/// Which budget is spent, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetOver {
+    No,
+    Process,
+    TypeDaily,
+}
+
+/// One budget check (`add_tokens` = 0) or charge.
+#[derive(Debug, Clone)]
+pub struct BudgetCall<'a> {
+    pub process_id: &'a str,
+    pub process_type: &'a str,
+    /// The UTC day, `yyyymmdd`.
+    pub day: &'a str,
+    pub add_tokens: u64,
+    pub add_cost_micro_usd: u64,
+    /// 0 = none.
+    pub process_cap: u64,
+    /// 0 = none.
+    pub type_daily_cap: u64,
+    pub process_ttl: Duration,
+}
+
+impl Store {
+    /// Checks (and with `add_tokens` > 0 charges) the token budgets in one script.
+    pub async fn llm_budget(&self, call: &BudgetCall<'_>) -> Result<BudgetUsage> {
+        let k = self.keys();
+        let (p, t, over): (u64, u64, u8) = Scripts::get()
+            .llm_budget
+            .key(k.llm_usage(call.process_id))
+            .key(k.llm_type_usage(call.process_type, call.day))
+            .arg(call.add_tokens)
+            .arg(call.add_cost_micro_usd)
+            .arg(call.process_cap)
+            .arg(call.type_daily_cap)
+            .arg(call.process_ttl.as_secs().max(1))
+            .arg(2 * 86_400)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(BudgetUsage {
+            process_tokens: p,
+            type_tokens_today: t,
+            over: match over {
+                1 => BudgetOver::Process,
+                2 => BudgetOver::TypeDaily,
+                _ => BudgetOver::No,
+            },
+        })
+    }
+
+    /// A cached LLM reply (JSON), if present.
+    pub async fn llm_cache_get(&self, hash: &str) -> Result<Option<String>> {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(self.keys().llm_cache(hash))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(v)
+    }
+
+    /// Stores an LLM reply (JSON) for `ttl`.
+    pub async fn llm_cache_put(&self, hash: &str, value: &str, ttl: Duration) -> Result<()> {
+        let _: () = redis::cmd("SET")
+            .arg(self.keys().llm_cache(hash))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+}

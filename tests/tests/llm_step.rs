@@ -1,0 +1,921 @@
+//! The `llm` step kind against the mock provider over real HTTP, with a real redis-server:
+//! usage recorded, retries with visible jitter, fallback under a 429 storm and a 5xx
+//! streak, the shared cache, no second provider call after a reclaim, budgets, secrets that
+//! never leak, and a call lasting 3× the lease that is not reclaimed.
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use honua_mock_llm::{Fault, Latency, MockConfig, MockLlm};
+use honua_shared::config::Config;
+use honua_shared::llm_config::{
+    BudgetAction, EndpointConfig, LlmCaching, LlmProviderConfig, Price, ProviderKind, TypeBudget,
+};
+use honua_shared::status::{ProcessStatus, StepStatus};
+use honua_tests::*;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SENTINEL: &str = "sk-honua-SENTINEL-7f3a9c1e55d04b2a";
+
+/// One llm step `Ask`, then (when `follow`) a streaming `Follow` that reads Ask's text.
+fn def(name: &str, ask_extra: &str, follow: bool) -> String {
+    let mut s = format!(
+        r#"
+name = "{name}"
+version = 1
+[defaults]
+retry = {{ max_attempts = 2, initial_backoff = "10ms", max_backoff = "20ms" }}
+[[steps]]
+name = "Ask"
+kind = "llm"
+config = {{ model = "m1", prompt = "hello {{{{input.who}}}}", max_tokens = 50{ask_extra} }}
+"#
+    );
+    if follow {
+        s.push_str(
+            r#"next = "Follow"
+[[steps]]
+name = "Follow"
+kind = "llm"
+config = { model = "m1", system = "be brief", prompt = "you said: {{steps.Ask.text}}", stream = true, max_tokens = 50 }
+"#,
+        );
+    }
+    s
+}
+
+fn key_file(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("llm.key");
+    std::fs::write(&p, format!("{SENTINEL}\n")).unwrap();
+    p
+}
+
+/// Primary: the OpenAI-compatible `primary`; fallback (when given): `openai` at `fallback`.
+fn llm_cfg(primary: &str, fallback: Option<&str>, key: &Path) -> LlmProviderConfig {
+    LlmProviderConfig {
+        provider: ProviderKind::OpenaiCompatible,
+        openai_compatible: Some(EndpointConfig {
+            base_url: Some(primary.to_string()),
+            api_key_file: Some(key.to_path_buf()),
+            ..Default::default()
+        }),
+        fallback_provider: fallback.map(|_| ProviderKind::Openai),
+        openai: fallback.map(|f| EndpointConfig {
+            base_url: Some(f.to_string()),
+            api_key_file: Some(key.to_path_buf()),
+            ..Default::default()
+        }),
+        retry_initial_ms: 100,
+        retry_max_ms: 1000,
+        limiter_max_wait_ms: 300,
+        request_timeout_secs: 30,
+        ..Default::default()
+    }
+}
+
+async fn mock() -> MockLlm {
+    MockLlm::start(MockConfig::default()).await.unwrap()
+}
+
+async fn output(f: &Fleet, id: &str, step: &str) -> Value {
+    let data = f.store().load_data(id).await.unwrap();
+    f.cfg
+        .codec()
+        .decode(&data[&format!("out:{step}")])
+        .unwrap_or_else(|e| panic!("no output of {step}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_steps_complete_with_usage_recorded() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", true))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(&m.base_url(), None, &key_file(tmp.path()));
+    llm.prices.insert(
+        "m1".into(),
+        Price {
+            input_per_1k: 1.0,
+            output_per_1k: 2.0,
+        },
+    );
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let id = f.submit("L", json!({"who": "ana"})).await;
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
+
+    let reqs = m.requests();
+    assert_eq!(reqs.len(), 2, "one provider call per step");
+    assert!(!reqs[0].stream && reqs[1].stream, "Follow streams");
+    let ask = output(&f, &id, "Ask").await;
+    assert_eq!(ask["text"], "echo: hello ana");
+    assert_eq!(ask["model"], "m1");
+    assert_eq!(ask["provider"], "openai_compatible");
+    assert_eq!(ask["usage"]["inputTokens"], reqs[0].prompt_tokens);
+    assert_eq!(ask["usage"]["outputTokens"], reqs[0].completion_tokens);
+    assert_eq!(ask["usage"]["estimated"], false);
+    assert_eq!(ask["cacheHit"], false);
+    assert_eq!(ask["fallbackUsed"], false);
+    assert_eq!(ask["memoised"], false);
+    assert!(ask["latencyMs"].is_u64() && ask["limiterWaitMs"].is_u64());
+    let expected_cost =
+        reqs[0].prompt_tokens as f64 / 1000.0 + 2.0 * reqs[0].completion_tokens as f64 / 1000.0;
+    assert!((ask["costUsd"].as_f64().unwrap() - expected_cost).abs() < 1e-9);
+    let follow = output(&f, &id, "Follow").await;
+    assert_eq!(follow["text"], "echo: you said: echo: hello ana");
+    assert_eq!(
+        follow["usage"]["outputTokens"], reqs[1].completion_tokens,
+        "usage from the stream's final chunk"
+    );
+    assert_eq!(follow["usage"]["estimated"], false);
+
+    // The usage is charged to the process in Redis (budgets read it).
+    let tokens: u64 = redis::cmd("HGET")
+        .arg(f.store().keys().llm_usage(&id))
+        .arg("tokens")
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    assert_eq!(tokens, reqs.iter().map(|r| r.total_tokens()).sum::<u64>());
+
+    // The effective config shows the section, camelCase, with no key in it.
+    let cfg_json: Value = reqwest::get(f.url("/api/config"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cfg_json["llmProvider"]["provider"], "openai_compatible");
+    assert!(!cfg_json.to_string().contains(SENTINEL));
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_with_visible_jitter() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key_file(tmp.path())));
+    let f = Fleet::start(cfg, 1, 1).await;
+    let mut delays = Vec::new();
+    for run in 0..3 {
+        let before = m.requests().len();
+        m.script([Fault::Status(500), Fault::Status(503)]);
+        let id = f.submit("L", json!({"who": format!("run{run}")})).await;
+        let rec = f.wait_finished(&id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
+        assert_eq!(rec.steps["Ask"].attempt, 1, "retried inside the step");
+        let reqs = &m.requests()[before..];
+        let statuses: Vec<u16> = reqs.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, vec![500, 503, 200]);
+        let out = output(&f, &id, "Ask").await;
+        let attempts = out["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2);
+        for (i, a) in attempts.iter().enumerate() {
+            assert_eq!(a["errorType"], "server_error");
+            let d = a["delayMs"].as_u64().unwrap();
+            // Full jitter: uniform in [0, 100 ms · 2^i].
+            assert!(d <= 100 << i, "delay {d} ms above the exponential bound");
+            // The provider saw the retry no earlier than the recorded delay.
+            let gap = reqs[i + 1].at - reqs[i].at;
+            assert!(gap >= Duration::from_millis(d), "{gap:?} < {d} ms");
+            delays.push(d);
+        }
+    }
+    let mut distinct = delays.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() > 1, "jittered delays must vary: {delays:?}");
+    eprintln!("retry delays (ms) over three runs: {delays:?}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_falls_back_and_pauses_the_bucket_fleet_wide() {
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    let fallback = mock().await;
+    primary.script(vec![
+        Fault::RateLimited {
+            retry_after: Duration::from_secs(30)
+        };
+        20
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(
+        &primary.base_url(),
+        Some(&fallback.base_url()),
+        &key_file(tmp.path()),
+    );
+    // A fleet-wide bucket for the primary, so its 429 pause is shared through Redis.
+    llm.limits.insert(
+        "openai_compatible/m1".into(),
+        serde_json::from_value(
+            json!({"requestsPerMinute": 6000, "tokensPerMinute": 1_000_000,
+            "burstRequests": 100, "burstTokens": 100_000}),
+        )
+        .unwrap(),
+    );
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 2).await;
+    let first = f.submit("L", json!({"who": "a"})).await;
+    assert_eq!(
+        f.wait_finished(&first).await.status,
+        ProcessStatus::Completed
+    );
+    let out = output(&f, &first, "Ask").await;
+    assert_eq!(out["fallbackUsed"], true);
+    assert_eq!(out["provider"], "openai");
+    assert_eq!(out["attempts"][0]["errorType"], "rate_limit");
+    assert_eq!(primary.requests().len(), 1);
+    // The primary's bucket is paused for 30 s: later calls go to the fallback without
+    // touching the primary, whichever worker runs them.
+    let ids = [
+        f.submit("L", json!({"who": "b"})).await,
+        f.submit("L", json!({"who": "c"})).await,
+    ];
+    for id in &ids {
+        assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+        let out = output(&f, id, "Ask").await;
+        assert_eq!(out["fallbackUsed"], true);
+        assert!(out["attempts"].as_array().unwrap().is_empty(), "{out}");
+    }
+    assert_eq!(
+        primary.requests().len(),
+        1,
+        "the pause kept calls off the primary"
+    );
+    let fb = fallback.requests();
+    assert_eq!(fb.len(), 3);
+    assert!(fb.iter().all(|r| r.status == 200));
+    assert_eq!(
+        fb[0].authorization.as_deref(),
+        Some(format!("Bearer {SENTINEL}").as_str()),
+        "the fallback's key is sent as a bearer token"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_streak_opens_the_breaker_and_falls_back() {
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    let fallback = mock().await;
+    primary.script(vec![Fault::Status(502); 10]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(
+        &primary.base_url(),
+        Some(&fallback.base_url()),
+        &key_file(tmp.path()),
+    );
+    llm.breaker_failures = 2;
+    llm.breaker_open_secs = 600;
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let first = f.submit("L", json!({"who": "a"})).await;
+    assert_eq!(
+        f.wait_finished(&first).await.status,
+        ProcessStatus::Completed
+    );
+    let out = output(&f, &first, "Ask").await;
+    assert_eq!(out["fallbackUsed"], true);
+    let types: Vec<&str> = out["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["errorType"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, vec!["server_error", "server_error"]);
+    assert_eq!(primary.requests().len(), 2);
+    // The breaker is open: the next step goes straight to the fallback.
+    let second = f.submit("L", json!({"who": "b"})).await;
+    assert_eq!(
+        f.wait_finished(&second).await.status,
+        ProcessStatus::Completed
+    );
+    assert_eq!(output(&f, &second, "Ask").await["fallbackUsed"], true);
+    assert_eq!(
+        primary.requests().len(),
+        2,
+        "no call while the breaker is open"
+    );
+    assert_eq!(fallback.requests().len(), 2);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_calls_hit_the_shared_cache() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[
+        ("l.toml", &def("L", "", false)),
+        ("hot.toml", &def("Hot", ", temperature = 0.7", false)),
+    ]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(&m.base_url(), None, &key_file(tmp.path()));
+    llm.llm_caching = LlmCaching {
+        enabled: true,
+        ttl_minutes: 5,
+        force: false,
+    };
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 2).await;
+    let a = f.submit("L", json!({"who": "same"})).await;
+    f.wait_finished(&a).await;
+    let b = f.submit("L", json!({"who": "same"})).await;
+    assert_eq!(f.wait_finished(&b).await.status, ProcessStatus::Completed);
+    assert_eq!(
+        m.requests().len(),
+        1,
+        "the identical call was served from the cache"
+    );
+    let (oa, ob) = (output(&f, &a, "Ask").await, output(&f, &b, "Ask").await);
+    assert_eq!(oa["cacheHit"], false);
+    assert_eq!(ob["cacheHit"], true);
+    assert_eq!(oa["text"], ob["text"]);
+    let c = f.submit("L", json!({"who": "other"})).await;
+    f.wait_finished(&c).await;
+    assert_eq!(m.requests().len(), 2, "a different prompt misses");
+    // Non-deterministic settings are not cached unless forced.
+    for _ in 0..2 {
+        let h = f.submit("Hot", json!({"who": "same"})).await;
+        f.wait_finished(&h).await;
+    }
+    assert_eq!(m.requests().len(), 4);
+    f.stop().await;
+}
+
+/// A child `honua-test-worker` configured through a TOML file (the `[llm_provider]`
+/// section has no environment form).
+struct TestWorker {
+    child: Child,
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_worker(cfg_toml: &str, dir: &Path, id: &str, log: &Path, rust_log: &str) -> TestWorker {
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(&path, cfg_toml).unwrap();
+    let stdout = dir.join(format!("{id}.stdout"));
+    let child = Command::new(env!("CARGO_BIN_EXE_honua-test-worker"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", rust_log)
+        .env("HONUA_CONFIG", &path)
+        .env("HONUA_WORKER_ID", id)
+        .env("HONUA_TEST_LOG", log)
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("{id}.stderr"))).unwrap())
+        .spawn()
+        .expect("spawn honua-test-worker");
+    TestWorker { child }
+}
+
+fn worker_toml(cfg: &Config, llm_section: &str) -> String {
+    format!(
+        r#"redis_url = "{}"
+key_prefix = "{}"
+definitions_dir = "{}"
+[worker]
+lease_ms = {}
+sweep_ms = 200
+read_block_ms = 200
+max_deliveries = 5
+shutdown_grace_ms = 2000
+metrics_addr = ""
+{llm_section}
+"#,
+        cfg.redis_url,
+        cfg.key_prefix,
+        cfg.definitions_dir.display(),
+        cfg.worker.lease_ms
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaimed_step_whose_call_completed_does_not_call_again() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let def = r#"
+name = "Crash"
+version = 1
+[[steps]]
+name = "Ask"
+kind = "llm_crash_once"
+config = { model = "m1", prompt = "hello {{input.who}}", max_tokens = 50 }
+"#;
+    let dir = defs_dir(&[("c.toml", def)]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.worker.lease_ms = 1000;
+    cfg.custom_step_kinds = vec!["llm_crash_once".into()];
+    let key = key_file(tmp.path());
+    let section = format!(
+        "[llm_provider]\nprovider = \"openai_compatible\"\n[llm_provider.openai_compatible]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+        m.base_url(),
+        key.display()
+    );
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let mut w1 = spawn_worker(&worker_toml(&cfg, &section), tmp.path(), "w1", &log, "info");
+    let id = f.submit("Crash", json!({"who": "bo"})).await;
+    wait_for("the first worker to crash after its call", DEADLINE, || {
+        let exited = w1.child.try_wait().ok().flatten().is_some();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    assert_eq!(m.requests().len(), 1);
+    let _w2 = spawn_worker(&worker_toml(&cfg, &section), tmp.path(), "w2", &log, "info");
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
+    assert!(rec.steps["Ask"].deliveries.unwrap_or(0) >= 2, "{rec:#?}");
+    assert_eq!(m.requests().len(), 1, "the provider was not called again");
+    let out = output(&f, &id, "Ask").await;
+    assert_eq!(out["memoised"], true);
+    assert_eq!(out["text"], "echo: hello bo");
+    let called: Vec<_> = read_log(&log)
+        .into_iter()
+        .filter(|l| l.event == "called")
+        .collect();
+    assert_eq!(called.len(), 2, "{called:?}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_budgets_fail_or_pause_as_configured() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[
+        ("f.toml", &def("BudgetFail", "", true)),
+        ("p.toml", &def("BudgetPause", "", true)),
+    ]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(&m.base_url(), None, &key_file(tmp.path()));
+    llm.budgets.max_tokens_per_process = Some(3);
+    llm.budgets.action = BudgetAction::Fail;
+    llm.budgets.pause_minutes = 10;
+    llm.budgets.process_types.insert(
+        "BudgetPause".into(),
+        TypeBudget {
+            action: Some(BudgetAction::Pause),
+            ..Default::default()
+        },
+    );
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+
+    let failing = f.submit("BudgetFail", json!({"who": "cy"})).await;
+    let rec = f.wait_finished(&failing).await;
+    assert_eq!(rec.status, ProcessStatus::Failed);
+    let err = rec.steps["Follow"].error.clone().unwrap_or_default();
+    assert!(
+        err.contains("budget") && err.contains("action fail"),
+        "{err}"
+    );
+    assert_eq!(
+        rec.steps["Follow"].attempt, 1,
+        "a spent budget is not retried"
+    );
+    assert_eq!(m.requests().len(), 1, "only Ask called the provider");
+
+    let paused = f.submit("BudgetPause", json!({"who": "cy"})).await;
+    let step = wait_for("the Follow step to pause", DEADLINE, || async {
+        let rec = f.record(&paused).await?;
+        let s = rec.steps.get("Follow")?.clone();
+        (s.status == StepStatus::Delayed).then_some((rec, s))
+    })
+    .await;
+    let (rec, s) = step;
+    assert_eq!(
+        rec.status,
+        ProcessStatus::Running,
+        "a paused process is not failed"
+    );
+    let err = s.error.clone().unwrap_or_default();
+    assert!(err.contains("paused for 10m"), "{err}");
+    assert_eq!(m.requests().len(), 2);
+    f.stop().await;
+}
+
+/// Answers every chat call with 401 and an error text that echoes the credential header,
+/// as some providers do.
+async fn hostile_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = Router::new().route(
+        "/openai/deployments/{dep}/chat/completions",
+        post(move |headers: HeaderMap| {
+            let s = s.clone();
+            async move {
+                let key = headers
+                    .get("api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                s.lock().unwrap().push(key.clone());
+                (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": {
+                        "message": format!("Incorrect API key provided: {key}"),
+                        "type": "invalid_request_error"}})),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, seen)
+}
+
+/// Every key and value of the Redis server, as bytes.
+async fn dump_redis(conn: &mut redis::aio::ConnectionManager) -> Vec<u8> {
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap();
+    let mut all = Vec::new();
+    for k in keys {
+        all.extend_from_slice(&k);
+        let t: String = redis::cmd("TYPE").arg(&k).query_async(conn).await.unwrap();
+        let v: redis::Value = match t.as_str() {
+            "string" => redis::cmd("GET").arg(&k).query_async(conn).await.unwrap(),
+            "hash" => redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(conn)
+                .await
+                .unwrap(),
+            "list" => redis::cmd("LRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(conn)
+                .await
+                .unwrap(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&k)
+                .query_async(conn)
+                .await
+                .unwrap(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(conn)
+                .await
+                .unwrap(),
+            "stream" => redis::cmd("XRANGE")
+                .arg(&k)
+                .arg("-")
+                .arg("+")
+                .query_async(conn)
+                .await
+                .unwrap(),
+            other => panic!("unexpected key type {other}"),
+        };
+        all.extend_from_slice(format!("{v:?}").as_bytes());
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_never_leaks_into_logs_redis_or_errors() {
+    let redis = RedisServer::start();
+    let m = MockLlm::start(MockConfig {
+        api_key: Some(SENTINEL.into()),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (hostile, seen) = hostile_server().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", true))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let key = key_file(tmp.path());
+    // Primary OpenAI at the mock; fallback Azure at the hostile server.
+    let section = format!(
+        "[llm_provider]\nprovider = \"OpenAI\"\nfallback_provider = \"Azure\"\n\
+         retry_initial_ms = 20\nretry_max_ms = 100\n\
+         [llm_provider.openai]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\
+         [llm_provider.azure]\nbase_url = \"{hostile}\"\napi_version = \"2024-10-21\"\napi_key_file = \"{}\"\n",
+        m.base_url(),
+        key.display(),
+        key.display()
+    );
+    let mut llm = LlmProviderConfig {
+        provider: ProviderKind::Openai,
+        ..Default::default()
+    };
+    llm.openai = Some(EndpointConfig {
+        base_url: Some(m.base_url()),
+        api_key_file: Some(key.clone()),
+        ..Default::default()
+    });
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let w = spawn_worker(
+        &worker_toml(&cfg, &section),
+        tmp.path(),
+        "wk",
+        &log,
+        "trace",
+    );
+
+    let ok = f.submit("L", json!({"who": "dee"})).await;
+    assert_eq!(f.wait_finished(&ok).await.status, ProcessStatus::Completed);
+    assert_eq!(
+        m.requests()[0].authorization.as_deref(),
+        Some(format!("Bearer {SENTINEL}").as_str()),
+        "the key was sent (so a leak would be possible)"
+    );
+    // A 429 moves the call to the fallback, whose 401 echoes the key in its error text.
+    m.script([Fault::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }]);
+    let bad = f.submit("L", json!({"who": "eve"})).await;
+    let rec = f.wait_finished(&bad).await;
+    assert_eq!(rec.status, ProcessStatus::Failed);
+    assert_eq!(seen.lock().unwrap().as_slice(), [SENTINEL.to_string()]);
+    let err = rec.steps["Ask"].error.clone().unwrap_or_default();
+    assert!(err.contains("401") && err.contains("[redacted]"), "{err}");
+
+    // Error output: the gateway's view of both processes.
+    for id in [&ok, &bad] {
+        let body = reqwest::get(f.url(&format!("/api/processes/{id}")))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!body.contains(SENTINEL), "{body}");
+    }
+    let cfg_body = reqwest::get(f.url("/api/config"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!cfg_body.contains(SENTINEL));
+    // Redis: every key and value.
+    let all = dump_redis(&mut f.store().conn()).await;
+    assert!(all.len() > 1000, "the dump has content");
+    assert!(!contains(&all, SENTINEL), "the key is in Redis");
+    // Logs at trace level (every crate).
+    drop(w);
+    let logs = std::fs::read_to_string(tmp.path().join("wk.stdout")).unwrap()
+        + &std::fs::read_to_string(tmp.path().join("wk.stderr")).unwrap();
+    assert!(
+        logs.contains("llm call failed"),
+        "the worker logged the failures"
+    );
+    assert!(!logs.contains(SENTINEL), "the key is in the worker's log");
+    eprintln!(
+        "worker log: {} lines, {} bytes; redis dump: {} bytes",
+        logs.lines().count(),
+        logs.len(),
+        all.len()
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_lasting_three_leases_is_not_reclaimed() {
+    let redis = RedisServer::start();
+    let m = MockLlm::start(MockConfig {
+        latency: Latency::Fixed(Duration::from_millis(3_000)),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.worker.lease_ms = 1_000;
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key_file(tmp.path())));
+    let f = Fleet::start(cfg, 1, 2).await;
+    let id = f.submit("L", json!({"who": "fay"})).await;
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
+    assert_eq!(m.requests().len(), 1, "one call, never repeated");
+    let step = &rec.steps["Ask"];
+    assert_eq!(step.deliveries, Some(1), "never reclaimed: {step:#?}");
+    assert_eq!(step.attempt, 1);
+    let out = output(&f, &id, "Ask").await;
+    assert!(out["latencyMs"].as_u64().unwrap() >= 3_000);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_output_is_validated_and_a_violation_is_retried() {
+    let redis = RedisServer::start();
+    // Valid JSON for "good", a reply missing `score` for anything else.
+    let m = MockLlm::start(MockConfig {
+        completion: honua_mock_llm::Completion::Func(Arc::new(|r| {
+            assert!(
+                r.body["response_format"]["json_schema"]["schema"].is_object(),
+                "the schema is sent"
+            );
+            let last = r
+                .messages
+                .last()
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default();
+            if last.contains("good") {
+                "```json\n{\"verdict\": \"approve\", \"score\": 7}\n```".into()
+            } else {
+                "{\"verdict\": \"approve\"}".into()
+            }
+        })),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = r#", schema = { type = "object", required = ["verdict", "score"], properties = { verdict = { type = "string", enum = ["approve", "reject"] }, score = { type = "integer", minimum = 0, maximum = 10 } } }"#;
+    let dir = defs_dir(&[("s.toml", &def("S", schema, false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key_file(tmp.path())));
+    let f = Fleet::start(cfg, 1, 1).await;
+    let good = f.submit("S", json!({"who": "good"})).await;
+    assert_eq!(
+        f.wait_finished(&good).await.status,
+        ProcessStatus::Completed
+    );
+    let out = output(&f, &good, "Ask").await;
+    assert_eq!(out["json"], json!({"verdict": "approve", "score": 7}));
+
+    let bad = f.submit("S", json!({"who": "bad"})).await;
+    let rec = f.wait_finished(&bad).await;
+    assert_eq!(rec.status, ProcessStatus::Failed);
+    let step = &rec.steps["Ask"];
+    assert_eq!(step.attempt, 2, "the retry policy saw a retryable failure");
+    let err = step.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("violates the output schema") && err.contains("\"score\" is missing"),
+        "{err}"
+    );
+    assert_eq!(
+        m.requests().len(),
+        3,
+        "the retry asked the provider again instead of reusing the bad reply"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_deployments_and_a_stalled_stream_that_is_retried() {
+    let redis = RedisServer::start();
+    let m = MockLlm::start(MockConfig {
+        api_key: Some(SENTINEL.into()),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    m.script([Fault::StallAfter(1)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("a.toml", &def("A", ", stream = true", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let llm = LlmProviderConfig {
+        provider: ProviderKind::Azure,
+        azure: Some(EndpointConfig {
+            base_url: Some(m.azure_endpoint()),
+            api_version: Some("2024-10-21".into()),
+            deployments: [("m1".to_string(), "prod-m1".to_string())].into(),
+            api_key_file: Some(key_file(tmp.path())),
+            ..Default::default()
+        }),
+        stream_idle_timeout_secs: 1,
+        retry_initial_ms: 20,
+        retry_max_ms: 100,
+        ..Default::default()
+    };
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let id = f.submit("A", json!({"who": "gus"})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    let reqs = m.requests();
+    assert_eq!(
+        reqs.len(),
+        2,
+        "the stalled stream was abandoned and retried"
+    );
+    for r in &reqs {
+        assert_eq!(r.deployment.as_deref(), Some("prod-m1"));
+        assert_eq!(r.api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(r.api_key.as_deref(), Some(SENTINEL));
+        assert!(r.stream);
+    }
+    let out = output(&f, &id, "Ask").await;
+    assert_eq!(out["provider"], "azure");
+    assert_eq!(out["text"], "echo: hello gus");
+    assert_eq!(out["attempts"][0]["errorType"], "timeout");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_the_process_stops_a_hanging_call_at_once() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    m.script([Fault::Hang]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.worker.max_concurrent_steps = 1;
+    let mut llm = llm_cfg(&m.base_url(), None, &key_file(tmp.path()));
+    llm.request_timeout_secs = 3600;
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let hung = f.submit("L", json!({"who": "hal"})).await;
+    wait_for("the provider to receive the call", DEADLINE, || {
+        let n = m.requests().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(f.url(&format!("/api/processes/{hung}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        f.wait_finished(&hung).await.status,
+        ProcessStatus::Cancelled
+    );
+    // The worker's only slot is free again long before the call's 1 h timeout.
+    let next = f.submit("L", json!({"who": "ida"})).await;
+    assert_eq!(
+        f.wait_finished(&next).await.status,
+        ProcessStatus::Completed
+    );
+    assert_eq!(m.requests().len(), 2);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_provider_window_pauses_the_bucket_before_any_429() {
+    let redis = RedisServer::start();
+    let primary = MockLlm::start(MockConfig {
+        limit: Some(honua_mock_llm::WindowLimit {
+            window: Duration::from_secs(60),
+            max_requests: 2,
+            max_tokens: 0,
+        }),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let fallback = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(
+        &primary.base_url(),
+        Some(&fallback.base_url()),
+        &key_file(tmp.path()),
+    );
+    llm.limits.insert(
+        "openai_compatible/m1".into(),
+        serde_json::from_value(
+            json!({"requestsPerMinute": 6000, "tokensPerMinute": 1_000_000,
+            "burstRequests": 100, "burstTokens": 100_000}),
+        )
+        .unwrap(),
+    );
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 2).await;
+    let mut outs = Vec::new();
+    for who in ["a", "b", "c"] {
+        let id = f.submit("L", json!({ "who": who })).await;
+        assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+        outs.push(output(&f, &id, "Ask").await);
+    }
+    let used: Vec<bool> = outs.iter().map(|o| o["fallbackUsed"] == true).collect();
+    assert_eq!(used, vec![false, false, true]);
+    let statuses: Vec<u16> = primary.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200, 200], "the primary never answered 429");
+    assert_eq!(fallback.requests().len(), 1);
+    f.stop().await;
+}
