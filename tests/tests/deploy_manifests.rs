@@ -242,7 +242,7 @@ fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
     let wc = container(worker, "honua-cli");
     assert_eq!(sc["command"][0], "honua-scheduler");
     assert_eq!(wc["command"][0], "honua-worker");
-    for c in [sc, wc] {
+    for (c, role) in [(sc, "scheduler"), (wc, "worker")] {
         let cmd = c["command"][0].as_str().unwrap();
         assert!(bins.contains(cmd), "{cmd} is not a [[bin]] target");
         for e in c["env"].as_array().unwrap() {
@@ -252,9 +252,13 @@ fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
                 "{name}: not an env var the code reads (honua_shared::config::ENV_VARS)"
             );
         }
+        // Each Deployment logs in as its own Redis user (deploy/redis/users.acl.template).
         let url = env_value(c, "HONUA_REDIS_URL").expect("HONUA_REDIS_URL");
         assert_eq!(url["valueFrom"]["secretKeyRef"]["name"], "redis-secret");
-        assert_eq!(url["valueFrom"]["secretKeyRef"]["key"], "connection-string");
+        assert_eq!(
+            url["valueFrom"]["secretKeyRef"]["key"],
+            format!("{role}-connection-string").as_str()
+        );
     }
 
     // Gateway: port, probes and the Service of the guide (honua-process-framework:9090).
@@ -377,8 +381,16 @@ fn synced_copies_match_their_sources() {
             "{f} not in process-config"
         );
     }
-    // Dashboard and scripts: byte-identical.
+    // Dashboard, scripts and the Redis ACL template: byte-identical.
     for (src, copy) in [
+        (
+            "deploy/scripts/render-redis-acl.sh",
+            "deploy/k8s/base/scripts/render-redis-acl.sh",
+        ),
+        (
+            "deploy/redis/users.acl.template",
+            "deploy/k8s/base/redis/users.acl.template",
+        ),
         (
             "deploy/grafana/honua-process-framework.json",
             "deploy/k8s/base/observability/honua-process-framework.json",
@@ -622,7 +634,10 @@ fn redis_is_durable_never_evicts_and_is_backed_up_as_the_guide_says() {
     assert_eq!(env_value(c, "BACKUP_KEEP_DAYS").unwrap()["value"], "7");
     assert!(env_value(c, "BACKUP_UPLOAD_COMMAND").is_some());
     let url = env_value(c, "REDIS_URL").unwrap();
-    assert_eq!(url["valueFrom"]["secretKeyRef"]["key"], "connection-string");
+    assert_eq!(
+        url["valueFrom"]["secretKeyRef"]["key"],
+        "backup-connection-string"
+    );
     let vols = pod_spec(cj)["volumes"].as_array().unwrap();
     assert!(
         vols.iter()
@@ -641,5 +656,245 @@ fn redis_is_durable_never_evicts_and_is_backed_up_as_the_guide_says() {
         "BACKUP_UPLOAD_COMMAND",
     ] {
         assert!(script.contains(step), "backup-redis.sh lacks {step}");
+    }
+}
+
+/// The users of the ACL template, joined as the renderer joins them: (name, rule words).
+fn acl_users() -> Vec<(String, Vec<String>)> {
+    let mut users = Vec::new();
+    let mut acc = String::new();
+    for line in read("deploy/redis/users.acl.template").lines() {
+        let t = line.trim();
+        if acc.is_empty() && (t.is_empty() || t.starts_with('#')) {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            acc.push_str(head);
+            acc.push(' ');
+            continue;
+        }
+        acc.push_str(t);
+        let words: Vec<String> = acc.split_whitespace().map(String::from).collect();
+        assert_eq!(words[0], "user", "{acc}");
+        users.push((words[1].clone(), words[2..].to_vec()));
+        acc.clear();
+    }
+    users
+}
+
+/// Every secretKeyRef (secret name, key) of a container's env.
+fn secret_refs(c: &Value) -> Vec<(String, String, String)> {
+    c["env"]
+        .as_array()
+        .map(|env| {
+            env.iter()
+                .filter(|e| e["valueFrom"]["secretKeyRef"].is_object())
+                .map(|e| {
+                    let r = &e["valueFrom"]["secretKeyRef"];
+                    (
+                        e["name"].as_str().unwrap().to_string(),
+                        r["name"].as_str().unwrap().to_string(),
+                        r["key"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn redis_acl_users_per_role_are_rendered_from_secrets_and_each_is_used() {
+    let objs = base_objects();
+    let users = acl_users();
+    let names: Vec<&str> = users.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[0], "default");
+    let default_rules = &users[0].1;
+    assert!(
+        default_rules.contains(&"off".into()) && !default_rules.contains(&"on".into()),
+        "default must be off: {default_rules:?}"
+    );
+
+    // redis.conf loads the rendered file; no password in the config or on the command line.
+    let conf = read("deploy/k8s/base/redis/redis.conf");
+    assert!(
+        conf.lines()
+            .any(|l| l.trim() == "aclfile /etc/redis-acl/users.acl"),
+        "redis.conf lacks the aclfile"
+    );
+    assert!(
+        !conf
+            .lines()
+            .any(|l| l.trim_start().starts_with("requirepass")),
+        "requirepass"
+    );
+    let sts = find(&objs, "StatefulSet", "redis");
+    let redis = container(sts, "redis");
+    assert!(
+        !redis["command"].to_string().contains("requirepass"),
+        "{}",
+        redis["command"]
+    );
+    // The `acl` init container renders it from redis-secret: one <role>-password per user.
+    let init = pod_spec(sts)["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "acl")
+        .expect("the acl init container");
+    assert_eq!(init["command"][1], "/scripts/render-redis-acl.sh");
+    assert!(init["command"][3].as_str().unwrap().ends_with("/users.acl"));
+    let rendered_from: BTreeSet<(String, String)> = secret_refs(init)
+        .into_iter()
+        .map(|(env, secret, key)| {
+            assert_eq!(secret, "redis-secret");
+            (env, key)
+        })
+        .collect();
+    assert_eq!(
+        env_value(init, "HONUA_KEY_PREFIX").unwrap()["value"],
+        Config::default().key_prefix.as_str()
+    );
+
+    // Who logs in as whom: every user of the template is someone's.
+    let mut used_by: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for w in workloads(&objs) {
+        let ps = pod_spec(w);
+        for c in ps["containers"].as_array().unwrap() {
+            for (env, _, key) in secret_refs(c) {
+                let who = format!("{}/{}", w["metadata"]["name"].as_str().unwrap(), c["name"]);
+                if let Some(role) = key.strip_suffix("-connection-string") {
+                    used_by
+                        .entry(format!("honua-{role}"))
+                        .or_default()
+                        .push(who);
+                } else if env == "REDISCLI_AUTH" && key == "admin-password" {
+                    // redis-0's redis-cli wrapper logs in as honua-admin.
+                    used_by.entry("honua-admin".into()).or_default().push(who);
+                }
+            }
+        }
+    }
+    let auth = find(&objs, "TriggerAuthentication", "honua-redis");
+    let so = find(&objs, "ScaledObject", "honua-process-framework");
+    let trigger = so["spec"]["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "redis-streams")
+        .unwrap();
+    let keda_user = trigger["metadata"]["username"].as_str().unwrap();
+    let keda_key = auth["spec"]["secretTargetRef"][0]["key"].as_str().unwrap();
+    assert_eq!(
+        keda_user.strip_prefix("honua-"),
+        keda_key.strip_suffix("-password")
+    );
+    used_by
+        .entry(keda_user.into())
+        .or_default()
+        .push("ScaledObject/honua-process-framework".into());
+
+    let wrapper = read("deploy/k8s/base/redis/redis-cli");
+    assert!(wrapper.contains("honua-admin"));
+    for (name, rules) in users.iter().skip(1) {
+        let role = name
+            .strip_prefix("honua-")
+            .unwrap_or_else(|| panic!("user {name}: name roles honua-<role>"));
+        assert!(
+            used_by.contains_key(name),
+            "user {name} is in the ACL template but no workload logs in as it: {used_by:?}"
+        );
+        // Its password comes from the secret, as a placeholder the renderer hashes.
+        let var = format!("REDIS_PASSWORD_{}", role.to_uppercase().replace('-', "_"));
+        assert!(
+            rendered_from.contains(&(var.clone(), format!("{role}-password"))),
+            "{name}: the acl init container needs {var} from redis-secret/{role}-password"
+        );
+        assert!(rules.contains(&"@password@".into()), "{name}: {rules:?}");
+        for r in rules {
+            assert!(
+                !r.starts_with('>') && !r.starts_with('#') && r != "nopass",
+                "{name}: a password value is committed: {r}"
+            );
+        }
+        if name == "honua-admin" {
+            continue;
+        }
+        // Least privilege: the prefix only, an explicit allow-list, nothing dangerous.
+        assert!(rules.contains(&"-@all".into()), "{name}: start from -@all");
+        assert!(rules.contains(&"resetkeys".into()), "{name}: resetkeys");
+        for r in rules {
+            let lower = r.to_ascii_lowercase();
+            assert!(
+                !(lower.starts_with('~') || lower.contains("~")) || lower.ends_with("~@prefix@:*"),
+                "{name}: key pattern {r} (only ~@prefix@:*)"
+            );
+            assert!(
+                ![
+                    "allkeys",
+                    "allcommands",
+                    "+@all",
+                    "+@admin",
+                    "+@dangerous",
+                    "&*",
+                    "allchannels"
+                ]
+                .contains(&lower.as_str()),
+                "{name}: {r}"
+            );
+            for bad in [
+                "flushall",
+                "flushdb",
+                "config",
+                "keys",
+                "scan",
+                "debug",
+                "shutdown",
+                "module",
+                "acl",
+                "monitor",
+                "eval",
+                "script|flush",
+            ] {
+                assert!(
+                    lower != format!("+{bad}") && !lower.starts_with(&format!("+{bad}|")),
+                    "{name}: {r}"
+                );
+            }
+        }
+    }
+    // Every role user is one the README tells operators to create a password for.
+    let readme = read("deploy/k8s/README.md");
+    for (name, _) in users.iter().skip(1) {
+        let role = name.strip_prefix("honua-").unwrap();
+        assert!(
+            readme.contains(&format!("{role}-password")),
+            "deploy/k8s/README.md: no {role}-password in the secret instructions"
+        );
+    }
+
+    // No secret values anywhere in the manifests: every env var that looks like a
+    // credential comes from a secretKeyRef.
+    for w in workloads(&objs) {
+        let ps = pod_spec(w);
+        let mut all = ps["containers"].as_array().unwrap().clone();
+        all.extend(ps["initContainers"].as_array().cloned().unwrap_or_default());
+        for c in &all {
+            for e in c["env"].as_array().cloned().unwrap_or_default() {
+                let n = e["name"].as_str().unwrap();
+                if n.contains("PASSWORD")
+                    || n.contains("AUTH")
+                    || n.ends_with("_URL")
+                    || n.ends_with("_KEY")
+                    || n.ends_with("_KEYS")
+                {
+                    assert!(
+                        e["value"].is_null() && e["valueFrom"]["secretKeyRef"].is_object(),
+                        "{}/{}: {n} must come from a secret",
+                        w["metadata"]["name"],
+                        c["name"]
+                    );
+                }
+            }
+        }
     }
 }
