@@ -169,7 +169,7 @@ fn split(total: usize, parts: usize) -> Vec<usize> {
 }
 
 /// The fields of a real job envelope, so entries weigh what the engine's jobs weigh.
-fn job_fields() -> Fields {
+pub(crate) fn job_fields() -> Fields {
     JobEnvelope {
         process_id: uuid::Uuid::now_v7().to_string(),
         step: "A".into(),

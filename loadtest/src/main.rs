@@ -2,27 +2,41 @@
 //! measured on the same server in the same run.
 //!
 //! ```text
-//! honua-loadtest throughput [--processes N] [--workers W] [--schedulers S] [--quick] [--json FILE] [--redis-url URL] [--no-baseline]
-//! honua-loadtest baseline [--jobs N] [--consumers C] [--quick] [--json FILE] [--redis-url URL]
+//! honua-loadtest throughput [--processes N] [--workers W] [--schedulers S] [--no-baseline]
+//! honua-loadtest baseline   [--jobs N] [--consumers C]
+//! honua-loadtest latency    [--seconds S] [--workers W] [--no-baseline]
+//! honua-loadtest crash      [--seconds S] [--rate R] [--step-ms D] [--kills K] [--workers W] [--lease-ms L --sweep-ms S]
+//! honua-loadtest scale      [--processes N] [--workers-list 1,2,4]
+//! honua-loadtest llm        [--seconds S] [--rpm N] [--burst N] [--latency-ms L] [--workers W] [--in-flight N]
+//! honua-loadtest all        (every scenario above, one report)
+//!   common: [--quick] [--json FILE] [--redis-url URL]
 //! ```
 //!
 //! Without `--redis-url` a private redis-server (AOF on, `appendfsync everysec`) is started
 //! in a temporary directory and stopped at the end. Build in release for real numbers:
-//! `cargo run --release -p honua-loadtest -- throughput`.
+//! `cargo run --release -p honua-loadtest -- all --json bench.json`.
 
 mod baseline;
+mod child;
 mod component;
 mod cputime;
+mod crash;
 mod error;
+mod latency;
+mod llm;
 mod meter;
+mod progress;
 mod report;
 mod server;
+mod stats;
 mod throughput;
 
 use anyhow::Context;
 use baseline::BaselineParams;
 use clap::{Args, Parser, Subcommand};
-use report::Report;
+use crash::CrashParams;
+use latency::LatencyParams;
+use report::{AT_50_PROCESSES, AT_1000_STEPS, CRASH_2S, CRASH_DEFAULT, Report, ScalePoint};
 use server::Server;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +60,19 @@ enum Command {
     Throughput(ThroughputArgs),
     /// The raw Redis Streams job cycle alone (XADD, XREADGROUP, XACK)
     Baseline(BaselineArgs),
+    /// Dispatch and end-to-end latency at fixed arrival rates (1,000 steps/s; 50 processes/s)
+    Latency(LatencyArgs),
+    /// kill -9 random worker processes during a run (default lease, then a 2 s lease)
+    Crash(CrashArgs),
+    /// Throughput with 1, 2 and 4 workers, each next to the raw cycle with as many consumers
+    Scale(ScaleArgs),
+    /// LLM-bound: llm steps against the mock provider under a fleet-wide limit; worker RSS
+    Llm(LlmArgs),
+    /// Every scenario (baseline + throughput, scale, latency, crash, llm) in one report
+    All(AllArgs),
+    /// A worker in a child process (used by the crash scenario)
+    #[command(hide = true)]
+    WorkerChild(child::ChildArgs),
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +127,96 @@ struct BaselineArgs {
     consumers: usize,
 }
 
+#[derive(Debug, Args)]
+struct LatencyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Arrival window of each run [default: 10 (1,000 steps/s) and 20 (50 processes/s); 1 with --quick]
+    #[arg(long, value_name = "SECS")]
+    seconds: Option<f64>,
+    /// In-process workers
+    #[arg(long, value_name = "W", default_value_t = 2)]
+    workers: usize,
+    /// Skip the raw XADD → XREADGROUP delivery latency
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+#[derive(Debug, Args)]
+struct CrashArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Arrival window [default: 20 with the default lease, 10 with a 2 s lease; 4 with --quick]
+    #[arg(long, value_name = "SECS")]
+    seconds: Option<f64>,
+    /// Processes submitted per second
+    #[arg(long, value_name = "R", default_value_t = 300.0)]
+    rate: f64,
+    /// Workers killed (and replaced) during each run [default: 3; 1 with --quick]
+    #[arg(long, value_name = "K")]
+    kills: Option<usize>,
+    /// Worker processes
+    #[arg(long, value_name = "W", default_value_t = 2)]
+    workers: usize,
+    /// How long each step takes (so that a kill finds steps running)
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    step_ms: u64,
+    /// One run with this lease instead of the default and 2 s runs
+    #[arg(long, value_name = "MS", requires = "sweep_ms")]
+    lease_ms: Option<u64>,
+    /// Sweep interval of that run
+    #[arg(long, value_name = "MS", requires = "lease_ms")]
+    sweep_ms: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct ScaleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Processes per point [default: 3000, 100 with --quick]
+    #[arg(long, value_name = "N")]
+    processes: Option<usize>,
+    /// Worker counts [default: 1,2,4; 1,2 with --quick]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    workers_list: Vec<usize>,
+}
+
+#[derive(Debug, Args)]
+struct LlmArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Arrival window [default: 20, 3 with --quick]
+    #[arg(long, value_name = "SECS")]
+    seconds: Option<f64>,
+    /// The fleet-wide limit, requests per minute (tokens: 200 per request)
+    #[arg(long, value_name = "N", default_value_t = 6000)]
+    rpm: u32,
+    /// Burst above the steady rate, requests (tokens: 200 per request)
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    burst: u32,
+    /// Provider latency of each call
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    latency_ms: u64,
+    /// Worker processes
+    #[arg(long, value_name = "W", default_value_t = 2)]
+    workers: usize,
+    /// LLM steps in flight in one worker for the memory figure (0: skip) [default: 1000, 100 with --quick]
+    #[arg(long, value_name = "N")]
+    in_flight: Option<usize>,
+    /// Provider latency while they are in flight [default: 10000, 3000 with --quick]
+    #[arg(long, value_name = "MS")]
+    in_flight_latency_ms: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct AllArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Sweep interval of the 2 s-lease crash run.
+const SHORT_SWEEP_MS: u64 = 500;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
@@ -125,11 +242,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let common = match &command {
         Command::Throughput(a) => &a.common,
         Command::Baseline(a) => &a.common,
+        Command::Latency(a) => &a.common,
+        Command::Crash(a) => &a.common,
+        Command::Scale(a) => &a.common,
+        Command::Llm(a) => &a.common,
+        Command::All(a) => &a.common,
+        Command::WorkerChild(a) => return child::run(a.clone()).await,
     };
     let server = Server::start(common.redis_url.as_deref()).await?;
     let report = run_on(&server, &command).await;
     server.stop().await;
-    let report = report?;
+    let mut report = report?;
+    report.finish();
     print!("{}", report.summary());
     if let Some(path) = &common.json {
         let json = serde_json::to_string_pretty(&report).context("cannot encode the results")?;
@@ -158,26 +282,276 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
             Ok(report)
         }
         Command::Throughput(a) => {
-            let params = engine_params(a);
-            let baseline = if a.no_baseline {
-                None
-            } else {
-                // As many raw jobs as the engine runs steps, as many consumers as workers.
-                let jobs = params.processes * throughput::STEPS_PER_PROCESS;
-                Some(raw(server, &prefix, raw_params(jobs, params.workers)).await?)
-            };
-            eprintln!(
-                "engine: {} processes, {} scheduler(s), {} workers ...",
-                params.processes, params.schedulers, params.workers
-            );
-            let engine = throughput::run(server, &prefix, params)
-                .await
-                .context("the engine throughput run failed")?;
             let mut report = Report::new("throughput", a.common.quick, info);
-            report.set_results(baseline, Some(engine));
+            throughput_into(
+                &mut report,
+                server,
+                &prefix,
+                engine_params(a),
+                !a.no_baseline,
+            )
+            .await?;
             Ok(report)
         }
+        Command::Latency(a) => {
+            let mut report = Report::new("latency", a.common.quick, info);
+            let runs = latency_runs(a.common.quick, a.seconds, a.workers, !a.no_baseline);
+            latency_into(&mut report, server, &prefix, &runs).await?;
+            Ok(report)
+        }
+        Command::Crash(a) => {
+            let mut report = Report::new("crash", a.common.quick, info);
+            crash_into(&mut report, server, &prefix, &crash_runs(a)).await?;
+            Ok(report)
+        }
+        Command::Scale(a) => {
+            let mut report = Report::new("scale", a.common.quick, info);
+            let processes = a
+                .processes
+                .unwrap_or(if a.common.quick { 100 } else { 3000 });
+            let workers = scale_workers(a.common.quick, &a.workers_list);
+            scale_into(&mut report, server, &prefix, processes, &workers).await?;
+            Ok(report)
+        }
+        Command::All(a) => {
+            let quick = a.common.quick;
+            let mut report = Report::new("all", quick, info);
+            let tp = ThroughputArgs {
+                common: Common {
+                    quick,
+                    json: None,
+                    redis_url: None,
+                },
+                processes: None,
+                schedulers: 1,
+                workers: 2,
+                max_concurrent_steps: 64,
+                submitters: 32,
+                timeout_secs: 600,
+                no_baseline: false,
+            };
+            throughput_into(&mut report, server, &prefix, engine_params(&tp), true).await?;
+            let processes = if quick { 100 } else { 3000 };
+            scale_into(
+                &mut report,
+                server,
+                &prefix,
+                processes,
+                &scale_workers(quick, &[]),
+            )
+            .await?;
+            latency_into(
+                &mut report,
+                server,
+                &prefix,
+                &latency_runs(quick, None, 2, true),
+            )
+            .await?;
+            let crash = CrashArgs {
+                common: tp.common,
+                seconds: None,
+                rate: 300.0,
+                kills: None,
+                workers: 2,
+                step_ms: 50,
+                lease_ms: None,
+                sweep_ms: None,
+            };
+            crash_into(&mut report, server, &prefix, &crash_runs(&crash)).await?;
+            let llm = LlmArgs {
+                common: crash.common,
+                seconds: None,
+                rpm: 6000,
+                burst: 20,
+                latency_ms: 200,
+                workers: 2,
+                in_flight: None,
+                in_flight_latency_ms: None,
+            };
+            report.llm = Some(
+                llm::run(server, &prefix, llm_params(&llm))
+                    .await
+                    .context("the llm run failed")?,
+            );
+            Ok(report)
+        }
+        Command::Llm(a) => {
+            let mut report = Report::new("llm", a.common.quick, info);
+            report.llm = Some(
+                llm::run(server, &prefix, llm_params(a))
+                    .await
+                    .context("the llm run failed")?,
+            );
+            Ok(report)
+        }
+        Command::WorkerChild(_) => unreachable!("handled before a server is started"),
     }
+}
+
+async fn throughput_into(
+    report: &mut Report,
+    server: &Server,
+    prefix: &str,
+    params: EngineParams,
+    with_baseline: bool,
+) -> anyhow::Result<()> {
+    let baseline = if with_baseline {
+        // As many raw jobs as the engine runs steps, as many consumers as workers.
+        let jobs = params.processes * throughput::STEPS_PER_PROCESS;
+        Some(raw(server, prefix, raw_params(jobs, params.workers)).await?)
+    } else {
+        None
+    };
+    eprintln!(
+        "engine: {} processes, {} scheduler(s), {} workers ...",
+        params.processes, params.schedulers, params.workers
+    );
+    let engine = throughput::run(server, &format!("{prefix}-tp"), params)
+        .await
+        .context("the engine throughput run failed")?;
+    report.set_results(baseline, Some(engine));
+    Ok(())
+}
+
+fn llm_params(a: &LlmArgs) -> llm::LlmParams {
+    let quick = a.common.quick;
+    llm::LlmParams {
+        seconds: a.seconds.unwrap_or(if quick { 3.0 } else { 20.0 }),
+        workers: a.workers.max(1),
+        spec_rpm: a.rpm.max(1),
+        spec_tpm: u64::from(a.rpm.max(1)) * 200,
+        burst_requests: a.burst,
+        burst_tokens: u64::from(a.burst.max(1)) * 200,
+        provider_latency: Duration::from_millis(a.latency_ms),
+        offered: 1.5,
+        in_flight: a.in_flight.unwrap_or(if quick { 100 } else { 1000 }),
+        in_flight_latency: Duration::from_millis(a.in_flight_latency_ms.unwrap_or(if quick {
+            3000
+        } else {
+            10_000
+        })),
+    }
+}
+
+fn scale_workers(quick: bool, list: &[usize]) -> Vec<usize> {
+    if !list.is_empty() {
+        list.to_vec()
+    } else if quick {
+        vec![1, 2]
+    } else {
+        vec![1, 2, 4]
+    }
+}
+
+async fn scale_into(
+    report: &mut Report,
+    server: &Server,
+    prefix: &str,
+    processes: usize,
+    workers: &[usize],
+) -> anyhow::Result<()> {
+    for &w in workers {
+        let w = w.max(1);
+        let jobs = processes * throughput::STEPS_PER_PROCESS;
+        let raw = raw(server, prefix, raw_params(jobs, w)).await?;
+        eprintln!("scale: {processes} processes, 1 scheduler, {w} workers ...");
+        let params = EngineParams {
+            processes,
+            schedulers: 1,
+            workers: w,
+            max_concurrent_steps: 64,
+            submitters: 32,
+            timeout: Duration::from_secs(600),
+        };
+        let engine = throughput::run(server, &format!("{prefix}-scale{w}"), params)
+            .await
+            .with_context(|| format!("the scale run with {w} workers failed"))?;
+        report.scale.push(ScalePoint {
+            workers: w,
+            ratio_to_raw: engine.steps_per_sec / raw.jobs_per_sec,
+            raw,
+            engine,
+        });
+    }
+    Ok(())
+}
+
+fn latency_runs(
+    quick: bool,
+    seconds: Option<f64>,
+    workers: usize,
+    raw: bool,
+) -> Vec<LatencyParams> {
+    let secs = |full: f64| seconds.unwrap_or(if quick { 1.0 } else { full });
+    vec![
+        LatencyParams {
+            label: AT_1000_STEPS,
+            processes_per_sec: 1000.0 / throughput::STEPS_PER_PROCESS as f64,
+            seconds: secs(10.0),
+            workers: workers.max(1),
+            raw,
+        },
+        LatencyParams {
+            label: AT_50_PROCESSES,
+            processes_per_sec: 50.0,
+            seconds: secs(20.0),
+            workers: workers.max(1),
+            raw,
+        },
+    ]
+}
+
+async fn latency_into(
+    report: &mut Report,
+    server: &Server,
+    prefix: &str,
+    runs: &[LatencyParams],
+) -> anyhow::Result<()> {
+    for (i, p) in runs.iter().enumerate() {
+        let r = latency::run(server, &format!("{prefix}-lat{i}"), *p)
+            .await
+            .with_context(|| format!("the latency run at {} failed", p.label))?;
+        report.latency.push(r);
+    }
+    Ok(())
+}
+
+fn crash_runs(a: &CrashArgs) -> Vec<CrashParams> {
+    let quick = a.common.quick;
+    let kills = a.kills.unwrap_or(if quick { 1 } else { 3 });
+    let run = |label, lease_ms, sweep_ms, full: f64| CrashParams {
+        label,
+        lease_ms,
+        sweep_ms,
+        workers: a.workers.max(2),
+        kills,
+        processes_per_sec: a.rate,
+        step_ms: a.step_ms,
+        seconds: a.seconds.unwrap_or(if quick { 4.0 } else { full }),
+    };
+    match (a.lease_ms, a.sweep_ms) {
+        (Some(l), Some(s)) => vec![run("custom lease", Some(l), Some(s), 10.0)],
+        _ if quick => vec![run(CRASH_2S, Some(2000), Some(SHORT_SWEEP_MS), 10.0)],
+        _ => vec![
+            run(CRASH_DEFAULT, None, None, 20.0),
+            run(CRASH_2S, Some(2000), Some(SHORT_SWEEP_MS), 10.0),
+        ],
+    }
+}
+
+async fn crash_into(
+    report: &mut Report,
+    server: &Server,
+    prefix: &str,
+    runs: &[CrashParams],
+) -> anyhow::Result<()> {
+    for (i, p) in runs.iter().enumerate() {
+        let r = crash::run(server, &format!("{prefix}-crash{i}"), *p)
+            .await
+            .with_context(|| format!("the crash run ({}) failed", p.label))?;
+        report.crash.push(r);
+    }
+    Ok(())
 }
 
 fn engine_params(a: &ThroughputArgs) -> EngineParams {

@@ -1,7 +1,11 @@
 //! The results of one run: the JSON document (`--json FILE`) and the human summary.
 
 use crate::baseline::BaselineResult;
+use crate::crash::CrashResult;
+use crate::latency::LatencyResult;
+use crate::llm::LlmResult;
 use crate::server::ServerInfo;
+use crate::stats::short;
 use crate::throughput::EngineResult;
 use serde::Serialize;
 use std::fmt::Write;
@@ -23,6 +27,38 @@ pub struct Report {
     pub engine: Option<EngineResult>,
     /// Engine steps/s ÷ raw jobs/s, when both ran.
     pub ratio_engine_steps_to_raw_jobs: Option<f64>,
+    /// Throughput by number of workers, each next to a raw run with as many consumers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scale: Vec<ScalePoint>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub latency: Vec<LatencyResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub crash: Vec<CrashResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmResult>,
+    /// The issue's targets that this run measured (filled by [`Report::finish`]).
+    pub targets: Vec<Target>,
+}
+
+/// One point of the scale scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalePoint {
+    pub workers: usize,
+    pub raw: BaselineResult,
+    pub engine: EngineResult,
+    /// Engine steps/s ÷ raw jobs/s (same number of consumers).
+    pub ratio_to_raw: f64,
+}
+
+/// A target of the issue next to what this run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    /// The engine figure ÷ the raw Redis figure measured in the same run.
+    pub ratio_to_raw: Option<f64>,
+    /// `None`: undecided at the measurement's resolution.
+    pub met: Option<bool>,
 }
 
 impl Report {
@@ -42,7 +78,17 @@ impl Report {
             baseline: None,
             engine: None,
             ratio_engine_steps_to_raw_jobs: None,
+            scale: Vec::new(),
+            latency: Vec::new(),
+            crash: Vec::new(),
+            llm: None,
+            targets: Vec::new(),
         }
+    }
+
+    /// Computes the target table from what ran.
+    pub fn finish(&mut self) {
+        self.targets = targets(self);
     }
 
     pub fn set_results(&mut self, baseline: Option<BaselineResult>, engine: Option<EngineResult>) {
@@ -56,24 +102,50 @@ impl Report {
 
     /// What went wrong in the engine run (failed processes, dead letters, ...).
     pub fn problems(&self) -> Vec<String> {
-        let Some(e) = &self.engine else {
-            return Vec::new();
-        };
-        let o = &e.outcome;
         let mut out = Vec::new();
-        for (n, what) in [
-            (o.failed, "failed"),
-            (o.cancelled, "cancelled"),
-            (o.timed_out, "timed out"),
-        ] {
-            if n > 0 {
-                out.push(format!("{n} processes {what}"));
-            }
+        if let Some(e) = &self.engine {
+            out.extend(engine_problems("throughput", &e.outcome, &e.health));
         }
-        out.extend(e.health.anomalies());
+        for p in &self.scale {
+            let what = format!("scale {} workers", p.workers);
+            out.extend(engine_problems(&what, &p.engine.outcome, &p.engine.health));
+        }
+        for l in &self.latency {
+            let what = format!("latency {}", l.label);
+            out.extend(engine_problems(&what, &l.outcome, &l.health));
+        }
+        for c in &self.crash {
+            out.extend(c.problems());
+        }
+        if let Some(l) = &self.llm {
+            out.extend(l.problems());
+        }
         out
     }
+}
 
+fn engine_problems(
+    scenario: &str,
+    o: &crate::throughput::Outcome,
+    health: &crate::throughput::Health,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (n, status) in [
+        (o.failed, "failed"),
+        (o.cancelled, "cancelled"),
+        (o.timed_out, "timed out"),
+    ] {
+        if n > 0 {
+            out.push(format!("{n} processes {status}"));
+        }
+    }
+    out.extend(health.anomalies());
+    out.into_iter()
+        .map(|p| format!("{scenario}: {p}"))
+        .collect()
+}
+
+impl Report {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let _ = self.write_summary(&mut s);
@@ -114,6 +186,17 @@ impl Report {
                 e.submitters
             )?;
         }
+        if self.baseline.is_some() || self.engine.is_some() {
+            self.write_throughput(s)?;
+        }
+        self.write_scale(s)?;
+        self.write_latency(s)?;
+        self.write_crash(s)?;
+        self.write_llm(s)?;
+        self.write_targets(s)
+    }
+
+    fn write_throughput(&self, s: &mut String) -> std::fmt::Result {
         writeln!(s)?;
         row(
             s,
@@ -227,6 +310,371 @@ impl Report {
     }
 }
 
+impl Report {
+    fn write_scale(&self, s: &mut String) -> std::fmt::Result {
+        if self.scale.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            s,
+            "\nscale: {} processes per point, 1 scheduler; raw cycle with as many consumers as workers",
+            self.scale[0].engine.processes
+        )?;
+        writeln!(
+            s,
+            "  {:>7} {:>13} {:>15} {:>9} {:>15} {:>24}",
+            "workers", "steps/s", "processes/s", "÷ raw", "Redis µs/step", "cores: sched/workers"
+        )?;
+        for p in &self.scale {
+            let e = &p.engine;
+            writeln!(
+                s,
+                "  {:>7} {:>13.0} {:>15.0} {:>9.4} {:>15.1} {:>24}",
+                p.workers,
+                e.steps_per_sec,
+                e.processes_per_sec,
+                p.ratio_to_raw,
+                e.redis_cpu_us_per_step,
+                e.busy.map_or("n/a".into(), |b| format!(
+                    "{:.2}/{:.2}",
+                    b.scheduler, b.workers
+                )),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_latency(&self, s: &mut String) -> std::fmt::Result {
+        for l in &self.latency {
+            writeln!(
+                s,
+                "\nlatency at {}: {} processes (3 noop steps) submitted at {:.1}/s (achieved {:.1}/s), 1 scheduler, {} workers",
+                l.label,
+                l.processes,
+                l.target_processes_per_sec,
+                l.achieved_processes_per_sec,
+                l.workers
+            )?;
+            writeln!(
+                s,
+                "  dispatch (enqueued → started):  {} (±{} ms: records hold whole ms)",
+                l.dispatch.line(),
+                l.resolution_ms
+            )?;
+            writeln!(
+                s,
+                "  end to end per process:        {}",
+                l.end_to_end.line()
+            )?;
+            writeln!(s, "    of which step execution:     {}", l.execution.line())?;
+            writeln!(s, "    and scheduler hand-off:      {}", l.handoff.line())?;
+            if let Some(r) = &l.raw_delivery {
+                writeln!(s, "  raw XADD → XREADGROUP:         {}", r.line())?;
+            }
+            writeln!(
+                s,
+                "  Redis time per step by command: {}",
+                commands(&l.redis_commands)
+            )?;
+            writeln!(
+                s,
+                "  Redis {:.1} µs/step ({:.0}% busy); scheduler {} / workers {} cores; rest of the host {} cores",
+                l.redis_cpu_us_per_step,
+                l.redis_busy * 100.0,
+                l.busy
+                    .map_or("n/a".into(), |b| format!("{:.2}", b.scheduler)),
+                l.busy.map_or("n/a".into(), |b| format!("{:.2}", b.workers)),
+                opt(l.host_other_busy)
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_crash(&self, s: &mut String) -> std::fmt::Result {
+        for c in &self.crash {
+            writeln!(
+                s,
+                "\ncrash ({}): lease {} ms, sweep {} ms, heartbeat {} ms; {} worker processes, {} killed with SIGKILL and replaced; {} processes at {}/s, 3 steps of {} ms",
+                c.label,
+                c.lease_ms,
+                c.sweep_ms,
+                c.heartbeat_ms,
+                c.workers,
+                c.kills,
+                c.processes,
+                c.processes_per_sec,
+                c.step_ms
+            )?;
+            writeln!(
+                s,
+                "  lost processes {}; step commits {} for {} steps (duplicates {}); executions {} (duplicates {}, never run {})",
+                c.lost_processes,
+                c.step_commits,
+                c.steps,
+                c.duplicate_commits,
+                c.executions,
+                c.duplicate_executions,
+                c.steps_never_executed
+            )?;
+            writeln!(
+                s,
+                "  reclaim (kill → claimed again) of the {} jobs the killed workers held: {}; bound lease + sweep = {} ms",
+                c.jobs_held_by_killed_workers,
+                c.reclaim.line(),
+                c.reclaim_bound_ms
+            )?;
+            writeln!(s, "  outcome: {}", c.outcome)?;
+        }
+        Ok(())
+    }
+
+    fn write_llm(&self, s: &mut String) -> std::fmt::Result {
+        let Some(l) = &self.llm else {
+            return Ok(());
+        };
+        writeln!(
+            s,
+            "\nllm: {} one-step llm processes offered at {:.0} requests/min; limit {} requests/min + burst {}, {} tokens/min + burst {}; provider latency {} ms; {} worker processes",
+            l.processes,
+            l.offered_requests_per_minute,
+            l.requests_per_minute,
+            l.burst_requests,
+            l.tokens_per_minute,
+            l.burst_tokens,
+            l.provider_latency_ms,
+            l.workers
+        )?;
+        writeln!(
+            s,
+            "  provider saw {} requests {:?} over {:.1} s: {:.0} requests/min ({:.1}% of the limit after the burst), {:.0} tokens/min",
+            l.requests,
+            l.statuses,
+            l.span_secs,
+            l.achieved_requests_per_minute,
+            l.request_limit_used * 100.0,
+            l.achieved_tokens_per_minute
+        )?;
+        for w in &l.windows {
+            writeln!(
+                s,
+                "  any {} s window: at most {} requests (bucket allows {:.1}), {} tokens (allows {:.0}); overshoot {} requests, {} tokens",
+                w.window_secs,
+                w.max_requests,
+                w.allowed_requests,
+                w.max_tokens,
+                w.allowed_tokens,
+                w.request_overshoot,
+                w.token_overshoot
+            )?;
+        }
+        for w in &l.per_worker {
+            writeln!(
+                s,
+                "  {}: in-flight steps max {} mean {:.1}; RSS idle {} MiB, peak {} MiB",
+                w.worker,
+                w.in_flight_max,
+                w.in_flight_mean,
+                opt(w.rss_idle_mb),
+                opt(w.rss_peak_mb)
+            )?;
+        }
+        if l.in_flight_target > 0 {
+            writeln!(
+                s,
+                "  one worker with {} llm steps in flight (target {}): RSS {} MiB; {}",
+                l.in_flight_reached,
+                l.in_flight_target,
+                opt(l.in_flight_rss_mb),
+                l.in_flight_outcome
+                    .map_or("not run".to_string(), |o| o.to_string())
+            )?;
+        }
+        writeln!(s, "  outcome: {}", l.outcome)
+    }
+
+    fn write_targets(&self, s: &mut String) -> std::fmt::Result {
+        if !self.targets.is_empty() {
+            writeln!(s, "\ntargets:")?;
+            writeln!(
+                s,
+                "  {:<58} {:>26} {:>9}  met",
+                "target", "measured", "÷ raw"
+            )?;
+            for t in &self.targets {
+                writeln!(
+                    s,
+                    "  {:<58} {:>26} {:>9}  {}",
+                    t.target,
+                    t.measured,
+                    t.ratio_to_raw.map_or("".into(), |r| format!("{r:.3}")),
+                    match t.met {
+                        Some(true) => "yes",
+                        Some(false) => "NO",
+                        None => "undecided",
+                    }
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Label of the latency run at 1,000 steps/s.
+pub const AT_1000_STEPS: &str = "1000 steps/s";
+/// Label of the latency run at 50 processes/s.
+pub const AT_50_PROCESSES: &str = "50 processes/s";
+/// Label of the crash run with the default lease and sweep.
+pub const CRASH_DEFAULT: &str = "default settings";
+/// Label of the crash run with a 2 s lease.
+pub const CRASH_2S: &str = "2 s lease";
+
+/// Whether the true value behind a measured `value` (within ±`res` of it, exclusive) is
+/// below `limit`: `Some(true)` surely, `Some(false)` surely not, `None` undecided.
+fn below(value: f64, limit: f64, res: f64) -> Option<bool> {
+    if value + res <= limit {
+        Some(true)
+    } else if value - res >= limit {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn targets(r: &Report) -> Vec<Target> {
+    let mut out = Vec::new();
+    let raw = r.baseline.as_ref();
+    if let Some(e) = r
+        .engine
+        .as_ref()
+        .filter(|e| e.workers == 2 && e.schedulers == 1)
+    {
+        out.push(Target {
+            target: "throughput ≥ 20,000 steps/s (1 scheduler, 2 workers)".into(),
+            measured: format!("{:.0} steps/s", e.steps_per_sec),
+            ratio_to_raw: raw.map(|b| e.steps_per_sec / b.jobs_per_sec),
+            met: Some(e.steps_per_sec >= 20_000.0),
+        });
+        out.push(Target {
+            target: "Redis CPU ≤ 25 µs per step".into(),
+            measured: format!("{:.1} µs/step", e.redis_cpu_us_per_step),
+            ratio_to_raw: raw.map(|b| e.redis_cpu_us_per_step / b.redis_cpu_us_per_job),
+            met: Some(e.redis_cpu_us_per_step <= 25.0),
+        });
+    }
+    for l in &r.latency {
+        let raw_p99 = l
+            .raw_delivery
+            .as_ref()
+            .map(|d| d.p99_ms)
+            .filter(|p| *p > 0.0);
+        if l.label == AT_1000_STEPS {
+            out.push(Target {
+                target: "dispatch p99 < 2 ms at 1,000 steps/s".into(),
+                measured: format!("p99 {} ms (±1)", short(l.dispatch.p99_ms)),
+                ratio_to_raw: raw_p99.map(|p| l.dispatch.p99_ms / p),
+                met: below(l.dispatch.p99_ms, 2.0, l.resolution_ms),
+            });
+        }
+        if l.label == AT_50_PROCESSES {
+            out.push(Target {
+                target: "3-step process end to end p99 < 8 ms at 50/s".into(),
+                measured: format!("p99 {} ms (±1)", short(l.end_to_end.p99_ms)),
+                ratio_to_raw: raw_p99.map(|p| l.end_to_end.p99_ms / p),
+                met: below(l.end_to_end.p99_ms, 8.0, l.resolution_ms),
+            });
+        }
+    }
+    for c in &r.crash {
+        let limit_s = match c.label {
+            CRASH_DEFAULT => Some(17.0),
+            CRASH_2S => Some(3.0),
+            _ => None,
+        };
+        if let Some(limit) = limit_s {
+            out.push(Target {
+                target: format!("reclaim p99 ≤ {limit} s after kill -9 ({})", c.label),
+                measured: if c.reclaim.samples == 0 {
+                    "no reclaimed steps".into()
+                } else {
+                    format!("p99 {:.2} s", c.reclaim.p99_ms / 1000.0)
+                },
+                ratio_to_raw: None,
+                met: (c.reclaim.samples > 0)
+                    .then(|| below(c.reclaim.p99_ms, limit * 1000.0, 1.0))
+                    .flatten(),
+            });
+        }
+        out.push(Target {
+            target: format!("lost processes = 0 ({})", c.label),
+            measured: c.lost_processes.to_string(),
+            ratio_to_raw: None,
+            met: Some(c.lost_processes == 0),
+        });
+        out.push(Target {
+            target: format!("duplicate step commits = 0 ({})", c.label),
+            measured: c.duplicate_commits.to_string(),
+            ratio_to_raw: None,
+            met: Some(c.duplicate_commits == 0),
+        });
+    }
+    if let Some(l) = &r.llm {
+        let over: u64 = l
+            .windows
+            .iter()
+            .map(|w| w.request_overshoot + w.token_overshoot)
+            .sum();
+        out.push(Target {
+            target: "limiter overshoot 0 in any sliding window".into(),
+            measured: format!(
+                "{over} (windows {})",
+                l.windows
+                    .iter()
+                    .map(|w| format!("{} s", w.window_secs))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ratio_to_raw: None,
+            met: (!l.windows.is_empty()).then_some(over == 0),
+        });
+        out.push(Target {
+            target: "≥ 95 % of the limit used under saturation".into(),
+            measured: format!("{:.1} %", l.request_limit_used * 100.0),
+            ratio_to_raw: None,
+            met: Some(l.request_limit_used >= 0.95),
+        });
+        let idle = l
+            .per_worker
+            .iter()
+            .filter_map(|w| w.rss_idle_mb)
+            .reduce(f64::max);
+        out.push(Target {
+            target: "worker idle RSS < 30 MB".into(),
+            measured: idle.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+            ratio_to_raw: None,
+            met: idle.map(|m| m * 1.048_576 < 30.0),
+        });
+        if l.in_flight_target > 0 {
+            out.push(Target {
+                target: format!(
+                    "{} in-flight LLM steps in one worker < 150 MB",
+                    l.in_flight_target
+                ),
+                measured: format!(
+                    "{} MiB with {} in flight",
+                    opt(l.in_flight_rss_mb),
+                    l.in_flight_reached
+                ),
+                ratio_to_raw: None,
+                met: l
+                    .in_flight_rss_mb
+                    .filter(|_| l.in_flight_reached >= l.in_flight_target as u64)
+                    .map(|m| m * 1.048_576 < 150.0),
+            });
+        }
+    }
+    out
+}
+
 /// One line of the summary table.
 fn row(s: &mut String, [label, rate, time, cpu, busy, client]: [&str; 6]) -> std::fmt::Result {
     let line = format!("  {label:<26} {rate:>18} {time:>9} {cpu:>15} {busy:>10}  {client}");
@@ -266,4 +714,19 @@ fn commands(costs: &[crate::server::CommandCost]) -> String {
 
 fn opt(v: Option<f64>) -> String {
     v.map_or("n/a".to_string(), |v| format!("{v:.2}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn below_respects_the_resolution() {
+        // Whole-ms figures are within ±1 ms of the truth.
+        assert_eq!(below(1.0, 2.0, 1.0), Some(true));
+        assert_eq!(below(2.0, 2.0, 1.0), None);
+        assert_eq!(below(3.0, 2.0, 1.0), Some(false));
+        assert_eq!(below(16_000.0, 17_000.0, 1.0), Some(true));
+        assert_eq!(below(17_500.0, 17_000.0, 1.0), Some(false));
+    }
 }

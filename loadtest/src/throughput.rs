@@ -12,10 +12,11 @@ use crate::component::Component;
 use crate::cputime::{self, SCHEDULER_THREADS, WORKER_THREADS};
 use crate::error::BenchError;
 use crate::meter::Meter;
+use crate::progress::Progress;
 use crate::server::{self, Server};
 use honua_scheduler::Engine;
 use honua_scheduler::scheduler::SchedulerStats;
-use honua_shared::config::{Config, WorkerConfig};
+use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, KindRegistry};
 use honua_shared::envelope::{Submission, TraceContext};
 use honua_shared::keys::Keys;
@@ -32,38 +33,44 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-const PROCESS_TYPE: &str = "Bench3";
+pub(crate) const PROCESS_TYPE: &str = "Bench3";
 pub const STEPS_PER_PROCESS: usize = 3;
-const DEFINITION: &str = r#"name = "Bench3"
+
+/// The benchmark's process type: three steps of `kind` in sequence (A → B → C).
+pub(crate) fn definition(kind: &str) -> String {
+    format!(
+        r#"name = "{PROCESS_TYPE}"
 version = 1
-description = "Load test: three noop steps in sequence"
+description = "Load test: three {kind} steps in sequence"
 
 [[steps]]
 name = "A"
-kind = "noop"
+kind = "{kind}"
 next = "B"
 
 [[steps]]
 name = "B"
-kind = "noop"
+kind = "{kind}"
 next = "C"
 
 [[steps]]
 name = "C"
-kind = "noop"
-"#;
+kind = "{kind}"
+"#
+    )
+}
 
 /// Completion poll period. Finer than the 50 ms one might expect: a 1000-process run lasts
 /// about a second, and the poll's granularity is an error on the measured time. Four
 /// `ZCARD`s per poll cost Redis next to nothing.
-const POLL: Duration = Duration::from_millis(10);
+pub(crate) const POLL: Duration = Duration::from_millis(10);
 /// How long the warm-up processes may take.
 const WARM_UP: Duration = Duration::from_secs(30);
 /// How long each component may take to stop after shutdown.
-const STOP_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const STOP_WAIT: Duration = Duration::from_secs(60);
 /// Finished records expire after this (the engine's minimum); the cost is the same as the
 /// 24 h default, and an external server is not left holding them for a day.
-const RETENTION_SECS: u64 = 60;
+pub(crate) const RETENTION_SECS: u64 = 60;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineParams {
@@ -84,7 +91,7 @@ pub struct PerComponent {
 }
 
 impl PerComponent {
-    fn scaled(cpu: cputime::CpuUse, by: f64) -> Self {
+    pub(crate) fn scaled(cpu: cputime::CpuUse, by: f64) -> Self {
         Self {
             scheduler: cpu.scheduler_secs * by,
             workers: cpu.workers_secs * by,
@@ -113,11 +120,11 @@ impl std::fmt::Display for Outcome {
 }
 
 impl Outcome {
-    fn finished(&self) -> u64 {
+    pub fn finished(&self) -> u64 {
         self.completed + self.failed + self.cancelled + self.timed_out
     }
 
-    fn minus(&self, earlier: &Outcome) -> Outcome {
+    pub fn minus(&self, earlier: &Outcome) -> Outcome {
         Outcome {
             completed: self.completed.saturating_sub(earlier.completed),
             failed: self.failed.saturating_sub(earlier.failed),
@@ -219,21 +226,11 @@ pub async fn run(
     prefix: &str,
     params: EngineParams,
 ) -> Result<EngineResult, BenchError> {
-    let defs_dir = tempfile::Builder::new()
-        .prefix("honua-loadtest-defs-")
-        .tempdir()
-        .map_err(BenchError::io("cannot create a temporary directory"))?;
-    let path = defs_dir.path().join("bench3.toml");
-    std::fs::write(&path, DEFINITION)
-        .map_err(BenchError::io(format!("cannot write {}", path.display())))?;
-    let cfg = bench_config(&server.url, prefix, defs_dir.path(), params);
-    cfg.validate()?;
-    let handlers = honua_worker::builtin_handlers(&cfg);
-    let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers)
-        .map_err(BenchError::setup("cannot load the benchmark definition"))?;
-    let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
+    let bench = Bench::prepare(server, prefix, "noop", |cfg| {
+        cfg.worker.max_concurrent_steps = params.max_concurrent_steps;
+    })?;
     let shutdown = CancellationToken::new();
-    let fleet = Fleet::start(&cfg, (&defs, &kinds), handlers, params, &shutdown).await;
+    let fleet = Fleet::start(&bench, params.schedulers, params.workers, &shutdown).await;
     let fleet = match fleet {
         Ok(f) => f,
         Err(e) => {
@@ -241,44 +238,111 @@ pub async fn run(
             return Err(e);
         }
     };
-    let measured = measure(server, &cfg, &store, defs, kinds, params).await;
+    let measured = measure(server, &bench, params).await;
     shutdown.cancel();
     let (stats, stopped) = fleet.stop().await;
-    let total = params.processes + warm_up_processes(params);
-    let health = health(&store, stats, total).await;
-    if !server.is_private()
-        && let Err(e) = cleanup(&store).await
-    {
-        tracing::warn!(error = %e, "could not delete the run's keys");
-    }
+    let total = params.processes + warm_up_processes(params.workers);
+    let health = health(&bench.store, stats, total).await;
+    bench.cleanup(server).await;
     let mut result = measured?;
     stopped?;
     result.health = health?;
     Ok(result)
 }
 
-fn bench_config(url: &str, prefix: &str, definitions: &Path, params: EngineParams) -> Config {
+/// The definition, config and store of one engine run.
+pub(crate) struct Bench {
+    pub cfg: Config,
+    pub defs: Arc<DefinitionSet>,
+    pub kinds: Arc<KindRegistry>,
+    pub handlers: HandlerRegistry,
+    pub store: Store,
+    /// Holds the definition file (deleted on drop); `cfg.definitions_dir` points here.
+    _defs_dir: tempfile::TempDir,
+}
+
+impl Bench {
+    /// Writes the three-step definition with steps of `kind` (a built-in one, or a custom
+    /// one the workers register) and builds the run's config, then lets `tune` adjust it.
+    pub fn prepare(
+        server: &Server,
+        prefix: &str,
+        kind: &str,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self, BenchError> {
+        Self::prepare_with(server, prefix, &definition(kind), tune)
+    }
+
+    /// As [`Bench::prepare`], with the definition `toml` (one process type).
+    pub fn prepare_with(
+        server: &Server,
+        prefix: &str,
+        toml: &str,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self, BenchError> {
+        let defs_dir = tempfile::Builder::new()
+            .prefix("honua-loadtest-defs-")
+            .tempdir()
+            .map_err(BenchError::io("cannot create a temporary directory"))?;
+        let path = defs_dir.path().join("bench3.toml");
+        std::fs::write(&path, toml)
+            .map_err(BenchError::io(format!("cannot write {}", path.display())))?;
+        let mut cfg = bench_config(&server.url, prefix, defs_dir.path());
+        tune(&mut cfg);
+        cfg.validate()?;
+        let handlers = honua_worker::builtin_handlers(&cfg);
+        let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers)
+            .map_err(BenchError::setup("cannot load the benchmark definition"))?;
+        let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
+        Ok(Self {
+            cfg,
+            defs,
+            kinds,
+            handlers,
+            store,
+            _defs_dir: defs_dir,
+        })
+    }
+
+    /// A submitting engine (what the gateway uses) on the caller's runtime.
+    pub async fn engine(&self) -> Engine {
+        Engine::new(
+            Arc::new(self.cfg.clone()),
+            self.store.clone(),
+            self.defs.clone(),
+            self.kinds.clone(),
+        )
+        .await
+    }
+
+    /// On an external server, deletes the run's streams and indexes.
+    pub async fn cleanup(&self, server: &Server) {
+        if !server.is_private()
+            && let Err(e) = cleanup(&self.store).await
+        {
+            tracing::warn!(error = %e, "could not delete the run's keys");
+        }
+    }
+}
+
+fn bench_config(url: &str, prefix: &str, definitions: &Path) -> Config {
     Config {
         redis_url: url.to_string(),
         key_prefix: prefix.to_string(),
         definitions_dir: definitions.to_path_buf(),
         retention_secs: RETENTION_SECS,
-        worker: WorkerConfig {
-            max_concurrent_steps: params.max_concurrent_steps,
-            ..WorkerConfig::default()
-        },
         ..Config::default()
     }
 }
 
 /// The schedulers and the workers, each on its own runtime.
-struct Fleet {
+pub(crate) struct Fleet {
     components: Vec<Component>,
     stats: FleetStats,
 }
 
 #[derive(Default)]
-struct FleetStats {
+pub(crate) struct FleetStats {
     schedulers: Vec<Arc<SchedulerStats>>,
     workers: Vec<Arc<WorkerStats>>,
 }
@@ -286,29 +350,32 @@ struct FleetStats {
 type Ready<T> = oneshot::Receiver<Result<Arc<T>, StoreError>>;
 
 impl Fleet {
-    async fn start(
-        cfg: &Config,
-        (defs, kinds): (&Arc<DefinitionSet>, &Arc<KindRegistry>),
-        handlers: HandlerRegistry,
-        params: EngineParams,
+    /// `schedulers` schedulers and `workers` in-process workers (either may be 0).
+    pub async fn start(
+        bench: &Bench,
+        schedulers: usize,
+        workers: usize,
         shutdown: &CancellationToken,
     ) -> Result<Self, BenchError> {
         let mut fleet = Fleet {
             components: Vec::new(),
             stats: FleetStats::default(),
         };
-        for i in 0..params.schedulers.max(1) {
+        let cfg = &bench.cfg;
+        for i in 0..schedulers {
             let name = format!("{SCHEDULER_THREADS}-{i}");
-            let (scheduler, ready) = spawn_scheduler(&name, cfg, defs, kinds, shutdown)?;
+            let (scheduler, ready) =
+                spawn_scheduler(&name, cfg, &bench.defs, &bench.kinds, shutdown)?;
             fleet.components.push(scheduler);
             fleet
                 .stats
                 .schedulers
                 .push(ready_stats(&name, ready).await?);
         }
-        for i in 0..params.workers.max(1) {
+        for i in 0..workers {
             let name = format!("{WORKER_THREADS}-{i}");
-            let (worker, ready) = spawn_worker(&name, cfg, defs, handlers.clone(), shutdown)?;
+            let (worker, ready) =
+                spawn_worker(&name, cfg, &bench.defs, bench.handlers.clone(), shutdown)?;
             fleet.components.push(worker);
             fleet.stats.workers.push(ready_stats(&name, ready).await?);
         }
@@ -316,7 +383,7 @@ impl Fleet {
     }
 
     /// Waits for every component to stop (the shutdown token must have fired).
-    async fn stop(self) -> (FleetStats, Result<(), BenchError>) {
+    pub async fn stop(self) -> (FleetStats, Result<(), BenchError>) {
         let mut result = Ok(());
         for c in self.components {
             let r = c.join(STOP_WAIT).await;
@@ -389,15 +456,13 @@ fn spawn_worker(
 
 async fn measure(
     server: &Server,
-    cfg: &Config,
-    store: &Store,
-    defs: Arc<DefinitionSet>,
-    kinds: Arc<KindRegistry>,
+    bench: &Bench,
     params: EngineParams,
 ) -> Result<EngineResult, BenchError> {
-    let engine = Engine::new(Arc::new(cfg.clone()), store.clone(), defs, kinds).await;
+    let store = &bench.store;
+    let engine = bench.engine().await;
     let mut admin = server.connect(Duration::from_secs(5)).await?;
-    warm_up(&engine, warm_up_processes(params)).await?;
+    warm_up(&engine, warm_up_processes(params.workers)).await?;
     let before = outcome(store).await?;
     let meter = Meter::start(&mut admin).await?;
     let submitting = tokio::spawn(submit_all(
@@ -405,12 +470,18 @@ async fn measure(
         params.processes,
         params.submitters,
     ));
+    let mut progress = Progress::new(
+        format!("throughput, {} workers", params.workers),
+        params.processes as u64,
+        "processes",
+    );
     let (done, submitted_at) = wait_finished(
         store,
         before,
         params.processes as u64,
         submitting,
         params.timeout,
+        &mut progress,
     )
     .await?;
     let start = meter.started();
@@ -442,7 +513,7 @@ async fn measure(
     })
 }
 
-fn submission() -> Submission {
+pub(crate) fn submission() -> Submission {
     Submission {
         process_type: PROCESS_TYPE.into(),
         version: None,
@@ -456,7 +527,7 @@ fn submission() -> Submission {
 /// Runs one process per worker to completion, so connections, scripts and groups are
 /// ready before the clock starts. (Which workers ran them is not checked: on Redis < 7.2 a
 /// consumer that was never served an entry does not show in `XINFO CONSUMERS`.)
-async fn warm_up(engine: &Engine, processes: usize) -> Result<(), BenchError> {
+pub(crate) async fn warm_up(engine: &Engine, processes: usize) -> Result<(), BenchError> {
     let store = &engine.store;
     let target = outcome(store).await?.finished() + processes as u64;
     for _ in 0..processes {
@@ -499,31 +570,36 @@ async fn submit_all(engine: Engine, total: usize, tasks: usize) -> Result<Instan
     Ok(Instant::now())
 }
 
-/// Polls until `processes` more than `before` have finished (returns those); fails early
-/// when submitting failed and with a progress report at `timeout`.
-async fn wait_finished(
+/// Polls until `processes` more than `before` have finished (returns those and what the
+/// submitting task returned); fails early when submitting failed and with a progress
+/// report at `timeout`.
+pub(crate) async fn wait_finished<T>(
     store: &Store,
     before: Outcome,
     processes: u64,
-    mut submitting: tokio::task::JoinHandle<Result<Instant, BenchError>>,
+    mut submitting: tokio::task::JoinHandle<Result<T, BenchError>>,
     timeout: Duration,
-) -> Result<(Outcome, Instant), BenchError> {
+    progress: &mut Progress,
+) -> Result<(Outcome, T), BenchError> {
     let deadline = Instant::now() + timeout;
-    let mut submitted_at = None;
+    let mut submitted = None;
     loop {
-        if submitted_at.is_none() && submitting.is_finished() {
+        if submitted.is_none() && submitting.is_finished() {
             let joined = (&mut submitting).await;
-            submitted_at =
+            submitted =
                 Some(joined.map_err(|_| BenchError::Component("submitting panicked".into()))??);
         }
         let done = outcome(store).await?.minus(&before);
-        if let Some(at) = submitted_at
-            && done.finished() >= processes
+        progress.update(done.finished(), "");
+        if done.finished() >= processes
+            && let Some(t) = submitted.take()
         {
-            return Ok((done, at));
+            progress.finish();
+            return Ok((done, t));
         }
         if Instant::now() > deadline {
             submitting.abort();
+            progress.finish();
             return Err(BenchError::Stuck(
                 stuck_report(store, done, processes, timeout).await,
             ));
@@ -550,7 +626,7 @@ fn show(n: Option<u64>) -> String {
     n.map_or("?".into(), |n| n.to_string())
 }
 
-async fn outcome(store: &Store) -> Result<Outcome, BenchError> {
+pub(crate) async fn outcome(store: &Store) -> Result<Outcome, BenchError> {
     let keys = store.keys();
     let (completed, failed, cancelled, timed_out) = redis::pipe()
         .zcard(keys.index_status(ProcessStatus::Completed))
@@ -567,11 +643,15 @@ async fn outcome(store: &Store) -> Result<Outcome, BenchError> {
     })
 }
 
-fn warm_up_processes(params: EngineParams) -> usize {
-    params.workers.max(1)
+pub(crate) fn warm_up_processes(workers: usize) -> usize {
+    workers.max(1)
 }
 
-async fn health(store: &Store, stats: FleetStats, processes: usize) -> Result<Health, BenchError> {
+pub(crate) async fn health(
+    store: &Store,
+    stats: FleetStats,
+    processes: usize,
+) -> Result<Health, BenchError> {
     let sum = |f: fn(&WorkerStats) -> u64| stats.workers.iter().map(|w| f(w)).sum::<u64>();
     let mut conn = store.conn();
     let sched = |f: fn(&SchedulerStats) -> u64| stats.schedulers.iter().map(|s| f(s)).sum::<u64>();
@@ -619,23 +699,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_definition_loads_with_the_builtin_kinds() {
+    fn the_definition_loads_with_the_builtin_kinds_and_a_custom_one() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("bench3.toml"), DEFINITION).unwrap();
-        let params = EngineParams {
-            processes: 1,
-            schedulers: 1,
-            workers: 1,
-            max_concurrent_steps: 64,
-            submitters: 1,
-            timeout: Duration::from_secs(1),
-        };
-        let cfg = bench_config("redis://127.0.0.1:1", "lt-test", dir.path(), params);
+        std::fs::write(dir.path().join("bench3.toml"), definition("noop")).unwrap();
+        let cfg = bench_config("redis://127.0.0.1:1", "lt-test", dir.path());
         cfg.validate().unwrap();
         let handlers = honua_worker::builtin_handlers(&cfg);
         let (defs, _) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
         let def = defs.latest(PROCESS_TYPE).unwrap();
         assert_eq!(def.steps.len(), STEPS_PER_PROCESS);
+
+        std::fs::write(dir.path().join("bench3.toml"), definition("probe")).unwrap();
+        assert!(honua_scheduler::load_definitions(&cfg, &handlers).is_err());
+        let mut cfg = cfg;
+        cfg.custom_step_kinds = vec![crate::child::PROBE_KIND.into()];
+        assert!(honua_scheduler::load_definitions(&cfg, &handlers).is_ok());
     }
 
     #[test]
