@@ -38,6 +38,9 @@ pub struct StepView {
     pub kind: String,
     pub status: String,
     pub attempt: u32,
+    /// Attempts that yielded (waited for LLM rate-limit budget or a paused provider)
+    /// instead of running; the retry policy does not count them.
+    pub yields: u32,
     pub visits: u32,
     pub deliveries: Option<u64>,
     pub worker: Option<String>,
@@ -124,6 +127,7 @@ fn step_view(name: &str, kind: &str, r: &StepRecord) -> StepView {
         kind: kind.to_string(),
         status: r.status.to_string(),
         attempt: r.attempt,
+        yields: r.yields,
         visits: r.visit,
         deliveries: r.deliveries,
         worker: r.worker.clone(),

@@ -13,6 +13,11 @@ use std::time::Duration;
 
 /// `Retry-After` values above this are clamped.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// A step may yield this many times per visit; after that a yield counts as a failed
+/// attempt (a bound even for a process without a deadline).
+pub const MAX_YIELDS: u32 = 1000;
+/// The shortest wait before a yielded step runs again.
+pub const MIN_YIELD_DELAY_MS: u64 = 100;
 
 /// One effect of a transition.
 #[derive(Debug, Clone, PartialEq)]
@@ -317,6 +322,27 @@ impl<'a> Planner<'a> {
         rec.ended_ms.get_or_insert(now);
     }
 
+    /// Re-queues `step` as a new attempt after `delay_ms` (a retry or a yield).
+    fn requeue(&mut self, step: &str, attempt: u32, yields: u32, delay_ms: u64) {
+        let token = self.token();
+        let now = self.ctx.now_ms;
+        let r = self.rec(step);
+        r.status = StepStatus::Delayed;
+        r.token = token;
+        r.attempt = attempt;
+        r.yields = yields;
+        r.due_ms = Some(now + delay_ms);
+        r.queued_ms = Some(now);
+        r.started_ms = None;
+        r.claimed_ms = None;
+        r.ended_ms = None;
+        r.worker = None;
+        r.deliveries = None;
+        let r = r.clone();
+        let job = self.job(step, &r);
+        self.actions.push(Action::EnqueueLater { job, delay_ms });
+    }
+
     /// A step ended with `out`; route it.
     fn step_ended(&mut self, step: &str, out: &str) {
         self.rec(step).status = StepStatus::Completed;
@@ -466,13 +492,32 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
             if result.outcome == outcome::FAILED {
                 let error = result.error.clone().unwrap_or_else(|| "step failed".into());
                 let code = result.code.clone().unwrap_or_else(|| "step_failed".into());
+                let attempt = rec.steps[step].attempt;
+                let yields = rec.steps[step].yields;
+                let asked = result
+                    .retry_after_ms
+                    .unwrap_or(0)
+                    .min(MAX_RETRY_AFTER.as_millis() as u64);
+                if result.yielded && !result.fatal && yields < MAX_YIELDS {
+                    // Waited for a shared resource without doing the work: again later,
+                    // on a fresh attempt that the retry policy does not count.
+                    p.close_attempt(step, outcome::YIELDED, Some(error), Some(code));
+                    let delay = asked.max(MIN_YIELD_DELAY_MS);
+                    p.requeue(step, attempt + 1, yields + 1, delay);
+                    p.notes.push(format!(
+                        "step {step} yielded; runs again in {delay} ms (yield {})",
+                        yields + 1
+                    ));
+                    return p.finish(Some(rec.status));
+                }
                 p.close_attempt(
                     step,
                     outcome::FAILED,
                     Some(error.clone()),
                     Some(code.clone()),
                 );
-                let attempt = rec.steps[step].attempt;
+                // Attempts that yielded did not run: they do not use up the policy.
+                let ran = attempt.saturating_sub(yields);
                 let policy = ctx.def.step(step).map(|d| d.retry.clone());
                 if result.fatal {
                     p.rec(step).status = StepStatus::Failed;
@@ -482,40 +527,18 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                         &code,
                     );
                 } else if let Some(policy) =
-                    policy.filter(|pol| result.retryable && attempt < pol.max_attempts)
+                    policy.filter(|pol| result.retryable && ran < pol.max_attempts)
                 {
-                    let backoff = backoff_ms(&policy, attempt, ctx.jitter);
-                    let asked = result
-                        .retry_after_ms
-                        .unwrap_or(0)
-                        .min(MAX_RETRY_AFTER.as_millis() as u64);
+                    let backoff = backoff_ms(&policy, ran, ctx.jitter);
                     let delay = backoff.max(asked);
-                    let token = p.token();
-                    let now = ctx.now_ms;
-                    let r = p.rec(step);
-                    r.status = StepStatus::Delayed;
-                    r.token = token;
-                    r.attempt = attempt + 1;
-                    r.due_ms = Some(now + delay);
-                    r.queued_ms = Some(now);
-                    r.started_ms = None;
-                    r.claimed_ms = None;
-                    r.ended_ms = None;
-                    r.worker = None;
-                    r.deliveries = None;
-                    let r = r.clone();
-                    let job = p.job(step, &r);
-                    p.actions.push(Action::EnqueueLater {
-                        job,
-                        delay_ms: delay,
-                    });
+                    p.requeue(step, attempt + 1, yields, delay);
                     p.notes.push(format!(
                         "step {step} retries in {delay} ms (attempt {})",
-                        attempt + 1
+                        ran + 1
                     ));
                 } else {
-                    let error = if attempt > 1 {
-                        format!("{error} (after {attempt} attempts)")
+                    let error = if ran > 1 {
+                        format!("{error} (after {ran} attempts)")
                     } else {
                         error
                     };

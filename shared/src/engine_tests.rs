@@ -1739,3 +1739,65 @@ fn retry_current_step_fences_the_old_claim() {
     let late = step_event("A", &old_token, ok());
     assert!(on_event(&sim.ctx(), &done, &late).is_empty());
 }
+
+fn yielded(wait_ms: u64) -> StepResult {
+    StepResult {
+        code: Some("yielded".into()),
+        retry_after_ms: Some(wait_ms),
+        yielded: true,
+        ..failure("waiting for llm rate-limit budget", true)
+    }
+}
+
+#[test]
+fn a_yield_requeues_without_using_an_attempt() {
+    // A allows 2 attempts; 5 yields in a row must not use them up.
+    let (mut sim, _) = Sim::start(WITH_CLEANUP);
+    for n in 1..=5u32 {
+        let t = sim.report("A", yielded(2_000));
+        let jobs = later_jobs(&t);
+        assert_eq!(jobs.len(), 1, "yield {n} re-queues A");
+        assert_eq!(jobs[0].1, 2_000, "after the wait the step asked for");
+        let a = sim.step("A");
+        assert_eq!(a.status, StepStatus::Delayed);
+        assert_eq!((a.attempt, a.yields), (n + 1, n));
+        let last = a.history.last().unwrap();
+        assert_eq!(last.outcome, "yielded");
+        assert_eq!(last.code.as_deref(), Some("yielded"));
+        assert!(t.finish().is_none());
+    }
+    // The first real failure is attempt 1 of 2: retried.
+    let t = sim.report("A", failure("boom", true));
+    assert_eq!(later_jobs(&t).len(), 1, "one attempt left");
+    assert_eq!(sim.step("A").yields, 5);
+    // The second uses the policy up: the failed route is taken.
+    let t = sim.report("A", failure("boom", true));
+    assert_eq!(enqueued_steps(&t), ["Cleanup"]);
+    let outcomes: Vec<&str> = set_step(&t, "A")
+        .unwrap()
+        .history
+        .iter()
+        .map(|h| h.outcome.as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "yielded", "yielded", "yielded", "yielded", "yielded", "failed", "failed"
+        ]
+    );
+}
+
+#[test]
+fn a_yield_waits_at_least_the_minimum_and_is_bounded() {
+    let (mut sim, _) = Sim::start(WITH_CLEANUP);
+    let t = sim.report("A", yielded(0));
+    assert_eq!(later_jobs(&t)[0].1, MIN_YIELD_DELAY_MS);
+    // Past MAX_YIELDS a yield is an ordinary failed attempt.
+    let a = sim.rec.steps.get_mut("A").unwrap();
+    (a.attempt, a.yields) = (MAX_YIELDS + 1, MAX_YIELDS);
+    let t = sim.report("A", yielded(0));
+    assert_eq!(later_jobs(&t).len(), 1, "attempt 1 of 2 failed: retried");
+    assert_eq!(sim.step("A").history.last().unwrap().outcome, "failed");
+    let t = sim.report("A", yielded(0));
+    assert_eq!(enqueued_steps(&t), ["Cleanup"]);
+}

@@ -152,6 +152,10 @@ pub struct StepResult {
     pub retry_after_ms: Option<u64>,
     /// Fail the whole process whatever the routing says (corrupt state, missing handler).
     pub fatal: bool,
+    /// The step did not run its work but waited for a shared resource (LLM rate-limit
+    /// budget, a paused provider): re-queue it after `retry_after_ms` without using an
+    /// attempt of its retry policy.
+    pub yielded: bool,
 }
 
 /// An entry of the scheduler's event stream.
@@ -236,6 +240,9 @@ impl Event {
                 push(&mut f, "retryable", u8::from(result.retryable));
                 push_opt(&mut f, "retry_after_ms", &result.retry_after_ms);
                 push(&mut f, "fatal", u8::from(result.fatal));
+                if result.yielded {
+                    push(&mut f, "yielded", 1u8);
+                }
             }
             Event::DeadLetter {
                 process_id,
@@ -309,6 +316,7 @@ impl Event {
                     retryable: flag("retryable")?,
                     retry_after_ms: f.num("retry_after_ms")?,
                     fatal: flag("fatal")?,
+                    yielded: flag("yielded")?,
                 },
             },
             event_type::DEAD_LETTER => Event::DeadLetter {
@@ -456,6 +464,7 @@ mod tests {
                     retryable: true,
                     retry_after_ms: Some(50),
                     fatal: false,
+                    yielded: true,
                 },
             },
             Event::DeadLetter {

@@ -39,6 +39,10 @@ pub struct StepRecord {
     pub token: String,
     #[serde(default)]
     pub attempt: u32,
+    /// Attempts that yielded (waited for a shared resource) instead of running: they do
+    /// not count against the retry policy's `max_attempts`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub yields: u32,
     #[serde(default)]
     pub visit: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +85,10 @@ pub struct StepRecord {
         deserialize_with = "lenient_vec"
     )]
     pub history: Vec<AttemptRecord>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Accepts `{}` (an empty Lua table re-encoded by cjson) as an empty list.

@@ -138,6 +138,8 @@ pub mod outcome {
     pub const OK: &str = "ok";
     pub const FAILED: &str = "failed";
     pub const REJECTED: &str = "rejected";
+    /// An attempt that waited for a shared resource instead of running (history only).
+    pub const YIELDED: &str = "yielded";
 }
 
 #[cfg(test)]

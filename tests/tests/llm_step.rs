@@ -513,7 +513,67 @@ async fn spent_budgets_fail_or_pause_as_configured() {
     );
     let err = s.error.clone().unwrap_or_default();
     assert!(err.contains("paused for 10m"), "{err}");
+    assert_eq!(s.yields, 1, "a pause is a yield, not an attempt");
+    assert_eq!(s.history.last().unwrap().outcome, "yielded");
     assert_eq!(m.requests().len(), 2);
+    f.stop().await;
+}
+
+/// A step that cannot get rate-limit budget within the wait bound yields: it gives its
+/// slot back and runs again later on an attempt its retry policy does not count, so even
+/// with `max_attempts = 1` it completes once the bucket refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_waiting_for_budget_yields_without_using_its_attempts() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let one_shot = r#"
+name = "OneShot"
+version = 1
+[[steps]]
+name = "Ask"
+kind = "llm"
+retry = { max_attempts = 1 }
+config = { model = "m1", prompt = "hello {{input.who}}", max_tokens = 20 }
+"#;
+    let dir = defs_dir(&[("o.toml", one_shot)]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = llm_cfg(&m.base_url(), None, &key_file(tmp.path()));
+    // One request every 2 s, no burst beyond it; a step waits at most 300 ms.
+    llm.limits.insert(
+        "openai_compatible/m1".into(),
+        serde_json::from_value(json!({"requestsPerMinute": 30, "tokensPerMinute": 0, "burstRequests": 1, "burstTokens": 0})).unwrap(),
+    );
+    llm.limiter_max_wait_ms = 300;
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let ids = [
+        f.submit("OneShot", json!({"who": "a"})).await,
+        f.submit("OneShot", json!({"who": "b"})).await,
+        f.submit("OneShot", json!({"who": "c"})).await,
+    ];
+    let mut yields = 0;
+    for id in &ids {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
+        let ask = &rec.steps["Ask"];
+        yields += ask.yields;
+        let failed = ask.history.iter().filter(|h| h.outcome == "failed").count();
+        assert_eq!(
+            failed, 0,
+            "a yield is never a failed attempt: {:?}",
+            ask.history
+        );
+        for h in ask.history.iter().filter(|h| h.outcome == "yielded") {
+            let e = h.error.clone().unwrap_or_default();
+            assert!(e.contains("waiting for llm rate-limit budget"), "{e}");
+        }
+    }
+    assert!(
+        yields >= 2,
+        "three calls in a bucket of one per 2 s must wait: {yields}"
+    );
+    assert_eq!(m.requests().len(), 3, "one provider call per step");
     f.stop().await;
 }
 

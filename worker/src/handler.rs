@@ -51,6 +51,12 @@ pub enum StepError {
     /// May succeed, but not before `after` (e.g. a provider's Retry-After).
     #[error("{message} (retry after {after:?})")]
     RetryAfter { after: Duration, message: String },
+    /// The step did not do its work: it waited for a shared resource (LLM rate-limit
+    /// budget, a paused provider, a spent budget in `pause` mode) and gives its slot back.
+    /// It runs again after `after` on an attempt its retry policy does not count, and its
+    /// step record says why (outcome `yielded`).
+    #[error("{message} (yielding for {after:?})")]
+    Yield { after: Duration, message: String },
     /// Will never succeed: no retry; the `failed` route or a Failed process.
     #[error("{0}")]
     Permanent(String),
@@ -67,6 +73,7 @@ impl StepError {
         match self {
             StepError::Retryable(_) => "step_error",
             StepError::RetryAfter { .. } => "retry_after",
+            StepError::Yield { .. } => "yielded",
             StepError::Permanent(_) => "permanent_error",
             StepError::Cancelled => "cancelled",
             StepError::Stale => "stale_claim",

@@ -813,6 +813,7 @@ impl Inner {
             retryable,
             retry_after_ms: None,
             fatal,
+            yielded: false,
         };
         let Some(def) = self.defs.get(process_type, version) else {
             return (
@@ -956,6 +957,10 @@ impl Inner {
                     StepError::Permanent(_) => r.retryable = false,
                     StepError::RetryAfter { after, .. } => {
                         r.retry_after_ms = Some(after.as_millis() as u64)
+                    }
+                    StepError::Yield { after, .. } => {
+                        r.retry_after_ms = Some(after.as_millis() as u64);
+                        r.yielded = true;
                     }
                     _ => {}
                 }

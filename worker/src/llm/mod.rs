@@ -423,7 +423,7 @@ impl Inner {
             ))),
             BudgetAction::Pause => {
                 let after = Duration::from_secs(self.cfg.budgets.pause_minutes * 60);
-                Err(StepError::RetryAfter {
+                Err(StepError::Yield {
                     after,
                     message: format!(
                         "llm token budget of {what} is spent: step paused for {}",
@@ -481,7 +481,7 @@ impl Inner {
                     continue;
                 }
                 let after = Duration::from_secs(cfg.breaker_open_secs);
-                return Err(StepError::RetryAfter {
+                return Err(StepError::Yield {
                     after,
                     message: format!("circuit breaker for {bucket} is open"),
                 });
@@ -503,7 +503,7 @@ impl Inner {
                         on_fallback = true;
                         continue;
                     }
-                    return Err(StepError::RetryAfter {
+                    return Err(StepError::Yield {
                         after: max_wait,
                         message: format!(
                             "waiting for llm rate-limit budget on {bucket}: not admitted within {}",
@@ -596,7 +596,7 @@ impl Inner {
                                 on_fallback = true;
                             } else if retry_after.is_some_and(|ra| ra > retry_after_max) {
                                 attempts.push(attempt(&target, et, 0));
-                                return Err(StepError::RetryAfter {
+                                return Err(StepError::Yield {
                                     after: retry_after.unwrap_or(retry_after_max),
                                     message: format!("llm provider {bucket} answered 429"),
                                 });
