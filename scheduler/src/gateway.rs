@@ -5,7 +5,7 @@
 
 use crate::ops::{ListQuery, OpsError, parse_age};
 use crate::submit::{Engine, SubmitError, Submitted};
-use crate::view::{ProcessSummary, ProcessView};
+use crate::view::{LlmUsageView, ProcessSummary, ProcessView};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -392,7 +392,14 @@ async fn get_process(
 ) -> Result<Json<ProcessView>, ApiError> {
     let (rec, now) = st.engine.load(&id).await?;
     let def = st.engine.defs.get(&rec.process_type, rec.version);
-    Ok(Json(ProcessView::new(&rec, def.map(|d| &**d), now)))
+    let mut view = ProcessView::new(&rec, def.map(|d| &**d), now);
+    view.llm_usage = st
+        .engine
+        .store
+        .llm_usage(&id)
+        .await?
+        .map(|(tokens, cost)| LlmUsageView::new(tokens, cost));
+    Ok(Json(view))
 }
 
 #[derive(Debug, Deserialize, Default, ToSchema)]
@@ -797,7 +804,7 @@ async fn prometheus_metrics() -> Response {
     info(title = "Honua Process Framework API", description = "The operator API of the operations guide."),
     paths(health, live, ready, prometheus_metrics, openapi_json, submit, list, purge, active, get_process, cancel, retry,
           retry_current_step, signal, config, queues, workers, deadletters, replay),
-    components(schemas(ErrorBody, SubmitBody, SubmitReply, ProcessSummary, ProcessView, PurgeReply, CancelBody,
+    components(schemas(ErrorBody, SubmitBody, SubmitReply, ProcessSummary, ProcessView, LlmUsageView, PurgeReply, CancelBody,
                        RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply)),
     modifiers(&BearerAuth)
 )]

@@ -75,6 +75,27 @@ pub struct ProcessView {
     pub idempotency_key: Option<String>,
     /// Operator actions (cancel, retry, retry-current-step), oldest first.
     pub audit: Vec<AuditView>,
+    /// LLM usage of the whole process (absent until an `llm` step called a provider).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_usage: Option<LlmUsageView>,
+}
+
+/// Tokens and estimated cost the process's `llm` steps were charged (provider usage; the
+/// cost from the config's price table, 0 without one).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmUsageView {
+    pub tokens: u64,
+    pub cost_usd: f64,
+}
+
+impl LlmUsageView {
+    pub fn new(tokens: u64, cost_micro_usd: u64) -> Self {
+        LlmUsageView {
+            tokens,
+            cost_usd: cost_micro_usd as f64 / 1e6,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -202,6 +223,7 @@ impl ProcessView {
                     detail: a.detail.clone(),
                 })
                 .collect(),
+            llm_usage: None,
         }
     }
 }

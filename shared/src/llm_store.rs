@@ -66,6 +66,18 @@ impl Store {
         })
     }
 
+    /// LLM tokens and estimated cost (micro-USD) charged to process `id` so far, if any
+    /// `llm` step of it has called a provider.
+    pub async fn llm_usage(&self, id: &str) -> Result<Option<(u64, u64)>> {
+        let (tokens, cost): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.keys().llm_usage(id))
+            .arg("tokens")
+            .arg("cost_micro_usd")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(tokens.map(|t| (t, cost.unwrap_or(0))))
+    }
+
     /// A cached LLM reply (JSON), if present.
     pub async fn llm_cache_get(&self, hash: &str) -> Result<Option<String>> {
         let v: Option<String> = redis::cmd("GET")

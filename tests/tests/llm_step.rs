@@ -144,6 +144,21 @@ async fn llm_steps_complete_with_usage_recorded() {
         .await
         .unwrap();
     assert_eq!(tokens, reqs.iter().map(|r| r.total_tokens()).sum::<u64>());
+    // ... and the process record shows it with the cost from the price table.
+    let view: Value = reqwest::get(f.url(&format!("/api/processes/{id}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["llmUsage"]["tokens"], tokens);
+    let cost: f64 = reqs
+        .iter()
+        .map(|r| r.prompt_tokens as f64 / 1000.0 + 2.0 * r.completion_tokens as f64 / 1000.0)
+        .sum();
+    let shown = view["llmUsage"]["costUsd"].as_f64().unwrap();
+    assert!((shown - cost).abs() < 1e-5, "{shown} vs {cost}");
+    assert_eq!(view["steps"][0]["yields"], 0);
 
     // The effective config shows the section, camelCase, with no key in it.
     let cfg_json: Value = reqwest::get(f.url("/api/config"))
