@@ -22,6 +22,7 @@ pub mod provider;
 pub mod retry;
 pub mod schema;
 pub mod template;
+pub mod tokens;
 
 use crate::handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepOutput};
 use crate::limit::{LimitError, LlmLimiter};
@@ -450,7 +451,10 @@ impl Inner {
         );
         let retry_after_max = Duration::from_secs(cfg.retry_after_max_secs);
         let max_wait = Duration::from_millis(cfg.limiter_max_wait_ms);
-        let estimate = provider::estimate_tokens(&req.messages) + u64::from(req.max_tokens);
+        // The prompt's tokens for the current target's model (counted with its tokenizer
+        // where the encoding is known, else estimated); recounted if a fallback changes
+        // the model.
+        let mut prompt: Option<(String, tokens::PromptTokens)> = None;
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut limiter_wait = Duration::ZERO;
         let mut on_fallback = false;
@@ -472,6 +476,15 @@ impl Inner {
                     primary_model.to_string()
                 },
             };
+            let prompt_tokens = match &prompt {
+                Some((m, p)) if *m == target.model => *p,
+                _ => {
+                    let p = tokens::prompt_tokens_async(&target.model, &req.messages).await;
+                    prompt = Some((target.model.clone(), p));
+                    p
+                }
+            };
+            let estimate = prompt_tokens.tokens + u64::from(req.max_tokens);
             let bucket = target.bucket();
             let gate = self.gate(&bucket);
             if gate == Gate::Open {
@@ -535,7 +548,13 @@ impl Inner {
             metrics::histogram!(m::LLM_LATENCY, "provider" => provider, "model" => model.clone())
                 .record(latency.as_secs_f64());
             match r {
-                Ok(c) => {
+                Ok(mut c) => {
+                    if c.usage_estimated {
+                        // No usage in the reply: the prompt as counted for the reservation,
+                        // the reply with the same tokenizer where it is loaded.
+                        c.input_tokens = prompt_tokens.tokens;
+                        c.output_tokens = tokens::text_tokens(&target.model, &c.text);
+                    }
                     metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => "ok").increment(1);
                     if let Err(e) = permit.settle(c.input_tokens + c.output_tokens).await {
                         tracing::warn!(%bucket, error = %e, "llm limiter settle failed; reservation stands");

@@ -36,7 +36,8 @@ pub struct Completion {
     pub finish_reason: Option<String>,
     pub input_tokens: u64,
     pub output_tokens: u64,
-    /// The provider reported no usage (a stream without a usage chunk): tokens estimated.
+    /// The provider reported no usage (a stream without a usage chunk): the tokens are the
+    /// worker's own count (the model's tokenizer where known, else the estimate).
     #[serde(default)]
     pub usage_estimated: bool,
     /// The model name the provider reported.
@@ -318,8 +319,8 @@ struct WireResponse {
     usage: Option<WireUsage>,
 }
 
-/// A stated token estimate where no tokenizer is used: 4 characters per token plus 4 per
-/// message.
+/// The stated token estimate for models without a known encoding (see `llm::tokens`):
+/// ⌈chars/4⌉ plus 4 per message.
 pub fn estimate_tokens(messages: &[Message]) -> u64 {
     messages
         .iter()
