@@ -587,6 +587,7 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("XREVRANGE", &["scheduler"]),
     ("XDEL", &["scheduler"]),
     ("HGETALL", &["scheduler"]),
+    ("HMGET", &["scheduler"]),
     ("GET", &["worker"]),
     ("SET", &["worker"]),
     ("ZREVRANGE", &["scheduler"]),
