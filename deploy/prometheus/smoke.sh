@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Smoke test of the monitoring chain: a real Prometheus server scrapes a running system
-# (`honua dev`: private redis-server, scheduler, gateway, in-process workers) with
-# deploy/prometheus/rules.yml loaded, and the operations guide's PromQL queries
-# (OPERATIONS_GUIDE.md "Prometheus Queries", Weekly and Monthly checklists) must return
-# data. Also lints one scrape of /metrics with `promtool check metrics` (fails the run on
+# (`honua dev --mock-llm`: private redis-server, scheduler, gateway, in-process workers,
+# and the in-process mock OpenAI-compatible provider, which answers 429 + Retry-After to
+# every 5th request, behind the `llm` step kind) with deploy/prometheus/rules.yml loaded,
+# and the operations guide's PromQL queries (OPERATIONS_GUIDE.md "Prometheus Queries",
+# Weekly and Monthly checklists, the LLM token and rate-limit queries included) must return
+# data. The LLM work is the built-in LlmExample process type `--mock-llm` adds. Also lints one scrape of /metrics with `promtool check metrics` (fails the run on
 # any finding, e.g. a metric without `# HELP`). Everything runs on free ports under a temporary directory and is stopped on exit.
 #
 # Usage: deploy/prometheus/smoke.sh
@@ -96,7 +98,7 @@ GW=http://127.0.0.1:$HONUA_PORT
 env -u HONUA_REDIS_URL -u HONUA_CONFIG -u HONUA_URL -u HONUA_TOKEN \
   HONUA_HTTP_ADDR=127.0.0.1:$HONUA_PORT HONUA_DEFINITIONS_DIR="$TMP/defs" \
   RUST_LOG=${RUST_LOG:-warn} \
-  setsid "$HONUA" dev --data-dir "$TMP/data" >"$TMP/honua.log" 2>&1 &
+  setsid "$HONUA" dev --mock-llm --data-dir "$TMP/data" >"$TMP/honua.log" 2>&1 &
 HONUA_PID=$!
 if ! wait_for 60 curl -fsS -o /dev/null "$GW/metrics"; then
   echo "smoke: the gateway did not answer on $GW/metrics; honua.log:" >&2
@@ -152,7 +154,9 @@ if ! wait_for 30 sh -c "curl -fsS -G '$PROM/api/v1/query' --data-urlencode 'quer
   echo "smoke: prometheus never scraped $GW/metrics successfully" >&2
   exit 1
 fi
-for t in Test Test SmokeFail Test SmokeFail; do submit "$t"; done
+# LlmExample makes 2 provider calls per process and the mock answers 429 to every 5th
+# call, so these three (after the one `honua dev` submitted) bring at least one 429.
+for t in Test Test SmokeFail Test SmokeFail LlmExample LlmExample LlmExample; do submit "$t"; done
 
 # --- promtool check metrics on one scrape ---------------------------------------------
 curl -fsS "$GW/metrics" >"$TMP/metrics.txt"
@@ -173,7 +177,25 @@ REQUIRED=(
   'avg_over_time(honua_process_duration_seconds[7d])'
   'sum(rate(honua_process_completed_total[7d])) / sum(rate(honua_process_started_total[7d]))'
   'honua_process_completed_total'
+  'sum(increase(honua_llm_tokens_used_total[7d]))'
+  'sum(rate(honua_llm_tokens_used_total[1m]))'
+  'sum(rate(honua_llm_errors_total{error_type="rate_limit"}[5m]))'
 )
+# Of those, the ones whose value must also be above 0: LLM tokens were used and a
+# provider 429 was counted while Prometheus was scraping (a series at 0 alone would pass
+# with the 429 before the first scrape).
+declare -A NONZERO=(
+  ['sum(increase(honua_llm_tokens_used_total[7d]))']=1
+  ['sum(rate(honua_llm_tokens_used_total[1m]))']=1
+  ['sum(rate(honua_llm_errors_total{error_type="rate_limit"}[5m]))']=1
+)
+positive() { awk -v v="$1" 'BEGIN { exit !(v + 0 > 0) }'; }
+# lacks QUERY RESULT -> succeeds when RESULT does not satisfy QUERY's requirement.
+lacks() {
+  local n=${2%%$'\t'*} v=${2#*$'\t'}
+  case $n in ''|0|ERR) return 0 ;; esac
+  [ -n "${NONZERO[$1]:-}" ] && ! positive "$v"
+}
 declare -A RESULT
 deadline=$(( $(date +%s) + DEADLINE_SECS ))
 last_submit=$(date +%s)
@@ -182,23 +204,27 @@ while :; do
   for q in "${REQUIRED[@]}"; do
     r=$(query "$q")
     RESULT[$q]=$r
-    case ${r%%$'\t'*} in ''|0|ERR) missing=$((missing + 1)) ;; esac
+    if lacks "$q" "$r"; then missing=$((missing + 1)); fi
   done
   [ "$missing" -eq 0 ] && break
   now=$(date +%s)
   [ "$now" -lt "$deadline" ] || break
   # Keep work flowing while waiting (e.g. for the recording rule's first sample).
   if [ $(( now - last_submit )) -ge 3 ]; then
-    submit Test || true; submit SmokeFail || true
+    submit Test || true; submit SmokeFail || true; submit LlmExample || true
     last_submit=$now
   fi
   sleep 0.5
 done
 
-printf '\n%-100s %6s  %s\n' "QUERY (required)" "SERIES" "A VALUE (first non-NaN)"
+printf '\n%-100s %6s  %s\n' "QUERY (required; * = its value must be > 0)" "SERIES" "A VALUE (first non-NaN)"
 for q in "${REQUIRED[@]}"; do
   IFS=$'\t' read -r n v <<<"${RESULT[$q]}"
-  mark=""; case $n in ''|0|ERR) mark="   <-- NO DATA" ;; esac
+  mark=""
+  if lacks "$q" "${RESULT[$q]}"; then
+    case $n in ''|0|ERR) mark="   <-- NO DATA" ;; *) mark="   <-- NOT > 0" ;; esac
+  fi
+  [ -n "${NONZERO[$q]:-}" ] && q="* $q"
   printf '%-100s %6s  %s%s\n' "$q" "$n" "$v" "$mark"
 done
 
@@ -208,9 +234,6 @@ not_yet() {
   IFS=$'\t' read -r n _ <<<"$(query "$1")"
   printf '%-100s %6s  %s\n' "$1" "$n" "$2"
 }
-not_yet 'sum(increase(honua_llm_tokens_used_total[7d]))' 'no LLM step kind is built yet, so no honua_llm_* series'
-not_yet 'sum(rate(honua_llm_tokens_used_total[1m]))' 'no LLM step kind is built yet'
-not_yet 'sum(rate(honua_llm_errors_total{error_type="rate_limit"}[5m]))' 'no LLM step kind is built yet'
 not_yet '(container_memory_usage_bytes{pod=~"honua-process-framework.*"} / container_spec_memory_limit_bytes{pod=~"honua-process-framework.*"}) * 100' 'cAdvisor metrics: needs Kubernetes (kubelet scrape)'
 
 printf '\npromtool check metrics (one scrape of %s/metrics, %s lines): exit %s\n' \
@@ -219,7 +242,7 @@ printf '\npromtool check metrics (one scrape of %s/metrics, %s lines): exit %s\n
 
 echo
 if [ "$missing" -ne 0 ]; then
-  echo "smoke: FAILED: $missing required queries returned no data within ${DEADLINE_SECS}s ($(( $(date +%s) - T0 ))s total)" >&2
+  echo "smoke: FAILED: $missing required queries returned no data (or not > 0 where marked *) within ${DEADLINE_SECS}s ($(( $(date +%s) - T0 ))s total)" >&2
   exit 1
 fi
 if [ "$LINT_RC" -ne 0 ] || [ -n "$LINT" ]; then

@@ -189,6 +189,15 @@ impl WindowLimit {
     }
 }
 
+/// A periodic rate limit: the `every`-th, 2×`every`-th, … chat request (counting every
+/// well-formed chat request since the start) answers 429 with `Retry-After`, whatever the
+/// window limit says. A scripted fault takes precedence over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EveryNth {
+    pub every: u64,
+    pub retry_after: Duration,
+}
+
 /// Configuration of a [`MockLlm`].
 #[derive(Debug, Clone)]
 pub struct MockConfig {
@@ -205,6 +214,8 @@ pub struct MockConfig {
     pub limit: Option<WindowLimit>,
     /// Scripted answers for the first requests.
     pub faults: Vec<Fault>,
+    /// Every Nth request answers 429 (`None` or `every` = 0: never).
+    pub rate_limit_every: Option<EveryNth>,
     /// When set, requests must carry this key (`Authorization: Bearer` or `api-key`), else 401.
     pub api_key: Option<String>,
 }
@@ -220,6 +231,7 @@ impl Default for MockConfig {
             default_max_tokens: 256,
             limit: None,
             faults: Vec::new(),
+            rate_limit_every: None,
             api_key: None,
         }
     }
@@ -247,7 +259,8 @@ pub struct RecordedRequest {
     pub authorization: Option<String>,
     /// The `api-key` header seen, verbatim.
     pub api_key: Option<String>,
-    /// The fault applied, if one was scripted.
+    /// The fault applied, if one was scripted (or the periodic 429 of
+    /// [`MockConfig::rate_limit_every`], recorded as [`Fault::RateLimited`]).
     pub fault: Option<Fault>,
     /// The OpenAI `user` field, if sent.
     pub user: Option<String>,
@@ -271,6 +284,8 @@ struct Shared {
     /// Admitted requests in the current window: (arrival, tokens).
     window: Mutex<VecDeque<(Instant, u64)>>,
     ids: AtomicU64,
+    /// Well-formed chat requests so far (for [`MockConfig::rate_limit_every`]).
+    chats: AtomicU64,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -299,6 +314,7 @@ impl MockLlm {
             records: Mutex::new(Vec::new()),
             window: Mutex::new(VecDeque::new()),
             ids: AtomicU64::new(0),
+            chats: AtomicU64::new(0),
             shutdown: shutdown.clone(),
         });
         let app = router(shared.clone());
@@ -667,8 +683,15 @@ async fn answer(
     rec.max_tokens = max_tokens;
     rec.prompt_tokens = messages.iter().map(|(_, c)| estimate_tokens(c)).sum();
 
-    // A scripted fault comes first.
-    let fault = s.faults.lock().unwrap().pop_front();
+    // A scripted fault comes first, then the periodic 429.
+    let nth = s.chats.fetch_add(1, Ordering::Relaxed) + 1;
+    let fault = s.faults.lock().unwrap().pop_front().or_else(|| {
+        cfg.rate_limit_every
+            .filter(|p| p.every > 0 && nth.is_multiple_of(p.every))
+            .map(|p| Fault::RateLimited {
+                retry_after: p.retry_after,
+            })
+    });
     rec.fault = fault;
     let mut extra_delay = Duration::ZERO;
     let mut stall = None;
@@ -928,6 +951,7 @@ mod tests {
             records: Mutex::new(Vec::new()),
             window: Mutex::new(VecDeque::new()),
             ids: AtomicU64::new(0),
+            chats: AtomicU64::new(0),
             shutdown: rx,
         };
         let limit = WindowLimit {

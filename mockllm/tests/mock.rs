@@ -1,7 +1,7 @@
 //! The mock provider over real HTTP: OpenAI and Azure shapes, streaming, scripted faults,
 //! its own window limit, and the records tests rely on.
 
-use honua_mock_llm::{Completion, Fault, Latency, MockConfig, MockLlm, WindowLimit};
+use honua_mock_llm::{Completion, EveryNth, Fault, Latency, MockConfig, MockLlm, WindowLimit};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -197,6 +197,58 @@ async fn scripted_faults_in_order() {
     assert_eq!(send().await.unwrap().status(), 200);
     let statuses: Vec<u16> = mock.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![429, 500, 503, 200, 200]);
+}
+
+#[tokio::test]
+async fn every_nth_request_answers_429_and_a_scripted_fault_comes_first() {
+    let mock = MockLlm::start(MockConfig {
+        rate_limit_every: Some(EveryNth {
+            every: 3,
+            retry_after: Duration::from_millis(400),
+        }),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let c = client();
+    let send = || {
+        c.post(format!("{}/chat/completions", mock.base_url()))
+            .json(&body("hi", 5))
+            .send()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let r = send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            assert_eq!(r.headers()["retry-after-ms"], "400");
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+        }
+    }
+    assert_eq!(statuses, vec![200, 200, 429, 200, 200, 429, 200]);
+    let recs = mock.requests();
+    assert_eq!(
+        recs[2].fault,
+        Some(Fault::RateLimited {
+            retry_after: Duration::from_millis(400)
+        })
+    );
+    assert_eq!(recs[3].fault, None);
+    // A scripted answer takes the 9th request; the count goes on underneath it.
+    assert_eq!(send().await.unwrap().status(), 200); // 8th
+    mock.script([Fault::Status(503)]);
+    assert_eq!(send().await.unwrap().status(), 503); // 9th: scripted, not the periodic 429
+    assert_eq!(send().await.unwrap().status(), 200); // 10th
+    assert_eq!(send().await.unwrap().status(), 200); // 11th
+    assert_eq!(send().await.unwrap().status(), 429); // 12th
+    // every = 0 turns it off.
+    mock.reconfigure(|c| c.rate_limit_every.as_mut().unwrap().every = 0);
+    for _ in 0..4 {
+        assert_eq!(send().await.unwrap().status(), 200);
+    }
+    mock.stop().await;
 }
 
 #[tokio::test]

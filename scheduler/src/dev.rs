@@ -1,11 +1,17 @@
 //! `honua dev`: the whole system on one machine — a private redis-server (AOF on) unless
 //! `HONUA_REDIS_URL` is set, the scheduler, the gateway and N in-process workers; submits the
-//! example processes, shows their progress, and serves :9090 until Ctrl-C.
+//! example processes, shows their progress, and serves :9090 until Ctrl-C. With
+//! `--mock-llm` it also runs the mock OpenAI-compatible provider (`honua-mock-llm`) in
+//! process and configures the `llm` step kind to call it, so LLM steps run without a paid
+//! API.
 
 use crate::submit::Engine;
+use honua_mock_llm::{EveryNth, Latency, MockConfig, MockLlm};
 use honua_shared::config::Config;
+use honua_shared::definition::{DefinitionSet, Format, ProcessDefinition};
 use honua_shared::envelope::{Event, Submission, TraceContext};
 use honua_shared::keys::Keys;
+use honua_shared::llm_config::{EndpointConfig, LlmProviderConfig, ProviderKind};
 use honua_shared::record::ProcessRecord;
 use honua_shared::status::StepStatus;
 use honua_shared::store::Store;
@@ -22,6 +28,90 @@ pub struct DevOptions {
     pub auto_approve: bool,
     /// Use this Redis instead of starting one.
     pub redis_url: Option<String>,
+    /// Run the mock LLM provider and point the `llm` kind at it (`--mock-llm`).
+    pub mock_llm: Option<MockLlmOptions>,
+}
+
+/// `honua dev --mock-llm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MockLlmOptions {
+    /// Every Nth request to the mock answers 429 + `Retry-After` (0: never), so the
+    /// rate-limit handling and `honua_llm_errors_total{error_type="rate_limit"}` see use.
+    pub rate_limit_every: u64,
+}
+
+impl Default for MockLlmOptions {
+    fn default() -> Self {
+        Self {
+            rate_limit_every: 5,
+        }
+    }
+}
+
+/// The API key `honua dev --mock-llm` gives the mock and the `llm` kind (a dummy: the mock
+/// only checks that the worker sends what it was configured with).
+pub const MOCK_LLM_API_KEY: &str = "sk-honua-dev-mock-llm";
+
+/// The example process type using kind `llm` that `--mock-llm` adds (built in: a shipped
+/// definition with an `llm` step would not load without an `[llm_provider]`).
+pub const LLM_EXAMPLE: &str = include_str!("dev/llm_example.toml");
+const LLM_EXAMPLE_SOURCE: &str = "honua dev --mock-llm (built-in LlmExample)";
+
+/// Starts the mock provider on a free loopback port and sets `cfg.llm_provider` to an
+/// OpenAI-compatible provider at it, its key in a file under `data_dir`. An
+/// `[llm_provider]` already configured is an error: `--mock-llm` would silently replace it.
+pub async fn start_mock_llm(
+    cfg: &mut Config,
+    opts: MockLlmOptions,
+    data_dir: &Path,
+) -> anyhow::Result<MockLlm> {
+    if let Some(llm) = &cfg.llm_provider {
+        anyhow::bail!(
+            "--mock-llm: the config already has an [llm_provider] section (provider {}); \
+             remove it to use the mock, or drop --mock-llm to use that provider",
+            llm.provider
+        );
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let key_file = data_dir.join("mock-llm.key");
+    std::fs::write(&key_file, MOCK_LLM_API_KEY)?;
+    let mock = MockLlm::start(MockConfig {
+        latency: Latency::Uniform {
+            min: Duration::from_millis(20),
+            max: Duration::from_millis(80),
+        },
+        rate_limit_every: (opts.rate_limit_every > 0).then_some(EveryNth {
+            every: opts.rate_limit_every,
+            retry_after: Duration::from_millis(500),
+        }),
+        api_key: Some(MOCK_LLM_API_KEY.into()),
+        ..MockConfig::default()
+    })
+    .await?;
+    cfg.llm_provider = Some(LlmProviderConfig {
+        provider: ProviderKind::OpenaiCompatible,
+        openai_compatible: Some(EndpointConfig {
+            base_url: Some(mock.base_url()),
+            api_key_file: Some(key_file),
+            ..EndpointConfig::default()
+        }),
+        ..LlmProviderConfig::default()
+    });
+    Ok(mock)
+}
+
+/// Adds [`LLM_EXAMPLE`] to `defs` unless the definitions directory already has a process
+/// type of that name (the user's wins). Returns whether it was added.
+fn add_llm_example(
+    defs: &mut DefinitionSet,
+    kinds: &honua_shared::definition::KindRegistry,
+) -> anyhow::Result<bool> {
+    let def = ProcessDefinition::parse(LLM_EXAMPLE, Format::Toml, LLM_EXAMPLE_SOURCE, kinds)?;
+    if defs.latest(&def.name).is_some() {
+        return Ok(false);
+    }
+    defs.insert(def, LLM_EXAMPLE_SOURCE)?;
+    Ok(true)
 }
 
 /// A redis-server child process, killed on drop.
@@ -86,6 +176,11 @@ pub async fn run(
     opts: DevOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before Redis starts: a config conflict should not leave a server behind.
+    let mock = match opts.mock_llm {
+        Some(m) => Some(start_mock_llm(&mut cfg, m, &opts.data_dir).await?),
+        None => None,
+    };
     let redis = match &opts.redis_url {
         Some(url) => {
             cfg.redis_url = url.clone();
@@ -100,7 +195,22 @@ pub async fn run(
     cfg.validate()?;
     println!("honua dev: redis {}", cfg.redacted_redis_url());
     let handlers = honua_worker::builtin_handlers(&cfg);
-    let (defs, kinds) = crate::load_definitions(&cfg, &handlers)?;
+    let (mut defs, kinds) = crate::load_definitions(&cfg, &handlers)?;
+    if let (Some(mock), Some(m)) = (&mock, opts.mock_llm) {
+        let every = match m.rate_limit_every {
+            0 => String::new(),
+            n => format!("; 1 request in {n} answers 429"),
+        };
+        println!(
+            "honua dev: mock llm on {} (openai_compatible{every})",
+            mock.base_url()
+        );
+        let mut set = Arc::unwrap_or_clone(defs);
+        if add_llm_example(&mut set, &kinds)? {
+            println!("honua dev: added the built-in LlmExample process type (kind llm)");
+        }
+        defs = Arc::new(set);
+    }
     let handlers = Arc::new(handlers);
     let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
     store.ensure_groups().await?;
@@ -108,6 +218,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let engine = Engine::new(cfg.clone(), store.clone(), defs.clone(), kinds.clone()).await;
     let listener = tokio::net::TcpListener::bind(&cfg.http_addr).await?;
+    let gateway_port = listener.local_addr()?.port();
     println!("honua dev: gateway on http://{}", listener.local_addr()?);
     let mut tasks = vec![
         tokio::spawn(crate::gateway::serve(engine.clone(), listener, shutdown.clone()).map_unit()),
@@ -134,16 +245,10 @@ pub async fn run(
             println!("submitted {name:<12} {}", s.id());
             ids.push(s.id().to_string());
         }
-        progress(&engine, &ids, opts.auto_approve, &shutdown).await;
+        progress(&engine, &ids, opts.auto_approve, gateway_port, &shutdown).await;
         println!("honua dev: the examples are done; still serving until Ctrl-C");
         println!(
-            "  try: curl -s -X POST localhost:{} -H 'content-type: application/json' -d '{{\"processType\":\"Test\"}}'",
-            cfg.http_addr
-                .rsplit(':')
-                .next()
-                .unwrap_or("9090")
-                .to_string()
-                + "/api/processes"
+            "  try: curl -s -X POST localhost:{gateway_port}/api/processes -H 'content-type: application/json' -d '{{\"processType\":\"Test\"}}'"
         );
     }
     shutdown.cancelled().await;
@@ -152,6 +257,9 @@ pub async fn run(
     }
     if let Some(r) = redis {
         r.stop().await;
+    }
+    if let Some(m) = mock {
+        m.stop().await;
     }
     Ok(())
 }
@@ -172,6 +280,7 @@ async fn progress(
     engine: &Engine,
     ids: &[String],
     auto_approve: bool,
+    gateway_port: u16,
     shutdown: &CancellationToken,
 ) {
     let started = std::time::Instant::now();
@@ -212,7 +321,7 @@ async fn progress(
                         .and_then(|c| c.get("signal").and_then(|v| v.as_str()).map(str::to_string));
                     let Some(signal) = signal else { continue };
                     println!(
-                        "{} waits for signal {signal:?}: curl -X POST localhost:9090/api/processes/{id}/signal/{signal}",
+                        "{} waits for signal {signal:?}: curl -X POST localhost:{gateway_port}/api/processes/{id}/signal/{signal}",
                         r.process_type
                     );
                     if auto_approve {
@@ -245,5 +354,110 @@ async fn progress(
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "honua-dev-test-{name}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn mock_llm_refuses_a_configured_provider() {
+        let dir = tmp_dir("refuse");
+        let mut cfg = Config {
+            llm_provider: Some(LlmProviderConfig::default()),
+            ..Config::default()
+        };
+        let before = cfg.llm_provider.clone();
+        let e = start_mock_llm(&mut cfg, MockLlmOptions::default(), &dir)
+            .await
+            .err()
+            .expect("a configured provider is an error");
+        let msg = e.to_string();
+        assert!(msg.contains("--mock-llm"), "{msg}");
+        assert!(msg.contains("[llm_provider]"), "{msg}");
+        assert_eq!(cfg.llm_provider, before, "the config is left alone");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn mock_llm_configures_the_llm_kind_and_the_example_loads() {
+        honua_worker::install_crypto_provider();
+        let dir = tmp_dir("mock");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../processes");
+        let mut cfg = Config {
+            definitions_dir: shipped.clone(),
+            ..Config::default()
+        };
+
+        // Without a provider there is no `llm` kind: the example could not ship in processes/.
+        let handlers = honua_worker::builtin_handlers(&cfg);
+        assert!(!handlers.kinds().contains("llm"));
+        let e = DefinitionSet::from_str(LLM_EXAMPLE, Format::Toml, "x", handlers.kinds())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown kind `llm`"), "{e}");
+
+        let mock = start_mock_llm(
+            &mut cfg,
+            MockLlmOptions {
+                rate_limit_every: 2,
+            },
+            &dir,
+        )
+        .await
+        .unwrap();
+        cfg.validate().unwrap();
+        let llm = cfg.llm_provider.as_ref().unwrap();
+        assert_eq!(llm.provider, ProviderKind::OpenaiCompatible);
+        let ep = llm.openai_compatible.as_ref().unwrap();
+        assert_eq!(ep.base_url.as_deref(), Some(mock.base_url().as_str()));
+        assert!(mock.base_url().starts_with("http://127.0.0.1:"));
+        let key_file = ep.api_key_file.as_ref().unwrap();
+        assert_eq!(std::fs::read_to_string(key_file).unwrap(), MOCK_LLM_API_KEY);
+
+        // The shipped definitions plus the example load with the kinds the workers register.
+        let handlers = honua_worker::builtin_handlers(&cfg);
+        assert!(handlers.kinds().contains("llm"));
+        let (defs, kinds) = crate::load_definitions(&cfg, &handlers).unwrap();
+        let shipped_count = defs.len();
+        let mut set = Arc::unwrap_or_clone(defs);
+        assert!(add_llm_example(&mut set, &kinds).unwrap());
+        assert_eq!(set.len(), shipped_count + 1);
+        let ex = set.latest("LlmExample").unwrap();
+        assert!(ex.step("Summarize").is_some_and(|s| s.kind == "llm"));
+        // Added once: a type of that name already loaded wins.
+        assert!(!add_llm_example(&mut set, &kinds).unwrap());
+
+        // The mock checks the key, and answers 429 + Retry-After to every 2nd request.
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+        let url = format!("{}/chat/completions", mock.base_url());
+        let r = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 401, "no key");
+        let send = || {
+            client
+                .post(&url)
+                .bearer_auth(MOCK_LLM_API_KEY)
+                .json(&body)
+                .send()
+        };
+        assert_eq!(send().await.unwrap().status(), 200);
+        let r = send().await.unwrap();
+        assert_eq!(r.status(), 429);
+        assert!(r.headers().contains_key("retry-after"));
+        assert_eq!(send().await.unwrap().status(), 200);
+        mock.stop().await;
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -1,11 +1,12 @@
 //! `honua-mock-llm`: the mock OpenAI-compatible provider as a standalone server.
 //!
 //! ```text
-//! honua-mock-llm --port 8089 --latency-ms 50..200 --rpm 600 --tpm 100000 --faults 429:2,500,ok
+//! honua-mock-llm --port 8089 --latency-ms 50..200 --rpm 600 --tpm 100000 --faults 429:2,500,ok \
+//!     --rate-limit-every 10
 //! ```
 
 use clap::Parser;
-use honua_mock_llm::{Fault, Latency, MockConfig, MockLlm, WindowLimit};
+use honua_mock_llm::{EveryNth, Fault, Latency, MockConfig, MockLlm, WindowLimit};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -36,6 +37,12 @@ struct Args {
     /// Scripted answers for the first requests, e.g. `429:2,500,503,hang,stall:3,ok`.
     #[arg(long, default_value = "")]
     faults: String,
+    /// Every Nth chat request answers 429 with `Retry-After` (0 = never).
+    #[arg(long, default_value_t = 0)]
+    rate_limit_every: u64,
+    /// The `Retry-After` of those 429s.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    rate_limit_retry_after: Duration,
     /// Model name reported by `GET /v1/models`.
     #[arg(long, default_value = "mock-gpt")]
     model: String,
@@ -81,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
         latency,
         limit,
         faults,
+        rate_limit_every: (args.rate_limit_every > 0).then_some(EveryNth {
+            every: args.rate_limit_every,
+            retry_after: args.rate_limit_retry_after,
+        }),
         ..MockConfig::default()
     };
     let mock = MockLlm::start_on(cfg, SocketAddr::new(args.host, args.port)).await?;

@@ -5,7 +5,7 @@
 
 use clap::{Parser, Subcommand};
 use honua_scheduler::cli::{self, CliArgs};
-use honua_scheduler::dev::{self, DevOptions};
+use honua_scheduler::dev::{self, DevOptions, MockLlmOptions};
 use honua_shared::config::Config;
 use honua_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
@@ -51,6 +51,15 @@ enum Role {
         /// Leave approval steps waiting for your signal.
         #[arg(long)]
         no_auto_approve: bool,
+        /// Run LLM steps without a paid API: start the mock OpenAI-compatible provider in
+        /// process, point the `llm` step kind at it and add the example process type
+        /// LlmExample. An error when the config has an [llm_provider] section.
+        #[arg(long)]
+        mock_llm: bool,
+        /// With --mock-llm: every Nth request to the mock answers 429 with Retry-After
+        /// (0 = never).
+        #[arg(long, value_name = "N", default_value_t = MockLlmOptions::default().rate_limit_every, requires = "mock_llm")]
+        mock_llm_429_every: u64,
     },
     /// The scheduler loops and the HTTP gateway (as honua-scheduler).
     Scheduler,
@@ -90,6 +99,8 @@ async fn main() -> anyhow::Result<ExitCode> {
             data_dir,
             no_examples,
             no_auto_approve,
+            mock_llm,
+            mock_llm_429_every,
         } => {
             let _telemetry = telemetry::init_from_env(LogFormat::Human);
             let opts = DevOptions {
@@ -98,6 +109,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                 submit_examples: !no_examples,
                 auto_approve: !no_auto_approve,
                 redis_url: redis_from_env,
+                mock_llm: mock_llm.then_some(MockLlmOptions {
+                    rate_limit_every: mock_llm_429_every,
+                }),
             };
             dev::run(cfg, opts, shutdown).await?
         }
@@ -128,6 +142,26 @@ mod tests {
     fn roles_and_operator_commands_parse() {
         let cli = Cli::try_parse_from(["honua", "dev", "--workers", "3"]).unwrap();
         assert!(matches!(cli.cmd, Cmd::Role(Role::Dev { workers: 3, .. })));
+        let cli = Cli::try_parse_from(["honua", "dev", "--mock-llm"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Role(Role::Dev {
+                mock_llm: true,
+                mock_llm_429_every: 5,
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from(["honua", "dev", "--mock-llm", "--mock-llm-429-every", "0"])
+            .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Role(Role::Dev {
+                mock_llm_429_every: 0,
+                ..
+            })
+        ));
+        // The 429 rate only means something with the mock.
+        assert!(Cli::try_parse_from(["honua", "dev", "--mock-llm-429-every", "3"]).is_err());
         let cli = Cli::try_parse_from(["honua", "--url", "http://h:1", "ps", "--json"]).unwrap();
         assert!(matches!(cli.cmd, Cmd::Ops(cli::Command::Ps(_))));
         assert!(cli.ops.json);
