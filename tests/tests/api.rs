@@ -885,10 +885,13 @@ async fn bad_input_gets_typed_json_errors() {
     // The server answers 413 and closes the connection without reading the rest of the
     // body, so the client can see a reset while it is still uploading instead of the
     // answer: that race is the client's, so a transport error is retried (never a status).
+    // Its own client, so the closed connection never goes back into `c`'s pool (a later
+    // request reusing it would meet a broken pipe).
+    let once = http();
     let mut tries = 0;
     let r = loop {
         tries += 1;
-        match c
+        match once
             .post(f.url("/api/processes"))
             .header("content-type", "application/json")
             .body(big.clone())
