@@ -460,10 +460,21 @@ impl Scheduler {
         let store = &self.engine.store;
         let mut last_trim = 0u64;
         let mut last_sample = 0u64;
+        let mut last_stream_trim = 0u64;
         while !shutdown.is_cancelled() {
             match store.promote(1000).await {
                 Ok((moved, _next, now)) => {
                     self.stats.last_tick_ms.store(now, Ordering::Relaxed);
+                    if now.saturating_sub(last_stream_trim) >= STREAM_TRIM_MS {
+                        last_stream_trim = now;
+                        match store.trim_streams(STREAM_TRIM_LIMIT).await {
+                            Ok(n) if n > 0 => {
+                                debug!(removed = n, "trimmed acknowledged stream entries")
+                            }
+                            Ok(_) => {}
+                            Err(e) => debug!(error = %e, "trimming streams failed"),
+                        }
+                    }
                     if now.saturating_sub(last_sample) >= 5_000 {
                         last_sample = now;
                         self.sample_fleet(now).await;
@@ -584,6 +595,13 @@ impl Scheduler {
         }
     }
 }
+
+/// How often (server ms) the timer loop trims acknowledged entries off the streams, and
+/// at most how many entries one trim removes per stream (whole nodes of
+/// `stream-node-max-entries`, 100 by default). Scripts acknowledge without deleting, so a
+/// stream holds its live work plus at most this interval's acknowledged entries.
+const STREAM_TRIM_MS: u64 = 250;
+const STREAM_TRIM_LIMIT: usize = 20_000;
 
 /// The stream's short name for metric labels (`submit`, `jobs`, `events`).
 fn stream_name(stream: &Key) -> &'static str {

@@ -69,13 +69,13 @@ for i = 1, n do
   else
     local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION)
     if not m[1] or not process_active(m[1]) then
-      ack_del(jobs, group, id)
+      ack(jobs, group, id)
       out[i] = {'obsolete', 'process is ' .. tostring(m[1] or 'gone')}
     else
       local raw = redis.call('HGET', steps, step)
       local enc = raw and running_record(raw, token, tonumber(p[4]), trace)
       if not enc then
-        ack_del(jobs, group, id)
+        ack(jobs, group, id)
         out[i] = {'obsolete', 'job superseded'}
       else
         redis.call('HSET', steps, step, enc)

@@ -49,7 +49,13 @@ end
 local function ack_source()
   local s = tonumber(ARGV[4])
   if s > 0 then
-    ack_del(key(s), ARGV[5], ARGV[6])
+    ack(key(s), ARGV[5], ARGV[6])
+    -- A submission (the source of a create) is also deleted at once: one without an id
+    -- would start a second process if it were ever read again (a group recreated from
+    -- 0), where a replayed event changes nothing. Events are left to trim.lua.
+    if mode == 'create' then
+      redis.call('XDEL', key(s), ARGV[6])
+    end
   end
 end
 

@@ -86,7 +86,7 @@ local function complete_one(t, meta, steps, data)
   end
   local st = redis.call('HGET', meta, F_STATUS)
   if not st or not process_active(st) then
-    ack_del(jobs, group, t.id)
+    ack(jobs, group, t.id)
     return 'finished'
   end
   local raw = redis.call('HGET', steps, t.step)
@@ -106,7 +106,7 @@ local function complete_one(t, meta, steps, data)
   end
   redis.call('HSET', steps, t.step, rec)
   redis.call('XADD', events, '*', unpack(ARGV, t.first, t.last))
-  ack_del(jobs, group, t.id)
+  ack(jobs, group, t.id)
   return 'ok'
 end
 

@@ -22,5 +22,5 @@ if reason ~= '' then
   end
   redis.call('XADD', unpack(args))
 end
-ack_del(stream, group, id)
+ack(stream, group, id)
 return 'ok'

@@ -18,7 +18,7 @@ for i = 1, n do
   if r == 'ok' then
     redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
   elseif r == 'finished' then
-    ack_del(jobs, group, id)
+    ack(jobs, group, id)
   end
   out[i] = r
 end

@@ -32,7 +32,7 @@ for _, e in ipairs(r[2]) do
     redis.call('XADD', unpack(args))
     redis.call('XADD', events, '*', 'v', '1', 't', 'dead_letter', 'pid', f.pid or '',
       'step', f.step or '', 'token', f.token or '', 'deliveries', ran, 'reason', reason)
-    ack_del(jobs, group, id)
+    ack(jobs, group, id)
     dead[#dead + 1] = id
   else
     claimed[#claimed + 1] = {id, n, fields}

@@ -8,12 +8,12 @@ local jobs, meta, steps = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, id, dl, step, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local r, rec = fence(jobs, group, consumer, id, dl, meta, steps, step, token)
 if r == 'finished' then
-  ack_del(jobs, group, id)
+  ack(jobs, group, id)
 end
 if r ~= 'ok' then
   return r
 end
-ack_del(jobs, group, id)
+ack(jobs, group, id)
 local args = {jobs, '*'}
 for i = 7, #ARGV do
   args[#args + 1] = ARGV[i]

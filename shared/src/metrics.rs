@@ -53,7 +53,8 @@ pub const QUARANTINED: &str = "honua_quarantined_entries_total";
 /// Revision conflicts between scheduler replicas (counter).
 pub const COMMIT_CONFLICTS: &str = "honua_commit_conflicts_total";
 
-/// Stream length (gauge; `stream`: submit, jobs, events).
+/// Live entries of a stream: pending + not yet delivered (gauge; `stream`: submit, jobs,
+/// events). Acknowledged entries awaiting the periodic trim are not counted.
 pub const QUEUE_LENGTH: &str = "honua_queue_length";
 /// Entries not yet delivered to the stream's group (gauge; `stream`). The HPA/KEDA signal.
 pub const QUEUE_LAG: &str = "honua_queue_lag";
@@ -234,7 +235,11 @@ pub const HELP: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Revision conflicts between scheduler replicas.",
     ),
-    (QUEUE_LENGTH, Kind::Gauge, "Stream length."),
+    (
+        QUEUE_LENGTH,
+        Kind::Gauge,
+        "Live entries of a stream: pending plus not yet delivered.",
+    ),
     (
         QUEUE_LAG,
         Kind::Gauge,

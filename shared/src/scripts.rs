@@ -49,6 +49,7 @@ pub struct Scripts {
     pub purge: redis::Script,
     pub llm_limit: redis::Script,
     pub llm_budget: redis::Script,
+    pub trim: redis::Script,
 }
 
 /// The sources, by name, for tests and tooling.
@@ -69,6 +70,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("purge", include_str!("../lua/purge.lua")),
     ("llm_limit", include_str!("../lua/llm_limit.lua")),
     ("llm_budget", include_str!("../lua/llm_budget.lua")),
+    ("trim", include_str!("../lua/trim.lua")),
 ];
 
 /// The full text of one script as sent to Redis.
@@ -98,6 +100,7 @@ impl Scripts {
                 purge: s("purge"),
                 llm_limit: s("llm_limit"),
                 llm_budget: s("llm_budget"),
+                trim: s("trim"),
             }
         })
     }
@@ -119,6 +122,7 @@ impl Scripts {
             &s.purge,
             &s.llm_limit,
             &s.llm_budget,
+            &s.trim,
         ] {
             script.prepare_invoke().load_async(conn).await?;
         }

@@ -183,6 +183,8 @@ pub struct StreamStats {
     pub group: String,
     /// The stream or its group does not exist (yet).
     pub missing: bool,
+    /// Live entries: pending plus not yet delivered. Acknowledged entries awaiting
+    /// `trim.lua` are not counted (raw `XLEN` when Redis cannot tell the lag).
     pub length: u64,
     /// Entries not yet delivered to the group (`None` when Redis cannot tell).
     pub lag: Option<u64>,
@@ -877,6 +879,25 @@ impl Store {
             .await?)
     }
 
+    /// Housekeeping: runs `trim.lua` on the submission, job and event streams, removing
+    /// acknowledged entries below every group's oldest pending and last-delivered id (the
+    /// scripts acknowledge without deleting). At most `limit` entries per stream per call;
+    /// whole stream nodes only, so up to a node's worth of acknowledged entries stays.
+    /// Returns how many entries were removed.
+    pub async fn trim_streams(&self, limit: usize) -> Result<u64> {
+        let mut removed = 0;
+        for stream in [self.keys.submit(), self.keys.jobs(), self.keys.events()] {
+            let (n, _bound): (u64, Option<String>) = Scripts::get()
+                .trim
+                .key(stream)
+                .arg(limit.max(1))
+                .invoke_async(&mut self.conn())
+                .await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
     /// Housekeeping: drops index entries of processes whose records have expired (finished
     /// more than `retention_secs` ago; for `index:all`, created more than the retention plus
     /// the longest allowed process timeout ago) and workers not seen for a day. Returns how
@@ -968,12 +989,18 @@ impl Store {
             ),
             _ => (0, None),
         };
+        let lag = g
+            .and_then(|g| g.get("lag"))
+            .filter(|v| !matches!(v, Value::Nil))
+            .map(value_u64);
         Ok(StreamStats {
             stream: stream.to_string(),
             group: group.to_string(),
             missing: g.is_none(),
-            length,
-            lag: g.and_then(|g| g.get("lag")).map(value_u64),
+            // Acknowledged entries stay until trim.lua removes them, so the live work is
+            // what is pending plus what is not yet delivered (XLEN when Redis cannot tell).
+            length: lag.map_or(length, |l| count + l),
+            lag,
             pending: count,
             oldest_pending_ms: oldest
                 .and_then(|id| id.split('-').next().and_then(|t| t.parse().ok())),

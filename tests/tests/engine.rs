@@ -302,13 +302,12 @@ async fn idempotent_submission_over_http_and_redis() {
     );
     // Wait until the submit stream is fully consumed, then count processes.
     wait_for("submissions consumed", DEADLINE, || async {
-        let (len,): (u64,) = redis::pipe()
-            .cmd("XLEN")
-            .arg(&stream)
-            .query_async(&mut f.store().conn())
+        let s = f
+            .store()
+            .stream_stats(&stream, honua_shared::keys::SCHEDULER_GROUP)
             .await
             .ok()?;
-        (len == 0).then_some(())
+        (s.length == 0).then_some(())
     })
     .await;
     let all: u64 = redis::cmd("ZCARD")

@@ -562,6 +562,7 @@ const SCRIPT_ROLES: &[(&str, &[&str])] = &[
     ("commit", &["scheduler"]),
     ("promote", &["scheduler"]),
     ("purge", &["scheduler"]),
+    ("trim", &["scheduler"]),
 ];
 
 /// Commands the Rust code sends itself (`redis::cmd`/`pipe.cmd` in shared/, scheduler/,

@@ -164,13 +164,13 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
         .await
         .unwrap();
     assert_eq!(events, 1);
-    // Acknowledged jobs are deleted: the job stream holds only live work.
-    let jobs: u64 = redis::cmd("XLEN")
-        .arg(st.keys().jobs())
-        .query_async(&mut st.conn())
+    // The job is acknowledged: the job stream holds no live work (the acknowledged entry
+    // stays until trim.lua removes it).
+    let jobs = st
+        .stream_stats(&st.keys().jobs(), WORKERS_GROUP)
         .await
         .unwrap();
-    assert_eq!(jobs, 0);
+    assert_eq!((jobs.length, jobs.pending, jobs.lag), (0, 0, Some(0)));
 }
 
 #[tokio::test]
@@ -350,9 +350,13 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         }
     };
     assert_eq!(xlen(st.keys().events()).await, 1, "one event per commit");
+    let jobs = st
+        .stream_stats(&st.keys().jobs(), WORKERS_GROUP)
+        .await
+        .unwrap();
     assert_eq!(
-        xlen(st.keys().jobs()).await,
-        1,
+        (jobs.length, jobs.pending),
+        (1, 1),
         "the refused job is still held"
     );
     assert_eq!(
@@ -360,7 +364,11 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         vec![Fence::Ok]
     );
     assert_eq!(xlen(st.keys().events()).await, 2);
-    assert_eq!(xlen(st.keys().jobs()).await, 0);
+    let jobs = st
+        .stream_stats(&st.keys().jobs(), WORKERS_GROUP)
+        .await
+        .unwrap();
+    assert_eq!((jobs.length, jobs.pending, jobs.lag), (0, 0, Some(0)));
     let data = st.load_data(&held_2.job.process_id).await.unwrap();
     assert_eq!(data.get("out:S").map(Vec::as_slice), Some(&b"out"[..]));
     // The committed step record reads back with the result.
@@ -424,4 +432,124 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
     assert_eq!(s.outcome.as_deref(), Some("failed"));
     assert_eq!(s.error.as_deref(), Some(error));
     assert_eq!(s.code.as_deref(), Some("E_1"));
+}
+
+/// Scripts acknowledge without deleting; trim.lua removes acknowledged entries in bulk and
+/// never an entry that is pending or not yet delivered to every group (Redis trimming
+/// ignores the PEL, so the bound comes from the groups).
+#[tokio::test]
+async fn trimming_removes_only_entries_every_group_has_acknowledged() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let cfg = test_config(&redis.url(), dir.path());
+    let st = store(&cfg);
+    let mut conn = st.conn();
+    // One entry per stream node, so approximate trimming is exact and observable.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stream-node-max-entries")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let jobs = st.keys().jobs();
+    let ids = |r: redis::streams::StreamRangeReply| -> Vec<String> {
+        r.ids.into_iter().map(|e| e.id).collect()
+    };
+    let range = || {
+        let mut conn = st.conn();
+        let jobs = jobs.clone();
+        async move {
+            ids(redis::cmd("XRANGE")
+                .arg(&jobs)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap())
+        }
+    };
+    // No stream, then a stream without a group: nothing may be trimmed.
+    assert_eq!(st.trim_streams(1000).await.unwrap(), 0);
+    for i in 1..=10 {
+        let _: String = redis::cmd("XADD")
+            .arg(&jobs)
+            .arg(format!("{i}-0"))
+            .arg("f")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(st.trim_streams(1000).await.unwrap(), 0);
+    st.ensure_groups().await.unwrap();
+    // Entries 1..=6 delivered to two groups; 7..=10 never delivered.
+    for group in [WORKERS_GROUP, "other"] {
+        let _: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&jobs)
+            .arg(group)
+            .arg("0")
+            .query_async(&mut conn)
+            .await;
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg("c")
+            .arg("COUNT")
+            .arg(6)
+            .arg("STREAMS")
+            .arg(&jobs)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let ack = |group: &'static str, list: &'static [&'static str]| {
+        let mut conn = st.conn();
+        let jobs = jobs.clone();
+        async move {
+            let _: u64 = redis::cmd("XACK")
+                .arg(&jobs)
+                .arg(group)
+                .arg(list)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    let all: Vec<String> = (1..=10).map(|i| format!("{i}-0")).collect();
+    // Acknowledged by one group only: nothing goes.
+    ack(WORKERS_GROUP, &["1-0", "2-0", "3-0", "5-0"]).await;
+    assert_eq!(st.trim_streams(1000).await.unwrap(), 0);
+    assert_eq!(range().await, all);
+    // Acknowledged by both below the oldest pending entry (4-0): only 1..=3 go; 5-0 is
+    // acknowledged too but above a pending entry, so it stays for now.
+    ack("other", &["1-0", "2-0", "3-0", "4-0", "5-0", "6-0"]).await;
+    assert_eq!(st.trim_streams(1000).await.unwrap(), 3);
+    assert_eq!(range().await, all[3..]);
+    // The pending entries (4-0, 6-0) acknowledged: everything delivered goes except the
+    // last delivered entry (the bound itself); undelivered entries are never touched.
+    ack(WORKERS_GROUP, &["4-0", "6-0"]).await;
+    assert_eq!(st.trim_streams(1000).await.unwrap(), 2);
+    assert_eq!(range().await, all[5..]);
+    assert_eq!(st.trim_streams(1000).await.unwrap(), 0);
+    let stats = st.stream_stats(&jobs, WORKERS_GROUP).await.unwrap();
+    assert_eq!((stats.length, stats.pending, stats.lag), (4, 0, Some(4)));
+    // The limit bounds one call's work.
+    for group in [WORKERS_GROUP, "other"] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg("c")
+            .arg("STREAMS")
+            .arg(&jobs)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ack(group, &["7-0", "8-0", "9-0", "10-0"]).await;
+    }
+    assert_eq!(st.trim_streams(2).await.unwrap(), 2);
+    assert_eq!(range().await, all[7..]);
 }
