@@ -225,6 +225,107 @@ fn dockerfile_builds_the_workspace_binaries_as_a_non_root_user_from_pinned_image
     assert!(df.contains("COPY processes /app/processes"));
 }
 
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+}
+
+/// The builder stage replayed without Docker: each `COPY` from the build context into an
+/// empty directory, each `RUN` with its `cargo build` swapped for `cargo metadata --locked`
+/// (which loads every workspace member's manifest and checks Cargo.lock), up to the build.
+/// A workspace member the Dockerfile does not copy, or a lock file out of date, fails
+/// here rather than in someone's `docker build`.
+#[test]
+fn dockerfile_builder_stage_loads_the_workspace() {
+    let df = read("deploy/Dockerfile");
+    // Instructions with their `\` continuations joined.
+    let mut instrs: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for line in df.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(head) => {
+                cur.push_str(head);
+                cur.push(' ');
+            }
+            None => {
+                cur.push_str(t);
+                instrs.push(std::mem::take(&mut cur));
+            }
+        }
+    }
+    let host = String::from_utf8(
+        std::process::Command::new("rustc")
+            .arg("-vV")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+    .unwrap();
+    let metadata = format!(
+        "cargo metadata --locked --offline --filter-platform {host} --format-version 1 >/dev/null"
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    let dir = ctx.path();
+    let mut builds = 0;
+    for ins in instrs
+        .iter()
+        .skip_while(|i| !i.starts_with("FROM "))
+        .skip(1)
+        .take_while(|i| !i.starts_with("FROM "))
+    {
+        if let Some(rest) = ins.strip_prefix("COPY ") {
+            let parts: Vec<&str> = rest.split_whitespace().collect();
+            let (srcs, dst) = parts.split_at(parts.len() - 1);
+            let dst = dst[0];
+            for src in srcs {
+                let to = if dst.ends_with('/') || srcs.len() > 1 {
+                    dir.join(dst).join(Path::new(src).file_name().unwrap())
+                } else {
+                    dir.join(dst)
+                };
+                copy_tree(&root().join(src), &to);
+            }
+        } else if let Some(script) = ins.strip_prefix("RUN ") {
+            let at = script
+                .find("cargo build")
+                .unwrap_or_else(|| panic!("a RUN without cargo build: {script}"));
+            let after = script[at..].split_once(';').map_or("", |(_, r)| r);
+            // What follows the build in the first stage removes the stubs; in the second it
+            // copies binaries out, which a metadata run does not produce.
+            let tail = if after.contains("/out") { "" } else { after };
+            let replayed = format!("{} {metadata}; {tail}", &script[..at]);
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&replayed)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "RUN {replayed}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            builds += 1;
+        }
+    }
+    assert_eq!(builds, 2, "the dependency layer and the build");
+}
+
 #[test]
 fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
     let objs = base_objects();
