@@ -1,6 +1,7 @@
 //! Test harness: real redis-server processes on free ports, in-process or child-process
 //! fleets, and waiting for conditions with a deadline (never a fixed sleep).
 
+pub mod defs;
 pub mod llm_load;
 pub mod otlp;
 

@@ -51,21 +51,7 @@ kind = "fail"
 config = { message = "deployment target unreachable", permanent = true }
 "#,
     ),
-    (
-        "gate.toml",
-        r#"
-name = "Gate"
-version = 1
-[[steps]]
-name = "Review"
-kind = "approval"
-config = { signal = "review" }
-next = "Apply"
-[[steps]]
-name = "Apply"
-kind = "noop"
-"#,
-    ),
+    defs::GATE,
 ];
 
 fn http() -> reqwest::Client {

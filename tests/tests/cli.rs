@@ -9,24 +9,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 const DEFS: &[(&str, &str)] = &[
-    (
-        "three.toml",
-        r#"
-name = "Three"
-version = 1
-[[steps]]
-name = "A"
-kind = "noop"
-next = "B"
-[[steps]]
-name = "B"
-kind = "noop"
-next = "C"
-[[steps]]
-name = "C"
-kind = "noop"
-"#,
-    ),
+    defs::THREE,
     (
         "gate.toml",
         r#"

@@ -7,18 +7,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 const DEFS: &[(&str, &str)] = &[
-    (
-        "count.toml",
-        r#"
-name = "Count"
-version = 1
-[[steps]]
-name = "Count"
-kind = "counter"
-timeout = "5m"
-config = { total = 40, tick_ms = 50 }
-"#,
-    ),
+    defs::COUNT,
     (
         "long.toml",
         r#"
@@ -52,24 +41,7 @@ name = "Crash"
 kind = "crash"
 "#,
     ),
-    (
-        "three.toml",
-        r#"
-name = "Three"
-version = 1
-[[steps]]
-name = "A"
-kind = "noop"
-next = "B"
-[[steps]]
-name = "B"
-kind = "noop"
-next = "C"
-[[steps]]
-name = "C"
-kind = "noop"
-"#,
-    ),
+    defs::THREE,
 ];
 
 fn config(redis: &RedisServer, dir: &tempfile::TempDir) -> honua_shared::config::Config {

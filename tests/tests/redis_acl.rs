@@ -127,51 +127,9 @@ fn render(out: &Path, passwords: &BTreeMap<&'static str, String>) -> std::proces
 }
 
 const DEFS: &[(&str, &str)] = &[
-    (
-        "count.toml",
-        r#"
-name = "Count"
-version = 1
-[[steps]]
-name = "Count"
-kind = "counter"
-timeout = "5m"
-config = { total = 40, tick_ms = 50 }
-"#,
-    ),
-    (
-        "three.toml",
-        r#"
-name = "Three"
-version = 1
-[[steps]]
-name = "A"
-kind = "noop"
-next = "B"
-[[steps]]
-name = "B"
-kind = "noop"
-next = "C"
-[[steps]]
-name = "C"
-kind = "noop"
-"#,
-    ),
-    (
-        "gate.toml",
-        r#"
-name = "Gate"
-version = 1
-[[steps]]
-name = "Review"
-kind = "approval"
-config = { signal = "review" }
-next = "Apply"
-[[steps]]
-name = "Apply"
-kind = "noop"
-"#,
-    ),
+    defs::COUNT,
+    defs::THREE,
+    defs::GATE,
     (
         "bad.toml",
         r#"

@@ -11,18 +11,7 @@ use honua_worker::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use serde_json::json;
 
 const DEFS: &[(&str, &str)] = &[
-    (
-        "count.toml",
-        r#"
-name = "Count"
-version = 1
-[[steps]]
-name = "Count"
-kind = "counter"
-timeout = "5m"
-config = { total = 40, tick_ms = 50 }
-"#,
-    ),
+    defs::COUNT,
     (
         "flaky.toml",
         r#"

@@ -1,0 +1,53 @@
+//! Process definitions shared by the whole-system tests, as `(file name, TOML)` entries
+//! for [`crate::defs_dir`].
+
+/// `Three`: three `noop` steps in sequence.
+pub const THREE: (&str, &str) = (
+    "three.toml",
+    r#"
+name = "Three"
+version = 1
+[[steps]]
+name = "A"
+kind = "noop"
+next = "B"
+[[steps]]
+name = "B"
+kind = "noop"
+next = "C"
+[[steps]]
+name = "C"
+kind = "noop"
+"#,
+);
+
+/// `Count`: one `counter` step (a `honua-test-worker` kind) that ticks 40 times, checkpointing.
+pub const COUNT: (&str, &str) = (
+    "count.toml",
+    r#"
+name = "Count"
+version = 1
+[[steps]]
+name = "Count"
+kind = "counter"
+timeout = "5m"
+config = { total = 40, tick_ms = 50 }
+"#,
+);
+
+/// `Gate`: an approval step waiting for signal `review`, then a `noop`.
+pub const GATE: (&str, &str) = (
+    "gate.toml",
+    r#"
+name = "Gate"
+version = 1
+[[steps]]
+name = "Review"
+kind = "approval"
+config = { signal = "review" }
+next = "Apply"
+[[steps]]
+name = "Apply"
+kind = "noop"
+"#,
+);
