@@ -78,6 +78,16 @@ fn llm_cfg(primary: &str, fallback: Option<&str>, key: &Path) -> LlmProviderConf
     }
 }
 
+/// A limit the tests never reach: it only makes the bucket fleet-wide (shared in Redis).
+fn roomy_limit() -> honua_shared::limiter::LimitSpec {
+    honua_shared::limiter::LimitSpec {
+        requests_per_minute: 6000,
+        tokens_per_minute: 1_000_000,
+        burst_requests: 100,
+        burst_tokens: 100_000,
+    }
+}
+
 async fn mock() -> MockLlm {
     MockLlm::start(MockConfig::default()).await.unwrap()
 }
@@ -234,14 +244,8 @@ async fn a_429_storm_falls_back_and_pauses_the_bucket_fleet_wide() {
         &key_file(tmp.path()),
     );
     // A fleet-wide bucket for the primary, so its 429 pause is shared through Redis.
-    llm.limits.insert(
-        "openai_compatible/m1".into(),
-        serde_json::from_value(
-            json!({"requestsPerMinute": 6000, "tokensPerMinute": 1_000_000,
-            "burstRequests": 100, "burstTokens": 100_000}),
-        )
-        .unwrap(),
-    );
+    llm.limits
+        .insert("openai_compatible/m1".into(), roomy_limit());
     cfg.llm_provider = Some(llm);
     let f = Fleet::start(cfg, 1, 2).await;
     let first = f.submit("L", json!({"who": "a"})).await;
@@ -971,14 +975,8 @@ async fn an_exhausted_provider_window_pauses_the_bucket_before_any_429() {
         Some(&fallback.base_url()),
         &key_file(tmp.path()),
     );
-    llm.limits.insert(
-        "openai_compatible/m1".into(),
-        serde_json::from_value(
-            json!({"requestsPerMinute": 6000, "tokensPerMinute": 1_000_000,
-            "burstRequests": 100, "burstTokens": 100_000}),
-        )
-        .unwrap(),
-    );
+    llm.limits
+        .insert("openai_compatible/m1".into(), roomy_limit());
     cfg.llm_provider = Some(llm);
     let f = Fleet::start(cfg, 1, 2).await;
     let mut outs = Vec::new();
