@@ -2,11 +2,16 @@
 -- KEYS[1]            job stream
 -- KEYS[3i-1..3i+1]   for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer
--- ARGV[4i-1..4i+2]   for job i: entry id, step name, token, the traceparent of this
---                    attempt's span ('' when the worker does not trace)
+-- ARGV[5i-2..5i+2]   for job i: entry id, step name, token, the traceparent of this
+--                    attempt's span ('' when the worker does not trace), the delivery count
+--                    the starter saw (1 for XREADGROUP, the XAUTOCLAIM count for a reclaim)
+-- A claim is (entry id, delivery count): it begins only while the PEL still holds exactly
+-- that claim for this consumer, so one claim starts at most one execution (a reader and a
+-- sweeper of the same worker that both got the entry cannot both start it). Beginning
+-- resets the entry's idle time, as a heartbeat does.
 -- Returns one reply per job:
 --   {'ok', deliveries, type, version, step_record_json, data_hash_flat}
---   {'lost'}              the entry is no longer ours (reclaimed meanwhile): skip it
+--   {'lost'}              the entry is no longer this claim (reclaimed meanwhile): skip it
 --   {'obsolete', reason}  superseded or the process is over: acknowledged and dropped
 local jobs, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local now = now_ms()
@@ -59,12 +64,13 @@ local function running_record(raw, token, deliveries, trace)
 end
 
 local out = {}
-local n = (#ARGV - 2) / 4
+local n = (#ARGV - 2) / 5
 for i = 1, n do
   local meta, steps, data = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local id, step, token, trace = ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
+  local a = 5 * i - 2
+  local id, step, token, trace, seen = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local p = pending_entry(jobs, group, id)
-  if not p or p[2] ~= consumer then
+  if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(seen) then
     out[i] = {'lost'}
   else
     local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION)
@@ -79,6 +85,7 @@ for i = 1, n do
         out[i] = {'obsolete', 'job superseded'}
       else
         redis.call('HSET', steps, step, enc)
+        redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
         out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data)}
       end
     end

@@ -8,6 +8,9 @@
 -- event's outcome must be among them)
 -- Returns one answer per job: 'ok' | 'stale' (nothing written)
 --   | 'finished' (process over: acknowledged, discarded)
+-- A retry of a commit that already landed (its reply was lost: a timeout, a pause) answers
+-- 'ok' again and writes nothing: the entry is acknowledged and the step record still shows
+-- this token's result, committed by this consumer under this delivery count.
 local jobs, events, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 
 -- Parse and validate every job before writing anything.
@@ -77,10 +80,28 @@ local function done_record(raw, t, now)
   return 'ok', cjson.encode(rec)
 end
 
+-- True when this exact commit (token, consumer, delivery count) already landed.
+local function landed(t, steps)
+  local raw = redis.call('HGET', steps, t.step)
+  if not raw then
+    return false
+  end
+  local rec = cjson.decode(raw)
+  -- Only complete.lua marks a record done; once routed, the outcome and code it wrote stay
+  -- (a dead-letter of the same claim writes its own code, never a handler's).
+  return rec.token == t.token and rec.worker == consumer
+    and tonumber(rec.deliveries) == tonumber(t.dl)
+    and (rec.status == SS_DONE or rec.status == SS_COMPLETED or rec.status == SS_FAILED)
+    and rec.outcome == t.outcome and (rec.code ~= cjson.null and rec.code or nil) == t.code
+end
+
 -- Owner- and fence-checked like `fence` in the prelude, then committed.
 local now
 local function complete_one(t, meta, steps, data)
   local p = pending_entry(jobs, group, t.id)
+  if not p and landed(t, steps) then
+    return 'ok'
+  end
   if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(t.dl) then
     return 'stale'
   end

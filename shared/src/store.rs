@@ -147,6 +147,16 @@ impl Fence {
     }
 }
 
+/// The Redis server's identity and clock, as [`Store::server_info`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub run_id: String,
+    /// Whole seconds, as `INFO` reports them (so a start time derived from it is late by
+    /// under a second: holding off from it errs on the safe side).
+    pub uptime_ms: u64,
+    pub now_ms: u64,
+}
+
 /// The answer of `reclaim.lua`.
 #[derive(Debug, Clone, Default)]
 pub struct Reclaimed {
@@ -269,6 +279,33 @@ impl Store {
     pub async fn server_time_ms(&self) -> Result<u64> {
         let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
         Ok(s * 1000 + us / 1000)
+    }
+
+    /// The server's run id, uptime and time (`INFO server` and `TIME` in one round trip):
+    /// a new run id or a short uptime means a restart or a failover.
+    pub async fn server_info(&self) -> Result<ServerInfo> {
+        let (info, (s, us)): (String, (u64, u64)) = redis::pipe()
+            .cmd("INFO")
+            .arg("server")
+            .cmd("TIME")
+            .query_async(&mut self.conn())
+            .await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let run_id = field("run_id")
+            .ok_or_else(|| reply("info", "no run_id"))?
+            .to_string();
+        let uptime_s: u64 = field("uptime_in_seconds")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| reply("info", "no uptime_in_seconds"))?;
+        Ok(ServerInfo {
+            run_id,
+            uptime_ms: uptime_s * 1000,
+            now_ms: s * 1000 + us / 1000,
+        })
     }
 
     /// Loads every script (after connect or a restart) so pipelines never hit NOSCRIPT.
@@ -473,13 +510,17 @@ impl Store {
             .collect())
     }
 
-    /// Runs `begin.lua` for a batch of jobs this consumer just read or reclaimed.
-    /// `attempt_traces[i]` is the `traceparent` of job i's `step.execute` span (`None` or
-    /// missing: not traced); it is kept in the step record for the next attempt to link to.
+    /// Runs `begin.lua` for a batch of jobs this consumer just read or reclaimed, each as
+    /// (entry id, delivery count the starter saw, job): 1 for a fresh XREADGROUP, the
+    /// XAUTOCLAIM count for a reclaim. A job begins only while the PEL still holds exactly
+    /// that claim for this consumer ([`Begin::Lost`] otherwise), so one claim starts at most
+    /// one execution. `attempt_traces[i]` is the `traceparent` of job i's `step.execute`
+    /// span (`None` or missing: not traced); it is kept in the step record for the next
+    /// attempt to link to.
     pub async fn begin(
         &self,
         consumer: &str,
-        jobs: &[(String, JobEnvelope)],
+        jobs: &[(String, u64, JobEnvelope)],
         attempt_traces: &[Option<String>],
     ) -> Result<Vec<Begin>> {
         if jobs.is_empty() {
@@ -488,12 +529,16 @@ impl Store {
         let mut inv = Scripts::get().begin.prepare_invoke();
         inv.key(self.keys.jobs());
         inv.arg(WORKERS_GROUP).arg(consumer);
-        for (i, (id, job)) in jobs.iter().enumerate() {
+        for (i, (id, seen, job)) in jobs.iter().enumerate() {
             for k in self.keys.process_keys(&job.process_id) {
                 inv.key(k);
             }
             let trace = attempt_traces.get(i).cloned().flatten().unwrap_or_default();
-            inv.arg(id).arg(&job.step).arg(&job.token).arg(trace);
+            inv.arg(id)
+                .arg(&job.step)
+                .arg(&job.token)
+                .arg(trace)
+                .arg(*seen);
         }
         let replies: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn()).await?;
         replies

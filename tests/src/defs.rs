@@ -51,3 +51,20 @@ name = "Apply"
 kind = "noop"
 "#,
 );
+
+/// A one-step process type `name` whose step `Call` is an `http` call; `step_lines` are
+/// extra TOML lines of the step (`timeout = "10m"`, `retry = {…}`), `config` the inside of
+/// its `config` table (`url = "…"` and more).
+pub fn http_call(name: &str, step_lines: &str, config: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+version = 1
+[[steps]]
+name = "Call"
+kind = "http"
+{step_lines}
+config = {{ {config} }}
+"#
+    )
+}

@@ -4,6 +4,7 @@
 pub mod defs;
 pub mod llm_load;
 pub mod otlp;
+pub mod recorder;
 
 use honua_shared::config::Config;
 use honua_shared::keys::Keys;

@@ -332,17 +332,7 @@ async fn list_all(c: &reqwest::Client, f: &Fleet, query: &str) -> Vec<String> {
 }
 
 fn hang_def(name: &str, url: &str) -> String {
-    format!(
-        r#"
-name = "{name}"
-version = 1
-[[steps]]
-name = "Call"
-kind = "http"
-timeout = "10m"
-config = {{ url = "{url}" }}
-"#
-    )
+    defs::http_call(name, r#"timeout = "10m""#, &format!(r#"url = "{url}""#))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

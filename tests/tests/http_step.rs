@@ -48,16 +48,10 @@ async fn serve() -> (String, Arc<AtomicU32>) {
 }
 
 fn def(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        r#"
-name = "{name}"
-version = 1
-[[steps]]
-name = "Call"
-kind = "http"
-retry = {{ max_attempts = 4, initial_backoff = "10ms", max_backoff = "20ms" }}
-config = {{ url = "{url}"{extra} }}
-"#
+    defs::http_call(
+        name,
+        r#"retry = { max_attempts = 4, initial_backoff = "10ms", max_backoff = "20ms" }"#,
+        &format!(r#"url = "{url}"{extra}"#),
     )
 }
 

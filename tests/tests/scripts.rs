@@ -63,7 +63,7 @@ async fn setup(redis: &RedisServer) -> (Store, Held, honua_scheduler::Engine, te
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
     assert_eq!(job.process_id, pid);
     let begin = st
-        .begin("a", &[(entries[0].id.clone(), job.clone())], &[])
+        .begin("a", &[(entries[0].id.clone(), 1, job.clone())], &[])
         .await
         .unwrap();
     let Begin::Ok { deliveries, .. } = begin[0] else {
@@ -102,7 +102,7 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
     assert_eq!(*deliveries, 2, "the reclaim counted as a delivery");
     let job = JobEnvelope::from_fields(&entry.fields).unwrap();
     let begin = st
-        .begin("b", &[(entry.id.clone(), job.clone())], &[])
+        .begin("b", &[(entry.id.clone(), *deliveries, job.clone())], &[])
         .await
         .unwrap();
     assert!(
@@ -145,7 +145,8 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
         st.heartbeat("b", &[old_fence]).await.unwrap(),
         vec![Fence::Stale]
     );
-    // The owner commits exactly once.
+    // The owner commits exactly once; a retry of the same commit (its reply was lost)
+    // answers ok again and writes nothing; the zombie's commit stays refused.
     assert_eq!(
         st.complete("b", &held_b, Some(b"out"), &ok_result())
             .await
@@ -156,7 +157,21 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
         st.complete("b", &held_b, Some(b"out"), &ok_result())
             .await
             .unwrap(),
+        Fence::Ok,
+        "a retried commit that landed is not stale"
+    );
+    assert_eq!(
+        st.complete("a", &held_a, None, &ok_result()).await.unwrap(),
         Fence::Stale
+    );
+    let failed = StepResult {
+        outcome: "failed".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        st.complete("b", &held_b, None, &failed).await.unwrap(),
+        Fence::Stale,
+        "another result under the same claim is not the commit that landed"
     );
     let events: u64 = redis::cmd("XLEN")
         .arg(st.keys().events())
@@ -171,6 +186,33 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
         .await
         .unwrap();
     assert_eq!((jobs.length, jobs.pending, jobs.lag), (0, 0, Some(0)));
+}
+
+#[tokio::test]
+async fn begin_starts_a_claim_only_under_the_delivery_count_its_starter_saw() {
+    let redis = RedisServer::start();
+    let (st, held, _e, _d) = setup(&redis).await;
+    // The same worker's sweeper reclaims the entry its reader got (after a pause): the
+    // delivery count is 2 now, so the reader's claim (count 1) can no longer begin.
+    let r = st.reclaim("a", Duration::ZERO, "0-0", 10, 5).await.unwrap();
+    assert_eq!(r.claimed.len(), 1, "{r:?}");
+    assert_eq!(r.claimed[0].1, 2);
+    let job = held.job.clone();
+    let id = held.entry_id.clone();
+    let reader = st.begin("a", &[(id.clone(), 1, job.clone())], &[]).await;
+    assert!(matches!(reader.as_deref(), Ok([Begin::Lost])), "{reader:?}");
+    let sweeper = st.begin("a", &[(id.clone(), 2, job.clone())], &[]).await;
+    assert!(
+        matches!(sweeper.as_deref(), Ok([Begin::Ok { deliveries: 2, .. }])),
+        "{sweeper:?}"
+    );
+    // Beginning reset the idle time (as a heartbeat does): a sweep with a lease of a
+    // minute finds nothing to reclaim.
+    let r = st
+        .reclaim("a", Duration::from_secs(60), "0-0", 10, 5)
+        .await
+        .unwrap();
+    assert!(r.claimed.is_empty(), "{r:?}");
 }
 
 #[tokio::test]
@@ -221,7 +263,7 @@ async fn a_released_job_is_requeued_at_once_with_its_fence_kept() {
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
     assert_eq!(job, held.job);
     let begin = st
-        .begin("b", &[(entries[0].id.clone(), job)], &[])
+        .begin("b", &[(entries[0].id.clone(), 1, job)], &[])
         .await
         .unwrap();
     let Begin::Ok {
@@ -314,7 +356,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         .unwrap();
     assert_eq!(entries.len(), 1);
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
-    st.begin("a", &[(entries[0].id.clone(), job.clone())], &[])
+    st.begin("a", &[(entries[0].id.clone(), 1, job.clone())], &[])
         .await
         .unwrap();
     let held_2 = Held {
@@ -332,12 +374,13 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         output: Some(b"out"),
         result: &ok,
     };
-    // One call: the first commits, a wrong fence is refused, a repeat of the first is stale.
+    // One call: the first commits, a wrong fence is refused, a repeat of the first (a
+    // retry of a commit that landed) answers ok and writes nothing.
     assert_eq!(
         st.complete_many("a", &[item(&held_1), item(&wrong_fence), item(&held_1)])
             .await
             .unwrap(),
-        vec![Fence::Ok, Fence::Stale, Fence::Stale]
+        vec![Fence::Ok, Fence::Stale, Fence::Ok]
     );
     let xlen = |key| {
         let mut conn = st.conn();
@@ -398,7 +441,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         .await
         .unwrap();
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
-    st.begin("a", &[(entries[0].id.clone(), job.clone())], &[])
+    st.begin("a", &[(entries[0].id.clone(), 1, job.clone())], &[])
         .await
         .unwrap();
     let held_3 = Held {

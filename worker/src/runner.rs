@@ -7,6 +7,14 @@
 //! job's handler at once), a completer (one complete.lua call for every step result that
 //! arrived while the previous call was in flight; each step is still fenced on its own),
 //! and one task per running step.
+//!
+//! Claims: a claim is (entry id, delivery count). `begin.lua` starts a claim only while the
+//! PEL still holds exactly that claim for this worker, and the in-flight map is keyed by the
+//! claim, so one claim runs at most one execution. The sweeper reclaims whether or not a
+//! slot is free: reclaimed jobs begin at once (heartbeats keep them) and wait for a slot
+//! ahead of new reads. After a Redis restart or failover the sweeper holds off for one
+//! lease plus one heartbeat on the server's clock, so live workers re-assert their claims
+//! first (pending entries keep their pre-outage delivery times).
 
 use crate::handler::{Checkpointer, HandlerRegistry, StepContext, StepError, StepOutput};
 use backon::Retryable;
@@ -17,10 +25,10 @@ use honua_shared::envelope::{JobEnvelope, StepResult};
 use honua_shared::keys::{WORKERS_GROUP, field};
 use honua_shared::metrics as m;
 use honua_shared::status::outcome;
-use honua_shared::store::{Begin, Completion, Entry, Fence, Held, Store, StoreError};
+use honua_shared::store::{Begin, Completion, Entry, Fence, Held, ServerInfo, Store, StoreError};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -50,6 +58,39 @@ pub struct WorkerStats {
     pub groups_recreated: AtomicU64,
 }
 
+/// The in-flight map's key: one claim (entry id, delivery count).
+fn claim(h: &Held) -> (String, u64) {
+    (h.entry_id.clone(), h.deliveries)
+}
+
+/// What the sweeper knows of the Redis server: its run id, and until when (server ms) it
+/// must not reclaim.
+#[derive(Debug, Default)]
+struct ServerWatch {
+    run_id: Option<String>,
+    hold_until_ms: u64,
+}
+
+impl ServerWatch {
+    /// Records one `INFO server` + `TIME` reading; true when reclaiming is allowed. A
+    /// server up for less than `settle_ms` holds reclaim off until it has been up that
+    /// long; a run id other than the last one seen (a restart or a failover to a replica
+    /// with a long uptime) holds it off for `settle_ms` from now.
+    fn observe(&mut self, info: &ServerInfo, settle_ms: u64) -> bool {
+        let started = info.now_ms.saturating_sub(info.uptime_ms);
+        let mut until = started + settle_ms;
+        if self.run_id.as_ref().is_some_and(|r| *r != info.run_id) {
+            until = until.max(info.now_ms + settle_ms);
+            info!(run_id = %info.run_id, "redis server changed (restart or failover); reclaim waits for live workers to heartbeat");
+        }
+        if self.run_id.as_deref() != Some(info.run_id.as_str()) {
+            self.run_id = Some(info.run_id.clone());
+        }
+        self.hold_until_ms = self.hold_until_ms.max(until);
+        info.now_ms >= self.hold_until_ms
+    }
+}
+
 struct Running {
     held: Held,
     cancel: CancellationToken,
@@ -64,7 +105,15 @@ struct Inner {
     id: Arc<str>,
     codec: StateCodec,
     slots: Arc<Semaphore>,
-    inflight: Mutex<HashMap<String, Running>>,
+    /// Keyed by claim (entry id, delivery count): a task removes only its own claim.
+    inflight: Mutex<HashMap<(String, u64), Running>>,
+    /// Reclaimed jobs that began and wait for a slot; the reader reads nothing new while
+    /// any wait (they run before newer jobs).
+    waiting: AtomicUsize,
+    /// When the last heartbeat answered (ms since `born`): the sweeper beats first when it
+    /// is older than one interval (after a pause), so it never reclaims its own live jobs.
+    last_beat_ms: AtomicU64,
+    born: Instant,
     stats: Arc<WorkerStats>,
     /// Step results waiting for the completer, which commits them in batches.
     completions: mpsc::UnboundedSender<Completing>,
@@ -115,6 +164,9 @@ impl Worker {
                 codec,
                 slots,
                 inflight: Mutex::new(HashMap::new()),
+                waiting: AtomicUsize::new(0),
+                last_beat_ms: AtomicU64::new(0),
+                born: Instant::now(),
                 completions,
                 completions_rx: Mutex::new(Some(completions_rx)),
                 stats: Arc::new(WorkerStats::default()),
@@ -212,6 +264,17 @@ impl Inner {
         }
     }
 
+    /// A slot for a reclaimed job that began without one; `None` when its claim was
+    /// stopped (stale, finished, shutdown) before a slot came free.
+    async fn wait_for_slot(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        let p = tokio::select! {
+            p = self.slots.clone().acquire_owned() => p.ok(),
+            _ = cancel.cancelled() => None,
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        p
+    }
+
     fn take_permits(&self, first: OwnedSemaphorePermit, max: usize) -> Vec<OwnedSemaphorePermit> {
         let mut permits = vec![first];
         while permits.len() < max {
@@ -239,9 +302,17 @@ impl Inner {
             if shutdown.is_cancelled() {
                 return;
             }
-            // Only one slot is held while blocked, so the sweeper can still reclaim into the
-            // others; the read asks for as many jobs as there are free slots now.
-            let count = (1 + self.slots.available_permits()).min(256);
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                // Reclaimed jobs wait for a slot: this one goes to them (the semaphore serves
+                // waiters in order), and the reader queues behind them.
+                drop(first);
+                tokio::task::yield_now().await;
+                continue;
+            }
+            // Every slot the read may fill is held before it: entries Redis delivers never
+            // wait for a slot (their idle time runs until `begin`).
+            let permits = self.take_permits(first, 256);
+            let count = permits.len();
             // Not raced against shutdown: entries Redis has delivered must not be dropped
             // unprocessed. The read returns within `block`.
             let res = self
@@ -251,18 +322,14 @@ impl Inner {
             match res {
                 Ok(entries) => {
                     backoff = Duration::from_millis(50);
-                    let mut permits = vec![first];
-                    while permits.len() < entries.len() {
-                        match self.slots.clone().acquire_owned().await {
-                            Ok(p) => permits.push(p),
-                            Err(_) => return,
-                        }
-                    }
-                    let entries = entries.into_iter().map(|e| (e, None)).collect();
+                    let mut permits = permits;
+                    permits.truncate(entries.len());
+                    // A fresh delivery (`>`) is the entry's first: delivery count 1.
+                    let entries = entries.into_iter().map(|e| (e, 1)).collect();
                     self.clone().start(entries, permits).await;
                 }
                 Err(StoreError::NoGroup { stream, group }) => {
-                    drop(first);
+                    drop(permits);
                     error!(%stream, %group, "consumer group missing (server restarted without data?); recreating it");
                     self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
@@ -271,7 +338,7 @@ impl Inner {
                     }
                 }
                 Err(e) => {
-                    drop(first);
+                    drop(permits);
                     warn!(error = %e, "reading jobs failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(crate::jitter(backoff)) => {}
@@ -287,25 +354,32 @@ impl Inner {
         let every = Duration::from_millis(self.cfg.worker.sweep_ms);
         let lease = self.cfg.worker.lease();
         let mut rounds: u64 = 0;
+        let mut server = ServerWatch::default();
+        // Reclaimed jobs waiting for a slot on this worker, at most: the rest stay for
+        // other workers (or the next sweep).
+        let cap = self.cfg.worker.max_concurrent_steps;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(crate::jitter(every)) => {}
                 _ = shutdown.cancelled() => return,
             }
             rounds += 1;
+            if !self.may_reclaim(&mut server).await {
+                continue;
+            }
             let mut cursor = "0-0".to_string();
             loop {
-                let Ok(first) = self.slots.clone().try_acquire_owned() else {
+                let room = cap.saturating_sub(self.waiting.load(Ordering::SeqCst));
+                if room == 0 || shutdown.is_cancelled() {
                     break;
-                };
-                let permits = self.take_permits(first, 100);
+                }
                 let r = self
                     .store
                     .reclaim(
                         &self.id,
                         lease,
                         &cursor,
-                        permits.len(),
+                        room.min(100),
                         self.cfg.worker.max_deliveries,
                     )
                     .await;
@@ -345,8 +419,9 @@ impl Inner {
                     metrics::counter!(m::RECLAIMS).increment(r.claimed.len() as u64);
                     info!(count = r.claimed.len(), worker = %self.id, "reclaimed jobs of a stopped worker");
                 }
-                let claimed = r.claimed.into_iter().map(|(e, n)| (e, Some(n))).collect();
-                self.clone().start(claimed, permits).await;
+                // No slot is needed to claim: each job begins now and waits for a slot
+                // ahead of new reads.
+                self.clone().start(r.claimed, Vec::new()).await;
                 if r.next_cursor == "0-0" {
                     break;
                 }
@@ -386,72 +461,114 @@ impl Inner {
                     _ = stop.cancelled() => return,
                 }
             }
-            let held: Vec<Held> = self
-                .inflight
-                .lock()
-                .unwrap()
-                .values()
-                .filter(|r| r.reason.load(Ordering::SeqCst) == REASON_NONE)
-                .map(|r| r.held.clone())
-                .collect();
-            for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
-                match self.store.heartbeat(&self.id, chunk).await {
-                    Ok(answers) => {
-                        for (h, a) in chunk.iter().zip(answers) {
-                            let reason = match a {
-                                Fence::Ok => continue,
-                                Fence::Stale => REASON_STALE,
-                                Fence::Finished => REASON_FINISHED,
-                            };
-                            // Only a step still running counts: one that finished meanwhile
-                            // was acknowledged by its own commit.
-                            let applied = match self.inflight.lock().unwrap().get(&h.entry_id) {
-                                Some(r) => {
-                                    let set = r
-                                        .reason
-                                        .compare_exchange(
-                                            REASON_NONE,
-                                            reason,
-                                            Ordering::SeqCst,
-                                            Ordering::SeqCst,
-                                        )
-                                        .is_ok();
-                                    if set {
-                                        r.cancel.cancel();
-                                    }
-                                    set
-                                }
-                                None => false,
-                            };
-                            if !applied {
-                                continue;
-                            }
-                            if reason == REASON_STALE {
-                                self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                                metrics::counter!(m::STALE_COMMITS).increment(1);
-                                warn!(process_id = %h.job.process_id, step = %h.job.step, "claim is stale (reclaimed elsewhere); stopping the step");
-                            } else {
-                                info!(process_id = %h.job.process_id, step = %h.job.step, "process is over; stopping the step");
-                            }
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "heartbeat failed"),
-                }
-            }
+            self.beat().await;
         }
     }
 
-    /// Parses, begins and spawns the given entries (deliveries known for reclaimed ones).
+    /// One heartbeat of every held claim; a `stale` or `finished` answer stops that step.
+    /// Returns false when Redis could not be reached.
+    async fn beat(&self) -> bool {
+        let held: Vec<Held> = self
+            .inflight
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.reason.load(Ordering::SeqCst) == REASON_NONE)
+            .map(|r| r.held.clone())
+            .collect();
+        let mut reached = true;
+        for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
+            match self.store.heartbeat(&self.id, chunk).await {
+                Ok(answers) => {
+                    for (h, a) in chunk.iter().zip(answers) {
+                        let reason = match a {
+                            Fence::Ok => continue,
+                            Fence::Stale => REASON_STALE,
+                            Fence::Finished => REASON_FINISHED,
+                        };
+                        // Only a step still running counts: one that finished meanwhile
+                        // was acknowledged by its own commit.
+                        let applied = match self.inflight.lock().unwrap().get(&claim(h)) {
+                            Some(r) => {
+                                let set = r
+                                    .reason
+                                    .compare_exchange(
+                                        REASON_NONE,
+                                        reason,
+                                        Ordering::SeqCst,
+                                        Ordering::SeqCst,
+                                    )
+                                    .is_ok();
+                                if set {
+                                    r.cancel.cancel();
+                                }
+                                set
+                            }
+                            None => false,
+                        };
+                        if !applied {
+                            continue;
+                        }
+                        if reason == REASON_STALE {
+                            self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(m::STALE_COMMITS).increment(1);
+                            warn!(process_id = %h.job.process_id, step = %h.job.step, "claim is stale (reclaimed elsewhere); stopping the step");
+                        } else {
+                            info!(process_id = %h.job.process_id, step = %h.job.step, "process is over; stopping the step");
+                        }
+                    }
+                }
+                Err(e) => {
+                    reached = false;
+                    warn!(error = %e, "heartbeat failed")
+                }
+            }
+        }
+        if reached {
+            self.last_beat_ms
+                .store(self.born.elapsed().as_millis() as u64, Ordering::SeqCst);
+        }
+        reached
+    }
+
+    /// Whether the sweeper may reclaim now. First re-asserts this worker's own claims when
+    /// its last heartbeat is older than one interval (it was paused, or Redis was away), so
+    /// it never reclaims jobs it is running itself. Then holds off while the server has
+    /// been up (or, after a failover, known under its new run id) for less than one lease
+    /// plus one heartbeat interval on the server's clock: pending entries keep their
+    /// pre-outage delivery times, so right after a restart every job looks idle, and live
+    /// workers need that long to re-assert their claims.
+    async fn may_reclaim(&self, server: &mut ServerWatch) -> bool {
+        let every = self.cfg.worker.heartbeat();
+        let since = (self.born.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_beat_ms.load(Ordering::SeqCst));
+        if since > every.as_millis() as u64 && !self.beat().await {
+            return false;
+        }
+        let info = match self.store.server_info().await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "reading the server's run id failed; not reclaiming");
+                return false;
+            }
+        };
+        let settle = self.cfg.worker.lease_ms + every.as_millis() as u64;
+        server.observe(&info, settle)
+    }
+
+    /// Parses, begins and spawns the given claims (entry, delivery count the starter saw).
+    /// A job with no permit left in `permits` (reclaimed ones) waits for a slot ahead of
+    /// new reads, heartbeaten meanwhile.
     async fn start(
         self: Arc<Self>,
-        entries: Vec<(Entry, Option<u64>)>,
+        entries: Vec<(Entry, u64)>,
         mut permits: Vec<OwnedSemaphorePermit>,
     ) {
         let jobs_key = self.store.keys().jobs();
         let mut jobs = Vec::with_capacity(entries.len());
-        for (e, _) in entries {
+        for (e, seen) in entries {
             match JobEnvelope::from_fields(&e.fields) {
-                Ok(job) => jobs.push((e.id, job)),
+                Ok(job) => jobs.push((e.id, seen, job)),
                 Err(err) => {
                     error!(entry = %e.id, error = %err, "unreadable job entry; quarantined");
                     let _ = self
@@ -472,7 +589,8 @@ impl Inner {
         }
         // Each attempt's span exists before `begin`, so its context is stored with the step
         // record and a later attempt (reclaim, retry) can link to it.
-        let mut spans: Vec<tracing::Span> = jobs.iter().map(|(_, j)| self.step_span(j)).collect();
+        let mut spans: Vec<tracing::Span> =
+            jobs.iter().map(|(_, _, j)| self.step_span(j)).collect();
         let traces: Vec<Option<String>> = spans
             .iter()
             .map(|s| crate::telemetry::trace_context_of(s).and_then(|t| t.traceparent))
@@ -489,7 +607,7 @@ impl Inner {
             return;
         };
         spans.reverse();
-        for ((entry_id, job), answer) in jobs.into_iter().zip(answers) {
+        for ((entry_id, _, job), answer) in jobs.into_iter().zip(answers) {
             let span = spans.pop().unwrap_or_else(tracing::Span::none);
             match answer {
                 Begin::Ok {
@@ -499,7 +617,10 @@ impl Inner {
                     step,
                     data,
                 } => {
-                    let Some(permit) = permits.pop() else { break };
+                    let permit = permits.pop();
+                    if permit.is_none() {
+                        self.waiting.fetch_add(1, Ordering::SeqCst);
+                    }
                     let held = Held {
                         entry_id,
                         deliveries,
@@ -514,7 +635,7 @@ impl Inner {
                     let cancel = CancellationToken::new();
                     let reason = Arc::new(AtomicU8::new(REASON_NONE));
                     self.inflight.lock().unwrap().insert(
-                        held.entry_id.clone(),
+                        claim(&held),
                         Running {
                             held: held.clone(),
                             cancel: cancel.clone(),
@@ -524,6 +645,10 @@ impl Inner {
                     self.stats.started.fetch_add(1, Ordering::Relaxed);
                     self.slot_gauges();
                     tokio::spawn(async move {
+                        let permit = match permit {
+                            Some(p) => Some(p),
+                            None => me.wait_for_slot(&cancel).await,
+                        };
                         me.execute(span, held, process_type, version, data, cancel, reason)
                             .await;
                         drop(permit);
@@ -531,7 +656,7 @@ impl Inner {
                 }
                 Begin::Lost => {
                     span.record("honua.outcome", "lost");
-                    debug!(entry = %entry_id, "job reclaimed by another worker before it began")
+                    debug!(entry = %entry_id, "claim no longer current (reclaimed meanwhile); not started")
                 }
                 Begin::Obsolete(why) => {
                     span.record("honua.outcome", "obsolete");
@@ -649,7 +774,7 @@ impl Inner {
                     .await;
             }
         }
-        self.inflight.lock().unwrap().remove(&held.entry_id);
+        self.inflight.lock().unwrap().remove(&claim(&held));
         self.slot_gauges();
     }
 
@@ -894,6 +1019,13 @@ impl Inner {
             }),
         };
         let timeout = step_def.timeout;
+        if cancel.is_cancelled() {
+            // Stopped while waiting for a slot: the handler never starts.
+            return (
+                fail("step cancelled".into(), "cancelled", true, false),
+                None,
+            );
+        }
         // The handler runs as a child of the step span (its own spans join the trace).
         let mut task = tokio::spawn(async move { handler.run(ctx).await }.in_current_span());
         let joined = tokio::select! {
@@ -1006,4 +1138,43 @@ fn decode_state(
         outputs,
         checkpoint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(run_id: &str, uptime_ms: u64, now_ms: u64) -> ServerInfo {
+        ServerInfo {
+            run_id: run_id.into(),
+            uptime_ms,
+            now_ms,
+        }
+    }
+
+    #[test]
+    fn reclaim_waits_until_the_server_has_been_up_for_the_settle_time() {
+        let mut w = ServerWatch::default();
+        // A server up for an hour: reclaim at once.
+        assert!(w.observe(&info("a", 3_600_000, 10_000_000), 2_000));
+        let mut w = ServerWatch::default();
+        // Just restarted: not until it has been up 2 s (uptime is in whole seconds, so
+        // the start is known to within a second, rounded late).
+        assert!(!w.observe(&info("a", 1_000, 10_000_000), 2_000));
+        assert!(!w.observe(&info("a", 1_000, 10_000_900), 2_000));
+        assert!(!w.observe(&info("a", 2_000, 10_001_000), 2_000));
+        assert!(w.observe(&info("a", 3_000, 10_002_000), 2_000));
+    }
+
+    #[test]
+    fn a_new_run_id_holds_reclaim_off_even_with_a_long_uptime() {
+        let mut w = ServerWatch::default();
+        assert!(w.observe(&info("a", 3_600_000, 10_000_000), 2_000));
+        // Failover to a replica that has been up for a day.
+        assert!(!w.observe(&info("b", 86_400_000, 10_005_000), 2_000));
+        assert!(!w.observe(&info("b", 86_401_000, 10_006_999), 2_000));
+        assert!(w.observe(&info("b", 86_402_000, 10_007_000), 2_000));
+        // The same run id again changes nothing.
+        assert!(w.observe(&info("b", 86_403_000, 10_008_000), 2_000));
+    }
 }
