@@ -1,8 +1,9 @@
 //! A worker in a child process of its own (`honua-loadtest worker-child`), so the crash
 //! scenario can `kill -9` it: the engine's `Worker` with the built-in kinds plus `probe`,
 //! which counts its executions in a hash of the run (`HINCRBY <probe key>
-//! <process id>:<step> 1`, a count that survives the kill) and then takes `--probe-ms`, so
-//! that a kill finds steps running.
+//! <process id>:<step> 1`, a count that survives the kill), and per claim in a second one
+//! (`HINCRBY <probe key>:claims <process id>:<step>:<delivery count> 1`), then takes
+//! `--probe-ms`, so that a kill finds steps running.
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -11,8 +12,7 @@ use honua_shared::definition::DefinitionSet;
 use honua_shared::keys::Keys;
 use honua_shared::store::Store;
 use honua_worker::{StepContext, StepError, StepHandler, StepOutput, Worker};
-use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,9 +98,15 @@ impl ChildArgs {
     }
 }
 
+/// The hash that counts `probe` executions per claim (process, step, delivery count).
+pub fn claims_key(probe_key: &str) -> String {
+    format!("{probe_key}:claims")
+}
+
 /// Counts its executions, takes `duration`, then succeeds.
 struct Probe {
-    conn: MultiplexedConnection,
+    /// Reconnects by itself after a Redis restart (the redis nemesis).
+    conn: ConnectionManager,
     key: String,
     duration: Duration,
 }
@@ -109,12 +115,24 @@ struct Probe {
 impl StepHandler for Probe {
     async fn run(&self, ctx: StepContext) -> Result<StepOutput, StepError> {
         let field = format!("{}:{}", ctx.process_id, ctx.step);
-        let _: i64 = self
-            .conn
-            .clone()
+        let claim = format!("{field}:{}", ctx.deliveries);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .hincr(&self.key, field, 1)
-            .await
-            .map_err(|e| StepError::Retryable(format!("probe count failed: {e}")))?;
+            .hincr(claims_key(&self.key), claim, 1);
+        // After a Redis restart the connection fails its first command, then reconnects:
+        // a failed count is not a failed step (it would add an attempt to the record).
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match pipe.query_async::<(i64, i64)>(&mut self.conn.clone()).await {
+                Ok(_) => break,
+                Err(e) if tries >= 50 => {
+                    return Err(StepError::Retryable(format!("probe count failed: {e}")));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
         if !self.duration.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(self.duration) => {}
@@ -149,7 +167,7 @@ pub async fn run(args: ChildArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     let conn = redis::Client::open(cfg.redis_url.as_str())?
-        .get_multiplexed_async_connection()
+        .get_connection_manager()
         .await
         .context("the probe cannot connect")?;
     let mut handlers = honua_worker::builtin_handlers(&cfg);

@@ -1,5 +1,12 @@
-//! Crash: `kill -9` random worker processes while three-step processes arrive at a fixed
-//! rate, and count what the engine guarantees.
+//! Crash: inject faults while three-step processes arrive at a fixed rate, and count what
+//! the engine guarantees. The fault (`--nemesis`) is one of:
+//!
+//! - `kill`: `kill -9` of a random worker process, replaced at once by a new one;
+//! - `stop`: SIGSTOP of a random worker process for `fault_ms` (2 × lease by default: long
+//!   enough for its jobs to be reclaimed), then SIGCONT (a VM pause, a GC-like stall);
+//! - `redis`: `kill -9` of the (private) redis-server, `fault_ms` down, restart from its AOF.
+//!
+//! Each run has one nemesis, so its duplicate executions have that cause.
 //!
 //! Workers run as child processes (`honua-loadtest worker-child`) so they can be killed;
 //! each killed worker is replaced at once by a new one with a new id (what a Deployment
@@ -14,14 +21,16 @@
 //!   committed step result) adds to it — no timers, signals or hand-backs — so commits
 //!   beyond one per step are duplicate commits. Must be 0.
 //! - **Duplicate executions**: probe executions beyond one per step (at-least-once: a
-//!   step running when its worker died runs again).
+//!   step running when its worker died runs again), and of those, executions beyond one
+//!   per *claim* (process, step, delivery count), which must be 0: a claim starts at most
+//!   one execution.
 //! - **Reclaim latency**: just before each kill the victim's pending jobs are read
 //!   (`XPENDING … <consumer>`, then the entries' process and step); for each of them that
 //!   was delivered again, the time from the kill to its new claim (`claimed_ms` of the step
 //!   record, Redis `TIME`; the kill time is this host's clock, the same clock as a private
 //!   server's).
 
-use crate::child::{ChildArgs, PROBE_KIND};
+use crate::child::{ChildArgs, PROBE_KIND, claims_key};
 use crate::error::BenchError;
 use crate::latency::read_records;
 use crate::meter::Meter;
@@ -46,6 +55,28 @@ const RETENTION_SECS: u64 = 900;
 /// Room for every step in flight (rate × step time) with a worker down.
 const MAX_CONCURRENT_STEPS: usize = 128;
 
+/// The fault a crash run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Nemesis {
+    /// `kill -9` of a worker process (replaced at once).
+    Kill,
+    /// SIGSTOP of a worker process for the fault time, then SIGCONT.
+    Stop,
+    /// `kill -9` of redis-server, down for the fault time, restart from the AOF.
+    Redis,
+}
+
+impl Nemesis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Nemesis::Kill => "kill",
+            Nemesis::Stop => "stop",
+            Nemesis::Redis => "redis",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct CrashParams {
     pub label: &'static str,
@@ -58,11 +89,18 @@ pub struct CrashParams {
     pub seconds: f64,
     /// How long each step takes.
     pub step_ms: u64,
+    pub nemesis: Nemesis,
+    /// How long a pause or a Redis outage lasts (`None`: 2 × lease).
+    pub fault_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CrashResult {
     pub label: &'static str,
+    /// The cause of every fault (and so of every duplicate execution) in this run.
+    pub nemesis: Nemesis,
+    /// Pause or outage length (0 for kills).
+    pub fault_ms: u64,
     pub lease_ms: u64,
     pub sweep_ms: u64,
     pub heartbeat_ms: u64,
@@ -81,6 +119,8 @@ pub struct CrashResult {
     pub duplicate_commits: u64,
     pub executions: u64,
     pub duplicate_executions: u64,
+    /// Executions beyond one per claim (process, step, delivery count): must be 0.
+    pub duplicate_claim_executions: u64,
     pub steps_never_executed: u64,
     /// Jobs pending on the workers when they were killed.
     pub jobs_held_by_killed_workers: usize,
@@ -107,6 +147,12 @@ impl CrashResult {
             out.push(format!(
                 "crash {}: {} duplicate step commits",
                 self.label, self.duplicate_commits
+            ));
+        }
+        if self.duplicate_claim_executions > 0 {
+            out.push(format!(
+                "crash {}: {} executions beyond one per claim",
+                self.label, self.duplicate_claim_executions
             ));
         }
         if self.steps_never_executed > 0 {
@@ -138,11 +184,12 @@ pub async fn run(
     })?;
     let w = &bench.cfg.worker;
     eprintln!(
-        "crash {}: {processes} processes at {}/s, {} worker processes, {} kills, lease {} ms, sweep {} ms ...",
+        "crash {}: {processes} processes at {}/s, {} worker processes, {} faults ({}), lease {} ms, sweep {} ms ...",
         params.label,
         params.processes_per_sec,
         params.workers,
         params.kills,
+        params.nemesis.as_str(),
         w.lease_ms,
         w.sweep_ms
     );
@@ -158,7 +205,11 @@ pub async fn run(
     let measured = measure(server, &bench, params, processes, &probe_key).await;
     shutdown.cancel();
     let (_, stopped) = fleet.stop().await;
-    let _: Result<usize, _> = bench.store.conn().del(&probe_key).await;
+    let _: Result<usize, _> = bench
+        .store
+        .conn()
+        .del(&[probe_key.clone(), claims_key(&probe_key)])
+        .await;
     bench.cleanup(server).await;
     let result = measured?;
     stopped?;
@@ -190,7 +241,15 @@ async fn measure(
         processes,
         Duration::from_secs_f64(1.0 / params.processes_per_sec),
     ));
-    let killing = tokio::spawn(kill_during(children, store.clone(), window, params.kills));
+    let fault = Duration::from_millis(params.fault_ms.unwrap_or(2 * w.lease_ms));
+    let faults = Faults {
+        store: store.clone(),
+        window,
+        count: params.kills,
+        nemesis: params.nemesis,
+        fault,
+    };
+    let injecting = faults.inject(children, server);
     let deadline = Instant::now()
         + window
         + w.lease()
@@ -201,24 +260,34 @@ async fn measure(
         processes as u64,
         "processes",
     );
-    let done = loop {
-        let done = throughput::outcome(store).await?.minus(&before);
-        progress.update(done.finished(), "");
-        if (arriving.is_finished() && done.finished() >= processes as u64)
-            || Instant::now() > deadline
-        {
-            break done;
+    let watching = async {
+        let mut done = Outcome::default();
+        loop {
+            // Redis may be down (the redis nemesis): keep the last reading.
+            if let Ok(now) = throughput::outcome(store).await {
+                done = now.minus(&before);
+            }
+            progress.update(done.finished(), "");
+            if (arriving.is_finished() && done.finished() >= processes as u64)
+                || Instant::now() > deadline
+            {
+                break done;
+            }
+            tokio::time::sleep(throughput::POLL).await;
         }
-        tokio::time::sleep(throughput::POLL).await;
     };
+    let (injected, done) = tokio::join!(injecting, watching);
     progress.finish();
     let end = Instant::now();
     let ids = arriving
         .await
         .map_err(|_| BenchError::Component("submitting panicked".into()))??;
-    let (mut children, kills) = killing
-        .await
-        .map_err(|_| BenchError::Component("the killer panicked".into()))??;
+    let (mut children, kills) = injected?;
+    if params.nemesis == Nemesis::Redis {
+        // The admin connection died with the server; the CPU figure then covers the time
+        // since the last restart only.
+        admin = server.connect(Duration::from_secs(5)).await?;
+    }
     let used = meter.stop(&mut admin, end).await?;
     children.kill_all().await;
     // (process, step) → when the worker that held it was killed (a later kill wins).
@@ -231,6 +300,8 @@ async fn measure(
     let steps = processes * STEPS_PER_PROCESS;
     let commits = entries_added(store).await?.saturating_sub(commits_before);
     let counts: HashMap<String, u64> = store.conn().hgetall(probe_key).await?;
+    let per_claim: HashMap<String, u64> = store.conn().hgetall(claims_key(probe_key)).await?;
+    let duplicate_claim_executions = per_claim.values().map(|n| n.saturating_sub(1)).sum();
     let (mut executions, mut duplicate_executions, mut never) = (0, 0, 0);
     for id in &ids {
         for step in ["A", "B", "C"] {
@@ -253,6 +324,12 @@ async fn measure(
     }
     Ok(CrashResult {
         label: params.label,
+        nemesis: params.nemesis,
+        fault_ms: if params.nemesis == Nemesis::Kill {
+            0
+        } else {
+            fault.as_millis() as u64
+        },
         lease_ms: w.lease_ms,
         sweep_ms: w.sweep_ms,
         heartbeat_ms: w.heartbeat().as_millis() as u64,
@@ -271,6 +348,7 @@ async fn measure(
         duplicate_commits: commits.saturating_sub(steps as u64),
         executions,
         duplicate_executions,
+        duplicate_claim_executions,
         steps_never_executed: never,
         reclaimed_steps: reclaim.len(),
         reclaim: Dist::of(reclaim),
@@ -287,8 +365,16 @@ async fn arrive(engine: Engine, n: usize, period: Duration) -> Result<Vec<String
         tokio::time::sleep_until(start + period.mul_f64(i as f64)).await;
         let engine = engine.clone();
         set.spawn(async move {
-            let id = engine.create(&submission(), None).await?;
-            Ok::<String, BenchError>(id.id().to_string())
+            // A submission refused while Redis is down (the redis nemesis) is retried, as a
+            // client would; only an acknowledged one counts.
+            let give_up = Instant::now() + Duration::from_secs(60);
+            loop {
+                match engine.create(&submission(), None).await {
+                    Ok(id) => return Ok::<String, BenchError>(id.id().to_string()),
+                    Err(e) if Instant::now() > give_up => return Err(e.into()),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
         });
     }
     let mut ids = Vec::with_capacity(n);
@@ -304,22 +390,46 @@ struct Kill {
     held: Vec<(String, String)>,
 }
 
-/// Kills a random worker `kills` times, evenly spread over `window`, replacing each at
-/// once.
-async fn kill_during(
-    mut children: Children,
+/// What to inject, how often and for how long.
+struct Faults {
     store: Store,
     window: Duration,
-    kills: usize,
-) -> Result<(Children, Vec<Kill>), BenchError> {
-    let start = tokio::time::Instant::now();
-    let mut out = Vec::with_capacity(kills);
-    for i in 1..=kills {
-        tokio::time::sleep_until(start + window.mul_f64(i as f64 / (kills + 1) as f64)).await;
-        out.push(children.kill_random(&store).await?);
-        children.spawn()?;
+    count: usize,
+    nemesis: Nemesis,
+    fault: Duration,
+}
+
+impl Faults {
+    /// Injects `count` faults evenly spread over `window`: kills (each worker replaced at
+    /// once), pauses of a random worker, or Redis crashes and restarts. Returns the
+    /// children and, per fault, the jobs the faulted worker held (none for Redis).
+    async fn inject(
+        self,
+        mut children: Children,
+        server: &Server,
+    ) -> Result<(Children, Vec<Kill>), BenchError> {
+        let start = tokio::time::Instant::now();
+        let mut out = Vec::with_capacity(self.count);
+        for i in 1..=self.count {
+            let at = start + self.window.mul_f64(i as f64 / (self.count + 1) as f64);
+            tokio::time::sleep_until(at).await;
+            match self.nemesis {
+                Nemesis::Kill => {
+                    out.push(children.kill_random(&self.store).await?);
+                    children.spawn()?;
+                }
+                Nemesis::Stop => out.push(children.pause_random(&self.store, self.fault).await?),
+                Nemesis::Redis => {
+                    server.crash_and_restart(self.fault).await?;
+                    out.push(Kill {
+                        at_ms: now_ms(),
+                        held: Vec::new(),
+                    });
+                }
+            }
+        }
+        Ok((children, out))
     }
-    Ok((children, out))
 }
 
 /// One `XRANGE` entry: id and fields.
@@ -353,6 +463,21 @@ async fn held_by(store: &Store, consumer: &str) -> Result<Vec<(String, String)>,
             Some((job.process_id, job.step))
         })
         .collect())
+}
+
+/// Sends a signal with kill(1) (the workspace forbids unsafe code, so no libc call).
+fn signal(pid: u32, sig: &str) -> Result<(), BenchError> {
+    let ok = std::process::Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .map_err(BenchError::io("cannot run kill"))?
+        .success();
+    if ok {
+        Ok(())
+    } else {
+        Err(BenchError::Component(format!("kill {sig} {pid} failed")))
+    }
 }
 
 fn now_ms() -> u64 {
@@ -441,6 +566,24 @@ impl Children {
             .wait()
             .await
             .map_err(BenchError::io("cannot reap a killed worker"))?;
+        Ok(Kill { at_ms, held })
+    }
+
+    /// SIGSTOP to a random live worker, after reading the jobs it holds; SIGCONT after
+    /// `pause`. Returns when it runs again.
+    async fn pause_random(&mut self, store: &Store, pause: Duration) -> Result<Kill, BenchError> {
+        if self.live.is_empty() {
+            return Err(BenchError::Component("no worker left to pause".into()));
+        }
+        let (id, child) = &self.live[rand::random_range(0..self.live.len())];
+        let pid = child
+            .id()
+            .ok_or_else(|| BenchError::Component("a worker exited".into()))?;
+        let held = held_by(store, id).await?;
+        let at_ms = now_ms();
+        signal(pid, "-STOP")?;
+        tokio::time::sleep(pause).await;
+        signal(pid, "-CONT")?;
         Ok(Kill { at_ms, held })
     }
 

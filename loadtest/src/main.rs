@@ -6,6 +6,7 @@
 //! honua-loadtest baseline   [--jobs N] [--consumers C]
 //! honua-loadtest latency    [--seconds S] [--workers W] [--no-baseline]
 //! honua-loadtest crash      [--seconds S] [--rate R] [--step-ms D] [--kills K] [--workers W] [--lease-ms L --sweep-ms S]
+//!                           [--nemesis kill,stop,redis] [--fault-ms F]
 //! honua-loadtest scale      [--processes N] [--workers-list 1,2,4]
 //! honua-loadtest llm        [--seconds S] [--rpm N] [--burst N] [--latency-ms L] [--workers W] [--in-flight N]
 //! honua-loadtest all        (every scenario above, one report)
@@ -152,9 +153,22 @@ struct CrashArgs {
     /// Processes submitted per second
     #[arg(long, value_name = "R", default_value_t = 300.0)]
     rate: f64,
-    /// Workers killed (and replaced) during each run [default: 3; 1 with --quick]
+    /// Faults injected during each run: workers killed (and replaced), paused, or Redis
+    /// restarts [default: 3; 1 with --quick]
     #[arg(long, value_name = "K")]
     kills: Option<usize>,
+    /// The faults: `kill` (kill -9 a worker), `stop` (SIGSTOP a worker for --fault-ms),
+    /// `redis` (kill -9 redis-server, restart after --fault-ms); a list runs each in turn
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "kill"
+    )]
+    nemesis: Vec<crash::Nemesis>,
+    /// How long a pause or a Redis outage lasts [default: 2 × lease]
+    #[arg(long, value_name = "MS")]
+    fault_ms: Option<u64>,
     /// Worker processes
     #[arg(long, value_name = "W", default_value_t = 2)]
     workers: usize,
@@ -352,6 +366,8 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
                 seconds: None,
                 rate: 300.0,
                 kills: None,
+                nemesis: vec![crash::Nemesis::Kill],
+                fault_ms: None,
                 workers: 2,
                 step_ms: 50,
                 lease_ms: None,
@@ -519,7 +535,7 @@ async fn latency_into(
 fn crash_runs(a: &CrashArgs) -> Vec<CrashParams> {
     let quick = a.common.quick;
     let kills = a.kills.unwrap_or(if quick { 1 } else { 3 });
-    let run = |label, lease_ms, sweep_ms, full: f64| CrashParams {
+    let run = |label, lease_ms, sweep_ms, full: f64, nemesis| CrashParams {
         label,
         lease_ms,
         sweep_ms,
@@ -528,15 +544,21 @@ fn crash_runs(a: &CrashArgs) -> Vec<CrashParams> {
         processes_per_sec: a.rate,
         step_ms: a.step_ms,
         seconds: a.seconds.unwrap_or(if quick { 4.0 } else { full }),
+        nemesis,
+        fault_ms: a.fault_ms,
     };
-    match (a.lease_ms, a.sweep_ms) {
-        (Some(l), Some(s)) => vec![run("custom lease", Some(l), Some(s), 10.0)],
-        _ if quick => vec![run(CRASH_2S, Some(2000), Some(SHORT_SWEEP_MS), 10.0)],
-        _ => vec![
-            run(CRASH_DEFAULT, None, None, 20.0),
-            run(CRASH_2S, Some(2000), Some(SHORT_SWEEP_MS), 10.0),
-        ],
+    let mut runs = Vec::new();
+    for &n in &a.nemesis {
+        match (a.lease_ms, a.sweep_ms) {
+            (Some(l), Some(s)) => runs.push(run("custom lease", Some(l), Some(s), 10.0, n)),
+            _ if quick => runs.push(run(CRASH_2S, Some(2000), Some(SHORT_SWEEP_MS), 10.0, n)),
+            _ => {
+                runs.push(run(CRASH_DEFAULT, None, None, 20.0, n));
+                runs.push(run(CRASH_2S, Some(2000), Some(SHORT_SWEEP_MS), 10.0, n));
+            }
+        }
     }
+    runs
 }
 
 async fn crash_into(

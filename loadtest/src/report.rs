@@ -1,7 +1,7 @@
 //! The results of one run: the JSON document (`--json FILE`) and the human summary.
 
 use crate::baseline::BaselineResult;
-use crate::crash::CrashResult;
+use crate::crash::{CrashResult, Nemesis};
 use crate::latency::LatencyResult;
 use crate::llm::LlmResult;
 use crate::server::ServerInfo;
@@ -392,37 +392,50 @@ impl Report {
 
     fn write_crash(&self, s: &mut String) -> std::fmt::Result {
         for c in &self.crash {
+            let faults = match c.nemesis {
+                Nemesis::Kill => format!("{} killed with SIGKILL and replaced", c.kills),
+                Nemesis::Stop => format!("{} paused with SIGSTOP for {} ms", c.kills, c.fault_ms),
+                Nemesis::Redis => format!(
+                    "redis-server killed with SIGKILL {} times, {} ms down each",
+                    c.kills, c.fault_ms
+                ),
+            };
             writeln!(
                 s,
-                "\ncrash ({}): lease {} ms, sweep {} ms, heartbeat {} ms; {} worker processes, {} killed with SIGKILL and replaced; {} processes at {}/s, 3 steps of {} ms",
+                "\ncrash ({}, nemesis {}): lease {} ms, sweep {} ms, heartbeat {} ms; {} worker processes, {faults}; {} processes at {}/s, 3 steps of {} ms",
                 c.label,
+                c.nemesis.as_str(),
                 c.lease_ms,
                 c.sweep_ms,
                 c.heartbeat_ms,
                 c.workers,
-                c.kills,
                 c.processes,
                 c.processes_per_sec,
                 c.step_ms
             )?;
             writeln!(
                 s,
-                "  lost processes {}; step commits {} for {} steps (duplicates {}); executions {} (duplicates {}, never run {})",
+                "  lost processes {}; step commits {} for {} steps (duplicates {}); executions {} (duplicates caused by {}: {}, of them beyond one per claim: {}; never run {})",
                 c.lost_processes,
                 c.step_commits,
                 c.steps,
                 c.duplicate_commits,
                 c.executions,
+                c.nemesis.as_str(),
                 c.duplicate_executions,
+                c.duplicate_claim_executions,
                 c.steps_never_executed
             )?;
-            writeln!(
-                s,
-                "  reclaim (kill → claimed again) of the {} jobs the killed workers held: {}; bound lease + sweep = {} ms",
-                c.jobs_held_by_killed_workers,
-                c.reclaim.line(),
-                c.reclaim_bound_ms
-            )?;
+            if c.nemesis != Nemesis::Redis {
+                writeln!(
+                    s,
+                    "  reclaim ({} → claimed again) of the {} jobs the faulted workers held: {}; bound lease + sweep = {} ms",
+                    c.nemesis.as_str(),
+                    c.jobs_held_by_killed_workers,
+                    c.reclaim.line(),
+                    c.reclaim_bound_ms
+                )?;
+            }
             writeln!(s, "  outcome: {}", c.outcome)?;
         }
         Ok(())
@@ -584,7 +597,7 @@ fn targets(r: &Report) -> Vec<Target> {
             });
         }
     }
-    for c in &r.crash {
+    for c in r.crash.iter().filter(|c| c.nemesis == Nemesis::Kill) {
         let limit_s = match c.label {
             CRASH_DEFAULT => Some(17.0),
             CRASH_2S => Some(3.0),

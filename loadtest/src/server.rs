@@ -13,7 +13,9 @@ use std::time::Duration;
 /// A running server and how it was obtained.
 pub struct Server {
     pub url: String,
-    child: Option<RedisChild>,
+    /// Taken out while [`Server::crash_and_restart`] runs.
+    child: std::sync::Mutex<Option<RedisChild>>,
+    private: bool,
     // Removed (with the AOF files) when the server is dropped, after the child.
     _dir: Option<tempfile::TempDir>,
 }
@@ -35,7 +37,8 @@ impl Server {
         if let Some(url) = url {
             return Ok(Self {
                 url: url.to_string(),
-                child: None,
+                child: std::sync::Mutex::new(None),
+                private: false,
                 _dir: None,
             });
         }
@@ -48,13 +51,27 @@ impl Server {
             .map_err(BenchError::setup("cannot start a private redis-server"))?;
         Ok(Self {
             url: child.url.clone(),
-            child: Some(child),
+            child: std::sync::Mutex::new(Some(child)),
+            private: true,
             _dir: Some(dir),
         })
     }
 
     pub fn is_private(&self) -> bool {
-        self.child.is_some()
+        self.private
+    }
+
+    /// `kill -9` of a private server, `down` without it, then a restart from its AOF.
+    pub async fn crash_and_restart(&self, down: Duration) -> Result<(), BenchError> {
+        let taken = self.child.lock().unwrap().take();
+        let Some(mut child) = taken else {
+            return Err(BenchError::Component(
+                "only a private server can be restarted (no --redis-url)".into(),
+            ));
+        };
+        let r = child.crash_and_restart(down).await;
+        *self.child.lock().unwrap() = Some(child);
+        r.map_err(|e| BenchError::Component(format!("restarting redis-server failed: {e}")))
     }
 
     /// A dedicated connection; `response_timeout` must exceed any `BLOCK` used on it.
@@ -101,7 +118,8 @@ impl Server {
     }
 
     pub async fn stop(self) {
-        if let Some(child) = self.child {
+        let child = self.child.lock().unwrap().take();
+        if let Some(child) = child {
             child.stop().await;
         }
     }

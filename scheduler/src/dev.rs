@@ -118,6 +118,8 @@ fn add_llm_example(
 pub struct RedisChild {
     pub url: String,
     child: tokio::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
 }
 
 impl RedisChild {
@@ -127,6 +129,25 @@ impl RedisChild {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let child = Self::spawn(port, dir).await?;
+        Ok(Self {
+            url: format!("redis://127.0.0.1:{port}"),
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// `kill -9` of the server, `down` without it, then the server again on the same port
+    /// and data (a crash and restart from the AOF).
+    pub async fn crash_and_restart(&mut self, down: Duration) -> anyhow::Result<()> {
+        let _ = self.child.kill().await;
+        tokio::time::sleep(down).await;
+        self.child = Self::spawn(self.port, &self.dir).await?;
+        Ok(())
+    }
+
+    async fn spawn(port: u16, dir: &Path) -> anyhow::Result<tokio::process::Child> {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
@@ -158,7 +179,7 @@ impl RedisChild {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { url, child })
+        Ok(child)
     }
 
     pub async fn stop(mut self) {
