@@ -528,8 +528,8 @@ const SCRIPT_ROLES: &[(&str, &[&str])] = &[
 /// WAITAOF) come from `+@connection`; EVALSHA/SCRIPT LOAD run every script.
 const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("PING", &["scheduler", "worker", "backup", "keda"]),
-    ("TIME", &["scheduler"]),
-    ("INFO", &["scheduler", "backup"]),
+    ("TIME", &["scheduler", "worker"]),
+    ("INFO", &["scheduler", "worker", "backup"]),
     ("COMMAND INFO", &["scheduler"]),
     ("WAITAOF", &["scheduler"]),
     ("EVALSHA", &["scheduler", "worker"]),

@@ -69,6 +69,7 @@ fn claim(h: &Held) -> (String, u64) {
 struct ServerWatch {
     run_id: Option<String>,
     hold_until_ms: u64,
+    noperm_logged: bool,
 }
 
 impl ServerWatch {
@@ -547,6 +548,15 @@ impl Inner {
         }
         let info = match self.store.server_info().await {
             Ok(i) => i,
+            Err(StoreError::Redis(e)) if e.code() == Some("NOPERM") => {
+                // An ACL without INFO (a template older than this worker): reclaiming
+                // without the restart guard beats never reclaiming.
+                if !server.noperm_logged {
+                    server.noperm_logged = true;
+                    error!(error = %e, "the worker's Redis user may not run INFO; reclaim cannot wait out Redis restarts (grant +info)");
+                }
+                return true;
+            }
             Err(e) => {
                 warn!(error = %e, "reading the server's run id failed; not reclaiming");
                 return false;
