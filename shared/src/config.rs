@@ -124,7 +124,8 @@ pub struct WorkerConfig {
     /// On SIGTERM, in-flight steps get this long to finish before they are handed back.
     pub shutdown_grace_ms: u64,
     pub read_block_ms: u64,
-    /// URL prefixes the `http` step kind may call.
+    /// URL prefixes the `http` step kind may call, compared by scheme, host, port and path
+    /// segment (see `allowlist`).
     pub http_allowlist: Vec<String>,
     pub http_max_response_kb: usize,
     /// Consumers idle this long that own nothing are deleted.
@@ -480,13 +481,8 @@ impl Config {
                 );
             }
         }
-        for url in &w.http_allowlist {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return bad(
-                    "worker.http_allowlist",
-                    format!("{url:?} is not an http(s) URL prefix"),
-                );
-            }
+        if let Err(e) = crate::allowlist::UrlAllowlist::parse(&w.http_allowlist) {
+            return bad("worker.http_allowlist", e.to_string());
         }
         if let Some(llm) = &self.llm_provider {
             llm.validate()
