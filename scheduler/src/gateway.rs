@@ -1030,9 +1030,9 @@ pub async fn serve_with(
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router_with(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    // The hardened server: header, idle and body timeouts and a connection cap.
+    let limits = honua_worker::http_server::Limits::from(&state.engine.cfg.http_server);
+    honua_worker::http_server::serve(listener, router_with(state), limits, shutdown).await
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 -- drop_entry: set aside an entry that cannot be processed (unreadable, unknown process)
--- with its reason, and acknowledge it. With a consumer given, only its owner may drop it.
+-- with its reason and its fields (at most MAX_COPIED_FIELDS, then `fields_total`), and
+-- acknowledge it. With a consumer given, only its owner may drop it.
 -- KEYS[1] the stream, KEYS[2] the quarantine stream
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] reason ('' to drop without keeping a copy),
 -- ARGV[4] owner consumer ('' to skip the owner check)
@@ -16,9 +17,7 @@ if reason ~= '' then
   local e = redis.call('XRANGE', stream, id, id)[1]
   local args = {quarantine, 'MAXLEN', '~', 100000, '*', 'source', stream, 'entry_id', id, 'reason', reason}
   if e then
-    for _, v in ipairs(e[2]) do
-      args[#args + 1] = v
-    end
+    append_fields(args, e[2])
   end
   redis.call('XADD', unpack(args))
 end

@@ -21,6 +21,23 @@ local function ack(stream, group, id)
   redis.call('XACK', stream, group, id)
 end
 
+-- Appends a stream entry's fields (the flat list XRANGE/XAUTOCLAIM return) to `args`:
+-- at most MAX_COPIED_FIELDS of them, then `fields_total` and the entry's field count when
+-- some were left out, so the copy with its own fields stays under MAX_ENTRY_FIELDS.
+-- Never copy or `unpack` a whole entry: any client may write the submission stream, and
+-- `unpack` fails at a few thousand values.
+local function append_fields(args, fields)
+  local n = math.floor(#fields / 2)
+  local keep = math.min(n, MAX_COPIED_FIELDS)
+  for i = 1, keep * 2 do
+    args[#args + 1] = fields[i]
+  end
+  if n > keep then
+    args[#args + 1] = 'fields_total'
+    args[#args + 1] = n
+  end
+end
+
 local function process_active(status)
   return status == PS_PENDING or status == PS_RUNNING or status == PS_WAITING
 end

@@ -17,15 +17,13 @@ for _, e in ipairs(r[2]) do
   local n = tonumber(p[4])
   if n > max_deliveries then
     local f = {}
-    for i = 1, #fields, 2 do
+    for i = 1, math.min(#fields, 2 * MAX_ENTRY_FIELDS), 2 do
       f[fields[i]] = fields[i + 1]
     end
     local ran = n - 1
     local reason = 'delivered ' .. ran .. ' times without completing (max_deliveries ' .. max_deliveries .. ')'
     local args = {dlq, 'MAXLEN', '~', dlq_max, '*'}
-    for i = 1, #fields do
-      args[#args + 1] = fields[i]
-    end
+    append_fields(args, fields)
     for _, v in ipairs({'job_id', id, 'deliveries', ran, 'reason', reason, 'dead_ms', now_ms()}) do
       args[#args + 1] = v
     end

@@ -124,12 +124,14 @@ pub struct WorkerConfig {
     /// On SIGTERM, in-flight steps get this long to finish before they are handed back.
     pub shutdown_grace_ms: u64,
     pub read_block_ms: u64,
-    /// URL prefixes the `http` step kind may call.
+    /// URL prefixes the `http` step kind may call, compared by scheme, host, port and path
+    /// segment (see `allowlist`).
     pub http_allowlist: Vec<String>,
     pub http_max_response_kb: usize,
     /// Consumers idle this long that own nothing are deleted.
     pub retire_consumer_after_secs: u64,
-    /// Where `honua-worker` serves its own `/metrics` (empty: nowhere).
+    /// Where `honua-worker` serves its own `/metrics` (empty: nowhere). Loopback by
+    /// default; deployments that scrape it set `0.0.0.0:9091` (the manifests do).
     pub metrics_addr: String,
 }
 
@@ -147,7 +149,7 @@ impl Default for WorkerConfig {
             http_allowlist: Vec::new(),
             http_max_response_kb: 1024,
             retire_consumer_after_secs: 3_600,
-            metrics_addr: "0.0.0.0:9091".into(),
+            metrics_addr: "127.0.0.1:9091".into(),
         }
     }
 }
@@ -162,6 +164,64 @@ impl WorkerConfig {
                 .unwrap_or((self.lease_ms / 3).min(1000))
                 .max(1),
         )
+    }
+}
+
+/// Connection limits of the HTTP servers (the gateway and the worker's `/metrics`): a
+/// client that sends slowly or not at all is cut off instead of holding a connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpServerConfig {
+    /// A request's line and headers must arrive within this long of the connection's start
+    /// or of the request's first byte; otherwise the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in progress is closed after this long; a response
+    /// write that makes no progress for this long closes it too.
+    pub idle_timeout_ms: u64,
+    /// A request body must arrive in full within this long of its headers (408 otherwise).
+    pub body_read_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for HttpServerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_read_timeout_ms: 30_000,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl HttpServerConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        const RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+        let ms = "must be 100..=3600000 (ms)";
+        if !RANGE.contains(&self.header_read_timeout_ms) {
+            return Err(("http_server.header_read_timeout_ms", ms));
+        }
+        if !RANGE.contains(&self.idle_timeout_ms) {
+            return Err(("http_server.idle_timeout_ms", ms));
+        }
+        if !RANGE.contains(&self.body_read_timeout_ms) {
+            return Err(("http_server.body_read_timeout_ms", ms));
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(("http_server.max_connections", "must be 1..=1000000"));
+        }
+        Ok(())
     }
 }
 
@@ -238,6 +298,8 @@ pub struct Config {
     pub retention_secs: u64,
     pub wait_aof: WaitAof,
     pub max_request_body_kb: usize,
+    /// Timeouts and connection cap of the gateway and the worker's metrics listener.
+    pub http_server: HttpServerConfig,
     pub api: ApiConfig,
     pub state: StateConfig,
     pub process_framework: ProcessFrameworkConfig,
@@ -258,6 +320,7 @@ impl Default for Config {
             retention_secs: 24 * 3600,
             wait_aof: WaitAof::Auto,
             max_request_body_kb: 1024,
+            http_server: HttpServerConfig::default(),
             api: ApiConfig::default(),
             state: StateConfig::default(),
             process_framework: ProcessFrameworkConfig::default(),
@@ -418,6 +481,9 @@ impl Config {
         if !(1..=64 * 1024).contains(&self.max_request_body_kb) {
             return bad("max_request_body_kb", "must be 1..=65536");
         }
+        if let Err((field, message)) = self.http_server.validate() {
+            return bad(field, message);
+        }
         if !(1..=64 * 1024).contains(&self.state.max_state_size_kb) {
             return bad("state.max_state_size_kb", "must be 1..=65536");
         }
@@ -480,13 +546,8 @@ impl Config {
                 );
             }
         }
-        for url in &w.http_allowlist {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return bad(
-                    "worker.http_allowlist",
-                    format!("{url:?} is not an http(s) URL prefix"),
-                );
-            }
+        if let Err(e) = crate::allowlist::UrlAllowlist::parse(&w.http_allowlist) {
+            return bad("worker.http_allowlist", e.to_string());
         }
         if let Some(llm) = &self.llm_provider {
             llm.validate()
@@ -644,6 +705,17 @@ mod tests {
         }
         let mut c = Config::default();
         c.state.max_depth = 1024;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.http_server.body_read_timeout_ms = 0;
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => {
+                assert_eq!(field, "http_server.body_read_timeout_ms")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut c = Config::default();
+        c.http_server.max_connections = 0;
         assert!(c.validate().is_err());
         let c = Config {
             http_addr: "nowhere".into(),

@@ -22,35 +22,74 @@ pub enum EnvelopeError {
     Version(u32),
     #[error("unknown event type {0:?}")]
     UnknownEvent(String),
+    #[error("entry has {fields} fields (at most {max} are read)")]
+    Oversized { fields: usize, max: usize },
 }
+
+/// At most this many fields of one stream entry are read, by Rust readers and by the Lua
+/// scripts (every envelope has fewer than 16). A larger entry is not an envelope: it is
+/// quarantined with a summary of its first fields, never read or copied whole.
+pub const MAX_ENTRY_FIELDS: usize = 64;
+
+/// Quarantine and dead-letter copies of an entry keep at most this many of its fields (then
+/// `fields_total`), so a copy with its own fields stays under [`MAX_ENTRY_FIELDS`].
+pub const MAX_COPIED_FIELDS: usize = MAX_ENTRY_FIELDS / 2;
 
 /// Read access to an entry's fields.
 #[derive(Debug, Default, Clone)]
-pub struct FieldMap(HashMap<String, String>);
+pub struct FieldMap {
+    map: HashMap<String, String>,
+    /// How many fields the entry has (more than `map` holds when it was capped).
+    total: usize,
+}
 
 impl FieldMap {
     pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        Self(pairs.into_iter().collect())
+        let mut total = 0;
+        let map = pairs.into_iter().inspect(|_| total += 1).collect();
+        Self { map, total }
     }
 
-    /// From the raw values of a stream entry (binary-safe: non-UTF-8 values are replaced).
+    /// From the flat `[field, value, …]` list of a stream entry as Redis sends it: reads at
+    /// most [`MAX_ENTRY_FIELDS`] fields and counts the rest (binary-safe: non-UTF-8 text is
+    /// replaced). Every `from_fields` refuses an entry that had more.
+    pub fn from_flat(values: &[redis::Value]) -> Self {
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            redis::Value::Int(i) => Some(i.to_string()),
+            _ => None,
+        };
+        let map = values
+            .chunks_exact(2)
+            .take(MAX_ENTRY_FIELDS)
+            .filter_map(|kv| Some((text(&kv[0])?, text(&kv[1])?)))
+            .collect();
+        Self {
+            map,
+            total: values.len() / 2,
+        }
+    }
+
+    /// From an already parsed entry (binary-safe: non-UTF-8 values are replaced).
     pub fn from_redis(map: &HashMap<String, redis::Value>) -> Self {
-        Self(
-            map.iter()
-                .filter_map(|(k, v)| match v {
-                    redis::Value::BulkString(b) => {
-                        Some((k.clone(), String::from_utf8_lossy(b).into_owned()))
-                    }
-                    redis::Value::SimpleString(s) => Some((k.clone(), s.clone())),
-                    redis::Value::Int(i) => Some((k.clone(), i.to_string())),
-                    _ => None,
-                })
-                .collect(),
-        )
+        let flat: Vec<redis::Value> = map
+            .iter()
+            .flat_map(|(k, v)| [redis::Value::SimpleString(k.clone()), v.clone()])
+            .collect();
+        Self::from_flat(&flat)
+    }
+
+    /// How many fields the entry has (read or not).
+    pub fn total(&self) -> usize {
+        self.total
     }
 
     pub fn get(&self, f: &str) -> Option<&str> {
-        self.0.get(f).map(String::as_str).filter(|s| !s.is_empty())
+        self.map
+            .get(f)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     pub fn req(&self, f: &'static str) -> Result<&str, EnvelopeError> {
@@ -67,7 +106,14 @@ impl FieldMap {
         }
     }
 
+    /// Checked first by every `from_fields`: the size cap, then the envelope version.
     fn version(&self) -> Result<(), EnvelopeError> {
+        if self.total > MAX_ENTRY_FIELDS {
+            return Err(EnvelopeError::Oversized {
+                fields: self.total,
+                max: MAX_ENTRY_FIELDS,
+            });
+        }
         match self.num::<u32>("v")?.unwrap_or(ENVELOPE_VERSION) {
             ENVELOPE_VERSION => Ok(()),
             other => Err(EnvelopeError::Version(other)),
@@ -431,6 +477,32 @@ mod tests {
 
     fn map(f: Fields) -> FieldMap {
         FieldMap::from_pairs(f)
+    }
+
+    #[test]
+    fn entries_are_read_up_to_the_field_cap() {
+        use redis::Value::BulkString as B;
+        let flat = |n: usize| -> Vec<redis::Value> {
+            (0..n)
+                .flat_map(|i| [B(format!("f{i}").into()), B(format!("{i}").into())])
+                .collect()
+        };
+        let small = FieldMap::from_flat(&flat(MAX_ENTRY_FIELDS));
+        assert_eq!(small.total(), MAX_ENTRY_FIELDS);
+        assert_eq!(small.get("f63"), Some("63"));
+        let big = FieldMap::from_flat(&flat(5000));
+        assert_eq!(big.total(), 5000);
+        assert_eq!(big.map.len(), MAX_ENTRY_FIELDS, "the rest is not read");
+        let err = JobEnvelope::from_fields(&big).unwrap_err();
+        assert_eq!(
+            err,
+            EnvelopeError::Oversized {
+                fields: 5000,
+                max: MAX_ENTRY_FIELDS
+            }
+        );
+        assert!(Submission::from_fields(&big).is_err());
+        assert!(Event::from_fields(&big).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! typed hash-tagged keys, the stream envelopes, the state codec, process definitions and
 //! the pure decisions over them, the Lua scripts, configuration and Redis plumbing.
 
+pub mod allowlist;
 pub mod codec;
 pub mod config;
 pub mod definition;

@@ -31,6 +31,12 @@ fn constants() -> String {
     c("F_OUTPUT_PREFIX", field::OUTPUT_PREFIX);
     c("F_CHECKPOINT_PREFIX", field::CHECKPOINT_PREFIX);
     c("OUTCOME_FAILED", outcome::FAILED);
+    for (name, n) in [
+        ("MAX_ENTRY_FIELDS", crate::envelope::MAX_ENTRY_FIELDS),
+        ("MAX_COPIED_FIELDS", crate::envelope::MAX_COPIED_FIELDS),
+    ] {
+        s.push_str(&format!("local {name} = {n}\n"));
+    }
     s
 }
 

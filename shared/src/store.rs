@@ -357,33 +357,34 @@ impl Store {
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>> {
-        let r: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
-            redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(group)
-                .arg(consumer)
-                .arg("COUNT")
-                .arg(count.max(1))
-                .arg("BLOCK")
-                .arg(block.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(">")
-                .query_async(conn)
-                .await;
+        let r: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(conn)
+            .await;
         match r {
-            Ok(reply) => Ok(reply
-                .map(|r| {
-                    r.keys
-                        .into_iter()
-                        .flat_map(|k| k.ids)
-                        .map(|id| Entry {
-                            fields: FieldMap::from_redis(&id.map),
-                            id: id.id,
-                        })
-                        .collect()
+            // `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3); nil on timeout.
+            Ok(Value::Array(streams)) => Ok(streams
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                    _ => None,
                 })
-                .unwrap_or_default()),
+                .flat_map(parse_entries)
+                .collect()),
+            Ok(Value::Map(streams)) => Ok(streams
+                .into_iter()
+                .flat_map(|(_, v)| parse_entries(v))
+                .collect()),
+            Ok(_) => Ok(vec![]),
             Err(e) if e.code() == Some("NOGROUP") => Err(StoreError::NoGroup {
                 stream: stream.to_string(),
                 group: group.to_string(),
@@ -708,7 +709,7 @@ impl Store {
         count: usize,
         max_deliveries: u64,
     ) -> Result<Reclaimed> {
-        type ClaimedRaw = Vec<(String, u64, Vec<(String, Value)>)>;
+        type ClaimedRaw = Vec<(String, u64, Value)>;
         let r: (String, ClaimedRaw, u64, Vec<String>) = Scripts::get()
             .reclaim
             .key(self.keys.jobs())
@@ -729,11 +730,10 @@ impl Store {
                 .1
                 .into_iter()
                 .map(|(id, n, fields)| {
-                    let map: HashMap<String, Value> = fields.into_iter().collect();
                     (
                         Entry {
                             id,
-                            fields: FieldMap::from_redis(&map),
+                            fields: flat_fields(&fields),
                         },
                         n,
                     )
@@ -783,19 +783,7 @@ impl Store {
             .arg(count.max(1))
             .query_async(&mut self.conn())
             .await?;
-        let mut out = Vec::new();
-        for v in r.1 {
-            let (id, fields): (String, Vec<(String, Value)>) = match redis::from_redis_value(v) {
-                Ok(x) => x,
-                Err(_) => continue,
-            };
-            let map: HashMap<String, Value> = fields.into_iter().collect();
-            out.push(Entry {
-                id,
-                fields: FieldMap::from_redis(&map),
-            });
-        }
-        Ok((r.0, out))
+        Ok((r.0, r.1.into_iter().filter_map(parse_entry).collect()))
     }
 
     /// Runs `drop_entry.lua`: set an unprocessable entry aside (with `reason`) and ack it.
@@ -1115,7 +1103,7 @@ impl Store {
         to: &str,
         count: usize,
     ) -> Result<Vec<Entry>> {
-        let r: redis::streams::StreamRangeReply = redis::cmd(cmd)
+        let r: Value = redis::cmd(cmd)
             .arg(stream)
             .arg(from)
             .arg(to)
@@ -1123,13 +1111,7 @@ impl Store {
             .arg(count)
             .query_async(&mut self.conn())
             .await?;
-        Ok(r.ids
-            .into_iter()
-            .map(|id| Entry {
-                fields: FieldMap::from_redis(&id.map),
-                id: id.id,
-            })
-            .collect())
+        Ok(parse_entries(r))
     }
 
     /// The newest entries of a stream without a group (dead letters, quarantine).
@@ -1175,6 +1157,43 @@ fn parse_commit(r: Vec<Value>) -> Result<Commit> {
         "duplicate" => Commit::Duplicate(second.unwrap_or_default()),
         other => return Err(reply("commit", format!("status {other:?}"))),
     })
+}
+
+/// The entries of a raw stream reply (`[[id, [field, value, …]], …]`).
+fn parse_entries(v: Value) -> Vec<Entry> {
+    match v {
+        Value::Array(entries) => entries.into_iter().filter_map(parse_entry).collect(),
+        _ => vec![],
+    }
+}
+
+/// One raw stream entry `[id, [field, value, …]]`, reading at most
+/// [`crate::envelope::MAX_ENTRY_FIELDS`] of its fields (see [`FieldMap::from_flat`]).
+/// `None` for an entry that no longer exists (a nil field list) or a malformed one.
+fn parse_entry(v: Value) -> Option<Entry> {
+    let Value::Array(mut pair) = v else {
+        return None;
+    };
+    if pair.len() != 2 {
+        return None;
+    }
+    let fields = pair.pop()?;
+    if matches!(fields, Value::Nil) {
+        return None;
+    }
+    let id = redis::from_redis_value(pair.pop()?).ok()?;
+    Some(Entry {
+        id,
+        fields: flat_fields(&fields),
+    })
+}
+
+/// An entry's flat field list (an array in RESP2 and RESP3 alike).
+fn flat_fields(v: &Value) -> FieldMap {
+    match v {
+        Value::Array(flat) => FieldMap::from_flat(flat),
+        _ => FieldMap::default(),
+    }
 }
 
 fn value_str(v: &Value) -> String {

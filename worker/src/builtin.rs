@@ -2,6 +2,7 @@
 
 use crate::handler::{StepContext, StepError, StepHandler, StepOutput};
 use async_trait::async_trait;
+use honua_shared::allowlist::UrlAllowlist;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -52,11 +53,13 @@ pub struct HttpOptions {
 }
 
 /// POSTs `{processId, processType, step, attempt, input, outputs}` as JSON to `config.url`
-/// (which must start with an allow-listed prefix); a 2xx JSON body becomes the output.
+/// (which must match an allow-listed prefix by scheme, host, port and path segment; see
+/// `honua_shared::allowlist`); a 2xx JSON body becomes the output.
 /// 429 and 5xx are retryable (Retry-After honoured), other 4xx permanent.
 pub struct Http {
     client: reqwest::Client,
     opts: HttpOptions,
+    allowlist: UrlAllowlist,
 }
 
 impl Http {
@@ -67,14 +70,17 @@ impl Http {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Self { client, opts }
-    }
-
-    fn allowed(&self, url: &str) -> bool {
-        self.opts
-            .allowlist
-            .iter()
-            .any(|p| url.starts_with(p.as_str()))
+        // Config validation parses the same entries, so this fails only for options built
+        // by hand: then nothing is allowed.
+        let allowlist = UrlAllowlist::parse(&opts.allowlist).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "invalid http allowlist; the http step may call nothing");
+            UrlAllowlist::default()
+        });
+        Self {
+            client,
+            opts,
+            allowlist,
+        }
     }
 }
 
@@ -92,13 +98,12 @@ impl StepHandler for Http {
             .config
             .get("url")
             .and_then(Value::as_str)
-            .ok_or_else(|| StepError::Permanent("http step has no url".into()))?
-            .to_string();
-        if !self.allowed(&url) {
-            return Err(StepError::Permanent(format!(
-                "url {url} is not in the worker's http_allowlist"
-            )));
-        }
+            .ok_or_else(|| StepError::Permanent("http step has no url".into()))?;
+        // The parsed URL is what is called, so what was checked is what is sent.
+        let url = self
+            .allowlist
+            .check(url)
+            .map_err(|e| StepError::Permanent(e.to_string()))?;
         let timeout = ctx
             .config
             .get("timeout")
@@ -120,7 +125,7 @@ impl StepHandler for Http {
             "input": ctx.input,
             "outputs": ctx.outputs,
         });
-        let send = self.client.post(&url).timeout(timeout).json(&body).send();
+        let send = self.client.post(url).timeout(timeout).json(&body).send();
         let mut resp = tokio::select! {
             r = send => r.map_err(|e| {
                 if e.is_timeout() {

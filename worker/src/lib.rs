@@ -4,6 +4,7 @@
 
 pub mod builtin;
 pub mod handler;
+pub mod http_server;
 pub mod limit;
 pub mod llm;
 pub mod runner;
@@ -70,7 +71,8 @@ pub async fn run_main(
     )?;
     if !cfg.worker.metrics_addr.is_empty() {
         let addr = cfg.worker.metrics_addr.parse()?;
-        if let Err(e) = telemetry::serve_worker_metrics(addr) {
+        let limits = http_server::Limits::from(&cfg.http_server);
+        if let Err(e) = telemetry::serve_worker_metrics(addr, limits, shutdown.clone()).await {
             tracing::warn!(error = %e, %addr, "cannot serve worker metrics");
         }
     }

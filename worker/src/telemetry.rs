@@ -429,31 +429,49 @@ pub fn prometheus_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
         .expect("static buckets are valid")
 }
 
-/// Serves this process's metrics at `GET /metrics` on `addr` (the worker's own port).
-pub fn serve_worker_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+/// Connections the worker's metrics listener serves at once (Prometheus scrapes one at a
+/// time); the timeouts are the gateway's (`http_server`).
+pub const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// Serves this process's metrics at `GET /metrics` on `addr` (the worker's own port) with
+/// the hardened server ([`crate::http_server`]) until `shutdown` fires.
+pub async fn serve_worker_metrics(
+    addr: std::net::SocketAddr,
+    limits: crate::http_server::Limits,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(serve_metrics(listener, limits, shutdown));
+    Ok(())
+}
+
+/// Serves `GET /metrics` (anything else is 404) on `listener`, at most
+/// [`METRICS_MAX_CONNECTIONS`] connections at once (fewer if `limits` says so).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    mut limits: crate::http_server::Limits,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use crate::http_server::{FullBody, TimedBody};
+    limits.max_connections = limits.max_connections.min(METRICS_MAX_CONNECTIONS);
     let handle = metrics_handle();
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let body = handle.render();
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
+    let service = tower::service_fn(move |req: http::Request<TimedBody>| {
+        let handle = handle.clone();
+        async move {
+            let mut resp = http::Response::new(FullBody::default());
+            if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
+                *resp.body_mut() = FullBody::new(handle.render());
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
                 );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
+            } else {
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+            }
+            Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    Ok(())
+    crate::http_server::serve(listener, service, limits, shutdown).await
 }
 
 #[cfg(test)]
