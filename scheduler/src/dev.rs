@@ -230,6 +230,7 @@ pub async fn run(
         );
     }
     crate::warn_if_open(&cfg);
+    crate::warn_if_not_durable(&engine);
     // The gateway's /health checks the scheduler loop, as in honua-scheduler.
     let scheduler = crate::Scheduler::new(engine.clone());
     let state = crate::gateway::ApiState {

@@ -75,6 +75,16 @@ pub fn load_definitions(
     Ok((Arc::new(defs), Arc::new(kinds)))
 }
 
+/// Logs that acknowledged submissions may be lost on a machine crash when the server has
+/// no WAITAOF (`honua-scheduler`, `honua scheduler` and `honua dev` alike).
+pub fn warn_if_not_durable(engine: &Engine) {
+    if !engine.waitaof {
+        tracing::warn!(
+            "WAITAOF unavailable (Redis < 7.2 or AOF off): a machine crash can lose about the last second of acknowledged submissions"
+        );
+    }
+}
+
 /// Logs that the API is open when no API keys are configured (`honua-scheduler`,
 /// `honua scheduler` and `honua dev` alike).
 pub fn warn_if_open(cfg: &Config) {
@@ -100,11 +110,7 @@ pub async fn run_scheduler(
     )?;
     let cfg = Arc::new(cfg);
     let engine = Engine::new(cfg.clone(), store, defs, kinds).await;
-    if !engine.waitaof {
-        tracing::warn!(
-            "WAITAOF unavailable (Redis < 7.2 or AOF off): a machine crash can lose about the last second of acknowledged submissions"
-        );
-    }
+    warn_if_not_durable(&engine);
     let listener = match listener {
         Some(l) => l,
         None => tokio::net::TcpListener::bind(cfg.listen_addr()).await?,
