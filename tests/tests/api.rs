@@ -1260,6 +1260,36 @@ async fn a_reused_idempotency_key_answers_the_stored_process_or_409() {
         let detail = err["detail"].as_str().unwrap();
         assert!(detail.contains(&id) && detail.contains(differs), "{detail}");
     }
+    // Through the submission stream (the scheduler consumes it): set aside with its reason.
+    let reused = honua_shared::envelope::Submission {
+        process_type: "Other".into(),
+        version: None,
+        input: json!({"n": 1}),
+        id: None,
+        idempotency_key: Some("order-7".into()),
+        trace: Default::default(),
+    };
+    let keys = f.store().keys();
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(keys.submit()).arg("*");
+    for (k, v) in reused.to_fields() {
+        xadd.arg(k).arg(v);
+    }
+    let _: String = xadd.query_async(&mut f.store().conn()).await.unwrap();
+    let q = wait_for("the reused key quarantined", DEADLINE, || async {
+        let e = f
+            .store()
+            .stream_entries(&keys.quarantine(), 10)
+            .await
+            .ok()?;
+        e.into_iter().next()
+    })
+    .await;
+    let reason = q.fields.get("reason").unwrap();
+    assert!(
+        reason.contains("idempotency key order-7") && reason.contains(&id),
+        "{reason}"
+    );
     // Nothing new was created.
     let (_, list) = get_json(&c, &url).await;
     assert_eq!(ids_of(&list), [id.as_str()]);
