@@ -1270,12 +1270,7 @@ async fn a_reused_idempotency_key_answers_the_stored_process_or_409() {
         trace: Default::default(),
     };
     let keys = f.store().keys();
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(keys.submit()).arg("*");
-    for (k, v) in reused.to_fields() {
-        xadd.arg(k).arg(v);
-    }
-    let _: String = xadd.query_async(&mut f.store().conn()).await.unwrap();
+    xadd_submission(f.store(), &reused).await;
     let q = wait_for("the reused key quarantined", DEADLINE, || async {
         let e = f
             .store()
@@ -1294,6 +1289,19 @@ async fn a_reused_idempotency_key_answers_the_stored_process_or_409() {
     let (_, list) = get_json(&c, &url).await;
     assert_eq!(ids_of(&list), [id.as_str()]);
     f.stop().await;
+}
+
+/// Writes `sub` to the submission stream as any Redis client would.
+async fn xadd_submission(
+    store: &honua_shared::store::Store,
+    sub: &honua_shared::envelope::Submission,
+) {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(store.keys().submit()).arg("*");
+    for (k, v) in sub.to_fields() {
+        xadd.arg(k).arg(v);
+    }
+    let _: String = xadd.query_async(&mut store.conn()).await.unwrap();
 }
 
 /// `{"a": {"a": ... 1}}`, `levels` objects deep.
@@ -1339,12 +1347,7 @@ async fn too_deep_input_is_refused_at_submission_and_a_bad_traceparent_is_droppe
         idempotency_key: None,
         trace: Default::default(),
     };
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(keys.submit()).arg("*");
-    for (k, v) in deep.to_fields() {
-        xadd.arg(k).arg(v);
-    }
-    let _: String = xadd.query_async(&mut f.store().conn()).await.unwrap();
+    xadd_submission(f.store(), &deep).await;
     let quarantined = wait_for("the deep submission quarantined", DEADLINE, || async {
         let n: u64 = redis::cmd("XLEN")
             .arg(keys.quarantine())
