@@ -9,7 +9,8 @@
 #  3. checks the custom resources: KEDA ScaledObject / TriggerAuthentication against KEDA's
 #     documented fields (keda.sh/docs/2.16: ScaledObject spec, redis-streams scaler), and
 #     the Prometheus Operator objects' required fields;
-#  4. refuses Secret objects (secrets are referenced, never shipped).
+#  4. refuses Secret objects (secrets are referenced, never shipped);
+#  5. checks that the prod overlays (overlays/prod*) require the honua-api-keys secret.
 # Usage: deploy/k8s/validate.sh   (VALIDATE_RENDER=plain forces the fallback; K8S_VERSION
 # picks the schemas). Exit 0 when everything validates.
 set -euo pipefail
@@ -158,6 +159,19 @@ CUSTOM = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): check_monitoring,
 }
 
+def check_api_keys_required(d, where):
+    """A prod overlay's scheduler must not start without its API keys (an open API)."""
+    if d.get("kind") != "Deployment" or not d["metadata"]["name"].endswith("-scheduler"):
+        return
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        for e in c.get("env") or []:
+            if e.get("name") == "HONUA_API_KEYS":
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+                if ref.get("optional", False):
+                    errors.append(f"{where}: HONUA_API_KEYS must be required (optional: false) in prod")
+                return
+    errors.append(f"{where}: no HONUA_API_KEYS in the scheduler container")
+
 counts = {}
 for path in sorted(glob.glob(os.path.join(out, "*.yaml"))):
     src = os.path.basename(path)
@@ -169,6 +183,8 @@ for path in sorted(glob.glob(os.path.join(out, "*.yaml"))):
         if d.get("kind") == "Secret":
             errors.append(f"{where}: Secret objects must not be shipped (reference them)")
             continue
+        if src.startswith("overlay-prod"):
+            check_api_keys_required(d, where)
         if key in CUSTOM:
             CUSTOM[key](d, where)
         else:

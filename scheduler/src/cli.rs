@@ -742,8 +742,11 @@ fn when(v: Option<&Value>) -> String {
             .map(|t| humantime::format_rfc3339_seconds(t).to_string())
             .unwrap_or_else(|_| s.to_string()),
         None => match v.and_then(Value::as_u64) {
-            Some(ms) => humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms))
-                .to_string(),
+            Some(ms) if ms <= crate::view::MAX_RFC3339_MS => {
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms))
+                    .to_string()
+            }
+            Some(ms) => format!("{ms} ms"),
             None => "-".into(),
         },
     }

@@ -30,6 +30,8 @@ pub struct DevOptions {
     pub redis_url: Option<String>,
     /// Run the mock LLM provider and point the `llm` kind at it (`--mock-llm`).
     pub mock_llm: Option<MockLlmOptions>,
+    /// Fired by a second Ctrl-C: the workers hand their running steps back at once.
+    pub hand_back: CancellationToken,
 }
 
 /// `honua dev --mock-llm`.
@@ -117,8 +119,8 @@ fn add_llm_example(
 /// A redis-server child process, killed on drop.
 pub struct RedisChild {
     pub url: String,
+    pub port: u16,
     child: tokio::process::Child,
-    port: u16,
     dir: std::path::PathBuf,
 }
 
@@ -238,17 +240,32 @@ pub async fn run(
     store.load_scripts().await?;
     let cfg = Arc::new(cfg);
     let engine = Engine::new(cfg.clone(), store.clone(), defs.clone(), kinds.clone()).await;
-    let listener = tokio::net::TcpListener::bind(&cfg.http_addr).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen_addr()).await?;
     let gateway_port = listener.local_addr()?.port();
     println!("honua dev: gateway on http://{}", listener.local_addr()?);
+    if let Some(r) = &redis {
+        println!(
+            "honua dev: redis-cli for this server (paste it once): alias redis-cli='redis-cli -p {}'",
+            r.port
+        );
+    }
+    crate::warn_if_open(&cfg);
+    crate::warn_if_not_durable(&engine);
+    // The gateway's /health checks the scheduler loop, as in honua-scheduler.
+    let scheduler = crate::Scheduler::new(engine.clone());
+    let state = crate::gateway::ApiState {
+        engine: engine.clone(),
+        scheduler: Some(scheduler.stats()),
+    };
     let mut tasks = vec![
-        tokio::spawn(crate::gateway::serve(engine.clone(), listener, shutdown.clone()).map_unit()),
-        tokio::spawn(crate::Scheduler::new(engine.clone()).run(shutdown.clone())),
+        tokio::spawn(crate::gateway::serve_with(state, listener, shutdown.clone()).map_unit()),
+        tokio::spawn(scheduler.run(shutdown.clone())),
     ];
     for i in 0..opts.workers.max(1) {
         let mut wcfg = (*cfg).clone();
         wcfg.worker.id = Some(format!("dev-worker-{i}"));
-        let w = honua_worker::Worker::new(wcfg, store.clone(), defs.clone(), handlers.clone());
+        let w = honua_worker::Worker::new(wcfg, store.clone(), defs.clone(), handlers.clone())
+            .with_hand_back(opts.hand_back.clone());
         tasks.push(tokio::spawn(w.run(shutdown.clone())));
     }
     if opts.submit_examples {
@@ -273,6 +290,10 @@ pub async fn run(
         );
     }
     shutdown.cancelled().await;
+    println!(
+        "honua dev: stopping; running steps get up to {} to finish (Ctrl-C again hands them back now)",
+        humantime::format_duration(Duration::from_millis(cfg.worker.shutdown_grace_ms))
+    );
     for t in tasks {
         let _ = t.await;
     }

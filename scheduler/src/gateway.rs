@@ -152,6 +152,11 @@ impl From<SubmitError> for ApiError {
             SubmitError::IdTaken(_) => {
                 ApiError::new(StatusCode::CONFLICT, "id_taken", e.to_string())
             }
+            SubmitError::IdempotencyKeyReused { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                e.to_string(),
+            ),
             SubmitError::NotDurable(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_durable",
@@ -230,8 +235,11 @@ pub struct SubmitReply {
 }
 
 #[utoipa::path(post, path = "/api/processes", request_body = SubmitBody,
-    responses((status = 201, body = SubmitReply), (status = 200, description = "idempotent repeat", body = SubmitReply),
-              (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 201, body = SubmitReply), (status = 200, description = "idempotent repeat: the stored process", body = SubmitReply),
+              (status = 400, body = ErrorBody),
+              (status = 409, description = "`id_taken`, or `idempotency_key_reused`: the key names a process of another type or input", body = ErrorBody),
+              (status = 413, body = ErrorBody), (status = 415, description = "a content type other than application/json or application/x-www-form-urlencoded", body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
 async fn submit(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -260,29 +268,31 @@ async fn submit(
         input: b.input.unwrap_or_else(|| json!({})),
         id: b.id,
         idempotency_key: idem,
-        trace: TraceContext {
-            traceparent: headers
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            tracestate: None,
-        },
+        trace: TraceContext::from_caller(
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            None,
+        ),
     };
-    let result = st.engine.create(&sub, None).await?;
-    let status = match result {
-        Submitted::Created(_) => StatusCode::CREATED,
-        Submitted::Duplicate(_) => StatusCode::OK,
+    let (status, reply) = match st.engine.create(&sub, None).await? {
+        Submitted::Created(id) => (
+            StatusCode::CREATED,
+            SubmitReply {
+                id,
+                process_type: sub.process_type,
+                duplicate: false,
+            },
+        ),
+        Submitted::Duplicate { id, process_type } => (
+            StatusCode::OK,
+            SubmitReply {
+                id,
+                process_type,
+                duplicate: true,
+            },
+        ),
     };
-    let id = result.id().to_string();
-    let mut resp = (
-        status,
-        Json(SubmitReply {
-            id: id.clone(),
-            process_type: sub.process_type,
-            duplicate: status == StatusCode::OK,
-        }),
-    )
-        .into_response();
+    let id = reply.id.clone();
+    let mut resp = (status, Json(reply)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/api/processes/{id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -299,10 +309,22 @@ pub struct ListParams {
     /// long: `30m`, `24h`, `7d`.
     pub since: Option<String>,
     pub process_type: Option<String>,
-    /// Page size, 1-1000 (default 100).
+    /// Page size, 1-1000 (default 100); anything else is 400.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// From the `x-next-cursor` header of the previous page.
     pub cursor: Option<String>,
+}
+
+/// A `limit` query parameter: 1-1000, 100 when absent.
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(100) {
+        n @ 1..=1000 => Ok(n),
+        n => Err(ApiError::bad(
+            "invalid_query",
+            format!("limit must be 1-1000, not {n}"),
+        )),
+    }
 }
 
 fn status_param(s: &str) -> Result<ProcessStatus, ApiError> {
@@ -335,7 +357,7 @@ async fn list(
         status: p.status.as_deref().map(status_param).transpose()?,
         since: p.since.as_deref().map(parse_age).transpose()?,
         process_type: p.process_type,
-        limit: p.limit.unwrap_or(100),
+        limit: page_limit(p.limit)?,
         cursor: p.cursor,
         active: false,
     };
@@ -643,7 +665,8 @@ pub struct DeadLetterView {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct DlqParams {
-    /// At most this many, newest first (default 100, at most 1000).
+    /// At most this many, newest first: 1-1000 (default 100); anything else is 400.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -655,7 +678,7 @@ async fn deadletters(
     let Query(p) = q?;
     let store = &st.engine.store;
     let entries = store
-        .stream_latest(&store.keys().dlq(), p.limit.unwrap_or(100).clamp(1, 1000))
+        .stream_latest(&store.keys().dlq(), page_limit(p.limit)?)
         .await?;
     Ok(Json(
         entries
@@ -672,8 +695,9 @@ async fn deadletters(
     ))
 }
 
-#[utoipa::path(post, path = "/api/deadletters/{id}/replay", params(("id" = String, Path)),
-    responses((status = 200, body = ActionReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/deadletters/{id}/replay", params(("id" = String, Path, description = "a dead-letter id, `<milliseconds>-<sequence>`")),
+    responses((status = 200, body = ActionReply), (status = 400, description = "not a dead-letter id", body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn replay(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -686,8 +710,11 @@ async fn replay(
             format!("no dead letter {id}"),
         )
     };
-    if !id.bytes().all(|b| b.is_ascii_digit() || b == b'-') || id.is_empty() {
-        return Err(not_found());
+    if !valid_stream_id(&id) {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!("{id:?} is not a dead-letter id (<milliseconds>-<sequence>)"),
+        ));
     }
     let entry = store
         .stream_entry(&store.keys().dlq(), &id)
@@ -698,6 +725,15 @@ async fn replay(
     store.delete_dead_letter(&id).await?;
     tracing::info!(dead_letter = %id, process_id = %pid, "dead letter replayed");
     action_reply(&st, &pid, vec![]).await
+}
+
+/// A full stream entry id, `<ms>-<seq>`, both parts 64-bit numbers (what Redis accepts).
+fn valid_stream_id(id: &str) -> bool {
+    let num = |p: &str| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u64>().is_ok()
+    };
+    id.split_once('-')
+        .is_some_and(|(ms, seq)| num(ms) && num(seq))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -713,7 +749,12 @@ async fn redis_ok(st: &ApiState) -> bool {
         .is_ok_and(|r| r.is_ok())
 }
 
-#[utoipa::path(get, path = "/health", responses((status = 200, body = HealthReply), (status = 503, body = HealthReply)))]
+/// A worker with a heartbeat this recent counts as live in `/health`.
+const LIVE_WORKER_MS: u64 = 30_000;
+
+#[utoipa::path(get, path = "/health", responses((status = 200, body = HealthReply),
+    (status = 401, description = "`api.open_health = false` and no or an unknown bearer token", body = ErrorBody),
+    (status = 503, body = HealthReply)))]
 async fn health(State(st): State<ApiState>) -> Response {
     let mut checks = std::collections::BTreeMap::new();
     let redis = redis_ok(&st).await;
@@ -734,16 +775,12 @@ async fn health(State(st): State<ApiState>) -> Response {
                 if alive { "Healthy" } else { "Unhealthy" }.into(),
             );
         }
+        // One ZCOUNT, however many workers and jobs there are: /health may be open.
         let live = st
             .engine
             .store
-            .workers(500)
+            .live_workers(now.saturating_sub(LIVE_WORKER_MS - 1))
             .await
-            .map(|ws| {
-                ws.iter()
-                    .filter(|w| now.saturating_sub(w.last_seen_ms) < 30_000)
-                    .count()
-            })
             .unwrap_or(0);
         degraded = live == 0;
         checks.insert(
@@ -867,6 +904,12 @@ impl utoipa::Modify for BearerAuth {
                         .or_insert_with(|| error("the body exceeds max_request_body_kb").into());
                 }
             }
+            // Every route that changes something checks the content type.
+            for op in [&mut item.post, &mut item.delete].into_iter().flatten() {
+                op.responses.responses.entry("415".to_string()).or_insert_with(|| {
+                    error("a content type other than application/json or application/x-www-form-urlencoded").into()
+                });
+            }
         }
     }
 }
@@ -887,6 +930,9 @@ async fn method_not_allowed() -> ApiError {
         "method not allowed on this route",
     )
 }
+
+/// Routes open whatever the configuration: the liveness and readiness probes.
+const PROBES: &[&str] = &["/health/live", "/health/ready"];
 
 /// The role a route needs, from [`ROUTES`]; `None` for open routes.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
@@ -926,10 +972,13 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
         )
         .into_response();
     };
-    let open = (path.starts_with("/health") && api.open_health)
+    // The Kubernetes probes stay open (they say only "serving" and "Redis reachable");
+    // `/health` (fleet details) and `/metrics` follow their flags.
+    let open = PROBES.contains(&path.as_str())
+        || (path == "/health" && api.open_health)
         || (path == "/metrics" && api.open_metrics);
     let needed = required_role(req.method(), &path);
-    if open || (needed.is_none() && path.starts_with("/health")) {
+    if open {
         return next.run(req).await;
     }
     let token = req
@@ -968,6 +1017,39 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
+/// The content types a request that changes something may have: JSON, and the form type
+/// curl sends for `-d` without a header (the operations guide's commands). No header at all
+/// is fine (a bodiless POST). `text/plain` and `multipart/form-data` — what a browser form on
+/// another site can send without a CORS preflight — are refused with 415.
+pub const ACCEPTED_CONTENT_TYPES: &[&str] =
+    &["application/json", "application/x-www-form-urlencoded"];
+
+async fn content_type(req: Request, next: Next) -> Response {
+    let ct = req.headers().get(header::CONTENT_TYPE);
+    if req.method() != Method::GET
+        && req.method() != Method::HEAD
+        && let Some(ct) = ct
+    {
+        let mime = ct
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase());
+        if !mime.is_some_and(|m| ACCEPTED_CONTENT_TYPES.contains(&m.as_str())) {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "content-type must be {} (or absent)",
+                    ACCEPTED_CONTENT_TYPES.join(" or ")
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// The gateway's routes, without the scheduler's liveness check.
 pub fn router(engine: Engine) -> Router {
     router_with(ApiState {
@@ -1002,6 +1084,7 @@ pub fn router_with(state: ApiState) -> Router {
         .route("/api/deadletters/{id}/replay", post(replay))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn(content_type))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

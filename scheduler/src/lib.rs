@@ -75,6 +75,26 @@ pub fn load_definitions(
     Ok((Arc::new(defs), Arc::new(kinds)))
 }
 
+/// Logs that acknowledged submissions may be lost on a machine crash when the server has
+/// no WAITAOF (`honua-scheduler`, `honua scheduler` and `honua dev` alike).
+pub fn warn_if_not_durable(engine: &Engine) {
+    if !engine.waitaof {
+        tracing::warn!(
+            "WAITAOF unavailable (Redis < 7.2 or AOF off): a machine crash can lose about the last second of acknowledged submissions"
+        );
+    }
+}
+
+/// Logs that the API is open when no API keys are configured (`honua-scheduler`,
+/// `honua scheduler` and `honua dev` alike).
+pub fn warn_if_open(cfg: &Config) {
+    if cfg.api.keys.is_empty() {
+        tracing::warn!(
+            "no API keys configured (api.keys / HONUA_API_KEYS): the API is open to anyone who can reach it"
+        );
+    }
+}
+
 /// Runs the scheduler loops and the gateway until `shutdown` fires (`honua-scheduler`).
 pub async fn run_scheduler(
     cfg: Config,
@@ -90,21 +110,13 @@ pub async fn run_scheduler(
     )?;
     let cfg = Arc::new(cfg);
     let engine = Engine::new(cfg.clone(), store, defs, kinds).await;
-    if !engine.waitaof {
-        tracing::warn!(
-            "WAITAOF unavailable (Redis < 7.2 or AOF off): a machine crash can lose about the last second of acknowledged submissions"
-        );
-    }
+    warn_if_not_durable(&engine);
     let listener = match listener {
         Some(l) => l,
-        None => tokio::net::TcpListener::bind(&cfg.http_addr).await?,
+        None => tokio::net::TcpListener::bind(cfg.listen_addr()).await?,
     };
     tracing::info!(addr = %listener.local_addr()?, redis = %cfg.redacted_redis_url(), "gateway listening");
-    if cfg.api.keys.is_empty() {
-        tracing::warn!(
-            "no API keys configured (api.keys / HONUA_API_KEYS): the API is open to anyone who can reach it"
-        );
-    }
+    warn_if_open(&cfg);
     let scheduler = Scheduler::new(engine.clone());
     let state = gateway::ApiState {
         engine,

@@ -6,7 +6,7 @@ use crate::submit::Engine;
 use honua_shared::engine::{self, Ctx, OpError, Transition};
 use honua_shared::envelope::Event;
 use honua_shared::record::ProcessRecord;
-use honua_shared::status::{ProcessStatus, StepStatus};
+use honua_shared::status::ProcessStatus;
 use honua_shared::store::{Commit, StoreError};
 use serde_json::Value;
 use std::time::Duration;
@@ -52,6 +52,24 @@ pub fn parse_age(s: &str) -> Result<Duration, OpsError> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| OpsError::Invalid(format!("{s:?} is not a duration like 30m, 24h or 7d")))
+}
+
+/// The highest score a listing starts from (and a cursor may name).
+const CURSOR_MAX_SCORE: u64 = u64::MAX / 2;
+/// The largest offset a cursor may name: Redis takes `LIMIT offset` as a signed 64-bit
+/// number, and no index holds more entries with one score than this.
+const CURSOR_MAX_OFFSET: usize = i32::MAX as usize;
+
+/// A `score:offset` cursor from `x-next-cursor`; anything else is bad input.
+fn parse_cursor(c: &str) -> Result<(u64, usize), OpsError> {
+    let bad = || OpsError::Invalid(format!("bad cursor {c:?}: pass x-next-cursor as given"));
+    let (m, o) = c.split_once(':').ok_or_else(bad)?;
+    let max: u64 = m.parse().map_err(|_| bad())?;
+    let offset: usize = o.parse().map_err(|_| bad())?;
+    if max > CURSOR_MAX_SCORE || offset > CURSOR_MAX_OFFSET {
+        return Err(bad());
+    }
+    Ok((max, offset))
 }
 
 impl Engine {
@@ -190,7 +208,9 @@ impl Engine {
         Ok(steps)
     }
 
-    /// Delivers a signal to a step waiting for it (approval gates).
+    /// Delivers a signal to a step waiting for it (approval gates). `value` must name an
+    /// outcome the waiting step routes on (see [`engine::signal_route`]); anything else is
+    /// refused and changes nothing.
     pub async fn signal(&self, id: &str, name: &str, value: &str) -> Result<(), OpsError> {
         if engine::signal_outcome(value).is_none() {
             return Err(OpsError::Invalid(format!(
@@ -199,21 +219,19 @@ impl Engine {
         }
         let (rec, _) = self.load(id).await?;
         let def = self.defs.get(&rec.process_type, rec.version);
-        let waiting = rec.steps.iter().any(|(n, r)| {
-            r.status == StepStatus::Waiting
-                && def.and_then(|d| d.step(n)).is_some_and(|s| {
-                    s.kind == "approval"
-                        && s.config
-                            .get("signal")
-                            .and_then(Value::as_str)
-                            .unwrap_or("approval")
-                            == name
-                })
-        });
-        if !waiting {
+        let Some((def, step)) =
+            def.and_then(|d| engine::waiting_for_signal(d, &rec, name).map(|s| (d, s)))
+        else {
             return Err(OpsError::Conflict(format!(
                 "process {id} has no step waiting for signal {name:?} (status {})",
                 rec.status
+            )));
+        };
+        if let Err(accepted) = engine::signal_route(def, &step.name, value) {
+            return Err(OpsError::Invalid(format!(
+                "signal value {value:?} is not an outcome step {} routes on; accepted values: {}",
+                step.name,
+                accepted.join(", ")
             )));
         }
         self.store
@@ -279,18 +297,8 @@ impl Engine {
             .map(|d| now.saturating_sub(d.as_millis() as u64))
             .unwrap_or(0);
         let (max, mut offset) = match &q.cursor {
-            None => (u64::MAX / 2, 0usize),
-            Some(c) => {
-                let (m, o) = c
-                    .split_once(':')
-                    .ok_or_else(|| OpsError::Invalid("bad cursor".into()))?;
-                (
-                    m.parse()
-                        .map_err(|_| OpsError::Invalid("bad cursor".into()))?,
-                    o.parse()
-                        .map_err(|_| OpsError::Invalid("bad cursor".into()))?,
-                )
-            }
+            None => (CURSOR_MAX_SCORE, 0usize),
+            Some(c) => parse_cursor(c)?,
         };
         // The next page starts below the last entry scanned: the cursor is its score and how
         // many entries with exactly that score were scanned, so processes indexed after

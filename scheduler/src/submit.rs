@@ -4,6 +4,7 @@ use honua_shared::config::{Config, WaitAof};
 use honua_shared::definition::{DefinitionSet, KindRegistry};
 use honua_shared::engine::{self, AckSource, Ctx};
 use honua_shared::envelope::Submission;
+use honua_shared::record::ProcessRecord;
 use honua_shared::store::{Commit, Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,16 @@ pub enum SubmitError {
     InvalidInput(String),
     #[error("a process with id {0} already exists")]
     IdTaken(String),
+    /// The idempotency key names a process of another type or input: a client bug.
+    #[error(
+        "idempotency key {key} was used for process {id} ({process_type}) with another {differs}"
+    )]
+    IdempotencyKeyReused {
+        key: String,
+        id: String,
+        process_type: String,
+        differs: &'static str,
+    },
     #[error("the submission could not be made durable: {0}")]
     NotDurable(String),
     #[error(transparent)]
@@ -41,14 +52,18 @@ pub enum SubmitError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submitted {
     Created(String),
-    /// The idempotency key was seen before: the existing process.
-    Duplicate(String),
+    /// The idempotency key was seen before, with the same type and input: the stored
+    /// process.
+    Duplicate {
+        id: String,
+        process_type: String,
+    },
 }
 
 impl Submitted {
     pub fn id(&self) -> &str {
         match self {
-            Submitted::Created(id) | Submitted::Duplicate(id) => id,
+            Submitted::Created(id) | Submitted::Duplicate { id, .. } => id,
         }
     }
 }
@@ -99,9 +114,47 @@ impl Engine {
             .await;
         if let Ok(s) = &r {
             span.record("honua.process_id", s.id());
-            span.record("honua.duplicate", matches!(s, Submitted::Duplicate(_)));
+            span.record("honua.duplicate", matches!(s, Submitted::Duplicate { .. }));
         }
         r
+    }
+
+    /// The stored process `id` the submission's idempotency key names: a duplicate when
+    /// its type and input are the submission's, else [`SubmitError::IdempotencyKeyReused`].
+    async fn duplicate(&self, sub: &Submission, id: String) -> Result<Submitted, SubmitError> {
+        let (meta, steps) = self.store.load_process(&id).await?;
+        let Ok(Some(rec)) = ProcessRecord::parse(&id, &meta, &steps) else {
+            // Gone (retention) or unreadable: nothing to compare with.
+            return Ok(Submitted::Duplicate {
+                id,
+                process_type: sub.process_type.clone(),
+            });
+        };
+        let stored_input = self
+            .store
+            .load_data(&id)
+            .await?
+            .get(honua_shared::keys::field::INPUT)
+            .and_then(|b| self.cfg.codec().decode::<serde_json::Value>(b).ok());
+        let differs = if rec.process_type != sub.process_type {
+            Some("processType")
+        } else if stored_input.is_some_and(|i| i != sub.input) {
+            Some("input")
+        } else {
+            None
+        };
+        match differs {
+            None => Ok(Submitted::Duplicate {
+                id,
+                process_type: rec.process_type,
+            }),
+            Some(differs) => Err(SubmitError::IdempotencyKeyReused {
+                key: sub.idempotency_key.clone().unwrap_or_default(),
+                id,
+                process_type: rec.process_type,
+                differs,
+            }),
+        }
     }
 
     async fn create_in_span(
@@ -154,7 +207,12 @@ impl Engine {
             sub.idempotency_key.clone(),
             honua_worker::telemetry::trace_context_of(span)
                 .and_then(|t| t.traceparent)
-                .or_else(|| sub.trace.traceparent.clone()),
+                .or_else(|| {
+                    sub.trace
+                        .traceparent
+                        .clone()
+                        .filter(|t| honua_shared::envelope::valid_traceparent(t))
+                }),
             timeout,
         );
         let ack = ack.map(|entry| AckSource {
@@ -171,7 +229,7 @@ impl Engine {
         );
         let result = match self.store.commit(&call).await? {
             Commit::Ok { .. } => Submitted::Created(id.clone()),
-            Commit::Duplicate(existing) => Submitted::Duplicate(existing),
+            Commit::Duplicate(existing) => return self.duplicate(sub, existing).await,
             Commit::Exists => return Err(SubmitError::IdTaken(id)),
             other => {
                 return Err(SubmitError::Store(StoreError::Reply {

@@ -6,10 +6,19 @@ use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
 use utoipa::ToSchema;
 
-fn ts(ms: Option<u64>) -> Option<String> {
-    ms.map(|ms| {
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+pub const MAX_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// Unix milliseconds as RFC 3339 (`2025-01-02T03:04:05.678Z`); `None` past year 9999, which
+/// only a forged or corrupt record holds (humantime panics on it).
+pub fn rfc3339_ms(ms: u64) -> Option<String> {
+    (ms <= MAX_RFC3339_MS).then(|| {
         humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
     })
+}
+
+fn ts(ms: Option<u64>) -> Option<String> {
+    ms.and_then(rfc3339_ms)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -225,5 +234,21 @@ impl ProcessView {
                 .collect(),
             llm_usage: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_past_year_9999_render_without_panicking() {
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(
+            rfc3339_ms(MAX_RFC3339_MS).as_deref(),
+            Some("9999-12-31T23:59:59.999Z")
+        );
+        assert_eq!(rfc3339_ms(MAX_RFC3339_MS + 1), None);
+        assert_eq!(rfc3339_ms(u64::MAX), None);
     }
 }

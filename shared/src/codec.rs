@@ -80,6 +80,8 @@ impl StateCodec {
                 cap: self.max_bytes,
             });
         }
+        // What this codec could not decode is refused here, not stored to fail later.
+        self.decode_payload::<serde::de::IgnoredAny>(&payload)?;
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(&[MAGIC, FORMAT_VERSION, 0]);
         if self.compress && payload.len() >= COMPRESS_MIN_BYTES {
@@ -219,6 +221,22 @@ mod tests {
             codec(false).decode::<Value>(&[MAGIC, FORMAT_VERSION, 0x80]),
             Err(CodecError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn encode_refuses_what_decode_would_refuse_as_too_deep() {
+        let c = StateCodec::new(1 << 20, 8, false);
+        let mut deep = json!(1);
+        for _ in 0..8 {
+            deep = json!({ "a": deep });
+        }
+        assert!(matches!(c.encode(&deep), Err(CodecError::TooDeep(8))));
+        let mut ok = json!(1);
+        for _ in 0..7 {
+            ok = json!({ "a": ok });
+        }
+        let blob = c.encode(&ok).unwrap();
+        assert_eq!(c.decode::<Value>(&blob).unwrap(), ok);
     }
 
     #[test]

@@ -287,8 +287,9 @@ pub struct Config {
     pub redis_url: String,
     /// Separates deployments (and tests) that share one Redis.
     pub key_prefix: String,
-    /// Gateway listen address.
-    pub http_addr: String,
+    /// Gateway listen address. Unset: `0.0.0.0:9090` with API keys, `127.0.0.1:9090`
+    /// without (an open API is not exposed by default); see [`Config::listen_addr`].
+    pub http_addr: Option<String>,
     /// Directory of process definitions (TOML/YAML).
     pub definitions_dir: PathBuf,
     /// Step kinds registered in Rust by custom worker binaries, so definitions using them
@@ -314,7 +315,7 @@ impl Default for Config {
         Self {
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "honua".into(),
-            http_addr: "0.0.0.0:9090".into(),
+            http_addr: None,
             definitions_dir: PathBuf::from("processes"),
             custom_step_kinds: Vec::new(),
             retention_secs: 24 * 3600,
@@ -330,6 +331,11 @@ impl Default for Config {
         }
     }
 }
+
+/// The gateway's listen address when `http_addr` is unset and API keys are configured.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
+/// ... and when no API keys are configured: the open API stays on this machine.
+pub const DEFAULT_OPEN_HTTP_ADDR: &str = "127.0.0.1:9090";
 
 /// The environment variables read, for the README and `--help`.
 pub const ENV_VARS: &[&str] = &[
@@ -399,7 +405,7 @@ impl Config {
             match k.as_str() {
                 "HONUA_REDIS_URL" => self.redis_url = v.clone(),
                 "HONUA_KEY_PREFIX" => self.key_prefix = v.clone(),
-                "HONUA_HTTP_ADDR" => self.http_addr = v.clone(),
+                "HONUA_HTTP_ADDR" => self.http_addr = Some(v.clone()),
                 "HONUA_DEFINITIONS_DIR" => self.definitions_dir = PathBuf::from(v),
                 "HONUA_RETENTION_SECS" => {
                     self.retention_secs = parse_env("HONUA_RETENTION_SECS", v)?
@@ -472,7 +478,11 @@ impl Config {
         if !crate::envelope::valid_id(&self.key_prefix) {
             return bad("key_prefix", "must be 1-64 characters of [A-Za-z0-9_-]");
         }
-        if self.http_addr.parse::<std::net::SocketAddr>().is_err() {
+        if self
+            .http_addr
+            .as_ref()
+            .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_err())
+        {
             return bad("http_addr", "must be host:port with an IP address");
         }
         if self.retention_secs < 60 {
@@ -490,16 +500,26 @@ impl Config {
         if !(1..=crate::codec::MAX_DEPTH_CEILING).contains(&self.state.max_depth) {
             return bad("state.max_depth", "must be 1..=64");
         }
-        if self.process_framework.default_timeout_minutes == 0 {
-            return bad("process_framework.default_timeout_minutes", "must be > 0");
+        // As long as a definition's `timeout` may be (7 days): a deadline stays a
+        // timestamp every view can render.
+        let max_minutes = crate::definition::MAX_TIMEOUT.as_secs() / 60;
+        let minutes_ok = |m: u64| (1..=max_minutes).contains(&m);
+        if !minutes_ok(self.process_framework.default_timeout_minutes) {
+            return bad(
+                "process_framework.default_timeout_minutes",
+                format!("must be 1..={max_minutes} (7 days)"),
+            );
         }
-        if self
+        if !self
             .process_framework
             .process_timeouts
             .values()
-            .any(|m| *m == 0)
+            .all(|m| minutes_ok(*m))
         {
-            return bad("process_framework.process_timeouts", "minutes must be > 0");
+            return bad(
+                "process_framework.process_timeouts",
+                format!("minutes must be 1..={max_minutes} (7 days)"),
+            );
         }
         let s = &self.scheduler;
         if !(1..=10_000).contains(&s.batch) {
@@ -554,6 +574,16 @@ impl Config {
                 .map_err(|(field, message)| ConfigError::Invalid { field, message })?;
         }
         Ok(())
+    }
+
+    /// Where the gateway listens: `http_addr` when set; else all interfaces with API keys
+    /// configured, and only the loopback interface without (the API is open then).
+    pub fn listen_addr(&self) -> String {
+        match &self.http_addr {
+            Some(a) => a.clone(),
+            None if self.api.keys.is_empty() => DEFAULT_OPEN_HTTP_ADDR.into(),
+            None => DEFAULT_HTTP_ADDR.into(),
+        }
     }
 
     /// Process timeout for a type: the override, else the definition's, else the default.
@@ -717,11 +747,48 @@ mod tests {
         let mut c = Config::default();
         c.http_server.max_connections = 0;
         assert!(c.validate().is_err());
+        // A huge timeout would put the deadline past year 9999.
+        for (minutes, ok) in [(10_080, true), (10_081, false), (u64::MAX / 60, false)] {
+            let mut c = Config::default();
+            c.process_framework.default_timeout_minutes = minutes;
+            assert_eq!(c.validate().is_ok(), ok, "{minutes}");
+            let mut c = Config::default();
+            c.process_framework
+                .process_timeouts
+                .insert("X".into(), minutes);
+            match c.validate() {
+                Ok(()) => assert!(ok),
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert!(!ok);
+                    assert_eq!(field, "process_framework.process_timeouts")
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         let c = Config {
-            http_addr: "nowhere".into(),
+            http_addr: Some("nowhere".into()),
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn an_open_api_listens_on_loopback_unless_told_otherwise() {
+        let key = ApiKey {
+            name: "ops".into(),
+            role: Role::Admin,
+            sha256: "a".repeat(64),
+        };
+        let mut c = Config::default();
+        assert_eq!(c.listen_addr(), "127.0.0.1:9090", "no keys: loopback");
+        c.api.keys = vec![key.clone()];
+        assert_eq!(c.listen_addr(), "0.0.0.0:9090", "keys: every interface");
+        // An explicit address (file or HONUA_HTTP_ADDR, as the k8s manifests set) wins.
+        let env = [("HONUA_HTTP_ADDR".to_string(), "0.0.0.0:9191".to_string())];
+        let c = Config::load(None, env).unwrap();
+        assert!(c.api.keys.is_empty());
+        assert_eq!(c.listen_addr(), "0.0.0.0:9191");
+        c.validate().unwrap();
     }
 
     #[test]

@@ -610,28 +610,19 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
             );
         }
         Event::Signal { name, value, .. } => {
-            let waiting = rec.steps.iter().find(|(n, r)| {
-                r.status == StepStatus::Waiting
-                    && ctx.def.step(n).is_some_and(|d| {
-                        d.kind == "approval"
-                            && d.config
-                                .get("signal")
-                                .and_then(|v| v.as_str())
-                                .unwrap_or("approval")
-                                == name
-                    })
-            });
-            let Some((step, _)) = waiting else {
+            let Some(step) = waiting_for_signal(ctx.def, rec, name) else {
                 return Transition {
                     actions: vec![],
                     notes: vec![format!("no step is waiting for signal {name:?}")],
                 };
             };
-            let step = step.clone();
-            let Some(out) = signal_outcome(value) else {
+            let step = step.name.clone();
+            let Ok(out) = signal_route(ctx.def, &step, value) else {
                 return Transition {
                     actions: vec![],
-                    notes: vec![format!("signal value {value:?} is not an outcome")],
+                    notes: vec![format!(
+                        "signal value {value:?} is not an outcome step {step} routes on"
+                    )],
                 };
             };
             p.close_attempt(&step, &out, None, None);
@@ -783,6 +774,55 @@ fn stale(step: &str) -> Transition {
     Transition {
         actions: vec![],
         notes: vec![format!("event for step {step} no longer applies")],
+    }
+}
+
+/// The approval step of `rec` waiting for signal `name`, if any.
+pub fn waiting_for_signal<'d>(
+    def: &'d ProcessDefinition,
+    rec: &ProcessRecord,
+    name: &str,
+) -> Option<&'d StepDef> {
+    rec.steps
+        .iter()
+        .filter(|(_, r)| r.status == StepStatus::Waiting)
+        .filter_map(|(n, _)| def.step(n))
+        .find(|d| {
+            d.kind == "approval"
+                && d.config
+                    .get("signal")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("approval")
+                    == name
+        })
+}
+
+/// The outcome signal `value` gives approval step `step`: `approve` (→ `ok`), `reject`
+/// (→ `rejected`), or an outcome name the step routes on (its `on` table). Anything else —
+/// a typo like `aprove` would otherwise end the branch — is refused with the values the step
+/// accepts.
+pub fn signal_route(
+    def: &ProcessDefinition,
+    step: &str,
+    value: &str,
+) -> Result<String, Vec<String>> {
+    let routes = def.step(step).map(|s| &s.routes);
+    let routed = |o: &str| routes.is_some_and(|r| r.contains_key(o));
+    match signal_outcome(value) {
+        Some(o) if o == outcome::OK || o == outcome::REJECTED || routed(&o) => Ok(o),
+        _ => {
+            let mut accepted = vec!["approve".to_string(), "reject".to_string()];
+            accepted.extend(
+                routes
+                    .into_iter()
+                    .flat_map(|r| r.keys())
+                    .filter(|o| {
+                        ![outcome::OK, outcome::REJECTED, outcome::FAILED].contains(&o.as_str())
+                    })
+                    .cloned(),
+            );
+            Err(accepted)
+        }
     }
 }
 

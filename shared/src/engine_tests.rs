@@ -1192,11 +1192,43 @@ fn signals_decide_a_waiting_approval() {
         Some("rejected")
     );
 
-    // Any other value is the outcome itself; unrouted, it ends the branch.
+    // A value the step does not route on (a typo of approve) changes nothing: it must not
+    // end the branch and complete the process with the remaining steps never run.
     let (mut sim, _) = Sim::start(APPROVAL);
-    let t = sim.feed(signal("approval", "postpone"));
-    assert!(enqueued(&t).is_empty());
-    assert_eq!(t.finish(), Some((ProcessStatus::Completed, None)));
+    for v in ["postpone", "aprove"] {
+        let t = sim.feed(signal("approval", v));
+        assert!(t.is_empty(), "{v}: {t:?}");
+        assert!(
+            notes(&t).contains("not an outcome step Review routes on"),
+            "{t:?}"
+        );
+    }
+    // An outcome of the step's `on` table is taken.
+    let routed = APPROVAL.replace("rejected = \"Fix\"", "rejected = \"Fix\"\nhold = \"Fix\"");
+    let (mut sim, _) = Sim::start(&routed);
+    let t = sim.feed(signal("approval", "hold"));
+    assert_eq!(enqueued_steps(&t), ["Fix"]);
+    assert_eq!(
+        set_step(&t, "Review").unwrap().outcome.as_deref(),
+        Some("hold")
+    );
+}
+
+#[test]
+fn signal_route_names_the_accepted_values() {
+    let routed = APPROVAL.replace("rejected = \"Fix\"", "rejected = \"Fix\"\nhold = \"Fix\"");
+    let (sim, _) = Sim::start(&routed);
+    let def = &*sim.def;
+    assert_eq!(signal_route(def, "Review", "Approve").as_deref(), Ok("ok"));
+    assert_eq!(signal_route(def, "Review", "no").as_deref(), Ok("rejected"));
+    assert_eq!(signal_route(def, "Review", "hold").as_deref(), Ok("hold"));
+    for v in ["aprove", "LGTM!", "failed"] {
+        assert_eq!(
+            signal_route(def, "Review", v),
+            Err(vec!["approve".into(), "reject".into(), "hold".into()]),
+            "{v}"
+        );
+    }
 }
 
 #[test]

@@ -138,6 +138,43 @@ pub struct TraceContext {
     pub tracestate: Option<String>,
 }
 
+/// `true` for a W3C `traceparent` of version 00: `00-<32 hex>-<16 hex>-<2 hex>` (55
+/// characters, lowercase hex, trace and parent ids not all zeros).
+pub fn valid_traceparent(s: &str) -> bool {
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |p: &str| p.bytes().any(|b| b != b'0');
+    let parts: Vec<&str> = s.split('-').collect();
+    s.len() == 55
+        && matches!(parts[..], [v, t, p, f] if v == "00" && hex(t, 32) && nonzero(t)
+            && hex(p, 16) && nonzero(p) && hex(f, 2))
+}
+
+/// Longest `tracestate` kept (the W3C limit is 512 characters).
+pub const MAX_TRACESTATE_LEN: usize = 512;
+
+impl TraceContext {
+    /// The context a caller sent, without what is not W3C: an invalid `traceparent` is
+    /// dropped (with its `tracestate`) rather than copied into every job of the process.
+    pub fn from_caller(traceparent: Option<&str>, tracestate: Option<&str>) -> Self {
+        let traceparent = traceparent
+            .map(str::trim)
+            .filter(|t| valid_traceparent(t))
+            .map(str::to_string);
+        let tracestate = tracestate
+            .filter(|_| traceparent.is_some())
+            .filter(|t| t.len() <= MAX_TRACESTATE_LEN)
+            .map(str::to_string);
+        Self {
+            traceparent,
+            tracestate,
+        }
+    }
+}
+
 /// One step job on the job stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEnvelope {
@@ -463,10 +500,7 @@ impl Submission {
             input,
             id: checked("id")?,
             idempotency_key: checked("idempotency_key")?,
-            trace: TraceContext {
-                traceparent: f.get("tp").map(str::to_string),
-                tracestate: f.get("ts").map(str::to_string),
-            },
+            trace: TraceContext::from_caller(f.get("tp"), f.get("ts")),
         })
     }
 }
@@ -503,6 +537,58 @@ mod tests {
         );
         assert!(Submission::from_fields(&big).is_err());
         assert!(Event::from_fields(&big).is_err());
+    }
+
+    #[test]
+    fn only_w3c_traceparents_are_kept() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(good));
+        let long = format!("{good}{}", "0".repeat(60_000));
+        for bad in [
+            "",
+            "00-abc-def-01",
+            long.as_str(),
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad:.80}");
+            assert_eq!(
+                TraceContext::from_caller(Some(bad), Some("a=b")),
+                TraceContext::default()
+            );
+        }
+        let t = TraceContext::from_caller(Some(good), Some("congo=t61rcWkgMzE"));
+        assert_eq!(t.traceparent.as_deref(), Some(good));
+        assert_eq!(t.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        let state = "x".repeat(513);
+        let t = TraceContext::from_caller(Some(good), Some(&state));
+        assert_eq!(t.tracestate, None);
+        // The stream intake drops what the gateway drops.
+        let mut f = Submission {
+            process_type: "T".into(),
+            version: None,
+            input: serde_json::json!({}),
+            id: None,
+            idempotency_key: None,
+            trace: TraceContext {
+                traceparent: Some(long.clone()),
+                tracestate: None,
+            },
+        }
+        .to_fields();
+        assert_eq!(
+            Submission::from_fields(&map(f.clone())).unwrap().trace,
+            TraceContext::default()
+        );
+        f.retain(|(k, _)| k != "tp");
+        assert_eq!(
+            Submission::from_fields(&map(f)).unwrap().trace,
+            TraceContext::default()
+        );
     }
 
     #[test]

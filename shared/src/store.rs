@@ -1044,6 +1044,16 @@ impl Store {
         })
     }
 
+    /// How many workers heartbeat at or after `since_ms` (one `ZCOUNT`, whatever the fleet).
+    pub async fn live_workers(&self, since_ms: u64) -> Result<u64> {
+        Ok(redis::cmd("ZCOUNT")
+            .arg(self.keys.workers())
+            .arg(since_ms)
+            .arg("+inf")
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
     /// Workers seen by heartbeat (id, last seen ms) and, per worker, the jobs it holds.
     pub async fn workers(&self, limit: usize) -> Result<Vec<WorkerInfo>> {
         let seen: Vec<(String, f64)> = redis::cmd("ZREVRANGE")

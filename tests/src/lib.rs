@@ -164,7 +164,7 @@ pub fn test_config(redis_url: &str, defs_dir: &Path) -> Config {
     let mut c = Config {
         redis_url: redis_url.to_string(),
         key_prefix: "t".into(),
-        http_addr: "127.0.0.1:0".into(),
+        http_addr: Some("127.0.0.1:0".into()),
         definitions_dir: defs_dir.to_path_buf(),
         ..Config::default()
     };

@@ -840,7 +840,6 @@ async fn bad_input_gets_typed_json_errors() {
         ("POST", "/api/processes/nope-123/retry-current-step"),
         ("POST", "/api/processes/nope-123/signal/review"),
         ("POST", "/api/deadletters/1-0/replay"),
-        ("POST", "/api/deadletters/bogus/replay"),
         ("GET", "/api/no-such-route"),
     ] {
         let r = c
@@ -1115,5 +1114,466 @@ async fn health_reports_redis_and_readiness() {
     assert_eq!(h["checks"]["redis"], "Unhealthy");
     let (code, _) = get_json(&c, &f.url("/health/live")).await;
     assert_eq!(code, 200, "liveness does not depend on redis");
+    f.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Hardening (issue 12): bad input is refused at the door and changes nothing.
+// ---------------------------------------------------------------------------------------
+
+/// `GateOn`: [`defs::GATE`] whose approval step also routes outcome `hold` to step `Hold`.
+fn gate_on() -> String {
+    let text = defs::GATE
+        .1
+        .replace("name = \"Gate\"", "name = \"GateOn\"")
+        .replace(
+            "next = \"Apply\"",
+            "next = \"Apply\"\non = { hold = \"Hold\" }",
+        );
+    format!("{text}[[steps]]\nname = \"Hold\"\nkind = \"noop\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_value_the_step_does_not_route_on_is_refused_and_changes_nothing() {
+    let redis = RedisServer::start();
+    let gate_on = gate_on();
+    let mut files = DEFS.to_vec();
+    files.push(("gate_on.toml", &gate_on));
+    let dir = defs_dir(&files);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let gate = f.submit("Gate", json!({})).await;
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+    let events = f.store().keys().events();
+    let sent_before = entries_added(f.store(), &events).await;
+
+    // A typo of approve, and an outcome name the step has no route for.
+    let sig = f.url(&format!("/api/processes/{gate}/signal/review"));
+    for value in ["aprove", "hold", "needs_changes"] {
+        let (code, body) = post_json(&c, &sig, json!({ "value": value })).await;
+        assert_eq!(code, 400, "{value}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("approve, reject"),
+            "names the accepted values: {detail}"
+        );
+        assert!(detail.contains(value), "{detail}");
+    }
+    // Nothing was sent to the scheduler, and the gate still waits.
+    assert_eq!(entries_added(f.store(), &events).await, sent_before);
+    let rec = f.record(&gate).await.unwrap();
+    assert_eq!(rec.status, ProcessStatus::WaitingForApproval);
+    assert!(!rec.steps.contains_key("Apply"), "{rec:?}");
+
+    // approve still releases it, and the remaining step runs.
+    let (code, body) = post_json(&c, &sig, json!({"value": "approve"})).await;
+    assert_eq!(code, 202, "{body}");
+    let rec = f.wait_finished(&gate).await;
+    assert_eq!(rec.status, ProcessStatus::Completed);
+    assert_eq!(
+        rec.steps["Apply"].status,
+        honua_shared::status::StepStatus::Completed
+    );
+
+    // A name in the step's `on` table is accepted and followed; the error names it too.
+    let on = f.submit("GateOn", json!({})).await;
+    wait_status(&f, &on, ProcessStatus::WaitingForApproval).await;
+    let sig = f.url(&format!("/api/processes/{on}/signal/review"));
+    let (code, body) = post_json(&c, &sig, json!({"value": "aprove"})).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("approve, reject, hold"),
+        "{body}"
+    );
+    let (code, body) = post_json(&c, &sig, json!({"value": "hold"})).await;
+    assert_eq!(code, 202, "{body}");
+    let rec = f.wait_finished(&on).await;
+    assert_eq!(
+        rec.steps["Hold"].status,
+        honua_shared::status::StepStatus::Completed
+    );
+    assert!(!rec.steps.contains_key("Apply"), "{rec:?}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_idempotency_key_answers_the_stored_process_or_409() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 0).await;
+    let c = http();
+    let url = f.url("/api/processes");
+    let body = json!({"processType": "Ok", "input": {"n": 1}, "idempotencyKey": "order-7"});
+    let (code, first) = post_json(&c, &url, body.clone()).await;
+    assert_eq!(code, 201, "{first}");
+    let id = first["id"].as_str().unwrap().to_string();
+
+    // The same request again (key in the body or the header): the stored process.
+    let (code, again) = post_json(&c, &url, body.clone()).await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(
+        again,
+        json!({"id": id, "processType": "Ok", "duplicate": true})
+    );
+    let r = c
+        .post(&url)
+        .header("idempotency-key", "order-7")
+        .json(&json!({"processType": "Ok", "input": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    let (code, again) = json_of(r).await;
+    assert_eq!((code, &again["id"]), (200, &json!(id)), "{again}");
+
+    // Another type or another input under the same key: a client bug, made visible.
+    for (other, differs) in [
+        (
+            json!({"processType": "Other", "input": {"n": 1}, "idempotencyKey": "order-7"}),
+            "processType",
+        ),
+        (
+            json!({"processType": "Ok", "input": {"n": 2}, "idempotencyKey": "order-7"}),
+            "input",
+        ),
+        (
+            json!({"processType": "Ok", "idempotencyKey": "order-7"}),
+            "input",
+        ),
+    ] {
+        let (code, err) = post_json(&c, &url, other.clone()).await;
+        assert_eq!(code, 409, "{other}: {err}");
+        assert_eq!(err["error"], "idempotency_key_reused", "{err}");
+        let detail = err["detail"].as_str().unwrap();
+        assert!(detail.contains(&id) && detail.contains(differs), "{detail}");
+    }
+    // Through the submission stream (the scheduler consumes it): set aside with its reason.
+    let reused = honua_shared::envelope::Submission {
+        process_type: "Other".into(),
+        version: None,
+        input: json!({"n": 1}),
+        id: None,
+        idempotency_key: Some("order-7".into()),
+        trace: Default::default(),
+    };
+    let keys = f.store().keys();
+    xadd_submission(f.store(), &reused).await;
+    let q = wait_for("the reused key quarantined", DEADLINE, || async {
+        let e = f
+            .store()
+            .stream_entries(&keys.quarantine(), 10)
+            .await
+            .ok()?;
+        e.into_iter().next()
+    })
+    .await;
+    let reason = q.fields.get("reason").unwrap();
+    assert!(
+        reason.contains("idempotency key order-7") && reason.contains(&id),
+        "{reason}"
+    );
+    // Nothing new was created.
+    let (_, list) = get_json(&c, &url).await;
+    assert_eq!(ids_of(&list), [id.as_str()]);
+    f.stop().await;
+}
+
+/// Writes `sub` to the submission stream as any Redis client would.
+async fn xadd_submission(
+    store: &honua_shared::store::Store,
+    sub: &honua_shared::envelope::Submission,
+) {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(store.keys().submit()).arg("*");
+    for (k, v) in sub.to_fields() {
+        xadd.arg(k).arg(v);
+    }
+    let _: String = xadd.query_async(&mut store.conn()).await.unwrap();
+}
+
+/// `{"a": {"a": ... 1}}`, `levels` objects deep.
+fn nested(levels: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..levels {
+        v = json!({ "a": v });
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_deep_input_is_refused_at_submission_and_a_bad_traceparent_is_dropped() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.state.max_depth = 8;
+    let f = Fleet::start(cfg, 1, 1).await;
+    let c = http();
+    let url = f.url("/api/processes");
+
+    // Over HTTP: 400, and no process.
+    let (code, body) = post_json(&c, &url, json!({"processType": "Ok", "input": nested(12)})).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"], "invalid_input", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("deeper than 8"),
+        "{body}"
+    );
+    // Within the depth: accepted and run.
+    let (code, body) = post_json(&c, &url, json!({"processType": "Ok", "input": nested(6)})).await;
+    assert_eq!(code, 201, "{body}");
+    let ok = body["id"].as_str().unwrap().to_string();
+    assert_eq!(f.wait_finished(&ok).await.status, ProcessStatus::Completed);
+
+    // Through the submission stream: quarantined, no process.
+    let keys = f.store().keys();
+    let deep = honua_shared::envelope::Submission {
+        process_type: "Ok".into(),
+        version: None,
+        input: nested(12),
+        id: Some("too-deep".into()),
+        idempotency_key: None,
+        trace: Default::default(),
+    };
+    xadd_submission(f.store(), &deep).await;
+    let quarantined = wait_for("the deep submission quarantined", DEADLINE, || async {
+        let n: u64 = redis::cmd("XLEN")
+            .arg(keys.quarantine())
+            .query_async(&mut f.store().conn())
+            .await
+            .unwrap();
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(quarantined, 1);
+    assert!(f.record("too-deep").await.is_none(), "no process for it");
+
+    // A traceparent is kept only in the W3C format; a longer one is not copied anywhere.
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let long = format!("{good}-{}", "f".repeat(8 * 1024));
+    let mut stored = Vec::new();
+    for tp in [good.to_string(), long] {
+        let r = c
+            .post(&url)
+            .header("traceparent", &tp)
+            .json(&json!({"processType": "Ok"}))
+            .send()
+            .await
+            .unwrap();
+        let (code, body) = json_of(r).await;
+        assert_eq!(code, 201, "{body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        stored.push(f.wait_finished(&id).await.trace);
+    }
+    assert_eq!(stored, [Some(good.to_string()), None]);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_page_sizes_cursors_and_dead_letter_ids_are_400() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let done = f.submit("Ok", json!({})).await;
+    f.wait_finished(&done).await;
+
+    for q in [
+        "/api/processes?limit=0",
+        "/api/processes?limit=1001",
+        "/api/processes?limit=-1",
+        "/api/processes?cursor=18446744073709551615:18446744073709551615",
+        "/api/processes?cursor=1:18446744073709551615",
+        "/api/processes?cursor=18446744073709551615:0",
+        "/api/deadletters?limit=0",
+    ] {
+        let (code, body) = get_json(&c, &f.url(q)).await;
+        assert_eq!(code, 400, "{q}: {body}");
+        assert_error_body(&body, q);
+    }
+    let (code, page) = get_json(&c, &f.url("/api/processes?limit=1")).await;
+    assert_eq!((code, ids_of(&page)), (200, vec![done.clone()]));
+
+    for id in [
+        "--",
+        "1-",
+        "-1",
+        "99999999999999999999",
+        "99999999999999999999-0",
+        "1-99999999999999999999",
+        "bogus",
+        "1",
+    ] {
+        let (code, body) = post_json(
+            &c,
+            &f.url(&format!("/api/deadletters/{id}/replay")),
+            json!({}),
+        )
+        .await;
+        assert_eq!(code, 400, "{id}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{id}: {body}");
+    }
+    // A well-formed id that is not there is still 404.
+    let (code, body) = post_json(&c, &f.url("/api/deadletters/1-0/replay"), json!({})).await;
+    assert_eq!(code, 404, "{body}");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_past_year_9999_do_not_break_the_views() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let id = f.submit("Ok", json!({})).await;
+    f.wait_finished(&id).await;
+    // What any Redis writer could leave: year ~33,000 and u64::MAX.
+    let _: () = redis::cmd("HSET")
+        .arg(f.store().keys().process(&id))
+        .arg(honua_shared::keys::field::CREATED_MS)
+        .arg(1_000_000_000_000_000u64)
+        .arg(honua_shared::keys::field::DEADLINE_MS)
+        .arg(u64::MAX)
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    let (code, list) = get_json(&c, &f.url("/api/processes")).await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(ids_of(&list), [id.as_str()]);
+    assert_eq!(list[0]["createdAt"], Value::Null, "{list}");
+    let (code, view) = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+    assert_eq!(code, 200, "{view}");
+    assert_eq!(view["deadlineAt"], Value::Null, "{view}");
+    assert!(view["endedAt"].is_string(), "{view}");
+    f.stop().await;
+}
+
+/// Sum of `calls` over Redis's `INFO commandstats`, leaving out INFO and CONFIG.
+async fn redis_calls(store: &honua_shared::store::Store) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut store.conn())
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter(|l| !l.starts_with("info:") && !l.starts_with("config"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_can_be_closed_and_answers_with_a_constant_number_of_redis_calls() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.api.keys = vec![ApiKey {
+        name: "dashboard".into(),
+        role: Role::Read,
+        sha256: honua_scheduler::gateway::token_hash("read-token"),
+    }];
+    cfg.api.open_health = false;
+    // The gateway alone: nothing else talks to Redis while /health is measured.
+    let f = Fleet::start(cfg, 0, 0).await;
+    let c = http();
+
+    let r = c.get(f.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "open_health = false closes /health");
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    // The Kubernetes probes stay open.
+    for probe in ["/health/live", "/health/ready"] {
+        let (code, body) = get_json(&c, &f.url(probe)).await;
+        assert_eq!(code, 200, "{probe}: {body}");
+    }
+
+    // 200 workers with fresh heartbeats: /health costs the same few calls as with none.
+    let now = f.store().server_time_ms().await.unwrap();
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg(f.store().keys().workers());
+    for i in 0..200 {
+        zadd.arg(now).arg(format!("w-{i}"));
+    }
+    let _: u64 = zadd.query_async(&mut f.store().conn()).await.unwrap();
+    let before = redis_calls(f.store()).await;
+    let r = c
+        .get(f.url("/health"))
+        .bearer_auth("read-token")
+        .send()
+        .await
+        .unwrap();
+    let (code, h) = json_of(r).await;
+    let calls = redis_calls(f.store()).await - before;
+    assert_eq!(code, 200, "{h}");
+    assert_eq!(h["checks"]["workers"], "Healthy (200 live)", "{h}");
+    assert!(
+        calls <= 5,
+        "/health made {calls} Redis calls for 200 workers"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_routes_refuse_text_plain_and_multipart_bodies() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;
+    let c = http();
+    let url = f.url("/api/processes");
+    let gate = f.submit("Gate", json!({})).await;
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+    let body = r#"{"processType":"Ok"}"#;
+
+    // What a form on another site can post without a preflight.
+    for ct in [
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+    ] {
+        for target in [url.clone(), f.url(&format!("/api/processes/{gate}/cancel"))] {
+            let r = c
+                .post(&target)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let (code, err) = json_of(r).await;
+            assert_eq!(code, 415, "{ct} {target}: {err}");
+            assert_eq!(err["error"], "unsupported_media_type", "{err}");
+        }
+    }
+    let (_, list) = get_json(&c, &url).await;
+    assert_eq!(ids_of(&list), [gate.as_str()], "nothing was created");
+    assert_eq!(
+        f.record(&gate).await.unwrap().status,
+        ProcessStatus::WaitingForApproval
+    );
+
+    // JSON (with a charset) and the guide's bare `curl -d` (a form type) are accepted.
+    for ct in [
+        "application/json; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "Application/JSON",
+    ] {
+        let r = c
+            .post(&url)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (code, b) = json_of(r).await;
+        assert_eq!(code, 201, "{ct}: {b}");
+    }
     f.stop().await;
 }

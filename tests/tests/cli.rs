@@ -355,15 +355,33 @@ async fn submit_input_idempotency_and_refusals() {
     .ok()
     .json();
     assert_eq!(a["duplicate"], false);
-    let b = honua(&f, &["submit", "Three", "--idempotency-key", "k-1"])
-        .await
-        .ok();
+    let b = honua(
+        &f,
+        &[
+            "submit",
+            "Three",
+            "--input",
+            input,
+            "--idempotency-key",
+            "k-1",
+        ],
+    )
+    .await
+    .ok();
     assert_eq!(
         b.out,
         format!(
             "{} (existing process for this idempotency key)\n",
             a["id"].as_str().unwrap()
         )
+    );
+    // The same key with another input is a conflict, not the old process.
+    let reused = honua(&f, &["submit", "Three", "--idempotency-key", "k-1"])
+        .await
+        .exits(4);
+    assert!(
+        reused.err.trim_end().ends_with("(idempotency_key_reused)"),
+        "{reused:#?}"
     );
 
     let unknown = honua(&f, &["submit", "NoSuchType"]).await.exits(1);
@@ -461,6 +479,19 @@ async fn signal_releases_an_approval_gate() {
     assert!(
         wrong.err.contains("no step waiting for signal"),
         "{wrong:#?}"
+    );
+    // A value the step does not route on (a typo of approve) is refused; the gate waits.
+    let typo = honua(&f, &["signal", &id, "review", "--value", "aprove"])
+        .await
+        .exits(1);
+    assert!(
+        typo.err.contains("accepted values: approve, reject")
+            && typo.err.contains("(invalid_request)"),
+        "{typo:#?}"
+    );
+    assert_eq!(
+        f.record(&id).await.unwrap().status,
+        ProcessStatus::WaitingForApproval
     );
     let r = honua(&f, &["signal", &id, "review", "--value", "approve"])
         .await

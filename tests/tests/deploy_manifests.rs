@@ -372,7 +372,7 @@ fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
     }
 
     // Gateway: port, probes and the Service of the guide (honua-process-framework:9090).
-    let http_port = port_of(&defaults.http_addr);
+    let http_port = port_of(&defaults.listen_addr());
     assert_eq!(sc["ports"][0]["containerPort"], http_port);
     assert_eq!(sc["ports"][0]["name"], "http");
     let gateway = read("scheduler/src/gateway.rs");
@@ -1007,4 +1007,54 @@ fn redis_acl_users_per_role_are_rendered_from_secrets_and_each_is_used() {
             }
         }
     }
+}
+
+/// The API is open without keys (the base keeps the secret optional, for trials): every
+/// prod overlay must make the `honua-api-keys` secret required, so a prod scheduler does
+/// not start without it. `deploy/k8s/validate.sh` checks the same on the rendered overlays.
+#[test]
+fn prod_overlays_require_the_api_keys_secret() {
+    let base = find(
+        &base_objects(),
+        "Deployment",
+        "honua-process-framework-scheduler",
+    )
+    .clone();
+    let keys = |c: &Value| env_value(c, "HONUA_API_KEYS").cloned();
+    let base_ref = keys(container(&base, "scheduler")).expect("HONUA_API_KEYS in the base");
+    assert_eq!(
+        base_ref["valueFrom"]["secretKeyRef"]["name"],
+        "honua-api-keys"
+    );
+
+    let prod = &docs("deploy/k8s/overlays/prod/kustomization.yaml")[0];
+    let patched = prod["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["patch"].as_str())
+        .filter_map(|text| serde_yaml_ng::from_str::<Value>(text).ok())
+        .find(|p| {
+            p["kind"] == "Deployment"
+                && p["metadata"]["name"] == "honua-process-framework-scheduler"
+        })
+        .expect("the prod overlay patches the scheduler Deployment");
+    let r = keys(container(&patched, "scheduler")).expect("the patch sets HONUA_API_KEYS");
+    let secret = &r["valueFrom"]["secretKeyRef"];
+    assert_eq!(
+        secret["name"],
+        base_ref["valueFrom"]["secretKeyRef"]["name"]
+    );
+    assert_eq!(secret["key"], base_ref["valueFrom"]["secretKeyRef"]["key"]);
+    assert_eq!(secret["optional"], false, "{r}");
+    // prod-keda builds on prod, so it inherits the patch.
+    let keda = &docs("deploy/k8s/overlays/prod-keda/kustomization.yaml")[0];
+    assert!(
+        keda["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "../prod"),
+        "{keda}"
+    );
 }

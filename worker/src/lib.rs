@@ -76,17 +76,15 @@ pub async fn run_main(
             tracing::warn!(error = %e, %addr, "cannot serve worker metrics");
         }
     }
+    let hand_back = tokio_util::sync::CancellationToken::new();
     let worker = Worker::new(
         cfg,
         store,
         std::sync::Arc::new(defs),
         std::sync::Arc::new(handlers),
-    );
-    let s = shutdown.clone();
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        s.cancel();
-    });
+    )
+    .with_hand_back(hand_back.clone());
+    tokio::spawn(telemetry::shutdown_signals(shutdown.clone(), hand_back));
     worker.run(shutdown).await;
     Ok(())
 }

@@ -135,6 +135,8 @@ struct Completing {
 /// A worker. Cheap to construct; [`Worker::run`] until the shutdown token fires.
 pub struct Worker {
     inner: Arc<Inner>,
+    /// Fired during shutdown: stop waiting for the grace period, hand the steps back now.
+    hand_back: CancellationToken,
 }
 
 impl Worker {
@@ -172,7 +174,15 @@ impl Worker {
                 completions_rx: Mutex::new(Some(completions_rx)),
                 stats: Arc::new(WorkerStats::default()),
             }),
+            hand_back: CancellationToken::new(),
         }
+    }
+
+    /// When `hand_back` fires during shutdown (a second Ctrl-C), the running steps are
+    /// handed back at once instead of after the grace period.
+    pub fn with_hand_back(mut self, hand_back: CancellationToken) -> Self {
+        self.hand_back = hand_back;
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -187,7 +197,7 @@ impl Worker {
     /// the grace period, hands the rest back (release.lua) and retires its consumer if it
     /// owns nothing.
     pub async fn run(self, shutdown: CancellationToken) {
-        let inner = self.inner;
+        let (inner, hand_back) = (self.inner, self.hand_back);
         info!(worker = %inner.id, "worker starting");
         let mut delay = Duration::from_millis(100);
         loop {
@@ -222,7 +232,18 @@ impl Worker {
         let _ = reader.await;
         let _ = sweeper.await;
         let grace = Duration::from_millis(inner.cfg.worker.shutdown_grace_ms);
-        let drained = inner.wait_idle(grace).await;
+        let running: Vec<String> = (inner.inflight.lock().unwrap().values())
+            .map(|r| format!("{}/{}", r.held.job.process_id, r.held.job.step))
+            .collect();
+        if !running.is_empty() {
+            info!(worker = %inner.id, steps = ?running,
+                "shutdown: waiting up to {} for {} running step(s) to finish; interrupt again to hand them back now",
+                humantime::format_duration(grace), running.len());
+        }
+        let drained = tokio::select! {
+            d = inner.wait_idle(grace) => d,
+            _ = hand_back.cancelled() => inner.inflight.lock().unwrap().is_empty(),
+        };
         if !drained {
             let left: Vec<String> = {
                 let mut map = inner.inflight.lock().unwrap();

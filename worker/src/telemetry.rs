@@ -21,6 +21,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -174,6 +175,7 @@ pub fn init_with(format: LogFormat, otlp: Option<OtlpConfig>) -> TelemetryGuard 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_ansi(false)
             .event_format(WithTraceId(
                 tracing_subscriber::fmt::format()
                     .json()
@@ -183,9 +185,7 @@ pub fn init_with(format: LogFormat, otlp: Option<OtlpConfig>) -> TelemetryGuard 
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .with_filter(filter)
             .boxed(),
-        LogFormat::Human => tracing_subscriber::fmt::layer()
-            .with_target(false)
-            .compact()
+        LogFormat::Human => human_layer(std::io::stdout, std::io::stdout().is_terminal())
             .with_filter(filter)
             .boxed(),
     };
@@ -221,6 +221,105 @@ pub fn init_with(format: LogFormat, otlp: Option<OtlpConfig>) -> TelemetryGuard 
         }
         None => TelemetryGuard { provider: None },
     }
+}
+
+/// The `honua dev` log format: time, level, span names, the message, then the fields the
+/// message does not already show (`Process {id} started` is not followed by
+/// `process_id={id}`). Colours only when `ansi` (stdout is a terminal).
+pub fn human_layer<S, W>(writer: W, ansi: bool) -> impl Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(writer)
+        .event_format(HumanFormat { ansi })
+}
+
+struct HumanFormat {
+    ansi: bool,
+}
+
+/// An event's message and its other fields, rendered.
+#[derive(Default)]
+struct HumanFields {
+    message: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl tracing::field::Visit for HumanFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.fields.push((field.name(), value.to_string()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields.push((field.name(), format!("{value:?}")));
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for HumanFormat
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::fmt::time::FormatTime;
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut w)?;
+        let level = *event.metadata().level();
+        let colour = match level {
+            tracing::Level::ERROR => "31",
+            tracing::Level::WARN => "33",
+            tracing::Level::INFO => "32",
+            _ => "34",
+        };
+        if self.ansi {
+            write!(w, " \x1b[{colour}m{level:>5}\x1b[0m ")?;
+        } else {
+            write!(w, " {level:>5} ")?;
+        }
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                write!(w, "{}: ", span.name())?;
+            }
+        }
+        let mut v = HumanFields::default();
+        event.record(&mut v);
+        write!(w, "{}", v.message)?;
+        for (name, value) in &v.fields {
+            if shows(&v.message, value) {
+                continue;
+            }
+            if self.ansi {
+                write!(w, " \x1b[2m{name}=\x1b[0m{value}")?;
+            } else {
+                write!(w, " {name}={value}")?;
+            }
+        }
+        writeln!(w)
+    }
+}
+
+/// `value` appears in `message` as a whole word (not inside a longer name or number).
+fn shows(message: &str, value: &str) -> bool {
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    !value.is_empty()
+        && message.match_indices(value).any(|(at, _)| {
+            !message[..at].ends_with(word) && !message[at + value.len()..].starts_with(word)
+        })
 }
 
 fn tracer_provider(c: &OtlpConfig) -> Result<SdkTracerProvider, String> {
@@ -376,6 +475,19 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Cancels `shutdown` at the first SIGTERM/Ctrl-C and `hand_back` at the second (a
+/// worker then hands its running steps back without waiting out the grace period).
+pub async fn shutdown_signals(
+    shutdown: tokio_util::sync::CancellationToken,
+    hand_back: tokio_util::sync::CancellationToken,
+) {
+    shutdown_signal().await;
+    shutdown.cancel();
+    shutdown_signal().await;
+    tracing::warn!("interrupted again: handing the running steps back now");
+    hand_back.cancel();
+}
+
 /// The process's Prometheus recorder, installed on first use (one per process: the
 /// scheduler, gateway and in-process workers of `honua dev` share it). Durations are
 /// histograms with buckets from 1 ms to 1 h.
@@ -484,6 +596,58 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    /// Lines `human_layer` writes for `log`, with or without colours.
+    fn human_lines(ansi: bool, log: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let o = out.clone();
+        let sub = tracing_subscriber::registry().with(human_layer(move || Buf(o.clone()), ansi));
+        tracing::subscriber::with_default(sub, log);
+        String::from_utf8(out.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn human_logs_show_each_id_once_and_colour_only_a_terminal() {
+        let pid = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+        let log = || {
+            tracing::info!(process_id = %pid, step = "A", worker = "w-1", duration_ms = 12u64,
+                "Process {pid} step A completed, duration 12 ms");
+            tracing::warn!(process_id = %pid, attempt = 1u32, "Process {pid} retried");
+        };
+        let plain = human_lines(false, log);
+        assert!(!plain.contains('\x1b'), "{plain:?}");
+        let lines: Vec<&str> = plain.lines().collect();
+        assert_eq!(lines.len(), 2, "{plain}");
+        for l in &lines {
+            assert_eq!(l.matches(pid).count(), 1, "{l}");
+        }
+        assert!(lines[0].contains(" INFO Process "), "{}", lines[0]);
+        assert!(
+            lines[0].ends_with("worker=w-1"),
+            "fields the message lacks stay: {}",
+            lines[0]
+        );
+        assert!(
+            !lines[0].contains("step=") && !lines[0].contains("duration_ms="),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].ends_with("attempt=1"), "{}", lines[1]);
+        let coloured = human_lines(true, log);
+        assert!(coloured.contains("\x1b["), "{coloured:?}");
+        assert_eq!(coloured.matches(pid).count(), 2, "{coloured}");
     }
 
     #[test]

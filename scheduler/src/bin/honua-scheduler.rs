@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     honua_worker::install_crypto_provider();
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(a) = args.http_addr {
-        cfg.http_addr = a;
+        cfg.http_addr = Some(a);
     }
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -88,11 +88,11 @@ async fn main() -> anyhow::Result<ExitCode> {
         .map(|(_, v)| v.clone());
     let cfg = Config::load(cli.config.as_deref(), env)?;
     let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        s.cancel();
-    });
+    let hand_back = CancellationToken::new();
+    tokio::spawn(telemetry::shutdown_signals(
+        shutdown.clone(),
+        hand_back.clone(),
+    ));
     match role {
         Role::Dev {
             workers,
@@ -112,6 +112,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 mock_llm: mock_llm.then_some(MockLlmOptions {
                     rate_limit_every: mock_llm_429_every,
                 }),
+                hand_back,
             };
             dev::run(cfg, opts, shutdown).await?
         }
