@@ -127,8 +127,6 @@ pub struct WorkerConfig {
     /// URL prefixes the `http` step kind may call.
     pub http_allowlist: Vec<String>,
     pub http_max_response_kb: usize,
-    /// Consumers idle this long that own nothing are deleted.
-    pub retire_consumer_after_secs: u64,
     /// Where `honua-worker` serves its own `/metrics` (empty: nowhere).
     pub metrics_addr: String,
 }
@@ -146,7 +144,6 @@ impl Default for WorkerConfig {
             read_block_ms: 1_000,
             http_allowlist: Vec::new(),
             http_max_response_kb: 1024,
-            retire_consumer_after_secs: 3_600,
             metrics_addr: "0.0.0.0:9091".into(),
         }
     }
@@ -155,6 +152,12 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// A consumer that owns nothing and whose worker has not heartbeated for this long (two
+    /// leases) is deleted by the other workers' sweeps: a killed worker leaves the group.
+    pub fn retire_idle(&self) -> Duration {
+        2 * self.lease()
     }
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(
