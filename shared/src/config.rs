@@ -646,9 +646,8 @@ mod tests {
 
     #[test]
     fn layers_apply_in_order() {
-        let dir = std::env::temp_dir().join(format!("honua-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("honua.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("honua.toml");
         std::fs::write(
             &path,
             "key_prefix = \"fromfile\"\n[worker]\nlease_ms = 9000\nmax_deliveries = 7\n",
@@ -668,9 +667,8 @@ mod tests {
 
     #[test]
     fn unknown_file_fields_and_bad_env_are_errors() {
-        let dir = std::env::temp_dir().join(format!("honua-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bad.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
         std::fs::write(&path, "leese_ms = 1\n").unwrap();
         assert!(matches!(
             Config::load(Some(&path), env(&[])),
