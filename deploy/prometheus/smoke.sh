@@ -8,7 +8,9 @@
 # data. The LLM work is the built-in LlmExample process type `--mock-llm` adds. Also lints one scrape of /metrics with `promtool check metrics` (fails the run on
 # any finding, e.g. a metric without `# HELP`). Everything runs on free ports under a temporary directory and is stopped on exit.
 #
-# Usage: deploy/prometheus/smoke.sh
+# Usage: deploy/prometheus/smoke.sh [--print-binary]
+#        (--print-binary: print the path of the `honua` binary it runs, then exit; it is
+#        `<cargo target directory>/debug/honua`, honouring CARGO_TARGET_DIR and cargo config)
 # Environment: SMOKE_DEADLINE_SECS (default 90) how long to wait for every query;
 #              SMOKE_KEEP=1 keeps the temporary directory (logs) on exit.
 # Exit: 0 when every required query returned data and the lint was clean; 1 otherwise (or
@@ -16,6 +18,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+
+# The binary cargo builds: `target_directory` of `cargo metadata` (CARGO_TARGET_DIR, relative
+# or not, `build.target-dir` of a cargo config, or ./target).
+target_dir() {
+  cargo metadata --format-version 1 --no-deps --locked 2>/dev/null |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
+}
+TARGET=$(target_dir)
+[ -n "$TARGET" ] || { echo "smoke: cargo metadata did not name a target directory" >&2; exit 1; }
+HONUA=$TARGET/debug/honua
+if [ "${1:-}" = "--print-binary" ]; then
+  echo "$HONUA"
+  exit 0
+fi
 DEADLINE_SECS=${SMOKE_DEADLINE_SECS:-90}
 T0=$(date +%s)
 
@@ -34,11 +50,9 @@ if command -v jq >/dev/null 2>&1; then JSON=jq
 elif command -v python3 >/dev/null 2>&1; then JSON=python3
 else echo "smoke: need jq or python3" >&2; exit 1; fi
 
-HONUA=$ROOT/target/debug/honua
-if [ ! -x "$HONUA" ]; then
-  echo "smoke: building target/debug/honua" >&2
-  cargo build -q --locked -p honua-scheduler --bin honua
-fi
+# Built (or found up to date) where cargo puts it.
+cargo build -q --locked -p honua-scheduler --bin honua
+[ -x "$HONUA" ] || { echo "smoke: $HONUA missing after cargo build" >&2; exit 1; }
 
 # --- clean-up --------------------------------------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/honua-prom-smoke.XXXXXX")

@@ -486,11 +486,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `XINFO STREAM <events> → entries-added`.
+/// `XINFO STREAM <results> → entries-added` (one per committed step).
 async fn entries_added(store: &Store) -> Result<u64, BenchError> {
     let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
         .arg("STREAM")
-        .arg(store.keys().events())
+        .arg(store.keys().results())
         .query_async(&mut store.conn())
         .await?;
     match info.get("entries-added") {

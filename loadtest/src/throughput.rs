@@ -677,19 +677,7 @@ pub(crate) async fn health(
 /// On an external server: deletes the run's streams and indexes (process records expire
 /// after [`RETENTION_SECS`]).
 async fn cleanup(store: &Store) -> Result<(), BenchError> {
-    let k = store.keys();
-    let mut keys = vec![
-        k.submit(),
-        k.jobs(),
-        k.events(),
-        k.dlq(),
-        k.quarantine(),
-        k.delayed(),
-        k.workers(),
-        k.index_all(),
-        k.index_active(),
-    ];
-    keys.extend(ProcessStatus::ALL.into_iter().map(|s| k.index_status(s)));
+    let keys = store.keys().shared();
     let _: usize = store.conn().del(&keys).await?;
     Ok(())
 }

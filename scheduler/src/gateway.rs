@@ -589,6 +589,7 @@ async fn queues(State(st): State<ApiState>) -> Result<Json<Vec<QueueView>>, ApiE
         (k.submit(), honua_shared::keys::SCHEDULER_GROUP),
         (k.jobs(), honua_shared::keys::WORKERS_GROUP),
         (k.events(), honua_shared::keys::SCHEDULER_GROUP),
+        (k.results(), honua_shared::keys::SCHEDULER_GROUP),
     ] {
         let s = store.stream_stats(&stream, group).await?;
         out.push(QueueView {

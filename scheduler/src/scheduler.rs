@@ -97,6 +97,7 @@ impl Scheduler {
         let tasks = vec![
             tokio::spawn(me.clone().reader(keys.submit(), shutdown.clone())),
             tokio::spawn(me.clone().reader(keys.events(), shutdown.clone())),
+            tokio::spawn(me.clone().reader(keys.results(), shutdown.clone())),
             tokio::spawn(me.clone().timers(shutdown.clone())),
             tokio::spawn(me.clone().takeover(shutdown.clone())),
         ];
@@ -158,7 +159,7 @@ impl Scheduler {
                 self.handle_submission(e).await;
             }
         } else {
-            self.handle_events(entries).await;
+            self.handle_events(stream, entries).await;
         }
     }
 
@@ -200,14 +201,26 @@ impl Scheduler {
         }
     }
 
-    async fn handle_events(&self, entries: Vec<Entry>) {
-        let stream = self.engine.store.keys().events();
+    async fn handle_events(&self, stream: &Key, entries: Vec<Entry>) {
+        // The results stream is the workers' (their Redis user may write no other event
+        // stream): only what a worker reports is taken from it, so a worker login cannot
+        // forge a signal, a timer or a timeout.
+        let from_workers = *stream == self.engine.store.keys().results();
         let mut parsed = Vec::with_capacity(entries.len());
         for e in entries {
             match Event::from_fields(&e.fields) {
+                Ok(ev) if from_workers && !ev.is_worker_report() => {
+                    let kind = event_kind(&ev);
+                    self.quarantine(
+                        stream,
+                        &e.id,
+                        &format!("a {kind} event is not accepted from the results stream"),
+                    )
+                    .await
+                }
                 Ok(ev) => parsed.push((e.id, ev)),
                 Err(err) => {
-                    self.quarantine(&stream, &e.id, &format!("invalid event: {err}"))
+                    self.quarantine(stream, &e.id, &format!("invalid event: {err}"))
                         .await
                 }
             }
@@ -237,7 +250,7 @@ impl Scheduler {
                 again.push((entry_id.as_str(), ev));
                 continue;
             }
-            match self.prepare(entry_id, ev, now, &meta, &steps).await {
+            match self.prepare(stream, entry_id, ev, now, &meta, &steps).await {
                 Ok(Some(p)) => batch.push(p),
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, entry = %entry_id, "event not applied yet; will retry"),
@@ -255,14 +268,13 @@ impl Scheduler {
                     (0..batch.len()).map(|_| None).collect()
                 }
             };
-        let mut reload = false;
         for (p, answer) in batch.into_iter().zip(answers) {
             let (entry_id, ev) = (p.entry_id, p.ev);
             let retry = match answer {
                 Some(Ok(c)) => self.committed(p, c),
-                Some(Err(e)) => {
-                    // NOSCRIPT after a server restart: the one-by-one path reloads it.
-                    reload |= is_noscript(&e);
+                Some(Err(_)) => {
+                    // E.g. the function library is missing (a fresh server): the one-by-one
+                    // path loads it and retries.
                     p.span.record("honua.commit", "error");
                     true
                 }
@@ -275,13 +287,10 @@ impl Scheduler {
                 again.push((entry_id, ev));
             }
         }
-        if reload && let Err(e) = self.engine.store.load_scripts().await {
-            warn!(error = %e, "reloading scripts failed");
-        }
         // In stream order, so events of one process apply in the order they were written.
         again.sort_by_key(|(id, _)| stream_order(id));
         for (entry_id, ev) in again {
-            if let Err(e) = self.apply_event(entry_id, ev).await {
+            if let Err(e) = self.apply_event(stream, entry_id, ev).await {
                 warn!(error = %e, entry = %entry_id, "event not applied yet; will retry");
             }
         }
@@ -291,6 +300,7 @@ impl Scheduler {
     /// event was dealt with here (dropped, quarantined, or left for another scheduler).
     async fn prepare<'e>(
         &self,
+        stream: &Key,
         entry_id: &'e str,
         ev: &'e Event,
         now: u64,
@@ -298,20 +308,19 @@ impl Scheduler {
         steps: &std::collections::HashMap<String, String>,
     ) -> Result<Option<Prepared<'e>>, StoreError> {
         let store = &self.engine.store;
-        let stream = store.keys().events();
         let pid = ev.process_id();
         let rec = match ProcessRecord::parse(pid, meta, steps) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 debug!(process_id = %pid, "event for a process that no longer exists");
                 store
-                    .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
+                    .drop_entry(stream, SCHEDULER_GROUP, entry_id, "", None)
                     .await?;
                 return Ok(None);
             }
             Err(err) => {
                 self.quarantine(
-                    &stream,
+                    stream,
                     entry_id,
                     &format!("process {pid} record is corrupt: {err}"),
                 )
@@ -335,7 +344,7 @@ impl Scheduler {
         }
         if t.is_empty() {
             store
-                .drop_entry(&stream, SCHEDULER_GROUP, entry_id, "", None)
+                .drop_entry(stream, SCHEDULER_GROUP, entry_id, "", None)
                 .await?;
             return Ok(None);
         }
@@ -433,13 +442,21 @@ impl Scheduler {
     }
 
     /// Decides and commits one event from a fresh read, re-reading on a revision conflict.
-    async fn apply_event(&self, entry_id: &str, ev: &Event) -> Result<(), StoreError> {
+    async fn apply_event(
+        &self,
+        stream: &Key,
+        entry_id: &str,
+        ev: &Event,
+    ) -> Result<(), StoreError> {
         let store = &self.engine.store;
         let pid = ev.process_id();
         for _ in 0..50 {
             let (now, mut v) = store.load_processes(&[pid]).await?;
             let (meta, steps) = v.remove(0);
-            let Some(p) = self.prepare(entry_id, ev, now, &meta, &steps).await? else {
+            let Some(p) = self
+                .prepare(stream, entry_id, ev, now, &meta, &steps)
+                .await?
+            else {
                 return Ok(());
             };
             let span = p.span.clone();
@@ -526,6 +543,7 @@ impl Scheduler {
             (keys.submit(), SCHEDULER_GROUP),
             (keys.jobs(), honua_shared::keys::WORKERS_GROUP),
             (keys.events(), SCHEDULER_GROUP),
+            (keys.results(), SCHEDULER_GROUP),
         ] {
             let name = stream_name(&stream);
             match store.stream_stats(&stream, group).await {
@@ -568,7 +586,7 @@ impl Scheduler {
                 _ = tokio::time::sleep(honua_worker::jitter(every)) => {}
                 _ = shutdown.cancelled() => return,
             }
-            for stream in [keys.submit(), keys.events()] {
+            for stream in [keys.submit(), keys.events(), keys.results()] {
                 let mut cursor = "0-0".to_string();
                 for _ in 0..10 {
                     match store
@@ -603,13 +621,15 @@ impl Scheduler {
 const STREAM_TRIM_MS: u64 = 250;
 const STREAM_TRIM_LIMIT: usize = 20_000;
 
-/// The stream's short name for metric labels (`submit`, `jobs`, `events`).
+/// The stream's short name for metric labels (`submit`, `jobs`, `events`, `results`).
 fn stream_name(stream: &Key) -> &'static str {
     let s = stream.as_str();
     if s.ends_with(":jobs") {
         "jobs"
     } else if s.ends_with(":events") {
         "events"
+    } else if s.ends_with(":results") {
+        "results"
     } else {
         "submit"
     }
@@ -645,9 +665,4 @@ fn stream_order(id: &str) -> (u64, u64) {
         .splitn(2, '-')
         .map(|p| p.parse::<u64>().unwrap_or(u64::MAX));
     (it.next().unwrap_or(u64::MAX), it.next().unwrap_or(u64::MAX))
-}
-
-fn is_noscript(e: &StoreError) -> bool {
-    matches!(e, StoreError::Redis(r)
-        if r.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
 }

@@ -1,7 +1,7 @@
 -- complete: commit the results of a batch of steps, each exactly once: output write,
 -- completion event and acknowledgement in one step, only by the current owner with the
 -- current fence. Every job is checked and committed on its own; one call saves round trips.
--- KEYS[1] job stream, KEYS[2] event stream
+-- KEYS[1] job stream, KEYS[2] results stream (the scheduler reads step results from it)
 -- KEYS[3i..3i+2]  for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer, then for each job: entry id, deliveries seen at claim,
 -- step, token, output blob ('' for none), n, then n event fields as name, value pairs (the

@@ -1,6 +1,6 @@
 -- reclaim: take over jobs whose owner stopped heartbeating (idle > lease), or dead-letter
 -- them once Redis's own delivery counter passes max_deliveries.
--- KEYS[1] job stream, KEYS[2] dead-letter stream, KEYS[3] event stream
+-- KEYS[1] job stream, KEYS[2] dead-letter stream, KEYS[3] results stream (dead-letter notices for the scheduler)
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms (the lease), ARGV[4] cursor,
 -- ARGV[5] count, ARGV[6] max deliveries, ARGV[7] dead-letter stream approximate max length
 -- Returns {next_cursor, {{id, deliveries, fields}...}, deleted_count, {dead_lettered_id...}}

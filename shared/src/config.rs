@@ -128,8 +128,6 @@ pub struct WorkerConfig {
     /// segment (see `allowlist`).
     pub http_allowlist: Vec<String>,
     pub http_max_response_kb: usize,
-    /// Consumers idle this long that own nothing are deleted.
-    pub retire_consumer_after_secs: u64,
     /// Where `honua-worker` serves its own `/metrics` (empty: nowhere). Loopback by
     /// default; deployments that scrape it set `0.0.0.0:9091` (the manifests do).
     pub metrics_addr: String,
@@ -148,7 +146,6 @@ impl Default for WorkerConfig {
             read_block_ms: 1_000,
             http_allowlist: Vec::new(),
             http_max_response_kb: 1024,
-            retire_consumer_after_secs: 3_600,
             metrics_addr: "127.0.0.1:9091".into(),
         }
     }
@@ -157,6 +154,12 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// A consumer that owns nothing and whose worker has not heartbeated for this long (two
+    /// leases) is deleted by the other workers' sweeps: a killed worker leaves the group.
+    pub fn retire_idle(&self) -> Duration {
+        2 * self.lease()
     }
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(
@@ -255,8 +258,14 @@ impl std::str::FromStr for Role {
 pub struct ApiKey {
     pub name: String,
     pub role: Role,
-    /// Hex SHA-256 of the bearer token (`honua hash-token` prints it).
+    /// Hex SHA-256 of the bearer token (`honua hash-token` prints it). Read in either case
+    /// and kept lower-case (tokens are compared by their lower-case hex digest).
+    #[serde(deserialize_with = "lowercase")]
     pub sha256: String,
+}
+
+fn lowercase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    String::deserialize(d).map(|s| s.to_ascii_lowercase())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -559,10 +568,15 @@ impl Config {
             );
         }
         for k in &self.api.keys {
-            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if k.sha256.len() != 64
+                || !k
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
                 return bad(
                     "api.keys",
-                    format!("key {:?}: sha256 must be 64 hex digits", k.name),
+                    format!("key {:?}: sha256 must be 64 lower-case hex digits", k.name),
                 );
             }
         }
@@ -634,24 +648,62 @@ fn parse_api_keys(v: &str) -> Result<Vec<ApiKey>, String> {
         .collect()
 }
 
-/// Replaces the password (or lone user token) of a URL's userinfo with `***`.
+/// The Redis URL rebuilt from what the client parses out of it, with the password as `***`
+/// wherever the URL carried it (userinfo, or `?pass=` of a `redis+unix://` URL). A lone user
+/// name without a password is shown as `***` too (it may be a misplaced password); other
+/// query parameters are left out. An unparsable URL is not echoed at all.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let Ok(info) = url.into_connection_info() else {
+        return "[unparsable redis url]".to_string();
     };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let r = info.redis_settings();
+    let user = match (r.username(), r.password()) {
+        (Some(u), Some(_)) => Some(format!("{u}:***")),
+        (None, Some(_)) => Some(":***".to_string()),
+        (Some(_), None) => Some("***".to_string()),
+        (None, None) => None,
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = match userinfo.split_once(':') {
-                Some((u, _)) => format!("{u}:***"),
-                None => "***".to_string(),
+    let host = |h: &str, port: u16| match h.contains(':') {
+        true => format!("[{h}]:{port}"),
+        false => format!("{h}:{port}"),
+    };
+    let db = match r.db() {
+        0 => String::new(),
+        n => format!("/{n}"),
+    };
+    let at = user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+    match info.addr() {
+        ConnectionAddr::Tcp(h, port) => format!("redis://{at}{}{db}", host(h, *port)),
+        ConnectionAddr::TcpTls {
+            host: h,
+            port,
+            insecure,
+            ..
+        } => format!(
+            "rediss://{at}{}{db}{}",
+            host(h, *port),
+            if *insecure { "#insecure" } else { "" }
+        ),
+        ConnectionAddr::Unix(path) => {
+            let mut q = Vec::new();
+            if r.db() != 0 {
+                q.push(format!("db={}", r.db()));
+            }
+            match (r.username(), r.password()) {
+                (Some(u), Some(_)) => q.push(format!("user={u}&pass=***")),
+                (None, Some(_)) => q.push("pass=***".into()),
+                (Some(_), None) => q.push("user=***".into()),
+                (None, None) => {}
+            }
+            let q = match q.is_empty() {
+                true => String::new(),
+                false => format!("?{}", q.join("&")),
             };
-            format!("{scheme}://{user}@{host}{tail}")
+            format!("redis+unix://{}{q}", path.display())
         }
-        None => url.to_string(),
+        // A kind of address this code does not know: show nothing of it.
+        _ => "[redis url]".to_string(),
     }
 }
 
@@ -685,9 +737,8 @@ mod tests {
 
     #[test]
     fn layers_apply_in_order() {
-        let dir = std::env::temp_dir().join(format!("honua-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("honua.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("honua.toml");
         std::fs::write(
             &path,
             "key_prefix = \"fromfile\"\n[worker]\nlease_ms = 9000\nmax_deliveries = 7\n",
@@ -707,9 +758,8 @@ mod tests {
 
     #[test]
     fn unknown_file_fields_and_bad_env_are_errors() {
-        let dir = std::env::temp_dir().join(format!("honua-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bad.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
         std::fs::write(&path, "leese_ms = 1\n").unwrap();
         assert!(matches!(
             Config::load(Some(&path), env(&[])),
@@ -808,8 +858,72 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1");
+        assert_eq!(redact_url("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
         assert_eq!(redact_url("redis://secret@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("redis://:secret@h:1"), "redis://:***@h:1");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact_url("redis://u:secret@[::1]:6380"),
+            "redis://u:***@[::1]:6380"
+        );
+        assert_eq!(redact_url("not a url secret"), "[unparsable redis url]");
+    }
+
+    #[test]
+    fn redacts_the_password_of_a_unix_socket_url() {
+        for (url, want) in [
+            (
+                "redis+unix:///run/redis.sock?pass=s3cret-pw",
+                "redis+unix:///run/redis.sock?pass=***",
+            ),
+            (
+                "redis+unix:///run/redis.sock?db=2&user=honua-worker&pass=s3cret-pw",
+                "redis+unix:///run/redis.sock?db=2&user=honua-worker&pass=***",
+            ),
+            (
+                "unix:///run/redis.sock?pass=s3cret-pw",
+                "redis+unix:///run/redis.sock?pass=***",
+            ),
+            (
+                "redis+unix:///run/redis.sock",
+                "redis+unix:///run/redis.sock",
+            ),
+        ] {
+            let c = Config {
+                redis_url: url.into(),
+                ..Config::default()
+            };
+            c.validate().unwrap();
+            let shown = c.redacted_redis_url();
+            assert_eq!(shown, want);
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn an_upper_case_api_key_hash_is_read_lower_case_and_rejected_when_built_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("honua.toml");
+        let hash = "AB".repeat(32);
+        std::fs::write(
+            &path,
+            format!(
+                "[api]\nkeys = [{{ name = \"oncall\", role = \"operate\", sha256 = \"{hash}\" }}]\n"
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(cfg.api.keys[0].sha256, "ab".repeat(32));
+        cfg.validate().unwrap();
+        // Built as a value (not read from a file or env): refused, naming the field.
+        let mut c = Config::default();
+        c.api.keys.push(ApiKey {
+            name: "oncall".into(),
+            role: cfg.api.keys[0].role,
+            sha256: hash,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("api.keys") && e.contains("lower-case"), "{e}");
     }
 }

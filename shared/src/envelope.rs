@@ -281,6 +281,14 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// What a worker reports (a step's result, a dead-lettered job): the only events taken
+    /// from the workers' results stream.
+    pub fn is_worker_report(&self) -> bool {
+        matches!(self, Event::Step { .. } | Event::DeadLetter { .. })
+    }
+}
+
 /// Event type tags (`t` field); the Lua scripts write `step` and `dead_letter`.
 pub mod event_type {
     pub const STEP: &str = "step";

@@ -8,7 +8,8 @@
 //! |---|---|---|
 //! | `<prefix>:v1:{<shard>}:submit` | stream, group `scheduler` | submissions written by any Redis client |
 //! | `<prefix>:v1:{<shard>}:jobs` | stream, group `workers` | step jobs ([`crate::envelope::JobEnvelope`]) |
-//! | `<prefix>:v1:{<shard>}:events` | stream, group `scheduler` | step results, timers, signals, timeouts |
+//! | `<prefix>:v1:{<shard>}:events` | stream, group `scheduler` | timers, signals, timeouts (scheduler and gateway) |
+//! | `<prefix>:v1:{<shard>}:results` | stream, group `scheduler` | step results and dead letters, written by workers (the only event stream their Redis user may write) |
 //! | `<prefix>:v1:{<shard>}:dlq` | stream (no group) | dead-lettered jobs with their reason |
 //! | `<prefix>:v1:{<shard>}:delayed` | sorted set, score = due time (server ms) | delayed jobs and timer events |
 //! | `<prefix>:v1:{<shard>}:process:<id>` | hash | process metadata: type, version, status, rev, times, error |
@@ -89,6 +90,10 @@ impl Keys {
     pub fn events(&self) -> Key {
         self.key("events")
     }
+    /// Step results and dead-letter notices from workers (`complete.lua`, `reclaim.lua`).
+    pub fn results(&self) -> Key {
+        self.key("results")
+    }
     pub fn dlq(&self) -> Key {
         self.key("dlq")
     }
@@ -150,6 +155,29 @@ impl Keys {
         let base = format!("{}:{LAYOUT_VERSION}:{{llm:{b}}}", self.prefix);
         [Key(format!("{base}:limit")), Key(format!("{base}:paused"))]
     }
+    /// The keys of this deployment and shard that belong to no one process: the streams,
+    /// the delayed set, the workers registry and the indexes.
+    pub fn shared(&self) -> Vec<Key> {
+        let mut keys = vec![
+            self.submit(),
+            self.jobs(),
+            self.events(),
+            self.results(),
+            self.dlq(),
+            self.quarantine(),
+            self.delayed(),
+            self.workers(),
+            self.index_all(),
+            self.index_active(),
+        ];
+        keys.extend(
+            crate::status::ProcessStatus::ALL
+                .into_iter()
+                .map(|s| self.index_status(s)),
+        );
+        keys
+    }
+
     /// The pattern that matches every key of this deployment and shard (for `--scan`).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.base)
@@ -195,6 +223,7 @@ mod tests {
             k.submit(),
             k.jobs(),
             k.events(),
+            k.results(),
             k.dlq(),
             k.delayed(),
             k.workers(),

@@ -397,13 +397,55 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// Replaces every occurrence of the secret in `text` (e.g. a provider's error body).
+    /// Replaces every part of `text` (e.g. a provider's error body) that is a piece of the
+    /// secret of [`Secret::SCRUB_MIN`] or more bytes (a provider may echo a key shortened or
+    /// cut, `sk-…abcd1234`), or the whole secret when it is shorter than that (and at least
+    /// 4 bytes). Each overlapping run of such pieces becomes one `[redacted]`.
     pub fn scrub(&self, text: &str) -> String {
-        if self.0.len() < 4 {
-            return text.to_string();
+        let key = self.0.as_bytes();
+        if key.len() < Self::SCRUB_MIN {
+            if key.len() < 4 {
+                return text.to_string();
+            }
+            return text.replace(&self.0, "[redacted]");
         }
-        text.replace(&self.0, "[redacted]")
+        let windows: std::collections::HashSet<&[u8]> = key.windows(Self::SCRUB_MIN).collect();
+        let t = text.as_bytes();
+        // Byte ranges to redact, merged as they are found (starts only grow).
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        for (i, w) in t.windows(Self::SCRUB_MIN).enumerate() {
+            if !windows.contains(w) {
+                continue;
+            }
+            let (start, end) = (i, i + Self::SCRUB_MIN);
+            match ranges.last_mut() {
+                Some(last) if start <= last.1 => last.1 = end,
+                _ => ranges.push((start, end)),
+            }
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for (mut start, mut end) in ranges {
+            // A non-ASCII secret could match inside a character: widen to whole characters.
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            if start < at {
+                start = at;
+            }
+            out.push_str(&text[at..start]);
+            out.push_str("[redacted]");
+            at = end.max(at);
+        }
+        out.push_str(&text[at..]);
+        out
     }
+
+    /// The shortest piece of a secret that [`Secret::scrub`] removes.
+    pub const SCRUB_MIN: usize = 8;
 }
 
 impl std::fmt::Debug for Secret {
@@ -436,6 +478,27 @@ mod tests {
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"[redacted]\"");
         assert_eq!(s.expose(), "sk-sentinel-123");
         assert_eq!(s.scrub("bad key sk-sentinel-123!"), "bad key [redacted]!");
+    }
+
+    #[test]
+    fn scrub_removes_any_piece_of_eight_or_more_bytes() {
+        let s = Secret::new("sk-proj-0123456789abcdefXYZ");
+        // Shortened as providers echo it, cut at both ends, and twice.
+        assert_eq!(
+            s.scrub("Incorrect API key provided: sk-proj-****************cdefXYZ."),
+            "Incorrect API key provided: [redacted]****************cdefXYZ."
+        );
+        assert_eq!(s.scrub("key 3456789abc is bad"), "key [redacted] is bad");
+        assert_eq!(
+            s.scrub("a 0123456789 b 89abcdefXY c"),
+            "a [redacted] b [redacted] c"
+        );
+        // Seven bytes of it are not enough to be taken for it.
+        assert_eq!(s.scrub("id 0123456"), "id 0123456");
+        // Non-ASCII text around a match stays valid UTF-8.
+        assert_eq!(s.scrub("é0123456789é"), "é[redacted]é");
+        let u = Secret::new("clé-secrète-très-longue");
+        assert_eq!(u.scrub("x secrète-très y"), "x [redacted] y");
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub const QUARANTINED: &str = "honua_quarantined_entries_total";
 pub const COMMIT_CONFLICTS: &str = "honua_commit_conflicts_total";
 
 /// Live entries of a stream: pending + not yet delivered (gauge; `stream`: submit, jobs,
-/// events). Acknowledged entries awaiting the periodic trim are not counted.
+/// events, results). Acknowledged entries awaiting the periodic trim are not counted.
 pub const QUEUE_LENGTH: &str = "honua_queue_length";
 /// Entries not yet delivered to the stream's group (gauge; `stream`). The HPA/KEDA signal.
 pub const QUEUE_LAG: &str = "honua_queue_lag";

@@ -1,11 +1,30 @@
-//! The Lua scripts, one per atomic transition (`shared/lua/*.lua`), each prefixed with a
-//! prelude of constants generated from the Rust definitions and shared helpers.
+//! The Lua transitions (`shared/lua/*.lua`, one per atomic transition) as one Redis Functions
+//! library, and the typed handle that calls them with `FCALL`.
 //!
-//! `redis::Script` runs `EVALSHA` and falls back to loading the script on `NOSCRIPT`, so a
-//! restarted or failed-over server (empty script cache) is handled on the next call.
+//! The library is generated: a prelude of constants from the Rust definitions, the shared
+//! helpers of `prelude.lua`, then each script body registered as a function
+//! (`redis.register_function{function_name = ..., callback = function(KEYS, ARGV) <body> end}`).
+//! Library and function names carry a hash of that text (`honua_<hash8>`,
+//! `honua_<hash8>_begin`), so two versions of the code coexist on one server during a rolling
+//! update and a name always means the same code.
+//!
+//! Why Functions and not `EVAL`: a Redis user allowed `EVAL`/`EVALSHA` (or `SCRIPT LOAD`) can
+//! run any Lua, e.g. a busy loop that blocks the server for everyone. With Functions, the
+//! service users get `FCALL` only; loading code (`FUNCTION LOAD`) is for the scheduler and the
+//! admin. Functions are also persisted (RDB/AOF) and replicated, so a restarted or failed-over
+//! server still has them.
+//!
+//! Who loads: [`Library::ensure`] runs `FUNCTION LOAD` when `FUNCTION LIST` lacks this
+//! version (the scheduler at start; any caller after an error of a missing function). A user
+//! refused `FUNCTION LOAD` (the workers) gets [`StoreError::FunctionsNotLoaded`], which is
+//! retryable: it waits for the scheduler.
 
 use crate::keys::field;
 use crate::status::{ProcessStatus, StepStatus, outcome};
+use crate::store::StoreError;
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, FromRedisValue, ServerErrorKind, ToRedisArgs, Value};
+use sha2::{Digest, Sha256};
 use std::sync::OnceLock;
 
 const PRELUDE: &str = include_str!("../lua/prelude.lua");
@@ -40,24 +59,6 @@ fn constants() -> String {
     s
 }
 
-/// Every script, compiled once per process.
-pub struct Scripts {
-    pub begin: redis::Script,
-    pub heartbeat: redis::Script,
-    pub checkpoint: redis::Script,
-    pub complete: redis::Script,
-    pub release: redis::Script,
-    pub reclaim: redis::Script,
-    pub promote: redis::Script,
-    pub commit: redis::Script,
-    pub drop_entry: redis::Script,
-    pub retire_consumer: redis::Script,
-    pub purge: redis::Script,
-    pub llm_limit: redis::Script,
-    pub llm_budget: redis::Script,
-    pub trim: redis::Script,
-}
-
 /// The sources, by name, for tests and tooling.
 pub const SOURCES: &[(&str, &str)] = &[
     ("begin", include_str!("../lua/begin.lua")),
@@ -79,19 +80,217 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("trim", include_str!("../lua/trim.lua")),
 ];
 
-/// The full text of one script as sent to Redis.
-pub fn full_source(name: &str) -> Option<String> {
-    SOURCES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, body)| format!("{}{PRELUDE}\n{body}", constants()))
+/// The generated library, built once per process.
+pub struct Library {
+    name: String,
+    text: String,
+}
+
+impl Library {
+    pub fn get() -> &'static Library {
+        static LIBRARY: OnceLock<Library> = OnceLock::new();
+        LIBRARY.get_or_init(Library::build)
+    }
+
+    fn build() -> Library {
+        const NAME: &str = "@library@";
+        let mut text = format!("#!lua name={NAME}\n{}{PRELUDE}\n", constants());
+        for (script, body) in SOURCES {
+            text.push_str(&format!(
+                "redis.register_function{{function_name = '{NAME}_{script}', callback = function(KEYS, ARGV)\n{body}\nend}}\n"
+            ));
+        }
+        let digest = Sha256::digest(text.as_bytes());
+        let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("honua_{hash}");
+        Library {
+            text: text.replace(NAME, &name),
+            name,
+        }
+    }
+
+    /// `honua_<hash8>`: changes whenever any script, the prelude or a constant changes.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The text sent with `FUNCTION LOAD`.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The registered name of one script's function.
+    pub fn function_name(&self, script: &str) -> String {
+        format!("{}_{script}", self.name)
+    }
+
+    /// Whether this version of the library is on the server (`FUNCTION LIST`).
+    pub async fn is_loaded(&self, conn: &mut impl ConnectionLike) -> Result<bool, StoreError> {
+        let libs: Vec<std::collections::HashMap<String, Value>> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(&self.name)
+            .query_async(conn)
+            .await?;
+        Ok(libs.iter().any(|l| match l.get("library_name") {
+            Some(Value::BulkString(b)) => b.as_slice() == self.name.as_bytes(),
+            Some(Value::SimpleString(s)) => *s == self.name,
+            _ => false,
+        }))
+    }
+
+    /// Loads the library unless this version is there already. Returns true when it was
+    /// missing and is now loaded; [`StoreError::FunctionsNotLoaded`] when it is missing and
+    /// this user may not load it (a worker: the scheduler loads it at start).
+    pub async fn ensure(&self, conn: &mut impl ConnectionLike) -> Result<bool, StoreError> {
+        if self.is_loaded(conn).await? {
+            return Ok(false);
+        }
+        let r: redis::RedisResult<String> = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(&self.text)
+            .query_async(conn)
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
+                Err(StoreError::FunctionsNotLoaded {
+                    library: self.name.clone(),
+                })
+            }
+            // Another caller loaded the same library meanwhile (same name, same code).
+            Err(e) => match self.is_loaded(conn).await? {
+                true => Ok(true),
+                false => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// One function of the library, called like a `redis::Script`:
+/// `f.key(k).arg(a).invoke_async(&mut conn)` or `prepare_invoke()` to add in a loop.
+pub struct Function {
+    name: String,
+}
+
+impl Function {
+    fn new(script: &str) -> Self {
+        assert!(
+            SOURCES.iter().any(|(n, _)| *n == script),
+            "no script named {script}"
+        );
+        Function {
+            name: Library::get().function_name(script),
+        }
+    }
+
+    /// The registered name (`honua_<hash8>_<script>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn prepare_invoke(&self) -> Invocation<'_> {
+        Invocation {
+            function: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn key<T: ToRedisArgs>(&self, key: T) -> Invocation<'_> {
+        let mut inv = self.prepare_invoke();
+        inv.key(key);
+        inv
+    }
+
+    pub fn arg<T: ToRedisArgs>(&self, arg: T) -> Invocation<'_> {
+        let mut inv = self.prepare_invoke();
+        inv.arg(arg);
+        inv
+    }
+}
+
+/// One call of a [`Function`] with its keys and arguments.
+pub struct Invocation<'a> {
+    function: &'a Function,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation<'_> {
+    pub fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    pub fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// The `FCALL` command (for pipelines).
+    pub fn cmd(&self) -> redis::Cmd {
+        let mut c = redis::cmd("FCALL");
+        c.arg(&self.function.name)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        c
+    }
+
+    /// Runs the call. Redis answers an unknown function with a plain `ERR` (no code of its
+    /// own), so on `ERR` the library is checked by state: when this version is missing (a
+    /// fresh server, `FUNCTION FLUSH`) it is loaded and the call retried once. When it is
+    /// there, the call is retried only if the error is Redis's fixed "Function not found"
+    /// reply (another process loaded the library between the call and the check); any other
+    /// `ERR` is the function's own error.
+    pub async fn invoke_async<T: FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> Result<T, StoreError> {
+        let cmd = self.cmd();
+        match cmd.query_async::<T>(conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                if Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND) {
+                    Ok(cmd.query_async(conn).await?)
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The detail of Redis's `ERR` reply to `FCALL` of an unknown function (Redis 7.0 to 8.x;
+/// there is no error code for it). Only decides whether to retry once after the library was
+/// found loaded.
+pub const NOT_FOUND: &str = "Function not found";
+
+/// Every function, resolved once per process.
+pub struct Scripts {
+    pub begin: Function,
+    pub heartbeat: Function,
+    pub checkpoint: Function,
+    pub complete: Function,
+    pub release: Function,
+    pub reclaim: Function,
+    pub promote: Function,
+    pub commit: Function,
+    pub drop_entry: Function,
+    pub retire_consumer: Function,
+    pub purge: Function,
+    pub llm_limit: Function,
+    pub llm_budget: Function,
+    pub trim: Function,
 }
 
 impl Scripts {
     pub fn get() -> &'static Scripts {
         static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
         SCRIPTS.get_or_init(|| {
-            let s = |name: &str| redis::Script::new(&full_source(name).expect("script exists"));
+            let s = Function::new;
             Scripts {
                 begin: s("begin"),
                 heartbeat: s("heartbeat"),
@@ -109,30 +308,6 @@ impl Scripts {
                 trim: s("trim"),
             }
         })
-    }
-
-    /// Loads every script into the server's cache (on connect, before pipelines use them).
-    pub async fn load_all<C: redis::aio::ConnectionLike>(conn: &mut C) -> redis::RedisResult<()> {
-        let s = Self::get();
-        for script in [
-            &s.begin,
-            &s.heartbeat,
-            &s.checkpoint,
-            &s.complete,
-            &s.release,
-            &s.reclaim,
-            &s.promote,
-            &s.commit,
-            &s.drop_entry,
-            &s.retire_consumer,
-            &s.purge,
-            &s.llm_limit,
-            &s.llm_budget,
-            &s.trim,
-        ] {
-            script.prepare_invoke().load_async(conn).await?;
-        }
-        Ok(())
     }
 }
 

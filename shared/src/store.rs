@@ -26,6 +26,10 @@ pub enum StoreError {
     /// Anything else (a script error, a bad reply): a bug or corrupt data.
     #[error("redis error: {0}")]
     Redis(#[source] RedisError),
+    /// This version's function library is not on the server and this user may not load it
+    /// (the scheduler loads it at start): retry with backoff.
+    #[error("redis function library {library} is not loaded yet")]
+    FunctionsNotLoaded { library: String },
     #[error("unexpected reply from {script}: {detail}")]
     Reply {
         script: &'static str,
@@ -37,7 +41,9 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable(_) | StoreError::NoGroup { .. }
+            StoreError::Unavailable(_)
+                | StoreError::NoGroup { .. }
+                | StoreError::FunctionsNotLoaded { .. }
         )
     }
 }
@@ -308,9 +314,13 @@ impl Store {
         })
     }
 
-    /// Loads every script (after connect or a restart) so pipelines never hit NOSCRIPT.
+    /// Makes sure this version's function library is on the server, loading it when missing
+    /// (a user refused `FUNCTION LOAD`, i.e. a worker, gets the retryable
+    /// [`StoreError::FunctionsNotLoaded`] until the scheduler has loaded it).
     pub async fn load_scripts(&self) -> Result<()> {
-        Scripts::load_all(&mut self.conn()).await?;
+        crate::scripts::Library::get()
+            .ensure(&mut self.conn())
+            .await?;
         Ok(())
     }
 
@@ -321,12 +331,19 @@ impl Store {
             (self.keys.jobs(), WORKERS_GROUP),
             (self.keys.submit(), SCHEDULER_GROUP),
             (self.keys.events(), SCHEDULER_GROUP),
+            (self.keys.results(), SCHEDULER_GROUP),
         ] {
             if self.ensure_group(&stream, group).await? {
                 created += 1;
             }
         }
         Ok(created)
+    }
+
+    /// Creates the workers' group on the job stream if missing (a worker's Redis user reaches
+    /// no other stream). Returns true when it was missing.
+    pub async fn ensure_job_group(&self) -> Result<bool> {
+        self.ensure_group(&self.keys.jobs(), WORKERS_GROUP).await
     }
 
     /// `XGROUP CREATE … 0 MKSTREAM`: a recreated group re-reads whatever the stream still
@@ -472,9 +489,9 @@ impl Store {
     }
 
     /// Runs `commit.lua` for several transitions in one round trip (one pipeline of
-    /// `EVALSHA`s; each call is still its own atomic, revision-checked script). One answer
-    /// per call, in order. The pipeline does not load scripts: after a server restart every
-    /// answer is a NOSCRIPT error (reload with [`Store::load_scripts`] and retry).
+    /// `FCALL`s; each call is still its own atomic, revision-checked function). One answer
+    /// per call, in order. The pipeline does not load the library: when it is missing every
+    /// answer is an error ([`Store::commit`] loads it and retries).
     pub async fn commit_many(
         &self,
         calls: &[&crate::engine::CommitCall],
@@ -482,17 +499,17 @@ impl Store {
         if calls.is_empty() {
             return Ok(vec![]);
         }
-        let hash = Scripts::get().commit.get_hash();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for call in calls {
-            let cmd = pipe.cmd("EVALSHA").arg(hash).arg(call.keys.len());
+            let mut inv = Scripts::get().commit.prepare_invoke();
             for k in &call.keys {
-                cmd.arg(k);
+                inv.key(k);
             }
             for a in &call.args {
-                cmd.arg(a.as_slice());
+                inv.arg(a.as_slice());
             }
+            pipe.add_command(inv.cmd());
         }
         let replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
         if replies.len() != calls.len() {
@@ -646,7 +663,7 @@ impl Store {
         }
         let mut inv = Scripts::get().complete.prepare_invoke();
         inv.key(self.keys.jobs())
-            .key(self.keys.events())
+            .key(self.keys.results())
             .arg(WORKERS_GROUP)
             .arg(consumer);
         for c in items {
@@ -714,7 +731,7 @@ impl Store {
             .reclaim
             .key(self.keys.jobs())
             .key(self.keys.dlq())
-            .key(self.keys.events())
+            .key(self.keys.results())
             .arg(WORKERS_GROUP)
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
@@ -826,13 +843,22 @@ impl Store {
             .collect())
     }
 
-    /// Runs `retire_consumer.lua`: deletes the consumer only if it owns nothing.
+    /// Runs `retire_consumer.lua`: deletes the consumer (and its entry in the workers
+    /// registry) only if it owns nothing. A worker leaving retires itself with this.
     pub async fn retire_consumer(&self, consumer: &str) -> Result<bool> {
+        self.retire_idle_consumer(consumer, Duration::ZERO).await
+    }
+
+    /// Runs `retire_consumer.lua` for another worker's consumer: deleted only if it owns
+    /// nothing and its worker has not heartbeated for `min_idle` (Redis's clock).
+    pub async fn retire_idle_consumer(&self, consumer: &str, min_idle: Duration) -> Result<bool> {
         let r: i64 = Scripts::get()
             .retire_consumer
             .key(self.keys.jobs())
+            .key(self.keys.workers())
             .arg(WORKERS_GROUP)
             .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
             .invoke_async(&mut self.conn())
             .await?;
         Ok(r == 1)
@@ -919,7 +945,12 @@ impl Store {
     /// Returns how many entries were removed.
     pub async fn trim_streams(&self, limit: usize) -> Result<u64> {
         let mut removed = 0;
-        for stream in [self.keys.submit(), self.keys.jobs(), self.keys.events()] {
+        for stream in [
+            self.keys.submit(),
+            self.keys.jobs(),
+            self.keys.events(),
+            self.keys.results(),
+        ] {
             let (n, _bound): (u64, Option<String>) = Scripts::get()
                 .trim
                 .key(stream)

@@ -1014,7 +1014,7 @@ async fn dead_letters_are_listed_and_replayed() {
     let (code, queues) = get_json(&c, &f.url("/api/queues")).await;
     assert_eq!(code, 200, "{queues}");
     let queues = queues.as_array().unwrap();
-    assert_eq!(queues.len(), 3, "{queues:?}");
+    assert_eq!(queues.len(), 4, "{queues:?}");
     for q in queues {
         for field in ["stream", "length", "pending", "lag"] {
             assert!(q.get(field).is_some(), "{field} missing from {q}");

@@ -616,7 +616,7 @@ async fn queues_and_workers() {
 
     let q = honua(&f, &["queues", "--json"]).await.ok().json();
     let q = q.as_array().unwrap();
-    assert_eq!(q.len(), 3, "{q:?}");
+    assert_eq!(q.len(), 4, "{q:?}");
     for s in q {
         for k in [
             "stream",
@@ -652,7 +652,7 @@ async fn queues_and_workers() {
             "CONSUMERS"
         ]
     );
-    assert_eq!(table.out.lines().count(), 4, "{table:#?}");
+    assert_eq!(table.out.lines().count(), 5, "{table:#?}");
 
     // The worker holds the call's job.
     let ws = wait_for("the worker to hold the job", DEADLINE, || async {

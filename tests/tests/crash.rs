@@ -157,7 +157,7 @@ async fn frozen_worker_cannot_commit_after_its_job_was_reclaimed() {
         .unwrap();
     assert_eq!(out["worker"], "w2");
     assert_eq!(
-        entries_added(f.store(), &f.store().keys().events()).await,
+        entries_added(f.store(), &f.store().keys().results()).await,
         1
     );
     f.stop().await;
@@ -291,5 +291,62 @@ async fn redis_kill9_and_restart_loses_no_acknowledged_process() {
             rec.error
         );
     }
+    f.stop().await;
+}
+
+/// A killed worker's consumer (owning nothing) leaves the job group, and the worker leaves
+/// the workers list, after two leases without a heartbeat; a live worker stays, even idle
+/// (on Redis 7.0 a consumer's `idle` grows while it blocks on an empty stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_consumer_and_registry_entry_go_after_two_leases() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let cfg = config(&redis, &dir);
+    let log = dir.path().join("exec.log");
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let store = f.store().clone();
+    let seen = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let consumers = store.job_consumers().await.unwrap();
+            let workers = store.workers(100).await.unwrap();
+            (
+                consumers.iter().any(|c| c.name == name),
+                workers.iter().any(|w| w.id == name),
+            )
+        }
+    };
+    // w1 runs a process alone (so it has a consumer), then w2 does; w1 is killed owning
+    // nothing.
+    let mut w1 = spawn(&cfg, "w1", &log);
+    let id = f.submit("Three", json!({})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    assert_eq!(seen("w1").await, (true, true));
+    w1.kill9();
+    let _w2 = spawn(&cfg, "w2", &log);
+    let id = f.submit("Three", json!({})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    wait_for("w1 to be retired", DEADLINE, || async {
+        (seen("w1").await == (false, false)).then_some(())
+    })
+    .await;
+    // A live worker whose consumer has been idle for more than two leases (Redis 7.0 counts
+    // blocking reads of an empty stream as idle) is not retired: it heartbeats.
+    wait_for("w2 idle for two leases", DEADLINE, || async {
+        store
+            .job_consumers()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == "w2" && c.idle_ms > cfg.worker.retire_idle().as_millis() as u64)
+    })
+    .await;
+    assert!(
+        !store
+            .retire_idle_consumer("w2", cfg.worker.retire_idle())
+            .await
+            .unwrap()
+    );
+    assert_eq!(seen("w2").await, (true, true), "the live worker stays");
     f.stop().await;
 }

@@ -417,3 +417,32 @@ fn rules_contain_the_guides_alerts_with_severity_and_runbook_text() {
         assert!(!g.name.is_empty(), "a rule group without a name");
     }
 }
+
+/// `deploy/prometheus/smoke.sh` runs the `honua` binary cargo builds, wherever
+/// CARGO_TARGET_DIR puts it (an absolute or a relative directory), not `target/debug`.
+#[test]
+fn the_prometheus_smoke_test_runs_the_binary_in_the_cargo_target_dir() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root.canonicalize().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (target, want) in [
+        (
+            dir.path().to_string_lossy().into_owned(),
+            dir.path().join("debug/honua"),
+        ),
+        ("elsewhere".to_string(), root.join("elsewhere/debug/honua")),
+    ] {
+        let out = std::process::Command::new("bash")
+            .arg(root.join("deploy/prometheus/smoke.sh"))
+            .arg("--print-binary")
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want.to_string_lossy(),
+            "CARGO_TARGET_DIR={target}"
+        );
+    }
+}

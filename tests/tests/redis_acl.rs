@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 /// The shipped key prefix (config default): the rules are tested exactly as deployed.
 const PREFIX: &str = "honua";
@@ -239,6 +240,37 @@ async fn fleet_runs_with_the_scheduler_and_worker_users_without_a_denial() {
     // Signal: an approval gate is approved and the process completes.
     let approved = f.submit("Gate", json!({})).await;
     wait_status(&f, &approved, ProcessStatus::WaitingForApproval).await;
+    // A worker login may write the results stream but not the event stream; a signal it
+    // forges there is set aside, not applied (its refusal on `events` is checked in
+    // a_hostile_worker_..., as this test counts denials).
+    let keys = f.store().keys().clone();
+    let forged = honua_shared::envelope::Event::Signal {
+        process_id: approved.clone(),
+        name: "review".into(),
+        value: "approve".into(),
+    };
+    let mut w = acl.conn("worker");
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(keys.results()).arg("*");
+    for (k, v) in forged.to_fields() {
+        xadd.arg(k).arg(v);
+    }
+    let forged_id: String = xadd.query(&mut w).unwrap();
+    wait_for("the forged signal to be quarantined", DEADLINE, || async {
+        let q = f
+            .store()
+            .stream_entries(&keys.quarantine(), 100)
+            .await
+            .ok()?;
+        q.iter()
+            .any(|e| e.fields.get("entry_id") == Some(forged_id.as_str()))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        f.record(&approved).await.unwrap().status,
+        ProcessStatus::WaitingForApproval
+    );
     let r = http
         .post(f.url(&format!("/api/processes/{approved}/signal/review")))
         .send()
@@ -525,15 +557,17 @@ const SCRIPT_ROLES: &[(&str, &[&str])] = &[
 
 /// Commands the Rust code sends itself (`redis::cmd`/`pipe.cmd` in shared/, scheduler/,
 /// worker/), with the roles that send them. Connection commands (PING, COMMAND INFO,
-/// WAITAOF) come from `+@connection`; EVALSHA/SCRIPT LOAD run every script.
+/// WAITAOF) come from `+@connection`; FCALL runs every function, FUNCTION LOAD/LIST load the
+/// library.
 const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("PING", &["scheduler", "worker", "backup", "keda"]),
     ("TIME", &["scheduler", "worker"]),
     ("INFO", &["scheduler", "worker", "backup"]),
     ("COMMAND INFO", &["scheduler"]),
     ("WAITAOF", &["scheduler"]),
-    ("EVALSHA", &["scheduler", "worker"]),
-    ("SCRIPT LOAD", &["scheduler", "worker"]),
+    ("FCALL", &["scheduler", "worker"]),
+    ("FUNCTION LIST", &["scheduler", "worker"]),
+    ("FUNCTION LOAD", &["scheduler"]),
     ("XGROUP CREATE", &["scheduler", "worker"]),
     ("XREADGROUP", &["scheduler", "worker"]),
     ("XADD", &["scheduler"]),
@@ -561,7 +595,9 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
 ];
 
 /// Commands whose first argument names a subcommand.
-const CONTAINERS: &[&str] = &["XGROUP", "XINFO", "SCRIPT", "COMMAND", "CLIENT", "OBJECT"];
+const CONTAINERS: &[&str] = &[
+    "XGROUP", "XINFO", "SCRIPT", "FUNCTION", "COMMAND", "CLIENT", "OBJECT",
+];
 
 /// `redis.call('NAME', 'SUB'...)` names of a Lua source, with the subcommand for containers.
 fn lua_commands(src: &str) -> BTreeSet<String> {
@@ -636,8 +672,29 @@ fn rust_commands(dirs: &[&str]) -> BTreeSet<String> {
     out
 }
 
-/// `ACL DRYRUN user <command> <args>`: the arguments are keys under the prefix, as many as
-/// the command's arity needs. Returns None when allowed, else Redis's reason.
+/// One key of each kind the code uses (`Keys` of the shipped prefix): roles may be allowed a
+/// command on some kinds only (the worker's selectors).
+fn key_kinds() -> Vec<String> {
+    let k = honua_shared::keys::Keys::new(PREFIX, 0);
+    let [limit, paused] = k.llm_limit("azure/gpt-4o");
+    let mut keys = k.shared();
+    keys.extend([
+        k.process("p"),
+        k.steps("p"),
+        k.data("p"),
+        k.idempotency("i"),
+        k.llm_usage("p"),
+        k.llm_type_usage("T", "20260101"),
+        k.llm_cache("ab"),
+        limit,
+        paused,
+    ]);
+    keys.into_iter().map(|k| k.to_string()).collect()
+}
+
+/// `ACL DRYRUN user <command> <args>`: the arguments are one key of the deployment, as many
+/// as the command's arity needs; allowed when it is allowed on at least one kind of key.
+/// Returns None when allowed, else Redis's reason (for the last key tried).
 fn dryrun(admin: &mut redis::Connection, user: &str, command: &str) -> Option<String> {
     let words: Vec<&str> = command.split(' ').collect();
     let info: Vec<Value> = redis::cmd("COMMAND")
@@ -653,23 +710,26 @@ fn dryrun(admin: &mut redis::Connection, user: &str, command: &str) -> Option<St
         // Not a command of this server (e.g. WAITAOF before Redis 7.2).
         _ => return None,
     };
-    let key = format!("{PREFIX}:v1:{{0}}:acl-check");
-    let mut cmd = redis::cmd("ACL");
-    cmd.arg("DRYRUN").arg(user);
-    if words[0] == "EVALSHA" {
-        cmd.arg("EVALSHA").arg("0".repeat(40)).arg(1).arg(&key);
-    } else {
-        cmd.arg(&words);
-        for _ in words.len()..arity {
-            cmd.arg(&key);
+    let mut why = None;
+    for key in key_kinds() {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("DRYRUN").arg(user);
+        if words[0] == "FCALL" {
+            cmd.arg("FCALL").arg("f").arg(1).arg(&key);
+        } else {
+            cmd.arg(&words);
+            for _ in words.len()..arity {
+                cmd.arg(&key);
+            }
+        }
+        match cmd.query::<Value>(admin) {
+            Ok(Value::Okay) => return None,
+            Ok(Value::SimpleString(s)) if s == "OK" => return None,
+            Ok(other) => why = Some(text(&other)),
+            Err(e) => why = Some(e.to_string()),
         }
     }
-    match cmd.query::<Value>(admin) {
-        Ok(Value::Okay) => None,
-        Ok(Value::SimpleString(s)) if s == "OK" => None,
-        Ok(other) => Some(text(&other)),
-        Err(e) => Some(e.to_string()),
-    }
+    why
 }
 
 #[test]
@@ -745,12 +805,23 @@ fn every_command_the_code_sends_is_allowed_to_the_role_that_sends_it() {
             "ACL SETUSER",
             "MONITOR",
             "EVAL",
+            "EVAL_RO",
+            "EVALSHA",
+            "SCRIPT LOAD",
             "SCRIPT FLUSH",
+            "FUNCTION FLUSH",
+            "FUNCTION DELETE",
+            "FUNCTION RESTORE",
             "CLIENT KILL",
         ] {
             let why = dryrun(&mut admin, &AclRedis::user(role), cmd);
             assert!(why.is_some(), "honua-{role} may run {cmd}");
         }
+    }
+    // Only the scheduler loads code (the function library).
+    for role in ["worker", "backup", "keda"] {
+        let why = dryrun(&mut admin, &AclRedis::user(role), "FUNCTION LOAD");
+        assert!(why.is_some(), "honua-{role} may run FUNCTION LOAD");
     }
 }
 
@@ -784,4 +855,199 @@ fn render_refuses_a_missing_or_weak_required_password_and_disables_optional_user
         "{text}"
     );
     assert!(!text.contains("@password@") && !text.contains("@prefix@"));
+}
+
+/// Runs `cmd` as `conn`'s user and asserts Redis refuses it for lack of permission.
+fn refused(conn: &mut redis::Connection, who: &str, cmd: &redis::Cmd) {
+    let e = cmd
+        .query::<Value>(conn)
+        .expect_err(&format!("{who}: {cmd:?} was allowed"));
+    assert_eq!(e.code(), Some("NOPERM"), "{who}: {cmd:?}: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_worker_or_scheduler_login_is_refused_forged_writes_and_its_own_lua() {
+    use honua_shared::limiter::{Admission, LimitSpec};
+    use honua_shared::store::{Store, StoreError};
+    let acl = AclRedis::start();
+    let keys = honua_shared::keys::Keys::new(PREFIX, 0);
+    let mut admin = acl.conn("admin");
+    // A process waiting for approval, in the indexes, and a submission in its stream.
+    let pid = "p1";
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(keys.process(pid))
+        .arg("status")
+        .arg("WaitingForApproval")
+        .cmd("ZADD")
+        .arg(keys.index_active())
+        .arg(1)
+        .arg(pid)
+        .cmd("XADD")
+        .arg(keys.submit())
+        .arg("*")
+        .arg("type")
+        .arg("Deployment")
+        .arg("input")
+        .arg("{\"secret\":1}")
+        .query(&mut admin)
+        .unwrap();
+
+    // The library is loaded by the scheduler, never by a worker: until then a worker's
+    // calls fail with a retryable error.
+    let worker = Store::open(&acl.url("worker"), keys.clone()).unwrap();
+    let e = worker.load_scripts().await.unwrap_err();
+    assert!(
+        matches!(e, StoreError::FunctionsNotLoaded { .. }) && e.is_retryable(),
+        "{e:?}"
+    );
+    let scheduler = Store::open(&acl.url("scheduler"), keys.clone()).unwrap();
+    scheduler.load_scripts().await.unwrap();
+    worker.load_scripts().await.unwrap();
+
+    // The worker does its job through its functions: the LLM limiter and budgets (their
+    // writes are allowed by the worker's selectors).
+    let spec = LimitSpec {
+        requests_per_minute: 60,
+        tokens_per_minute: 6_000,
+        burst_requests: 1,
+        burst_tokens: 100,
+    };
+    let got = worker
+        .llm_acquire("azure/gpt-4o", &spec, 10, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(matches!(got, Admission::Granted { .. }), "{got:?}");
+    worker
+        .llm_pause("azure/gpt-4o", Duration::from_millis(10))
+        .await
+        .unwrap();
+    let usage = worker
+        .llm_budget(&honua_shared::llm_store::BudgetCall {
+            process_id: pid,
+            process_type: "Deployment",
+            day: "20260101",
+            add_tokens: 5,
+            add_cost_micro_usd: 1,
+            process_cap: 0,
+            type_daily_cap: 0,
+            process_ttl: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    assert_eq!(usage.process_tokens, 5);
+
+    // The forged writes of a hostile worker login (the list), each refused.
+    let mut w = acl.conn("worker");
+    let busy = "local i = 0 while true do i = i + 1 end";
+    for cmd in [
+        // Read submissions.
+        redis::cmd("XRANGE")
+            .arg(keys.submit())
+            .arg("-")
+            .arg("+")
+            .clone(),
+        redis::cmd("XREAD")
+            .arg("STREAMS")
+            .arg(keys.submit())
+            .arg("0")
+            .clone(),
+        redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("scheduler")
+            .arg("x")
+            .arg("STREAMS")
+            .arg(keys.submit())
+            .arg(">")
+            .clone(),
+        // Forge index members.
+        redis::cmd("ZADD")
+            .arg(keys.index_status(ProcessStatus::Completed))
+            .arg(1)
+            .arg(pid)
+            .clone(),
+        redis::cmd("ZADD")
+            .arg(keys.index_all())
+            .arg(1)
+            .arg("forged")
+            .clone(),
+        redis::cmd("ZREM").arg(keys.index_active()).arg(pid).clone(),
+        // Inject a signal (skipping the API's operate role): the event stream is not the
+        // worker's.
+        {
+            let mut c = redis::cmd("XADD");
+            c.arg(keys.events()).arg("*");
+            let ev = honua_shared::envelope::Event::Signal {
+                process_id: pid.into(),
+                name: "review".into(),
+                value: "approve".into(),
+            };
+            for (k, v) in ev.to_fields() {
+                c.arg(k).arg(v);
+            }
+            c
+        },
+        // Delete or rewrite process fields.
+        redis::cmd("HDEL")
+            .arg(keys.process(pid))
+            .arg("status")
+            .clone(),
+        redis::cmd("HSET")
+            .arg(keys.process(pid))
+            .arg("status")
+            .arg("Completed")
+            .clone(),
+        redis::cmd("DEL").arg(keys.steps(pid)).clone(),
+        // Arbitrary Lua: a busy loop that would block the server for everyone.
+        redis::cmd("EVAL").arg(busy).arg(0).clone(),
+        redis::cmd("EVAL_RO").arg(busy).arg(0).clone(),
+        redis::cmd("SCRIPT").arg("LOAD").arg(busy).clone(),
+        redis::cmd("EVALSHA").arg("0".repeat(40)).arg(0).clone(),
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(format!(
+                "#!lua name=evil\nredis.register_function('spin', function() {busy} end)"
+            ))
+            .clone(),
+        redis::cmd("FUNCTION").arg("FLUSH").clone(),
+        redis::cmd("FUNCTION")
+            .arg("DELETE")
+            .arg(honua_shared::scripts::Library::get().name())
+            .clone(),
+    ] {
+        refused(&mut w, "honua-worker", &cmd);
+    }
+    // The scheduler user loads the library but runs no ad-hoc Lua either.
+    let mut s = acl.conn("scheduler");
+    for cmd in [
+        redis::cmd("EVAL").arg(busy).arg(0).clone(),
+        redis::cmd("SCRIPT").arg("LOAD").arg(busy).clone(),
+        redis::cmd("FUNCTION").arg("FLUSH").clone(),
+    ] {
+        refused(&mut s, "honua-scheduler", &cmd);
+    }
+    // Nothing changed.
+    let status: String = redis::cmd("HGET")
+        .arg(keys.process(pid))
+        .arg("status")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(status, "WaitingForApproval");
+    let active: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.index_active())
+        .arg(0)
+        .arg(-1)
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(active, vec![pid.to_string()]);
+    let forged: u64 = redis::cmd("ZCARD")
+        .arg(keys.index_all())
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(forged, 0);
+    let libs: Vec<Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(libs.len(), 1, "only the honua library is loaded");
 }

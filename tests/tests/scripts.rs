@@ -126,7 +126,7 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
     );
     assert_eq!(st.release("a", &held_a).await.unwrap(), Fence::Stale);
     let events: u64 = redis::cmd("XLEN")
-        .arg(st.keys().events())
+        .arg(st.keys().results())
         .query_async(&mut st.conn())
         .await
         .unwrap();
@@ -174,7 +174,7 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
         "another result under the same claim is not the commit that landed"
     );
     let events: u64 = redis::cmd("XLEN")
-        .arg(st.keys().events())
+        .arg(st.keys().results())
         .query_async(&mut st.conn())
         .await
         .unwrap();
@@ -234,7 +234,7 @@ async fn delivery_counter_dead_letters_and_consumers_retire_only_when_empty() {
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].fields.get("deliveries"), Some("3"));
     assert_eq!(dlq[0].fields.get("pid"), Some(held.job.process_id.as_str()));
-    let ev = st.stream_entries(&st.keys().events(), 10).await.unwrap();
+    let ev = st.stream_entries(&st.keys().results(), 10).await.unwrap();
     assert_eq!(ev[0].fields.get("t"), Some("dead_letter"));
     // Nothing pending any more: both consumers can go.
     assert!(st.retire_consumer("a").await.unwrap());
@@ -392,7 +392,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
                 .unwrap()
         }
     };
-    assert_eq!(xlen(st.keys().events()).await, 1, "one event per commit");
+    assert_eq!(xlen(st.keys().results()).await, 1, "one event per commit");
     let jobs = st
         .stream_stats(&st.keys().jobs(), WORKERS_GROUP)
         .await
@@ -406,7 +406,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         st.complete_many("a", &[item(&held_2)]).await.unwrap(),
         vec![Fence::Ok]
     );
-    assert_eq!(xlen(st.keys().events()).await, 2);
+    assert_eq!(xlen(st.keys().results()).await, 2);
     let jobs = st
         .stream_stats(&st.keys().jobs(), WORKERS_GROUP)
         .await
@@ -595,4 +595,73 @@ async fn trimming_removes_only_entries_every_group_has_acknowledged() {
     }
     assert_eq!(st.trim_streams(2).await.unwrap(), 2);
     assert_eq!(range().await, all[7..]);
+}
+
+/// The function library loads on this machine's redis-server (7.0: Lua 5.1 limits of 60
+/// upvalues and 200 locals per function, no globals in a library), registers every script,
+/// coexists with another version, and comes back by itself after `FUNCTION FLUSH`.
+#[tokio::test]
+async fn the_function_library_loads_registers_every_script_and_reloads_itself() {
+    use honua_shared::scripts::{Library, SOURCES};
+    let redis = RedisServer::start();
+    let mut conn = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let lib = Library::get();
+    assert!(lib.name().starts_with("honua_") && lib.name().len() == "honua_".len() + 8);
+    assert!(lib.ensure(&mut conn).await.unwrap(), "loaded");
+    assert!(!lib.ensure(&mut conn).await.unwrap(), "already there");
+    // Another version (another hash) loads beside it: a rolling update runs both.
+    let other = lib.text().replace(lib.name(), "honua_00000000");
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(&other)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let libs: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(libs.len(), 2);
+    let ours = libs
+        .iter()
+        .find(|l| {
+            redis::from_redis_value::<String>(l["library_name"].clone()).unwrap() == lib.name()
+        })
+        .unwrap();
+    let functions: Vec<std::collections::HashMap<String, redis::Value>> =
+        redis::from_redis_value(ours["functions"].clone()).unwrap();
+    let mut names: Vec<String> = functions
+        .iter()
+        .map(|f| redis::from_redis_value(f["name"].clone()).unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = SOURCES.iter().map(|(n, _)| lib.function_name(n)).collect();
+    want.sort();
+    assert_eq!(names, want);
+
+    // After FUNCTION FLUSH (or on a fresh server) the next call loads the library again.
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The one reply matched by its text (Redis has no code for it), pinned to this server.
+    let e = redis::cmd("FCALL")
+        .arg(lib.function_name("trim"))
+        .arg(0)
+        .query_async::<redis::Value>(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ERR"));
+    assert_eq!(e.detail(), Some(honua_shared::scripts::NOT_FOUND));
+    let dir = defs_dir(DEF);
+    let st = store(&test_config(&redis.url(), dir.path()));
+    st.ensure_job_group().await.unwrap();
+    st.retire_consumer("nobody").await.unwrap();
+    assert!(lib.is_loaded(&mut conn).await.unwrap());
 }

@@ -202,7 +202,7 @@ impl Worker {
         let mut delay = Duration::from_millis(100);
         loop {
             let ready = async {
-                inner.store.ensure_groups().await?;
+                inner.store.ensure_job_group().await?;
                 inner.store.load_scripts().await
             };
             match ready.await {
@@ -355,7 +355,7 @@ impl Inner {
                     error!(%stream, %group, "consumer group missing (server restarted without data?); recreating it");
                     self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
-                    if let Err(e) = self.store.ensure_groups().await {
+                    if let Err(e) = self.store.ensure_job_group().await {
                         warn!(error = %e, "recreating groups failed");
                     }
                 }
@@ -411,7 +411,7 @@ impl Inner {
                         self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
                         error!("job consumer group missing; recreating it");
-                        let _ = self.store.ensure_groups().await;
+                        let _ = self.store.ensure_job_group().await;
                         break;
                     }
                     Err(e) => {
@@ -456,7 +456,8 @@ impl Inner {
     }
 
     async fn retire_idle_consumers(&self) {
-        let after_ms = self.cfg.worker.retire_consumer_after_secs * 1000;
+        let idle = self.cfg.worker.retire_idle();
+        let after_ms = idle.as_millis() as u64;
         let Ok(consumers) = self.store.job_consumers().await else {
             return;
         };
@@ -464,7 +465,7 @@ impl Inner {
             if c.pending == 0
                 && c.idle_ms > after_ms
                 && *c.name != *self.id
-                && let Ok(true) = self.store.retire_consumer(&c.name).await
+                && let Ok(true) = self.store.retire_idle_consumer(&c.name, idle).await
             {
                 info!(consumer = %c.name, "retired idle consumer");
             }

@@ -692,6 +692,13 @@ mod tests {
         );
         assert_eq!(p.error_type(), "auth");
         assert!(!p.to_string().contains("sentinel"), "{p}");
+        // A shortened echo of the key (8+ characters of it) is scrubbed too.
+        let p = c(
+            401,
+            "{\"error\":{\"message\":\"Incorrect API key provided: sk-senti*****-42\"}}",
+            &h,
+        );
+        assert!(!p.to_string().contains("sk-senti"), "{p}");
         let p = c(
             400,
             "{\"error\":{\"message\":\"too long\",\"code\":\"context_length_exceeded\"}}",
