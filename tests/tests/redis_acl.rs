@@ -586,6 +586,7 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("ZREVRANGE", &["scheduler"]),
     ("ZREMRANGEBYSCORE", &["scheduler"]),
     ("ZCARD", &["scheduler"]),
+    ("ZCOUNT", &["scheduler"]),
     ("ZRANGE", &["scheduler"]),
     ("ZREVRANGEBYSCORE", &["scheduler"]),
     ("BGSAVE", &["backup"]),
