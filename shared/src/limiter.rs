@@ -14,8 +14,9 @@ use crate::store::{Result, Store, StoreError};
 use std::time::Duration;
 
 /// One bucket's limits, e.g. provider "openai" model "gpt-4o".
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// An omitted field is 0 (unlimited, or no extra burst).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct LimitSpec {
     /// 0 = unlimited.
     pub requests_per_minute: u32,

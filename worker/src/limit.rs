@@ -14,7 +14,8 @@
 //! `acquire` waits at most `max_wait` in total and gives up early (returns `None`) once the
 //! earliest admission lies beyond that bound, so a step never hogs its slot; the caller
 //! yields (re-queued with a delay). A provider 429 pauses the bucket for the whole fleet
-//! (`pause`), and each worker also remembers the pause locally.
+//! (`pause`), and each worker also remembers the pause locally. A bucket without limits
+//! has only the pause: one read-only round trip checks it before each call.
 //!
 //! Redis round trips per admitted LLM call: 1 for `acquire` when the bucket has room now;
 //! 2 when the call had to wait for its slot (book + confirm); +1 after a provider pause
@@ -194,8 +195,8 @@ impl Permit {
         self.waited
     }
 
-    /// Whether the fleet-wide bucket admitted this call (false: unlimited bucket, or the
-    /// local stage alone while Redis was unreachable).
+    /// Whether Redis admitted this call (the fleet-wide bucket, or an unlimited bucket's
+    /// pause check); false: the local stage alone while Redis was unreachable.
     pub fn fleet_wide(&self) -> bool {
         self.fleet
     }
@@ -269,7 +270,7 @@ enum Wait {
 
 impl LlmLimiter {
     /// `specs` keyed by bucket name "provider/model" (config `llm.limits`); a bucket with no
-    /// spec is unlimited (no Redis round trip).
+    /// spec is unlimited (only its fleet-wide pause is checked).
     pub fn new(store: Store, specs: BTreeMap<String, LimitSpec>) -> Self {
         Self::with_options(store, specs, 1.0)
     }
@@ -371,12 +372,14 @@ impl LlmLimiter {
         cancel: &CancellationToken,
     ) -> Result<Option<Permit>, LimitError> {
         let Some(spec) = self.inner.specs.get(bucket) else {
-            return Ok(Some(Permit {
+            let start = Instant::now();
+            let admitted = self.unlimited(bucket, start + max_wait, cancel).await?;
+            return Ok(admitted.map(|fleet| Permit {
                 limiter: None,
                 bucket: bucket.to_string(),
                 reserved: tokens,
-                waited: Duration::ZERO,
-                fleet: false,
+                waited: start.elapsed(),
+                fleet,
             }));
         };
         if spec.tokens_per_minute > 0 && tokens > spec.token_capacity() {
@@ -528,6 +531,52 @@ impl LlmLimiter {
         }
     }
 
+    /// An unlimited bucket has no GCRA state, only the fleet-wide pause key: one round trip
+    /// reads it (the local pause holds while Redis is unreachable). `Some(fleet)` go,
+    /// `None` the pause outlasts the deadline.
+    async fn unlimited(
+        &self,
+        bucket: &str,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Option<bool>, LimitError> {
+        const UNLIMITED: LimitSpec = LimitSpec {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            burst_requests: 0,
+            burst_tokens: 0,
+        };
+        loop {
+            if cancel.is_cancelled() {
+                return Err(LimitError::Cancelled);
+            }
+            if let Some(until) = self.local_pause(bucket) {
+                if !Self::sleep(until - Instant::now(), deadline, cancel).await? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            if !self.redis_usable() {
+                return Ok(Some(false));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fleet_attempt(bucket, &UNLIMITED, 0, left).await {
+                Ok(Wait::Booked(_)) => return Ok(Some(true)),
+                // A pause: `fleet_attempt` recorded it locally; the loop sleeps it out.
+                Ok(Wait::Sleep(w)) => {
+                    if !Self::sleep(w, deadline, cancel).await? {
+                        return Ok(None);
+                    }
+                }
+                Err(LimitError::Store(e)) => {
+                    self.redis_failed(&e);
+                    return Ok(Some(false));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The fallback: the local token stage alone.
     async fn local_tokens(
         &self,
@@ -618,7 +667,8 @@ impl LlmLimiter {
 
     /// Provider said 429 / Retry-After: pause this bucket for every worker of the fleet
     /// (and locally, so the pause holds even while Redis is unreachable). A pause never
-    /// shortens a longer one. Unlimited buckets are paused locally only.
+    /// shortens a longer one. Unlimited buckets are paused fleet-wide too (the pause key
+    /// alone, no GCRA state).
     pub async fn pause(&self, bucket: &str, for_: Duration) -> Result<(), LimitError> {
         metrics::counter!(m::LLM_RATE_LIMITED, "bucket" => bucket.to_string(), "source" => "provider")
             .increment(1);
@@ -628,7 +678,7 @@ impl LlmLimiter {
             let e = p.entry(bucket.to_string()).or_insert(until);
             *e = (*e).max(until);
         }
-        if !self.inner.specs.contains_key(bucket) || !self.redis_usable() {
+        if !self.redis_usable() {
             return Ok(());
         }
         bump(&self.inner.counters.pause_round_trips);

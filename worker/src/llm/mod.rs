@@ -222,6 +222,30 @@ struct Inner {
     limiter: LlmLimiter,
     breakers: Mutex<HashMap<String, Breaker>>,
     usage_ttl: Duration,
+    cost: CostCarry,
+}
+
+/// Turns per-call costs into whole micro-dollars for `honua_llm_cost_microdollars_total`
+/// without losing the fractions: each (provider, model) keeps the nano-dollars not yet
+/// counted, so the counter always equals the summed cost, truncated to the micro-dollar.
+#[derive(Default)]
+struct CostCarry(Mutex<HashMap<(String, String), u64>>);
+
+impl CostCarry {
+    /// Adds `usd` and returns the whole micro-dollars to add to the counter now.
+    fn add(&self, provider: &str, model: &str, usd: f64) -> u64 {
+        let nanos = (usd * 1e9).round();
+        if !(nanos.is_finite() && nanos > 0.0) {
+            return 0;
+        }
+        let mut m = self.0.lock().unwrap();
+        let rest = m
+            .entry((provider.to_string(), model.to_string()))
+            .or_insert(0);
+        let total = *rest + nanos as u64;
+        *rest = total % 1000;
+        total / 1000
+    }
 }
 
 impl LlmStep {
@@ -260,6 +284,7 @@ impl LlmStep {
                 limiter,
                 breakers: Mutex::new(HashMap::new()),
                 usage_ttl: Duration::from_secs(cfg.retention_secs + 7 * 86_400),
+                cost: CostCarry::default(),
             }),
         }
     }
@@ -867,8 +892,8 @@ impl LlmStep {
                     let labels = [("provider", r.provider.clone()), ("model", r.model.clone())];
                     metrics::counter!(m::LLM_TOKENS_USED, &labels).increment(tokens);
                     if let Some(usd) = r.cost_usd {
-                        metrics::counter!(m::LLM_COST_MICRO_USD, &labels)
-                            .increment((usd * 1e6).round() as u64);
+                        let micro = inner.cost.add(&r.provider, &r.model, usd);
+                        metrics::counter!(m::LLM_COST_MICRO_USD, &labels).increment(micro);
                     }
                     if let Err(e) = inner.budget(&ctx, tokens, r.cost_usd.unwrap_or(0.0)).await {
                         tracing::warn!(error = %e, "llm usage not recorded for budgets");
@@ -948,6 +973,17 @@ impl LlmStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cost_counter_carries_fractions_of_a_micro_dollar() {
+        let c = CostCarry::default();
+        // 13.5 µ$ per call: 50 calls are 675 µ$, not 50 × 13 or 50 × 14.
+        let counted: u64 = (0..50).map(|_| c.add("p", "m", 13.5e-6)).sum();
+        assert_eq!(counted, 675);
+        // Each (provider, model) carries its own remainder.
+        assert_eq!(c.add("p", "other", 0.4e-6), 0);
+        assert_eq!(c.add("p", "other", 0.6e-6), 1);
+    }
 
     #[test]
     fn spec_validation_names_the_field() {
