@@ -1202,3 +1202,96 @@ async fn the_cost_counter_matches_the_summed_cost() {
     assert_eq!(counted, (nanos / 1000) as f64, "{body}");
     f.stop().await;
 }
+
+/// The circuit breaker is fleet-wide: 4 worker processes (each with its own local breaker)
+/// against a primary in a 5xx streak. Once the breaker opens, the primary sees at most one
+/// probe per `breaker_open_secs` from the whole fleet, and the steps go to the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_streak_opens_one_breaker_for_the_whole_fleet() {
+    const OPEN_SECS: u64 = 2;
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    primary.script(vec![Fault::Status(502); 10_000]);
+    let fallback = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let key = key_file(tmp.path());
+    cfg.llm_provider = Some(llm_cfg(
+        &primary.base_url(),
+        Some(&fallback.base_url()),
+        &key,
+    ));
+    let section = format!(
+        "[llm_provider]\nprovider = \"openai_compatible\"\nfallback_provider = \"openai\"\n\
+         breaker_failures = 2\nbreaker_open_secs = {OPEN_SECS}\nretry_initial_ms = 10\n\
+         retry_max_ms = 50\nrequest_timeout_secs = 10\n\
+         [llm_provider.openai_compatible]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\
+         [llm_provider.openai]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+        primary.base_url(),
+        key.display(),
+        fallback.base_url(),
+        key.display()
+    );
+    let toml =
+        worker_toml(&cfg, &section).replace("[worker]\n", "[worker]\nmax_concurrent_steps = 1\n");
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let _workers: Vec<TestWorker> = (0..4)
+        .map(|i| spawn_worker(&toml, tmp.path(), &format!("w{i}"), &log, "info"))
+        .collect();
+    // Rounds of 4 steps until the run spans several open spells.
+    let start = std::time::Instant::now();
+    let mut done = 0;
+    while start.elapsed() < Duration::from_secs(4 * OPEN_SECS + 1) {
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(f.submit("L", json!({ "who": format!("s{done}") })).await);
+            done += 1;
+        }
+        for id in &ids {
+            assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+        }
+    }
+    let run = start.elapsed();
+    let mut at: Vec<std::time::Instant> = primary.requests().iter().map(|r| r.at).collect();
+    at.sort();
+    // The opening burst: 2 failures, plus at most the other 3 workers' calls already in
+    // flight (one step per worker); any later call is a probe, the first one no earlier
+    // than OPEN_SECS after the opening.
+    let burst = at
+        .iter()
+        .take_while(|t| **t - at[0] < Duration::from_millis(OPEN_SECS * 500))
+        .count();
+    assert!((2..=5).contains(&burst), "opening burst of {burst}");
+    let probes = &at[burst..];
+    assert!(!probes.is_empty(), "the fleet never probed the primary");
+    for pair in at[burst - 1..].windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(OPEN_SECS * 800),
+            "two primary calls {gap:?} apart while the breaker was open: {:?}",
+            at.iter().map(|t| *t - at[0]).collect::<Vec<_>>()
+        );
+    }
+    let bound = run.as_secs() / OPEN_SECS + 1;
+    assert!(
+        probes.len() as u64 <= bound,
+        "{} probes in {run:?}",
+        probes.len()
+    );
+    assert_eq!(
+        fallback.requests().len(),
+        done,
+        "every step ended on the fallback"
+    );
+    eprintln!(
+        "FLEET BREAKER: {done} steps in {run:?}; primary saw {} calls ({} after the opening \
+         burst, bound {bound}) at {:?}, fallback {}",
+        at.len(),
+        probes.len(),
+        at.iter().map(|t| *t - at[0]).collect::<Vec<_>>(),
+        fallback.requests().len()
+    );
+    f.stop().await;
+}

@@ -15,7 +15,10 @@
 //! earliest admission lies beyond that bound, so a step never hogs its slot; the caller
 //! yields (re-queued with a delay). A provider 429 pauses the bucket for the whole fleet
 //! (`pause`), and each worker also remembers the pause locally. A bucket without limits
-//! has only the pause: one read-only round trip checks it before each call.
+//! has only the pause: one read-only round trip checks it before each call. The same
+//! acquire round trip also checks the bucket's fleet-wide circuit breaker
+//! ([`LlmLimiter::with_fleet_breaker`]); [`LlmLimiter::breaker_report`] feeds it (+1 round
+//! trip after a failure, a probe, or a success while failures are counted).
 //!
 //! Redis round trips per admitted LLM call: 1 for `acquire` when the bucket has room now;
 //! 2 when the call had to wait for its slot (book + confirm); +1 after a provider pause
@@ -24,7 +27,7 @@
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use honua_shared::limiter::{Admission, LimitSpec};
+use honua_shared::limiter::{Admission, BreakerOutcome, BreakerSeen, BreakerSpec, LimitSpec};
 use honua_shared::metrics as m;
 use honua_shared::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +51,10 @@ pub enum LimitError {
         tokens: u64,
         capacity: u64,
     },
+    /// The bucket's fleet-wide circuit breaker is open (or another worker holds its one
+    /// half-open probe) for `wait` more.
+    #[error("circuit breaker for {bucket} is open")]
+    BreakerOpen { bucket: String, wait: Duration },
     /// Redis could not be reached (settle only; acquire and pause fall back locally).
     #[error("llm rate limiter store unavailable: {0}")]
     Store(#[source] StoreError),
@@ -162,6 +169,8 @@ struct Inner {
     redis_timeout: Duration,
     redis_retry_after: Duration,
     counters: Counters,
+    /// The fleet-wide circuit breaker, checked in the acquire round trip.
+    breaker: Option<BreakerSpec>,
 }
 
 /// The worker-side LLM limiter. Cheap to clone; one per worker process.
@@ -179,6 +188,7 @@ pub struct Permit {
     reserved: u64,
     waited: Duration,
     fleet: bool,
+    breaker: Option<BreakerSeen>,
 }
 
 impl std::fmt::Debug for LlmLimiter {
@@ -199,6 +209,12 @@ impl Permit {
     /// pause check); false: the local stage alone while Redis was unreachable.
     pub fn fleet_wide(&self) -> bool {
         self.fleet
+    }
+
+    /// What Redis said of the bucket's fleet-wide circuit breaker; `None` when it was not
+    /// asked (no fleet breaker configured, or Redis unreachable: the local breaker decides).
+    pub fn fleet_breaker(&self) -> Option<BreakerSeen> {
+        self.breaker
     }
 
     /// Tokens reserved.
@@ -265,7 +281,7 @@ enum Wait {
     /// Not within the deadline yet: sleep, then re-check (a pause ending in time).
     Sleep(Duration),
     /// Admitted: the slot is booked `Duration` from now.
-    Booked(Duration),
+    Booked(Duration, BreakerSeen),
 }
 
 impl LlmLimiter {
@@ -306,8 +322,48 @@ impl LlmLimiter {
                 redis_timeout: Duration::from_secs(1),
                 redis_retry_after: Duration::from_secs(1),
                 counters: Counters::default(),
+                breaker: None,
             }),
         }
+    }
+
+    /// Keeps a fleet-wide circuit breaker per bucket in Redis, checked in the same round
+    /// trip as the admission (call before cloning the limiter).
+    pub fn with_fleet_breaker(mut self, spec: BreakerSpec) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.breaker = Some(spec),
+            None => tracing::error!("llm limiter: fleet breaker set after cloning; ignored"),
+        }
+        self
+    }
+
+    /// Reports a call's outcome to the bucket's fleet-wide breaker (only for permits that
+    /// Redis gated). `Some(open for)` when the breaker is (now) open; `None` when closed or
+    /// Redis could not be reached (the local breaker is the fallback).
+    pub async fn breaker_report(
+        &self,
+        bucket: &str,
+        outcome: BreakerOutcome,
+        probe: bool,
+    ) -> Option<Duration> {
+        let spec = self.inner.breaker?;
+        let call = self.inner.store.llm_breaker(bucket, &spec, outcome, probe);
+        match tokio::time::timeout(self.inner.redis_timeout, call).await {
+            Ok(Ok(open)) => open,
+            Ok(Err(e)) => {
+                self.redis_failed(&e);
+                None
+            }
+            Err(_) => {
+                self.redis_failed(&timeout_error());
+                None
+            }
+        }
+    }
+
+    /// What a permit reports of the fleet breaker: nothing unless one is configured.
+    fn gated(&self, seen: Option<BreakerSeen>) -> Option<BreakerSeen> {
+        seen.filter(|_| self.inner.breaker.is_some())
     }
 
     /// Counters since start.
@@ -374,12 +430,13 @@ impl LlmLimiter {
         let Some(spec) = self.inner.specs.get(bucket) else {
             let start = Instant::now();
             let admitted = self.unlimited(bucket, start + max_wait, cancel).await?;
-            return Ok(admitted.map(|fleet| Permit {
+            return Ok(admitted.map(|breaker| Permit {
                 limiter: None,
                 bucket: bucket.to_string(),
                 reserved: tokens,
                 waited: start.elapsed(),
-                fleet,
+                fleet: breaker.is_some(),
+                breaker: self.gated(breaker),
             }));
         };
         if spec.tokens_per_minute > 0 && tokens > spec.token_capacity() {
@@ -402,12 +459,14 @@ impl LlmLimiter {
             Ok(Some(_)) => "granted",
             Ok(None) => "timeout",
             Err(LimitError::Cancelled) => "cancelled",
+            Err(LimitError::BreakerOpen { .. }) => "breaker_open",
             Err(_) => "error",
         };
         metrics::histogram!(m::LLM_LIMITER_WAIT, "bucket" => bucket.to_string(), "outcome" => outcome)
             .record(waited.as_secs_f64());
         match result {
-            Ok(Some(fleet)) => {
+            Ok(Some(breaker)) => {
+                let fleet = breaker.is_some();
                 bump(&c.granted);
                 if !fleet {
                     bump(&c.fallbacks);
@@ -420,6 +479,7 @@ impl LlmLimiter {
                     reserved: tokens,
                     waited,
                     fleet,
+                    breaker: self.gated(breaker),
                 }))
             }
             Ok(None) => {
@@ -450,8 +510,8 @@ impl LlmLimiter {
         }
     }
 
-    /// `Some(true)` admitted fleet-wide, `Some(false)` admitted by the local stage alone
-    /// (Redis unreachable), `None` not within the deadline.
+    /// `Some(Some(breaker))` admitted fleet-wide, `Some(None)` admitted by the local stage
+    /// alone (Redis unreachable), `None` not within the deadline.
     async fn acquire_inner(
         &self,
         bucket: &str,
@@ -460,7 +520,7 @@ impl LlmLimiter {
         deadline: Instant,
         cancel: &CancellationToken,
         round_trips: &mut u64,
-    ) -> Result<Option<bool>, LimitError> {
+    ) -> Result<Option<Option<BreakerSeen>>, LimitError> {
         if cancel.is_cancelled() {
             return Err(LimitError::Cancelled);
         }
@@ -489,11 +549,14 @@ impl LlmLimiter {
             let left = deadline.saturating_duration_since(Instant::now());
             *round_trips += 1;
             match self.fleet_attempt(bucket, spec, tokens, left).await {
-                Ok(Wait::Booked(w)) => {
+                Ok(Wait::Booked(w, seen)) => {
                     if !w.is_zero() {
                         tokio::select! {
                             _ = cancel.cancelled() => {
                                 self.give_back(bucket, spec, tokens).await;
+                                if seen == BreakerSeen::Probe {
+                                    self.breaker_report(bucket, BreakerOutcome::Abandon, true).await;
+                                }
                                 return Err(LimitError::Cancelled);
                             }
                             _ = tokio::time::sleep(w) => {}
@@ -504,6 +567,10 @@ impl LlmLimiter {
                         match self.confirm(bucket, spec, tokens).await {
                             Ok(None) => {}
                             Ok(Some(pause)) => {
+                                if seen == BreakerSeen::Probe {
+                                    self.breaker_report(bucket, BreakerOutcome::Abandon, true)
+                                        .await;
+                                }
                                 if !Self::sleep(pause, deadline, cancel).await? {
                                     return Ok(None);
                                 }
@@ -515,7 +582,7 @@ impl LlmLimiter {
                             }
                         }
                     }
-                    return Ok(Some(true));
+                    return Ok(Some(Some(seen)));
                 }
                 Ok(Wait::Sleep(w)) => {
                     if !Self::sleep(w, deadline, cancel).await? {
@@ -532,14 +599,15 @@ impl LlmLimiter {
     }
 
     /// An unlimited bucket has no GCRA state, only the fleet-wide pause key: one round trip
-    /// reads it (the local pause holds while Redis is unreachable). `Some(fleet)` go,
-    /// `None` the pause outlasts the deadline.
+    /// reads it (the local pause holds while Redis is unreachable). `Some(Some(breaker))`
+    /// go (checked in Redis), `Some(None)` go (local stage only), `None` the pause outlasts
+    /// the deadline.
     async fn unlimited(
         &self,
         bucket: &str,
         deadline: Instant,
         cancel: &CancellationToken,
-    ) -> Result<Option<bool>, LimitError> {
+    ) -> Result<Option<Option<BreakerSeen>>, LimitError> {
         const UNLIMITED: LimitSpec = LimitSpec {
             requests_per_minute: 0,
             tokens_per_minute: 0,
@@ -557,11 +625,11 @@ impl LlmLimiter {
                 continue;
             }
             if !self.redis_usable() {
-                return Ok(Some(false));
+                return Ok(Some(None));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.fleet_attempt(bucket, &UNLIMITED, 0, left).await {
-                Ok(Wait::Booked(_)) => return Ok(Some(true)),
+                Ok(Wait::Booked(_, seen)) => return Ok(Some(Some(seen))),
                 // A pause: `fleet_attempt` recorded it locally; the loop sleeps it out.
                 Ok(Wait::Sleep(w)) => {
                     if !Self::sleep(w, deadline, cancel).await? {
@@ -570,7 +638,7 @@ impl LlmLimiter {
                 }
                 Err(LimitError::Store(e)) => {
                     self.redis_failed(&e);
-                    return Ok(Some(false));
+                    return Ok(Some(None));
                 }
                 Err(e) => return Err(e),
             }
@@ -584,11 +652,11 @@ impl LlmLimiter {
         tokens: u64,
         deadline: Instant,
         cancel: &CancellationToken,
-    ) -> Result<Option<bool>, LimitError> {
+    ) -> Result<Option<Option<BreakerSeen>>, LimitError> {
         loop {
             let w = local.take_tokens(tokens);
             if w.is_zero() {
-                return Ok(Some(false));
+                return Ok(Some(None));
             }
             if !Self::sleep(w, deadline, cancel).await? {
                 return Ok(None);
@@ -639,14 +707,21 @@ impl LlmLimiter {
     ) -> Result<Wait, LimitError> {
         let inner = &self.inner;
         bump(&inner.counters.acquire_round_trips);
-        let call = inner.store.llm_acquire(bucket, spec, tokens, max_wait);
-        let admission = match tokio::time::timeout(inner.redis_timeout, call).await {
+        let lease = inner.breaker.map(|b| b.probe_lease);
+        let call = inner
+            .store
+            .llm_acquire_gated(bucket, spec, tokens, max_wait, lease);
+        let (admission, seen) = match tokio::time::timeout(inner.redis_timeout, call).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(LimitError::Store(e)),
             Err(_) => return Err(LimitError::Store(timeout_error())),
         };
         match admission {
-            Admission::Granted { wait } => Ok(Wait::Booked(wait)),
+            Admission::Granted { wait } => Ok(Wait::Booked(wait, seen)),
+            Admission::BreakerOpen { wait } => Err(LimitError::BreakerOpen {
+                bucket: bucket.to_string(),
+                wait,
+            }),
             Admission::Wait { wait, paused } => {
                 if paused {
                     let mut p = inner.paused.lock().unwrap();

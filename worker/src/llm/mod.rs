@@ -28,6 +28,7 @@ use crate::handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepO
 use crate::limit::{LimitError, LlmLimiter};
 use async_trait::async_trait;
 use honua_shared::config::Config;
+use honua_shared::limiter::{BreakerOutcome, BreakerSeen, BreakerSpec};
 use honua_shared::llm_config::{BudgetAction, LlmProviderConfig, ProviderKind, TaskClass};
 use honua_shared::llm_store::{BudgetCall, BudgetOver};
 use honua_shared::metrics as m;
@@ -273,7 +274,13 @@ impl LlmStep {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .unwrap_or_default();
-        let limiter = LlmLimiter::new(store.clone(), llm.limits.clone());
+        let limiter =
+            LlmLimiter::new(store.clone(), llm.limits.clone()).with_fleet_breaker(BreakerSpec {
+                failures: llm.breaker_failures,
+                open: Duration::from_secs(llm.breaker_open_secs),
+                // The probe's claim lasts as long as its call may.
+                probe_lease: Duration::from_secs(llm.request_timeout_secs + 5),
+            });
         Self {
             inner: Arc::new(Inner {
                 cfg: llm.clone(),
@@ -386,6 +393,18 @@ impl Inner {
                 )
             })
             .gate(Instant::now())
+    }
+
+    /// A probe that was never sent, or whose error says nothing of the provider: another
+    /// call may probe (locally, and fleet-wide when Redis gated it).
+    async fn breaker_abandon(&self, bucket: &str, seen: Option<BreakerSeen>) {
+        if seen == Some(BreakerSeen::Probe) {
+            self.limiter
+                .breaker_report(bucket, BreakerOutcome::Abandon, true)
+                .await;
+        } else {
+            self.breaker(bucket, Breaker::probe_abandoned);
+        }
     }
 
     fn breaker<R>(&self, bucket: &str, f: impl FnOnce(&mut Breaker) -> R) -> R {
@@ -511,30 +530,47 @@ impl Inner {
             };
             let estimate = prompt_tokens.tokens + u64::from(req.max_tokens);
             let bucket = target.bucket();
-            let gate = self.gate(&bucket);
-            if gate == Gate::Open {
+            let breaker_open = |after: Duration| {
                 if !on_fallback && has_fallback {
                     tracing::info!(%bucket, "circuit breaker open: using the fallback provider");
-                    on_fallback = true;
-                    continue;
+                    Ok(())
+                } else {
+                    Err(StepError::Yield {
+                        after: after.max(Duration::from_millis(100)),
+                        message: format!("circuit breaker for {bucket} is open"),
+                    })
                 }
-                let after = Duration::from_secs(cfg.breaker_open_secs);
-                return Err(StepError::Yield {
-                    after,
-                    message: format!("circuit breaker for {bucket} is open"),
-                });
-            }
+            };
             let asked = Instant::now();
-            let permit = match self
+            // The fleet-wide breaker is checked in the limiter's round trip; the local one
+            // decides only when Redis did not answer.
+            let (permit, gate) = match self
                 .limiter
                 .acquire(&bucket, estimate, max_wait, &ctx.cancel)
                 .await
             {
-                Ok(Some(p)) => p,
-                Ok(None) => {
-                    if gate == Gate::Probe {
-                        self.breaker(&bucket, Breaker::probe_abandoned);
+                Ok(Some(p)) => {
+                    let gate = match p.fleet_breaker() {
+                        Some(BreakerSeen::Probe) => Gate::Probe,
+                        Some(_) => Gate::Closed,
+                        None => self.gate(&bucket),
+                    };
+                    if gate == Gate::Open {
+                        if let Err(e) = p.release().await {
+                            tracing::warn!(%bucket, error = %e, "llm limiter release failed");
+                        }
+                        breaker_open(Duration::from_secs(cfg.breaker_open_secs))?;
+                        on_fallback = true;
+                        continue;
                     }
+                    (p, gate)
+                }
+                Err(LimitError::BreakerOpen { wait, .. }) => {
+                    breaker_open(wait)?;
+                    on_fallback = true;
+                    continue;
+                }
+                Ok(None) => {
                     limiter_wait += asked.elapsed();
                     if !on_fallback && has_fallback {
                         tracing::info!(%bucket, "rate-limit bucket cannot admit within the wait bound: using the fallback provider");
@@ -556,6 +592,7 @@ impl Inner {
                 Err(e) => return Err(StepError::Retryable(e.to_string())),
             };
             limiter_wait += permit.waited();
+            let seen = permit.fleet_breaker();
             calls += 1;
             let (provider, model) = (target.provider().as_str(), target.model.clone());
             let started = Instant::now();
@@ -564,7 +601,7 @@ impl Inner {
                     .instrument(tracing::info_span!("llm_call", provider, model = %target.model, call = calls, stream = req.stream)) => r,
                 _ = ctx.cancel.cancelled() => {
                     if gate == Gate::Probe {
-                        self.breaker(&bucket, Breaker::probe_abandoned);
+                        self.breaker_abandon(&bucket, seen).await;
                     }
                     return Err(StepError::Cancelled);
                 }
@@ -585,6 +622,12 @@ impl Inner {
                         tracing::warn!(%bucket, error = %e, "llm limiter settle failed; reservation stands");
                     }
                     self.breaker(&bucket, Breaker::success);
+                    if matches!(seen, Some(BreakerSeen::Probe | BreakerSeen::Failing)) {
+                        let probe = seen == Some(BreakerSeen::Probe);
+                        self.limiter
+                            .breaker_report(&bucket, BreakerOutcome::Success, probe)
+                            .await;
+                    }
                     if let Some(d) = c.exhausted_for {
                         // The provider says its window is used up: hold the whole fleet
                         // off this bucket until it resets instead of collecting 429s.
@@ -616,10 +659,19 @@ impl Inner {
                         tracing::warn!(%bucket, error = %se, "llm limiter settle failed");
                     }
                     let opened = if e.trips_breaker() {
-                        self.breaker(&bucket, |b| b.failure(Instant::now()))
+                        let local = self.breaker(&bucket, |b| b.failure(Instant::now()));
+                        if seen.is_some() {
+                            let probe = gate == Gate::Probe;
+                            self.limiter
+                                .breaker_report(&bucket, BreakerOutcome::Failure, probe)
+                                .await
+                                .is_some()
+                        } else {
+                            local
+                        }
                     } else {
                         if gate == Gate::Probe {
-                            self.breaker(&bucket, Breaker::probe_abandoned);
+                            self.breaker_abandon(&bucket, seen).await;
                         }
                         false
                     };
