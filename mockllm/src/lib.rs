@@ -86,11 +86,15 @@ pub enum Fault {
     StallAfter(usize),
     /// Answer normally after this extra delay.
     Delay(Duration),
+    /// This status with a plain-text (not JSON) body about a missing API key, as LiteLLM
+    /// answers a request without `Authorization` (a 500).
+    PlainAuth(u16),
 }
 
 impl Fault {
     /// Parses a fault script: a comma-separated list of `ok`, `429` or `429:<secs>`,
-    /// `500`/`503`/any status, `hang`, `stall` or `stall:<chunks>`, `delay:<ms>`.
+    /// `500`/`503`/any status, `hang`, `stall` or `stall:<chunks>`, `delay:<ms>`,
+    /// `auth:<status>` (a plain-text missing-key answer).
     pub fn parse_script(s: &str) -> Result<Vec<Fault>, String> {
         s.split(',')
             .map(str::trim)
@@ -122,11 +126,15 @@ impl Fault {
                         1
                     })),
                     "delay" => Ok(Fault::Delay(Duration::from_millis(num("milliseconds")?))),
+                    "auth" => match u16::try_from(num("status")?) {
+                        Ok(c) if (400..600).contains(&c) => Ok(Fault::PlainAuth(c)),
+                        _ => Err(format!("fault {t:?}: auth needs a 4xx/5xx status")),
+                    },
                     code => match code.parse::<u16>() {
                         Ok(c) if (400..600).contains(&c) => Ok(Fault::Status(c)),
                         _ => Err(format!(
                             "unknown fault {t:?}: expected ok, 429[:secs], a 4xx/5xx status, \
-                             hang, stall[:chunks] or delay:<ms>"
+                             hang, stall[:chunks], delay:<ms> or auth:<status>"
                         )),
                     },
                 }
@@ -218,6 +226,9 @@ pub struct MockConfig {
     pub rate_limit_every: Option<EveryNth>,
     /// When set, requests must carry this key (`Authorization: Bearer` or `api-key`), else 401.
     pub api_key: Option<String>,
+    /// Answer like a LiteLLM proxy: `retry-after`, `retry-after-ms` and `x-ratelimit-*`
+    /// are sent only under the `llm_provider-` prefix (e.g. `llm_provider-retry-after`).
+    pub proxy_headers: bool,
 }
 
 impl Default for MockConfig {
@@ -233,6 +244,7 @@ impl Default for MockConfig {
             faults: Vec::new(),
             rate_limit_every: None,
             api_key: None,
+            proxy_headers: false,
         }
     }
 }
@@ -534,6 +546,29 @@ fn admit(
     ))
 }
 
+/// Moves the rate-limit headers under LiteLLM's `llm_provider-` prefix.
+fn proxy_prefix(h: &mut HeaderMap) {
+    let names: Vec<_> = h
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n == "retry-after" || n == "retry-after-ms" || n.starts_with("x-ratelimit-")
+        })
+        .cloned()
+        .collect();
+    for n in names {
+        let values: Vec<HeaderValue> = h.get_all(&n).iter().cloned().collect();
+        h.remove(&n);
+        if let Ok(prefixed) =
+            axum::http::HeaderName::from_bytes(format!("llm_provider-{n}").as_bytes())
+        {
+            for v in values {
+                h.append(prefixed.clone(), v);
+            }
+        }
+    }
+}
+
 fn retry_after_headers(h: &mut HeaderMap, d: Duration) {
     let secs = d.as_millis().div_ceil(1000).max(1);
     h.insert("retry-after", HeaderValue::from(secs as u64));
@@ -570,7 +605,12 @@ async fn chat(
     rec.status = status;
     s.records.lock().unwrap().push(rec);
     match response {
-        Answer::Now(resp) => resp,
+        Answer::Now(mut resp) => {
+            if cfg.proxy_headers {
+                proxy_prefix(resp.headers_mut());
+            }
+            resp
+        }
         Answer::Hang => {
             let mut sd = s.shutdown.clone();
             let _ = sd.wait_for(|s| *s).await;
@@ -587,8 +627,13 @@ async fn chat(
             id,
             model,
             finish,
-            headers: h,
-        } => stream_response(&s, &cfg, chunks, stall, usage, id, model, finish, h),
+            headers: mut h,
+        } => {
+            if cfg.proxy_headers {
+                proxy_prefix(&mut h);
+            }
+            stream_response(&s, &cfg, chunks, stall, usage, id, model, finish, h)
+        }
     }
 }
 
@@ -711,6 +756,18 @@ async fn answer(
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             tokio::time::sleep(cfg.latency.sample()).await;
             return now(error(status, "server_error", "scripted failure"));
+        }
+        Some(Fault::PlainAuth(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return now((
+                status,
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                )],
+                "Authentication Error, No api key passed in.",
+            )
+                .into_response());
         }
         Some(Fault::Hang) => return (0, Answer::Hang),
         Some(Fault::StallAfter(n)) => {
@@ -931,6 +988,11 @@ mod tests {
                 .contains("whole number")
         );
         assert!(Fault::parse_script("200").is_err());
+        assert_eq!(
+            Fault::parse_script("auth:500").unwrap(),
+            vec![Fault::PlainAuth(500)]
+        );
+        assert!(Fault::parse_script("auth:200").is_err());
     }
 
     #[test]

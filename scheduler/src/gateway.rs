@@ -537,11 +537,35 @@ fn camel(s: &str) -> String {
     out
 }
 
+/// Config fields whose keys the user chose (bucket, model, step and type names): their
+/// keys are shown as written, so a copied value means the same in a config file.
+const USER_KEYED: [&str; 6] = [
+    "limits",
+    "prices",
+    "max_tokens_by_step",
+    "process_types",
+    "deployments",
+    "process_timeouts",
+];
+
 fn camel_keys(v: Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.into_iter()
-                .map(|(k, v)| (camel(&k), camel_keys(v)))
+                .map(|(k, v)| {
+                    let v = match v {
+                        Value::Object(entries) if USER_KEYED.contains(&k.as_str()) => {
+                            Value::Object(
+                                entries
+                                    .into_iter()
+                                    .map(|(name, e)| (name, camel_keys(e)))
+                                    .collect(),
+                            )
+                        }
+                        v => camel_keys(v),
+                    };
+                    (camel(&k), v)
+                })
                 .collect(),
         ),
         Value::Array(a) => Value::Array(a.into_iter().map(camel_keys).collect()),
@@ -1163,5 +1187,26 @@ mod tests {
         assert!(!constant_time_eq(b"ab", b"ac"));
         assert!(!constant_time_eq(b"ab", b"abc"));
         assert_eq!(camel("default_timeout_minutes"), "defaultTimeoutMinutes");
+    }
+
+    #[test]
+    fn user_chosen_map_keys_are_shown_as_written() {
+        let v = camel_keys(json!({
+            "llm_provider": {
+                "limits": {"openai_compatible/gpt-4o": {"requestsPerMinute": 1}},
+                "max_tokens_by_step": {"validate_requirements": 5},
+                "budgets": {"process_types": {"my_type": {"max_tokens_per_day": 3}}},
+            }
+        }));
+        let l = &v["llmProvider"];
+        assert_eq!(
+            l["limits"]["openai_compatible/gpt-4o"]["requestsPerMinute"],
+            1
+        );
+        assert_eq!(l["maxTokensByStep"]["validate_requirements"], 5);
+        assert_eq!(
+            l["budgets"]["processTypes"]["my_type"]["maxTokensPerDay"],
+            3
+        );
     }
 }

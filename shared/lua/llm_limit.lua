@@ -13,11 +13,19 @@
 --
 -- KEYS[1] limit hash: `req_tat`, `tok_tat` (server µs, as exact decimal doubles)
 -- KEYS[2] pause key: server µs until which the bucket is paused (provider 429)
--- ARGV[1] mode: 'acquire' | 'settle' | 'confirm' | 'pause'
+-- KEYS[3] (acquire, optional; breaker: required) the fleet-wide circuit breaker hash:
+--         `fails` (consecutive 5xx/timeouts), `open_until` (server µs; past it the breaker
+--         is half-open), `probe_until` (server µs: the one half-open probe's lease)
+-- ARGV[1] mode: 'acquire' | 'settle' | 'confirm' | 'pause' | 'breaker'
 -- acquire: ARGV[2] request interval µs (0 = no request limit), ARGV[3] request tolerance µs,
 --          ARGV[4] token interval µs per token (0 = no token limit), ARGV[5] token tolerance µs,
---          ARGV[6] tokens to reserve, ARGV[7] max wait µs the caller accepts (booking)
+--          ARGV[6] tokens to reserve, ARGV[7] max wait µs the caller accepts (booking),
+--          ARGV[8] (with KEYS[3]) probe lease µs
 --   returns {1, wait_us, 'ok'} granted: send after wait_us (0 = now)
+--         | {1, wait_us, 'failing'} granted; the breaker has counted failures (a success
+--           must report, to reset the count)
+--         | {1, wait_us, 'probe'} granted as the fleet's one half-open probe
+--         | {0, wait_us, 'breaker_open'} the breaker is open (or another worker probes)
 --         | {0, wait_us, 'paused' | 'rate'} not within the max wait; earliest in wait_us
 --         | {0, 0, 'too_large'} the reservation exceeds the token capacity: never admissible
 -- settle:  ARGV[2] request interval µs, ARGV[3] signed request difference (-1 gives a
@@ -30,6 +38,10 @@
 --          the booked request and tokens were given back; the pause ends in wait_us
 -- pause:   ARGV[2] pause length ms; the pause only ever grows (max with an existing one)
 --   returns {1, remaining_us, 'paused'}
+-- breaker: ARGV[2] 'success' | 'failure' | 'abandon' (a probe that was never sent),
+--          ARGV[3] failures that open it, ARGV[4] open ms, ARGV[5] '1' when the call was
+--          the probe
+--   returns {1, open_us, 'opened' | 'open'} | {1, 0, 'counted' | 'closed' | 'ok'}
 
 local function now_us()
   local t = redis.call('TIME')
@@ -80,6 +92,22 @@ if mode == 'acquire' then
     if type(v) == 'table' then return v end
     if v < 0 then return redis.error_reply('ERR llm_limit: negative argument') end
   end
+  local brk, half, failing = KEYS[3], false, false
+  if brk then
+    local b = redis.call('HMGET', brk, 'open_until', 'probe_until', 'fails')
+    local open_until = tonumber(b[1] or '0')
+    if open_until > now then
+      return {0, math.ceil(open_until - now), 'breaker_open'}
+    elseif open_until > 0 then
+      local probe_until = tonumber(b[2] or '0')
+      if probe_until > now then
+        return {0, math.ceil(probe_until - now), 'breaker_open'}
+      end
+      half = true
+    elseif b[3] then
+      failing = true
+    end
+  end
   local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
   if paused > now then
     return {0, math.ceil(paused - now), 'paused'}
@@ -114,7 +142,17 @@ if mode == 'acquire' then
     -- Once every tat is in the past the state means "full bucket" = no key at all.
     redis.call('PEXPIRE', KEYS[1], math.ceil((horizon - now) / 1000) + 1000)
   end
-  return {1, math.ceil(wait), 'ok'}
+  if half then
+    local lease = num(ARGV[8])
+    if type(lease) == 'table' then return lease end
+    local probe_until = now + wait + lease
+    redis.call('HSET', brk, 'probe_until', fmt(probe_until))
+    if redis.call('PTTL', brk) < math.ceil((probe_until - now) / 1000) + 1000 then
+      redis.call('PEXPIRE', brk, math.ceil((probe_until - now) / 1000) + 1000)
+    end
+    return {1, math.ceil(wait), 'probe'}
+  end
+  return {1, math.ceil(wait), failing and 'failing' or 'ok'}
 elseif mode == 'settle' then
   local args = {num(ARGV[2]), num(ARGV[3]), num(ARGV[4]), num(ARGV[5])}
   for _, v in ipairs(args) do
@@ -147,6 +185,43 @@ elseif mode == 'pause' then
   end
   redis.call('SET', KEYS[2], fmt(until_us), 'PX', math.ceil((until_us - now) / 1000) + 1)
   return {1, math.ceil(until_us - now), 'paused'}
+elseif mode == 'breaker' then
+  local brk, outcome = KEYS[3], ARGV[2]
+  if not brk then return redis.error_reply('ERR llm_limit: breaker needs its key') end
+  if outcome == 'success' then
+    redis.call('DEL', brk)
+    return {1, 0, 'closed'}
+  elseif outcome == 'abandon' then
+    redis.call('HDEL', brk, 'probe_until')
+    return {1, 0, 'ok'}
+  elseif outcome ~= 'failure' then
+    return redis.error_reply('ERR llm_limit: unknown breaker outcome ' .. tostring(outcome))
+  end
+  local threshold, open_ms = num(ARGV[3]), num(ARGV[4])
+  for _, v in ipairs({threshold, open_ms}) do
+    if type(v) == 'table' then return v end
+  end
+  local open_until = tonumber(redis.call('HGET', brk, 'open_until') or '0')
+  if open_until > now then
+    -- Already open: a call admitted before it opened failed late.
+    return {1, math.ceil(open_until - now), 'open'}
+  end
+  -- The probe failed, or a call failed while half-open: open again.
+  local reopen = ARGV[5] == '1' or open_until > 0
+  if not reopen then
+    local fails = redis.call('HINCRBY', brk, 'fails', 1)
+    -- The count of a breaker that never opens goes after a quiet spell.
+    redis.call('PEXPIRE', brk, math.max(open_ms * 2, 600000))
+    if fails < threshold then
+      return {1, 0, 'counted'}
+    end
+  end
+  local until_us = now + open_ms * 1000
+  redis.call('DEL', brk)
+  redis.call('HSET', brk, 'open_until', fmt(until_us))
+  -- Outlives the open spell so the half-open state is seen; bounded all the same.
+  redis.call('PEXPIRE', brk, open_ms * 2 + 60000)
+  return {1, open_ms * 1000, 'opened'}
 else
   return redis.error_reply('ERR llm_limit: unknown mode ' .. tostring(mode))
 end

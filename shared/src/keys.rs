@@ -155,6 +155,17 @@ impl Keys {
         let base = format!("{}:{LAYOUT_VERSION}:{{llm:{b}}}", self.prefix);
         [Key(format!("{base}:limit")), Key(format!("{base}:paused"))]
     }
+    /// The fleet-wide circuit breaker of one LLM bucket (`llm_limit.lua`'s KEYS[3]), under
+    /// the bucket's hash tag.
+    pub fn llm_breaker(&self, bucket: &str) -> Key {
+        let [limit, _] = self.llm_limit(bucket);
+        let base = limit
+            .0
+            .strip_suffix(":limit")
+            .unwrap_or(&limit.0)
+            .to_string();
+        Key(format!("{base}:breaker"))
+    }
     /// The keys of this deployment and shard that belong to no one process: the streams,
     /// the delayed set, the workers registry and the indexes.
     pub fn shared(&self) -> Vec<Key> {

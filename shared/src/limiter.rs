@@ -14,8 +14,9 @@ use crate::store::{Result, Store, StoreError};
 use std::time::Duration;
 
 /// One bucket's limits, e.g. provider "openai" model "gpt-4o".
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// An omitted field is 0 (unlimited, or no extra burst).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct LimitSpec {
     /// 0 = unlimited.
     pub requests_per_minute: u32,
@@ -96,6 +97,39 @@ pub enum Admission {
     Wait { wait: Duration, paused: bool },
     /// More tokens than the bucket holds: never admissible.
     TooLarge,
+    /// The bucket's fleet-wide circuit breaker is open (or half-open with another worker's
+    /// probe in flight) for `wait` more.
+    BreakerOpen { wait: Duration },
+}
+
+/// What a granted `acquire` learned of the bucket's fleet-wide circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerSeen {
+    /// Closed, no failures counted: a success need not report.
+    Closed,
+    /// Closed with failures counted: a success resets them (one round trip).
+    Failing,
+    /// This call is the fleet's one half-open probe: report how it went.
+    Probe,
+}
+
+/// How a call ended, for the fleet-wide circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerOutcome {
+    Success,
+    /// A 5xx or a timeout.
+    Failure,
+    /// A probe that was never sent, or ended in an error that says nothing of the provider.
+    Abandon,
+}
+
+/// The fleet-wide circuit breaker's settings (`breaker_failures`, `breaker_open_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSpec {
+    pub failures: u32,
+    pub open: Duration,
+    /// How long a half-open probe holds its claim (the call's timeout).
+    pub probe_lease: Duration,
 }
 
 fn f(x: f64) -> String {
@@ -103,10 +137,20 @@ fn f(x: f64) -> String {
 }
 
 fn parse_reply(r: (i64, i64, String)) -> Result<Admission> {
+    parse_breaker_reply(r).map(|(a, _)| a)
+}
+
+fn parse_breaker_reply(r: (i64, i64, String)) -> Result<(Admission, BreakerSeen)> {
     let (ok, wait_us, reason) = r;
     let wait = Duration::from_micros(wait_us.max(0) as u64);
-    match (ok, reason.as_str()) {
-        (1, "ok") => Ok(Admission::Granted { wait }),
+    let seen = match (ok, reason.as_str()) {
+        (1, "failing") => BreakerSeen::Failing,
+        (1, "probe") => BreakerSeen::Probe,
+        _ => BreakerSeen::Closed,
+    };
+    let admission = match (ok, reason.as_str()) {
+        (1, "ok" | "failing" | "probe") => Ok(Admission::Granted { wait }),
+        (0, "breaker_open") => Ok(Admission::BreakerOpen { wait }),
         (0, "rate") => Ok(Admission::Wait {
             wait,
             paused: false,
@@ -117,7 +161,8 @@ fn parse_reply(r: (i64, i64, String)) -> Result<Admission> {
             script: "llm_limit",
             detail: format!("{ok} {wait_us} {reason:?}"),
         }),
-    }
+    };
+    admission.map(|a| (a, seen))
 }
 
 impl Store {
@@ -131,23 +176,74 @@ impl Store {
         tokens: u64,
         max_wait: Duration,
     ) -> Result<Admission> {
+        self.llm_acquire_gated(bucket, spec, tokens, max_wait, None)
+            .await
+            .map(|(a, _)| a)
+    }
+
+    /// As [`Store::llm_acquire`], in the same round trip also passing the bucket's
+    /// fleet-wide circuit breaker when `probe_lease` is given (an open breaker refuses;
+    /// a half-open one admits exactly one probe fleet-wide, holding the claim for
+    /// `probe_lease`).
+    pub async fn llm_acquire_gated(
+        &self,
+        bucket: &str,
+        spec: &LimitSpec,
+        tokens: u64,
+        max_wait: Duration,
+        probe_lease: Option<Duration>,
+    ) -> Result<(Admission, BreakerSeen)> {
         let keys = self.keys().llm_limit(bucket);
         let req_t = spec.request_interval_us();
         let tok_t = spec.token_interval_us();
-        let r: (i64, i64, String) = Scripts::get()
-            .llm_limit
-            .key(&keys[0])
-            .key(&keys[1])
-            .arg("acquire")
+        let mut call = Scripts::get().llm_limit.key(&keys[0]);
+        call.key(&keys[1]);
+        if probe_lease.is_some() {
+            call.key(self.keys().llm_breaker(bucket));
+        }
+        call.arg("acquire")
             .arg(f(req_t))
             .arg(f(req_t * f64::from(spec.request_capacity())))
             .arg(f(tok_t))
             .arg(f(tok_t * spec.token_capacity() as f64))
             .arg(tokens)
-            .arg(max_wait.as_micros() as u64)
+            .arg(max_wait.as_micros() as u64);
+        if let Some(lease) = probe_lease {
+            call.arg(lease.as_micros() as u64);
+        }
+        let r: (i64, i64, String) = call.invoke_async(&mut self.conn()).await?;
+        parse_breaker_reply(r)
+    }
+
+    /// One round trip: reports a call's outcome to the bucket's fleet-wide circuit breaker.
+    /// Returns `Some(open for)` when the breaker is (now) open.
+    pub async fn llm_breaker(
+        &self,
+        bucket: &str,
+        spec: &BreakerSpec,
+        outcome: BreakerOutcome,
+        probe: bool,
+    ) -> Result<Option<Duration>> {
+        let keys = self.keys().llm_limit(bucket);
+        let outcome = match outcome {
+            BreakerOutcome::Success => "success",
+            BreakerOutcome::Failure => "failure",
+            BreakerOutcome::Abandon => "abandon",
+        };
+        let (_, open_us, reason): (i64, i64, String) = Scripts::get()
+            .llm_limit
+            .key(&keys[0])
+            .key(&keys[1])
+            .key(self.keys().llm_breaker(bucket))
+            .arg("breaker")
+            .arg(outcome)
+            .arg(spec.failures.max(1))
+            .arg((spec.open.as_millis() as u64).max(1))
+            .arg(if probe { "1" } else { "0" })
             .invoke_async(&mut self.conn())
             .await?;
-        parse_reply(r)
+        Ok(matches!(reason.as_str(), "opened" | "open")
+            .then(|| Duration::from_micros(open_us.max(0) as u64)))
     }
 
     /// One round trip: reconcile a reservation of `reserved` tokens with the `actual` usage
@@ -213,9 +309,9 @@ impl Store {
         match parse_reply(r)? {
             Admission::Granted { .. } => Ok(None),
             Admission::Wait { wait, .. } => Ok(Some(wait)),
-            Admission::TooLarge => Err(StoreError::Reply {
+            a @ (Admission::TooLarge | Admission::BreakerOpen { .. }) => Err(StoreError::Reply {
                 script: "llm_limit",
-                detail: "too_large on confirm".into(),
+                detail: format!("{a:?} on confirm"),
             }),
         }
     }

@@ -577,4 +577,36 @@ api_key_env = "OPENAI_API_KEY"
         );
         assert_eq!(c.validate().unwrap_err().0, "llm_provider.limits");
     }
+
+    #[test]
+    fn a_limits_entry_may_omit_fields_which_mean_unlimited() {
+        let c: LlmProviderConfig = toml::from_str(
+            r#"
+provider = "openai"
+limits = { "openai/gpt-4o" = { requestsPerMinute = 60 }, "openai/o1" = {} }
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let spec = &c.limits["openai/gpt-4o"];
+        assert_eq!(spec.requests_per_minute, 60);
+        assert_eq!(
+            (
+                spec.tokens_per_minute,
+                spec.burst_requests,
+                spec.burst_tokens
+            ),
+            (0, 0, 0)
+        );
+        assert!(c.limits["openai/o1"].is_unlimited());
+        // A misspelt field is an error, not a silently unlimited bucket.
+        let e = toml::from_str::<LlmProviderConfig>(
+            r#"
+provider = "openai"
+limits = { "openai/gpt-4o" = { requests_per_minute = 60 } }
+"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("requests_per_minute"), "{e}");
+    }
 }

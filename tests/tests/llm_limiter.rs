@@ -628,3 +628,61 @@ async fn script_books_pauses_and_refuses_what_never_fits() {
         .unwrap_err();
     assert!(e.to_string().contains("unknown mode"), "{e}");
 }
+
+/// The fleet-wide circuit breaker in `llm_limit.lua`: failures counted across callers open
+/// it, an open breaker refuses in the acquire round trip, half-open admits exactly one
+/// probe (whoever asks), an abandoned probe frees the claim, a successful one closes it.
+#[tokio::test]
+async fn breaker_script_opens_admits_one_probe_and_closes() {
+    use honua_shared::limiter::{Admission, BreakerOutcome, BreakerSeen, BreakerSpec};
+    let redis = RedisServer::start();
+    let a = Store::open(&redis.url(), Keys::new("brk", 0)).unwrap();
+    let b = Store::open(&redis.url(), Keys::new("brk", 0)).unwrap();
+    let spec = LimitSpec::default();
+    let brk = BreakerSpec {
+        failures: 2,
+        open: Duration::from_millis(300),
+        probe_lease: Duration::from_secs(60),
+    };
+    let lease = Some(brk.probe_lease);
+    let granted = Admission::Granted {
+        wait: Duration::ZERO,
+    };
+    let acq = |s: &Store| {
+        let s = s.clone();
+        let spec = spec.clone();
+        async move {
+            s.llm_acquire_gated(BUCKET, &spec, 1, Duration::ZERO, lease)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(acq(&a).await, (granted, BreakerSeen::Closed));
+    let report = |s: &Store, o: BreakerOutcome, probe: bool| {
+        let s = s.clone();
+        async move { s.llm_breaker(BUCKET, &brk, o, probe).await.unwrap() }
+    };
+    assert_eq!(report(&a, BreakerOutcome::Failure, false).await, None);
+    assert_eq!(acq(&b).await, (granted, BreakerSeen::Failing));
+    // The second failure, from another caller, opens it for everyone.
+    assert!(report(&b, BreakerOutcome::Failure, false).await.is_some());
+    assert!(matches!(acq(&a).await.0, Admission::BreakerOpen { .. }));
+    // Half-open: exactly one probe, whichever caller asks first.
+    wait_for("the breaker to admit a probe", DEADLINE, || async {
+        match acq(&a).await {
+            (Admission::Granted { .. }, BreakerSeen::Probe) => Some(()),
+            (Admission::BreakerOpen { .. }, _) => None,
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+    for s in [&a, &b, &a, &b] {
+        assert!(matches!(acq(s).await.0, Admission::BreakerOpen { .. }));
+    }
+    // An abandoned probe lets another caller probe.
+    report(&a, BreakerOutcome::Abandon, true).await;
+    assert_eq!(acq(&b).await, (granted, BreakerSeen::Probe));
+    // A successful probe closes it.
+    assert_eq!(report(&b, BreakerOutcome::Success, true).await, None);
+    assert_eq!(acq(&a).await, (granted, BreakerSeen::Closed));
+}

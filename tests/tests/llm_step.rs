@@ -115,6 +115,8 @@ async fn llm_steps_complete_with_usage_recorded() {
             output_per_1k: 2.0,
         },
     );
+    llm.limits
+        .insert("openai_compatible/m1".into(), roomy_limit());
     cfg.llm_provider = Some(llm);
     let f = Fleet::start(cfg, 1, 1).await;
     let id = f.submit("L", json!({"who": "ana"})).await;
@@ -178,6 +180,13 @@ async fn llm_steps_complete_with_usage_recorded() {
         .await
         .unwrap();
     assert_eq!(cfg_json["llmProvider"]["provider"], "openai_compatible");
+    // User-chosen map keys (buckets, models) are shown as written, fields camelCase.
+    assert_eq!(
+        cfg_json["llmProvider"]["limits"]["openai_compatible/m1"]["requestsPerMinute"], 6000,
+        "{}",
+        cfg_json["llmProvider"]
+    );
+    assert_eq!(cfg_json["llmProvider"]["prices"]["m1"]["inputPer1k"], 1.0);
     assert!(!cfg_json.to_string().contains(SENTINEL));
     f.stop().await;
 }
@@ -955,6 +964,17 @@ async fn cancelling_the_process_stops_a_hanging_call_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_provider_window_pauses_the_bucket_before_any_429() {
+    exhausted_window_pauses_before_any_429(false).await;
+}
+
+/// The same through a LiteLLM-style proxy, whose 200 says the window is used up only in
+/// `llm_provider-x-ratelimit-*` headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_exhausted_window_with_prefixed_headers_pauses_before_any_429() {
+    exhausted_window_pauses_before_any_429(true).await;
+}
+
+async fn exhausted_window_pauses_before_any_429(proxy_headers: bool) {
     let redis = RedisServer::start();
     let primary = MockLlm::start(MockConfig {
         limit: Some(honua_mock_llm::WindowLimit {
@@ -962,6 +982,7 @@ async fn an_exhausted_provider_window_pauses_the_bucket_before_any_429() {
             max_requests: 2,
             max_tokens: 0,
         }),
+        proxy_headers,
         ..MockConfig::default()
     })
     .await
@@ -990,5 +1011,287 @@ async fn an_exhausted_provider_window_pauses_the_bucket_before_any_429() {
     let statuses: Vec<u16> = primary.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![200, 200], "the primary never answered 429");
     assert_eq!(fallback.requests().len(), 1);
+    f.stop().await;
+}
+
+/// A fleet of 2 workers whose primary answered the first call 429 asking for
+/// `retry_after`, so that call fell back; with `limited`, the primary's bucket has a
+/// `limits` entry.
+struct AfterA429 {
+    primary: MockLlm,
+    f: Fleet,
+    _keep: (RedisServer, MockLlm, tempfile::TempDir, tempfile::TempDir),
+}
+
+impl AfterA429 {
+    async fn start(primary: MockConfig, retry_after: Duration, limited: bool) -> Self {
+        let redis = RedisServer::start();
+        let primary = MockLlm::start(primary).await.unwrap();
+        primary.script([Fault::RateLimited { retry_after }]);
+        let fallback = mock().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+        let mut cfg = test_config(&redis.url(), dir.path());
+        let mut llm = llm_cfg(
+            &primary.base_url(),
+            Some(&fallback.base_url()),
+            &key_file(tmp.path()),
+        );
+        llm.retry_after_max_secs = 120;
+        if limited {
+            llm.limits
+                .insert("openai_compatible/m1".into(), roomy_limit());
+        }
+        cfg.llm_provider = Some(llm);
+        let f = Fleet::start(cfg, 1, 2).await;
+        let first = f.submit("L", json!({"who": "a"})).await;
+        assert_eq!(
+            f.wait_finished(&first).await.status,
+            ProcessStatus::Completed
+        );
+        assert_eq!(output(&f, &first, "Ask").await["fallbackUsed"], true);
+        AfterA429 {
+            primary,
+            f,
+            _keep: (redis, fallback, tmp, dir),
+        }
+    }
+
+    /// Later calls all go to the fallback: the primary saw only the first.
+    async fn later_calls_fall_back(self, n: usize) {
+        for i in 0..n {
+            let id = self
+                .f
+                .submit("L", json!({ "who": format!("later{i}") }))
+                .await;
+            assert_eq!(
+                self.f.wait_finished(&id).await.status,
+                ProcessStatus::Completed
+            );
+            let out = output(&self.f, &id, "Ask").await;
+            assert_eq!(out["fallbackUsed"], true, "{out}");
+        }
+        assert_eq!(
+            self.primary.requests().len(),
+            1,
+            "the pause kept calls off the primary"
+        );
+        self.f.stop().await;
+    }
+}
+
+/// A LiteLLM-style proxy forwards the provider's rate-limit headers only under the
+/// `llm_provider-` prefix: its 429 pauses the bucket fleet-wide for the whole prefixed
+/// `retry-after` (not the 1 s default), and later calls go to the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_429_with_only_prefixed_headers_pauses_for_its_retry_after() {
+    let proxy = MockConfig {
+        proxy_headers: true,
+        ..MockConfig::default()
+    };
+    let t = AfterA429::start(proxy, Duration::from_secs(60), true).await;
+    // The fleet-wide pause lasts the prefixed retry-after (60 s), not a 1 s default.
+    let pause_key = &t.f.store().keys().llm_limit("openai_compatible/m1")[1];
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(pause_key)
+        .query_async(&mut t.f.store().conn())
+        .await
+        .unwrap();
+    assert!(ttl_ms > 30_000, "pause of {ttl_ms} ms");
+    t.later_calls_fall_back(2).await;
+}
+
+/// A 429 on a bucket with no `limits` entry still pauses it for the whole fleet: the
+/// worker that saw it, the other worker, and any other limiter on the same Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_an_unlimited_bucket_fleet_wide() {
+    let t = AfterA429::start(MockConfig::default(), Duration::from_secs(30), false).await;
+    // Another limiter (another worker process) sees the pause through Redis.
+    let other = honua_worker::limit::LlmLimiter::new(t.f.store().clone(), Default::default());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let got = other
+        .acquire(
+            "openai_compatible/m1",
+            10,
+            Duration::from_millis(200),
+            &cancel,
+        )
+        .await
+        .unwrap();
+    assert!(
+        got.is_none(),
+        "an unlimited bucket admitted a call while paused"
+    );
+    assert!(
+        other
+            .acquire("openai_compatible/other", 10, Duration::ZERO, &cancel)
+            .await
+            .unwrap()
+            .is_some(),
+        "an unpaused unlimited bucket admits at once"
+    );
+    t.later_calls_fall_back(4).await;
+}
+
+/// A plain-text 500 about a missing key (LiteLLM without `Authorization`) is a
+/// credentials failure: permanent, never retried as a server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_text_auth_500_is_permanent() {
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    primary.script([Fault::PlainAuth(500)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.llm_provider = Some(llm_cfg(&primary.base_url(), None, &key_file(tmp.path())));
+    let f = Fleet::start(cfg, 1, 1).await;
+    let id = f.submit("L", json!({"who": "a"})).await;
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Failed, "{rec:#?}");
+    assert_eq!(primary.requests().len(), 1, "not retried");
+    let err = format!("{:?}", rec.steps["Ask"]);
+    assert!(err.contains("refused the credentials"), "{err}");
+    f.stop().await;
+}
+
+/// `honua_llm_cost_microdollars_total` adds up exactly: 13.5 µ$ calls are not rounded one
+/// by one (a worker process, scraped at its metrics port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cost_counter_matches_the_summed_cost() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let key = key_file(tmp.path());
+    // The scheduler only needs to know the `llm` kind; the worker process calls.
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key));
+    let section = format!(
+        "[llm_provider]\nprovider = \"openai_compatible\"\nprices = {{ m1 = {{ input_per_1k = 0.0045, output_per_1k = 0.0 }} }}\n[llm_provider.openai_compatible]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+        m.base_url(),
+        key.display()
+    );
+    let port = free_port();
+    let toml = worker_toml(&cfg, &section).replace(
+        "metrics_addr = \"\"",
+        &format!("metrics_addr = \"127.0.0.1:{port}\""),
+    );
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let _w = spawn_worker(&toml, tmp.path(), "w1", &log, "info");
+    for i in 0..8 {
+        // "hello ab00i": 11 characters = 3 prompt tokens = 13.5 µ$.
+        let id = f.submit("L", json!({ "who": format!("ab00{i}") })).await;
+        assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    }
+    let reqs = m.requests();
+    assert_eq!(reqs.len(), 8);
+    let nanos: u64 = reqs.iter().map(|r| r.prompt_tokens * 4500).sum();
+    assert_eq!(nanos, 8 * 13_500, "each call costs 13.5 µ$");
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("honua_llm_cost_microdollars_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, (nanos / 1000) as f64, "{body}");
+    f.stop().await;
+}
+
+/// The circuit breaker is fleet-wide: 4 worker processes (each with its own local breaker)
+/// against a primary in a 5xx streak. Once the breaker opens, the primary sees at most one
+/// probe per `breaker_open_secs` from the whole fleet, and the steps go to the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_streak_opens_one_breaker_for_the_whole_fleet() {
+    const OPEN_SECS: u64 = 2;
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    primary.script(vec![Fault::Status(502); 10_000]);
+    let fallback = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let key = key_file(tmp.path());
+    cfg.llm_provider = Some(llm_cfg(
+        &primary.base_url(),
+        Some(&fallback.base_url()),
+        &key,
+    ));
+    let section = format!(
+        "[llm_provider]\nprovider = \"openai_compatible\"\nfallback_provider = \"openai\"\n\
+         breaker_failures = 2\nbreaker_open_secs = {OPEN_SECS}\nretry_initial_ms = 10\n\
+         retry_max_ms = 50\nrequest_timeout_secs = 10\n\
+         [llm_provider.openai_compatible]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\
+         [llm_provider.openai]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+        primary.base_url(),
+        key.display(),
+        fallback.base_url(),
+        key.display()
+    );
+    let toml =
+        worker_toml(&cfg, &section).replace("[worker]\n", "[worker]\nmax_concurrent_steps = 1\n");
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let _workers: Vec<TestWorker> = (0..4)
+        .map(|i| spawn_worker(&toml, tmp.path(), &format!("w{i}"), &log, "info"))
+        .collect();
+    // Rounds of 4 steps until the run spans several open spells.
+    let start = std::time::Instant::now();
+    let mut done = 0;
+    while start.elapsed() < Duration::from_secs(4 * OPEN_SECS + 1) {
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(f.submit("L", json!({ "who": format!("s{done}") })).await);
+            done += 1;
+        }
+        for id in &ids {
+            assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+        }
+    }
+    let run = start.elapsed();
+    let mut at: Vec<std::time::Instant> = primary.requests().iter().map(|r| r.at).collect();
+    at.sort();
+    // The opening burst: 2 failures, plus at most the other 3 workers' calls already in
+    // flight (one step per worker); any later call is a probe, the first one no earlier
+    // than OPEN_SECS after the opening.
+    let burst = at
+        .iter()
+        .take_while(|t| **t - at[0] < Duration::from_millis(OPEN_SECS * 500))
+        .count();
+    assert!((2..=5).contains(&burst), "opening burst of {burst}");
+    let probes = &at[burst..];
+    assert!(!probes.is_empty(), "the fleet never probed the primary");
+    for pair in at[burst - 1..].windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(OPEN_SECS * 800),
+            "two primary calls {gap:?} apart while the breaker was open: {:?}",
+            at.iter().map(|t| *t - at[0]).collect::<Vec<_>>()
+        );
+    }
+    let bound = run.as_secs() / OPEN_SECS + 1;
+    assert!(
+        probes.len() as u64 <= bound,
+        "{} probes in {run:?}",
+        probes.len()
+    );
+    assert_eq!(
+        fallback.requests().len(),
+        done,
+        "every step ended on the fallback"
+    );
+    eprintln!(
+        "FLEET BREAKER: {done} steps in {run:?}; primary saw {} calls ({} after the opening \
+         burst, bound {bound}) at {:?}, fallback {}",
+        at.len(),
+        probes.len(),
+        at.iter().map(|t| *t - at[0]).collect::<Vec<_>>(),
+        fallback.requests().len()
+    );
     f.stop().await;
 }

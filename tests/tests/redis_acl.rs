@@ -466,6 +466,12 @@ fn service_users_are_refused_what_they_do_not_need_and_default_cannot_log_in() {
         .query(&mut w)
         .unwrap();
     let _: Value = redis::cmd("PTTL").arg(&paused).query(&mut w).unwrap();
+    let _: Value = redis::cmd("HINCRBY")
+        .arg(keys.llm_breaker("azure/gpt-4o"))
+        .arg("fails")
+        .arg(1)
+        .query(&mut w)
+        .unwrap();
     let _: Value = redis::cmd("SET")
         .arg(keys.llm_cache("ab"))
         .arg("{}")
@@ -689,6 +695,7 @@ fn key_kinds() -> Vec<String> {
         k.llm_cache("ab"),
         limit,
         paused,
+        k.llm_breaker("azure/gpt-4o"),
     ]);
     keys.into_iter().map(|k| k.to_string()).collect()
 }

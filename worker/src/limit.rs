@@ -14,7 +14,11 @@
 //! `acquire` waits at most `max_wait` in total and gives up early (returns `None`) once the
 //! earliest admission lies beyond that bound, so a step never hogs its slot; the caller
 //! yields (re-queued with a delay). A provider 429 pauses the bucket for the whole fleet
-//! (`pause`), and each worker also remembers the pause locally.
+//! (`pause`), and each worker also remembers the pause locally. A bucket without limits
+//! has only the pause: one read-only round trip checks it before each call. The same
+//! acquire round trip also checks the bucket's fleet-wide circuit breaker
+//! ([`LlmLimiter::with_fleet_breaker`]); [`LlmLimiter::breaker_report`] feeds it (+1 round
+//! trip after a failure, a probe, or a success while failures are counted).
 //!
 //! Redis round trips per admitted LLM call: 1 for `acquire` when the bucket has room now;
 //! 2 when the call had to wait for its slot (book + confirm); +1 after a provider pause
@@ -23,7 +27,7 @@
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use honua_shared::limiter::{Admission, LimitSpec};
+use honua_shared::limiter::{Admission, BreakerOutcome, BreakerSeen, BreakerSpec, LimitSpec};
 use honua_shared::metrics as m;
 use honua_shared::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
@@ -47,6 +51,10 @@ pub enum LimitError {
         tokens: u64,
         capacity: u64,
     },
+    /// The bucket's fleet-wide circuit breaker is open (or another worker holds its one
+    /// half-open probe) for `wait` more.
+    #[error("circuit breaker for {bucket} is open")]
+    BreakerOpen { bucket: String, wait: Duration },
     /// Redis could not be reached (settle only; acquire and pause fall back locally).
     #[error("llm rate limiter store unavailable: {0}")]
     Store(#[source] StoreError),
@@ -161,6 +169,8 @@ struct Inner {
     redis_timeout: Duration,
     redis_retry_after: Duration,
     counters: Counters,
+    /// The fleet-wide circuit breaker, checked in the acquire round trip.
+    breaker: Option<BreakerSpec>,
 }
 
 /// The worker-side LLM limiter. Cheap to clone; one per worker process.
@@ -178,6 +188,7 @@ pub struct Permit {
     reserved: u64,
     waited: Duration,
     fleet: bool,
+    breaker: Option<BreakerSeen>,
 }
 
 impl std::fmt::Debug for LlmLimiter {
@@ -194,10 +205,16 @@ impl Permit {
         self.waited
     }
 
-    /// Whether the fleet-wide bucket admitted this call (false: unlimited bucket, or the
-    /// local stage alone while Redis was unreachable).
+    /// Whether Redis admitted this call (the fleet-wide bucket, or an unlimited bucket's
+    /// pause check); false: the local stage alone while Redis was unreachable.
     pub fn fleet_wide(&self) -> bool {
         self.fleet
+    }
+
+    /// What Redis said of the bucket's fleet-wide circuit breaker; `None` when it was not
+    /// asked (no fleet breaker configured, or Redis unreachable: the local breaker decides).
+    pub fn fleet_breaker(&self) -> Option<BreakerSeen> {
+        self.breaker
     }
 
     /// Tokens reserved.
@@ -264,12 +281,12 @@ enum Wait {
     /// Not within the deadline yet: sleep, then re-check (a pause ending in time).
     Sleep(Duration),
     /// Admitted: the slot is booked `Duration` from now.
-    Booked(Duration),
+    Booked(Duration, BreakerSeen),
 }
 
 impl LlmLimiter {
     /// `specs` keyed by bucket name "provider/model" (config `llm.limits`); a bucket with no
-    /// spec is unlimited (no Redis round trip).
+    /// spec is unlimited (only its fleet-wide pause is checked).
     pub fn new(store: Store, specs: BTreeMap<String, LimitSpec>) -> Self {
         Self::with_options(store, specs, 1.0)
     }
@@ -305,8 +322,48 @@ impl LlmLimiter {
                 redis_timeout: Duration::from_secs(1),
                 redis_retry_after: Duration::from_secs(1),
                 counters: Counters::default(),
+                breaker: None,
             }),
         }
+    }
+
+    /// Keeps a fleet-wide circuit breaker per bucket in Redis, checked in the same round
+    /// trip as the admission (call before cloning the limiter).
+    pub fn with_fleet_breaker(mut self, spec: BreakerSpec) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.breaker = Some(spec),
+            None => tracing::error!("llm limiter: fleet breaker set after cloning; ignored"),
+        }
+        self
+    }
+
+    /// Reports a call's outcome to the bucket's fleet-wide breaker (only for permits that
+    /// Redis gated). `Some(open for)` when the breaker is (now) open; `None` when closed or
+    /// Redis could not be reached (the local breaker is the fallback).
+    pub async fn breaker_report(
+        &self,
+        bucket: &str,
+        outcome: BreakerOutcome,
+        probe: bool,
+    ) -> Option<Duration> {
+        let spec = self.inner.breaker?;
+        let call = self.inner.store.llm_breaker(bucket, &spec, outcome, probe);
+        match tokio::time::timeout(self.inner.redis_timeout, call).await {
+            Ok(Ok(open)) => open,
+            Ok(Err(e)) => {
+                self.redis_failed(&e);
+                None
+            }
+            Err(_) => {
+                self.redis_failed(&timeout_error());
+                None
+            }
+        }
+    }
+
+    /// What a permit reports of the fleet breaker: nothing unless one is configured.
+    fn gated(&self, seen: Option<BreakerSeen>) -> Option<BreakerSeen> {
+        seen.filter(|_| self.inner.breaker.is_some())
     }
 
     /// Counters since start.
@@ -371,12 +428,15 @@ impl LlmLimiter {
         cancel: &CancellationToken,
     ) -> Result<Option<Permit>, LimitError> {
         let Some(spec) = self.inner.specs.get(bucket) else {
-            return Ok(Some(Permit {
+            let start = Instant::now();
+            let admitted = self.unlimited(bucket, start + max_wait, cancel).await?;
+            return Ok(admitted.map(|breaker| Permit {
                 limiter: None,
                 bucket: bucket.to_string(),
                 reserved: tokens,
-                waited: Duration::ZERO,
-                fleet: false,
+                waited: start.elapsed(),
+                fleet: breaker.is_some(),
+                breaker: self.gated(breaker),
             }));
         };
         if spec.tokens_per_minute > 0 && tokens > spec.token_capacity() {
@@ -399,12 +459,14 @@ impl LlmLimiter {
             Ok(Some(_)) => "granted",
             Ok(None) => "timeout",
             Err(LimitError::Cancelled) => "cancelled",
+            Err(LimitError::BreakerOpen { .. }) => "breaker_open",
             Err(_) => "error",
         };
         metrics::histogram!(m::LLM_LIMITER_WAIT, "bucket" => bucket.to_string(), "outcome" => outcome)
             .record(waited.as_secs_f64());
         match result {
-            Ok(Some(fleet)) => {
+            Ok(Some(breaker)) => {
+                let fleet = breaker.is_some();
                 bump(&c.granted);
                 if !fleet {
                     bump(&c.fallbacks);
@@ -417,6 +479,7 @@ impl LlmLimiter {
                     reserved: tokens,
                     waited,
                     fleet,
+                    breaker: self.gated(breaker),
                 }))
             }
             Ok(None) => {
@@ -447,8 +510,8 @@ impl LlmLimiter {
         }
     }
 
-    /// `Some(true)` admitted fleet-wide, `Some(false)` admitted by the local stage alone
-    /// (Redis unreachable), `None` not within the deadline.
+    /// `Some(Some(breaker))` admitted fleet-wide, `Some(None)` admitted by the local stage
+    /// alone (Redis unreachable), `None` not within the deadline.
     async fn acquire_inner(
         &self,
         bucket: &str,
@@ -457,7 +520,7 @@ impl LlmLimiter {
         deadline: Instant,
         cancel: &CancellationToken,
         round_trips: &mut u64,
-    ) -> Result<Option<bool>, LimitError> {
+    ) -> Result<Option<Option<BreakerSeen>>, LimitError> {
         if cancel.is_cancelled() {
             return Err(LimitError::Cancelled);
         }
@@ -486,11 +549,14 @@ impl LlmLimiter {
             let left = deadline.saturating_duration_since(Instant::now());
             *round_trips += 1;
             match self.fleet_attempt(bucket, spec, tokens, left).await {
-                Ok(Wait::Booked(w)) => {
+                Ok(Wait::Booked(w, seen)) => {
                     if !w.is_zero() {
                         tokio::select! {
                             _ = cancel.cancelled() => {
                                 self.give_back(bucket, spec, tokens).await;
+                                if seen == BreakerSeen::Probe {
+                                    self.breaker_report(bucket, BreakerOutcome::Abandon, true).await;
+                                }
                                 return Err(LimitError::Cancelled);
                             }
                             _ = tokio::time::sleep(w) => {}
@@ -501,6 +567,10 @@ impl LlmLimiter {
                         match self.confirm(bucket, spec, tokens).await {
                             Ok(None) => {}
                             Ok(Some(pause)) => {
+                                if seen == BreakerSeen::Probe {
+                                    self.breaker_report(bucket, BreakerOutcome::Abandon, true)
+                                        .await;
+                                }
                                 if !Self::sleep(pause, deadline, cancel).await? {
                                     return Ok(None);
                                 }
@@ -512,7 +582,7 @@ impl LlmLimiter {
                             }
                         }
                     }
-                    return Ok(Some(true));
+                    return Ok(Some(Some(seen)));
                 }
                 Ok(Wait::Sleep(w)) => {
                     if !Self::sleep(w, deadline, cancel).await? {
@@ -528,6 +598,53 @@ impl LlmLimiter {
         }
     }
 
+    /// An unlimited bucket has no GCRA state, only the fleet-wide pause key: one round trip
+    /// reads it (the local pause holds while Redis is unreachable). `Some(Some(breaker))`
+    /// go (checked in Redis), `Some(None)` go (local stage only), `None` the pause outlasts
+    /// the deadline.
+    async fn unlimited(
+        &self,
+        bucket: &str,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Option<BreakerSeen>>, LimitError> {
+        const UNLIMITED: LimitSpec = LimitSpec {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            burst_requests: 0,
+            burst_tokens: 0,
+        };
+        loop {
+            if cancel.is_cancelled() {
+                return Err(LimitError::Cancelled);
+            }
+            if let Some(until) = self.local_pause(bucket) {
+                if !Self::sleep(until - Instant::now(), deadline, cancel).await? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            if !self.redis_usable() {
+                return Ok(Some(None));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fleet_attempt(bucket, &UNLIMITED, 0, left).await {
+                Ok(Wait::Booked(_, seen)) => return Ok(Some(Some(seen))),
+                // A pause: `fleet_attempt` recorded it locally; the loop sleeps it out.
+                Ok(Wait::Sleep(w)) => {
+                    if !Self::sleep(w, deadline, cancel).await? {
+                        return Ok(None);
+                    }
+                }
+                Err(LimitError::Store(e)) => {
+                    self.redis_failed(&e);
+                    return Ok(Some(None));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The fallback: the local token stage alone.
     async fn local_tokens(
         &self,
@@ -535,11 +652,11 @@ impl LlmLimiter {
         tokens: u64,
         deadline: Instant,
         cancel: &CancellationToken,
-    ) -> Result<Option<bool>, LimitError> {
+    ) -> Result<Option<Option<BreakerSeen>>, LimitError> {
         loop {
             let w = local.take_tokens(tokens);
             if w.is_zero() {
-                return Ok(Some(false));
+                return Ok(Some(None));
             }
             if !Self::sleep(w, deadline, cancel).await? {
                 return Ok(None);
@@ -590,14 +707,21 @@ impl LlmLimiter {
     ) -> Result<Wait, LimitError> {
         let inner = &self.inner;
         bump(&inner.counters.acquire_round_trips);
-        let call = inner.store.llm_acquire(bucket, spec, tokens, max_wait);
-        let admission = match tokio::time::timeout(inner.redis_timeout, call).await {
+        let lease = inner.breaker.map(|b| b.probe_lease);
+        let call = inner
+            .store
+            .llm_acquire_gated(bucket, spec, tokens, max_wait, lease);
+        let (admission, seen) = match tokio::time::timeout(inner.redis_timeout, call).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(LimitError::Store(e)),
             Err(_) => return Err(LimitError::Store(timeout_error())),
         };
         match admission {
-            Admission::Granted { wait } => Ok(Wait::Booked(wait)),
+            Admission::Granted { wait } => Ok(Wait::Booked(wait, seen)),
+            Admission::BreakerOpen { wait } => Err(LimitError::BreakerOpen {
+                bucket: bucket.to_string(),
+                wait,
+            }),
             Admission::Wait { wait, paused } => {
                 if paused {
                     let mut p = inner.paused.lock().unwrap();
@@ -618,7 +742,8 @@ impl LlmLimiter {
 
     /// Provider said 429 / Retry-After: pause this bucket for every worker of the fleet
     /// (and locally, so the pause holds even while Redis is unreachable). A pause never
-    /// shortens a longer one. Unlimited buckets are paused locally only.
+    /// shortens a longer one. Unlimited buckets are paused fleet-wide too (the pause key
+    /// alone, no GCRA state).
     pub async fn pause(&self, bucket: &str, for_: Duration) -> Result<(), LimitError> {
         metrics::counter!(m::LLM_RATE_LIMITED, "bucket" => bucket.to_string(), "source" => "provider")
             .increment(1);
@@ -628,7 +753,7 @@ impl LlmLimiter {
             let e = p.entry(bucket.to_string()).or_insert(until);
             *e = (*e).max(until);
         }
-        if !self.inner.specs.contains_key(bucket) || !self.redis_usable() {
+        if !self.redis_usable() {
             return Ok(());
         }
         bump(&self.inner.counters.pause_round_trips);

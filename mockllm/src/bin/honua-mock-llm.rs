@@ -46,6 +46,10 @@ struct Args {
     /// Model name reported by `GET /v1/models`.
     #[arg(long, default_value = "mock-gpt")]
     model: String,
+    /// Send `retry-after`, `retry-after-ms` and `x-ratelimit-*` only under LiteLLM's
+    /// `llm_provider-` prefix, as a proxy in front of a provider does.
+    #[arg(long)]
+    proxy_headers: bool,
 }
 
 fn parse_latency(s: &str) -> Result<Latency, String> {
@@ -92,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
             every: args.rate_limit_every,
             retry_after: args.rate_limit_retry_after,
         }),
+        proxy_headers: args.proxy_headers,
         ..MockConfig::default()
     };
     let mock = MockLlm::start_on(cfg, SocketAddr::new(args.host, args.port)).await?;

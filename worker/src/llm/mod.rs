@@ -28,6 +28,7 @@ use crate::handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepO
 use crate::limit::{LimitError, LlmLimiter};
 use async_trait::async_trait;
 use honua_shared::config::Config;
+use honua_shared::limiter::{BreakerOutcome, BreakerSeen, BreakerSpec};
 use honua_shared::llm_config::{BudgetAction, LlmProviderConfig, ProviderKind, TaskClass};
 use honua_shared::llm_store::{BudgetCall, BudgetOver};
 use honua_shared::metrics as m;
@@ -222,6 +223,30 @@ struct Inner {
     limiter: LlmLimiter,
     breakers: Mutex<HashMap<String, Breaker>>,
     usage_ttl: Duration,
+    cost: CostCarry,
+}
+
+/// Turns per-call costs into whole micro-dollars for `honua_llm_cost_microdollars_total`
+/// without losing the fractions: each (provider, model) keeps the nano-dollars not yet
+/// counted, so the counter always equals the summed cost, truncated to the micro-dollar.
+#[derive(Default)]
+struct CostCarry(Mutex<HashMap<(String, String), u64>>);
+
+impl CostCarry {
+    /// Adds `usd` and returns the whole micro-dollars to add to the counter now.
+    fn add(&self, provider: &str, model: &str, usd: f64) -> u64 {
+        let nanos = (usd * 1e9).round();
+        if !(nanos.is_finite() && nanos > 0.0) {
+            return 0;
+        }
+        let mut m = self.0.lock().unwrap();
+        let rest = m
+            .entry((provider.to_string(), model.to_string()))
+            .or_insert(0);
+        let total = *rest + nanos as u64;
+        *rest = total % 1000;
+        total / 1000
+    }
 }
 
 impl LlmStep {
@@ -249,7 +274,13 @@ impl LlmStep {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .unwrap_or_default();
-        let limiter = LlmLimiter::new(store.clone(), llm.limits.clone());
+        let limiter =
+            LlmLimiter::new(store.clone(), llm.limits.clone()).with_fleet_breaker(BreakerSpec {
+                failures: llm.breaker_failures,
+                open: Duration::from_secs(llm.breaker_open_secs),
+                // The probe's claim lasts as long as its call may.
+                probe_lease: Duration::from_secs(llm.request_timeout_secs + 5),
+            });
         Self {
             inner: Arc::new(Inner {
                 cfg: llm.clone(),
@@ -260,6 +291,7 @@ impl LlmStep {
                 limiter,
                 breakers: Mutex::new(HashMap::new()),
                 usage_ttl: Duration::from_secs(cfg.retention_secs + 7 * 86_400),
+                cost: CostCarry::default(),
             }),
         }
     }
@@ -361,6 +393,18 @@ impl Inner {
                 )
             })
             .gate(Instant::now())
+    }
+
+    /// A probe that was never sent, or whose error says nothing of the provider: another
+    /// call may probe (locally, and fleet-wide when Redis gated it).
+    async fn breaker_abandon(&self, bucket: &str, seen: Option<BreakerSeen>) {
+        if seen == Some(BreakerSeen::Probe) {
+            self.limiter
+                .breaker_report(bucket, BreakerOutcome::Abandon, true)
+                .await;
+        } else {
+            self.breaker(bucket, Breaker::probe_abandoned);
+        }
     }
 
     fn breaker<R>(&self, bucket: &str, f: impl FnOnce(&mut Breaker) -> R) -> R {
@@ -486,30 +530,47 @@ impl Inner {
             };
             let estimate = prompt_tokens.tokens + u64::from(req.max_tokens);
             let bucket = target.bucket();
-            let gate = self.gate(&bucket);
-            if gate == Gate::Open {
+            let breaker_open = |after: Duration| {
                 if !on_fallback && has_fallback {
                     tracing::info!(%bucket, "circuit breaker open: using the fallback provider");
-                    on_fallback = true;
-                    continue;
+                    Ok(())
+                } else {
+                    Err(StepError::Yield {
+                        after: after.max(Duration::from_millis(100)),
+                        message: format!("circuit breaker for {bucket} is open"),
+                    })
                 }
-                let after = Duration::from_secs(cfg.breaker_open_secs);
-                return Err(StepError::Yield {
-                    after,
-                    message: format!("circuit breaker for {bucket} is open"),
-                });
-            }
+            };
             let asked = Instant::now();
-            let permit = match self
+            // The fleet-wide breaker is checked in the limiter's round trip; the local one
+            // decides only when Redis did not answer.
+            let (permit, gate) = match self
                 .limiter
                 .acquire(&bucket, estimate, max_wait, &ctx.cancel)
                 .await
             {
-                Ok(Some(p)) => p,
-                Ok(None) => {
-                    if gate == Gate::Probe {
-                        self.breaker(&bucket, Breaker::probe_abandoned);
+                Ok(Some(p)) => {
+                    let gate = match p.fleet_breaker() {
+                        Some(BreakerSeen::Probe) => Gate::Probe,
+                        Some(_) => Gate::Closed,
+                        None => self.gate(&bucket),
+                    };
+                    if gate == Gate::Open {
+                        if let Err(e) = p.release().await {
+                            tracing::warn!(%bucket, error = %e, "llm limiter release failed");
+                        }
+                        breaker_open(Duration::from_secs(cfg.breaker_open_secs))?;
+                        on_fallback = true;
+                        continue;
                     }
+                    (p, gate)
+                }
+                Err(LimitError::BreakerOpen { wait, .. }) => {
+                    breaker_open(wait)?;
+                    on_fallback = true;
+                    continue;
+                }
+                Ok(None) => {
                     limiter_wait += asked.elapsed();
                     if !on_fallback && has_fallback {
                         tracing::info!(%bucket, "rate-limit bucket cannot admit within the wait bound: using the fallback provider");
@@ -531,6 +592,7 @@ impl Inner {
                 Err(e) => return Err(StepError::Retryable(e.to_string())),
             };
             limiter_wait += permit.waited();
+            let seen = permit.fleet_breaker();
             calls += 1;
             let (provider, model) = (target.provider().as_str(), target.model.clone());
             let started = Instant::now();
@@ -539,7 +601,7 @@ impl Inner {
                     .instrument(tracing::info_span!("llm_call", provider, model = %target.model, call = calls, stream = req.stream)) => r,
                 _ = ctx.cancel.cancelled() => {
                     if gate == Gate::Probe {
-                        self.breaker(&bucket, Breaker::probe_abandoned);
+                        self.breaker_abandon(&bucket, seen).await;
                     }
                     return Err(StepError::Cancelled);
                 }
@@ -560,6 +622,12 @@ impl Inner {
                         tracing::warn!(%bucket, error = %e, "llm limiter settle failed; reservation stands");
                     }
                     self.breaker(&bucket, Breaker::success);
+                    if matches!(seen, Some(BreakerSeen::Probe | BreakerSeen::Failing)) {
+                        let probe = seen == Some(BreakerSeen::Probe);
+                        self.limiter
+                            .breaker_report(&bucket, BreakerOutcome::Success, probe)
+                            .await;
+                    }
                     if let Some(d) = c.exhausted_for {
                         // The provider says its window is used up: hold the whole fleet
                         // off this bucket until it resets instead of collecting 429s.
@@ -591,10 +659,19 @@ impl Inner {
                         tracing::warn!(%bucket, error = %se, "llm limiter settle failed");
                     }
                     let opened = if e.trips_breaker() {
-                        self.breaker(&bucket, |b| b.failure(Instant::now()))
+                        let local = self.breaker(&bucket, |b| b.failure(Instant::now()));
+                        if seen.is_some() {
+                            let probe = gate == Gate::Probe;
+                            self.limiter
+                                .breaker_report(&bucket, BreakerOutcome::Failure, probe)
+                                .await
+                                .is_some()
+                        } else {
+                            local
+                        }
                     } else {
                         if gate == Gate::Probe {
-                            self.breaker(&bucket, Breaker::probe_abandoned);
+                            self.breaker_abandon(&bucket, seen).await;
                         }
                         false
                     };
@@ -867,8 +944,8 @@ impl LlmStep {
                     let labels = [("provider", r.provider.clone()), ("model", r.model.clone())];
                     metrics::counter!(m::LLM_TOKENS_USED, &labels).increment(tokens);
                     if let Some(usd) = r.cost_usd {
-                        metrics::counter!(m::LLM_COST_MICRO_USD, &labels)
-                            .increment((usd * 1e6).round() as u64);
+                        let micro = inner.cost.add(&r.provider, &r.model, usd);
+                        metrics::counter!(m::LLM_COST_MICRO_USD, &labels).increment(micro);
                     }
                     if let Err(e) = inner.budget(&ctx, tokens, r.cost_usd.unwrap_or(0.0)).await {
                         tracing::warn!(error = %e, "llm usage not recorded for budgets");
@@ -948,6 +1025,17 @@ impl LlmStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cost_counter_carries_fractions_of_a_micro_dollar() {
+        let c = CostCarry::default();
+        // 13.5 µ$ per call: 50 calls are 675 µ$, not 50 × 13 or 50 × 14.
+        let counted: u64 = (0..50).map(|_| c.add("p", "m", 13.5e-6)).sum();
+        assert_eq!(counted, 675);
+        // Each (provider, model) carries its own remainder.
+        assert_eq!(c.add("p", "other", 0.4e-6), 0);
+        assert_eq!(c.add("p", "other", 0.6e-6), 1);
+    }
 
     #[test]
     fn spec_validation_names_the_field() {

@@ -77,18 +77,68 @@ pub fn parse_reset(v: &str) -> Option<Duration> {
     (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total.min(86_400.0)))
 }
 
+/// The prefix under which a proxy (LiteLLM) forwards the upstream provider's headers.
+const UPSTREAM_PREFIX: &str = "llm_provider-";
+
+/// A header's value, read as sent or, failing that, under the `llm_provider-` prefix.
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    get(name).or_else(|| get(&format!("{UPSTREAM_PREFIX}{name}")))
+}
+
+/// The longest wait any of `retry-after` (seconds) and `retry-after-ms` asks for, each read
+/// as sent and under the `llm_provider-` prefix (a proxy's own hint and the upstream's may
+/// differ: the longer one is the one that holds).
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |n: String| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    let mut best: Option<Duration> = None;
+    for prefix in ["", UPSTREAM_PREFIX] {
+        let secs = get(format!("{prefix}retry-after"))
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+        let ms = get(format!("{prefix}retry-after-ms"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        for d in [secs, ms].into_iter().flatten() {
+            best = Some(best.map_or(d, |b| b.max(d)));
+        }
+    }
+    best
+}
+
+/// Whether an error answer is about the credentials, whatever its status and body format
+/// (LiteLLM answers a missing `Authorization` header with a plain-text 500).
+fn auth_shaped(message: &str, code: &str) -> bool {
+    const MARKS: [&str; 9] = [
+        "authentication error",
+        "authentication failed",
+        "unauthorized",
+        "invalid api key",
+        "incorrect api key",
+        "no api key",
+        "api key not",
+        "authorization header",
+        "invalid subscription key",
+    ];
+    let m = message.to_lowercase();
+    code == "invalid_api_key" || MARKS.iter().any(|k| m.contains(k))
+}
+
+/// How a credentials failure's message starts (its `error_type` is `auth`).
+const AUTH_REFUSED: &str = "provider refused the credentials";
+
 /// When a success says a limit is used up (`x-ratelimit-remaining-requests` or `-tokens`
 /// is 0), how long until it resets.
 fn exhausted_for(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let val = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let val = |name: &str| header(h, name);
     // Remaining 0 of a limit of 0 means "no limit" on some OpenAI-compatible servers.
     let zero = |kind: &str| {
         val(&format!("x-ratelimit-remaining-{kind}")) == Some("0")
             && val(&format!("x-ratelimit-limit-{kind}")) != Some("0")
     };
     let reset = |name: &str| {
-        h.get(name)
-            .and_then(|v| v.to_str().ok())
+        header(h, name)
             .and_then(parse_reset)
             .unwrap_or(Duration::from_secs(1))
     };
@@ -141,11 +191,8 @@ impl CallError {
             CallError::Server { .. } => "server_error",
             CallError::Timeout(_) => "timeout",
             CallError::Connection(_) => "connection",
+            CallError::Permanent { message, .. } if message.starts_with(AUTH_REFUSED) => "auth",
             CallError::Permanent { message, .. } if message.contains("context") => "context_length",
-            CallError::Permanent {
-                status: Some(401 | 403),
-                ..
-            } => "auth",
             CallError::Permanent { .. } => "invalid_request",
         }
     }
@@ -335,16 +382,8 @@ fn classify_status(
     body: &[u8],
     limits: &CallLimits,
 ) -> CallError {
-    let retry_after = crate::builtin::retry_after(headers)
-        .or_else(|| {
-            // Azure and OpenAI also send `retry-after-ms`.
-            headers
-                .get("retry-after-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_millis)
-        })
-        .map(|d| d.min(limits.retry_after_max.max(Duration::from_secs(3600))));
+    let retry_after =
+        retry_after(headers).map(|d| d.min(limits.retry_after_max.max(Duration::from_secs(3600))));
     let text = String::from_utf8_lossy(body);
     let message = serde_json::from_slice::<Value>(body)
         .ok()
@@ -367,6 +406,10 @@ fn classify_status(
         429 => CallError::RateLimited {
             retry_after,
             message,
+        },
+        s if s == 401 || s == 403 || auth_shaped(&message, &code) => CallError::Permanent {
+            status: Some(s),
+            message: format!("{AUTH_REFUSED} ({s}): {message}"),
         },
         s @ (408 | 500..=599) => CallError::Server {
             status: s,
