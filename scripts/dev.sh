@@ -14,4 +14,4 @@ if [ -z "${HONUA_REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; t
   $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
-exec cargo run --locked -p honua-scheduler --bin honua -- dev "$@"
+exec cargo run --locked -p honua --bin honua -- dev "$@"

@@ -3,7 +3,7 @@
 # checks every answer against the document (no 5xx, documented status codes, response
 # schemas, content types and headers). Runs `honua dev` (its own redis-server) with an
 # admin API key on a free port. Installs schemathesis from PyPI when missing.
-# Usage: scripts/schemathesis.sh   (after `cargo build -p honua-scheduler --bin honua`)
+# Usage: scripts/schemathesis.sh   (after `cargo build -p honua --bin honua`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,7 @@ fi
 st() { python3 -c 'import sys; from schemathesis.cli import schemathesis; sys.argv[0] = "st"; sys.exit(schemathesis())' "$@"; }
 
 honua="${CARGO_TARGET_DIR:-target}/debug/honua"
-[ -x "$honua" ] || cargo build -q --locked -p honua-scheduler --bin honua
+[ -x "$honua" ] || cargo build -q --locked -p honua --bin honua
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 work=$(mktemp -d)

@@ -51,7 +51,7 @@ elif command -v python3 >/dev/null 2>&1; then JSON=python3
 else echo "smoke: need jq or python3" >&2; exit 1; fi
 
 # Built (or found up to date) where cargo puts it.
-cargo build -q --locked -p honua-scheduler --bin honua
+cargo build -q --locked -p honua --bin honua
 [ -x "$HONUA" ] || { echo "smoke: $HONUA missing after cargo build" >&2; exit 1; }
 
 # --- clean-up --------------------------------------------------------------------------

@@ -145,7 +145,7 @@ impl StepHandler for Probe {
 
 /// Runs the worker until it is killed (the parent ends it with SIGKILL).
 pub async fn run(args: ChildArgs) -> anyhow::Result<()> {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let mut cfg = Config {
         redis_url: args.redis_url.clone(),
         key_prefix: args.key_prefix.clone(),

@@ -250,7 +250,7 @@ impl Setup {
 }
 
 pub async fn run(server: &Server, prefix: &str, p: LlmParams) -> Result<LlmResult, BenchError> {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let spec = LimitSpec {
         requests_per_minute: p.spec_rpm,
         tokens_per_minute: p.spec_tpm,
@@ -556,7 +556,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_llm_definition_loads_with_the_llm_kind() {
-        honua_worker::install_crypto_provider();
+        honua_runtime::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, "k").unwrap();
@@ -566,8 +566,7 @@ mod tests {
             llm_provider: Some(provider("http://127.0.0.1:1/v1", &key, None)),
             ..Default::default()
         };
-        let handlers = honua_worker::builtin_handlers(&cfg);
-        let (defs, _) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+        let (defs, _) = honua_scheduler::load_definitions(&cfg).unwrap();
         assert!(defs.latest(PROCESS_TYPE).is_some());
     }
 

@@ -3,7 +3,7 @@
 //! report needs from it: CPU time (`INFO cpu`), version and persistence settings.
 
 use crate::error::BenchError;
-use honua_scheduler::dev::RedisChild;
+use honua::dev::RedisChild;
 use redis::InfoDict;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;

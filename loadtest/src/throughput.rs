@@ -291,7 +291,7 @@ impl Bench {
         tune(&mut cfg);
         cfg.validate()?;
         let handlers = honua_worker::builtin_handlers(&cfg);
-        let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers)
+        let (defs, kinds) = honua_scheduler::load_definitions(&cfg)
             .map_err(BenchError::setup("cannot load the benchmark definition"))?;
         let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
         Ok(Self {
@@ -692,16 +692,15 @@ mod tests {
         std::fs::write(dir.path().join("bench3.toml"), definition("noop")).unwrap();
         let cfg = bench_config("redis://127.0.0.1:1", "lt-test", dir.path());
         cfg.validate().unwrap();
-        let handlers = honua_worker::builtin_handlers(&cfg);
-        let (defs, _) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+        let (defs, _) = honua_scheduler::load_definitions(&cfg).unwrap();
         let def = defs.latest(PROCESS_TYPE).unwrap();
         assert_eq!(def.steps.len(), STEPS_PER_PROCESS);
 
         std::fs::write(dir.path().join("bench3.toml"), definition("probe")).unwrap();
-        assert!(honua_scheduler::load_definitions(&cfg, &handlers).is_err());
+        assert!(honua_scheduler::load_definitions(&cfg).is_err());
         let mut cfg = cfg;
         cfg.custom_step_kinds = vec![crate::child::PROBE_KIND.into()];
-        assert!(honua_scheduler::load_definitions(&cfg, &handlers).is_ok());
+        assert!(honua_scheduler::load_definitions(&cfg).is_ok());
     }
 
     #[test]

@@ -856,7 +856,7 @@ async fn ready(State(st): State<ApiState>) -> Response {
 async fn prometheus_metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        honua_worker::telemetry::metrics_handle().render(),
+        honua_runtime::telemetry::metrics_handle().render(),
     )
         .into_response()
 }
@@ -1139,8 +1139,8 @@ pub async fn serve_with(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     // The hardened server: header, idle and body timeouts and a connection cap.
-    let limits = honua_worker::http_server::Limits::from(&state.engine.cfg.http_server);
-    honua_worker::http_server::serve(listener, router_with(state), limits, shutdown).await
+    let limits = honua_runtime::http_server::Limits::from(&state.engine.cfg.http_server);
+    honua_runtime::http_server::serve(listener, router_with(state), limits, shutdown).await
 }
 
 #[cfg(test)]

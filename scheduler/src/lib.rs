@@ -1,8 +1,11 @@
-//! The Honua scheduler (submissions, graph transitions, timers), the HTTP gateway, and the
-//! `honua` operator command (`honua dev` runs the whole system on one machine).
+//! The Honua scheduler: takes submissions, decides every graph transition (joins,
+//! conditions, retries, timers, signals, timeouts) and commits it through the store's
+//! scripts, and serves the HTTP gateway (the operator API, `/health`, `/metrics`).
+//!
+//! It stands on `honua-shared` (records, definitions, the engine, the store) and
+//! `honua-runtime` (telemetry, the HTTP server); it never runs a step handler and may not
+//! depend on the worker.
 
-pub mod cli;
-pub mod dev;
 pub mod gateway;
 pub mod ops;
 pub mod scheduler;
@@ -13,8 +16,7 @@ pub use scheduler::Scheduler;
 pub use submit::{Engine, SubmitError, Submitted};
 
 use honua_shared::config::Config;
-use honua_shared::definition::DefinitionSet;
-use honua_worker::HandlerRegistry;
+use honua_shared::definition::{DefinitionSet, KindRegistry};
 use std::sync::Arc;
 
 /// Counts a process that just finished (`status`) in the guide's metrics.
@@ -48,24 +50,10 @@ pub fn record_finish(
         .record(duration_ms as f64 / 1000.0);
 }
 
-/// Loads the definitions with the kinds of `handlers` plus `custom_step_kinds` from config.
-pub fn load_definitions(
-    cfg: &Config,
-    handlers: &HandlerRegistry,
-) -> anyhow::Result<(
-    Arc<DefinitionSet>,
-    Arc<honua_shared::definition::KindRegistry>,
-)> {
-    let mut kinds = handlers.kinds().clone();
-    for k in &cfg.custom_step_kinds {
-        if kinds.executor(k).is_none() {
-            kinds.register(
-                k,
-                honua_shared::definition::Executor::Worker,
-                |_: &serde_json::Value| Ok(()),
-            );
-        }
-    }
+/// Loads the definitions with the kinds `cfg` configures
+/// ([`honua_shared::definition::KindRegistry::for_config`]); no handler is constructed.
+pub fn load_definitions(cfg: &Config) -> anyhow::Result<(Arc<DefinitionSet>, Arc<KindRegistry>)> {
+    let kinds = KindRegistry::for_config(cfg);
     let defs = DefinitionSet::load_dir(&cfg.definitions_dir, &kinds).map_err(|e| {
         anyhow::anyhow!(
             "process definitions in {}: {e}",
@@ -102,8 +90,7 @@ pub async fn run_scheduler(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    let handlers = honua_worker::builtin_handlers(&cfg);
-    let (defs, kinds) = load_definitions(&cfg, &handlers)?;
+    let (defs, kinds) = load_definitions(&cfg)?;
     let store = honua_shared::store::Store::open(
         &cfg.redis_url,
         honua_shared::keys::Keys::new(&cfg.key_prefix, 0),

@@ -42,7 +42,7 @@ impl Scheduler {
         // Installs the metrics recorder before anything is counted, and exports the
         // process counters at 0 for every known type so rate()/increase() see the first
         // event too.
-        honua_worker::telemetry::metrics_handle();
+        honua_runtime::telemetry::metrics_handle();
         for name in engine.defs.names() {
             for counter in [
                 m::PROCESS_STARTED,
@@ -85,7 +85,7 @@ impl Scheduler {
                 Err(e) => {
                     warn!(error = %e, "redis not ready; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(honua_worker::jitter(delay)) => {}
+                        _ = tokio::time::sleep(honua_runtime::jitter(delay)) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -141,7 +141,7 @@ impl Scheduler {
                 Err(e) => {
                     warn!(error = %e, stream = %stream, "reading failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(honua_worker::jitter(backoff)) => {}
+                        _ = tokio::time::sleep(honua_runtime::jitter(backoff)) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -378,7 +378,7 @@ impl Scheduler {
             honua.status = status_after.as_str(),
             honua.commit = tracing::field::Empty,
         );
-        honua_worker::telemetry::set_parent(
+        honua_runtime::telemetry::set_parent(
             &span,
             &honua_shared::envelope::TraceContext {
                 traceparent: rec.trace.clone(),
@@ -583,7 +583,7 @@ impl Scheduler {
         let keys = store.keys().clone();
         while !shutdown.is_cancelled() {
             tokio::select! {
-                _ = tokio::time::sleep(honua_worker::jitter(every)) => {}
+                _ = tokio::time::sleep(honua_runtime::jitter(every)) => {}
                 _ = shutdown.cancelled() => return,
             }
             for stream in [keys.submit(), keys.events(), keys.results()] {

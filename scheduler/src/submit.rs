@@ -107,7 +107,7 @@ impl Engine {
             honua.process_type = %sub.process_type,
             honua.duplicate = tracing::field::Empty,
         );
-        honua_worker::telemetry::set_parent(&span, &sub.trace);
+        honua_runtime::telemetry::set_parent(&span, &sub.trace);
         let r = self
             .create_in_span(sub, ack, &span)
             .instrument(span.clone())
@@ -205,7 +205,7 @@ impl Engine {
             &id,
             input,
             sub.idempotency_key.clone(),
-            honua_worker::telemetry::trace_context_of(span)
+            honua_runtime::telemetry::trace_context_of(span)
                 .and_then(|t| t.traceparent)
                 .or_else(|| {
                     sub.trace

@@ -374,9 +374,9 @@ impl Fleet {
     pub async fn start(cfg: Config, schedulers: usize, workers: usize) -> Self {
         use std::sync::Arc;
         cfg.validate().unwrap();
-        honua_worker::install_crypto_provider();
+        honua_runtime::install_crypto_provider();
         let handlers = honua_worker::builtin_handlers(&cfg);
-        let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+        let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
         let handlers = Arc::new(handlers);
         let st = store(&cfg);
         let shutdown = tokio_util::sync::CancellationToken::new();

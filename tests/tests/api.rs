@@ -55,7 +55,7 @@ config = { message = "deployment target unreachable", permanent = true }
 ];
 
 fn http() -> reqwest::Client {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     reqwest::Client::new()
 }
 

@@ -1,7 +1,7 @@
 //! The `honua` operator CLI against a live fleet: a real redis-server, the scheduler,
 //! workers and the gateway in-process, and the CLI run in-process with its output captured.
 
-use honua_scheduler::cli::{self, CliArgs};
+use honua::cli::{self, CliArgs};
 use honua_shared::config::{ApiKey, Role};
 use honua_shared::status::ProcessStatus;
 use honua_tests::*;

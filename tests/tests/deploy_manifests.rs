@@ -92,7 +92,19 @@ fn port_of(addr: &str) -> u64 {
 /// `[[bin]]` names of every workspace member.
 fn workspace_bins() -> BTreeSet<String> {
     let mut bins = BTreeSet::new();
-    for member in ["shared", "scheduler", "worker", "loadtest", "tests"] {
+    let root = read("Cargo.toml");
+    let members = root
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = ["))
+        .expect("the workspace lists its members on one line");
+    let members: Vec<&str> = members
+        .trim_end_matches(']')
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert!(members.contains(&"cli"), "{members:?}");
+    for member in members {
         let text = read(&format!("{member}/Cargo.toml"));
         let mut in_bin = false;
         for line in text.lines().map(str::trim) {

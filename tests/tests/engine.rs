@@ -146,7 +146,7 @@ async fn fleet(
 }
 
 fn http() -> reqwest::Client {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     reqwest::Client::new()
 }
 

@@ -33,7 +33,7 @@ async fn call(h: &Http, url: &str) -> Result<Value, StepError> {
 }
 
 fn http(allowlist: &[String]) -> Http {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     Http::new(HttpOptions {
         allowlist: allowlist.to_vec(),
         max_response_kb: 64,

@@ -147,7 +147,7 @@ static FLEET_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_shares_one_bucket_without_overshoot() {
     let _turn = FLEET_TESTS.lock().await;
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let redis = RedisServer::start();
     let window = Duration::from_secs(1);
     let buckets = [
@@ -295,7 +295,7 @@ async fn fleet_shares_one_bucket_without_overshoot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_429_pauses_every_limiter() {
     let _turn = FLEET_TESTS.lock().await;
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let redis = RedisServer::start();
     let spec = LimitSpec {
         requests_per_minute: 600,
@@ -397,7 +397,7 @@ async fn provider_429_pauses_every_limiter() {
 
 #[tokio::test]
 async fn settle_refunds_unused_tokens() {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let redis = RedisServer::start();
     // 1 token/s refill: the bucket's 300 tokens decide everything within the test.
     let spec = LimitSpec {

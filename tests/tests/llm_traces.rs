@@ -4,11 +4,11 @@
 //! tracing subscriber and the span exporter are process-global.)
 
 use honua_mock_llm::{MockConfig, MockLlm};
+use honua_runtime::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use honua_shared::llm_config::{EndpointConfig, LlmCaching, LlmProviderConfig, ProviderKind};
 use honua_shared::status::ProcessStatus;
 use honua_tests::otlp::{Receiver, Span, attrs, hex, spans_of};
 use honua_tests::*;
-use honua_worker::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use serde_json::json;
 use std::collections::HashMap;
 
@@ -33,7 +33,7 @@ fn chat_span(all: &[Span], pid: &str) -> Option<Span> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_spans_carry_gen_ai_attributes_and_no_content() {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let receiver = Receiver::default();
     let (addr, server) = receiver.start().await;
     let guard = telemetry::init_with(

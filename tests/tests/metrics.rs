@@ -77,7 +77,7 @@ fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_processes_run() {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let redis = RedisServer::start();
     let dir = defs_dir(DEFS);
     let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 1).await;

@@ -183,7 +183,7 @@ async fn fleet_runs_with_the_scheduler_and_worker_users_without_a_denial() {
     let worker_cfg = role_config(&acl, "worker", &dir);
     let log = dir.path().join("exec.log");
     let bin = env!("CARGO_BIN_EXE_honua-test-worker");
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let http = reqwest::Client::new();
 
     // Scheduler + gateway in-process as honua-scheduler; workers are processes as honua-worker.
@@ -764,7 +764,13 @@ fn every_command_the_code_sends_is_allowed_to_the_role_that_sends_it() {
         }
     }
     // Rust: every command the code names is in RUST_COMMANDS (so it has roles).
-    let sent = rust_commands(&["shared/src", "scheduler/src", "worker/src"]);
+    let sent = rust_commands(&[
+        "shared/src",
+        "runtime/src",
+        "scheduler/src",
+        "worker/src",
+        "cli/src",
+    ]);
     let listed: BTreeSet<String> = RUST_COMMANDS.iter().map(|(c, _)| c.to_string()).collect();
     let unlisted: Vec<&String> = sent.difference(&listed).collect();
     assert!(

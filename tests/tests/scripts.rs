@@ -25,8 +25,7 @@ kind = "noop"
 async fn setup(redis: &RedisServer) -> (Store, Held, honua_scheduler::Engine, tempfile::TempDir) {
     let dir = defs_dir(DEF);
     let cfg = test_config(&redis.url(), dir.path());
-    let handlers = honua_worker::builtin_handlers(&cfg);
-    let (defs, kinds) = honua_scheduler::load_definitions(&cfg, &handlers).unwrap();
+    let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
     let st = store(&cfg);
     st.ensure_groups().await.unwrap();
     let engine =

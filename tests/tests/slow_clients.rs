@@ -3,8 +3,8 @@
 //! cap holds further clients in the backlog, and normal clients are served meanwhile. A
 //! worker out of file descriptors backs off instead of spinning on accept errors.
 
+use honua_runtime::http_server::Limits;
 use honua_tests::*;
-use honua_worker::http_server::Limits;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,7 +59,7 @@ async fn get(addr: SocketAddr, path: &str) -> u16 {
 }
 
 async fn try_get(addr: SocketAddr, path: &str) -> Option<u16> {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
     Some(r.status().as_u16())
 }
@@ -172,7 +172,7 @@ async fn metrics_server(l: Limits) -> (SocketAddr, tokio_util::sync::Cancellatio
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(honua_worker::telemetry::serve_metrics(
+    tokio::spawn(honua_runtime::telemetry::serve_metrics(
         listener,
         l,
         stop.clone(),

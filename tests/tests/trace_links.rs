@@ -4,10 +4,10 @@
 //! processes exporting to the same in-test OTLP receiver. (Its own test binary: the
 //! tracing subscriber and the span exporter are process-global.)
 
+use honua_runtime::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use honua_shared::status::ProcessStatus;
 use honua_tests::otlp::{Receiver, Span, attrs, hex, spans_of};
 use honua_tests::*;
-use honua_worker::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use serde_json::json;
 
 const DEFS: &[(&str, &str)] = &[
@@ -39,7 +39,7 @@ fn links(s: &Span) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_and_reclaimed_attempts_link_to_the_attempt_before() {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let receiver = Receiver::default();
     let (addr, server) = receiver.start().await;
     let endpoint = format!("http://{addr}");

@@ -2,9 +2,9 @@
 //! An in-test OTLP/gRPC receiver collects the spans of an in-process fleet. (Its own test
 //! binary: the tracing subscriber and the span exporter are process-global.)
 
+use honua_runtime::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use honua_tests::otlp::{Receiver, Span, attrs, hex, spans_of};
 use honua_tests::*;
-use honua_worker::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
 use serde_json::json;
 use std::collections::HashMap;
 
@@ -41,7 +41,7 @@ async fn post(f: &Fleet, traceparent: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_per_process_across_gateway_scheduler_and_workers() {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let receiver = Receiver::default();
     let (addr, server) = receiver.start().await;
 

@@ -64,7 +64,7 @@ pub struct Http {
 
 impl Http {
     pub fn new(opts: HttpOptions) -> Self {
-        crate::install_crypto_provider();
+        honua_runtime::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())

@@ -4,22 +4,14 @@
 
 pub mod builtin;
 pub mod handler;
-pub mod http_server;
 pub mod limit;
 pub mod llm;
 pub mod runner;
-pub mod telemetry;
 
 pub use handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepOutput};
 pub use runner::{Worker, WorkerStats};
 
 use std::time::Duration;
-
-/// A random duration in [d/2, d] (jitter for backoffs and periodic loops).
-pub fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::random::<f64>())
-}
 
 /// Jittered exponential backoff for retrying Redis calls that a running step depends on
 /// (commit, hand-back, checkpoint), giving up after `total`.
@@ -30,11 +22,6 @@ pub(crate) fn redis_backoff(total: Duration) -> backon::ExponentialBuilder {
         .with_max_delay(Duration::from_secs(2))
         .with_total_delay(Some(total))
         .without_max_times()
-}
-
-/// Installs rustls's ring provider once (reqwest is built without a default provider).
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The built-in handlers configured from `cfg`, with kind `llm` when `cfg.llm_provider`
@@ -56,7 +43,7 @@ pub async fn run_main(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let defs =
         honua_shared::definition::DefinitionSet::load_dir(&cfg.definitions_dir, handlers.kinds())
             .map_err(|e| {
@@ -71,8 +58,10 @@ pub async fn run_main(
     )?;
     if !cfg.worker.metrics_addr.is_empty() {
         let addr = cfg.worker.metrics_addr.parse()?;
-        let limits = http_server::Limits::from(&cfg.http_server);
-        if let Err(e) = telemetry::serve_worker_metrics(addr, limits, shutdown.clone()).await {
+        let limits = honua_runtime::http_server::Limits::from(&cfg.http_server);
+        if let Err(e) =
+            honua_runtime::telemetry::serve_worker_metrics(addr, limits, shutdown.clone()).await
+        {
             tracing::warn!(error = %e, %addr, "cannot serve worker metrics");
         }
     }
@@ -84,7 +73,10 @@ pub async fn run_main(
         std::sync::Arc::new(handlers),
     )
     .with_hand_back(hand_back.clone());
-    tokio::spawn(telemetry::shutdown_signals(shutdown.clone(), hand_back));
+    tokio::spawn(honua_runtime::telemetry::shutdown_signals(
+        shutdown.clone(),
+        hand_back,
+    ));
     worker.run(shutdown).await;
     Ok(())
 }

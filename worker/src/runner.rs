@@ -156,7 +156,7 @@ impl Worker {
         let (completions, completions_rx) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_steps));
         // Installs the metrics recorder before anything is counted.
-        crate::telemetry::metrics_handle();
+        honua_runtime::telemetry::metrics_handle();
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -210,7 +210,7 @@ impl Worker {
                 Err(e) => {
                     warn!(error = %e, "redis not ready; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(crate::jitter(delay)) => {}
+                        _ = tokio::time::sleep(honua_runtime::jitter(delay)) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -363,7 +363,7 @@ impl Inner {
                     drop(permits);
                     warn!(error = %e, "reading jobs failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(crate::jitter(backoff)) => {}
+                        _ = tokio::time::sleep(honua_runtime::jitter(backoff)) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -382,7 +382,7 @@ impl Inner {
         let cap = self.cfg.worker.max_concurrent_steps;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(crate::jitter(every)) => {}
+                _ = tokio::time::sleep(honua_runtime::jitter(every)) => {}
                 _ = shutdown.cancelled() => return,
             }
             rounds += 1;
@@ -625,7 +625,7 @@ impl Inner {
             jobs.iter().map(|(_, _, j)| self.step_span(j)).collect();
         let traces: Vec<Option<String>> = spans
             .iter()
-            .map(|s| crate::telemetry::trace_context_of(s).and_then(|t| t.traceparent))
+            .map(|s| honua_runtime::telemetry::trace_context_of(s).and_then(|t| t.traceparent))
             .collect();
         let answers = (|| self.store.begin(&self.id, &jobs, &traces))
             .retry(crate::redis_backoff(Duration::from_secs(5)))
@@ -661,7 +661,7 @@ impl Inner {
                     span.record("honua.process_type", process_type.as_str());
                     span.record("honua.deliveries", deliveries);
                     if let Some(previous) = step.previous_attempt_trace.as_deref() {
-                        crate::telemetry::add_link(&span, previous);
+                        honua_runtime::telemetry::add_link(&span, previous);
                     }
                     let me = self.clone();
                     let cancel = CancellationToken::new();
@@ -715,7 +715,7 @@ impl Inner {
             honua.worker = %self.id,
             honua.outcome = tracing::field::Empty,
         );
-        crate::telemetry::set_parent(&span, &job.trace);
+        honua_runtime::telemetry::set_parent(&span, &job.trace);
         span
     }
 

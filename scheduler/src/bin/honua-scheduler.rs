@@ -1,8 +1,8 @@
 //! `honua-scheduler`: the scheduler loops and the HTTP gateway.
 
 use clap::Parser;
+use honua_runtime::telemetry::{self, LogFormat};
 use honua_shared::config::Config;
-use honua_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = telemetry::init_from_env(LogFormat::Json);
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(a) = args.http_addr {
         cfg.http_addr = Some(a);

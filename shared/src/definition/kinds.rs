@@ -50,6 +50,25 @@ impl KindRegistry {
         r
     }
 
+    /// The kinds a deployment configured by `cfg` may use, without constructing any
+    /// handler: the built-ins, `llm` when `[llm_provider]` is set (its config checked by
+    /// [`super::llm::parse_spec`]), and each of `custom_step_kinds` as a worker kind whose
+    /// config only the worker that implements it checks.
+    pub fn for_config(cfg: &crate::config::Config) -> Self {
+        let mut r = Self::builtin();
+        if cfg.llm_provider.is_some() {
+            r.register("llm", Executor::Worker, |c: &Value| {
+                super::llm::parse_spec(c).map(|_| ())
+            });
+        }
+        for k in &cfg.custom_step_kinds {
+            if !r.contains(k) {
+                r.register(k, Executor::Worker, |_: &Value| Ok(()));
+            }
+        }
+        r
+    }
+
     /// Adds kind `name`, replacing any kind of that name.
     pub fn register(
         &mut self,

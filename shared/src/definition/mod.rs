@@ -36,6 +36,7 @@
 
 mod error;
 mod kinds;
+pub mod llm;
 mod load;
 mod retry;
 mod set;

@@ -9,7 +9,7 @@ use honua_worker::limit::LlmLimiter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -10,8 +10,8 @@
 //!   (and was checkpointed), before its result is committed.
 
 use async_trait::async_trait;
+use honua_runtime::telemetry::{self, LogFormat};
 use honua_shared::config::Config;
-use honua_worker::telemetry::{self, LogFormat};
 use honua_worker::{StepContext, StepError, StepHandler, StepOutput};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         let step = honua_worker::llm::LlmStep::new(&cfg, llm, store, &|v| std::env::var(v).ok());
         reg.register(
             "llm_crash_once",
-            |c| honua_worker::llm::parse_spec(c).map(|_| ()),
+            |c| honua_shared::definition::llm::parse_spec(c).map(|_| ()),
             LlmCrashOnce(step, kinds.clone()),
         );
     }

@@ -1,8 +1,8 @@
 //! `honua-worker`: a stateless worker with the built-in step kinds.
 
 use clap::Parser;
+use honua_runtime::telemetry::{self, LogFormat};
 use honua_shared::config::Config;
-use honua_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 

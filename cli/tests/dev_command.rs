@@ -100,7 +100,7 @@ config = {{ url = "{silent}/hang", timeout = "1h" }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honua_dev_reports_its_scheduler_shows_redis_cli_warns_and_a_second_ctrl_c_hands_back() {
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     // An HTTP server that accepts and never answers: the step stays running.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());

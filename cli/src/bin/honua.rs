@@ -1,13 +1,13 @@
 //! `honua`: the operator command. `honua dev` runs the whole system on one machine;
 //! `honua scheduler` and `honua worker` run one role each; the other subcommands (`ps`,
-//! `get`, `submit`, ...) talk to a gateway over HTTP ([`honua_scheduler::cli`], which
+//! `get`, `submit`, ...) talk to a gateway over HTTP ([`honua::cli`], which
 //! documents their exit codes).
 
 use clap::{Parser, Subcommand};
-use honua_scheduler::cli::{self, CliArgs};
-use honua_scheduler::dev::{self, DevOptions, MockLlmOptions};
+use honua::cli::{self, CliArgs};
+use honua::dev::{self, DevOptions, MockLlmOptions};
+use honua_runtime::telemetry::{self, LogFormat};
 use honua_shared::config::Config;
-use honua_worker::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
     };
-    honua_worker::install_crypto_provider();
+    honua_runtime::install_crypto_provider();
     let env: Vec<(String, String)> = std::env::vars().collect();
     let redis_from_env = env
         .iter()

@@ -499,7 +499,7 @@ impl Api {
             ));
         }
         let base = parse_url(&g.url).map_err(|e| CliError::Usage(format!("--url: {e}")))?;
-        honua_worker::install_crypto_provider();
+        honua_runtime::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(g.request_timeout)
             .connect_timeout(g.request_timeout)
@@ -742,7 +742,7 @@ fn when(v: Option<&Value>) -> String {
             .map(|t| humantime::format_rfc3339_seconds(t).to_string())
             .unwrap_or_else(|_| s.to_string()),
         None => match v.and_then(Value::as_u64) {
-            Some(ms) if ms <= crate::view::MAX_RFC3339_MS => {
+            Some(ms) if ms <= honua_scheduler::view::MAX_RFC3339_MS => {
                 humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms))
                     .to_string()
             }
@@ -1058,7 +1058,7 @@ fn hash_token(token: &str, out: &mut dyn Write) -> Result<Exit, CliError> {
     if token.is_empty() {
         return Err(CliError::Usage("the token is empty".into()));
     }
-    writeln!(out, "{}", crate::gateway::token_hash(&token))?;
+    writeln!(out, "{}", honua_scheduler::gateway::token_hash(&token))?;
     Ok(Exit::Success)
 }
 
@@ -1650,7 +1650,7 @@ mod tests {
     fn hash_token_matches_the_gateway() {
         // SHA-256("abc"), the FIPS 180-2 test vector.
         assert_eq!(
-            crate::gateway::token_hash("abc"),
+            honua_scheduler::gateway::token_hash("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }

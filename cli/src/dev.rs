@@ -5,8 +5,8 @@
 //! process and configures the `llm` step kind to call it, so LLM steps run without a paid
 //! API.
 
-use crate::submit::Engine;
 use honua_mock_llm::{EveryNth, Latency, MockConfig, MockLlm};
+use honua_scheduler::submit::Engine;
 use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, Format, ProcessDefinition};
 use honua_shared::envelope::{Event, Submission, TraceContext};
@@ -218,7 +218,7 @@ pub async fn run(
     cfg.validate()?;
     println!("honua dev: redis {}", cfg.redacted_redis_url());
     let handlers = honua_worker::builtin_handlers(&cfg);
-    let (mut defs, kinds) = crate::load_definitions(&cfg, &handlers)?;
+    let (mut defs, kinds) = honua_scheduler::load_definitions(&cfg)?;
     if let (Some(mock), Some(m)) = (&mock, opts.mock_llm) {
         let every = match m.rate_limit_every {
             0 => String::new(),
@@ -249,16 +249,18 @@ pub async fn run(
             r.port
         );
     }
-    crate::warn_if_open(&cfg);
-    crate::warn_if_not_durable(&engine);
+    honua_scheduler::warn_if_open(&cfg);
+    honua_scheduler::warn_if_not_durable(&engine);
     // The gateway's /health checks the scheduler loop, as in honua-scheduler.
-    let scheduler = crate::Scheduler::new(engine.clone());
-    let state = crate::gateway::ApiState {
+    let scheduler = honua_scheduler::Scheduler::new(engine.clone());
+    let state = honua_scheduler::gateway::ApiState {
         engine: engine.clone(),
         scheduler: Some(scheduler.stats()),
     };
     let mut tasks = vec![
-        tokio::spawn(crate::gateway::serve_with(state, listener, shutdown.clone()).map_unit()),
+        tokio::spawn(
+            honua_scheduler::gateway::serve_with(state, listener, shutdown.clone()).map_unit(),
+        ),
         tokio::spawn(scheduler.run(shutdown.clone())),
     ];
     for i in 0..opts.workers.max(1) {
@@ -434,7 +436,7 @@ mod tests {
 
     #[tokio::test]
     async fn mock_llm_configures_the_llm_kind_and_the_example_loads() {
-        honua_worker::install_crypto_provider();
+        honua_runtime::install_crypto_provider();
         let dir = tmp_dir("mock");
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../processes");
         let mut cfg = Config {
@@ -471,7 +473,7 @@ mod tests {
         // The shipped definitions plus the example load with the kinds the workers register.
         let handlers = honua_worker::builtin_handlers(&cfg);
         assert!(handlers.kinds().contains("llm"));
-        let (defs, kinds) = crate::load_definitions(&cfg, &handlers).unwrap();
+        let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
         let shipped_count = defs.len();
         let mut set = Arc::unwrap_or_clone(defs);
         assert!(add_llm_example(&mut set, &kinds).unwrap());

@@ -1,0 +1,23 @@
+//! What every Honua binary runs on, and nothing about processes: logging and OTLP tracing
+//! set-up ([`telemetry`]), the Prometheus recorder and its listener, the hardened HTTP
+//! server under the gateway and the worker's metrics ([`http_server`]), the TLS provider,
+//! and jittered delays.
+//!
+//! It stands on `honua-shared` only (for config and metric names); the scheduler and the
+//! worker both use it, and it may not depend on either.
+
+pub mod http_server;
+pub mod telemetry;
+
+use std::time::Duration;
+
+/// A random duration in [d/2, d] (jitter for backoffs and periodic loops).
+pub fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+/// Installs rustls's ring provider once (reqwest is built without a default provider).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
