@@ -2,7 +2,7 @@
 
 use honua_shared::definition::ProcessDefinition;
 use honua_shared::record::{ProcessRecord, StepRecord};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, UNIX_EPOCH};
 use utoipa::ToSchema;
 
@@ -21,7 +21,7 @@ fn ts(ms: Option<u64>) -> Option<String> {
     ms.and_then(rfc3339_ms)
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AttemptView {
     pub attempt: u32,
@@ -40,7 +40,7 @@ pub struct AttemptView {
     pub duration_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StepView {
     pub name: String,
@@ -63,7 +63,7 @@ pub struct StepView {
     pub attempts: Vec<AttemptView>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessView {
     pub id: String,
@@ -91,7 +91,7 @@ pub struct ProcessView {
 
 /// Tokens and estimated cost the process's `llm` steps were charged (provider usage; the
 /// cost from the config's price table, 0 without one).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmUsageView {
     pub tokens: u64,
@@ -107,7 +107,7 @@ impl LlmUsageView {
     }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditView {
     pub at: Option<String>,
@@ -116,7 +116,7 @@ pub struct AuditView {
 }
 
 /// One line of a process listing.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessSummary {
     pub id: String,
