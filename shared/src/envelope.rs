@@ -470,17 +470,20 @@ impl Event {
         let step = || f.req("step").map(str::to_string);
         let token = || f.req("token").map(str::to_string);
         Ok(match f.req("t")? {
-            event_type::STEP => Event::Step {
-                process_id: pid()?,
-                step: step()?,
-                token: token()?,
-                result: StepResult {
-                    outcome: f.req("outcome")?.to_string(),
-                    error: f.get("error").map(str::to_string),
-                    code: f.get("code").map(str::to_string),
-                    failure: step_failure(f)?,
-                },
-            },
+            event_type::STEP => {
+                let outcome = f.req("outcome")?;
+                Event::Step {
+                    process_id: pid()?,
+                    step: step()?,
+                    token: token()?,
+                    result: StepResult {
+                        outcome: outcome.to_string(),
+                        error: f.get("error").map(str::to_string),
+                        code: f.get("code").map(str::to_string),
+                        failure: step_failure(f, outcome == crate::status::outcome::FAILED)?,
+                    },
+                }
+            }
             event_type::DEAD_LETTER => Event::DeadLetter {
                 process_id: pid()?,
                 step: step()?,
@@ -510,13 +513,14 @@ impl Event {
 }
 
 /// A step event's failure: the `failure` field, or from an older worker (rolling update:
-/// schedulers are updated first) its `retryable`/`retry_after_ms`/`fatal`/`yielded` fields.
-fn step_failure(f: &FieldMap) -> Result<Option<Failure>, EnvelopeError> {
+/// schedulers are updated first) its `retryable`/`retry_after_ms`/`fatal`/`yielded` fields,
+/// which it wrote on every result (read only when the outcome is `failed`).
+fn step_failure(f: &FieldMap, failed: bool) -> Result<Option<Failure>, EnvelopeError> {
     if let Some(s) = f.get("failure") {
         return Failure::parse(s).map(Some);
     }
     const LEGACY: [&str; 4] = ["retryable", "retry_after_ms", "fatal", "yielded"];
-    if LEGACY.iter().all(|name| f.get(name).is_none()) {
+    if !failed || LEGACY.iter().all(|name| f.get(name).is_none()) {
         return Ok(None);
     }
     let flag = |name: &'static str| -> Result<bool, EnvelopeError> {
@@ -805,13 +809,13 @@ mod tests {
 
     #[test]
     fn a_step_event_from_an_older_worker_reads_as_the_same_failure() {
-        let event = |extra: &[(&str, &str)]| {
+        let event_with = |outcome: &str, extra: &[(&str, &str)]| {
             let mut f: Fields = [
                 ("t", "step"),
                 ("pid", "p"),
                 ("step", "S"),
                 ("token", "1"),
-                ("outcome", "failed"),
+                ("outcome", outcome),
             ]
             .iter()
             .chain(extra)
@@ -823,6 +827,7 @@ mod tests {
                 other => panic!("not a step event: {other:?}"),
             }
         };
+        let event = |extra: &[(&str, &str)]| event_with("failed", extra);
         // What older workers wrote for each kind of failure.
         let cases: [(&[(&str, &str)], Failure); 6] = [
             (&[("retryable", "1"), ("fatal", "0")], Failure::Retryable),
@@ -852,6 +857,11 @@ mod tests {
             assert_eq!(event(fields), Some(want), "{fields:?}");
         }
         assert_eq!(event(&[]), None);
+        // An older worker's success carried the flags too: no failure.
+        assert_eq!(
+            event_with("ok", &[("retryable", "0"), ("fatal", "0")]),
+            None
+        );
         assert!(matches!(
             Failure::from_legacy(true, None, false, true),
             Failure::Yield(0)

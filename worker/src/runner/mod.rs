@@ -15,6 +15,10 @@
 //! ahead of new reads. After a Redis restart or failover the sweeper holds off for one
 //! lease plus one heartbeat on the server's clock, so live workers re-assert their claims
 //! first (pending entries keep their pre-outage delivery times).
+//!
+//! Here: the [`Worker`], its shared state and shutdown. `claim`: the reader, sweeper,
+//! heartbeat and `begin`. `execute`: one step from its handler to its result's fate.
+//! `complete`: the completer.
 
 mod claim;
 mod complete;
