@@ -4,7 +4,7 @@
 //! revision, and the tests assert on the actions.
 
 use crate::definition::{Executor, Join, KindRegistry, ProcessDefinition, StepDef};
-use crate::envelope::{Event, JobEnvelope, TraceContext, event_type};
+use crate::envelope::{Event, Failure, JobEnvelope, TraceContext, event_type};
 use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
 use crate::record::{AttemptRecord, HISTORY_CAP, ProcessRecord, StepRecord};
 use crate::status::{ProcessStatus, StepStatus, outcome};
@@ -494,11 +494,12 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                 let code = result.code.clone().unwrap_or_else(|| "step_failed".into());
                 let attempt = rec.steps[step].attempt;
                 let yields = rec.steps[step].yields;
-                let asked = result
-                    .retry_after_ms
+                let failure = result.failure.unwrap_or(Failure::Permanent);
+                let asked = failure
+                    .retry_after_ms()
                     .unwrap_or(0)
                     .min(MAX_RETRY_AFTER.as_millis() as u64);
-                if result.yielded && !result.fatal && yields < MAX_YIELDS {
+                if matches!(failure, Failure::Yield(_)) && yields < MAX_YIELDS {
                     // Waited for a shared resource without doing the work: again later,
                     // on a fresh attempt that the retry policy does not count.
                     p.close_attempt(step, outcome::YIELDED, Some(error), Some(code));
@@ -519,7 +520,7 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                 // Attempts that yielded did not run: they do not use up the policy.
                 let ran = attempt.saturating_sub(yields);
                 let policy = ctx.def.step(step).map(|d| d.retry.clone());
-                if result.fatal {
+                if failure == Failure::Fatal {
                     p.rec(step).status = StepStatus::Failed;
                     p.fail(
                         ProcessStatus::Failed,
@@ -527,7 +528,7 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                         &code,
                     );
                 } else if let Some(policy) =
-                    policy.filter(|pol| result.retryable && ran < pol.max_attempts)
+                    policy.filter(|pol| failure.is_retryable() && ran < pol.max_attempts)
                 {
                     let backoff = backoff_ms(&policy, ran, ctx.jitter);
                     let delay = backoff.max(asked);

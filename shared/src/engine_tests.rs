@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::definition::{DefinitionSet, Format, RetryPolicy};
-use crate::envelope::StepResult;
+use crate::envelope::{Failure, StepResult};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -227,8 +227,11 @@ fn failure(error: &str, retryable: bool) -> StepResult {
         outcome: "failed".into(),
         error: Some(error.into()),
         code: Some("handler_error".into()),
-        retryable,
-        ..Default::default()
+        failure: Some(if retryable {
+            Failure::Retryable
+        } else {
+            Failure::Permanent
+        }),
     }
 }
 
@@ -845,7 +848,7 @@ fn retry_after_raises_the_delay_and_is_clamped() {
         let t = sim.report(
             "A",
             StepResult {
-                retry_after_ms,
+                failure: Some(retry_after_ms.map_or(Failure::Retryable, Failure::RetryAfter)),
                 ..failure("rate limited", true)
             },
         );
@@ -972,7 +975,7 @@ fn a_fatal_error_fails_the_process_whatever_the_routes() {
     let t = sim.report(
         "A",
         StepResult {
-            fatal: true,
+            failure: Some(Failure::Fatal),
             code: Some("corrupt_state".into()),
             ..failure("state does not decode", true)
         },
@@ -1693,7 +1696,7 @@ proptest! {
     ) {
         let (mut sim, _) = Sim::start(RETRIED);
         sim.jitter = jitter;
-        let t = sim.report("A", StepResult { retry_after_ms: retry_after, ..failure("x", true) });
+        let t = sim.report("A", StepResult { failure: Some(retry_after.map_or(Failure::Retryable, Failure::RetryAfter)), ..failure("x", true) });
         let (_, delay) = later_jobs(&t)[0];
         let cap = MAX_RETRY_AFTER.as_millis() as u64;
         prop_assert!(delay <= cap.max(1000));
@@ -1775,8 +1778,7 @@ fn retry_current_step_fences_the_old_claim() {
 fn yielded(wait_ms: u64) -> StepResult {
     StepResult {
         code: Some("yielded".into()),
-        retry_after_ms: Some(wait_ms),
-        yielded: true,
+        failure: Some(Failure::Yield(wait_ms)),
         ..failure("waiting for llm rate-limit budget", true)
     }
 }

@@ -229,16 +229,98 @@ pub struct StepResult {
     pub outcome: String,
     pub error: Option<String>,
     pub code: Option<String>,
-    /// The error may succeed on another attempt.
-    pub retryable: bool,
-    /// The handler (or provider) asked for at least this much delay before the next attempt.
-    pub retry_after_ms: Option<u64>,
-    /// Fail the whole process whatever the routing says (corrupt state, missing handler).
-    pub fatal: bool,
+    /// What the engine does about a `failed` outcome; `None` on success. A failed result
+    /// without one is [`Failure::Permanent`] (what a report without any flags always meant).
+    pub failure: Option<Failure>,
+}
+
+/// Why a step failed, typed by what the engine must do next. On the wire it is the one
+/// event field `failure` (see [`Failure::as_wire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// May succeed on another attempt: retried under the step's retry policy.
+    Retryable,
+    /// May succeed, but not before this many milliseconds (a provider's Retry-After):
+    /// retried under the policy, waiting at least that long.
+    RetryAfter(u64),
     /// The step did not run its work but waited for a shared resource (LLM rate-limit
-    /// budget, a paused provider): re-queue it after `retry_after_ms` without using an
-    /// attempt of its retry policy.
-    pub yielded: bool,
+    /// budget, a paused provider): re-queued after this many milliseconds without using an
+    /// attempt of its retry policy (up to the engine's yield cap; past it, retried like
+    /// [`Failure::RetryAfter`]).
+    Yield(u64),
+    /// Will never succeed: no retry; the `failed` route or a Failed process.
+    Permanent,
+    /// Fail the whole process whatever the routing says (corrupt state, missing handler).
+    Fatal,
+}
+
+impl Failure {
+    /// The `failure` field's value: `retry`, `retry_after:<ms>`, `yield:<ms>`, `permanent`
+    /// or `fatal`.
+    pub fn as_wire(&self) -> String {
+        match self {
+            Failure::Retryable => "retry".into(),
+            Failure::RetryAfter(ms) => format!("retry_after:{ms}"),
+            Failure::Yield(ms) => format!("yield:{ms}"),
+            Failure::Permanent => "permanent".into(),
+            Failure::Fatal => "fatal".into(),
+        }
+    }
+
+    /// Reads a `failure` field written by [`Failure::as_wire`].
+    pub fn parse(s: &str) -> Result<Self, EnvelopeError> {
+        let invalid = || EnvelopeError::Invalid {
+            field: "failure",
+            detail: format!("{s:?} is not retry, retry_after:<ms>, yield:<ms>, permanent or fatal"),
+        };
+        let ms = |v: &str| v.parse::<u64>().map_err(|_| invalid());
+        match s.split_once(':') {
+            None => match s {
+                "retry" => Ok(Failure::Retryable),
+                "permanent" => Ok(Failure::Permanent),
+                "fatal" => Ok(Failure::Fatal),
+                _ => Err(invalid()),
+            },
+            Some(("retry_after", v)) => Ok(Failure::RetryAfter(ms(v)?)),
+            Some(("yield", v)) => Ok(Failure::Yield(ms(v)?)),
+            Some(_) => Err(invalid()),
+        }
+    }
+
+    /// The failure an older worker meant with its separate fields (`retryable`, `fatal`,
+    /// `yielded` flags and `retry_after_ms`), decided as the engine decided on them: fatal
+    /// first, then yield, then retry (with its delay, if any). Older workers always set
+    /// `retryable` with `yielded`.
+    pub fn from_legacy(
+        retryable: bool,
+        retry_after_ms: Option<u64>,
+        fatal: bool,
+        yielded: bool,
+    ) -> Self {
+        match (fatal, yielded, retryable, retry_after_ms) {
+            (true, ..) => Failure::Fatal,
+            (false, true, _, ms) => Failure::Yield(ms.unwrap_or(0)),
+            (false, false, true, Some(ms)) => Failure::RetryAfter(ms),
+            (false, false, true, None) => Failure::Retryable,
+            (false, false, false, _) => Failure::Permanent,
+        }
+    }
+
+    /// Whether the retry policy may run the step again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Failure::Retryable | Failure::RetryAfter(_) | Failure::Yield(_)
+        )
+    }
+
+    /// The least delay the step asked for before it runs again, if any.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Failure::RetryAfter(ms) | Failure::Yield(ms) => Some(*ms),
+            _ => None,
+        }
+    }
 }
 
 /// An entry of the scheduler's event stream.
@@ -328,12 +410,7 @@ impl Event {
                 push(&mut f, "outcome", &result.outcome);
                 push_opt(&mut f, "error", &result.error);
                 push_opt(&mut f, "code", &result.code);
-                push(&mut f, "retryable", u8::from(result.retryable));
-                push_opt(&mut f, "retry_after_ms", &result.retry_after_ms);
-                push(&mut f, "fatal", u8::from(result.fatal));
-                if result.yielded {
-                    push(&mut f, "yielded", 1u8);
-                }
+                push_opt(&mut f, "failure", &result.failure.map(|x| x.as_wire()));
             }
             Event::DeadLetter {
                 process_id,
@@ -392,24 +469,21 @@ impl Event {
         let pid = || f.req("pid").map(str::to_string);
         let step = || f.req("step").map(str::to_string);
         let token = || f.req("token").map(str::to_string);
-        let flag = |name: &'static str| -> Result<bool, EnvelopeError> {
-            Ok(f.num::<u8>(name)?.unwrap_or(0) != 0)
-        };
         Ok(match f.req("t")? {
-            event_type::STEP => Event::Step {
-                process_id: pid()?,
-                step: step()?,
-                token: token()?,
-                result: StepResult {
-                    outcome: f.req("outcome")?.to_string(),
-                    error: f.get("error").map(str::to_string),
-                    code: f.get("code").map(str::to_string),
-                    retryable: flag("retryable")?,
-                    retry_after_ms: f.num("retry_after_ms")?,
-                    fatal: flag("fatal")?,
-                    yielded: flag("yielded")?,
-                },
-            },
+            event_type::STEP => {
+                let outcome = f.req("outcome")?;
+                Event::Step {
+                    process_id: pid()?,
+                    step: step()?,
+                    token: token()?,
+                    result: StepResult {
+                        outcome: outcome.to_string(),
+                        error: f.get("error").map(str::to_string),
+                        code: f.get("code").map(str::to_string),
+                        failure: step_failure(f, outcome == crate::status::outcome::FAILED)?,
+                    },
+                }
+            }
             event_type::DEAD_LETTER => Event::DeadLetter {
                 process_id: pid()?,
                 step: step()?,
@@ -436,6 +510,28 @@ impl Event {
             other => return Err(EnvelopeError::UnknownEvent(other.to_string())),
         })
     }
+}
+
+/// A step event's failure: the `failure` field, or from an older worker (rolling update:
+/// schedulers are updated first) its `retryable`/`retry_after_ms`/`fatal`/`yielded` fields,
+/// which it wrote on every result (read only when the outcome is `failed`).
+fn step_failure(f: &FieldMap, failed: bool) -> Result<Option<Failure>, EnvelopeError> {
+    if let Some(s) = f.get("failure") {
+        return Failure::parse(s).map(Some);
+    }
+    const LEGACY: [&str; 4] = ["retryable", "retry_after_ms", "fatal", "yielded"];
+    if !failed || LEGACY.iter().all(|name| f.get(name).is_none()) {
+        return Ok(None);
+    }
+    let flag = |name: &'static str| -> Result<bool, EnvelopeError> {
+        Ok(f.num::<u8>(name)?.unwrap_or(0) != 0)
+    };
+    Ok(Some(Failure::from_legacy(
+        flag("retryable")?,
+        f.num("retry_after_ms")?,
+        flag("fatal")?,
+        flag("yielded")?,
+    )))
 }
 
 /// A submission written to the submit stream by any Redis client:
@@ -627,10 +723,7 @@ mod tests {
                     outcome: "failed".into(),
                     error: Some("boom".into()),
                     code: Some("x".into()),
-                    retryable: true,
-                    retry_after_ms: Some(50),
-                    fatal: false,
-                    yielded: true,
+                    failure: Some(Failure::Yield(50)),
                 },
             },
             Event::DeadLetter {
@@ -662,6 +755,117 @@ mod tests {
         for e in events {
             assert_eq!(Event::from_fields(&map(e.to_fields())).unwrap(), e);
         }
+    }
+
+    #[test]
+    fn every_failure_round_trips_through_its_one_field() {
+        for failure in [
+            Failure::Retryable,
+            Failure::RetryAfter(1_500),
+            Failure::Yield(0),
+            Failure::Yield(2_000),
+            Failure::Permanent,
+            Failure::Fatal,
+        ] {
+            assert_eq!(Failure::parse(&failure.as_wire()), Ok(failure));
+            let e = Event::Step {
+                process_id: "p".into(),
+                step: "S".into(),
+                token: "1".into(),
+                result: StepResult {
+                    outcome: "failed".into(),
+                    failure: Some(failure),
+                    ..Default::default()
+                },
+            };
+            let fields = e.to_fields();
+            let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+            for legacy in ["retryable", "retry_after_ms", "fatal", "yielded"] {
+                assert!(!names.contains(&legacy), "{legacy} is no longer written");
+            }
+            assert_eq!(Event::from_fields(&map(fields)).unwrap(), e);
+        }
+        for bad in [
+            "",
+            "retry:5",
+            "yield",
+            "yield:",
+            "yield:-1",
+            "retry_after:x",
+            "Fatal",
+        ] {
+            assert!(
+                matches!(
+                    Failure::parse(bad),
+                    Err(EnvelopeError::Invalid {
+                        field: "failure",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_event_from_an_older_worker_reads_as_the_same_failure() {
+        let event_with = |outcome: &str, extra: &[(&str, &str)]| {
+            let mut f: Fields = [
+                ("t", "step"),
+                ("pid", "p"),
+                ("step", "S"),
+                ("token", "1"),
+                ("outcome", outcome),
+            ]
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            f.insert(0, ("v".into(), ENVELOPE_VERSION.to_string()));
+            match Event::from_fields(&map(f)).unwrap() {
+                Event::Step { result, .. } => result.failure,
+                other => panic!("not a step event: {other:?}"),
+            }
+        };
+        let event = |extra: &[(&str, &str)]| event_with("failed", extra);
+        // What older workers wrote for each kind of failure.
+        let cases: [(&[(&str, &str)], Failure); 6] = [
+            (&[("retryable", "1"), ("fatal", "0")], Failure::Retryable),
+            (
+                &[
+                    ("retryable", "1"),
+                    ("retry_after_ms", "700"),
+                    ("fatal", "0"),
+                ],
+                Failure::RetryAfter(700),
+            ),
+            (
+                &[
+                    ("retryable", "1"),
+                    ("retry_after_ms", "2000"),
+                    ("fatal", "0"),
+                    ("yielded", "1"),
+                ],
+                Failure::Yield(2_000),
+            ),
+            (&[("retryable", "0"), ("fatal", "0")], Failure::Permanent),
+            (&[("retryable", "0"), ("fatal", "1")], Failure::Fatal),
+            // A new field wins over old ones.
+            (&[("retryable", "1"), ("failure", "fatal")], Failure::Fatal),
+        ];
+        for (fields, want) in cases {
+            assert_eq!(event(fields), Some(want), "{fields:?}");
+        }
+        assert_eq!(event(&[]), None);
+        // An older worker's success carried the flags too: no failure.
+        assert_eq!(
+            event_with("ok", &[("retryable", "0"), ("fatal", "0")]),
+            None
+        );
+        assert!(matches!(
+            Failure::from_legacy(true, None, false, true),
+            Failure::Yield(0)
+        ));
     }
 
     #[test]

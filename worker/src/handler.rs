@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use backon::Retryable;
 use honua_shared::codec::StateCodec;
 use honua_shared::definition::{Executor, KindRegistry};
+use honua_shared::envelope::Failure;
 use honua_shared::store::{Fence, Held, Store};
 use serde::Serialize;
 use serde_json::Value;
@@ -77,6 +78,16 @@ impl StepError {
             StepError::Permanent(_) => "permanent_error",
             StepError::Cancelled => "cancelled",
             StepError::Stale => "stale_claim",
+        }
+    }
+
+    /// What the engine does about this error (a cancelled or stale step may run again).
+    pub fn failure(&self) -> Failure {
+        match self {
+            StepError::Retryable(_) | StepError::Cancelled | StepError::Stale => Failure::Retryable,
+            StepError::RetryAfter { after, .. } => Failure::RetryAfter(after.as_millis() as u64),
+            StepError::Yield { after, .. } => Failure::Yield(after.as_millis() as u64),
+            StepError::Permanent(_) => Failure::Permanent,
         }
     }
 }

@@ -12,7 +12,7 @@ pub mod retry;
 pub mod tokens;
 
 use crate::handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepOutput};
-use crate::limit::{LimitError, LlmLimiter};
+use crate::limit::{LimitError, LlmLimiter, Permit};
 use async_trait::async_trait;
 use honua_shared::config::Config;
 use honua_shared::definition::llm::{StepSpec, parse_spec, schema};
@@ -22,7 +22,7 @@ use honua_shared::llm_store::{BudgetCall, BudgetOver};
 use honua_shared::metrics as m;
 use honua_shared::store::Store;
 use provider::{CallError, CallLimits, ChatRequest, Completion, Endpoint, Message};
-use retry::{Backoff, Breaker, Gate};
+use retry::{Backoff, Breaker, Gate, Move, Policy, Progress, Seen};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -350,6 +350,125 @@ impl Inner {
         }
     }
 
+    /// Admission of one call: the limiter (with the fleet-wide breaker in its round trip),
+    /// then this worker's breaker when Redis did not gate the call. What the loop saw
+    /// instead when the call may not go out.
+    async fn admit(
+        &self,
+        ctx: &StepContext,
+        bucket: &str,
+        estimate: u64,
+        limiter_wait: &mut Duration,
+    ) -> Result<(Permit, Gate), Seen> {
+        let max_wait = Duration::from_millis(self.cfg.limiter_max_wait_ms);
+        let asked = Instant::now();
+        // The fleet-wide breaker is checked in the limiter's round trip; the local one
+        // decides only when Redis did not answer.
+        match self
+            .limiter
+            .acquire(bucket, estimate, max_wait, &ctx.cancel)
+            .await
+        {
+            Ok(Some(p)) => {
+                let gate = match p.fleet_breaker() {
+                    Some(BreakerSeen::Probe) => Gate::Probe,
+                    Some(_) => Gate::Closed,
+                    None => self.gate(bucket),
+                };
+                if gate == Gate::Open {
+                    if let Err(e) = p.release().await {
+                        tracing::warn!(%bucket, error = %e, "llm limiter release failed");
+                    }
+                    return Err(Seen::BreakerOpen {
+                        wait: Duration::from_secs(self.cfg.breaker_open_secs),
+                    });
+                }
+                Ok((p, gate))
+            }
+            Ok(None) => {
+                *limiter_wait += asked.elapsed();
+                Err(Seen::NotAdmitted)
+            }
+            Err(e) => Err(Seen::Limiter(e)),
+        }
+    }
+
+    /// After a completed call: settle the reservation with the real usage, close the
+    /// breakers, and pause the bucket fleet-wide when the provider says its window is spent.
+    async fn after_success(
+        &self,
+        bucket: &str,
+        permit: Permit,
+        c: &Completion,
+        retry_after_max: Duration,
+    ) {
+        let seen = permit.fleet_breaker();
+        if let Err(e) = permit.settle(c.input_tokens + c.output_tokens).await {
+            tracing::warn!(%bucket, error = %e, "llm limiter settle failed; reservation stands");
+        }
+        self.breaker(bucket, Breaker::success);
+        if matches!(seen, Some(BreakerSeen::Probe | BreakerSeen::Failing)) {
+            let probe = seen == Some(BreakerSeen::Probe);
+            self.limiter
+                .breaker_report(bucket, BreakerOutcome::Success, probe)
+                .await;
+        }
+        if let Some(d) = c.exhausted_for {
+            // The provider says its window is used up: hold the whole fleet
+            // off this bucket until it resets instead of collecting 429s.
+            let d = d.min(retry_after_max);
+            tracing::info!(%bucket, pause_ms = d.as_millis() as u64, "provider rate limit exhausted: pausing the bucket");
+            if let Err(pe) = self.limiter.pause(bucket, d).await {
+                tracing::warn!(%bucket, error = %pe, "cannot pause the llm bucket");
+            }
+        }
+    }
+
+    /// After a failed call: settle the reservation (a timed-out call keeps it), count the
+    /// failure on the breakers (or abandon a probe the error says nothing about), and pause
+    /// the bucket on a 429. Returns whether this failure opened the breaker.
+    async fn after_failure(
+        &self,
+        bucket: &str,
+        permit: Permit,
+        gate: Gate,
+        e: &CallError,
+        calls: u32,
+    ) -> bool {
+        let seen = permit.fleet_breaker();
+        let et = e.error_type();
+        if matches!(e, CallError::Timeout(_)) {
+            drop(permit); // the provider may have done the work: the reservation stands
+        } else if let Err(se) = permit.settle(0).await {
+            tracing::warn!(%bucket, error = %se, "llm limiter settle failed");
+        }
+        let opened = if e.trips_breaker() {
+            let local = self.breaker(bucket, |b| b.failure(Instant::now()));
+            if seen.is_some() {
+                let probe = gate == Gate::Probe;
+                self.limiter
+                    .breaker_report(bucket, BreakerOutcome::Failure, probe)
+                    .await
+                    .is_some()
+            } else {
+                local
+            }
+        } else {
+            if gate == Gate::Probe {
+                self.breaker_abandon(bucket, seen).await;
+            }
+            false
+        };
+        tracing::warn!(%bucket, error_type = et, error = %e, call = calls, "llm call failed");
+        if let CallError::RateLimited { retry_after, .. } = e {
+            let pause = retry_after.unwrap_or(Duration::from_secs(1));
+            if let Err(pe) = self.limiter.pause(bucket, pause).await {
+                tracing::warn!(%bucket, error = %pe, "cannot pause the llm bucket");
+            }
+        }
+        opened
+    }
+
     /// The provider-call loop: limiter, breaker, retries, fallback.
     async fn call(
         &self,
@@ -375,9 +494,14 @@ impl Inner {
         let mut on_fallback = false;
         let mut calls = 0u32;
         let has_fallback = self.fallback.as_ref().is_some_and(Result::is_ok);
+        let policy = Policy {
+            max_retries: cfg.max_retries,
+            retry_after_max,
+            max_wait,
+        };
         // Each pass either calls the provider (bounded by max_retries) or moves to the
         // fallback (at most once), so the loop is bounded.
-        let last: CallError = loop {
+        loop {
             let endpoint = match self.endpoint(on_fallback) {
                 Some(Ok(e)) => e,
                 Some(Err(msg)) => return Err(StepError::Permanent(msg)),
@@ -401,212 +525,103 @@ impl Inner {
             };
             let estimate = prompt_tokens.tokens + u64::from(req.max_tokens);
             let bucket = target.bucket();
-            let breaker_open = |after: Duration| {
-                if !on_fallback && has_fallback {
-                    tracing::info!(%bucket, "circuit breaker open: using the fallback provider");
-                    Ok(())
-                } else {
-                    Err(StepError::Yield {
-                        after: after.max(Duration::from_millis(100)),
-                        message: format!("circuit breaker for {bucket} is open"),
-                    })
-                }
-            };
-            let asked = Instant::now();
-            // The fleet-wide breaker is checked in the limiter's round trip; the local one
-            // decides only when Redis did not answer.
-            let (permit, gate) = match self
-                .limiter
-                .acquire(&bucket, estimate, max_wait, &ctx.cancel)
-                .await
-            {
-                Ok(Some(p)) => {
-                    let gate = match p.fleet_breaker() {
-                        Some(BreakerSeen::Probe) => Gate::Probe,
-                        Some(_) => Gate::Closed,
-                        None => self.gate(&bucket),
+            // One pass: admission (limiter, breaker) and one provider call; what it saw
+            // when it did not complete.
+            let saw: Seen = 'pass: {
+                let (permit, gate) =
+                    match self.admit(ctx, &bucket, estimate, &mut limiter_wait).await {
+                        Ok(admitted) => admitted,
+                        Err(saw) => break 'pass saw,
                     };
-                    if gate == Gate::Open {
-                        if let Err(e) = p.release().await {
-                            tracing::warn!(%bucket, error = %e, "llm limiter release failed");
-                        }
-                        breaker_open(Duration::from_secs(cfg.breaker_open_secs))?;
-                        on_fallback = true;
-                        continue;
-                    }
-                    (p, gate)
-                }
-                Err(LimitError::BreakerOpen { wait, .. }) => {
-                    breaker_open(wait)?;
-                    on_fallback = true;
-                    continue;
-                }
-                Ok(None) => {
-                    limiter_wait += asked.elapsed();
-                    if !on_fallback && has_fallback {
-                        tracing::info!(%bucket, "rate-limit bucket cannot admit within the wait bound: using the fallback provider");
-                        on_fallback = true;
-                        continue;
-                    }
-                    return Err(StepError::Yield {
-                        after: max_wait,
-                        message: format!(
-                            "waiting for llm rate-limit budget on {bucket}: not admitted within {}",
-                            humantime::format_duration(max_wait)
-                        ),
-                    });
-                }
-                Err(LimitError::Cancelled) => return Err(StepError::Cancelled),
-                Err(e @ LimitError::TooLarge { .. }) => {
-                    return Err(StepError::Permanent(e.to_string()));
-                }
-                Err(e) => return Err(StepError::Retryable(e.to_string())),
-            };
-            limiter_wait += permit.waited();
-            let seen = permit.fleet_breaker();
-            calls += 1;
-            let (provider, model) = (target.provider().as_str(), target.model.clone());
-            let started = Instant::now();
-            let r = tokio::select! {
-                r = provider::call(&self.client, &target.endpoint, &target.model, req, &limits)
-                    .instrument(tracing::info_span!("llm_call", provider, model = %target.model, call = calls, stream = req.stream)) => r,
-                _ = ctx.cancel.cancelled() => {
-                    if gate == Gate::Probe {
-                        self.breaker_abandon(&bucket, seen).await;
-                    }
-                    return Err(StepError::Cancelled);
-                }
-            };
-            let latency = started.elapsed();
-            metrics::histogram!(m::LLM_LATENCY, "provider" => provider, "model" => model.clone())
-                .record(latency.as_secs_f64());
-            match r {
-                Ok(mut c) => {
-                    if c.usage_estimated {
-                        // No usage in the reply: the prompt as counted for the reservation,
-                        // the reply with the same tokenizer where it is loaded.
-                        c.input_tokens = prompt_tokens.tokens;
-                        c.output_tokens = tokens::text_tokens(&target.model, &c.text);
-                    }
-                    metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => "ok").increment(1);
-                    if let Err(e) = permit.settle(c.input_tokens + c.output_tokens).await {
-                        tracing::warn!(%bucket, error = %e, "llm limiter settle failed; reservation stands");
-                    }
-                    self.breaker(&bucket, Breaker::success);
-                    if matches!(seen, Some(BreakerSeen::Probe | BreakerSeen::Failing)) {
-                        let probe = seen == Some(BreakerSeen::Probe);
-                        self.limiter
-                            .breaker_report(&bucket, BreakerOutcome::Success, probe)
-                            .await;
-                    }
-                    if let Some(d) = c.exhausted_for {
-                        // The provider says its window is used up: hold the whole fleet
-                        // off this bucket until it resets instead of collecting 429s.
-                        let d = d.min(retry_after_max);
-                        tracing::info!(%bucket, pause_ms = d.as_millis() as u64, "provider rate limit exhausted: pausing the bucket");
-                        if let Err(pe) = self.limiter.pause(&bucket, d).await {
-                            tracing::warn!(%bucket, error = %pe, "cannot pause the llm bucket");
-                        }
-                    }
-                    let cost_usd = cost(cfg, &target.model, &c);
-                    return Ok(CallRecord {
-                        provider: provider.to_string(),
-                        model: target.model.clone(),
-                        fallback_used: on_fallback,
-                        latency_ms: latency.as_millis() as u64,
-                        limiter_wait_ms: limiter_wait.as_millis() as u64,
-                        attempts,
-                        cost_usd,
-                        completion: c,
-                    });
-                }
-                Err(e) => {
-                    let et = e.error_type();
-                    metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => et).increment(1);
-                    metrics::counter!(m::LLM_ERRORS, "provider" => provider, "model" => model.clone(), "error_type" => et).increment(1);
-                    if matches!(e, CallError::Timeout(_)) {
-                        drop(permit); // the provider may have done the work: the reservation stands
-                    } else if let Err(se) = permit.settle(0).await {
-                        tracing::warn!(%bucket, error = %se, "llm limiter settle failed");
-                    }
-                    let opened = if e.trips_breaker() {
-                        let local = self.breaker(&bucket, |b| b.failure(Instant::now()));
-                        if seen.is_some() {
-                            let probe = gate == Gate::Probe;
-                            self.limiter
-                                .breaker_report(&bucket, BreakerOutcome::Failure, probe)
-                                .await
-                                .is_some()
-                        } else {
-                            local
-                        }
-                    } else {
+                limiter_wait += permit.waited();
+                let seen = permit.fleet_breaker();
+                calls += 1;
+                let (provider, model) = (target.provider().as_str(), target.model.clone());
+                let started = Instant::now();
+                let r = tokio::select! {
+                    r = provider::call(&self.client, &target.endpoint, &target.model, req, &limits)
+                        .instrument(tracing::info_span!("llm_call", provider, model = %target.model, call = calls, stream = req.stream)) => r,
+                    _ = ctx.cancel.cancelled() => {
                         if gate == Gate::Probe {
                             self.breaker_abandon(&bucket, seen).await;
                         }
-                        false
-                    };
-                    tracing::warn!(%bucket, error_type = et, error = %e, call = calls, "llm call failed");
-                    let mut delay = Duration::ZERO;
-                    match &e {
-                        CallError::Permanent { message, .. } => {
-                            return Err(StepError::Permanent(format!(
-                                "llm call to {bucket} failed: {message}"
-                            )));
-                        }
-                        CallError::RateLimited { retry_after, .. } => {
-                            let pause = retry_after.unwrap_or(Duration::from_secs(1));
-                            if let Err(pe) = self.limiter.pause(&bucket, pause).await {
-                                tracing::warn!(%bucket, error = %pe, "cannot pause the llm bucket");
-                            }
-                            if !on_fallback && has_fallback {
-                                on_fallback = true;
-                            } else if retry_after.is_some_and(|ra| ra > retry_after_max) {
-                                attempts.push(attempt(&target, et, 0));
-                                return Err(StepError::Yield {
-                                    after: retry_after.unwrap_or(retry_after_max),
-                                    message: format!("llm provider {bucket} answered 429"),
-                                });
-                            } else {
-                                delay =
-                                    backoff.next(*retry_after, retry_after_max, &mut rand::rng());
-                            }
-                        }
-                        CallError::Server { retry_after, .. } => {
-                            if opened && !on_fallback && has_fallback {
-                                on_fallback = true;
-                            } else {
-                                delay =
-                                    backoff.next(*retry_after, retry_after_max, &mut rand::rng());
-                            }
-                        }
-                        CallError::Timeout(_) | CallError::Connection(_) => {
-                            if opened && !on_fallback && has_fallback {
-                                on_fallback = true;
-                            } else {
-                                delay = backoff.next(None, retry_after_max, &mut rand::rng());
-                            }
-                        }
+                        return Err(StepError::Cancelled);
                     }
-                    attempts.push(attempt(&target, et, delay.as_millis() as u64));
-                    if calls > cfg.max_retries {
-                        break e;
+                };
+                let latency = started.elapsed();
+                metrics::histogram!(m::LLM_LATENCY, "provider" => provider, "model" => model.clone())
+                    .record(latency.as_secs_f64());
+                match r {
+                    Ok(mut c) => {
+                        if c.usage_estimated {
+                            // No usage in the reply: the prompt as counted for the reservation,
+                            // the reply with the same tokenizer where it is loaded.
+                            c.input_tokens = prompt_tokens.tokens;
+                            c.output_tokens = tokens::text_tokens(&target.model, &c.text);
+                        }
+                        metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => "ok").increment(1);
+                        self.after_success(&bucket, permit, &c, retry_after_max)
+                            .await;
+                        let cost_usd = cost(cfg, &target.model, &c);
+                        return Ok(CallRecord {
+                            provider: provider.to_string(),
+                            model: target.model.clone(),
+                            fallback_used: on_fallback,
+                            latency_ms: latency.as_millis() as u64,
+                            limiter_wait_ms: limiter_wait.as_millis() as u64,
+                            attempts,
+                            cost_usd,
+                            completion: c,
+                        });
                     }
+                    Err(e) => {
+                        let et = e.error_type();
+                        metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => et).increment(1);
+                        metrics::counter!(m::LLM_ERRORS, "provider" => provider, "model" => model.clone(), "error_type" => et).increment(1);
+                        let opened = self.after_failure(&bucket, permit, gate, &e, calls).await;
+                        Seen::CallFailed { error: e, opened }
+                    }
+                }
+            };
+            let at = Progress {
+                bucket: &bucket,
+                calls,
+                on_fallback,
+                has_fallback,
+            };
+            let next = retry::next_move(&saw, at, &policy, &mut backoff, &mut rand::rng());
+            if let Seen::CallFailed { error, .. } = &saw {
+                let delay = match next {
+                    Move::Retry(d) => d,
+                    _ => Duration::ZERO,
+                };
+                attempts.push(attempt(
+                    &target,
+                    error.error_type(),
+                    delay.as_millis() as u64,
+                ));
+            }
+            match next {
+                Move::Stop(e) => return Err(e),
+                Move::Fallback => {
+                    match saw {
+                        Seen::BreakerOpen { .. }
+                        | Seen::Limiter(LimitError::BreakerOpen { .. }) => {
+                            tracing::info!(%bucket, "circuit breaker open: using the fallback provider");
+                        }
+                        Seen::NotAdmitted => {
+                            tracing::info!(%bucket, "rate-limit bucket cannot admit within the wait bound: using the fallback provider");
+                        }
+                        Seen::Limiter(_) | Seen::CallFailed { .. } => {}
+                    }
+                    on_fallback = true;
+                }
+                Move::Retry(delay) => {
                     if !delay.is_zero() {
                         sleep_or_cancel(delay, ctx).await?;
                     }
                 }
             }
-        };
-        let msg = format!("llm call failed after {calls} attempts: {last}");
-        match last {
-            CallError::RateLimited { retry_after, .. } => Err(StepError::RetryAfter {
-                after: retry_after
-                    .unwrap_or(Duration::from_secs(1))
-                    .min(retry_after_max),
-                message: msg,
-            }),
-            _ => Err(StepError::Retryable(msg)),
         }
     }
 }

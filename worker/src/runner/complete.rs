@@ -1,0 +1,141 @@
+//! Committing step results: each step task hands its result to the completer, which
+//! commits every result that arrived while its previous `complete.lua` call was in flight
+//! in one call (each step still fenced on its own), and answers each task.
+
+use super::Inner;
+use backon::Retryable;
+use honua_shared::envelope::StepResult;
+use honua_shared::metrics as m;
+use honua_shared::status::outcome;
+use honua_shared::store::{Completion, Fence, Held, StoreError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Most step results one `complete.lua` call commits.
+const COMPLETE_BATCH: usize = 256;
+
+/// A step result handed to the completer, with where to send its answer.
+pub(super) struct Completing {
+    held: Held,
+    output: Option<Vec<u8>>,
+    result: StepResult,
+    done: oneshot::Sender<Result<Fence, String>>,
+}
+
+impl Inner {
+    pub(super) async fn commit(
+        &self,
+        held: &Held,
+        (process_type, kind): (&str, &str),
+        result: StepResult,
+        output: Option<Vec<u8>>,
+        duration_ms: u64,
+    ) {
+        let pid = &held.job.process_id;
+        let step = &held.job.step;
+        let (done, answer) = oneshot::channel();
+        let sent = self.completions.send(Completing {
+            held: held.clone(),
+            output,
+            result: result.clone(),
+            done,
+        });
+        let r = match sent {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err("the completer stopped".into())),
+            Err(_) => Err("the worker is stopping".into()),
+        };
+        match r {
+            Ok(Fence::Ok) => {
+                self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                let labels = [
+                    ("process_type", process_type.to_string()),
+                    ("kind", kind.to_string()),
+                    ("outcome", result.outcome.clone()),
+                ];
+                metrics::counter!(m::STEPS, &labels).increment(1);
+                metrics::histogram!(m::STEP_DURATION, &labels[1..])
+                    .record(duration_ms as f64 / 1000.0);
+                if result.outcome == outcome::FAILED {
+                    warn!(process_id = %pid, step = %step, worker = %self.id, duration_ms, error = result.error.as_deref().unwrap_or(""), "Process {pid} step {step} failed, duration {duration_ms} ms");
+                } else {
+                    info!(process_id = %pid, step = %step, worker = %self.id, duration_ms, outcome = %result.outcome, "Process {pid} step {step} completed, duration {duration_ms} ms");
+                }
+            }
+            Ok(Fence::Stale) => {
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::STALE_COMMITS).increment(1);
+                warn!(process_id = %pid, step = %step, "commit refused: claim is stale (job was reclaimed)");
+            }
+            Ok(Fence::Finished) => {
+                info!(process_id = %pid, step = %step, "commit discarded: process is over")
+            }
+            Err(e) => {
+                error!(error = %e, process_id = %pid, step = %step, "commit failed; the job will be reclaimed and run again")
+            }
+        }
+    }
+
+    /// Commits step results in batches: one `complete.lua` call for every result that
+    /// arrived while the previous call was in flight (each step still fenced and committed
+    /// on its own inside the script). Stops when `stop` fires, after answering what is
+    /// queued.
+    pub(super) async fn completer(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Completing>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = stop.cancelled() => {
+                    // Later sends fail at once; what is queued is still committed.
+                    rx.close();
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < COMPLETE_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let items: Vec<Completion<'_>> = batch
+                .iter()
+                .map(|c| Completion {
+                    held: &c.held,
+                    output: c.output.as_deref(),
+                    result: &c.result,
+                })
+                .collect();
+            let r = (|| self.store.complete_many(&self.id, &items))
+                .retry(crate::redis_backoff(Duration::from_secs(60)))
+                .when(StoreError::is_retryable)
+                .notify(|e, _| warn!(error = %e, steps = items.len(), "commit failed; retrying"))
+                .await;
+            drop(items);
+            match r {
+                Ok(answers) => {
+                    for (c, a) in batch.into_iter().zip(answers) {
+                        let _ = c.done.send(Ok(a));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for c in batch {
+                        let _ = c.done.send(Err(msg.clone()));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Running one step: its span, the handler (with the step's timeout, cancellation and
+//! checkpointer), the result it becomes, and what happens to it: committed, discarded
+//! (stale claim, process over) or handed back (shutdown).
+
+use super::{Inner, Stop, StopCell, claim};
+use crate::handler::{Checkpointer, StepContext, StepOutput};
+use backon::Retryable;
+use honua_shared::codec::{CodecError, StateCodec};
+use honua_shared::envelope::{Failure, StepResult};
+use honua_shared::keys::field;
+use honua_shared::metrics as m;
+use honua_shared::status::outcome;
+use honua_shared::store::{Fence, Held, StoreError};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, warn};
+
+impl Inner {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn execute(
+        self: Arc<Self>,
+        span: tracing::Span,
+        held: Held,
+        process_type: String,
+        version: u32,
+        data: HashMap<String, Vec<u8>>,
+        cancel: CancellationToken,
+        stop: Arc<StopCell>,
+    ) {
+        if held.deliveries > 1 {
+            span.in_scope(|| {
+                info!(
+                    process_id = %held.job.process_id,
+                    step = %held.job.step,
+                    deliveries = held.deliveries,
+                    "reclaimed"
+                )
+            });
+        }
+        let me = self.clone();
+        me.execute_in_span(held, process_type, version, data, cancel, stop)
+            .instrument(span)
+            .await;
+    }
+
+    async fn execute_in_span(
+        self: Arc<Self>,
+        held: Held,
+        process_type: String,
+        version: u32,
+        data: HashMap<String, Vec<u8>>,
+        cancel: CancellationToken,
+        stop: Arc<StopCell>,
+    ) {
+        let started = Instant::now();
+        let stale_flag = Arc::new(AtomicBool::new(false));
+        let (result, output) = self
+            .run_step(
+                &held,
+                &process_type,
+                version,
+                data,
+                cancel.clone(),
+                stale_flag.clone(),
+            )
+            .await;
+        tracing::Span::current().record("honua.outcome", result.outcome.as_str());
+        if stale_flag.load(Ordering::SeqCst) {
+            stop.stop(Stop::Stale);
+        }
+        let pid = &held.job.process_id;
+        let step = &held.job.step;
+        match stop.finish() {
+            Stop::Stale => {
+                info!(process_id = %pid, step = %step, "result discarded: claim is stale");
+            }
+            Stop::Finished => {
+                info!(process_id = %pid, step = %step, "result discarded: process is over");
+            }
+            Stop::Shutdown => self.release(&held).await,
+            Stop::Running | Stop::Finishing => {
+                let duration_ms = started.elapsed().as_millis() as u64;
+                let kind = self
+                    .defs
+                    .get(&process_type, version)
+                    .and_then(|d| d.step(&held.job.step).map(|s| s.kind.clone()))
+                    .unwrap_or_default();
+                self.commit(&held, (&process_type, &kind), result, output, duration_ms)
+                    .await;
+            }
+        }
+        self.inflight.lock().unwrap().remove(&claim(&held));
+        self.slot_gauges();
+    }
+
+    async fn release(&self, held: &Held) {
+        let r = (|| self.store.release(&self.id, held))
+            .retry(crate::redis_backoff(Duration::from_secs(10)))
+            .when(StoreError::is_retryable)
+            .notify(|e, _| warn!(error = %e, "release failed; retrying"))
+            .await;
+        match r {
+            Ok(Fence::Ok) => {
+                self.stats.released.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::RELEASES).increment(1);
+                info!(process_id = %held.job.process_id, step = %held.job.step, "step handed back for another worker");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, process_id = %held.job.process_id, step = %held.job.step, "could not hand the step back; it resumes after the lease")
+            }
+        }
+    }
+
+    /// Runs the handler; returns the result to commit and the encoded output.
+    async fn run_step(
+        &self,
+        held: &Held,
+        process_type: &str,
+        version: u32,
+        data: HashMap<String, Vec<u8>>,
+        cancel: CancellationToken,
+        stale: Arc<AtomicBool>,
+    ) -> (StepResult, Option<Vec<u8>>) {
+        let job = &held.job;
+        let fail = |error: String, code: &str, failure: Failure| StepResult {
+            outcome: outcome::FAILED.into(),
+            error: Some(error),
+            code: Some(code.into()),
+            failure: Some(failure),
+        };
+        let Some(def) = self.defs.get(process_type, version) else {
+            return (
+                fail(
+                    format!(
+                        "definition {process_type} v{version} is not loaded on worker {}",
+                        self.id
+                    ),
+                    "definition_missing",
+                    Failure::Retryable,
+                ),
+                None,
+            );
+        };
+        let Some(step_def) = def.step(&job.step) else {
+            return (
+                fail(
+                    format!("step {} is not in {process_type} v{version}", job.step),
+                    "definition_mismatch",
+                    Failure::Fatal,
+                ),
+                None,
+            );
+        };
+        let Some(handler) = self.handlers.get(&step_def.kind) else {
+            return (
+                fail(
+                    format!(
+                        "no handler for step kind {:?} on worker {}",
+                        step_def.kind, self.id
+                    ),
+                    "no_handler",
+                    Failure::Fatal,
+                ),
+                None,
+            );
+        };
+        let state = match decode_state(&self.codec, &data, &job.step) {
+            Ok(s) => s,
+            Err((fieldname, e)) => {
+                error!(process_id = %job.process_id, field = %fieldname, error = %e, "process state is unreadable; quarantining the process");
+                return (
+                    fail(
+                        format!("process state field {fieldname} is unreadable: {e}"),
+                        e.code(),
+                        Failure::Fatal,
+                    ),
+                    None,
+                );
+            }
+        };
+        let ctx = StepContext {
+            process_id: job.process_id.clone(),
+            process_type: process_type.to_string(),
+            version,
+            step: job.step.clone(),
+            kind: step_def.kind.clone(),
+            config: step_def.config.clone(),
+            timeout: step_def.timeout,
+            attempt: job.attempt,
+            visit: job.visit,
+            deliveries: held.deliveries,
+            input: state.input,
+            outputs: state.outputs,
+            checkpoint: state.checkpoint,
+            cancel: cancel.clone(),
+            checkpointer: Some(Checkpointer {
+                store: self.store.clone(),
+                consumer: self.id.clone(),
+                held: held.clone(),
+                codec: self.codec,
+                cancel: cancel.clone(),
+                stale,
+            }),
+        };
+        let timeout = step_def.timeout;
+        if cancel.is_cancelled() {
+            // Stopped while waiting for a slot: the handler never starts.
+            return (
+                fail("step cancelled".into(), "cancelled", Failure::Retryable),
+                None,
+            );
+        }
+        // The handler runs as a child of the step span (its own spans join the trace).
+        let mut task = tokio::spawn(async move { handler.run(ctx).await }.in_current_span());
+        let joined = tokio::select! {
+            r = tokio::time::timeout(timeout, &mut task) => r,
+            _ = cancel.cancelled() => {
+                task.abort();
+                return (fail("step cancelled".into(), "cancelled", Failure::Retryable), None);
+            }
+        };
+        let r = match joined {
+            Err(_) => {
+                task.abort();
+                return (
+                    fail(
+                        format!(
+                            "step timed out after {}",
+                            humantime::format_duration(timeout)
+                        ),
+                        "step_timeout",
+                        Failure::Retryable,
+                    ),
+                    None,
+                );
+            }
+            Ok(Err(join)) => {
+                let msg = if join.is_panic() {
+                    "step handler panicked"
+                } else {
+                    "step handler was aborted"
+                };
+                return (fail(msg.into(), "handler_panic", Failure::Retryable), None);
+            }
+            Ok(Ok(r)) => r,
+        };
+        match r {
+            Ok(StepOutput {
+                outcome: out,
+                output,
+            }) => {
+                let blob = match output.map(|v| self.codec.encode(&v)).transpose() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return (
+                            fail(
+                                format!("step output rejected: {e}"),
+                                e.code(),
+                                Failure::Permanent,
+                            ),
+                            None,
+                        );
+                    }
+                };
+                (
+                    StepResult {
+                        outcome: out,
+                        ..Default::default()
+                    },
+                    blob,
+                )
+            }
+            Err(e) => (fail(e.to_string(), e.code(), e.failure()), None),
+        }
+    }
+}
+
+struct State {
+    input: Value,
+    outputs: BTreeMap<String, Value>,
+    checkpoint: Option<Value>,
+}
+
+/// Decodes the process input, earlier outputs and this step's checkpoint, naming the field
+/// that fails.
+fn decode_state(
+    codec: &StateCodec,
+    data: &HashMap<String, Vec<u8>>,
+    step: &str,
+) -> Result<State, (String, CodecError)> {
+    let dec = |name: &str, blob: &[u8]| {
+        codec
+            .decode::<Value>(blob)
+            .map_err(|e| (name.to_string(), e))
+    };
+    let input = match data.get(field::INPUT) {
+        Some(b) => dec(field::INPUT, b)?,
+        None => Value::Object(Default::default()),
+    };
+    let mut outputs = BTreeMap::new();
+    let mut checkpoint = None;
+    for (k, v) in data {
+        if let Some(name) = k.strip_prefix(field::OUTPUT_PREFIX) {
+            outputs.insert(name.to_string(), dec(k, v)?);
+        } else if k.strip_prefix(field::CHECKPOINT_PREFIX) == Some(step) {
+            checkpoint = Some(dec(k, v)?);
+        }
+    }
+    Ok(State {
+        input,
+        outputs,
+        checkpoint,
+    })
+}
