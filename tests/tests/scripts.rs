@@ -664,3 +664,42 @@ async fn the_function_library_loads_registers_every_script_and_reloads_itself() 
     st.retire_consumer("nobody").await.unwrap();
     assert!(lib.is_loaded(&mut conn).await.unwrap());
 }
+
+/// `Store::wait_ready` leaves a service's consumer groups and the function library in place,
+/// and a wait that cannot succeed ends when its stop signal has fired.
+#[tokio::test]
+async fn wait_ready_creates_the_groups_and_loads_the_library_or_ends_on_stop() {
+    use honua_shared::keys::{Keys, SCHEDULER_GROUP};
+    use honua_shared::scripts::Library;
+    use honua_shared::store::Service;
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let st = store(&test_config(&redis.url(), dir.path()));
+    assert!(
+        st.wait_ready(Service::Scheduler, std::future::pending())
+            .await
+    );
+    assert!(Library::get().is_loaded(&mut st.conn()).await.unwrap());
+    let k = st.keys();
+    for (stream, group) in [
+        (k.jobs(), WORKERS_GROUP),
+        (k.submit(), SCHEDULER_GROUP),
+        (k.events(), SCHEDULER_GROUP),
+        (k.results(), SCHEDULER_GROUP),
+    ] {
+        let stats = st.stream_stats(&stream, group).await.unwrap();
+        assert!(!stats.missing, "{stream} {group}");
+    }
+    // Nothing listens on the port: the first attempt fails, and the stop signal (already
+    // fired) ends the wait.
+    let down = Store::open(
+        &format!("redis://127.0.0.1:{}", free_port()),
+        Keys::new("down", 0),
+    )
+    .unwrap();
+    assert!(
+        !down
+            .wait_ready(Service::Worker, std::future::ready(()))
+            .await
+    );
+}

@@ -13,12 +13,14 @@
 //! housekeeping), `store/inspect.rs` (operator and metrics reads), and beside them
 //! [`crate::limiter`] and [`crate::llm_store`] (the `llm` step kind).
 
+use crate::config::Config;
 use crate::envelope::{FieldMap, JobEnvelope};
 use crate::keys::{Key, Keys, SCHEDULER_GROUP, WORKERS_GROUP};
 use crate::scripts::Scripts;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Value};
 use std::time::Duration;
+use tracing::warn;
 
 mod inspect;
 mod scheduler;
@@ -159,6 +161,24 @@ pub struct Store {
     conn: ConnectionManager,
 }
 
+/// Which service [`Store::wait_ready`] waits for: what it needs of Redis before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Every consumer group ([`Store::ensure_groups`]) and the function library (loaded when
+    /// missing).
+    Scheduler,
+    /// The workers' group on the job stream ([`Store::ensure_job_group`]: a worker's Redis
+    /// user reaches no other stream) and the function library (loaded by the scheduler).
+    Worker,
+}
+
+/// A random duration in [d/2, d]: the same jitter as `honua_runtime::jitter`, which stands
+/// on this crate and so cannot be used here.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
 fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
@@ -177,6 +197,12 @@ impl Store {
             manager_config(Duration::from_secs(5)),
         )?;
         Ok(Self { keys, client, conn })
+    }
+
+    /// Opens the store of `cfg`'s deployment (its `redis_url` and `key_prefix`), as every
+    /// service and tool does.
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        Self::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))
     }
 
     pub fn keys(&self) -> &Keys {
@@ -281,6 +307,39 @@ impl Store {
             Ok(()) => Ok(true),
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until Redis answers and holds what `service` needs before it starts: its
+    /// consumer groups and this version's function library. Each failure is logged ("redis
+    /// not ready; retrying") and retried after a jittered delay, 100 ms doubling up to 5 s.
+    /// Returns true when ready, false when `stop` completed first.
+    pub async fn wait_ready(&self, service: Service, stop: impl Future<Output = ()>) -> bool {
+        tokio::pin!(stop);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let ready = async {
+                match service {
+                    Service::Scheduler => {
+                        self.ensure_groups().await?;
+                    }
+                    Service::Worker => {
+                        self.ensure_job_group().await?;
+                    }
+                }
+                self.load_scripts().await
+            };
+            match ready.await {
+                Ok(()) => return true,
+                Err(e) => {
+                    warn!(error = %e, "redis not ready; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter(delay)) => {}
+                        _ = &mut stop => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 
