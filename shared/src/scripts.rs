@@ -25,7 +25,7 @@ use crate::keys::field;
 use crate::status::{ProcessStatus, StepStatus, outcome};
 use crate::store::StoreError;
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, FromRedisValue, ServerErrorKind, ToRedisArgs, Value};
+use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::sync::OnceLock;
 
@@ -279,7 +279,7 @@ impl Invocation<'_> {
             Ok(v) => Ok(v),
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
                 if Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND) {
-                    Ok(cmd.query_async(conn).await?)
+                    cmd.query_async(conn).await.map_err(function_error)
                 } else {
                     Err(e.into())
                 }
@@ -293,6 +293,20 @@ impl Invocation<'_> {
 /// there is no error code for it). Only decides whether to retry once after the library was
 /// found loaded.
 pub const NOT_FOUND: &str = "Function not found";
+
+/// `e` as a [`StoreError`]: [`StoreError::FunctionsNotLoaded`] when it is Redis's reply to
+/// `FCALL` of a function that is not on the server (see [`NOT_FOUND`]).
+pub(crate) fn function_error(e: RedisError) -> StoreError {
+    if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && e.detail() == Some(NOT_FOUND)
+    {
+        StoreError::FunctionsNotLoaded {
+            library: Library::get().name().to_string(),
+        }
+    } else {
+        e.into()
+    }
+}
 
 /// Every function, resolved once per process.
 pub struct Scripts {

@@ -703,3 +703,77 @@ async fn wait_ready_creates_the_groups_and_loads_the_library_or_ends_on_stop() {
             .await
     );
 }
+
+/// A missing consumer group is [`StoreError::NoGroup`] from every call on it (commands and
+/// scripts alike), and a missing function library is [`StoreError::FunctionsNotLoaded`]
+/// from every answer of a pipelined commit.
+#[tokio::test]
+async fn a_missing_group_or_library_is_a_typed_error() {
+    use honua_shared::keys::SCHEDULER_GROUP;
+    use honua_shared::store::StoreError;
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let st = store(&test_config(&redis.url(), dir.path()));
+    st.load_scripts().await.unwrap();
+    let no_group = |r: Result<(), StoreError>| match r {
+        Err(e @ StoreError::NoGroup { .. }) => assert!(e.is_retryable()),
+        other => panic!("not NoGroup: {other:?}"),
+    };
+    // The streams exist, their groups do not.
+    st.ensure_groups().await.unwrap();
+    let jobs = st.keys().jobs();
+    for (stream, group) in [
+        (jobs.clone(), WORKERS_GROUP),
+        (st.keys().events(), SCHEDULER_GROUP),
+    ] {
+        let _: u64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(&stream)
+            .arg(group)
+            .query_async(&mut st.conn())
+            .await
+            .unwrap();
+    }
+    no_group(
+        st.reclaim("a", Duration::ZERO, "0-0", 10, 5)
+            .await
+            .map(|_| ()),
+    );
+    no_group(st.job_consumers().await.map(|_| ()));
+    no_group(st.retire_consumer("a").await.map(|_| ()));
+    no_group(
+        st.drop_entry(&jobs, WORKERS_GROUP, "1-1", "test", Some("a"))
+            .await
+            .map(|_| ()),
+    );
+    no_group(
+        st.autoclaim(
+            &st.keys().events(),
+            SCHEDULER_GROUP,
+            "s",
+            Duration::ZERO,
+            "0-0",
+            10,
+        )
+        .await
+        .map(|_| ()),
+    );
+
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    let call = honua_shared::engine::CommitCall {
+        keys: vec![],
+        args: vec![],
+    };
+    let answers = st.commit_many(&[&call, &call]).await.unwrap();
+    assert_eq!(answers.len(), 2);
+    for a in answers {
+        assert!(
+            matches!(a, Err(StoreError::FunctionsNotLoaded { .. })),
+            "{a:?}"
+        );
+    }
+}

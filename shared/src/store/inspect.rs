@@ -2,7 +2,7 @@
 //! and the jobs they hold, dead letters and quarantine entries (and removing a replayed dead
 //! letter). Called by the gateway, the scheduler's metrics and the load tests.
 
-use super::{Entry, Result, Store, parse_entries, value_str, value_u64};
+use super::{Entry, Result, Store, StoreError, parse_entries, value_str, value_u64};
 use crate::envelope::{FieldMap, JobEnvelope};
 use crate::keys::{Key, WORKERS_GROUP};
 use redis::Value;
@@ -56,7 +56,10 @@ impl Store {
         pipe.cmd("XPENDING")
             .arg(self.keys.jobs())
             .arg(WORKERS_GROUP);
-        let (len, pending): (u64, Value) = pipe.query_async(&mut self.conn()).await?;
+        let (len, pending): (u64, Value) = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| StoreError::from(e).for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         let pending = match pending {
             Value::Array(v) => v.first().map(value_u64).unwrap_or(0),
             _ => 0,

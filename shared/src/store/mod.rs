@@ -42,8 +42,9 @@ pub enum StoreError {
     /// Anything else (a script error, a bad reply): a bug or corrupt data.
     #[error("redis error: {0}")]
     Redis(#[source] RedisError),
-    /// This version's function library is not on the server and this user may not load it
-    /// (the scheduler loads it at start): retry with backoff.
+    /// This version's function library is not on the server (yet): a user that may not load
+    /// it (a worker) waits for the scheduler, which loads it at start; a pipelined call
+    /// ([`Store::commit_many`]) is retried one by one, which loads it. Retry with backoff.
     #[error("redis function library {library} is not loaded yet")]
     FunctionsNotLoaded { library: String },
     #[error("unexpected reply from {script}: {detail}")]
@@ -61,6 +62,20 @@ impl StoreError {
                 | StoreError::NoGroup { .. }
                 | StoreError::FunctionsNotLoaded { .. }
         )
+    }
+}
+
+impl StoreError {
+    /// This error, as [`StoreError::NoGroup`] when it is Redis's `NOGROUP` reply (from a
+    /// command or from inside a script) to a call on `group` of `stream`.
+    fn for_group(self, stream: &Key, group: &str) -> Self {
+        match self {
+            StoreError::Redis(e) if e.code() == Some("NOGROUP") => StoreError::NoGroup {
+                stream: stream.to_string(),
+                group: group.to_string(),
+            },
+            other => other,
+        }
     }
 }
 
@@ -381,11 +396,7 @@ impl Store {
                 .flat_map(|(_, v)| parse_entries(v))
                 .collect()),
             Ok(_) => Ok(vec![]),
-            Err(e) if e.code() == Some("NOGROUP") => Err(StoreError::NoGroup {
-                stream: stream.to_string(),
-                group: group.to_string(),
-            }),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(StoreError::from(e).for_group(stream, group)),
         }
     }
 
@@ -407,7 +418,8 @@ impl Store {
             .arg(reason)
             .arg(owner.unwrap_or(""))
             .invoke_async(&mut self.conn())
-            .await?;
+            .await
+            .map_err(|e| e.for_group(stream, group))?;
         Fence::parse("drop_entry", &r)
     }
 }

@@ -103,7 +103,7 @@ impl Store {
     /// Runs `commit.lua` for several transitions in one round trip (one pipeline of
     /// `FCALL`s; each call is still its own atomic, revision-checked function). One answer
     /// per call, in order. The pipeline does not load the library: when it is missing every
-    /// answer is an error ([`Store::commit`] loads it and retries).
+    /// answer is [`StoreError::FunctionsNotLoaded`] ([`Store::commit`] loads it and retries).
     pub async fn commit_many(
         &self,
         calls: &[&crate::engine::CommitCall],
@@ -133,7 +133,7 @@ impl Store {
         Ok(replies
             .into_iter()
             .map(|v| match v {
-                Value::ServerError(e) => Err(StoreError::from(RedisError::from(e))),
+                Value::ServerError(e) => Err(crate::scripts::function_error(RedisError::from(e))),
                 Value::Array(r) => parse_commit(r),
                 other => Err(reply("commit", format!("reply {other:?}"))),
             })
@@ -178,7 +178,8 @@ impl Store {
             .arg("COUNT")
             .arg(count.max(1))
             .query_async(&mut self.conn())
-            .await?;
+            .await
+            .map_err(|e| StoreError::from(e).for_group(stream, group))?;
         Ok((r.0, r.1.into_iter().filter_map(parse_entry).collect()))
     }
 

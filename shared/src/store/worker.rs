@@ -2,7 +2,9 @@
 //! `complete`, `release`), the lease sweep (`reclaim`) and retiring consumers. Called by the
 //! worker's claim loop and its handlers; every call presents the [`Held`] fence.
 
-use super::{Entry, Fence, Held, Result, Store, flat_fields, reply, value_str, value_u64};
+use super::{
+    Entry, Fence, Held, Result, Store, StoreError, flat_fields, reply, value_str, value_u64,
+};
 use crate::envelope::{Event, JobEnvelope};
 use crate::keys::WORKERS_GROUP;
 use crate::scripts::Scripts;
@@ -85,7 +87,10 @@ impl Store {
                 .arg(trace)
                 .arg(*seen);
         }
-        let replies: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn()).await?;
+        let replies: Vec<Vec<Value>> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         replies
             .into_iter()
             .map(|r| {
@@ -136,7 +141,10 @@ impl Store {
                 .arg(&h.job.step)
                 .arg(&h.job.token);
         }
-        let r: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        let r: Vec<String> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         r.iter().map(|s| Fence::parse("heartbeat", s)).collect()
     }
 
@@ -157,7 +165,8 @@ impl Store {
             .arg(&held.job.token)
             .arg(blob)
             .invoke_async(&mut self.conn())
-            .await?;
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         Fence::parse("checkpoint", &r)
     }
 
@@ -215,7 +224,10 @@ impl Store {
                 inv.arg(k).arg(v);
             }
         }
-        let r: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        let r: Vec<String> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         if r.len() != items.len() {
             return Err(reply(
                 "complete",
@@ -240,7 +252,10 @@ impl Store {
         for (k, v) in held.job.to_fields() {
             inv.arg(k).arg(v);
         }
-        let r: String = inv.invoke_async(&mut self.conn()).await?;
+        let r: String = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         Fence::parse("release", &r)
     }
 
@@ -267,7 +282,8 @@ impl Store {
             .arg(max_deliveries)
             .arg(100_000)
             .invoke_async(&mut self.conn())
-            .await?;
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         Ok(Reclaimed {
             next_cursor: r.0,
             claimed: r
@@ -295,7 +311,8 @@ impl Store {
             .arg(self.keys.jobs())
             .arg(WORKERS_GROUP)
             .query_async(&mut self.conn())
-            .await?;
+            .await
+            .map_err(|e| StoreError::from(e).for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         Ok(infos
             .into_iter()
             .map(|m| ConsumerInfo {
@@ -323,7 +340,8 @@ impl Store {
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
             .invoke_async(&mut self.conn())
-            .await?;
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         Ok(r == 1)
     }
 }
