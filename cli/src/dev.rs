@@ -10,7 +10,6 @@ use honua_scheduler::submit::Engine;
 use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, Format, ProcessDefinition};
 use honua_shared::envelope::{Event, Submission, TraceContext};
-use honua_shared::keys::Keys;
 use honua_shared::llm_config::{EndpointConfig, LlmProviderConfig, ProviderKind};
 use honua_shared::record::ProcessRecord;
 use honua_shared::status::StepStatus;
@@ -235,7 +234,7 @@ pub async fn run(
         defs = Arc::new(set);
     }
     let handlers = Arc::new(handlers);
-    let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
+    let store = Store::from_config(&cfg)?;
     store.ensure_groups().await?;
     store.load_scripts().await?;
     let cfg = Arc::new(cfg);

@@ -9,7 +9,6 @@ use anyhow::Context;
 use async_trait::async_trait;
 use honua_shared::config::Config;
 use honua_shared::definition::DefinitionSet;
-use honua_shared::keys::Keys;
 use honua_shared::store::Store;
 use honua_worker::{StepContext, StepError, StepHandler, StepOutput, Worker};
 use redis::aio::ConnectionManager;
@@ -182,7 +181,7 @@ pub async fn run(args: ChildArgs) -> anyhow::Result<()> {
     );
     let defs = DefinitionSet::load_dir(&cfg.definitions_dir, handlers.kinds())
         .with_context(|| format!("definitions in {}", cfg.definitions_dir.display()))?;
-    let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
+    let store = Store::from_config(&cfg)?;
     let worker = Worker::new(cfg, store, Arc::new(defs), Arc::new(handlers));
     worker.run(CancellationToken::new()).await;
     Ok(())

@@ -19,7 +19,6 @@ use honua_scheduler::scheduler::SchedulerStats;
 use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, KindRegistry};
 use honua_shared::envelope::{Submission, TraceContext};
-use honua_shared::keys::Keys;
 use honua_shared::status::ProcessStatus;
 use honua_shared::store::{Store, StoreError};
 use honua_worker::{HandlerRegistry, Worker, WorkerStats};
@@ -293,7 +292,7 @@ impl Bench {
         let handlers = honua_worker::builtin_handlers(&cfg);
         let (defs, kinds) = honua_scheduler::load_definitions(&cfg)
             .map_err(BenchError::setup("cannot load the benchmark definition"))?;
-        let store = Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))?;
+        let store = Store::from_config(&cfg)?;
         Ok(Self {
             cfg,
             defs,
@@ -413,7 +412,7 @@ fn spawn_scheduler(
     let (cfg, defs, kinds) = (Arc::new(cfg), defs.clone(), kinds.clone());
     let shutdown = shutdown.clone();
     let component = Component::spawn(name, move || async move {
-        let store = match Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0)) {
+        let store = match Store::from_config(&cfg) {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -440,7 +439,7 @@ fn spawn_worker(
     cfg.worker.id = Some(name.to_string());
     let (defs, shutdown) = (defs.clone(), shutdown.clone());
     let component = Component::spawn(name, move || async move {
-        let store = match Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0)) {
+        let store = match Store::from_config(&cfg) {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Err(e));

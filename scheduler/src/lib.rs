@@ -91,10 +91,7 @@ pub async fn run_scheduler(
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let (defs, kinds) = load_definitions(&cfg)?;
-    let store = honua_shared::store::Store::open(
-        &cfg.redis_url,
-        honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
-    )?;
+    let store = honua_shared::store::Store::from_config(&cfg)?;
     let cfg = Arc::new(cfg);
     let engine = Engine::new(cfg.clone(), store, defs, kinds).await;
     warn_if_not_durable(&engine);

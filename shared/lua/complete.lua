@@ -27,9 +27,9 @@ while a <= #ARGV do
   end
   for i = t.first, t.last, 2 do
     local f = ARGV[i]
-    if f == 'outcome' then t.outcome = ARGV[i + 1]
-    elseif f == 'error' then t.error = ARGV[i + 1]
-    elseif f == 'code' then t.code = ARGV[i + 1]
+    if f == E_OUTCOME then t.outcome = ARGV[i + 1]
+    elseif f == E_ERROR then t.error = ARGV[i + 1]
+    elseif f == E_CODE then t.code = ARGV[i + 1]
     end
   end
   if not t.outcome or t.outcome == '' then

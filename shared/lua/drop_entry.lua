@@ -15,7 +15,7 @@ if owner ~= '' then
 end
 if reason ~= '' then
   local e = redis.call('XRANGE', stream, id, id)[1]
-  local args = {quarantine, 'MAXLEN', '~', 100000, '*', 'source', stream, 'entry_id', id, 'reason', reason}
+  local args = {quarantine, 'MAXLEN', '~', 100000, '*', E_SOURCE, stream, E_ENTRY_ID, id, E_REASON, reason}
   if e then
     append_fields(args, e[2])
   end

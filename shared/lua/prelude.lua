@@ -1,6 +1,6 @@
 -- Shared prelude, prepended to every script by shared/src/scripts.rs. The constants
--- above this line are generated from the Rust definitions (status.rs, keys.rs), so status
--- and field names have one source.
+-- above this line are generated from the Rust definitions (status.rs, keys.rs, envelope.rs,
+-- engine.rs), so status, field and event type names have one source.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -33,7 +33,7 @@ local function append_fields(args, fields)
     args[#args + 1] = fields[i]
   end
   if n > keep then
-    args[#args + 1] = 'fields_total'
+    args[#args + 1] = E_FIELDS_TOTAL
     args[#args + 1] = n
   end
 end

@@ -24,12 +24,13 @@ for _, e in ipairs(r[2]) do
     local reason = 'delivered ' .. ran .. ' times without completing (max_deliveries ' .. max_deliveries .. ')'
     local args = {dlq, 'MAXLEN', '~', dlq_max, '*'}
     append_fields(args, fields)
-    for _, v in ipairs({'job_id', id, 'deliveries', ran, 'reason', reason, 'dead_ms', now_ms()}) do
+    for _, v in ipairs({E_JOB_ID, id, E_DELIVERIES, ran, E_REASON, reason, E_DEAD_MS, now_ms()}) do
       args[#args + 1] = v
     end
     redis.call('XADD', unpack(args))
-    redis.call('XADD', events, '*', 'v', '1', 't', 'dead_letter', 'pid', f.pid or '',
-      'step', f.step or '', 'token', f.token or '', 'deliveries', ran, 'reason', reason)
+    redis.call('XADD', events, '*', E_VERSION, ENVELOPE_VERSION, E_TYPE, EV_DEAD_LETTER,
+      E_PROCESS_ID, f[E_PROCESS_ID] or '', E_STEP, f[E_STEP] or '', E_TOKEN, f[E_TOKEN] or '',
+      E_DELIVERIES, ran, E_REASON, reason)
     ack(jobs, group, id)
     dead[#dead + 1] = id
   else

@@ -35,6 +35,37 @@ pub const MAX_ENTRY_FIELDS: usize = 64;
 /// `fields_total`), so a copy with its own fields stays under [`MAX_ENTRY_FIELDS`].
 pub const MAX_COPIED_FIELDS: usize = MAX_ENTRY_FIELDS / 2;
 
+/// Stream entry field names that the Lua scripts also read or write (`scripts.rs` generates
+/// them into the scripts' prelude as `E_<NAME>`, so the two sides have one source).
+pub mod wire {
+    /// The envelope version ([`super::ENVELOPE_VERSION`]).
+    pub const VERSION: &str = "v";
+    /// The event type tag ([`super::event_type`]).
+    pub const TYPE: &str = "t";
+    pub const PROCESS_ID: &str = "pid";
+    pub const STEP: &str = "step";
+    pub const TOKEN: &str = "token";
+    /// A step result's outcome (`complete.lua` requires it in every completion event).
+    pub const OUTCOME: &str = "outcome";
+    pub const ERROR: &str = "error";
+    pub const CODE: &str = "code";
+    /// A failed step's [`super::Failure`] (`retry`, `retry_after:<ms>`, `yield:<ms>`,
+    /// `permanent`, `fatal`).
+    pub const FAILURE: &str = "failure";
+    /// Redis's delivery count of a dead-lettered job.
+    pub const DELIVERIES: &str = "deliveries";
+    /// Why a job was dead-lettered or an entry quarantined.
+    pub const REASON: &str = "reason";
+    /// On a dead-letter copy (`reclaim.lua`): the job entry's id and when it died (ms).
+    pub const JOB_ID: &str = "job_id";
+    pub const DEAD_MS: &str = "dead_ms";
+    /// On a quarantine copy (`drop_entry.lua`): the stream and id of the entry set aside.
+    pub const SOURCE: &str = "source";
+    pub const ENTRY_ID: &str = "entry_id";
+    /// On a copy that kept only [`super::MAX_COPIED_FIELDS`] fields: how many there were.
+    pub const FIELDS_TOTAL: &str = "fields_total";
+}
+
 /// Read access to an entry's fields.
 #[derive(Debug, Default, Clone)]
 pub struct FieldMap {
@@ -114,7 +145,7 @@ impl FieldMap {
                 max: MAX_ENTRY_FIELDS,
             });
         }
-        match self.num::<u32>("v")?.unwrap_or(ENVELOPE_VERSION) {
+        match self.num::<u32>(wire::VERSION)?.unwrap_or(ENVELOPE_VERSION) {
             ENVELOPE_VERSION => Ok(()),
             other => Err(EnvelopeError::Version(other)),
         }
@@ -194,10 +225,10 @@ pub struct JobEnvelope {
 impl JobEnvelope {
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::with_capacity(9);
-        push(&mut f, "v", ENVELOPE_VERSION);
-        push(&mut f, "pid", &self.process_id);
-        push(&mut f, "step", &self.step);
-        push(&mut f, "token", &self.token);
+        push(&mut f, wire::VERSION, ENVELOPE_VERSION);
+        push(&mut f, wire::PROCESS_ID, &self.process_id);
+        push(&mut f, wire::STEP, &self.step);
+        push(&mut f, wire::TOKEN, &self.token);
         push(&mut f, "attempt", self.attempt);
         push(&mut f, "visit", self.visit);
         push(&mut f, "enq_ms", self.enqueued_ms);
@@ -209,9 +240,9 @@ impl JobEnvelope {
     pub fn from_fields(f: &FieldMap) -> Result<Self, EnvelopeError> {
         f.version()?;
         Ok(Self {
-            process_id: f.req("pid")?.to_string(),
-            step: f.req("step")?.to_string(),
-            token: f.req("token")?.to_string(),
+            process_id: f.req(wire::PROCESS_ID)?.to_string(),
+            step: f.req(wire::STEP)?.to_string(),
+            token: f.req(wire::TOKEN)?.to_string(),
             attempt: f.num("attempt")?.unwrap_or(1),
             visit: f.num("visit")?.unwrap_or(1),
             enqueued_ms: f.num("enq_ms")?.unwrap_or(0),
@@ -270,7 +301,7 @@ impl Failure {
     /// Reads a `failure` field written by [`Failure::as_wire`].
     pub fn parse(s: &str) -> Result<Self, EnvelopeError> {
         let invalid = || EnvelopeError::Invalid {
-            field: "failure",
+            field: wire::FAILURE,
             detail: format!("{s:?} is not retry, retry_after:<ms>, yield:<ms>, permanent or fatal"),
         };
         let ms = |v: &str| v.parse::<u64>().map_err(|_| invalid());
@@ -395,7 +426,7 @@ impl Event {
 
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::new();
-        push(&mut f, "v", ENVELOPE_VERSION);
+        push(&mut f, wire::VERSION, ENVELOPE_VERSION);
         match self {
             Event::Step {
                 process_id,
@@ -403,14 +434,14 @@ impl Event {
                 token,
                 result,
             } => {
-                push(&mut f, "t", event_type::STEP);
-                push(&mut f, "pid", process_id);
-                push(&mut f, "step", step);
-                push(&mut f, "token", token);
-                push(&mut f, "outcome", &result.outcome);
-                push_opt(&mut f, "error", &result.error);
-                push_opt(&mut f, "code", &result.code);
-                push_opt(&mut f, "failure", &result.failure.map(|x| x.as_wire()));
+                push(&mut f, wire::TYPE, event_type::STEP);
+                push(&mut f, wire::PROCESS_ID, process_id);
+                push(&mut f, wire::STEP, step);
+                push(&mut f, wire::TOKEN, token);
+                push(&mut f, wire::OUTCOME, &result.outcome);
+                push_opt(&mut f, wire::ERROR, &result.error);
+                push_opt(&mut f, wire::CODE, &result.code);
+                push_opt(&mut f, wire::FAILURE, &result.failure.map(|x| x.as_wire()));
             }
             Event::DeadLetter {
                 process_id,
@@ -419,12 +450,12 @@ impl Event {
                 deliveries,
                 reason,
             } => {
-                push(&mut f, "t", event_type::DEAD_LETTER);
-                push(&mut f, "pid", process_id);
-                push(&mut f, "step", step);
-                push(&mut f, "token", token);
-                push(&mut f, "deliveries", deliveries);
-                push(&mut f, "reason", reason);
+                push(&mut f, wire::TYPE, event_type::DEAD_LETTER);
+                push(&mut f, wire::PROCESS_ID, process_id);
+                push(&mut f, wire::STEP, step);
+                push(&mut f, wire::TOKEN, token);
+                push(&mut f, wire::DELIVERIES, deliveries);
+                push(&mut f, wire::REASON, reason);
             }
             Event::Timer {
                 process_id,
@@ -441,22 +472,22 @@ impl Event {
                 } else {
                     event_type::STEP_TIMEOUT
                 };
-                push(&mut f, "t", t);
-                push(&mut f, "pid", process_id);
-                push(&mut f, "step", step);
-                push(&mut f, "token", token);
+                push(&mut f, wire::TYPE, t);
+                push(&mut f, wire::PROCESS_ID, process_id);
+                push(&mut f, wire::STEP, step);
+                push(&mut f, wire::TOKEN, token);
             }
             Event::ProcessTimeout { process_id } => {
-                push(&mut f, "t", event_type::PROCESS_TIMEOUT);
-                push(&mut f, "pid", process_id);
+                push(&mut f, wire::TYPE, event_type::PROCESS_TIMEOUT);
+                push(&mut f, wire::PROCESS_ID, process_id);
             }
             Event::Signal {
                 process_id,
                 name,
                 value,
             } => {
-                push(&mut f, "t", event_type::SIGNAL);
-                push(&mut f, "pid", process_id);
+                push(&mut f, wire::TYPE, event_type::SIGNAL);
+                push(&mut f, wire::PROCESS_ID, process_id);
                 push(&mut f, "name", name);
                 push(&mut f, "value", value);
             }
@@ -466,20 +497,20 @@ impl Event {
 
     pub fn from_fields(f: &FieldMap) -> Result<Self, EnvelopeError> {
         f.version()?;
-        let pid = || f.req("pid").map(str::to_string);
-        let step = || f.req("step").map(str::to_string);
-        let token = || f.req("token").map(str::to_string);
-        Ok(match f.req("t")? {
+        let pid = || f.req(wire::PROCESS_ID).map(str::to_string);
+        let step = || f.req(wire::STEP).map(str::to_string);
+        let token = || f.req(wire::TOKEN).map(str::to_string);
+        Ok(match f.req(wire::TYPE)? {
             event_type::STEP => {
-                let outcome = f.req("outcome")?;
+                let outcome = f.req(wire::OUTCOME)?;
                 Event::Step {
                     process_id: pid()?,
                     step: step()?,
                     token: token()?,
                     result: StepResult {
                         outcome: outcome.to_string(),
-                        error: f.get("error").map(str::to_string),
-                        code: f.get("code").map(str::to_string),
+                        error: f.get(wire::ERROR).map(str::to_string),
+                        code: f.get(wire::CODE).map(str::to_string),
                         failure: step_failure(f, outcome == crate::status::outcome::FAILED)?,
                     },
                 }
@@ -488,8 +519,8 @@ impl Event {
                 process_id: pid()?,
                 step: step()?,
                 token: token()?,
-                deliveries: f.num("deliveries")?.unwrap_or(0),
-                reason: f.get("reason").unwrap_or("dead-lettered").to_string(),
+                deliveries: f.num(wire::DELIVERIES)?.unwrap_or(0),
+                reason: f.get(wire::REASON).unwrap_or("dead-lettered").to_string(),
             },
             event_type::TIMER => Event::Timer {
                 process_id: pid()?,
@@ -516,7 +547,7 @@ impl Event {
 /// schedulers are updated first) its `retryable`/`retry_after_ms`/`fatal`/`yielded` fields,
 /// which it wrote on every result (read only when the outcome is `failed`).
 fn step_failure(f: &FieldMap, failed: bool) -> Result<Option<Failure>, EnvelopeError> {
-    if let Some(s) = f.get("failure") {
+    if let Some(s) = f.get(wire::FAILURE) {
         return Failure::parse(s).map(Some);
     }
     const LEGACY: [&str; 4] = ["retryable", "retry_after_ms", "fatal", "yielded"];
@@ -562,7 +593,7 @@ pub fn valid_id(s: &str) -> bool {
 impl Submission {
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::new();
-        push(&mut f, "v", ENVELOPE_VERSION);
+        push(&mut f, wire::VERSION, ENVELOPE_VERSION);
         push(&mut f, "type", &self.process_type);
         push_opt(&mut f, "version", &self.version);
         push(&mut f, "input", &self.input);

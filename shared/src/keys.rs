@@ -155,7 +155,7 @@ impl Keys {
         let base = format!("{}:{LAYOUT_VERSION}:{{llm:{b}}}", self.prefix);
         [Key(format!("{base}:limit")), Key(format!("{base}:paused"))]
     }
-    /// The fleet-wide circuit breaker of one LLM bucket (`llm_limit.lua`'s KEYS[3]), under
+    /// The fleet-wide circuit breaker of one LLM bucket (`llm_limit.lua`'s `KEYS[3]`), under
     /// the bucket's hash tag.
     pub fn llm_breaker(&self, bucket: &str) -> Key {
         let [limit, _] = self.llm_limit(bucket);

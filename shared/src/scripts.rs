@@ -19,11 +19,13 @@
 //! refused `FUNCTION LOAD` (the workers) gets [`StoreError::FunctionsNotLoaded`], which is
 //! retryable: it waits for the scheduler.
 
+use crate::engine::LUA_EVENT_TYPES;
+use crate::envelope::{ENVELOPE_VERSION, wire};
 use crate::keys::field;
 use crate::status::{ProcessStatus, StepStatus, outcome};
 use crate::store::StoreError;
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, FromRedisValue, ServerErrorKind, ToRedisArgs, Value};
+use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::sync::OnceLock;
 
@@ -50,6 +52,30 @@ fn constants() -> String {
     c("F_OUTPUT_PREFIX", field::OUTPUT_PREFIX);
     c("F_CHECKPOINT_PREFIX", field::CHECKPOINT_PREFIX);
     c("OUTCOME_FAILED", outcome::FAILED);
+    for (name, value) in [
+        ("VERSION", wire::VERSION),
+        ("TYPE", wire::TYPE),
+        ("PROCESS_ID", wire::PROCESS_ID),
+        ("STEP", wire::STEP),
+        ("TOKEN", wire::TOKEN),
+        ("OUTCOME", wire::OUTCOME),
+        ("ERROR", wire::ERROR),
+        ("CODE", wire::CODE),
+        ("DELIVERIES", wire::DELIVERIES),
+        ("REASON", wire::REASON),
+        ("JOB_ID", wire::JOB_ID),
+        ("DEAD_MS", wire::DEAD_MS),
+        ("SOURCE", wire::SOURCE),
+        ("ENTRY_ID", wire::ENTRY_ID),
+        ("FIELDS_TOTAL", wire::FIELDS_TOTAL),
+    ] {
+        c(&format!("E_{name}"), value);
+    }
+    c("ENVELOPE_VERSION", &ENVELOPE_VERSION.to_string());
+    // The event types a script may write: only these have `EV_` names.
+    for t in LUA_EVENT_TYPES {
+        c(&format!("EV_{}", t.to_ascii_uppercase()), t);
+    }
     for (name, n) in [
         ("MAX_ENTRY_FIELDS", crate::envelope::MAX_ENTRY_FIELDS),
         ("MAX_COPIED_FIELDS", crate::envelope::MAX_COPIED_FIELDS),
@@ -253,7 +279,7 @@ impl Invocation<'_> {
             Ok(v) => Ok(v),
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
                 if Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND) {
-                    Ok(cmd.query_async(conn).await?)
+                    cmd.query_async(conn).await.map_err(function_error)
                 } else {
                     Err(e.into())
                 }
@@ -267,6 +293,20 @@ impl Invocation<'_> {
 /// there is no error code for it). Only decides whether to retry once after the library was
 /// found loaded.
 pub const NOT_FOUND: &str = "Function not found";
+
+/// `e` as a [`StoreError`]: [`StoreError::FunctionsNotLoaded`] when it is Redis's reply to
+/// `FCALL` of a function that is not on the server (see [`NOT_FOUND`]).
+pub(crate) fn function_error(e: RedisError) -> StoreError {
+    if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && e.detail() == Some(NOT_FOUND)
+    {
+        StoreError::FunctionsNotLoaded {
+            library: Library::get().name().to_string(),
+        }
+    } else {
+        e.into()
+    }
+}
 
 /// Every function, resolved once per process.
 pub struct Scripts {
@@ -349,12 +389,89 @@ mod tests {
             let is_const = (word.starts_with("PS_")
                 || word.starts_with("SS_")
                 || word.starts_with("F_")
-                || word.starts_with("OUTCOME_"))
+                || word.starts_with("E_")
+                || word.starts_with("EV_")
+                || word.starts_with("OUTCOME_")
+                || word == "ENVELOPE_VERSION")
                 && word.chars().all(|c| c.is_ascii_uppercase() || c == '_');
             if is_const {
                 assert!(
                     consts.contains(&format!("local {word} =")),
                     "{word} is used but not generated"
+                );
+            }
+        }
+    }
+    #[test]
+    fn event_types_scripts_write_are_ones_rust_reads() {
+        use crate::envelope::{Event, FieldMap};
+        for t in LUA_EVENT_TYPES {
+            let fields = [
+                (wire::VERSION, ENVELOPE_VERSION.to_string()),
+                (wire::TYPE, t.to_string()),
+                (wire::PROCESS_ID, "p".into()),
+                (wire::STEP, "s".into()),
+                (wire::TOKEN, "k".into()),
+                (wire::OUTCOME, "ok".into()),
+            ];
+            let f = FieldMap::from_pairs(fields.map(|(k, v)| (k.to_string(), v)));
+            let e = Event::from_fields(&f).unwrap_or_else(|e| panic!("{t}: {e}"));
+            assert!(
+                e.is_worker_report(),
+                "{t} is not read from the results stream"
+            );
+        }
+    }
+
+    /// The step record keys the scripts read and write (`rec.<key>` through cjson, and
+    /// `"<key>":` in the text fast paths of `begin.lua` and `complete.lua`) are the keys
+    /// `StepRecord` serializes.
+    #[test]
+    fn step_record_keys_scripts_use_are_the_records_own() {
+        use crate::record::{AttemptRecord, StepRecord};
+        let some = || Some("x".to_string());
+        let full = StepRecord {
+            token: "t".into(),
+            yields: 1,
+            deliveries: Some(1),
+            worker: some(),
+            queued_ms: Some(1),
+            due_ms: Some(1),
+            started_ms: Some(1),
+            claimed_ms: Some(1),
+            ended_ms: Some(1),
+            outcome: some(),
+            error: some(),
+            code: some(),
+            attempt_trace: some(),
+            previous_attempt_trace: some(),
+            arrived: vec!["a".into()],
+            history: vec![AttemptRecord::default()],
+            ..StepRecord::default()
+        };
+        let serde_json::Value::Object(keys) = serde_json::to_value(&full).unwrap() else {
+            panic!("a step record is a JSON object");
+        };
+        let is_key = |c: char| c.is_ascii_lowercase() || c == '_';
+        for (name, body) in SOURCES.iter().chain(&[("prelude", PRELUDE)]) {
+            let fields = body.split("rec.").skip(1).map(|r| {
+                let end = r.find(|c| !is_key(c)).unwrap_or(r.len());
+                &r[..end]
+            });
+            // `"<key>":` in a Lua string: the text before each `":` back to its `"`.
+            let fast_path = ["begin", "complete"].contains(name);
+            let mut pieces: Vec<&str> = body.split("\":").filter(|_| fast_path).collect();
+            // The text after the last `":` ends no key.
+            pieces.pop();
+            let quoted = pieces.into_iter().map(|before| {
+                let start = before.rfind(|c| !is_key(c)).map_or(0, |i| i + 1);
+                assert!(before[..start].ends_with('"'), "{name}: {before:?}");
+                &before[start..]
+            });
+            for key in fields.chain(quoted) {
+                assert!(
+                    keys.contains_key(key),
+                    "{name} uses step record key {key:?}"
                 );
             }
         }

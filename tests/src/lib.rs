@@ -7,7 +7,6 @@ pub mod otlp;
 pub mod recorder;
 
 use honua_shared::config::Config;
-use honua_shared::keys::Keys;
 use honua_shared::store::Store;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -194,7 +193,7 @@ pub fn shipped_definitions() -> PathBuf {
 }
 
 pub fn store(cfg: &Config) -> Store {
-    Store::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0)).unwrap()
+    Store::from_config(cfg).unwrap()
 }
 
 /// A child `honua-test-worker` process, killed on drop.

@@ -664,3 +664,116 @@ async fn the_function_library_loads_registers_every_script_and_reloads_itself() 
     st.retire_consumer("nobody").await.unwrap();
     assert!(lib.is_loaded(&mut conn).await.unwrap());
 }
+
+/// `Store::wait_ready` leaves a service's consumer groups and the function library in place,
+/// and a wait that cannot succeed ends when its stop signal has fired.
+#[tokio::test]
+async fn wait_ready_creates_the_groups_and_loads_the_library_or_ends_on_stop() {
+    use honua_shared::keys::{Keys, SCHEDULER_GROUP};
+    use honua_shared::scripts::Library;
+    use honua_shared::store::Service;
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let st = store(&test_config(&redis.url(), dir.path()));
+    assert!(
+        st.wait_ready(Service::Scheduler, std::future::pending())
+            .await
+    );
+    assert!(Library::get().is_loaded(&mut st.conn()).await.unwrap());
+    let k = st.keys();
+    for (stream, group) in [
+        (k.jobs(), WORKERS_GROUP),
+        (k.submit(), SCHEDULER_GROUP),
+        (k.events(), SCHEDULER_GROUP),
+        (k.results(), SCHEDULER_GROUP),
+    ] {
+        let stats = st.stream_stats(&stream, group).await.unwrap();
+        assert!(!stats.missing, "{stream} {group}");
+    }
+    // Nothing listens on the port: the first attempt fails, and the stop signal (already
+    // fired) ends the wait.
+    let down = Store::open(
+        &format!("redis://127.0.0.1:{}", free_port()),
+        Keys::new("down", 0),
+    )
+    .unwrap();
+    assert!(
+        !down
+            .wait_ready(Service::Worker, std::future::ready(()))
+            .await
+    );
+}
+
+/// A missing consumer group is [`StoreError::NoGroup`] from every call on it (commands and
+/// scripts alike), and a missing function library is [`StoreError::FunctionsNotLoaded`]
+/// from every answer of a pipelined commit.
+#[tokio::test]
+async fn a_missing_group_or_library_is_a_typed_error() {
+    use honua_shared::keys::SCHEDULER_GROUP;
+    use honua_shared::store::StoreError;
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let st = store(&test_config(&redis.url(), dir.path()));
+    st.load_scripts().await.unwrap();
+    let no_group = |r: Result<(), StoreError>| match r {
+        Err(e @ StoreError::NoGroup { .. }) => assert!(e.is_retryable()),
+        other => panic!("not NoGroup: {other:?}"),
+    };
+    // The streams exist, their groups do not.
+    st.ensure_groups().await.unwrap();
+    let jobs = st.keys().jobs();
+    for (stream, group) in [
+        (jobs.clone(), WORKERS_GROUP),
+        (st.keys().events(), SCHEDULER_GROUP),
+    ] {
+        let _: u64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(&stream)
+            .arg(group)
+            .query_async(&mut st.conn())
+            .await
+            .unwrap();
+    }
+    no_group(
+        st.reclaim("a", Duration::ZERO, "0-0", 10, 5)
+            .await
+            .map(|_| ()),
+    );
+    no_group(st.job_consumers().await.map(|_| ()));
+    no_group(st.retire_consumer("a").await.map(|_| ()));
+    no_group(
+        st.drop_entry(&jobs, WORKERS_GROUP, "1-1", "test", Some("a"))
+            .await
+            .map(|_| ()),
+    );
+    no_group(
+        st.autoclaim(
+            &st.keys().events(),
+            SCHEDULER_GROUP,
+            "s",
+            Duration::ZERO,
+            "0-0",
+            10,
+        )
+        .await
+        .map(|_| ()),
+    );
+
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    let call = honua_shared::engine::CommitCall {
+        keys: vec![],
+        args: vec![],
+    };
+    let answers = st.commit_many(&[&call, &call]).await.unwrap();
+    assert_eq!(answers.len(), 2);
+    for a in answers {
+        assert!(
+            matches!(a, Err(StoreError::FunctionsNotLoaded { .. })),
+            "{a:?}"
+        );
+    }
+}

@@ -52,10 +52,7 @@ pub async fn run_main(
                 cfg.definitions_dir.display()
             )
         })?;
-    let store = honua_shared::store::Store::open(
-        &cfg.redis_url,
-        honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
-    )?;
+    let store = honua_shared::store::Store::from_config(&cfg)?;
     if !cfg.worker.metrics_addr.is_empty() {
         let addr = cfg.worker.metrics_addr.parse()?;
         let limits = honua_runtime::http_server::Limits::from(&cfg.http_server);

@@ -132,10 +132,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut reg = honua_worker::builtin_handlers(&cfg);
     if let Some(llm) = &cfg.llm_provider {
-        let store = honua_shared::store::Store::open(
-            &cfg.redis_url,
-            honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
-        )?;
+        let store = honua_shared::store::Store::from_config(&cfg)?;
         let step = honua_worker::llm::LlmStep::new(&cfg, llm, store, &|v| std::env::var(v).ok());
         reg.register(
             "llm_crash_once",

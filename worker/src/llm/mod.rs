@@ -173,10 +173,7 @@ pub fn register(reg: &mut HandlerRegistry, cfg: &Config, env: &dyn Fn(&str) -> O
     let Some(llm) = &cfg.llm_provider else {
         return;
     };
-    let store = match Store::open(
-        &cfg.redis_url,
-        honua_shared::keys::Keys::new(&cfg.key_prefix, 0),
-    ) {
+    let store = match Store::from_config(cfg) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "llm step kind not registered: bad redis_url");

@@ -167,7 +167,7 @@ impl Inner {
                     .await;
                 let r = match r {
                     Ok(r) => r,
-                    Err(StoreError::Redis(e)) if e.code() == Some("NOGROUP") => {
+                    Err(StoreError::NoGroup { .. }) => {
                         self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
                         error!("job consumer group missing; recreating it");

@@ -30,7 +30,7 @@ use honua_shared::codec::StateCodec;
 use honua_shared::config::Config;
 use honua_shared::definition::DefinitionSet;
 use honua_shared::metrics as m;
-use honua_shared::store::{Held, Store};
+use honua_shared::store::{Held, Service, Store};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -215,23 +215,12 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let (inner, hand_back) = (self.inner, self.hand_back);
         info!(worker = %inner.id, "worker starting");
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let ready = async {
-                inner.store.ensure_job_group().await?;
-                inner.store.load_scripts().await
-            };
-            match ready.await {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(error = %e, "redis not ready; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(honua_runtime::jitter(delay)) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
+        if !inner
+            .store
+            .wait_ready(Service::Worker, shutdown.cancelled())
+            .await
+        {
+            return;
         }
         let hb_stop = CancellationToken::new();
         let reader = tokio::spawn(inner.clone().reader(shutdown.clone()));

@@ -1,0 +1,479 @@
+//! Redis plumbing: connections, stream reads and typed calls of every script. The only
+//! module that names Redis commands; binaries call these methods.
+//!
+//! Connections: one multiplexed [`ConnectionManager`] (auto-reconnecting) for short commands
+//! and scripts; every blocking reader gets its own connection whose response timeout is
+//! longer than its `BLOCK` (redis-rs defaults to 500 ms, and a blocking read on a shared
+//! multiplexed connection would delay every other command on it).
+//!
+//! This module owns the [`Store`] handle, its errors, the fence answers and what both
+//! services use: opening, readiness, groups, the library, group reads and `drop_entry.lua`.
+//! The calls are split by who makes them, each an `impl Store` block of its own:
+//! `store/worker.rs` (fenced job scripts), `store/scheduler.rs` (commits, submissions,
+//! housekeeping), `store/inspect.rs` (operator and metrics reads), and beside them
+//! [`crate::limiter`] and [`crate::llm_store`] (the `llm` step kind).
+
+use crate::config::Config;
+use crate::envelope::{FieldMap, JobEnvelope};
+use crate::keys::{Key, Keys, SCHEDULER_GROUP, WORKERS_GROUP};
+use crate::scripts::Scripts;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, Value};
+use std::time::Duration;
+use tracing::warn;
+
+mod inspect;
+mod scheduler;
+mod worker;
+
+pub use inspect::{HeldJob, StreamStats, WorkerInfo};
+pub use scheduler::Commit;
+pub use worker::{Begin, Completion, ConsumerInfo, Reclaimed};
+
+/// What went wrong talking to Redis, typed by what the caller must do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The group is missing (data loss or a flushed server): recreate it and raise an alert.
+    #[error("consumer group {group} on {stream} is missing")]
+    NoGroup { stream: String, group: String },
+    /// Connection refused/dropped, timeout, loading, failover: retry with backoff.
+    #[error("redis unavailable: {0}")]
+    Unavailable(#[source] RedisError),
+    /// Anything else (a script error, a bad reply): a bug or corrupt data.
+    #[error("redis error: {0}")]
+    Redis(#[source] RedisError),
+    /// This version's function library is not on the server (yet): a user that may not load
+    /// it (a worker) waits for the scheduler, which loads it at start; a pipelined call
+    /// ([`Store::commit_many`]) is retried one by one, which loads it. Retry with backoff.
+    #[error("redis function library {library} is not loaded yet")]
+    FunctionsNotLoaded { library: String },
+    #[error("unexpected reply from {script}: {detail}")]
+    Reply {
+        script: &'static str,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_)
+                | StoreError::NoGroup { .. }
+                | StoreError::FunctionsNotLoaded { .. }
+        )
+    }
+}
+
+impl StoreError {
+    /// This error, as [`StoreError::NoGroup`] when it is Redis's `NOGROUP` reply (from a
+    /// command or from inside a script) to a call on `group` of `stream`.
+    fn for_group(self, stream: &Key, group: &str) -> Self {
+        match self {
+            StoreError::Redis(e) if e.code() == Some("NOGROUP") => StoreError::NoGroup {
+                stream: stream.to_string(),
+                group: group.to_string(),
+            },
+            other => other,
+        }
+    }
+}
+
+impl From<RedisError> for StoreError {
+    fn from(e: RedisError) -> Self {
+        let transient = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::ReadOnly
+                )
+            )
+            || matches!(e.code(), Some("BUSY") | Some("NOREPLICAS"));
+        if transient {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Redis(e)
+        }
+    }
+}
+
+impl From<redis::ParsingError> for StoreError {
+    fn from(e: redis::ParsingError) -> Self {
+        StoreError::Reply {
+            script: "reply",
+            detail: e.to_string(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+fn reply(script: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Reply {
+        script,
+        detail: detail.into(),
+    }
+}
+
+/// One stream entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub fields: FieldMap,
+}
+
+/// A job this worker holds: the fence it must present on every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub entry_id: String,
+    pub deliveries: u64,
+    pub job: JobEnvelope,
+}
+
+/// The answer of an owner- and fence-checked call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    Ok,
+    /// Someone else owns the job now: stop, never commit.
+    Stale,
+    /// The process is over (cancelled, failed, timed out, deleted): stop.
+    Finished,
+}
+
+impl Fence {
+    fn parse(script: &'static str, s: &str) -> Result<Self> {
+        match s {
+            "ok" => Ok(Fence::Ok),
+            "stale" => Ok(Fence::Stale),
+            "finished" => Ok(Fence::Finished),
+            other => Err(reply(script, format!("status {other:?}"))),
+        }
+    }
+}
+
+/// The Redis server's identity and clock, as [`Store::server_info`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub run_id: String,
+    /// Whole seconds, as `INFO` reports them (so a start time derived from it is late by
+    /// under a second: holding off from it errs on the safe side).
+    pub uptime_ms: u64,
+    pub now_ms: u64,
+}
+
+/// A handle on one deployment's Redis data.
+#[derive(Clone)]
+pub struct Store {
+    keys: Keys,
+    client: redis::Client,
+    conn: ConnectionManager,
+}
+
+/// Which service [`Store::wait_ready`] waits for: what it needs of Redis before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Every consumer group ([`Store::ensure_groups`]) and the function library (loaded when
+    /// missing).
+    Scheduler,
+    /// The workers' group on the job stream ([`Store::ensure_job_group`]: a worker's Redis
+    /// user reaches no other stream) and the function library (loaded by the scheduler).
+    Worker,
+}
+
+/// A random duration in [d/2, d]: the same jitter as `honua_runtime::jitter`, which stands
+/// on this crate and so cannot be used here.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+impl Store {
+    /// Connects lazily: a Redis that is down at start is not an error here; calls fail with
+    /// [`StoreError::Unavailable`] until it is back.
+    pub fn open(url: &str, keys: Keys) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(StoreError::Redis)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            manager_config(Duration::from_secs(5)),
+        )?;
+        Ok(Self { keys, client, conn })
+    }
+
+    /// Opens the store of `cfg`'s deployment (its `redis_url` and `key_prefix`), as every
+    /// service and tool does.
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        Self::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A multiplexed connection handle for ad-hoc reads (cheap to clone).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A dedicated connection for blocking reads of up to `block`.
+    pub fn blocking(&self, block: Duration) -> Result<ConnectionManager> {
+        Ok(ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            manager_config(block + Duration::from_secs(5)),
+        )?)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Server time in ms: the only clock decisions use.
+    pub async fn server_time_ms(&self) -> Result<u64> {
+        let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
+        Ok(s * 1000 + us / 1000)
+    }
+
+    /// The server's run id, uptime and time (`INFO server` and `TIME` in one round trip):
+    /// a new run id or a short uptime means a restart or a failover.
+    pub async fn server_info(&self) -> Result<ServerInfo> {
+        let (info, (s, us)): (String, (u64, u64)) = redis::pipe()
+            .cmd("INFO")
+            .arg("server")
+            .cmd("TIME")
+            .query_async(&mut self.conn())
+            .await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let run_id = field("run_id")
+            .ok_or_else(|| reply("info", "no run_id"))?
+            .to_string();
+        let uptime_s: u64 = field("uptime_in_seconds")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| reply("info", "no uptime_in_seconds"))?;
+        Ok(ServerInfo {
+            run_id,
+            uptime_ms: uptime_s * 1000,
+            now_ms: s * 1000 + us / 1000,
+        })
+    }
+
+    /// Makes sure this version's function library is on the server, loading it when missing
+    /// (a user refused `FUNCTION LOAD`, i.e. a worker, gets the retryable
+    /// [`StoreError::FunctionsNotLoaded`] until the scheduler has loaded it).
+    pub async fn load_scripts(&self) -> Result<()> {
+        crate::scripts::Library::get()
+            .ensure(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the consumer groups if missing (idempotent). Returns how many were created.
+    pub async fn ensure_groups(&self) -> Result<usize> {
+        let mut created = 0;
+        for (stream, group) in [
+            (self.keys.jobs(), WORKERS_GROUP),
+            (self.keys.submit(), SCHEDULER_GROUP),
+            (self.keys.events(), SCHEDULER_GROUP),
+            (self.keys.results(), SCHEDULER_GROUP),
+        ] {
+            if self.ensure_group(&stream, group).await? {
+                created += 1;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Creates the workers' group on the job stream if missing (a worker's Redis user reaches
+    /// no other stream). Returns true when it was missing.
+    pub async fn ensure_job_group(&self) -> Result<bool> {
+        self.ensure_group(&self.keys.jobs(), WORKERS_GROUP).await
+    }
+
+    /// `XGROUP CREATE … 0 MKSTREAM`: a recreated group re-reads whatever the stream still
+    /// holds, so nothing still in it is skipped. Returns true when it was missing.
+    pub async fn ensure_group(&self, stream: &Key, group: &str) -> Result<bool> {
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until Redis answers and holds what `service` needs before it starts: its
+    /// consumer groups and this version's function library. Each failure is logged ("redis
+    /// not ready; retrying") and retried after a jittered delay, 100 ms doubling up to 5 s.
+    /// Returns true when ready, false when `stop` completed first.
+    pub async fn wait_ready(&self, service: Service, stop: impl Future<Output = ()>) -> bool {
+        tokio::pin!(stop);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let ready = async {
+                match service {
+                    Service::Scheduler => {
+                        self.ensure_groups().await?;
+                    }
+                    Service::Worker => {
+                        self.ensure_job_group().await?;
+                    }
+                }
+                self.load_scripts().await
+            };
+            match ready.await {
+                Ok(()) => return true,
+                Err(e) => {
+                    warn!(error = %e, "redis not ready; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter(delay)) => {}
+                        _ = &mut stop => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// `XREADGROUP … >` on a dedicated blocking connection.
+    pub async fn read_group(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &Key,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>> {
+        let r: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(conn)
+            .await;
+        match r {
+            // `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3); nil on timeout.
+            Ok(Value::Array(streams)) => Ok(streams
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                    _ => None,
+                })
+                .flat_map(parse_entries)
+                .collect()),
+            Ok(Value::Map(streams)) => Ok(streams
+                .into_iter()
+                .flat_map(|(_, v)| parse_entries(v))
+                .collect()),
+            Ok(_) => Ok(vec![]),
+            Err(e) => Err(StoreError::from(e).for_group(stream, group)),
+        }
+    }
+
+    /// Runs `drop_entry.lua`: set an unprocessable entry aside (with `reason`) and ack it.
+    pub async fn drop_entry(
+        &self,
+        stream: &Key,
+        group: &str,
+        id: &str,
+        reason: &str,
+        owner: Option<&str>,
+    ) -> Result<Fence> {
+        let r: String = Scripts::get()
+            .drop_entry
+            .key(stream)
+            .key(self.keys.quarantine())
+            .arg(group)
+            .arg(id)
+            .arg(reason)
+            .arg(owner.unwrap_or(""))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(stream, group))?;
+        Fence::parse("drop_entry", &r)
+    }
+}
+
+/// The entries of a raw stream reply (`[[id, [field, value, …]], …]`).
+fn parse_entries(v: Value) -> Vec<Entry> {
+    match v {
+        Value::Array(entries) => entries.into_iter().filter_map(parse_entry).collect(),
+        _ => vec![],
+    }
+}
+
+/// One raw stream entry `[id, [field, value, …]]`, reading at most
+/// [`crate::envelope::MAX_ENTRY_FIELDS`] of its fields (see [`FieldMap::from_flat`]).
+/// `None` for an entry that no longer exists (a nil field list) or a malformed one.
+fn parse_entry(v: Value) -> Option<Entry> {
+    let Value::Array(mut pair) = v else {
+        return None;
+    };
+    if pair.len() != 2 {
+        return None;
+    }
+    let fields = pair.pop()?;
+    if matches!(fields, Value::Nil) {
+        return None;
+    }
+    let id = redis::from_redis_value(pair.pop()?).ok()?;
+    Some(Entry {
+        id,
+        fields: flat_fields(&fields),
+    })
+}
+
+/// An entry's flat field list (an array in RESP2 and RESP3 alike).
+fn flat_fields(v: &Value) -> FieldMap {
+    match v {
+        Value::Array(flat) => FieldMap::from_flat(flat),
+        _ => FieldMap::default(),
+    }
+}
+
+fn value_str(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Double(d) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn value_u64(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => (*i).max(0) as u64,
+        other => value_str(other).parse().unwrap_or(0),
+    }
+}

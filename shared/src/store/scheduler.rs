@@ -1,0 +1,299 @@
+//! The scheduler's calls: submissions and events (also appended by the gateway and any
+//! client), process records, revision-checked commits (`commit.lua`), the delay queue,
+//! taking over another scheduler's pending entries, purges, durability waits and stream and
+//! index housekeeping. Called by the scheduler crate (loops, submissions, operator ops).
+
+use super::{Entry, Result, Store, StoreError, parse_entry, reply, value_str};
+use crate::envelope::{Event, Fields};
+use crate::keys::Key;
+use crate::scripts::Scripts;
+use redis::{RedisError, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The answer of `commit.lua`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    Ok { now_ms: u64 },
+    Conflict,
+    Gone,
+    Exists,
+    Duplicate(String),
+}
+
+impl Store {
+    /// Appends a submission (what any Redis client may do instead).
+    pub async fn submit(&self, fields: &Fields) -> Result<String> {
+        self.xadd(&self.keys.submit(), fields).await
+    }
+
+    /// Appends an event for the scheduler (signals from the gateway).
+    pub async fn send_event(&self, event: &Event) -> Result<String> {
+        self.xadd(&self.keys.events(), &event.to_fields()).await
+    }
+
+    async fn xadd(&self, stream: &Key, fields: &Fields) -> Result<String> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        Ok(cmd.query_async(&mut self.conn()).await?)
+    }
+
+    /// The meta and steps hashes of a process (empty when it does not exist).
+    pub async fn load_process(
+        &self,
+        id: &str,
+    ) -> Result<(HashMap<String, String>, HashMap<String, String>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL")
+            .arg(self.keys.process(id))
+            .cmd("HGETALL")
+            .arg(self.keys.steps(id));
+        Ok(pipe.query_async(&mut self.conn()).await?)
+    }
+
+    /// Records of many processes in one round trip, with the server time.
+    #[allow(clippy::type_complexity)]
+    pub async fn load_processes(
+        &self,
+        ids: &[&str],
+    ) -> Result<(u64, Vec<(HashMap<String, String>, HashMap<String, String>)>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        for id in ids {
+            pipe.cmd("HGETALL")
+                .arg(self.keys.process(id))
+                .cmd("HGETALL")
+                .arg(self.keys.steps(id));
+        }
+        let mut vals: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        let rest = vals.split_off(1);
+        let (s, us): (u64, u64) = redis::from_redis_value(vals.remove(0))?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut it = rest.into_iter();
+        while let (Some(m), Some(st)) = (it.next(), it.next()) {
+            out.push((redis::from_redis_value(m)?, redis::from_redis_value(st)?));
+        }
+        Ok((s * 1000 + us / 1000, out))
+    }
+
+    /// The data hash of a process (input, outputs, checkpoints).
+    pub async fn load_data(&self, id: &str) -> Result<HashMap<String, Vec<u8>>> {
+        Ok(redis::cmd("HGETALL")
+            .arg(self.keys.data(id))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Runs `commit.lua`.
+    pub async fn commit(&self, call: &crate::engine::CommitCall) -> Result<Commit> {
+        let mut inv = Scripts::get().commit.prepare_invoke();
+        for k in &call.keys {
+            inv.key(k);
+        }
+        for a in &call.args {
+            inv.arg(a.as_slice());
+        }
+        let r: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
+        parse_commit(r)
+    }
+
+    /// Runs `commit.lua` for several transitions in one round trip (one pipeline of
+    /// `FCALL`s; each call is still its own atomic, revision-checked function). One answer
+    /// per call, in order. The pipeline does not load the library: when it is missing every
+    /// answer is [`StoreError::FunctionsNotLoaded`] ([`Store::commit`] loads it and retries).
+    pub async fn commit_many(
+        &self,
+        calls: &[&crate::engine::CommitCall],
+    ) -> Result<Vec<Result<Commit>>> {
+        if calls.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for call in calls {
+            let mut inv = Scripts::get().commit.prepare_invoke();
+            for k in &call.keys {
+                inv.key(k);
+            }
+            for a in &call.args {
+                inv.arg(a.as_slice());
+            }
+            pipe.add_command(inv.cmd());
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        if replies.len() != calls.len() {
+            return Err(reply(
+                "commit",
+                format!("{} answers to {} calls", replies.len(), calls.len()),
+            ));
+        }
+        Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                Value::ServerError(e) => Err(crate::scripts::function_error(RedisError::from(e))),
+                Value::Array(r) => parse_commit(r),
+                other => Err(reply("commit", format!("reply {other:?}"))),
+            })
+            .collect())
+    }
+
+    /// Runs `promote.lua`: moves due delayed entries. Returns (moved, next due ms, now ms).
+    pub async fn promote(&self, limit: usize) -> Result<(u64, Option<u64>, u64)> {
+        let r: (u64, Option<String>, u64) = Scripts::get()
+            .promote
+            .key(self.keys.delayed())
+            .key(self.keys.jobs())
+            .key(self.keys.events())
+            .arg(limit.max(1))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok((
+            r.0,
+            r.1.and_then(|s| s.parse::<f64>().ok()).map(|f| f as u64),
+            r.2,
+        ))
+    }
+
+    /// Scheduler side: takes over events or submissions another scheduler left pending.
+    /// These are not fenced steps (commits are revision-checked), so a plain XAUTOCLAIM is
+    /// enough. Returns the entries and the next cursor.
+    pub async fn autoclaim(
+        &self,
+        stream: &Key,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<Entry>)> {
+        let r: (String, Vec<Value>, Value) = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| StoreError::from(e).for_group(stream, group))?;
+        Ok((r.0, r.1.into_iter().filter_map(parse_entry).collect()))
+    }
+
+    /// Runs `purge.lua` for each id: deletes those still in the finished `status`.
+    pub async fn purge(&self, status: crate::status::ProcessStatus, ids: &[String]) -> Result<u64> {
+        let mut n = 0;
+        for id in ids {
+            let [meta, steps, data] = self.keys.process_keys(id);
+            let r: u64 = Scripts::get()
+                .purge
+                .key(meta)
+                .key(steps)
+                .key(data)
+                .key(self.keys.index_status(status))
+                .key(self.keys.index_all())
+                .arg(status.as_str())
+                .arg(id)
+                .invoke_async(&mut self.conn())
+                .await?;
+            n += r;
+        }
+        Ok(n)
+    }
+
+    /// Whether the server has `WAITAOF` (Redis/Valkey ≥ 7.2) and AOF is on.
+    pub async fn supports_waitaof(&self) -> Result<bool> {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut self.conn())
+            .await?;
+        let aof_on = info.lines().any(|l| l.trim() == "aof_enabled:1");
+        let cmd: Value = redis::cmd("COMMAND")
+            .arg("INFO")
+            .arg("WAITAOF")
+            .query_async(&mut self.conn())
+            .await?;
+        let has = matches!(&cmd, Value::Array(v) if v.iter().any(|x| !matches!(x, Value::Nil)));
+        Ok(aof_on && has)
+    }
+
+    /// `WAITAOF 1 0 timeout`: the local AOF has fsynced every write made so far on this
+    /// connection. Returns false when it timed out.
+    pub async fn wait_aof(&self, timeout: Duration) -> Result<bool> {
+        let (local, _): (u64, u64) = redis::cmd("WAITAOF")
+            .arg(1)
+            .arg(0)
+            .arg(timeout.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(local >= 1)
+    }
+
+    /// Housekeeping: runs `trim.lua` on the submission, job and event streams, removing
+    /// acknowledged entries below every group's oldest pending and last-delivered id (the
+    /// scripts acknowledge without deleting). At most `limit` entries per stream per call;
+    /// whole stream nodes only, so up to a node's worth of acknowledged entries stays.
+    /// Returns how many entries were removed.
+    pub async fn trim_streams(&self, limit: usize) -> Result<u64> {
+        let mut removed = 0;
+        for stream in [
+            self.keys.submit(),
+            self.keys.jobs(),
+            self.keys.events(),
+            self.keys.results(),
+        ] {
+            let (n, _bound): (u64, Option<String>) = Scripts::get()
+                .trim
+                .key(stream)
+                .arg(limit.max(1))
+                .invoke_async(&mut self.conn())
+                .await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
+    /// Housekeeping: drops index entries of processes whose records have expired (finished
+    /// more than `retention_secs` ago; for `index:all`, created more than the retention plus
+    /// the longest allowed process timeout ago) and workers not seen for a day. Returns how
+    /// many entries were removed.
+    pub async fn trim_indexes(&self, now_ms: u64, retention_secs: u64) -> Result<u64> {
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let cutoff = now_ms.saturating_sub(retention_secs * 1000);
+        let longest = crate::definition::MAX_TIMEOUT.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        let mut trim = |key: Key, before: u64| {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(format!("({before}"));
+        };
+        for st in crate::status::ProcessStatus::ALL {
+            if st.is_finished() {
+                trim(self.keys.index_status(st), cutoff);
+            }
+        }
+        trim(self.keys.index_all(), cutoff.saturating_sub(longest));
+        trim(self.keys.workers(), now_ms.saturating_sub(DAY_MS));
+        let removed: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        Ok(removed.iter().sum())
+    }
+}
+
+fn parse_commit(r: Vec<Value>) -> Result<Commit> {
+    let tag = r.first().map(value_str).unwrap_or_default();
+    let second = r.get(1).map(value_str);
+    Ok(match tag.as_str() {
+        "ok" => Commit::Ok {
+            now_ms: second.and_then(|s| s.parse().ok()).unwrap_or(0),
+        },
+        "conflict" => Commit::Conflict,
+        "gone" => Commit::Gone,
+        "exists" => Commit::Exists,
+        "duplicate" => Commit::Duplicate(second.unwrap_or_default()),
+        other => return Err(reply("commit", format!("status {other:?}"))),
+    })
+}

@@ -1,0 +1,347 @@
+//! The worker's calls: the fenced job scripts (`begin`, `heartbeat`, `checkpoint`,
+//! `complete`, `release`), the lease sweep (`reclaim`) and retiring consumers. Called by the
+//! worker's claim loop and its handlers; every call presents the [`Held`] fence.
+
+use super::{
+    Entry, Fence, Held, Result, Store, StoreError, flat_fields, reply, value_str, value_u64,
+};
+use crate::envelope::{Event, JobEnvelope};
+use crate::keys::WORKERS_GROUP;
+use crate::scripts::Scripts;
+use redis::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The answer of `begin.lua` for one job.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+pub enum Begin {
+    Ok {
+        deliveries: u64,
+        process_type: String,
+        version: u32,
+        step: crate::record::StepRecord,
+        data: HashMap<String, Vec<u8>>,
+    },
+    /// No longer ours (reclaimed meanwhile).
+    Lost,
+    /// Superseded or the process is over; acknowledged and dropped.
+    Obsolete(String),
+}
+
+/// One step result to commit with [`Store::complete_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    pub held: &'a Held,
+    /// The encoded output (`None`: the step wrote none).
+    pub output: Option<&'a [u8]>,
+    pub result: &'a crate::envelope::StepResult,
+}
+
+/// The answer of `reclaim.lua`.
+#[derive(Debug, Clone, Default)]
+pub struct Reclaimed {
+    pub next_cursor: String,
+    pub claimed: Vec<(Entry, u64)>,
+    /// Pending ids whose entries no longer exist (deleted/trimmed): their payload is lost.
+    pub deleted: u64,
+    pub dead_lettered: Vec<String>,
+}
+
+/// Information about one consumer of a group.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pending: u64,
+    pub idle_ms: u64,
+}
+
+impl Store {
+    /// Runs `begin.lua` for a batch of jobs this consumer just read or reclaimed, each as
+    /// (entry id, delivery count the starter saw, job): 1 for a fresh XREADGROUP, the
+    /// XAUTOCLAIM count for a reclaim. A job begins only while the PEL still holds exactly
+    /// that claim for this consumer ([`Begin::Lost`] otherwise), so one claim starts at most
+    /// one execution. `attempt_traces[i]` is the `traceparent` of job i's `step.execute`
+    /// span (`None` or missing: not traced); it is kept in the step record for the next
+    /// attempt to link to.
+    pub async fn begin(
+        &self,
+        consumer: &str,
+        jobs: &[(String, u64, JobEnvelope)],
+        attempt_traces: &[Option<String>],
+    ) -> Result<Vec<Begin>> {
+        if jobs.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut inv = Scripts::get().begin.prepare_invoke();
+        inv.key(self.keys.jobs());
+        inv.arg(WORKERS_GROUP).arg(consumer);
+        for (i, (id, seen, job)) in jobs.iter().enumerate() {
+            for k in self.keys.process_keys(&job.process_id) {
+                inv.key(k);
+            }
+            let trace = attempt_traces.get(i).cloned().flatten().unwrap_or_default();
+            inv.arg(id)
+                .arg(&job.step)
+                .arg(&job.token)
+                .arg(trace)
+                .arg(*seen);
+        }
+        let replies: Vec<Vec<Value>> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        replies
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let tag = it.next().map(|v| value_str(&v)).unwrap_or_default();
+                match tag.as_str() {
+                    "lost" => Ok(Begin::Lost),
+                    "obsolete" => Ok(Begin::Obsolete(
+                        it.next().map(|v| value_str(&v)).unwrap_or_default(),
+                    )),
+                    "ok" => {
+                        let deliveries: u64 = redis::from_redis_value(
+                            it.next().ok_or_else(|| reply("begin", "short reply"))?,
+                        )?;
+                        let process_type = it.next().map(|v| value_str(&v)).unwrap_or_default();
+                        let version = value_str(&it.next().unwrap_or(Value::Nil))
+                            .parse()
+                            .unwrap_or(0);
+                        let raw = value_str(&it.next().unwrap_or(Value::Nil));
+                        let step = serde_json::from_str(&raw)
+                            .map_err(|e| reply("begin", format!("step record: {e}")))?;
+                        let data: HashMap<String, Vec<u8>> =
+                            redis::from_redis_value(it.next().unwrap_or(Value::Nil))?;
+                        Ok(Begin::Ok {
+                            deliveries,
+                            process_type,
+                            version,
+                            step,
+                            data,
+                        })
+                    }
+                    other => Err(reply("begin", format!("status {other:?}"))),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `heartbeat.lua` for every held job; one answer per job.
+    pub async fn heartbeat(&self, consumer: &str, held: &[Held]) -> Result<Vec<Fence>> {
+        let mut inv = Scripts::get().heartbeat.prepare_invoke();
+        inv.key(self.keys.jobs()).key(self.keys.workers());
+        inv.arg(WORKERS_GROUP).arg(consumer);
+        for h in held {
+            inv.key(self.keys.process(&h.job.process_id))
+                .key(self.keys.steps(&h.job.process_id));
+            inv.arg(&h.entry_id)
+                .arg(h.deliveries)
+                .arg(&h.job.step)
+                .arg(&h.job.token);
+        }
+        let r: Vec<String> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        r.iter().map(|s| Fence::parse("heartbeat", s)).collect()
+    }
+
+    /// Runs `checkpoint.lua`.
+    pub async fn checkpoint(&self, consumer: &str, held: &Held, blob: &[u8]) -> Result<Fence> {
+        let [meta, steps, data] = self.keys.process_keys(&held.job.process_id);
+        let r: String = Scripts::get()
+            .checkpoint
+            .key(self.keys.jobs())
+            .key(meta)
+            .key(steps)
+            .key(data)
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(&held.entry_id)
+            .arg(held.deliveries)
+            .arg(&held.job.step)
+            .arg(&held.job.token)
+            .arg(blob)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        Fence::parse("checkpoint", &r)
+    }
+
+    /// Runs `complete.lua` for one step: output, completion event and ack in one step.
+    pub async fn complete(
+        &self,
+        consumer: &str,
+        held: &Held,
+        output: Option<&[u8]>,
+        result: &crate::envelope::StepResult,
+    ) -> Result<Fence> {
+        let one = [Completion {
+            held,
+            output,
+            result,
+        }];
+        let mut r = self.complete_many(consumer, &one).await?;
+        r.pop().ok_or_else(|| reply("complete", "no answer"))
+    }
+
+    /// Runs `complete.lua` for a batch of steps in one call: each step is fenced and
+    /// committed on its own (output, completion event, ack); one answer per step, in order.
+    pub async fn complete_many(
+        &self,
+        consumer: &str,
+        items: &[Completion<'_>],
+    ) -> Result<Vec<Fence>> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut inv = Scripts::get().complete.prepare_invoke();
+        inv.key(self.keys.jobs())
+            .key(self.keys.results())
+            .arg(WORKERS_GROUP)
+            .arg(consumer);
+        for c in items {
+            let job = &c.held.job;
+            for k in self.keys.process_keys(&job.process_id) {
+                inv.key(k);
+            }
+            let event = Event::Step {
+                process_id: job.process_id.clone(),
+                step: job.step.clone(),
+                token: job.token.clone(),
+                result: c.result.clone(),
+            };
+            let fields = event.to_fields();
+            inv.arg(&c.held.entry_id)
+                .arg(c.held.deliveries)
+                .arg(&job.step)
+                .arg(&job.token)
+                .arg(c.output.unwrap_or(b""))
+                .arg(fields.len());
+            for (k, v) in fields {
+                inv.arg(k).arg(v);
+            }
+        }
+        let r: Vec<String> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        if r.len() != items.len() {
+            return Err(reply(
+                "complete",
+                format!("{} answers for {} steps", r.len(), items.len()),
+            ));
+        }
+        r.iter().map(|s| Fence::parse("complete", s)).collect()
+    }
+
+    /// Runs `release.lua`: hands a held job back for another worker at once.
+    pub async fn release(&self, consumer: &str, held: &Held) -> Result<Fence> {
+        let mut inv = Scripts::get().release.prepare_invoke();
+        inv.key(self.keys.jobs())
+            .key(self.keys.process(&held.job.process_id))
+            .key(self.keys.steps(&held.job.process_id))
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(&held.entry_id)
+            .arg(held.deliveries)
+            .arg(&held.job.step)
+            .arg(&held.job.token);
+        for (k, v) in held.job.to_fields() {
+            inv.arg(k).arg(v);
+        }
+        let r: String = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        Fence::parse("release", &r)
+    }
+
+    /// Runs one `reclaim.lua` call (one cursor step) on the job stream.
+    pub async fn reclaim(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+        max_deliveries: u64,
+    ) -> Result<Reclaimed> {
+        type ClaimedRaw = Vec<(String, u64, Value)>;
+        let r: (String, ClaimedRaw, u64, Vec<String>) = Scripts::get()
+            .reclaim
+            .key(self.keys.jobs())
+            .key(self.keys.dlq())
+            .key(self.keys.results())
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg(count.max(1))
+            .arg(max_deliveries)
+            .arg(100_000)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        Ok(Reclaimed {
+            next_cursor: r.0,
+            claimed: r
+                .1
+                .into_iter()
+                .map(|(id, n, fields)| {
+                    (
+                        Entry {
+                            id,
+                            fields: flat_fields(&fields),
+                        },
+                        n,
+                    )
+                })
+                .collect(),
+            deleted: r.2,
+            dead_lettered: r.3,
+        })
+    }
+
+    /// Consumers of the job group with their pending counts and idle times.
+    pub async fn job_consumers(&self) -> Result<Vec<ConsumerInfo>> {
+        let infos: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(self.keys.jobs())
+            .arg(WORKERS_GROUP)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| StoreError::from(e).for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        Ok(infos
+            .into_iter()
+            .map(|m| ConsumerInfo {
+                name: m.get("name").map(value_str).unwrap_or_default(),
+                pending: m.get("pending").map(value_u64).unwrap_or(0),
+                idle_ms: m.get("idle").map(value_u64).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Runs `retire_consumer.lua`: deletes the consumer (and its entry in the workers
+    /// registry) only if it owns nothing. A worker leaving retires itself with this.
+    pub async fn retire_consumer(&self, consumer: &str) -> Result<bool> {
+        self.retire_idle_consumer(consumer, Duration::ZERO).await
+    }
+
+    /// Runs `retire_consumer.lua` for another worker's consumer: deleted only if it owns
+    /// nothing and its worker has not heartbeated for `min_idle` (Redis's clock).
+    pub async fn retire_idle_consumer(&self, consumer: &str, min_idle: Duration) -> Result<bool> {
+        let r: i64 = Scripts::get()
+            .retire_consumer
+            .key(self.keys.jobs())
+            .key(self.keys.workers())
+            .arg(WORKERS_GROUP)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        Ok(r == 1)
+    }
+}
