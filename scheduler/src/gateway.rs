@@ -4,7 +4,8 @@
 //! authorization, and a test checks it against the router and the OpenAPI document.
 
 use crate::ops::{ListQuery, OpsError, parse_age};
-use crate::submit::{Engine, SubmitError, Submitted};
+use crate::processes::Processes;
+use crate::submit::{SubmitError, Submitted};
 use crate::view::{LlmUsageView, ProcessSummary, ProcessView};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
@@ -191,7 +192,7 @@ impl From<QueryRejection> for ApiError {
 /// liveness counters.
 #[derive(Clone)]
 pub struct ApiState {
-    pub engine: Engine,
+    pub engine: Processes,
     pub scheduler: Option<Arc<crate::scheduler::SchedulerStats>>,
 }
 
@@ -1076,7 +1077,7 @@ async fn content_type(req: Request, next: Next) -> Response {
 }
 
 /// The gateway's routes, without the scheduler's liveness check.
-pub fn router(engine: Engine) -> Router {
+pub fn router(engine: Processes) -> Router {
     router_with(ApiState {
         engine,
         scheduler: None,
@@ -1117,7 +1118,7 @@ pub fn router_with(state: ApiState) -> Router {
 
 /// Serves the gateway on `listener` until `shutdown` fires.
 pub async fn serve(
-    engine: Engine,
+    engine: Processes,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
