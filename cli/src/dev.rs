@@ -6,7 +6,7 @@
 //! API.
 
 use honua_mock_llm::{EveryNth, Latency, MockConfig, MockLlm};
-use honua_scheduler::submit::Engine;
+use honua_scheduler::Processes;
 use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, Format, ProcessDefinition};
 use honua_shared::envelope::{Event, Submission, TraceContext};
@@ -238,7 +238,7 @@ pub async fn run(
     store.ensure_groups().await?;
     store.load_scripts().await?;
     let cfg = Arc::new(cfg);
-    let engine = Engine::new(cfg.clone(), store.clone(), defs.clone(), kinds.clone()).await;
+    let engine = Processes::new(cfg.clone(), store.clone(), defs.clone(), kinds.clone()).await;
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr()).await?;
     let gateway_port = listener.local_addr()?.port();
     println!("honua dev: gateway on http://{}", listener.local_addr()?);
@@ -320,7 +320,7 @@ impl<F: std::future::Future<Output = std::io::Result<()>> + Send> MapUnit for F 
 }
 
 async fn progress(
-    engine: &Engine,
+    engine: &Processes,
     ids: &[String],
     auto_approve: bool,
     gateway_port: u16,

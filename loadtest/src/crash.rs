@@ -38,7 +38,7 @@ use crate::progress::Progress;
 use crate::server::Server;
 use crate::stats::Dist;
 use crate::throughput::{self, Bench, Fleet, Outcome, STEPS_PER_PROCESS, submission};
-use honua_scheduler::Engine;
+use honua_scheduler::Processes;
 use honua_shared::envelope::{FieldMap, JobEnvelope};
 use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::store::Store;
@@ -358,7 +358,7 @@ async fn measure(
 }
 
 /// Submits `n` processes at a fixed rate (open loop); returns their ids.
-async fn arrive(engine: Engine, n: usize, period: Duration) -> Result<Vec<String>, BenchError> {
+async fn arrive(engine: Processes, n: usize, period: Duration) -> Result<Vec<String>, BenchError> {
     let start = tokio::time::Instant::now();
     let mut set = JoinSet::new();
     for i in 0..n {

@@ -23,7 +23,7 @@ use crate::stats::Dist;
 use crate::throughput::{
     self, Bench, Fleet, Health, Outcome, PerComponent, STEPS_PER_PROCESS, submission,
 };
-use honua_scheduler::Engine;
+use honua_scheduler::Processes;
 use honua_shared::keys::{Keys, WORKERS_GROUP};
 use honua_shared::record::ProcessRecord;
 use redis::AsyncCommands;
@@ -188,7 +188,7 @@ async fn measure(
 /// (open loop). Returns the arrival window (first to last submission acknowledged) and
 /// the ids.
 async fn arrive(
-    engine: Engine,
+    engine: Processes,
     n: usize,
     period: Duration,
 ) -> Result<(Duration, Vec<String>), BenchError> {

@@ -20,7 +20,7 @@ use crate::progress::Progress;
 use crate::server::Server;
 use crate::throughput::{self, Bench, Fleet, Outcome};
 use honua_mock_llm::{Completion, Latency, MockConfig, MockLlm, RecordedRequest};
-use honua_scheduler::Engine;
+use honua_scheduler::Processes;
 use honua_shared::envelope::{Submission, TraceContext};
 use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::limiter::LimitSpec;
@@ -457,7 +457,7 @@ async fn memory_phase(
     Ok((reached, rss, done))
 }
 
-async fn warm_up(engine: &Engine, store: &Store, n: usize) -> Result<(), BenchError> {
+async fn warm_up(engine: &Processes, store: &Store, n: usize) -> Result<(), BenchError> {
     let target = throughput::outcome(store).await?.finished() + n as u64;
     for i in 0..n {
         engine.create(&submission(usize::MAX - i), None).await?;
@@ -475,7 +475,7 @@ async fn warm_up(engine: &Engine, store: &Store, n: usize) -> Result<(), BenchEr
 }
 
 /// `n` submissions, the i-th at `i × period` (open loop).
-async fn arrive(engine: Engine, n: usize, period: Duration) -> Result<(), BenchError> {
+async fn arrive(engine: Processes, n: usize, period: Duration) -> Result<(), BenchError> {
     let start = tokio::time::Instant::now();
     let mut set = JoinSet::new();
     for i in 0..n {

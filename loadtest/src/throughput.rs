@@ -3,7 +3,7 @@
 //!
 //! Every scheduler and worker runs on a runtime of its own with its own Redis connections,
 //! like separate pods, so their CPU can be told apart. Submissions go through
-//! [`Engine::create`] (what the gateway does) from concurrent tasks on the main runtime.
+//! [`Processes::create`] (what the gateway does) from concurrent tasks on the main runtime.
 //! One warm-up process per worker runs first, so connections, scripts and consumer groups
 //! exist before the clock starts. The clock runs from the first submission until the poller
 //! sees the last process finished.
@@ -14,7 +14,7 @@ use crate::error::BenchError;
 use crate::meter::Meter;
 use crate::progress::Progress;
 use crate::server::{self, Server};
-use honua_scheduler::Engine;
+use honua_scheduler::Processes;
 use honua_scheduler::scheduler::SchedulerStats;
 use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, KindRegistry};
@@ -304,8 +304,8 @@ impl Bench {
     }
 
     /// A submitting engine (what the gateway uses) on the caller's runtime.
-    pub async fn engine(&self) -> Engine {
-        Engine::new(
+    pub async fn engine(&self) -> Processes {
+        Processes::new(
             Arc::new(self.cfg.clone()),
             self.store.clone(),
             self.defs.clone(),
@@ -419,7 +419,7 @@ fn spawn_scheduler(
                 return;
             }
         };
-        let engine = Engine::new(cfg, store, defs, kinds).await;
+        let engine = Processes::new(cfg, store, defs, kinds).await;
         let scheduler = honua_scheduler::Scheduler::new(engine);
         let _ = tx.send(Ok(scheduler.stats()));
         scheduler.run(shutdown).await;
@@ -526,7 +526,7 @@ pub(crate) fn submission() -> Submission {
 /// Runs one process per worker to completion, so connections, scripts and groups are
 /// ready before the clock starts. (Which workers ran them is not checked: on Redis < 7.2 a
 /// consumer that was never served an entry does not show in `XINFO CONSUMERS`.)
-pub(crate) async fn warm_up(engine: &Engine, processes: usize) -> Result<(), BenchError> {
+pub(crate) async fn warm_up(engine: &Processes, processes: usize) -> Result<(), BenchError> {
     let store = &engine.store;
     let target = outcome(store).await?.finished() + processes as u64;
     for _ in 0..processes {
@@ -550,7 +550,7 @@ pub(crate) async fn warm_up(engine: &Engine, processes: usize) -> Result<(), Ben
 
 /// Creates `total` processes from `tasks` concurrent tasks; returns when the last was
 /// acknowledged.
-async fn submit_all(engine: Engine, total: usize, tasks: usize) -> Result<Instant, BenchError> {
+async fn submit_all(engine: Processes, total: usize, tasks: usize) -> Result<Instant, BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
     for _ in 0..tasks.max(1) {

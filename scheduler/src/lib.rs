@@ -8,12 +8,14 @@
 
 pub mod gateway;
 pub mod ops;
+pub mod processes;
 pub mod scheduler;
 pub mod submit;
 pub mod view;
 
+pub use processes::Processes;
 pub use scheduler::Scheduler;
-pub use submit::{Engine, SubmitError, Submitted};
+pub use submit::{SubmitError, Submitted};
 
 use honua_shared::config::Config;
 use honua_shared::definition::{DefinitionSet, KindRegistry};
@@ -65,7 +67,7 @@ pub fn load_definitions(cfg: &Config) -> anyhow::Result<(Arc<DefinitionSet>, Arc
 
 /// Logs that acknowledged submissions may be lost on a machine crash when the server has
 /// no WAITAOF (`honua-scheduler`, `honua scheduler` and `honua dev` alike).
-pub fn warn_if_not_durable(engine: &Engine) {
+pub fn warn_if_not_durable(engine: &Processes) {
     if !engine.waitaof {
         tracing::warn!(
             "WAITAOF unavailable (Redis < 7.2 or AOF off): a machine crash can lose about the last second of acknowledged submissions"
@@ -93,7 +95,7 @@ pub async fn run_scheduler(
     let (defs, kinds) = load_definitions(&cfg)?;
     let store = honua_shared::store::Store::from_config(&cfg)?;
     let cfg = Arc::new(cfg);
-    let engine = Engine::new(cfg.clone(), store, defs, kinds).await;
+    let engine = Processes::new(cfg.clone(), store, defs, kinds).await;
     warn_if_not_durable(&engine);
     let listener = match listener {
         Some(l) => l,

@@ -2,7 +2,7 @@
 //! listing, shared by the HTTP API and tests. Every state change is a pure decision in
 //! `honua_shared::engine` applied by one revision-checked `commit.lua` call.
 
-use crate::submit::Engine;
+use crate::processes::{Answered, Decision, Processes};
 use honua_shared::engine::{self, Ctx, OpError, Transition};
 use honua_shared::envelope::Event;
 use honua_shared::record::ProcessRecord;
@@ -72,7 +72,7 @@ fn parse_cursor(c: &str) -> Result<(u64, usize), OpsError> {
     Ok((max, offset))
 }
 
-impl Engine {
+impl Processes {
     /// The record and the server time.
     pub async fn load(&self, id: &str) -> Result<(ProcessRecord, u64), OpsError> {
         if !honua_shared::envelope::valid_id(id) {
@@ -88,54 +88,62 @@ impl Engine {
     }
 
     /// Decides with `decide` on a fresh snapshot and commits, re-reading on a revision
-    /// conflict. Returns what `decide` returned besides the transition.
+    /// conflict ([`Processes::decide_and_commit`]). Returns what `decide` returned besides
+    /// the transition.
     async fn transition<T>(
         &self,
         id: &str,
-        mut decide: impl FnMut(&Ctx<'_>, &ProcessRecord) -> Result<(Transition, T), OpsError>,
+        decide: impl Fn(&Ctx<'_>, &ProcessRecord) -> Result<(Transition, T), OpsError>,
     ) -> Result<T, OpsError> {
-        for _ in 0..20 {
-            let (rec, now) = self.load(id).await?;
-            let def = self
-                .defs
-                .get(&rec.process_type, rec.version)
-                .ok_or_else(|| {
-                    OpsError::Conflict(format!(
-                        "definition {} v{} is not loaded on this gateway",
-                        rec.process_type, rec.version
-                    ))
-                })?
-                .clone();
-            let ctx = Ctx {
-                def: &def,
-                kinds: &self.kinds,
-                now_ms: now,
-                jitter: rand::random(),
-            };
-            let (t, extra) = decide(&ctx, &rec)?;
-            let call = t.to_commit(
-                self.store.keys(),
-                id,
-                Some(rec.rev),
-                now,
-                self.cfg.retention_secs,
-                None,
-            );
-            match self.store.commit(&call).await? {
-                Commit::Ok { .. } => return Ok(extra),
-                Commit::Conflict => continue,
-                Commit::Gone => return Err(OpsError::NotFound(id.to_string())),
-                other => {
-                    return Err(OpsError::Store(StoreError::Reply {
+        let decide = &decide;
+        let decided = self
+            .decide_and_commit(
+                || async move {
+                    let (rec, now) = self.load(id).await?;
+                    let def = self
+                        .defs
+                        .get(&rec.process_type, rec.version)
+                        .ok_or_else(|| {
+                            OpsError::Conflict(format!(
+                                "definition {} v{} is not loaded on this gateway",
+                                rec.process_type, rec.version
+                            ))
+                        })?
+                        .clone();
+                    let ctx = Ctx {
+                        def: &def,
+                        kinds: &self.kinds,
+                        now_ms: now,
+                        jitter: rand::random(),
+                    };
+                    let (t, extra) = decide(&ctx, &rec)?;
+                    let call = t.to_commit(
+                        self.store.keys(),
+                        id,
+                        Some(rec.rev),
+                        now,
+                        self.cfg.retention_secs,
+                        None,
+                    );
+                    Ok(Decision::Commit {
+                        call,
+                        span: tracing::Span::current(),
+                        then: extra,
+                    })
+                },
+                |extra, committed| match committed? {
+                    Commit::Ok { .. } => Ok(Answered::Done(extra)),
+                    Commit::Conflict => Ok(Answered::Conflict),
+                    Commit::Gone => Err(OpsError::NotFound(id.to_string())),
+                    other => Err(OpsError::Store(StoreError::Reply {
                         script: "commit",
                         detail: format!("{other:?}"),
-                    }));
-                }
-            }
-        }
-        Err(OpsError::Conflict(
-            "the process is changing too fast; try again".into(),
-        ))
+                    })),
+                },
+            )
+            .await?;
+        decided
+            .ok_or_else(|| OpsError::Conflict("the process is changing too fast; try again".into()))
     }
 
     /// Cancels an unfinished process; its running steps stop within one heartbeat.

@@ -5,18 +5,20 @@
 //! transition is one commit.lua call guarded by the process revision, so two schedulers
 //! deciding from the same snapshot cannot both apply (the loser re-reads and decides again).
 
-use crate::submit::{Engine, SubmitError};
-use honua_shared::engine::{self, AckSource, Ctx};
+use crate::processes::{Answered, CONFLICT_BOUND, Decision, Processes};
+use crate::submit::SubmitError;
+use honua_shared::commit::{AckSource, CommitCall};
+use honua_shared::engine::{self, Ctx};
 use honua_shared::envelope::{Event, Submission};
 use honua_shared::keys::{Key, SCHEDULER_GROUP};
 use honua_shared::metrics as m;
 use honua_shared::record::ProcessRecord;
-use honua_shared::store::{Commit, Entry, StoreError};
+use honua_shared::store::{Commit, Entry, Service, StoreError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Counters a scheduler keeps.
 #[derive(Debug, Default)]
@@ -32,13 +34,13 @@ pub struct SchedulerStats {
 }
 
 pub struct Scheduler {
-    engine: Engine,
+    engine: Processes,
     id: String,
     stats: Arc<SchedulerStats>,
 }
 
 impl Scheduler {
-    pub fn new(engine: Engine) -> Self {
+    pub fn new(engine: Processes) -> Self {
         // Installs the metrics recorder before anything is counted, and exports the
         // process counters at 0 for every known type so rate()/increase() see the first
         // event too.
@@ -74,23 +76,11 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) {
         let me = Arc::new(self);
         let store = &me.engine.store;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let ready = async {
-                store.ensure_groups().await?;
-                store.load_scripts().await
-            };
-            match ready.await {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(error = %e, "redis not ready; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(honua_runtime::jitter(delay)) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
+        if !store
+            .wait_ready(Service::Scheduler, shutdown.cancelled())
+            .await
+        {
+            return;
         }
         info!(scheduler = %me.id, "scheduler started");
         let keys = store.keys().clone();
@@ -256,7 +246,7 @@ impl Scheduler {
                 Err(e) => warn!(error = %e, entry = %entry_id, "event not applied yet; will retry"),
             }
         }
-        let calls: Vec<&engine::CommitCall> = batch.iter().map(|p| &p.call).collect();
+        let calls: Vec<&CommitCall> = batch.iter().map(|(call, _)| call).collect();
         // `None`: nothing is known about which commits of the batch applied. Every event of
         // it then re-reads its record (an applied commit acknowledged its entry, and
         // replaying its event changes nothing).
@@ -268,7 +258,7 @@ impl Scheduler {
                     (0..batch.len()).map(|_| None).collect()
                 }
             };
-        for (p, answer) in batch.into_iter().zip(answers) {
+        for ((_, p), answer) in batch.into_iter().zip(answers) {
             let (entry_id, ev) = (p.entry_id, p.ev);
             let retry = match answer {
                 Some(Ok(c)) => self.committed(p, c),
@@ -306,7 +296,7 @@ impl Scheduler {
         now: u64,
         meta: &std::collections::HashMap<String, String>,
         steps: &std::collections::HashMap<String, String>,
-    ) -> Result<Option<Prepared<'e>>, StoreError> {
+    ) -> Result<Option<(CommitCall, Prepared<'e>)>, StoreError> {
         let store = &self.engine.store;
         let pid = ev.process_id();
         let rec = match ProcessRecord::parse(pid, meta, steps) {
@@ -385,15 +375,17 @@ impl Scheduler {
                 tracestate: None,
             },
         );
-        Ok(Some(Prepared {
-            entry_id,
-            ev,
-            now,
-            rec,
-            t,
+        Ok(Some((
             call,
-            span,
-        }))
+            Prepared {
+                entry_id,
+                ev,
+                now,
+                rec,
+                t,
+                span,
+            },
+        )))
     }
 
     /// Records the answer of one commit. Returns true when the event must be decided again
@@ -441,7 +433,8 @@ impl Scheduler {
         }
     }
 
-    /// Decides and commits one event from a fresh read, re-reading on a revision conflict.
+    /// Decides and commits one event from a fresh read, re-reading on a revision conflict
+    /// ([`Processes::decide_and_commit`]); an event that loses every race stays pending.
     async fn apply_event(
         &self,
         stream: &Key,
@@ -450,25 +443,41 @@ impl Scheduler {
     ) -> Result<(), StoreError> {
         let store = &self.engine.store;
         let pid = ev.process_id();
-        for _ in 0..50 {
-            let (now, mut v) = store.load_processes(&[pid]).await?;
-            let (meta, steps) = v.remove(0);
-            let Some(p) = self
-                .prepare(stream, entry_id, ev, now, &meta, &steps)
-                .await?
-            else {
-                return Ok(());
-            };
-            let span = p.span.clone();
-            let committed = store.commit(&p.call).instrument(span.clone()).await;
-            if committed.is_err() {
-                span.record("honua.commit", "error");
-            }
-            if !self.committed(p, committed?) {
-                return Ok(());
-            }
+        let applied: Option<()> = self
+            .engine
+            .decide_and_commit(
+                || async move {
+                    let (now, mut v) = store.load_processes(&[pid]).await?;
+                    let (meta, steps) = v.remove(0);
+                    Ok(
+                        match self
+                            .prepare(stream, entry_id, ev, now, &meta, &steps)
+                            .await?
+                        {
+                            None => Decision::Done(()),
+                            Some((call, p)) => Decision::Commit {
+                                call,
+                                span: p.span.clone(),
+                                then: p,
+                            },
+                        },
+                    )
+                },
+                |p, committed| {
+                    if committed.is_err() {
+                        p.span.record("honua.commit", "error");
+                    }
+                    Ok::<_, StoreError>(if self.committed(p, committed?) {
+                        Answered::Conflict
+                    } else {
+                        Answered::Done(())
+                    })
+                },
+            )
+            .await?;
+        if applied.is_none() {
+            warn!(process_id = %pid, "{CONFLICT_BOUND} revision conflicts in a row; event left pending");
         }
-        warn!(process_id = %pid, "50 revision conflicts in a row; event left pending");
         Ok(())
     }
 
@@ -648,14 +657,13 @@ fn event_kind(ev: &Event) -> &'static str {
     }
 }
 
-/// One decided transition, ready to commit.
+/// One decided transition, ready to commit (its commit call goes beside it).
 struct Prepared<'e> {
     entry_id: &'e str,
     ev: &'e Event,
     now: u64,
     rec: ProcessRecord,
     t: engine::Transition,
-    call: engine::CommitCall,
     span: tracing::Span,
 }
 

@@ -1,25 +1,14 @@
 //! Creating a process: shared by the HTTP gateway and the submission-stream consumer.
 
-use honua_shared::config::{Config, WaitAof};
-use honua_shared::definition::{DefinitionSet, KindRegistry};
-use honua_shared::engine::{self, AckSource, Ctx};
+use crate::processes::{Answered, Decision, Processes};
+use honua_shared::commit::AckSource;
+use honua_shared::config::WaitAof;
+use honua_shared::engine::{self, Ctx};
 use honua_shared::envelope::Submission;
 use honua_shared::record::ProcessRecord;
-use honua_shared::store::{Commit, Store, StoreError};
-use std::sync::Arc;
+use honua_shared::store::{Commit, StoreError};
 use std::time::Duration;
 use tracing::Instrument;
-
-/// Everything process creation needs.
-#[derive(Clone)]
-pub struct Engine {
-    pub cfg: Arc<Config>,
-    pub store: Store,
-    pub defs: Arc<DefinitionSet>,
-    pub kinds: Arc<KindRegistry>,
-    /// Decided once at start: the server has WAITAOF and AOF is on.
-    pub waitaof: bool,
-}
 
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
@@ -68,26 +57,7 @@ impl Submitted {
     }
 }
 
-impl Engine {
-    pub async fn new(
-        cfg: Arc<Config>,
-        store: Store,
-        defs: Arc<DefinitionSet>,
-        kinds: Arc<KindRegistry>,
-    ) -> Self {
-        let waitaof = match cfg.wait_aof {
-            WaitAof::Off => false,
-            _ => store.supports_waitaof().await.unwrap_or(false),
-        };
-        Self {
-            cfg,
-            store,
-            defs,
-            kinds,
-            waitaof,
-        }
-    }
-
+impl Processes {
     /// Creates the process (one commit.lua call that also enqueues its first steps and,
     /// with `ack`, acknowledges the submission entry) and waits for the AOF where possible.
     ///
@@ -192,49 +162,71 @@ impl Engine {
             .id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let now = self.store.server_time_ms().await?;
-        let ctx = Ctx {
-            def,
-            kinds: &self.kinds,
-            now_ms: now,
-            jitter: rand::random(),
-        };
-        let timeout = self.cfg.process_timeout(&def.name, def.timeout);
-        let t = engine::create(
-            &ctx,
-            &id,
-            input,
-            sub.idempotency_key.clone(),
-            honua_runtime::telemetry::trace_context_of(span)
-                .and_then(|t| t.traceparent)
-                .or_else(|| {
-                    sub.trace
-                        .traceparent
-                        .clone()
-                        .filter(|t| honua_shared::envelope::valid_traceparent(t))
-                }),
-            timeout,
-        );
-        let ack = ack.map(|entry| AckSource {
-            stream: self.store.keys().submit(),
-            id: entry,
-        });
-        let call = t.to_commit(
-            self.store.keys(),
-            &id,
-            None,
-            now,
-            self.cfg.retention_secs,
-            ack,
-        );
-        let result = match self.store.commit(&call).await? {
-            Commit::Ok { .. } => Submitted::Created(id.clone()),
-            Commit::Duplicate(existing) => return self.duplicate(sub, existing).await,
-            Commit::Exists => return Err(SubmitError::IdTaken(id)),
-            other => {
+        // A create has no revision to lose (commit.lua answers `conflict` only to an
+        // update), so the answer step never asks to decide again.
+        let (id, input) = (&id, &input);
+        let stored = self
+            .decide_and_commit(
+                || async move {
+                    let now = self.store.server_time_ms().await?;
+                    let ctx = Ctx {
+                        def,
+                        kinds: &self.kinds,
+                        now_ms: now,
+                        jitter: rand::random(),
+                    };
+                    let timeout = self.cfg.process_timeout(&def.name, def.timeout);
+                    let t = engine::create(
+                        &ctx,
+                        id,
+                        input.clone(),
+                        sub.idempotency_key.clone(),
+                        honua_runtime::telemetry::trace_context_of(span)
+                            .and_then(|t| t.traceparent)
+                            .or_else(|| {
+                                sub.trace
+                                    .traceparent
+                                    .clone()
+                                    .filter(|t| honua_shared::envelope::valid_traceparent(t))
+                            }),
+                        timeout,
+                    );
+                    let ack = ack.map(|entry| AckSource {
+                        stream: self.store.keys().submit(),
+                        id: entry,
+                    });
+                    let call = t.to_commit(
+                        self.store.keys(),
+                        id,
+                        None,
+                        now,
+                        self.cfg.retention_secs,
+                        ack,
+                    );
+                    Ok(Decision::Commit {
+                        call,
+                        span: span.clone(),
+                        then: (),
+                    })
+                },
+                |(), committed| match committed? {
+                    Commit::Ok { .. } => Ok(Answered::Done(None)),
+                    Commit::Duplicate(existing) => Ok(Answered::Done(Some(existing))),
+                    Commit::Exists => Err(SubmitError::IdTaken(id.clone())),
+                    other => Err(SubmitError::Store(StoreError::Reply {
+                        script: "commit",
+                        detail: format!("{other:?} on create"),
+                    })),
+                },
+            )
+            .await?;
+        let result = match stored {
+            Some(None) => Submitted::Created(id.clone()),
+            Some(Some(existing)) => return self.duplicate(sub, existing).await,
+            None => {
                 return Err(SubmitError::Store(StoreError::Reply {
                     script: "commit",
-                    detail: format!("{other:?} on create"),
+                    detail: format!("{:?} on create", Commit::Conflict),
                 }));
             }
         };

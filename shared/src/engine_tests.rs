@@ -4,8 +4,10 @@
 //! `commit.lua` would, so a whole process life runs without Redis.
 
 use super::*;
+use crate::commit::{AckSource, CommitCall, deadline_member, delayed_member};
 use crate::definition::{DefinitionSet, Format, RetryPolicy};
 use crate::envelope::{Failure, StepResult};
+use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 
 pub mod allowlist;
 pub mod codec;
+pub mod commit;
 pub mod config;
 pub mod definition;
 pub mod engine;

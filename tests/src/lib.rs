@@ -360,7 +360,7 @@ pub fn append_log(path: &Path, event: &str, pid: &str, step: &str, worker: &str,
 /// An in-process fleet: schedulers (with gateways) and workers on one Redis.
 pub struct Fleet {
     pub cfg: Config,
-    pub engine: honua_scheduler::Engine,
+    pub engine: honua_scheduler::Processes,
     pub addr: std::net::SocketAddr,
     pub worker_stats: Vec<std::sync::Arc<honua_worker::WorkerStats>>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -380,9 +380,13 @@ impl Fleet {
         let st = store(&cfg);
         let shutdown = tokio_util::sync::CancellationToken::new();
         let cfg_arc = Arc::new(cfg.clone());
-        let engine =
-            honua_scheduler::Engine::new(cfg_arc.clone(), st.clone(), defs.clone(), kinds.clone())
-                .await;
+        let engine = honua_scheduler::Processes::new(
+            cfg_arc.clone(),
+            st.clone(),
+            defs.clone(),
+            kinds.clone(),
+        )
+        .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut tasks = Vec::new();
@@ -393,9 +397,13 @@ impl Fleet {
         for i in 0..schedulers {
             let mut c = cfg.clone();
             c.scheduler.id = Some(format!("scheduler-{i}"));
-            let e =
-                honua_scheduler::Engine::new(Arc::new(c), st.clone(), defs.clone(), kinds.clone())
-                    .await;
+            let e = honua_scheduler::Processes::new(
+                Arc::new(c),
+                st.clone(),
+                defs.clone(),
+                kinds.clone(),
+            )
+            .await;
             tasks.push(tokio::spawn(
                 honua_scheduler::Scheduler::new(e).run(shutdown.clone()),
             ));

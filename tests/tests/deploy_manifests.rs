@@ -387,7 +387,7 @@ fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
     let http_port = port_of(&defaults.listen_addr());
     assert_eq!(sc["ports"][0]["containerPort"], http_port);
     assert_eq!(sc["ports"][0]["name"], "http");
-    let gateway = read("scheduler/src/gateway.rs");
+    let gateway = read("scheduler/src/gateway/mod.rs");
     for (probe, path) in [
         ("livenessProbe", "/health/live"),
         ("readinessProbe", "/health/ready"),
@@ -620,7 +620,7 @@ fn autoscaling_and_monitoring_use_exported_metrics_and_the_real_stream() {
     let sm = find(&objs, "ServiceMonitor", "honua-process-framework");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "http");
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
-    assert!(read("scheduler/src/gateway.rs").contains(".route(\"/metrics\""));
+    assert!(read("scheduler/src/gateway/mod.rs").contains(".route(\"/metrics\""));
     let pm = find(&objs, "PodMonitor", "honua-worker");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
     // Alert and recording expressions only name exported metrics (or recorded series).

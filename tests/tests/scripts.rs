@@ -22,14 +22,16 @@ kind = "noop"
 
 /// A process created through the engine (no scheduler or worker running), with its one job
 /// read by consumer `a`.
-async fn setup(redis: &RedisServer) -> (Store, Held, honua_scheduler::Engine, tempfile::TempDir) {
+async fn setup(
+    redis: &RedisServer,
+) -> (Store, Held, honua_scheduler::Processes, tempfile::TempDir) {
     let dir = defs_dir(DEF);
     let cfg = test_config(&redis.url(), dir.path());
     let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
     let st = store(&cfg);
     st.ensure_groups().await.unwrap();
     let engine =
-        honua_scheduler::Engine::new(std::sync::Arc::new(cfg), st.clone(), defs, kinds).await;
+        honua_scheduler::Processes::new(std::sync::Arc::new(cfg), st.clone(), defs, kinds).await;
     let pid = engine
         .create(
             &honua_shared::envelope::Submission {
@@ -764,7 +766,7 @@ async fn a_missing_group_or_library_is_a_typed_error() {
         .query_async(&mut st.conn())
         .await
         .unwrap();
-    let call = honua_shared::engine::CommitCall {
+    let call = honua_shared::commit::CommitCall {
         keys: vec![],
         args: vec![],
     };
@@ -776,4 +778,72 @@ async fn a_missing_group_or_library_is_a_typed_error() {
             "{a:?}"
         );
     }
+}
+
+/// The one decide-and-commit path against commit.lua's revision guard: a commit decided on
+/// a stale revision loses the race and is decided again from a fresh read, and a change
+/// that loses every race gives up after `CONFLICT_BOUND` decisions.
+#[tokio::test]
+async fn decide_and_commit_decides_again_after_a_lost_race_and_gives_up_at_the_bound() {
+    use honua_scheduler::processes::{Answered, CONFLICT_BOUND, Decision};
+    use honua_shared::engine::Transition;
+    use honua_shared::record::ProcessRecord;
+    use honua_shared::store::{Commit, StoreError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let redis = RedisServer::start();
+    let (st, held, processes, _dir) = setup(&redis).await;
+    let pid = held.job.process_id.as_str();
+    let decided = AtomicUsize::new(0);
+    // Decides an empty transition: on a stale revision for the first `stale_for` decisions,
+    // then on the one read.
+    let decide = |stale_for: usize| {
+        let (st, decided) = (&st, &decided);
+        move || async move {
+            let n = decided.fetch_add(1, Ordering::Relaxed);
+            let (now, mut v) = st.load_processes(&[pid]).await?;
+            let (meta, steps) = v.remove(0);
+            let rec = ProcessRecord::parse(pid, &meta, &steps).unwrap().unwrap();
+            let rev = if n < stale_for {
+                rec.rev + 1000
+            } else {
+                rec.rev
+            };
+            let call = Transition::default().to_commit(st.keys(), pid, Some(rev), now, 60, None);
+            Ok::<_, StoreError>(Decision::<(), ()>::Commit {
+                call,
+                span: tracing::Span::none(),
+                then: (),
+            })
+        }
+    };
+    let answer = |(), committed: Result<Commit, StoreError>| {
+        Ok(match committed? {
+            Commit::Conflict => Answered::Conflict,
+            Commit::Ok { .. } => Answered::Done(()),
+            other => panic!("unexpected answer {other:?}"),
+        })
+    };
+
+    let rev_before = processes.load(pid).await.unwrap().0.rev;
+    let won = processes
+        .decide_and_commit(decide(3), answer)
+        .await
+        .unwrap();
+    assert_eq!(won, Some(()));
+    assert_eq!(
+        decided.load(Ordering::Relaxed),
+        4,
+        "three lost races, then a win"
+    );
+    assert_eq!(processes.load(pid).await.unwrap().0.rev, rev_before + 1);
+
+    decided.store(0, Ordering::Relaxed);
+    let lost = processes
+        .decide_and_commit(decide(usize::MAX), answer)
+        .await
+        .unwrap();
+    assert_eq!(lost, None);
+    assert_eq!(decided.load(Ordering::Relaxed), CONFLICT_BOUND);
+    assert_eq!(processes.load(pid).await.unwrap().0.rev, rev_before + 1);
 }

@@ -88,7 +88,7 @@ impl Store {
     }
 
     /// Runs `commit.lua`.
-    pub async fn commit(&self, call: &crate::engine::CommitCall) -> Result<Commit> {
+    pub async fn commit(&self, call: &crate::commit::CommitCall) -> Result<Commit> {
         let mut inv = Scripts::get().commit.prepare_invoke();
         for k in &call.keys {
             inv.key(k);
@@ -106,7 +106,7 @@ impl Store {
     /// answer is [`StoreError::FunctionsNotLoaded`] ([`Store::commit`] loads it and retries).
     pub async fn commit_many(
         &self,
-        calls: &[&crate::engine::CommitCall],
+        calls: &[&crate::commit::CommitCall],
     ) -> Result<Vec<Result<Commit>>> {
         if calls.is_empty() {
             return Ok(vec![]);

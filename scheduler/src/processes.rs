@@ -1,0 +1,103 @@
+//! The scheduler's hold on processes ([`Processes`]) and its one decide-and-commit path:
+//! read, decide, commit through `commit.lua`, and decide again from a fresh read when the
+//! commit lost a revision race.
+
+use honua_shared::commit::CommitCall;
+use honua_shared::config::{Config, WaitAof};
+use honua_shared::definition::{DefinitionSet, KindRegistry};
+use honua_shared::store::{Commit, Store, StoreError};
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// How many times in a row one change may lose the revision race before
+/// [`Processes::decide_and_commit`] gives up. Every lost race means another writer (a
+/// scheduler applying another event of the process, or an operator action) committed in
+/// between, so the process is making progress; the bound only stops one change from
+/// re-reading forever while a burst of events for the same process (a wide fan-out
+/// reporting at once to several schedulers) keeps winning. 50 re-reads of a few round trips
+/// each stay well under a second, and no burst seen in the load tests came near it.
+pub const CONFLICT_BOUND: usize = 50;
+
+/// What the decide step of [`Processes::decide_and_commit`] made of a fresh read.
+pub enum Decision<P, T> {
+    /// Commit `call` (its round trip runs in `span`); `then` goes with the answer to the
+    /// caller's answer step.
+    Commit {
+        call: CommitCall,
+        span: tracing::Span,
+        then: P,
+    },
+    /// Nothing to commit: the change ends with `T`.
+    Done(T),
+}
+
+/// What the answer step of [`Processes::decide_and_commit`] made of a commit's answer.
+pub enum Answered<T> {
+    /// The commit lost a revision race: decide again from a fresh read.
+    Conflict,
+    /// The change ends with `T`.
+    Done(T),
+}
+
+/// The scheduler's hold on processes: configuration, store, definitions and kinds. With
+/// it the gateway and the scheduler loops create processes ([`crate::submit`]), apply
+/// operator actions ([`crate::ops`]) and events ([`crate::scheduler`]), every change through
+/// [`Processes::decide_and_commit`].
+#[derive(Clone)]
+pub struct Processes {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub defs: Arc<DefinitionSet>,
+    pub kinds: Arc<KindRegistry>,
+    /// Decided once at start: the server has WAITAOF and AOF is on.
+    pub waitaof: bool,
+}
+
+impl Processes {
+    pub async fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        defs: Arc<DefinitionSet>,
+        kinds: Arc<KindRegistry>,
+    ) -> Self {
+        let waitaof = match cfg.wait_aof {
+            WaitAof::Off => false,
+            _ => store.supports_waitaof().await.unwrap_or(false),
+        };
+        Self {
+            cfg,
+            store,
+            defs,
+            kinds,
+            waitaof,
+        }
+    }
+
+    /// The one decide-and-commit path of every process change (a submission, an operator
+    /// action, an event): `decide` reads what it needs and decides, the commit goes out,
+    /// `answer` reads the commit's answer (or the error sending it). On
+    /// [`Answered::Conflict`] it decides again from a fresh read, at most
+    /// [`CONFLICT_BOUND`] times; `None` when every one of them lost the race (what that
+    /// means is the caller's to say).
+    pub async fn decide_and_commit<P, T, E, D>(
+        &self,
+        mut decide: impl FnMut() -> D,
+        mut answer: impl FnMut(P, Result<Commit, StoreError>) -> Result<Answered<T>, E>,
+    ) -> Result<Option<T>, E>
+    where
+        D: Future<Output = Result<Decision<P, T>, E>>,
+    {
+        for _ in 0..CONFLICT_BOUND {
+            let (call, span, then) = match decide().await? {
+                Decision::Done(t) => return Ok(Some(t)),
+                Decision::Commit { call, span, then } => (call, span, then),
+            };
+            let committed = self.store.commit(&call).instrument(span).await;
+            match answer(then, committed)? {
+                Answered::Done(t) => return Ok(Some(t)),
+                Answered::Conflict => {}
+            }
+        }
+        Ok(None)
+    }
+}

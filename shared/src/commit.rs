@@ -1,0 +1,275 @@
+//! Compiles a decided [`Transition`] into the arguments of one `commit.lua` call: the
+//! engine's actions become op codes over a table of hash-tagged keys. This is where the
+//! decisions meet the key layout; [`crate::engine`] itself stays pure.
+
+use crate::engine::{Action, Transition};
+use crate::envelope::Event;
+use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
+use crate::status::ProcessStatus;
+
+/// The delayed-set member that fires a process's timeout (deterministic, so finishing the
+/// process can remove it).
+pub fn deadline_member(process_id: &str) -> String {
+    delayed_member(
+        "event",
+        &Event::ProcessTimeout {
+            process_id: process_id.to_string(),
+        }
+        .to_fields(),
+    )
+}
+
+/// A delayed-set member: what fires (`kind`, `job` or `event`) and its stream fields.
+pub(crate) fn delayed_member(kind: &str, fields: &[(String, String)]) -> String {
+    let flat: Vec<&str> = fields
+        .iter()
+        .flat_map(|(k, v)| [k.as_str(), v.as_str()])
+        .collect();
+    serde_json::json!({ "k": kind, "f": flat }).to_string()
+}
+
+/// The arguments of one `commit.lua` call.
+#[derive(Debug, Clone)]
+pub struct CommitCall {
+    pub keys: Vec<Key>,
+    pub args: Vec<Vec<u8>>,
+}
+
+struct KeyTable(Vec<Key>);
+
+impl KeyTable {
+    fn idx(&mut self, k: Key) -> Vec<u8> {
+        let i = match self.0.iter().position(|x| *x == k) {
+            Some(i) => i,
+            None => {
+                self.0.push(k);
+                self.0.len() - 1
+            }
+        };
+        (i + 1).to_string().into_bytes()
+    }
+}
+
+/// The source entry a commit acknowledges (submission or event).
+pub struct AckSource<'a> {
+    pub stream: Key,
+    pub id: &'a str,
+}
+
+struct Ops {
+    n: usize,
+    args: Vec<Vec<u8>>,
+}
+
+impl Ops {
+    fn op(&mut self, parts: Vec<Vec<u8>>) {
+        self.n += 1;
+        self.args.extend(parts);
+    }
+    fn pairs(&mut self, op: &str, key: Vec<u8>, pairs: Vec<(String, Vec<u8>)>) {
+        if pairs.is_empty() {
+            return;
+        }
+        let mut v = vec![
+            op.as_bytes().to_vec(),
+            key,
+            pairs.len().to_string().into_bytes(),
+        ];
+        for (f, val) in pairs {
+            v.push(f.into_bytes());
+            v.push(val);
+        }
+        self.op(v);
+    }
+}
+
+fn b(s: impl ToString) -> Vec<u8> {
+    s.to_string().into_bytes()
+}
+
+impl Transition {
+    /// Compiles the actions into one `commit.lua` call. `rev` is the revision the decision
+    /// was made on (`None` for a create).
+    pub fn to_commit(
+        &self,
+        keys: &Keys,
+        process_id: &str,
+        rev: Option<u64>,
+        now_ms: u64,
+        retention_secs: u64,
+        ack: Option<AckSource<'_>>,
+    ) -> CommitCall {
+        let mut kt = KeyTable(vec![keys.process(process_id)]);
+        let meta = kt.idx(keys.process(process_id));
+        let steps_k = kt.idx(keys.steps(process_id));
+        let data_k = kt.idx(keys.data(process_id));
+        let mut ops = Ops { n: 0, args: vec![] };
+        let mut meta_fields: Vec<(String, Vec<u8>)> = vec![
+            (field::REV.into(), b(rev.map_or(1, |r| r + 1))),
+            (field::UPDATED_MS.into(), b(now_ms)),
+        ];
+        let mut idem_idx = b(0);
+        let mut step_fields = Vec::new();
+        for a in &self.actions {
+            match a {
+                Action::Create {
+                    process_type,
+                    version,
+                    input,
+                    idempotency_key,
+                    trace,
+                    timeout_ms,
+                } => {
+                    meta_fields.extend([
+                        (field::TYPE.into(), b(process_type)),
+                        (field::VERSION.into(), b(version)),
+                        (field::STATUS.into(), b(ProcessStatus::Running)),
+                        (field::CREATED_MS.into(), b(now_ms)),
+                        (field::STARTED_MS.into(), b(now_ms)),
+                        (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
+                    ]);
+                    if let Some(t) = trace {
+                        meta_fields.push((field::TRACE.into(), b(t)));
+                    }
+                    ops.pairs(
+                        "hset",
+                        data_k.clone(),
+                        vec![(field::INPUT.into(), input.clone())],
+                    );
+                    let idx_all = kt.idx(keys.index_all());
+                    ops.op(vec![b("zadd"), idx_all, b(now_ms), b(process_id)]);
+                    let idx_active = kt.idx(keys.index_active());
+                    ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(timeout_ms),
+                        b(deadline_member(process_id)),
+                    ]);
+                    if let Some(k) = idempotency_key {
+                        meta_fields.push((field::IDEMPOTENCY_KEY.into(), b(k)));
+                        let ik = kt.idx(keys.idempotency(k));
+                        idem_idx = ik.clone();
+                        let ttl = retention_secs + timeout_ms / 1000 + 1;
+                        ops.op(vec![b("setex"), ik, b(ttl), b(process_id)]);
+                    }
+                }
+                Action::SetStep { step, record } => {
+                    step_fields
+                        .push((step.clone(), serde_json::to_vec(record).unwrap_or_default()));
+                }
+                Action::Enqueue(job) => {
+                    let jobs = kt.idx(keys.jobs());
+                    ops.pairs(
+                        "xadd",
+                        jobs,
+                        job.to_fields()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.into_bytes()))
+                            .collect(),
+                    );
+                }
+                Action::EnqueueLater { job, delay_ms } => {
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(delay_ms),
+                        b(delayed_member("job", &job.to_fields())),
+                    ]);
+                }
+                Action::EventLater { event, delay_ms } => {
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(delay_ms),
+                        b(delayed_member("event", &event.to_fields())),
+                    ]);
+                }
+                Action::SetStatus(s) => meta_fields.push((field::STATUS.into(), b(s))),
+                Action::Reopen { from, timeout_ms } => {
+                    ops.op(vec![
+                        b("hdel"),
+                        meta.clone(),
+                        b(3),
+                        b(field::ENDED_MS),
+                        b(field::ERROR),
+                        b(field::CODE),
+                    ]);
+                    meta_fields.push((field::DEADLINE_MS.into(), b(now_ms + timeout_ms)));
+                    let idx_status = kt.idx(keys.index_status(*from));
+                    ops.op(vec![b("zrem"), idx_status, b(process_id)]);
+                    let idx_active = kt.idx(keys.index_active());
+                    ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
+                    for k in [meta.clone(), steps_k.clone(), data_k.clone()] {
+                        ops.op(vec![b("persist"), k]);
+                    }
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(timeout_ms),
+                        b(deadline_member(process_id)),
+                    ]);
+                }
+                Action::SetInput(blob) => {
+                    ops.pairs(
+                        "hset",
+                        data_k.clone(),
+                        vec![(field::INPUT.into(), blob.clone())],
+                    );
+                }
+                Action::Audit(list) => {
+                    meta_fields.push((
+                        field::AUDIT.into(),
+                        serde_json::to_vec(list).unwrap_or_default(),
+                    ));
+                }
+                Action::Finish {
+                    status,
+                    error,
+                    code,
+                } => {
+                    meta_fields.push((field::STATUS.into(), b(status)));
+                    meta_fields.push((field::ENDED_MS.into(), b(now_ms)));
+                    if let Some(e) = error {
+                        meta_fields.push((field::ERROR.into(), b(e)));
+                    }
+                    if let Some(c) = code {
+                        meta_fields.push((field::CODE.into(), b(c)));
+                    }
+                    let idx_active = kt.idx(keys.index_active());
+                    ops.op(vec![b("zrem"), idx_active, b(process_id)]);
+                    let idx_status = kt.idx(keys.index_status(*status));
+                    ops.op(vec![b("zadd"), idx_status, b(now_ms), b(process_id)]);
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![b("zrem"), delayed, b(deadline_member(process_id))]);
+                }
+            }
+        }
+        ops.pairs("hset", steps_k.clone(), step_fields);
+        ops.pairs("hset", meta.clone(), meta_fields);
+        if self.finish().is_some() {
+            for k in [meta, steps_k, data_k] {
+                ops.op(vec![b("expire"), k, b(retention_secs)]);
+            }
+        }
+        let (ack_idx, ack_id) = match ack {
+            Some(a) => (kt.idx(a.stream), b(a.id)),
+            None => (b(0), b("")),
+        };
+        let mut args = vec![
+            b(if rev.is_some() { "update" } else { "create" }),
+            b(rev.unwrap_or(0)),
+            idem_idx,
+            ack_idx,
+            b(SCHEDULER_GROUP),
+            ack_id,
+            b(ops.n),
+        ];
+        args.extend(ops.args);
+        CommitCall { keys: kt.0, args }
+    }
+}
