@@ -480,6 +480,10 @@ fn signal(pid: u32, sig: &str) -> Result<(), BenchError> {
     }
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "compares times taken by processes on this one machine"
+)]
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

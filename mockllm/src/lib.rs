@@ -466,6 +466,10 @@ fn text_of(content: &Value) -> String {
     }
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the `created` field of a reply is the provider's wall clock"
+)]
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -880,7 +884,10 @@ async fn answer(
     now(r)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pieces of one streamed reply"
+)]
 fn stream_response(
     s: &Shared,
     cfg: &MockConfig,

@@ -6,16 +6,12 @@
 //! It stands on `honua-shared` only (for config and metric names); the scheduler and the
 //! worker both use it, and it may not depend on either.
 
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod http_server;
 pub mod telemetry;
 
-use std::time::Duration;
-
-/// A random duration in [d/2, d] (jitter for backoffs and periodic loops).
-pub fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::random::<f64>())
-}
+pub use honua_shared::jitter;
 
 /// Installs rustls's ring provider once (reqwest is built without a default provider).
 pub fn install_crypto_provider() {

@@ -110,6 +110,10 @@ impl TelemetryGuard {
     }
 
     /// Exports every finished span now (blocks until the exporter answers or times out).
+    #[expect(
+        clippy::print_stderr,
+        reason = "the log subscriber may already be gone at exit"
+    )]
     pub fn flush(&self) {
         if let Some(p) = &self.provider {
             blocking(|| {
@@ -127,6 +131,10 @@ impl TelemetryGuard {
 }
 
 impl Drop for TelemetryGuard {
+    #[expect(
+        clippy::print_stderr,
+        reason = "the log subscriber may already be gone at exit"
+    )]
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
             blocking(|| {
@@ -156,6 +164,7 @@ pub fn init(format: LogFormat) {
 }
 
 /// [`init`] returning the guard that flushes spans on drop.
+#[expect(clippy::print_stderr, reason = "logging is not set up yet")]
 pub fn init_from_env(format: LogFormat) -> TelemetryGuard {
     let otlp = match OtlpConfig::from_env() {
         Ok(c) => c,
@@ -507,6 +516,10 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 .name("metrics-upkeep".into())
                 .spawn(move || {
                     loop {
+                        #[expect(
+                            clippy::disallowed_methods,
+                            reason = "its own OS thread, not a runtime worker"
+                        )]
                         std::thread::sleep(std::time::Duration::from_secs(5));
                         upkeep.run_upkeep();
                     }

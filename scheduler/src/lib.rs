@@ -6,6 +6,8 @@
 //! `honua-runtime` (telemetry, the HTTP server); it never runs a step handler and may not
 //! depend on the worker.
 
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod gateway;
 pub mod ops;
 pub mod processes;

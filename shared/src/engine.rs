@@ -419,7 +419,6 @@ impl<'a> Planner<'a> {
 }
 
 /// The transition that creates a process.
-#[allow(clippy::too_many_arguments)]
 pub fn create(
     ctx: &Ctx<'_>,
     process_id: &str,

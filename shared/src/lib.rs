@@ -2,6 +2,8 @@
 //! typed hash-tagged keys, the stream envelopes, the state codec, process definitions and
 //! the pure decisions over them, the Lua scripts, configuration and Redis plumbing.
 
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod allowlist;
 pub mod codec;
 pub mod commit;
@@ -18,3 +20,9 @@ pub mod record;
 pub mod scripts;
 pub mod status;
 pub mod store;
+
+/// A random duration in [d/2, d] (jitter for backoffs and periodic loops).
+pub fn jitter(d: std::time::Duration) -> std::time::Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}

@@ -104,6 +104,10 @@ impl RedisServer {
                 return;
             }
             assert!(Instant::now() < deadline, "redis-server did not start");
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "poll interval of a synchronous wait with a deadline"
+            )]
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -285,6 +289,10 @@ impl WorkerProcess {
             if Instant::now() > end {
                 return None;
             }
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "poll interval of a synchronous wait with a deadline"
+            )]
             std::thread::sleep(Duration::from_millis(20));
         }
     }

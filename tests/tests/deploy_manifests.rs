@@ -1082,3 +1082,45 @@ fn prod_overlays_require_the_api_keys_secret() {
         "{keda}"
     );
 }
+
+/// The `path = "…"` entries of a clippy.toml's disallowed lists.
+fn disallowed_paths(rel: &str) -> BTreeSet<String> {
+    read(rel)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split("path = \"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Clippy reads the nearest clippy.toml only, so a crate with its own (the protocol crate's
+/// stricter one) must repeat every entry of the workspace policy, or that crate silently
+/// escapes it.
+#[test]
+fn shared_clippy_policy_extends_the_workspace_policy() {
+    let workspace = disallowed_paths("clippy.toml");
+    assert!(
+        workspace.contains("redis::AsyncCommands::xack") && workspace.len() >= 10,
+        "{workspace:?}"
+    );
+    let shared = disallowed_paths("shared/clippy.toml");
+    let missing: Vec<_> = workspace.difference(&shared).collect();
+    assert!(missing.is_empty(), "shared/clippy.toml lacks {missing:?}");
+    assert!(shared.contains("std::time::Instant::now"), "{shared:?}");
+    // No other crate has a policy file of its own that could drift.
+    for member in [
+        "runtime",
+        "scheduler",
+        "worker",
+        "cli",
+        "mockllm",
+        "loadtest",
+        "tests",
+    ] {
+        assert!(
+            !root().join(member).join("clippy.toml").exists(),
+            "{member}/clippy.toml would replace the workspace policy for {member}"
+        );
+    }
+}

@@ -114,6 +114,10 @@ impl RestoredRedis {
                 }
             }
             assert!(Instant::now() < deadline, "restored redis did not start");
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "poll interval of a synchronous wait with a deadline"
+            )]
             std::thread::sleep(Duration::from_millis(20));
         }
     }

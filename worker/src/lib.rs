@@ -2,6 +2,8 @@
 //! heartbeats, checkpoints, reclaims the jobs of stopped workers, and commits each step's
 //! result exactly once through fenced scripts.
 
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod builtin;
 pub mod handler;
 pub mod limit;

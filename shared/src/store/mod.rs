@@ -187,13 +187,6 @@ pub enum Service {
     Worker,
 }
 
-/// A random duration in [d/2, d]: the same jitter as `honua_runtime::jitter`, which stands
-/// on this crate and so cannot be used here.
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::random::<f64>())
-}
-
 fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
@@ -349,7 +342,7 @@ impl Store {
                 Err(e) => {
                     warn!(error = %e, "redis not ready; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(jitter(delay)) => {}
+                        _ = tokio::time::sleep(crate::jitter(delay)) => {}
                         _ = &mut stop => return false,
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -55,7 +55,6 @@ impl Store {
     }
 
     /// Records of many processes in one round trip, with the server time.
-    #[allow(clippy::type_complexity)]
     pub async fn load_processes(
         &self,
         ids: &[&str],

@@ -219,6 +219,10 @@ pub fn utc_day(unix_secs: u64) -> String {
     format!("{y:04}{mo:02}{d:02}")
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the day names a key the budget script touches, so it is chosen before the call: a worker clock off by d charges d of usage around midnight to the neighbouring day"
+)]
 fn today() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

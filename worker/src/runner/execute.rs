@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 
 impl Inner {
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "what one claimed job carries into its execution"
+    )]
     pub(super) async fn execute(
         self: Arc<Self>,
         span: tracing::Span,

@@ -169,6 +169,10 @@ impl Worker {
             .unwrap_or_else(|| honua_shared::config::default_instance_id("worker"))
             .into();
         let codec = cfg.codec();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "bounded by the step slots: at most max_concurrent_steps completions are in flight"
+        )]
         let (completions, completions_rx) = mpsc::unbounded_channel();
         let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_steps));
         // Installs the metrics recorder before anything is counted.
