@@ -1,6 +1,14 @@
 //! The Honua protocol, shared by the scheduler, the workers, the gateway and any client:
-//! typed hash-tagged keys, the stream envelopes, the state codec, process definitions and
-//! the pure decisions over them, the Lua scripts, configuration and Redis plumbing.
+//! typed hash-tagged keys ([`keys`]), the stream envelopes and their wire names
+//! ([`envelope`]), the state codec, process definitions and step-kind validation
+//! ([`definition`]), the pure transition decisions ([`engine`]) and their compilation into
+//! script op codes ([`commit`]), the Lua scripts loaded as one Redis Functions library
+//! ([`scripts`]), the Redis store split by caller ([`store`]: plumbing, the worker's fenced
+//! scripts, the scheduler's commits, operator inspection), and layered configuration.
+//!
+//! Every other crate stands on this one; it depends on none of them, runs no step handler,
+//! serves no HTTP, and reads no local clock (`shared/clippy.toml`): decisions take the time
+//! they are given, which is Redis's.
 
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 

@@ -847,3 +847,25 @@ async fn decide_and_commit_decides_again_after_a_lost_race_and_gives_up_at_the_b
     assert_eq!(decided.load(Ordering::Relaxed), CONFLICT_BOUND);
     assert_eq!(processes.load(pid).await.unwrap().0.rev, rev_before + 1);
 }
+
+/// A command the service's Redis user may not run is [`StoreError::NoPermission`] (not a
+/// generic Redis error), so the worker can tell an ACL without `+info` from a failing server.
+#[tokio::test]
+async fn a_command_the_user_may_not_run_is_a_typed_error() {
+    use honua_shared::keys::Keys;
+    use honua_shared::store::StoreError;
+    let redis = RedisServer::start();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "noinfo", "on", ">pw", "~*", "+@all", "-info"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let st = Store::open(&redis.url_as("noinfo", "pw"), Keys::new("perm", 0)).unwrap();
+    st.ping().await.unwrap();
+    match st.server_info().await {
+        Err(e @ StoreError::NoPermission(_)) => assert!(!e.is_retryable(), "{e}"),
+        other => panic!("not NoPermission: {other:?}"),
+    }
+}

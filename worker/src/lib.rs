@@ -1,6 +1,12 @@
 //! The stateless Honua worker: claims step jobs from Redis Streams, runs their handlers,
 //! heartbeats, checkpoints, reclaims the jobs of stopped workers, and commits each step's
-//! result exactly once through fenced scripts.
+//! result exactly once through fenced scripts ([`runner`]: claim loop, step execution,
+//! completer); the built-in kinds ([`builtin`]), the `llm` kind ([`llm`]) with its
+//! fleet-wide limiter ([`limit`]), and the handler trait for custom kinds ([`handler`]).
+//!
+//! It stands on `honua-shared` and `honua-runtime` and may not depend on the scheduler: it
+//! learns what to run from the job stream and reports each outcome, through the fenced
+//! scripts, on the results stream.
 
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 

@@ -39,6 +39,10 @@ pub enum StoreError {
     /// Connection refused/dropped, timeout, loading, failover: retry with backoff.
     #[error("redis unavailable: {0}")]
     Unavailable(#[source] RedisError),
+    /// The service's Redis user may not run a command (`NOPERM`): its ACL is older or
+    /// narrower than this version needs. Not retried; the caller says which grant is missing.
+    #[error("redis user lacks a permission: {0}")]
+    NoPermission(#[source] RedisError),
     /// Anything else (a script error, a bad reply): a bug or corrupt data.
     #[error("redis error: {0}")]
     Redis(#[source] RedisError),
@@ -98,6 +102,8 @@ impl From<RedisError> for StoreError {
             || matches!(e.code(), Some("BUSY") | Some("NOREPLICAS"));
         if transient {
             StoreError::Unavailable(e)
+        } else if e.code() == Some("NOPERM") {
+            StoreError::NoPermission(e)
         } else {
             StoreError::Redis(e)
         }

@@ -322,7 +322,7 @@ impl Inner {
         }
         let info = match self.store.server_info().await {
             Ok(i) => i,
-            Err(StoreError::Redis(e)) if e.code() == Some("NOPERM") => {
+            Err(StoreError::NoPermission(e)) => {
                 // An ACL without INFO (a template older than this worker): reclaiming
                 // without the restart guard beats never reclaiming.
                 if !server.noperm_logged {
