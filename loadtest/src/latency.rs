@@ -117,7 +117,7 @@ pub async fn run(
     shutdown.cancel();
     let (stats, stopped) = fleet.stop().await;
     let total = processes + throughput::warm_up_processes(params.workers);
-    let health = throughput::health(&bench.store, stats, total).await;
+    let health = throughput::health(&bench.store, stats, total * STEPS_PER_PROCESS).await;
     bench.cleanup(server).await;
     let mut result = measured?;
     stopped?;

@@ -41,7 +41,7 @@ use report::{AT_50_PROCESSES, AT_1000_STEPS, CRASH_2S, CRASH_DEFAULT, Report, Sc
 use server::Server;
 use std::path::PathBuf;
 use std::time::Duration;
-use throughput::EngineParams;
+use throughput::{EngineParams, Shape};
 
 /// Raw baseline: producers, each pipelining `XADD`s by `RAW_BATCH`.
 const RAW_PRODUCERS: usize = 2;
@@ -114,6 +114,9 @@ struct ThroughputArgs {
     /// Skip the raw baseline
     #[arg(long)]
     no_baseline: bool,
+    /// The process type's graph: `line` (A → B → C) or `dag` (A → {B, C} → D, a join)
+    #[arg(long, value_enum, default_value_t = Shape::Line)]
+    shape: Shape,
 }
 
 #[derive(Debug, Args)]
@@ -343,6 +346,7 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
                 submitters: 32,
                 timeout_secs: 600,
                 no_baseline: false,
+                shape: Shape::Line,
             };
             throughput_into(&mut report, server, &prefix, engine_params(&tp), true).await?;
             let processes = if quick { 100 } else { 3000 };
@@ -413,14 +417,14 @@ async fn throughput_into(
 ) -> anyhow::Result<()> {
     let baseline = if with_baseline {
         // As many raw jobs as the engine runs steps, as many consumers as workers.
-        let jobs = params.processes * throughput::STEPS_PER_PROCESS;
+        let jobs = params.processes * params.shape.steps();
         Some(raw(server, prefix, raw_params(jobs, params.workers)).await?)
     } else {
         None
     };
     eprintln!(
-        "engine: {} processes, {} scheduler(s), {} workers ...",
-        params.processes, params.schedulers, params.workers
+        "engine: {} processes ({:?} shape), {} scheduler(s), {} workers ...",
+        params.processes, params.shape, params.schedulers, params.workers
     );
     let engine = throughput::run(server, &format!("{prefix}-tp"), params)
         .await
@@ -478,6 +482,7 @@ async fn scale_into(
             max_concurrent_steps: 64,
             submitters: 32,
             timeout: Duration::from_secs(600),
+            shape: Shape::Line,
         };
         let engine = throughput::run(server, &format!("{prefix}-scale{w}"), params)
             .await
@@ -586,6 +591,7 @@ fn engine_params(a: &ThroughputArgs) -> EngineParams {
         max_concurrent_steps: a.max_concurrent_steps,
         submitters: a.submitters.max(1),
         timeout: Duration::from_secs(a.timeout_secs),
+        shape: a.shape,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::latency::LatencyResult;
 use crate::llm::LlmResult;
 use crate::server::ServerInfo;
 use crate::stats::short;
-use crate::throughput::EngineResult;
+use crate::throughput::{EngineResult, Shape};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -177,9 +177,13 @@ impl Report {
         if let Some(e) = &self.engine {
             writeln!(
                 s,
-                "  engine:    {} {} processes (3 noop steps, A → B → C); {} scheduler(s), {} workers ({} concurrent steps each); {} submitters",
+                "  engine:    {} {} processes ({}); {} scheduler(s), {} workers ({} concurrent steps each); {} submitters",
                 e.processes,
                 e.process_type,
+                match e.shape {
+                    Shape::Line => "3 noop steps, A → B → C",
+                    Shape::Dag => "4 noop steps, A → {B, C} → D, D joins both",
+                },
                 e.schedulers,
                 e.workers,
                 e.max_concurrent_steps,
@@ -556,10 +560,11 @@ fn below(value: f64, limit: f64, res: f64) -> Option<bool> {
 fn targets(r: &Report) -> Vec<Target> {
     let mut out = Vec::new();
     let raw = r.baseline.as_ref();
+    // The targets are set on the line shape.
     if let Some(e) = r
         .engine
         .as_ref()
-        .filter(|e| e.workers == 2 && e.schedulers == 1)
+        .filter(|e| e.workers == 2 && e.schedulers == 1 && e.shape == Shape::Line)
     {
         out.push(Target {
             target: "throughput ≥ 20,000 steps/s (1 scheduler, 2 workers)".into(),

@@ -1,5 +1,8 @@
-//! Engine throughput: N processes of a three-step `noop` type (A → B → C) run by one
-//! scheduler (or S) and W workers against the server under test.
+//! Engine throughput: N processes of a `noop` type run by one scheduler (or S) and W
+//! workers against the server under test. The type's [`Shape`] is a straight line of three
+//! steps (A → B → C: the common case, where every step has one fixed successor) or a DAG of
+//! four (A fans out to B and C, D joins both: the path through joins, so the slow path
+//! stays measured next to the fast one).
 //!
 //! Every scheduler and worker runs on a runtime of its own with its own Redis connections,
 //! like separate pods, so their CPU can be told apart. Submissions go through
@@ -33,7 +36,66 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) const PROCESS_TYPE: &str = "Bench3";
+/// Steps of the line shape, the one every scenario but `throughput --shape dag` runs.
 pub const STEPS_PER_PROCESS: usize = 3;
+
+/// The benchmark process type's graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// A → B → C.
+    #[default]
+    Line,
+    /// A → {B, C} → D, D a join of both.
+    Dag,
+}
+
+impl Shape {
+    pub fn steps(self) -> usize {
+        match self {
+            Shape::Line => STEPS_PER_PROCESS,
+            Shape::Dag => 4,
+        }
+    }
+
+    /// The benchmark's process type with steps of `kind`.
+    pub(crate) fn definition(self, kind: &str) -> String {
+        match self {
+            Shape::Line => definition(kind),
+            Shape::Dag => dag_definition(kind),
+        }
+    }
+}
+
+/// The DAG shape: A fans out to B and C, which run in parallel; D joins both.
+fn dag_definition(kind: &str) -> String {
+    format!(
+        r#"name = "{PROCESS_TYPE}"
+version = 1
+description = "Load test: {kind} steps, a fan-out to two and a join of both"
+
+[[steps]]
+name = "A"
+kind = "{kind}"
+next = ["B", "C"]
+
+[[steps]]
+name = "B"
+kind = "{kind}"
+next = "D"
+
+[[steps]]
+name = "C"
+kind = "{kind}"
+next = "D"
+
+[[steps]]
+name = "D"
+kind = "{kind}"
+join = "all"
+"#
+    )
+}
 
 /// The benchmark's process type: three steps of `kind` in sequence (A → B → C).
 pub(crate) fn definition(kind: &str) -> String {
@@ -79,6 +141,7 @@ pub struct EngineParams {
     pub max_concurrent_steps: usize,
     pub submitters: usize,
     pub timeout: Duration,
+    pub shape: Shape,
 }
 
 /// Per-component figures (scheduler, workers, submitters).
@@ -190,6 +253,7 @@ impl Health {
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineResult {
     pub process_type: &'static str,
+    pub shape: Shape,
     pub processes: usize,
     pub steps: usize,
     pub schedulers: usize,
@@ -225,7 +289,7 @@ pub async fn run(
     prefix: &str,
     params: EngineParams,
 ) -> Result<EngineResult, BenchError> {
-    let bench = Bench::prepare(server, prefix, "noop", |cfg| {
+    let bench = Bench::prepare_with(server, prefix, &params.shape.definition("noop"), |cfg| {
         cfg.worker.max_concurrent_steps = params.max_concurrent_steps;
     })?;
     let shutdown = CancellationToken::new();
@@ -241,7 +305,7 @@ pub async fn run(
     shutdown.cancel();
     let (stats, stopped) = fleet.stop().await;
     let total = params.processes + warm_up_processes(params.workers);
-    let health = health(&bench.store, stats, total).await;
+    let health = health(&bench.store, stats, total * params.shape.steps()).await;
     bench.cleanup(server).await;
     let mut result = measured?;
     stopped?;
@@ -486,10 +550,11 @@ async fn measure(
     let start = meter.started();
     let used = meter.stop(&mut admin, Instant::now()).await?;
     let seconds = used.seconds;
-    let steps = params.processes * STEPS_PER_PROCESS;
+    let steps = params.processes * params.shape.steps();
     let per_step = 1e6 / steps.max(1) as f64;
     Ok(EngineResult {
         process_type: PROCESS_TYPE,
+        shape: params.shape,
         processes: params.processes,
         steps,
         schedulers: params.schedulers,
@@ -646,17 +711,17 @@ pub(crate) fn warm_up_processes(workers: usize) -> usize {
     workers.max(1)
 }
 
+/// What the fleet counted over a run of `steps` steps (warm-up included).
 pub(crate) async fn health(
     store: &Store,
     stats: FleetStats,
-    processes: usize,
+    steps: usize,
 ) -> Result<Health, BenchError> {
     let sum = |f: fn(&WorkerStats) -> u64| stats.workers.iter().map(|w| f(w)).sum::<u64>();
     let mut conn = store.conn();
     let sched = |f: fn(&SchedulerStats) -> u64| stats.schedulers.iter().map(|s| f(s)).sum::<u64>();
     Ok(Health {
-        // Warm-up processes included.
-        steps_expected: (processes * STEPS_PER_PROCESS) as u64,
+        steps_expected: steps as u64,
         steps_started: sum(|w| w.started.load(Ordering::Relaxed)),
         steps_committed: sum(|w| w.committed.load(Ordering::Relaxed)),
         stale_claims: sum(|w| w.stale.load(Ordering::Relaxed)),
@@ -684,6 +749,23 @@ async fn cleanup(store: &Store) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dag_shape_fans_out_and_joins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bench.toml"), Shape::Dag.definition("noop")).unwrap();
+        let cfg = bench_config("redis://127.0.0.1:1", "lt-test", dir.path());
+        let (defs, _) = honua_scheduler::load_definitions(&cfg).unwrap();
+        let def = defs.latest(PROCESS_TYPE).unwrap();
+        assert_eq!(def.steps.len(), Shape::Dag.steps());
+        assert_eq!(def.targets("A", "ok"), ["B", "C"]);
+        assert_eq!(def.targets("B", "ok"), ["D"]);
+        assert_eq!(def.targets("C", "ok"), ["D"]);
+        assert_eq!(
+            def.step("D").unwrap().join,
+            honua_shared::definition::Join::All
+        );
+    }
 
     #[test]
     fn the_definition_loads_with_the_builtin_kinds_and_a_custom_one() {
