@@ -8,9 +8,11 @@
 use honua_mock_llm::{EveryNth, Latency, MockConfig, MockLlm};
 use honua_scheduler::Processes;
 use honua_shared::config::Config;
-use honua_shared::definition::{DefinitionSet, Format, ProcessDefinition};
+use honua_shared::definition::{
+    DefinitionError, DefinitionSet, Format, KindRegistry, ProcessDefinition,
+};
 use honua_shared::envelope::{Event, Submission, TraceContext};
-use honua_shared::llm_config::{EndpointConfig, LlmProviderConfig, ProviderKind};
+use honua_shared::llm_config::{EndpointConfig, LlmProviderConfig, Price, ProviderKind};
 use honua_shared::record::ProcessRecord;
 use honua_shared::status::StepStatus;
 use honua_shared::store::Store;
@@ -53,8 +55,8 @@ impl Default for MockLlmOptions {
 /// only checks that the worker sends what it was configured with).
 pub const MOCK_LLM_API_KEY: &str = "sk-honua-dev-mock-llm";
 
-/// The example process type using kind `llm` that `--mock-llm` adds (built in: a shipped
-/// definition with an `llm` step would not load without an `[llm_provider]`).
+/// The smallest example of kind `llm`, which `--mock-llm` adds to the loaded definitions
+/// (built in, not in `processes/`, so a deployment does not ship it).
 pub const LLM_EXAMPLE: &str = include_str!("dev/llm_example.toml");
 const LLM_EXAMPLE_SOURCE: &str = "honua dev --mock-llm (built-in LlmExample)";
 
@@ -96,17 +98,72 @@ pub async fn start_mock_llm(
             api_key_file: Some(key_file),
             ..EndpointConfig::default()
         }),
+        prices: mock_prices(),
         ..LlmProviderConfig::default()
     });
     Ok(mock)
 }
 
+/// OpenAI's list prices of the default `model_selection` models, so that under
+/// `--mock-llm` the cost counter (`honua_llm_cost_microdollars_total`) and each process's
+/// `llmUsage.costUsd` show what the same tokens would cost.
+fn mock_prices() -> std::collections::BTreeMap<String, Price> {
+    let price = |input_per_1k, output_per_1k| Price {
+        input_per_1k,
+        output_per_1k,
+    };
+    [
+        ("gpt-4o".to_string(), price(0.0025, 0.01)),
+        ("gpt-4o-mini".to_string(), price(0.00015, 0.0006)),
+    ]
+    .into()
+}
+
+/// Loads the definitions. Without an `[llm_provider]` (and without `--mock-llm`), the
+/// process types with `llm` steps are left out with a warning that says how to run them,
+/// so the first `honua dev` on a fresh checkout still runs the rest; every other error in
+/// a definition still stops it.
+fn load_definitions(cfg: &Config) -> anyhow::Result<(Arc<DefinitionSet>, Arc<KindRegistry>)> {
+    if cfg.llm_provider.is_some() {
+        return honua_scheduler::load_definitions(cfg);
+    }
+    let kinds = KindRegistry::for_config(cfg);
+    let (defs, skipped) = DefinitionSet::load_dir_without_llm(&cfg.definitions_dir, &kinds)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "process definitions in {}: {e}",
+                cfg.definitions_dir.display()
+            )
+        })?;
+    if let Some(msg) = skipped_message(&skipped) {
+        println!("honua dev: {msg}");
+        tracing::warn!("{msg}");
+    }
+    Ok((Arc::new(defs), Arc::new(kinds)))
+}
+
+/// The warning for process types left out for want of an `[llm_provider]`.
+fn skipped_message(skipped: &[DefinitionError]) -> Option<String> {
+    let names: Vec<&str> = skipped
+        .iter()
+        .filter_map(|e| match e {
+            DefinitionError::NeedsLlmProvider { process, .. } => Some(process.as_str()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then(|| {
+        format!(
+            "skipped process type(s) {}: they have llm steps and the config has no [llm_provider]; \
+             run `honua dev --mock-llm` (scripts/dev.sh --mock-llm) to run them against the built-in \
+             mock provider, or configure [llm_provider] (README, LLM steps)",
+            names.join(", ")
+        )
+    })
+}
+
 /// Adds [`LLM_EXAMPLE`] to `defs` unless the definitions directory already has a process
 /// type of that name (the user's wins). Returns whether it was added.
-fn add_llm_example(
-    defs: &mut DefinitionSet,
-    kinds: &honua_shared::definition::KindRegistry,
-) -> anyhow::Result<bool> {
+fn add_llm_example(defs: &mut DefinitionSet, kinds: &KindRegistry) -> anyhow::Result<bool> {
     let def = ProcessDefinition::parse(LLM_EXAMPLE, Format::Toml, LLM_EXAMPLE_SOURCE, kinds)?;
     if defs.latest(&def.name).is_some() {
         return Ok(false);
@@ -188,8 +245,42 @@ impl RedisChild {
     }
 }
 
+/// What `honua dev` submits for each process type: a request in the shape the type's
+/// prompts describe (any JSON object works: the `llm` steps quote the whole input).
 fn example_input(process_type: &str) -> serde_json::Value {
-    serde_json::json!({ "example": process_type, "environment": "dev" })
+    use serde_json::json;
+    match process_type {
+        "Deployment" => json!({
+            "application": "honua-server",
+            "environment": "dev",
+            "cloud": "aws",
+            "region": "eu-west-1",
+            "requirements": "OGC API Features and Tiles for 20 req/s, PostGIS 16, raster tiles cached in S3"
+        }),
+        "Upgrade" => json!({
+            "deployment": "honua-server-dev",
+            "from_version": "2.3.1",
+            "to_version": "2.4.0",
+            "release_notes": "STAC API 1.0 search; tile cache key includes the style version; migration 0042 adds a GiST index"
+        }),
+        "Metadata" => json!({
+            "collection": "orthophotos-2024",
+            "files": ["ortho_2024_tile_001.tif", "ortho_2024_tile_001.tif.aux.xml"],
+            "gdalinfo": "Driver: GTiff; Size is 10000, 10000; EPSG:25832; Pixel Size = (0.2,-0.2); Upper Left (500000, 5600000)"
+        }),
+        "GitOps" => json!({
+            "repository": "https://git.example.com/platform/honua-config",
+            "revision": "8f3c2a1",
+            "diff": "values.yaml: replicas 2 -> 3; ingress.yaml: add host tiles.example.com"
+        }),
+        "Benchmark" => json!({
+            "target": "honua-server-staging",
+            "scenario": "OGC API Features /items, bbox queries, 200 virtual users, 10 min",
+            "results": {"throughput_rps": 812, "p50_ms": 41, "p95_ms": 160, "p99_ms": 420, "errors": 0.002},
+            "baseline": {"throughput_rps": 840, "p50_ms": 39, "p95_ms": 150, "p99_ms": 380, "errors": 0.001}
+        }),
+        _ => json!({ "example": process_type, "environment": "dev" }),
+    }
 }
 
 /// Runs everything until `shutdown` fires.
@@ -217,7 +308,7 @@ pub async fn run(
     cfg.validate()?;
     println!("honua dev: redis {}", cfg.redacted_redis_url());
     let handlers = honua_worker::builtin_handlers(&cfg);
-    let (mut defs, kinds) = honua_scheduler::load_definitions(&cfg)?;
+    let (mut defs, kinds) = load_definitions(&cfg)?;
     if let (Some(mock), Some(m)) = (&mock, opts.mock_llm) {
         let every = match m.rate_limit_every {
             0 => String::new(),
@@ -443,13 +534,23 @@ mod tests {
             ..Config::default()
         };
 
-        // Without a provider there is no `llm` kind: the example could not ship in processes/.
+        // Without a provider there is no `llm` kind: a definition with an llm step names the
+        // missing config, and `honua dev` leaves the shipped llm types out with a warning.
         let handlers = honua_worker::builtin_handlers(&cfg);
         assert!(!handlers.kinds().contains("llm"));
         let e = DefinitionSet::from_str(LLM_EXAMPLE, Format::Toml, "x", handlers.kinds())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown kind `llm`"), "{e}");
+        assert!(e.contains("needs an [llm_provider] section"), "{e}");
+        let e = honua_scheduler::load_definitions(&cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[llm_provider]") && e.contains("--mock-llm") && e.contains("Benchmark"),
+            "{e}"
+        );
+        let (defs, _) = load_definitions(&cfg).unwrap();
+        assert_eq!(defs.names().collect::<Vec<_>>(), ["Test"]);
 
         let mock = start_mock_llm(
             &mut cfg,
@@ -474,6 +575,9 @@ mod tests {
         assert!(handlers.kinds().contains("llm"));
         let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
         let shipped_count = defs.len();
+        assert_eq!(shipped_count, 6, "every shipped type loads with a provider");
+        let (same, _) = load_definitions(&cfg).unwrap();
+        assert_eq!(same.len(), shipped_count);
         let mut set = Arc::unwrap_or_clone(defs);
         assert!(add_llm_example(&mut set, &kinds).unwrap());
         assert_eq!(set.len(), shipped_count + 1);

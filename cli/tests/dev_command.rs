@@ -243,3 +243,138 @@ async fn honua_dev_reports_its_scheduler_shows_redis_cli_warns_and_a_second_ctrl
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Starts `honua dev` on the shipped definitions with the examples submitted; returns the
+/// child and its gateway's base URL once the banner named its Redis.
+async fn dev_on_shipped(dir: &Path, extra: &[&str]) -> (Dev, String) {
+    let stdout = dir.join("stdout.log");
+    let gateway = format!("127.0.0.1:{}", free_port());
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../processes");
+    let child = Command::new(env!("CARGO_BIN_EXE_honua"))
+        .args(["dev", "--workers", "2", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("HONUA_HTTP_ADDR", &gateway)
+        .env("HONUA_DEFINITIONS_DIR", &shipped)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn honua dev");
+    let mut dev = Dev {
+        child,
+        stdout,
+        redis_port: None,
+    };
+    let alias = wait_for("the redis-cli line", || async {
+        dev.out()
+            .lines()
+            .find(|l| l.contains("alias redis-cli="))
+            .map(str::to_string)
+    })
+    .await;
+    dev.redis_port = alias
+        .split("redis-cli -p ")
+        .nth(1)
+        .and_then(|p| p.trim_end_matches('\'').parse().ok());
+    (dev, format!("http://{gateway}"))
+}
+
+/// Waits for the examples to finish; returns (process type, status) of the last table.
+async fn final_statuses(dev: &Dev) -> Vec<(String, String)> {
+    let out = wait_for("the examples to finish", || async {
+        let out = dev.out();
+        out.contains("the examples are done").then_some(out)
+    })
+    .await;
+    let table = out.rsplit("processes at +").next().unwrap();
+    table
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next().unwrap().to_string(), w.next().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// `honua dev --mock-llm`: every shipped type (five with `llm` steps) and the built-in
+/// LlmExample run to Completed against the in-process mock, and the gateway's /metrics
+/// counts LLM tokens and cost under each type with llm steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honua_dev_with_mock_llm_runs_every_shipped_type_to_completed() {
+    honua_runtime::install_crypto_provider();
+    let dir = tmp_dir();
+    let (dev, base) = dev_on_shipped(&dir, &["--mock-llm"]).await;
+    let mut got = final_statuses(&dev).await;
+    got.sort();
+    let want: Vec<(String, String)> = [
+        "Benchmark",
+        "Deployment",
+        "GitOps",
+        "LlmExample",
+        "Metadata",
+        "Test",
+        "Upgrade",
+    ]
+    .iter()
+    .map(|t| (t.to_string(), "Completed".to_string()))
+    .collect();
+    assert_eq!(got, want, "{}", dev.out());
+    assert!(!dev.out().contains("skipped process type"));
+
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sum = |metric: &str, t: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter(|l| l.contains(&format!("process_type=\"{t}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for t in ["Deployment", "Upgrade", "Metadata", "GitOps", "Benchmark"] {
+        assert!(
+            sum("honua_llm_tokens_used_total", t) > 0.0,
+            "{t}: {metrics}"
+        );
+        // --mock-llm prices the default models, so the cost counter moves too.
+        assert!(
+            sum("honua_llm_cost_microdollars_total", t) > 0.0,
+            "{t}: {metrics}"
+        );
+    }
+    drop(dev);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `honua dev` with neither `--mock-llm` nor an `[llm_provider]` (the README's first run):
+/// it starts, says which types it left out and how to run them, and runs the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honua_dev_without_a_provider_skips_the_llm_types_and_says_how_to_run_them() {
+    let dir = tmp_dir();
+    let (dev, _) = dev_on_shipped(&dir, &[]).await;
+    let got = final_statuses(&dev).await;
+    assert_eq!(got, [("Test".to_string(), "Completed".to_string())]);
+    let out = dev.out();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("honua dev: skipped process type(s)"))
+        .unwrap_or_else(|| panic!("no skip warning in {out}"));
+    assert!(
+        line.contains("Benchmark, Deployment, GitOps, Metadata, Upgrade")
+            && line.contains("[llm_provider]")
+            && line.contains("--mock-llm"),
+        "{line}"
+    );
+    drop(dev);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -267,7 +267,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::WorkerChild(a) => return child::run(a.clone()).await,
     };
     let server = Server::start(common.redis_url.as_deref()).await?;
-    let report = run_on(&server, &command).await;
+    // Boxed: the scenarios' configs make it a large future.
+    let report = Box::pin(run_on(&server, &command)).await;
     server.stop().await;
     let mut report = report?;
     report.finish();

@@ -160,7 +160,10 @@ pub struct ChatRequestView {
 pub enum Completion {
     /// Always this text.
     Fixed(String),
-    /// The last user message, prefixed with "echo: ".
+    /// The last user message, prefixed with "echo: ". A request that asks for structured
+    /// output (`response_format: {type: json_schema, json_schema: {schema}}`) gets a JSON
+    /// instance of that schema instead ([`schema_instance`]), as a provider's structured
+    /// output mode would answer.
     #[default]
     Echo,
     /// A function of the request.
@@ -477,6 +480,128 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The schema of a structured-output request: `response_format.json_schema.schema` when
+/// `response_format.type` is `json_schema`.
+pub fn requested_schema(body: &Value) -> Option<&Value> {
+    let rf = body.get("response_format")?;
+    if rf.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return None;
+    }
+    rf.pointer("/json_schema/schema").filter(|s| s.is_object())
+}
+
+/// A deterministic JSON value that satisfies `schema`, for the subset the `llm` step kind
+/// validates: `const`, `enum` (its first value), `type` (the first non-null one of a list),
+/// objects with every declared property (required or not; nested), arrays of
+/// `max(minItems, 1)` items (at most `maxItems`), strings named after their property and
+/// padded or cut to `minLength`/`maxLength`, numbers within `minimum`/`maximum` (1 when
+/// unbounded), `true` for booleans. A schema without `type` is an object when it has
+/// `properties`, an array when it has `items`, else a string.
+pub fn schema_instance(schema: &Value) -> Value {
+    instance_at(schema, "value")
+}
+
+fn instance_at(schema: &Value, name: &str) -> Value {
+    let Some(m) = schema.as_object() else {
+        return Value::String(format!("mock {name}"));
+    };
+    if let Some(c) = m.get("const") {
+        return c.clone();
+    }
+    if let Some(first) = m
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    let ty = match m.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => {
+            let names: Vec<&str> = ts.iter().filter_map(Value::as_str).collect();
+            names
+                .iter()
+                .find(|t| **t != "null")
+                .or(names.first())
+                .copied()
+                .unwrap_or("string")
+        }
+        _ if m.contains_key("properties") => "object",
+        _ if m.contains_key("items") => "array",
+        _ => "string",
+    };
+    let min = m.get("minimum").and_then(Value::as_f64);
+    let max = m.get("maximum").and_then(Value::as_f64);
+    let len = |k: &str| m.get(k).and_then(Value::as_u64);
+    match ty {
+        "object" => {
+            let mut out = serde_json::Map::new();
+            if let Some(props) = m.get("properties").and_then(Value::as_object) {
+                for (k, sub) in props {
+                    out.insert(k.clone(), instance_at(sub, k));
+                }
+            }
+            // A required name without a declared schema: any value will do.
+            for r in m
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                if !out.contains_key(r) {
+                    out.insert(r.to_string(), Value::String(format!("mock {r}")));
+                }
+            }
+            Value::Object(out)
+        }
+        "array" => {
+            let n = len("minItems").unwrap_or(1).max(1);
+            let n = len("maxItems").map_or(n, |mx| n.min(mx));
+            let item = m.get("items").cloned().unwrap_or(Value::Null);
+            let singular = name.strip_suffix('s').unwrap_or(name);
+            Value::Array(
+                (0..n)
+                    .map(|i| instance_at(&item, &format!("{singular} {}", i + 1)))
+                    .collect(),
+            )
+        }
+        "integer" => {
+            let lo = min.map(f64::ceil);
+            let hi = max.map(f64::floor);
+            let v = match (lo, hi) {
+                (Some(lo), _) => lo,
+                (None, Some(hi)) => hi.min(1.0),
+                (None, None) => 1.0,
+            };
+            json!(v as i64)
+        }
+        "number" => {
+            let v = match (min, max) {
+                (Some(lo), Some(hi)) => (lo + hi) / 2.0,
+                (Some(lo), None) => lo.max(1.0),
+                (None, Some(hi)) => hi.min(1.0),
+                (None, None) => 1.0,
+            };
+            json!(v)
+        }
+        "boolean" => Value::Bool(true),
+        "null" => Value::Null,
+        _ => {
+            let mut s = format!("mock {name}");
+            if let Some(min) = len("minLength") {
+                while (s.chars().count() as u64) < min {
+                    s.push('.');
+                }
+            }
+            if let Some(max) = len("maxLength") {
+                s = s.chars().take(max as usize).collect();
+            }
+            Value::String(s)
+        }
+    }
+}
+
 /// Cuts `text` to at most `max` tokens (4 chars each); returns (text, cut).
 fn cut_to(text: String, max: u64) -> (String, bool) {
     if estimate_tokens(&text) <= max {
@@ -791,6 +916,10 @@ async fn answer(
     };
     let text = match &cfg.completion {
         Completion::Fixed(t) => t.clone(),
+        Completion::Echo if requested_schema(&view.body).is_some() => {
+            let schema = requested_schema(&view.body).unwrap_or(&Value::Null);
+            schema_instance(schema).to_string()
+        }
         Completion::Echo => {
             let last = view
                 .messages
@@ -1000,6 +1129,51 @@ mod tests {
             vec![Fault::PlainAuth(500)]
         );
         assert!(Fault::parse_script("auth:200").is_err());
+    }
+
+    #[test]
+    fn a_schema_instance_satisfies_its_schema() {
+        let schema = json!({
+            "type": "object",
+            "required": ["verdict", "score", "tags", "ratio", "note", "nested"],
+            "additionalProperties": false,
+            "properties": {
+                "verdict": {"type": "string", "enum": ["approve", "reject"]},
+                "score": {"type": "integer", "minimum": 3, "maximum": 10},
+                "low": {"type": "integer", "maximum": -2},
+                "ratio": {"type": "number", "minimum": 0, "maximum": 1},
+                "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 2, "maxItems": 3},
+                "none": {"type": "array", "maxItems": 0},
+                "note": {"type": ["null", "string"], "minLength": 12},
+                "kind": {"const": "stac"},
+                "ok": {"type": "boolean"},
+                "nested": {"properties": {"deep": {"type": "integer"}}, "required": ["deep", "free"]}
+            }
+        });
+        let v = schema_instance(&schema);
+        assert_eq!(
+            v,
+            json!({
+                "verdict": "approve",
+                "score": 3,
+                "low": -2,
+                "ratio": 0.5,
+                "tags": ["mock t", "mock t"],
+                "none": [],
+                "note": "mock note...",
+                "kind": "stac",
+                "ok": true,
+                "nested": {"deep": 1, "free": "mock free"}
+            })
+        );
+        assert_eq!(schema_instance(&schema), v, "deterministic");
+        let body = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}});
+        assert_eq!(requested_schema(&body), Some(&schema));
+        assert_eq!(
+            requested_schema(&json!({"response_format": {"type": "json_object"}})),
+            None
+        );
+        assert_eq!(requested_schema(&json!({})), None);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct EndpointConfig {
     /// (`https://<resource>.openai.azure.com`). OpenAI-compatible (vLLM, Ollama, LocalAI):
     /// required, up to and including `/v1`.
     pub base_url: Option<String>,
+    /// Environment variable holding the base URL, read by the worker at start when
+    /// `base_url` is not set (e.g. `AZURE_OPENAI_ENDPOINT` from a Kubernetes secret).
+    pub base_url_env: Option<String>,
     /// Environment variable holding the API key (e.g. `OPENAI_API_KEY`).
     pub api_key_env: Option<String>,
     /// File holding the API key (e.g. a Kubernetes secret mount); read at worker start.
@@ -59,6 +62,13 @@ pub struct EndpointConfig {
     pub api_version: Option<String>,
     /// Azure: deployment name per model (default: the model name itself).
     pub deployments: BTreeMap<String, String>,
+}
+
+impl EndpointConfig {
+    /// Whether a base URL is given, in the file or through an environment variable.
+    fn has_url(&self) -> bool {
+        self.base_url.is_some() || self.base_url_env.is_some()
+    }
 }
 
 /// Model per task class, as the guide's `ModelSelection`.
@@ -285,21 +295,20 @@ impl LlmProviderConfig {
         for kind in std::iter::once(self.provider).chain(self.fallback_provider) {
             let ep = self.endpoint(kind);
             match kind {
-                ProviderKind::OpenaiCompatible
-                    if ep.and_then(|e| e.base_url.as_ref()).is_none() =>
-                {
+                ProviderKind::OpenaiCompatible if !ep.is_some_and(EndpointConfig::has_url) => {
                     return Err((
                         "llm_provider.openai_compatible.base_url",
-                        "required for the openai_compatible provider".into(),
+                        "required for the openai_compatible provider (or base_url_env)".into(),
                     ));
                 }
                 ProviderKind::Azure
-                    if ep.and_then(|e| e.base_url.as_ref()).is_none()
+                    if !ep.is_some_and(EndpointConfig::has_url)
                         || ep.and_then(|e| e.api_version.as_ref()).is_none() =>
                 {
                     return Err((
                         "llm_provider.azure",
-                        "base_url (the resource endpoint) and api_version are required".into(),
+                        "base_url (the resource endpoint) or base_url_env, and api_version, are required"
+                            .into(),
                     ));
                 }
                 _ => {}
@@ -321,6 +330,11 @@ impl LlmProviderConfig {
                 && v.is_empty()
             {
                 return Err(("llm_provider.api_key_env", "must not be empty".into()));
+            }
+            if let Some(v) = &ep.base_url_env
+                && v.is_empty()
+            {
+                return Err(("llm_provider.base_url_env", "must not be empty".into()));
             }
         }
         if self.default_max_tokens == 0 || self.max_tokens_by_step.values().any(|m| *m == 0) {

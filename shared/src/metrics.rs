@@ -68,6 +68,8 @@ pub const WORKERS_LIVE: &str = "honua_workers_live";
 pub const REDIS_UP: &str = "redis_up";
 
 /// LLM metrics (emitted by the `llm` step kind).
+/// Tokens of completed calls, input plus output (counter; `provider`, `model`,
+/// `process_type`).
 pub const LLM_TOKENS_USED: &str = "honua_llm_tokens_used_total";
 pub const LLM_ERRORS: &str = "honua_llm_errors_total";
 pub const LLM_REQUESTS: &str = "honua_llm_requests_total";
@@ -83,7 +85,7 @@ pub const LLM_RATE_LIMITED: &str = "honua_llm_rate_limited_total";
 pub const LLM_LIMITER_FALLBACK: &str = "honua_llm_limiter_local_fallback_total";
 
 /// Estimated LLM spend from the config's price table (counter, micro-USD; `provider`,
-/// `model`): divide by 1e6 for dollars.
+/// `model`, `process_type`): divide by 1e6 for dollars.
 pub const LLM_COST_MICRO_USD: &str = "honua_llm_cost_microdollars_total";
 /// Lookups of the shared LLM response cache (counter; `result`: hit, miss).
 pub const LLM_CACHE: &str = "honua_llm_cache_lookups_total";

@@ -427,6 +427,24 @@ fn manifests_use_the_code_s_binaries_env_vars_ports_and_probe_paths() {
     .unwrap();
     file_cfg.validate().unwrap();
     assert_eq!(grace_ms, file_cfg.worker.shutdown_grace_ms);
+    // The ConfigMap's definitions load with this config: the shipped types' `llm` steps
+    // need its [llm_provider], and the worker reads that provider's endpoint and key from
+    // the variables it is given.
+    let mut defs_cfg = file_cfg.clone();
+    defs_cfg.definitions_dir = root().join("deploy/k8s/base/config/processes");
+    let (defs, _) = honua_scheduler::load_definitions(&defs_cfg).unwrap();
+    assert_eq!(defs.len(), shipped_definition_files().len());
+    let azure = file_cfg
+        .llm_provider
+        .as_ref()
+        .and_then(|l| l.azure.as_ref())
+        .expect("[llm_provider.azure]");
+    for var in [&azure.base_url_env, &azure.api_key_env] {
+        let var = var
+            .as_deref()
+            .expect("endpoint and key from the environment");
+        assert!(env_value(wc, var).is_some(), "the worker has no {var}");
+    }
     let tgps = pod_spec(worker)["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap();

@@ -1,6 +1,6 @@
 //! Whole-system tests with an in-process fleet on a real redis-server.
 
-use honua_shared::envelope::{Event, Submission};
+use honua_shared::envelope::Event;
 use honua_shared::status::{ProcessStatus, StepStatus};
 use honua_tests::*;
 use serde_json::{Value, json};
@@ -599,62 +599,5 @@ async fn gateway_rejects_bad_input_and_reports_redis_outages() {
     })
     .await;
     assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
-    f.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shipped_example_processes_complete() {
-    let redis = RedisServer::start();
-    let mut cfg = test_config(&redis.url(), &shipped_definitions());
-    cfg.worker.max_concurrent_steps = 16;
-    let f = Fleet::start(cfg, 1, 2).await;
-    let names: Vec<String> = f.engine.defs.names().map(str::to_string).collect();
-    for t in [
-        "Deployment",
-        "Upgrade",
-        "Metadata",
-        "GitOps",
-        "Benchmark",
-        "Test",
-    ] {
-        assert!(names.iter().any(|n| n == t), "{t} ships");
-    }
-    let mut ids = Vec::new();
-    for n in &names {
-        let sub = Submission {
-            process_type: n.clone(),
-            version: None,
-            input: json!({}),
-            id: None,
-            idempotency_key: None,
-            trace: Default::default(),
-        };
-        ids.push(f.engine.create(&sub, None).await.unwrap().id().to_string());
-    }
-    for id in &ids {
-        let rec = wait_for("finish or wait", DEADLINE, || async {
-            let r = f.record(id).await?;
-            if r.status == ProcessStatus::WaitingForApproval {
-                f.store()
-                    .send_event(&Event::Signal {
-                        process_id: id.clone(),
-                        name: "review".into(),
-                        value: "approve".into(),
-                    })
-                    .await
-                    .ok();
-                return None;
-            }
-            r.status.is_finished().then_some(r)
-        })
-        .await;
-        assert_eq!(
-            rec.status,
-            ProcessStatus::Completed,
-            "{} {:?}",
-            rec.process_type,
-            rec.error
-        );
-    }
     f.stop().await;
 }

@@ -1295,3 +1295,150 @@ async fn a_5xx_streak_opens_one_breaker_for_the_whole_fleet() {
     );
     f.stop().await;
 }
+
+/// The shipped process types do real LLM work: every type in `processes/` runs to
+/// Completed against the mock over HTTP (the review gate approved), each `llm` step asked
+/// with its output schema on the model its task class selects, its reply validating against
+/// that schema, and the per-type token and cost counters of the worker that ran them moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_process_types_run_their_llm_steps_to_completed() {
+    use honua_shared::definition::LLM_KIND;
+    use honua_shared::definition::llm::{parse_spec, schema};
+    use honua_shared::envelope::Event;
+    use honua_shared::llm_config::ModelSelection;
+
+    let redis = RedisServer::start();
+    // The default completion: an instance of the request's schema, as structured output.
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&redis.url(), &shipped_definitions());
+    let key = key_file(tmp.path());
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key));
+    let section = format!(
+        "[llm_provider]\nprovider = \"openai_compatible\"\n\
+         prices = {{ \"gpt-4o\" = {{ input_per_1k = 0.0025, output_per_1k = 0.01 }}, \"gpt-4o-mini\" = {{ input_per_1k = 0.00015, output_per_1k = 0.0006 }} }}\n\
+         [llm_provider.openai_compatible]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+        m.base_url(),
+        key.display()
+    );
+    let port = free_port();
+    let toml = worker_toml(&cfg, &section).replace(
+        "metrics_addr = \"\"",
+        &format!("metrics_addr = \"127.0.0.1:{port}\""),
+    );
+    let f = Fleet::start(cfg, 1, 0).await;
+    let _w = spawn_worker(
+        &toml,
+        tmp.path(),
+        "w1",
+        &tmp.path().join("exec.log"),
+        "info",
+    );
+
+    let types: Vec<String> = f.engine.defs.names().map(str::to_string).collect();
+    assert_eq!(
+        types,
+        [
+            "Benchmark",
+            "Deployment",
+            "GitOps",
+            "Metadata",
+            "Test",
+            "Upgrade"
+        ]
+    );
+    // Any input object works: the prompts quote the whole request.
+    let mut ids = Vec::new();
+    for t in &types {
+        ids.push((t.clone(), f.submit(t, json!({})).await));
+    }
+    for (t, id) in &ids {
+        let rec = wait_for("finish or wait for review", DEADLINE, || async {
+            let r = f.record(id).await?;
+            if r.status == ProcessStatus::WaitingForApproval {
+                f.store()
+                    .send_event(&Event::Signal {
+                        process_id: id.clone(),
+                        name: "review".into(),
+                        value: "approve".into(),
+                    })
+                    .await
+                    .ok();
+                return None;
+            }
+            r.status.is_finished().then_some(r)
+        })
+        .await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{t}: {rec:#?}");
+    }
+
+    // Each llm step: the schema was sent, the reply validates, the model is the task class's.
+    let models = ModelSelection::default();
+    let mut llm_steps = 0;
+    for (t, id) in &ids {
+        let def = f.engine.defs.latest(t).unwrap();
+        for s in def.steps.iter().filter(|s| s.kind == LLM_KIND) {
+            llm_steps += 1;
+            let spec = parse_spec(&s.config).unwrap();
+            let want = spec
+                .schema
+                .as_ref()
+                .expect("every shipped llm step has a schema");
+            let out = output(&f, id, &s.name).await;
+            let got = &out["json"];
+            schema::validate(want, got).unwrap_or_else(|e| panic!("{t}/{}: {e}: {got}", s.name));
+            assert_eq!(
+                schema::extract_json(out["text"].as_str().unwrap()).unwrap(),
+                *got
+            );
+            assert_eq!(
+                out["model"],
+                models.model(spec.task_class),
+                "{t}/{}",
+                s.name
+            );
+            assert!(
+                out["costUsd"].as_f64().unwrap() > 0.0,
+                "{t}/{}: {out}",
+                s.name
+            );
+        }
+    }
+    assert_eq!(llm_steps, 8);
+    let reqs = m.requests();
+    assert_eq!(reqs.len(), llm_steps, "one call per llm step");
+    assert!(reqs.iter().all(|r| r.status == 200));
+
+    // The per-type LLM series of the worker's /metrics.
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sum = |metric: &str, t: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter(|l| l.contains(&format!("process_type=\"{t}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for t in ["Deployment", "Upgrade", "Metadata", "GitOps", "Benchmark"] {
+        assert!(sum("honua_llm_tokens_used_total", t) > 0.0, "{t}: {body}");
+        assert!(
+            sum("honua_llm_cost_microdollars_total", t) > 0.0,
+            "{t}: {body}"
+        );
+    }
+    assert_eq!(sum("honua_llm_tokens_used_total", "Test"), 0.0);
+    let tokens: f64 = ["Deployment", "Upgrade", "Metadata", "GitOps", "Benchmark"]
+        .iter()
+        .map(|t| sum("honua_llm_tokens_used_total", t))
+        .sum();
+    assert_eq!(
+        tokens,
+        reqs.iter().map(|r| r.total_tokens()).sum::<u64>() as f64,
+        "every token is counted under its process type"
+    );
+    f.stop().await;
+}

@@ -2,7 +2,9 @@
 //! An in-test OTLP/gRPC receiver collects the spans of an in-process fleet. (Its own test
 //! binary: the tracing subscriber and the span exporter are process-global.)
 
+use honua_mock_llm::{MockConfig, MockLlm};
 use honua_runtime::telemetry::{self, LogFormat, OtlpConfig, OtlpProtocol};
+use honua_shared::llm_config::{EndpointConfig, LlmProviderConfig, ProviderKind};
 use honua_tests::otlp::{Receiver, Span, attrs, hex, spans_of};
 use honua_tests::*;
 use serde_json::json;
@@ -62,7 +64,19 @@ async fn one_trace_per_process_across_gateway_scheduler_and_workers() {
         defs.path().join("deployment.toml"),
     )
     .unwrap();
-    let fleet = Fleet::start(test_config(&redis.url(), defs.path()), 1, 2).await;
+    // The Deployment's `llm` steps call the mock provider (their `chat` spans are children
+    // of the step's span and carry no process id, so the checks below skip them).
+    let llm = MockLlm::start(MockConfig::default()).await.unwrap();
+    let mut cfg = test_config(&redis.url(), defs.path());
+    cfg.llm_provider = Some(LlmProviderConfig {
+        provider: ProviderKind::OpenaiCompatible,
+        openai_compatible: Some(EndpointConfig {
+            base_url: Some(llm.base_url()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let fleet = Fleet::start(cfg, 1, 2).await;
 
     // Without a traceparent: the submission starts a new trace.
     let root_pid = post(&fleet, None).await;

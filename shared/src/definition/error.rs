@@ -56,6 +56,26 @@ pub enum DefinitionError {
         known: Vec<String>,
     },
 
+    /// An `llm` step where the config has no `[llm_provider]` section: the `llm` kind exists
+    /// only with a provider to call.
+    #[error(
+        "{file}: process `{process}` step `{step}` is an `llm` step, which needs an [llm_provider] section in the config (provider, endpoint and key; see the README's LLM section), or run `honua dev --mock-llm` to use the built-in mock provider"
+    )]
+    NeedsLlmProvider {
+        file: String,
+        process: String,
+        step: String,
+    },
+
+    #[error(
+        "{file}: step `{step}`: its template reads `steps.{read}`, but `{read}` is not a step that runs before `{step}`"
+    )]
+    TemplateStep {
+        file: String,
+        step: String,
+        read: String,
+    },
+
     #[error("{file}: step `{step}`: invalid config for kind `{kind}`: {message}")]
     InvalidConfig {
         file: String,

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+/// The kind of LLM steps: registered only when the config has an `[llm_provider]`.
+pub const LLM_KIND: &str = "llm";
+
 /// Checks a step's `config` (always a JSON object); the message names the bad key.
 pub type KindValidator = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 
@@ -57,7 +60,7 @@ impl KindRegistry {
     pub fn for_config(cfg: &crate::config::Config) -> Self {
         let mut r = Self::builtin();
         if cfg.llm_provider.is_some() {
-            r.register("llm", Executor::Worker, |c: &Value| {
+            r.register(LLM_KIND, Executor::Worker, |c: &Value| {
                 super::llm::parse_spec(c).map(|_| ())
             });
         }

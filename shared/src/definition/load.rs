@@ -1,7 +1,7 @@
 //! Parsing a definition file and turning it into a validated [`ProcessDefinition`].
 
 use super::{
-    DEFAULT_STEP_TIMEOUT, DefinitionError, Join, KindRegistry, MAX_STEPS, MAX_TIMEOUT,
+    DEFAULT_STEP_TIMEOUT, DefinitionError, Join, KindRegistry, LLM_KIND, MAX_STEPS, MAX_TIMEOUT,
     MAX_VISITS_LIMIT, ProcessDefinition, RetryPolicy, StepDef, is_valid_name, is_valid_outcome,
 };
 use crate::status::outcome;
@@ -216,7 +216,8 @@ impl Builder<'_> {
 
         let mut steps: Vec<StepDef> = Vec::with_capacity(raw.steps.len());
         for s in raw.steps {
-            steps.push(self.step(s, kinds, default_timeout, &default_retry, &steps)?);
+            let step = self.step(s, kinds, &raw.name, default_timeout, &default_retry, &steps)?;
+            steps.push(step);
         }
         let names: BTreeSet<&str> = steps.iter().map(|s| s.name.as_str()).collect();
 
@@ -249,6 +250,7 @@ impl Builder<'_> {
         self.check_reachable(&start, &steps)?;
         self.check_cycles(&steps)?;
         self.check_joins(&steps)?;
+        self.check_templates(&steps)?;
 
         Ok(ProcessDefinition::new(
             raw.name,
@@ -264,6 +266,7 @@ impl Builder<'_> {
         &self,
         s: RawStep,
         kinds: &KindRegistry,
+        process: &str,
         default_timeout: Duration,
         default_retry: &RetryPolicy,
         earlier: &[StepDef],
@@ -283,6 +286,13 @@ impl Builder<'_> {
             });
         }
         let step = Some(s.name.as_str());
+        if s.kind == LLM_KIND && !kinds.contains(LLM_KIND) {
+            return Err(DefinitionError::NeedsLlmProvider {
+                file: file(),
+                process: process.to_string(),
+                step: s.name,
+            });
+        }
         if !kinds.contains(&s.kind) {
             return Err(DefinitionError::UnknownKind {
                 file: file(),
@@ -369,6 +379,48 @@ impl Builder<'_> {
             max_visits: s.max_visits,
             config,
         })
+    }
+
+    /// Every `{{steps.<Name>…}}` an `llm` step's templates read names a step from which
+    /// that step is reachable, so the output can exist when it renders (a loop may still
+    /// reach it first from elsewhere: then rendering names the missing variable).
+    fn check_templates(&self, steps: &[StepDef]) -> Result<(), DefinitionError> {
+        let mut preds: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for s in steps {
+            for t in s.routes.values().flatten() {
+                preds.entry(t.as_str()).or_default().push(s.name.as_str());
+            }
+        }
+        for s in steps.iter().filter(|s| s.kind == LLM_KIND) {
+            // The kind's validator accepted this config.
+            let Ok(spec) = super::llm::parse_spec(&s.config) else {
+                continue;
+            };
+            let mut before = BTreeSet::new();
+            let mut queue: VecDeque<&str> = VecDeque::from([s.name.as_str()]);
+            while let Some(n) = queue.pop_front() {
+                for &p in preds.get(n).into_iter().flatten() {
+                    if before.insert(p) {
+                        queue.push_back(p);
+                    }
+                }
+            }
+            let read = spec
+                .prompt
+                .steps()
+                .into_iter()
+                .chain(spec.system.as_ref().map(|t| t.steps()).unwrap_or_default());
+            for r in read {
+                if !before.contains(r) {
+                    return Err(DefinitionError::TemplateStep {
+                        file: self.file.to_string(),
+                        step: s.name.clone(),
+                        read: r.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A non-empty list without repeats.
@@ -836,7 +888,7 @@ max_visits = 2
     fn unknown_kind_lists_the_known_ones() {
         let text = two_steps("", "").replace(
             "name = \"B\"\nkind = \"noop\"",
-            "name = \"B\"\nkind = \"llm\"",
+            "name = \"B\"\nkind = \"ocr\"",
         );
         let r = parse(&text);
         let Err(DefinitionError::UnknownKind {
@@ -845,11 +897,11 @@ max_visits = 2
         else {
             panic!("{r:?}");
         };
-        assert_eq!((step.as_str(), kind.as_str()), ("B", "llm"));
+        assert_eq!((step.as_str(), kind.as_str()), ("B", "ocr"));
         assert_eq!(known, &["approval", "fail", "http", "noop", "sleep"]);
         // A registered kind is accepted.
         let mut kinds = KindRegistry::builtin();
-        kinds.register("llm", Executor::Worker, |_: &serde_json::Value| Ok(()));
+        kinds.register("ocr", Executor::Worker, |_: &serde_json::Value| Ok(()));
         assert!(ProcessDefinition::parse(&text, Format::Toml, "t.toml", &kinds).is_ok());
     }
 

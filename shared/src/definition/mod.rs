@@ -42,7 +42,7 @@ mod retry;
 mod set;
 
 pub use error::DefinitionError;
-pub use kinds::{Executor, KindRegistry, KindValidator};
+pub use kinds::{Executor, KindRegistry, KindValidator, LLM_KIND};
 pub use load::Format;
 pub use retry::RetryPolicy;
 pub use set::DefinitionSet;

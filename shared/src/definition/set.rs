@@ -23,6 +23,31 @@ impl DefinitionSet {
     /// files, not subdirectories), in name order. Fails on the first invalid file, on a
     /// (name, version) defined twice and when there is no file at all.
     pub fn load_dir(dir: &Path, kinds: &KindRegistry) -> Result<DefinitionSet, DefinitionError> {
+        Self::load_dir_skipping(dir, kinds, |_| false).map(|(set, _)| set)
+    }
+
+    /// As [`Self::load_dir`], but a file rejected only because it has an `llm` step and
+    /// the config no `[llm_provider]` ([`DefinitionError::NeedsLlmProvider`]) is left out
+    /// and returned with the set (`honua dev` without a provider runs the rest). Every
+    /// other error still fails the load, and so does a directory left with no definition.
+    pub fn load_dir_without_llm(
+        dir: &Path,
+        kinds: &KindRegistry,
+    ) -> Result<(DefinitionSet, Vec<DefinitionError>), DefinitionError> {
+        let (set, mut skipped) = Self::load_dir_skipping(dir, kinds, |e| {
+            matches!(e, DefinitionError::NeedsLlmProvider { .. })
+        })?;
+        if set.is_empty() && !skipped.is_empty() {
+            return Err(skipped.swap_remove(0));
+        }
+        Ok((set, skipped))
+    }
+
+    fn load_dir_skipping(
+        dir: &Path,
+        kinds: &KindRegistry,
+        skip: impl Fn(&DefinitionError) -> bool,
+    ) -> Result<(DefinitionSet, Vec<DefinitionError>), DefinitionError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| DefinitionError::Io { path, source }
@@ -48,13 +73,19 @@ impl DefinitionSet {
         }
         files.sort_by(|a, b| a.0.cmp(&b.0));
         let mut set = Self::new();
+        let mut skipped = Vec::new();
         for (path, format) in files {
             let text = std::fs::read_to_string(&path).map_err(io(&path))?;
             let source = path.display().to_string();
-            let def = ProcessDefinition::parse(&text, format, &source, kinds)?;
-            set.insert(def, &source)?;
+            match ProcessDefinition::parse(&text, format, &source, kinds) {
+                Ok(def) => {
+                    set.insert(def, &source)?;
+                }
+                Err(e) if skip(&e) => skipped.push(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(set)
+        Ok((set, skipped))
     }
 
     /// A set holding the one definition in `text`; `source` names it in errors.
@@ -133,9 +164,20 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
+    fn shipped_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../processes")
+    }
+
+    /// The kinds of a deployment with an `[llm_provider]`.
+    fn with_llm() -> KindRegistry {
+        KindRegistry::for_config(&crate::config::Config {
+            llm_provider: Some(Default::default()),
+            ..Default::default()
+        })
+    }
+
     fn shipped() -> DefinitionSet {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../processes");
-        DefinitionSet::load_dir(&dir, &KindRegistry::builtin()).unwrap()
+        DefinitionSet::load_dir(&shipped_dir(), &with_llm()).unwrap()
     }
 
     /// A fresh directory under the system temp dir, removed on drop.
@@ -211,6 +253,7 @@ mod tests {
             sequence("Upgrade"),
             [
                 "DetectCurrentVersion",
+                "PlanUpgrade",
                 "BackupDatabase",
                 "CreateBlueEnvironment",
                 "SwitchTraffic"
@@ -222,7 +265,12 @@ mod tests {
         );
         assert_eq!(
             sequence("GitOps"),
-            ["ValidateGitConfig", "SyncConfig", "MonitorDrift"]
+            [
+                "ValidateGitConfig",
+                "SummarizeDiff",
+                "SyncConfig",
+                "MonitorDrift"
+            ]
         );
         assert_eq!(
             sequence("Benchmark"),
@@ -254,13 +302,125 @@ mod tests {
             dep.inbound("GenerateInfrastructureCode"),
             ["ValidateDeploymentRequirements", "ReviewInfrastructure"]
         );
-        let kinds = KindRegistry::builtin();
+        let kinds = with_llm();
         for d in set.iter() {
             for s in &d.steps {
                 assert!(kinds.executor(&s.kind).is_some(), "{} {}", d.name, s.name);
             }
         }
         assert_eq!(kinds.executor(&review.kind), Some(Executor::Scheduler));
+
+        // The steps that generate or analyse are `llm` steps choosing their model by task
+        // class, each with an output schema.
+        let llm_steps: Vec<(String, String, String)> = set
+            .iter()
+            .flat_map(|d| d.steps.iter().map(move |s| (d, s)))
+            .filter(|(_, s)| s.kind == crate::definition::LLM_KIND)
+            .map(|(d, s)| {
+                let spec = crate::definition::llm::parse_spec(&s.config).unwrap();
+                assert!(
+                    spec.model.is_none(),
+                    "{} {}: task_class, not model",
+                    d.name,
+                    s.name
+                );
+                assert!(spec.schema.is_some(), "{} {}: a schema", d.name, s.name);
+                (
+                    d.name.clone(),
+                    s.name.clone(),
+                    format!("{:?}", spec.task_class),
+                )
+            })
+            .collect();
+        let want = [
+            ("Benchmark", "AnalyzeResults", "ComplexTask"),
+            ("Benchmark", "GenerateReport", "SimpleTask"),
+            ("Deployment", "ValidateDeploymentRequirements", "SimpleTask"),
+            ("Deployment", "GenerateInfrastructureCode", "CodeGeneration"),
+            ("GitOps", "SummarizeDiff", "SimpleTask"),
+            ("Metadata", "ExtractMetadata", "ComplexTask"),
+            ("Metadata", "GenerateStacItem", "SimpleTask"),
+            ("Upgrade", "PlanUpgrade", "ComplexTask"),
+        ]
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
+        assert_eq!(llm_steps, want);
+    }
+
+    #[test]
+    fn without_an_llm_provider_the_llm_types_name_the_missing_config() {
+        let e = DefinitionSet::load_dir(&shipped_dir(), &KindRegistry::builtin()).unwrap_err();
+        let DefinitionError::NeedsLlmProvider { process, step, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(
+            (process.as_str(), step.as_str()),
+            ("Benchmark", "AnalyzeResults")
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("benchmark.toml"), "{msg}");
+        assert!(msg.contains("[llm_provider]"), "{msg}");
+        assert!(msg.contains("--mock-llm"), "{msg}");
+
+        // Leaving them out keeps the rest: `Test`, and nothing else of the shipped types.
+        let (set, skipped) =
+            DefinitionSet::load_dir_without_llm(&shipped_dir(), &KindRegistry::builtin()).unwrap();
+        assert_eq!(set.names().collect::<Vec<_>>(), ["Test"]);
+        let skipped: Vec<&str> = skipped
+            .iter()
+            .map(|e| match e {
+                DefinitionError::NeedsLlmProvider { process, .. } => process.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            skipped,
+            ["Benchmark", "Deployment", "GitOps", "Metadata", "Upgrade"]
+        );
+
+        // Other errors still fail the load, and so does a directory with nothing left.
+        let dir = TempDir::new("only-llm");
+        let llm = "name = \"L\"\nversion = 1\n[[steps]]\nname = \"A\"\nkind = \"llm\"\nconfig = { prompt = \"hi\" }\n";
+        std::fs::write(dir.0.join("l.toml"), llm).unwrap();
+        let e = DefinitionSet::load_dir_without_llm(&dir.0, &KindRegistry::builtin()).unwrap_err();
+        assert!(
+            matches!(e, DefinitionError::NeedsLlmProvider { .. }),
+            "{e:?}"
+        );
+        std::fs::write(
+            dir.0.join("t.toml"),
+            "name = \"T\"\nversion = 1\n[[steps]]\nname = \"S\"\nkind = \"nope\"\n",
+        )
+        .unwrap();
+        let e = DefinitionSet::load_dir_without_llm(&dir.0, &KindRegistry::builtin()).unwrap_err();
+        assert!(matches!(e, DefinitionError::UnknownKind { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn llm_templates_read_only_steps_that_run_before() {
+        let def = |prompt: &str| {
+            format!(
+                "name = \"P\"\nversion = 1\n[[steps]]\nname = \"A\"\nkind = \"llm\"\nconfig = {{ prompt = \"a\" }}\nnext = \"B\"\n[[steps]]\nname = \"B\"\nkind = \"llm\"\nconfig = {{ prompt = \"{prompt}\" }}\nnext = \"C\"\n[[steps]]\nname = \"C\"\nkind = \"noop\"\n"
+            )
+        };
+        let load = |prompt: &str| {
+            DefinitionSet::from_str(&def(prompt), Format::Toml, "p.toml", &with_llm())
+        };
+        load("{{steps.A.text}} {{input.x}}").unwrap();
+        for (prompt, read) in [
+            ("{{steps.C.text}}", "C"),
+            ("{{steps.Typo.json}}", "Typo"),
+            ("{{steps.B.text}}", "B"),
+        ] {
+            let e = load(prompt).unwrap_err();
+            assert!(
+                matches!(&e, DefinitionError::TemplateStep { step, read: r, .. } if step == "B" && r == read),
+                "{prompt}: {e:?}"
+            );
+            assert!(
+                e.to_string().contains("not a step that runs before `B`"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

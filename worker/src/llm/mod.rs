@@ -98,21 +98,26 @@ struct Inner {
 }
 
 /// Turns per-call costs into whole micro-dollars for `honua_llm_cost_microdollars_total`
-/// without losing the fractions: each (provider, model) keeps the nano-dollars not yet
-/// counted, so the counter always equals the summed cost, truncated to the micro-dollar.
+/// without losing the fractions: each series (provider, model, process type) keeps the
+/// nano-dollars not yet counted, so the counter always equals the summed cost, truncated
+/// to the micro-dollar.
 #[derive(Default)]
-struct CostCarry(Mutex<HashMap<(String, String), u64>>);
+struct CostCarry(Mutex<HashMap<(String, String, String), u64>>);
 
 impl CostCarry {
     /// Adds `usd` and returns the whole micro-dollars to add to the counter now.
-    fn add(&self, provider: &str, model: &str, usd: f64) -> u64 {
+    fn add(&self, provider: &str, model: &str, process_type: &str, usd: f64) -> u64 {
         let nanos = (usd * 1e9).round();
         if !(nanos.is_finite() && nanos > 0.0) {
             return 0;
         }
         let mut m = self.0.lock().unwrap();
         let rest = m
-            .entry((provider.to_string(), model.to_string()))
+            .entry((
+                provider.to_string(),
+                model.to_string(),
+                process_type.to_string(),
+            ))
             .or_insert(0);
         let total = *rest + nanos as u64;
         *rest = total % 1000;
@@ -828,10 +833,16 @@ impl LlmStep {
                         .await?;
                     let c = &r.completion;
                     let tokens = c.input_tokens + c.output_tokens;
-                    let labels = [("provider", r.provider.clone()), ("model", r.model.clone())];
+                    let labels = [
+                        ("provider", r.provider.clone()),
+                        ("model", r.model.clone()),
+                        ("process_type", ctx.process_type.clone()),
+                    ];
                     metrics::counter!(m::LLM_TOKENS_USED, &labels).increment(tokens);
                     if let Some(usd) = r.cost_usd {
-                        let micro = inner.cost.add(&r.provider, &r.model, usd);
+                        let micro = inner
+                            .cost
+                            .add(&r.provider, &r.model, &ctx.process_type, usd);
                         metrics::counter!(m::LLM_COST_MICRO_USD, &labels).increment(micro);
                     }
                     if let Err(e) = inner.budget(&ctx, tokens, r.cost_usd.unwrap_or(0.0)).await {
@@ -917,11 +928,12 @@ mod tests {
     fn cost_counter_carries_fractions_of_a_micro_dollar() {
         let c = CostCarry::default();
         // 13.5 µ$ per call: 50 calls are 675 µ$, not 50 × 13 or 50 × 14.
-        let counted: u64 = (0..50).map(|_| c.add("p", "m", 13.5e-6)).sum();
+        let counted: u64 = (0..50).map(|_| c.add("p", "m", "T", 13.5e-6)).sum();
         assert_eq!(counted, 675);
-        // Each (provider, model) carries its own remainder.
-        assert_eq!(c.add("p", "other", 0.4e-6), 0);
-        assert_eq!(c.add("p", "other", 0.6e-6), 1);
+        // Each series carries its own remainder.
+        assert_eq!(c.add("p", "other", "T", 0.4e-6), 0);
+        assert_eq!(c.add("p", "other", "U", 0.4e-6), 0);
+        assert_eq!(c.add("p", "other", "T", 0.6e-6), 1);
     }
 
     #[test]

@@ -257,7 +257,18 @@ impl Endpoint {
                 "provider {kind} needs an api key: set llm_provider.{kind}.api_key_env or api_key_file"
             ));
         }
-        let base_url = match (kind, &cfg.base_url) {
+        let from_env = match (&cfg.base_url, &cfg.base_url_env) {
+            (None, Some(var)) => Some(
+                env(var)
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| v.starts_with("http://") || v.starts_with("https://"))
+                    .ok_or_else(|| {
+                        format!("the {kind} base_url variable {var} is not set to an http(s) URL")
+                    })?,
+            ),
+            _ => None,
+        };
+        let base_url = match (kind, cfg.base_url.as_ref().or(from_env.as_ref())) {
             (_, Some(u)) => u.trim_end_matches('/').to_string(),
             (ProviderKind::Openai, None) => OPENAI_URL.into(),
             _ => return Err(format!("provider {kind} needs a base_url")),
@@ -695,6 +706,35 @@ mod tests {
         assert!(err.contains("NOPE"), "{err}");
         assert!(Endpoint::resolve(ProviderKind::Openai, None, &env).is_err());
         assert!(Endpoint::resolve(ProviderKind::OpenaiCompatible, None, &env).is_err());
+    }
+
+    #[test]
+    fn the_base_url_may_come_from_the_environment() {
+        let env = |v: &str| match v {
+            "K" => Some("sk-sentinel-42".to_string()),
+            "ENDPOINT" => Some(" https://res.openai.azure.com/ \n".to_string()),
+            "BAD" => Some("res.openai.azure.com".to_string()),
+            _ => None,
+        };
+        let cfg = |var: &str| EndpointConfig {
+            base_url_env: Some(var.into()),
+            api_key_env: Some("K".into()),
+            api_version: Some("2024-10-21".into()),
+            ..Default::default()
+        };
+        let e = Endpoint::resolve(ProviderKind::Azure, Some(&cfg("ENDPOINT")), &env).unwrap();
+        assert_eq!(e.base_url, "https://res.openai.azure.com");
+        for var in ["BAD", "UNSET"] {
+            let err = Endpoint::resolve(ProviderKind::Azure, Some(&cfg(var)), &env).unwrap_err();
+            assert!(err.contains(var) && err.contains("base_url"), "{err}");
+        }
+        // A base_url in the file wins over the variable.
+        let file = EndpointConfig {
+            base_url: Some("https://file.example".into()),
+            ..cfg("UNSET")
+        };
+        let e = Endpoint::resolve(ProviderKind::Azure, Some(&file), &env).unwrap();
+        assert_eq!(e.base_url, "https://file.example");
     }
 
     #[test]
