@@ -9,6 +9,7 @@
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod gateway;
+pub mod intake;
 pub mod ops;
 pub mod processes;
 pub mod scheduler;

@@ -89,7 +89,7 @@ impl Processes {
 
     /// Decides with `decide` on a fresh snapshot and commits, re-reading on a revision
     /// conflict ([`Processes::decide_and_commit`]). Returns what `decide` returned besides
-    /// the transition.
+    /// the transition; an empty transition commits nothing.
     async fn transition<T>(
         &self,
         id: &str,
@@ -117,6 +117,9 @@ impl Processes {
                         jitter: rand::random(),
                     };
                     let (t, extra) = decide(&ctx, &rec)?;
+                    if t.is_empty() {
+                        return Ok(Decision::Done(extra));
+                    }
                     let call = t.to_commit(
                         self.store.keys(),
                         id,
@@ -168,6 +171,29 @@ impl Processes {
         );
         tracing::info!(process_id = %id, "Process {id} cancelled");
         Ok(())
+    }
+
+    /// Starts a Pending process (created while intake was drained). `Ok(false)` when it is
+    /// no longer Pending (another scheduler started it, or it was cancelled).
+    pub async fn start(&self, id: &str) -> Result<bool, OpsError> {
+        let started = self
+            .transition(id, |ctx, rec| {
+                if rec.status != ProcessStatus::Pending {
+                    return Ok((Transition::default(), None));
+                }
+                let timeout = self.cfg.process_timeout(&ctx.def.name, ctx.def.timeout);
+                let t = engine::start(ctx, rec, timeout)?;
+                Ok((t, Some(rec.process_type.clone())))
+            })
+            .await?;
+        let Some(process_type) = started else {
+            return Ok(false);
+        };
+        metrics::counter!(honua_shared::metrics::PROCESS_TRANSITIONS, "process_type" => process_type.clone(),
+            "status" => ProcessStatus::Running.as_str())
+        .increment(1);
+        tracing::info!(process_id = %id, process_type = %process_type, "Process {id} started ({process_type}): intake resumed");
+        Ok(true)
     }
 
     /// Re-runs a Failed, Cancelled or TimedOut process from its failed step, optionally
@@ -293,9 +319,10 @@ impl Processes {
         let keys = self.store.keys();
         let now = self.store.server_time_ms().await?;
         let limit = q.limit.clamp(1, 1000);
-        // Finished statuses are indexed by end time, the others by creation time.
+        // Finished statuses are indexed by end time, the others by creation time; Pending
+        // processes (intake drained) have their own index.
         let key = match q.status {
-            Some(s) if s.is_finished() => keys.index_status(s),
+            Some(s) if s.is_finished() || s == ProcessStatus::Pending => keys.index_status(s),
             Some(_) => keys.index_active(),
             None if q.active => keys.index_active(),
             None => keys.index_all(),

@@ -90,6 +90,10 @@ impl Scheduler {
             tokio::spawn(me.clone().reader(keys.results(), shutdown.clone())),
             tokio::spawn(me.clone().timers(shutdown.clone())),
             tokio::spawn(me.clone().takeover(shutdown.clone())),
+            tokio::spawn({
+                let (engine, shutdown) = (me.engine.clone(), shutdown.clone());
+                async move { engine.run_intake(shutdown).await }
+            }),
         ];
         for t in tasks {
             let _ = t.await;
@@ -429,7 +433,7 @@ impl Scheduler {
                 metrics::counter!(m::COMMIT_CONFLICTS).increment(1);
                 true
             }
-            Commit::Gone | Commit::Exists | Commit::Duplicate(_) => false,
+            Commit::Gone | Commit::Exists | Commit::Duplicate(_) | Commit::Closed => false,
         }
     }
 
@@ -569,6 +573,13 @@ impl Scheduler {
                 }
                 Err(_) => ok = false,
             }
+        }
+        match (store.intake().await, store.pending_count().await) {
+            (Ok(intake), Ok(pending)) => {
+                metrics::gauge!(m::INTAKE_DRAINING).set(if intake.is_some() { 1.0 } else { 0.0 });
+                metrics::gauge!(m::PENDING_PROCESSES).set(pending as f64);
+            }
+            _ => ok = false,
         }
         match store.workers(1000).await {
             Ok(ws) => {

@@ -7,6 +7,7 @@ use honua_shared::engine::{self, Ctx};
 use honua_shared::envelope::Submission;
 use honua_shared::record::ProcessRecord;
 use honua_shared::store::{Commit, StoreError};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -41,6 +42,9 @@ pub enum SubmitError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submitted {
     Created(String),
+    /// Created while the fleet's intake is drained: stored `Pending`, started when intake
+    /// resumes.
+    Pending(String),
     /// The idempotency key was seen before, with the same type and input: the stored
     /// process.
     Duplicate {
@@ -52,7 +56,7 @@ pub enum Submitted {
 impl Submitted {
     pub fn id(&self) -> &str {
         match self {
-            Submitted::Created(id) | Submitted::Duplicate { id, .. } => id,
+            Submitted::Created(id) | Submitted::Pending(id) | Submitted::Duplicate { id, .. } => id,
         }
     }
 }
@@ -60,6 +64,8 @@ impl Submitted {
 impl Processes {
     /// Creates the process (one commit.lua call that also enqueues its first steps and,
     /// with `ack`, acknowledges the submission entry) and waits for the AOF where possible.
+    /// While the fleet's intake is drained the process is created `Pending` instead (the
+    /// commit that would start steps answers `closed`, and the create is decided again).
     ///
     /// Runs in a `process.submit` span: a child of the submission's `traceparent` if it has
     /// one, else a new trace. That span's context becomes the process's stored traceparent,
@@ -163,8 +169,11 @@ impl Processes {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         // A create has no revision to lose (commit.lua answers `conflict` only to an
-        // update), so the answer step never asks to decide again.
+        // update); the answer step asks to decide again only when intake is drained, and
+        // the create is then decided Pending.
         let (id, input) = (&id, &input);
+        let pending = std::sync::atomic::AtomicBool::new(false);
+        let pending = &pending;
         let stored = self
             .decide_and_commit(
                 || async move {
@@ -176,7 +185,12 @@ impl Processes {
                         jitter: rand::random(),
                     };
                     let timeout = self.cfg.process_timeout(&def.name, def.timeout);
-                    let t = engine::create(
+                    let create = if pending.load(Relaxed) {
+                        engine::create_pending
+                    } else {
+                        engine::create
+                    };
+                    let t = create(
                         &ctx,
                         id,
                         input.clone(),
@@ -211,6 +225,10 @@ impl Processes {
                 },
                 |(), committed| match committed? {
                     Commit::Ok { .. } => Ok(Answered::Done(None)),
+                    Commit::Closed if !pending.load(Relaxed) => {
+                        pending.store(true, Relaxed);
+                        Ok(Answered::Conflict)
+                    }
                     Commit::Duplicate(existing) => Ok(Answered::Done(Some(existing))),
                     Commit::Exists => Err(SubmitError::IdTaken(id.clone())),
                     other => Err(SubmitError::Store(StoreError::Reply {
@@ -221,6 +239,7 @@ impl Processes {
             )
             .await?;
         let result = match stored {
+            Some(None) if pending.load(Relaxed) => Submitted::Pending(id.clone()),
             Some(None) => Submitted::Created(id.clone()),
             Some(Some(existing)) => return self.duplicate(sub, existing).await,
             None => {
@@ -242,14 +261,22 @@ impl Processes {
                 Err(e) => tracing::warn!(error = %e, "WAITAOF failed"),
             }
         }
-        if let Submitted::Created(_) = &result {
-            metrics::counter!(honua_shared::metrics::PROCESS_STARTED, "process_type" => def.name.clone())
-                .increment(1);
-            metrics::counter!(honua_shared::metrics::PROCESS_TRANSITIONS, "process_type" => def.name.clone(),
-                "status" => honua_shared::status::ProcessStatus::Running.as_str())
+        let status = match &result {
+            Submitted::Created(_) => {
+                tracing::info!(process_id = %id, process_type = %def.name, "Process {id} started ({})", def.name);
+                honua_shared::status::ProcessStatus::Running
+            }
+            Submitted::Pending(_) => {
+                tracing::info!(process_id = %id, process_type = %def.name, "Process {id} ({}) is Pending: intake is drained", def.name);
+                honua_shared::status::ProcessStatus::Pending
+            }
+            Submitted::Duplicate { .. } => return Ok(result),
+        };
+        metrics::counter!(honua_shared::metrics::PROCESS_STARTED, "process_type" => def.name.clone())
             .increment(1);
-            tracing::info!(process_id = %id, process_type = %def.name, "Process {id} started ({})", def.name);
-        }
+        metrics::counter!(honua_shared::metrics::PROCESS_TRANSITIONS, "process_type" => def.name.clone(),
+            "status" => status.as_str())
+        .increment(1);
         Ok(result)
     }
 }

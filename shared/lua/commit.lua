@@ -11,8 +11,12 @@
 --   hset k n f v ... | hdel k n f ... | xadd k n f v ... | zadd k score member
 --   | zaddin k delay_ms member | zrem k member | expire k secs | persist k
 --   | setex k secs value | del k
+--   | absent k   (a precondition, not a write: k must not exist, else the answer is
+--                'closed' and nothing is written or acknowledged; a create that starts
+--                steps carries the intake key, so no process starts once a drain is set)
 -- (k is a KEYS index). Every op is parsed before anything is written.
 -- Returns {'ok', now} | {'conflict', rev} | {'gone'} | {'exists'} | {'duplicate', process_id}
+--   | {'closed'}
 local mode = ARGV[1]
 local nops = tonumber(ARGV[7])
 local function key(idx)
@@ -24,8 +28,9 @@ local function key(idx)
 end
 -- Validation pass: op names, key indexes and argument counts; nothing is copied (the
 -- apply pass reads the arguments straight from ARGV).
-local FIXED = {zadd = 2, zaddin = 2, setex = 2, zrem = 1, expire = 1, persist = 0, del = 0}
-local ops, i = {}, 8
+local FIXED = {zadd = 2, zaddin = 2, setex = 2, zrem = 1, expire = 1, persist = 0, del = 0,
+  absent = 0}
+local ops, absent, i = {}, {}, 8
 for _ = 1, nops do
   local op = ARGV[i]
   key(ARGV[i + 1])
@@ -42,7 +47,11 @@ for _ = 1, nops do
   if last > #ARGV then
     error('commit: short arguments for ' .. op)
   end
-  ops[#ops + 1] = i
+  if op == 'absent' then
+    absent[#absent + 1] = key(ARGV[i + 1])
+  else
+    ops[#ops + 1] = i
+  end
   i = last + 1
 end
 
@@ -84,6 +93,11 @@ elseif mode == 'update' then
   end
 else
   error('commit: unknown mode ' .. tostring(mode))
+end
+for _, k in ipairs(absent) do
+  if redis.call('EXISTS', k) == 1 then
+    return {'closed'}
+  end
 end
 
 local now = now_ms()

@@ -83,6 +83,12 @@ impl Ops {
     }
 }
 
+/// How long an idempotency key outlives its process's start: the process's timeout, then
+/// the retention of its finished record.
+fn idempotency_ttl(retention_secs: u64, timeout_ms: u64) -> u64 {
+    retention_secs + timeout_ms / 1000 + 1
+}
+
 fn b(s: impl ToString) -> Vec<u8> {
     s.to_string().into_bytes()
 }
@@ -119,15 +125,35 @@ impl Transition {
                     idempotency_key,
                     trace,
                     timeout_ms,
+                    pending,
                 } => {
                     meta_fields.extend([
                         (field::TYPE.into(), b(process_type)),
                         (field::VERSION.into(), b(version)),
-                        (field::STATUS.into(), b(ProcessStatus::Running)),
                         (field::CREATED_MS.into(), b(now_ms)),
-                        (field::STARTED_MS.into(), b(now_ms)),
-                        (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
                     ]);
+                    if *pending {
+                        meta_fields.push((field::STATUS.into(), b(ProcessStatus::Pending)));
+                        let idx_pending = kt.idx(keys.index_status(ProcessStatus::Pending));
+                        ops.op(vec![b("zadd"), idx_pending, b(now_ms), b(process_id)]);
+                    } else {
+                        meta_fields.extend([
+                            (field::STATUS.into(), b(ProcessStatus::Running)),
+                            (field::STARTED_MS.into(), b(now_ms)),
+                            (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
+                        ]);
+                        // Started only while intake is open: a drain set meanwhile makes
+                        // the commit answer `closed`, and the caller creates it Pending.
+                        let intake = kt.idx(keys.intake());
+                        ops.op(vec![b("absent"), intake]);
+                        let delayed = kt.idx(keys.delayed());
+                        ops.op(vec![
+                            b("zaddin"),
+                            delayed,
+                            b(timeout_ms),
+                            b(deadline_member(process_id)),
+                        ]);
+                    }
                     if let Some(t) = trace {
                         meta_fields.push((field::TRACE.into(), b(t)));
                     }
@@ -140,18 +166,11 @@ impl Transition {
                     ops.op(vec![b("zadd"), idx_all, b(now_ms), b(process_id)]);
                     let idx_active = kt.idx(keys.index_active());
                     ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
-                    let delayed = kt.idx(keys.delayed());
-                    ops.op(vec![
-                        b("zaddin"),
-                        delayed,
-                        b(timeout_ms),
-                        b(deadline_member(process_id)),
-                    ]);
                     if let Some(k) = idempotency_key {
                         meta_fields.push((field::IDEMPOTENCY_KEY.into(), b(k)));
                         let ik = kt.idx(keys.idempotency(k));
                         idem_idx = ik.clone();
-                        let ttl = retention_secs + timeout_ms / 1000 + 1;
+                        let ttl = idempotency_ttl(retention_secs, *timeout_ms);
                         ops.op(vec![b("setex"), ik, b(ttl), b(process_id)]);
                     }
                 }
@@ -189,6 +208,36 @@ impl Transition {
                     ]);
                 }
                 Action::SetStatus(s) => meta_fields.push((field::STATUS.into(), b(s))),
+                Action::Start {
+                    timeout_ms,
+                    idempotency_key,
+                } => {
+                    if let Some(k) = idempotency_key {
+                        let ik = kt.idx(keys.idempotency(k));
+                        ops.op(vec![
+                            b("expire"),
+                            ik,
+                            b(idempotency_ttl(retention_secs, *timeout_ms)),
+                        ]);
+                    }
+                    meta_fields.extend([
+                        (field::STARTED_MS.into(), b(now_ms)),
+                        (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
+                    ]);
+                    let idx_pending = kt.idx(keys.index_status(ProcessStatus::Pending));
+                    ops.op(vec![b("zrem"), idx_pending, b(process_id)]);
+                    let delayed = kt.idx(keys.delayed());
+                    ops.op(vec![
+                        b("zaddin"),
+                        delayed,
+                        b(timeout_ms),
+                        b(deadline_member(process_id)),
+                    ]);
+                }
+                Action::LeavePending => {
+                    let idx_pending = kt.idx(keys.index_status(ProcessStatus::Pending));
+                    ops.op(vec![b("zrem"), idx_pending, b(process_id)]);
+                }
                 Action::Reopen { from, timeout_ms } => {
                     ops.op(vec![
                         b("hdel"),

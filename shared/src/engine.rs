@@ -31,7 +31,10 @@ pub enum Action {
     SetInput(Vec<u8>),
     /// The full audit list after appending an operator action.
     Audit(Vec<crate::record::AuditEntry>),
-    /// Create the process record (only in a create transition).
+    /// Create the process record (only in a create transition). A `pending` process (the
+    /// fleet's intake is drained) is created with no step started and no deadline yet:
+    /// [`start`] starts it once intake resumes. A create that starts its steps commits only
+    /// while intake is open (the commit checks, so a drain is never raced past).
     Create {
         process_type: String,
         version: u32,
@@ -39,7 +42,16 @@ pub enum Action {
         idempotency_key: Option<String>,
         trace: Option<String>,
         timeout_ms: u64,
+        pending: bool,
     },
+    /// A Pending process starts: it leaves the pending index, its deadline starts now, and
+    /// its idempotency key (if any) is kept as long as a process created now would keep it.
+    Start {
+        timeout_ms: u64,
+        idempotency_key: Option<String>,
+    },
+    /// A Pending process ends before it started (cancelled): it leaves the pending index.
+    LeavePending,
     /// Write a step's record.
     SetStep { step: String, record: StepRecord },
     /// Put a job on the job stream now.
@@ -435,11 +447,58 @@ pub fn create(
         idempotency_key,
         trace,
         timeout_ms: timeout.as_millis() as u64,
+        pending: false,
     });
     for s in ctx.def.start.clone() {
         p.activate(&s);
     }
     p.finish(None)
+}
+
+/// The transition that creates a process while the fleet's intake is drained: the record
+/// is stored `Pending`, with no step started and no deadline, until [`start`].
+pub fn create_pending(
+    ctx: &Ctx<'_>,
+    process_id: &str,
+    input: Vec<u8>,
+    idempotency_key: Option<String>,
+    trace: Option<String>,
+    timeout: Duration,
+) -> Transition {
+    Transition {
+        actions: vec![Action::Create {
+            process_type: ctx.def.name.clone(),
+            version: ctx.def.version,
+            input,
+            idempotency_key,
+            trace,
+            timeout_ms: timeout.as_millis() as u64,
+            pending: true,
+        }],
+        notes: vec![format!(
+            "process {process_id} is Pending: intake is drained"
+        )],
+    }
+}
+
+/// Starts a Pending process (intake resumed): its first steps are entered and its deadline
+/// (`timeout`, from now) starts counting.
+pub fn start(ctx: &Ctx<'_>, rec: &ProcessRecord, timeout: Duration) -> Result<Transition, OpError> {
+    if rec.status != ProcessStatus::Pending {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "only a Pending process can be started",
+        ));
+    }
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    p.actions.push(Action::Start {
+        timeout_ms: timeout.as_millis() as u64,
+        idempotency_key: rec.idempotency_key.clone(),
+    });
+    for s in ctx.def.start.clone() {
+        p.activate(&s);
+    }
+    Ok(p.finish(Some(rec.status)))
 }
 
 /// The transition an event causes, or an empty one when the event no longer applies
@@ -575,9 +634,11 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
             p.fail(ProcessStatus::Failed, error, "max_deliveries");
         }
         Event::ProcessTimeout { .. } => {
+            // From the start: a process created while intake was drained waited Pending
+            // without a deadline.
             let timeout = rec
                 .deadline_ms
-                .map(|d| d.saturating_sub(rec.created_ms))
+                .map(|d| d.saturating_sub(rec.started_ms.unwrap_or(rec.created_ms)))
                 .unwrap_or_default();
             p.fail(
                 ProcessStatus::TimedOut,
@@ -649,6 +710,9 @@ pub fn cancel(
     let why = reason.unwrap_or("cancelled by an operator");
     p.actions
         .push(audit(rec, ctx.now_ms, "cancel", reason.map(str::to_string)));
+    if rec.status == ProcessStatus::Pending {
+        p.actions.push(Action::LeavePending);
+    }
     p.fail(ProcessStatus::Cancelled, why.to_string(), "cancelled");
     Ok(p.finish(Some(rec.status)))
 }

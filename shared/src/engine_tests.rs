@@ -98,16 +98,25 @@ fn apply(rec: &mut ProcessRecord, t: &Transition, now: u64) {
                 idempotency_key,
                 trace,
                 timeout_ms,
+                pending,
                 ..
             } => {
                 rec.process_type = process_type.clone();
                 rec.version = *version;
-                rec.status = ProcessStatus::Running;
                 rec.created_ms = now;
-                rec.started_ms = Some(now);
-                rec.deadline_ms = Some(now + timeout_ms);
+                if *pending {
+                    rec.status = ProcessStatus::Pending;
+                } else {
+                    rec.status = ProcessStatus::Running;
+                    rec.started_ms = Some(now);
+                    rec.deadline_ms = Some(now + timeout_ms);
+                }
                 rec.idempotency_key = idempotency_key.clone();
                 rec.trace = trace.clone();
+            }
+            Action::Start { timeout_ms, .. } => {
+                rec.started_ms = Some(now);
+                rec.deadline_ms = Some(now + timeout_ms);
             }
             Action::SetStep { step, record } => {
                 rec.steps.insert(step.clone(), record.clone());
@@ -130,7 +139,8 @@ fn apply(rec: &mut ProcessRecord, t: &Transition, now: u64) {
                 rec.deadline_ms = Some(now + timeout_ms);
             }
             Action::Audit(list) => rec.audit = list.clone(),
-            Action::Enqueue(_)
+            Action::LeavePending
+            | Action::Enqueue(_)
             | Action::EnqueueLater { .. }
             | Action::EventLater { .. }
             | Action::SetInput(_) => {}
@@ -390,6 +400,7 @@ kind = "noop"
         idempotency_key: Some("idem-1".into()),
         trace: Some(tp.into()),
         timeout_ms: 90_000,
+        pending: false,
     }));
     let creates = t
         .actions
@@ -1377,7 +1388,7 @@ fn parse_ops(call: &CommitCall) -> Vec<Op> {
             "hdel" => i + 3 + a[i + 2].parse::<usize>().unwrap(),
             "zadd" | "zaddin" | "setex" => i + 4,
             "zrem" | "expire" => i + 3,
-            "persist" | "del" => i + 2,
+            "persist" | "del" | "absent" => i + 2,
             other => panic!("unknown op {other}"),
         };
         let first = if matches!(name.as_str(), "hset" | "xadd" | "hdel") {
@@ -1836,4 +1847,155 @@ fn a_yield_waits_at_least_the_minimum_and_is_bounded() {
     assert_eq!(sim.step("A").history.last().unwrap().outcome, "failed");
     let t = sim.report("A", yielded(0));
     assert_eq!(enqueued_steps(&t), ["Cleanup"]);
+}
+
+/// A create while intake is drained stores a Pending process that starts nothing; the
+/// ordinary create carries the intake precondition, the pending one does not.
+#[test]
+fn a_pending_create_starts_nothing_and_only_a_starting_create_checks_intake() {
+    let d = def(SEQUENCE);
+    let kinds = KindRegistry::builtin();
+    let ctx = Ctx {
+        def: &d,
+        kinds: &kinds,
+        now_ms: NOW,
+        jitter: 0.5,
+    };
+    let keys = Keys::new("honua", 0);
+    let compile = |t: &Transition| t.to_commit(&keys, PID, None, NOW, RETENTION, None);
+
+    let t = create_pending(&ctx, PID, b"in".to_vec(), Some("k".into()), None, HOUR);
+    assert!(enqueued(&t).is_empty());
+    assert!(
+        t.actions
+            .iter()
+            .all(|a| !matches!(a, Action::SetStep { .. }))
+    );
+    let mut rec = empty_record();
+    apply(&mut rec, &t, NOW);
+    assert_eq!(rec.status, ProcessStatus::Pending);
+    assert_eq!(rec.deadline_ms, None, "no deadline before it starts");
+    let call = compile(&t);
+    let ops = parse_ops(&call);
+    assert!(find(&ops, &call, "absent", &keys.intake()).is_empty());
+    assert!(find(&ops, &call, "zaddin", &keys.delayed()).is_empty());
+    let pending = find(
+        &ops,
+        &call,
+        "zadd",
+        &keys.index_status(ProcessStatus::Pending),
+    );
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].args, [NOW.to_string(), PID.to_string()]);
+    assert_eq!(
+        hset_fields(&ops, &call, &keys.process(PID))[field::STATUS],
+        "Pending"
+    );
+
+    let started = create(&ctx, PID, b"in".to_vec(), None, None, HOUR);
+    let call = compile(&started);
+    let ops = parse_ops(&call);
+    assert_eq!(find(&ops, &call, "absent", &keys.intake()).len(), 1);
+    assert!(
+        find(
+            &ops,
+            &call,
+            "zadd",
+            &keys.index_status(ProcessStatus::Pending)
+        )
+        .is_empty()
+    );
+}
+
+/// Starting a Pending process enters its first steps, starts its deadline from now, leaves
+/// the pending index and keeps its idempotency key as long as a fresh create would.
+#[test]
+fn start_enters_the_first_steps_of_a_pending_process_and_nothing_else_starts() {
+    let d = def(SEQUENCE);
+    let kinds = KindRegistry::builtin();
+    let at = |now_ms| Ctx {
+        def: &d,
+        kinds: &kinds,
+        now_ms,
+        jitter: 0.5,
+    };
+    let mut rec = empty_record();
+    let t = create_pending(&at(NOW), PID, b"in".to_vec(), Some("k".into()), None, HOUR);
+    apply(&mut rec, &t, NOW);
+    rec.rev = 1;
+
+    let later = NOW + 60_000;
+    let t = start(&at(later), &rec, HOUR).unwrap();
+    assert_eq!(enqueued_steps(&t), ["A"]);
+    assert_eq!(set_statuses(&t), [ProcessStatus::Running]);
+    let keys = Keys::new("honua", 0);
+    let call = t.to_commit(&keys, PID, Some(rec.rev), later, RETENTION, None);
+    let ops = parse_ops(&call);
+    assert_eq!(
+        find(
+            &ops,
+            &call,
+            "zrem",
+            &keys.index_status(ProcessStatus::Pending)
+        )
+        .len(),
+        1
+    );
+    let deadline = find(&ops, &call, "zaddin", &keys.delayed());
+    assert_eq!(deadline.len(), 1);
+    assert_eq!(deadline[0].args[0], HOUR.as_millis().to_string());
+    let idem = find(&ops, &call, "expire", &keys.idempotency("k"));
+    assert_eq!(idem.len(), 1);
+    assert_eq!(idem[0].args[0], (RETENTION + 3600 + 1).to_string());
+    let meta = hset_fields(&ops, &call, &keys.process(PID));
+    assert_eq!(meta[field::STARTED_MS], later.to_string());
+    assert_eq!(meta[field::DEADLINE_MS], (later + 3_600_000).to_string());
+
+    apply(&mut rec, &t, later);
+    assert_eq!(rec.status, ProcessStatus::Running);
+    let again = start(&at(later), &rec, HOUR).unwrap_err();
+    assert_eq!(
+        again,
+        OpError::InvalidState(
+            ProcessStatus::Running,
+            "only a Pending process can be started"
+        )
+    );
+}
+
+/// Cancelling a Pending process finishes it and takes it off the pending index, so intake
+/// never starts it.
+#[test]
+fn cancelling_a_pending_process_takes_it_off_the_pending_index() {
+    let d = def(SEQUENCE);
+    let kinds = KindRegistry::builtin();
+    let ctx = Ctx {
+        def: &d,
+        kinds: &kinds,
+        now_ms: NOW,
+        jitter: 0.5,
+    };
+    let mut rec = empty_record();
+    apply(
+        &mut rec,
+        &create_pending(&ctx, PID, b"in".to_vec(), None, None, HOUR),
+        NOW,
+    );
+    rec.rev = 1;
+    let t = cancel(&ctx, &rec, None).unwrap();
+    assert_eq!(finish_code(&t), Some("cancelled"));
+    let keys = Keys::new("honua", 0);
+    let call = t.to_commit(&keys, PID, Some(1), NOW, RETENTION, None);
+    let ops = parse_ops(&call);
+    assert_eq!(
+        find(
+            &ops,
+            &call,
+            "zrem",
+            &keys.index_status(ProcessStatus::Pending)
+        )
+        .len(),
+        1
+    );
+    assert!(enqueued(&t).is_empty());
 }

@@ -19,6 +19,8 @@
 //! | `<prefix>:v1:{<shard>}:index:all` | sorted set, score = created ms | every live process id |
 //! | `<prefix>:v1:{<shard>}:index:active` | sorted set, score = created ms | processes not yet finished |
 //! | `<prefix>:v1:{<shard>}:index:status:<Status>` | sorted set, score = ended ms | finished processes by status |
+//! | `<prefix>:v1:{<shard>}:index:status:Pending` | sorted set, score = created ms | processes created while intake was drained, not yet started |
+//! | `<prefix>:v1:{<shard>}:intake` | string (JSON: since, by) | present while the fleet's intake is drained (`POST /api/admin/drain`) |
 //! | `<prefix>:v1:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
 //! | `<prefix>:v1:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
 //! | `<prefix>:v1:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
@@ -128,6 +130,10 @@ impl Keys {
     pub fn index_active(&self) -> Key {
         self.key("index:active")
     }
+    /// Present while the fleet's intake is drained: processes are created Pending.
+    pub fn intake(&self) -> Key {
+        self.key("intake")
+    }
     pub fn index_status(&self, status: crate::status::ProcessStatus) -> Key {
         self.key(&format!("index:status:{}", status.as_str()))
     }
@@ -180,6 +186,7 @@ impl Keys {
             self.workers(),
             self.index_all(),
             self.index_active(),
+            self.intake(),
         ];
         keys.extend(
             crate::status::ProcessStatus::ALL

@@ -66,6 +66,10 @@ pub const QUEUE_OLDEST_PENDING_AGE: &str = "honua_queue_oldest_pending_age_secon
 pub const WORKERS_LIVE: &str = "honua_workers_live";
 /// 1 when Redis answered the last sample, else 0 (gauge).
 pub const REDIS_UP: &str = "redis_up";
+/// 1 while the fleet's intake is drained (`POST /api/admin/drain`), else 0 (gauge).
+pub const INTAKE_DRAINING: &str = "honua_intake_draining";
+/// Processes created while intake was drained, not yet started (gauge).
+pub const PENDING_PROCESSES: &str = "honua_pending_processes";
 
 /// LLM metrics (emitted by the `llm` step kind).
 /// Tokens of completed calls, input plus output (counter; `provider`, `model`,
@@ -119,6 +123,8 @@ pub const ALL: &[&str] = &[
     QUEUE_OLDEST_PENDING_AGE,
     WORKERS_LIVE,
     REDIS_UP,
+    INTAKE_DRAINING,
+    PENDING_PROCESSES,
     LLM_TOKENS_USED,
     LLM_ERRORS,
     LLM_REQUESTS,
@@ -261,6 +267,16 @@ pub const HELP: &[(&str, Kind, &str)] = &[
         WORKERS_LIVE,
         Kind::Gauge,
         "Workers with a heartbeat in the last 30 s.",
+    ),
+    (
+        INTAKE_DRAINING,
+        Kind::Gauge,
+        "1 while the fleet's intake is drained (new processes wait Pending), else 0.",
+    ),
+    (
+        PENDING_PROCESSES,
+        Kind::Gauge,
+        "Processes created while intake was drained, not yet started.",
     ),
     (
         REDIS_UP,

@@ -1577,3 +1577,176 @@ async fn mutating_routes_refuse_text_plain_and_multipart_bodies() {
     }
     f.stop().await;
 }
+
+/// The guide's maintenance window without scaling to zero: a drain holds every new process
+/// Pending (over HTTP and over the submission stream) while the running ones go on to
+/// their end, `/health` says Draining, only an admin key may drain or resume, a Pending
+/// process can be cancelled, and resuming intake starts the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_holds_new_processes_pending_until_intake_resumes() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let token_hash = honua_scheduler::gateway::token_hash;
+    cfg.api.keys = vec![
+        ApiKey {
+            name: "dashboard".into(),
+            role: Role::Read,
+            sha256: token_hash("read-token"),
+        },
+        ApiKey {
+            name: "oncall".into(),
+            role: Role::Operate,
+            sha256: token_hash("operate-token"),
+        },
+        ApiKey {
+            name: "platform".into(),
+            role: Role::Admin,
+            sha256: token_hash("admin-token"),
+        },
+    ];
+    let f = Fleet::start(cfg, 1, 1).await;
+    let c = http();
+    let post = |path: &str, token: &str, body: Value| {
+        let req = c.post(f.url(path)).bearer_auth(token).json(&body);
+        async move { json_of(req.send().await.unwrap()).await }
+    };
+    let get = |path: &str, token: &str| {
+        let req = c.get(f.url(path)).bearer_auth(token);
+        async move { json_of(req.send().await.unwrap()).await }
+    };
+
+    // A process already running (waiting at its gate) before the drain.
+    let gated = f.submit("Gate", json!({})).await;
+    wait_status(&f, &gated, ProcessStatus::WaitingForApproval).await;
+
+    for token in ["read-token", "operate-token"] {
+        let (code, body) = post("/api/admin/drain", token, json!({})).await;
+        assert_eq!(code, 403, "{token}: {body}");
+        let (code, _) = post("/api/admin/resume-intake", token, json!({})).await;
+        assert_eq!(code, 403, "{token}");
+    }
+    let (code, body) = get("/api/admin/drain", "read-token").await;
+    assert_eq!((code, &body["draining"]), (200, &json!(false)), "{body}");
+
+    let (code, drained) = post("/api/admin/drain", "admin-token", json!({})).await;
+    assert_eq!(code, 200, "{drained}");
+    assert_eq!(drained["draining"], json!(true));
+    assert_eq!(drained["by"], json!("platform"));
+    let since = drained["sinceMs"].as_u64().unwrap();
+    // The gate holds no step: nothing runs or waits for a worker.
+    assert_eq!(drained["drained"], json!(true), "{drained}");
+    let (_, again) = post("/api/admin/drain", "admin-token", json!({})).await;
+    assert_eq!(
+        again["sinceMs"].as_u64(),
+        Some(since),
+        "a second drain keeps the first"
+    );
+    let (code, health) = get("/health", "read-token").await;
+    assert_eq!(
+        (code, &health["status"], &health["checks"]["intake"]),
+        (200, &json!("Draining"), &json!("Draining")),
+        "{health}"
+    );
+
+    // Submissions are accepted and acknowledged, and wait Pending.
+    let (code, by_http) = post(
+        "/api/processes",
+        "operate-token",
+        json!({"processType": "Ok", "input": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(code, 201, "{by_http}");
+    assert_eq!(by_http["pending"], json!(true), "{by_http}");
+    let by_http = by_http["id"].as_str().unwrap().to_string();
+    let mut sub = honua_shared::envelope::Submission {
+        process_type: "Ok".into(),
+        version: None,
+        input: json!({}),
+        id: Some("from-the-stream".into()),
+        idempotency_key: None,
+        trace: Default::default(),
+    };
+    xadd_submission(f.store(), &sub).await;
+    sub.id = Some("cancelled-while-pending".into());
+    xadd_submission(f.store(), &sub).await;
+    for id in [
+        by_http.as_str(),
+        "from-the-stream",
+        "cancelled-while-pending",
+    ] {
+        wait_status(&f, id, ProcessStatus::Pending).await;
+    }
+    let (code, body) = post(
+        "/api/processes/cancelled-while-pending/cancel",
+        "operate-token",
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+
+    // Running work goes on: the gate is approved and its process completes meanwhile.
+    let (code, body) = post(
+        &format!("/api/processes/{gated}/signal/review"),
+        "operate-token",
+        json!({"value": "approve"}),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    let gate_done = f.wait_finished(&gated).await;
+    assert_eq!(gate_done.status, ProcessStatus::Completed);
+    for id in [by_http.as_str(), "from-the-stream"] {
+        let rec = f.record(id).await.unwrap();
+        assert_eq!(rec.status, ProcessStatus::Pending, "{id}");
+        assert!(rec.steps.is_empty(), "{id} started a step: {:?}", rec.steps);
+        assert_eq!(rec.deadline_ms, None, "{id}: no deadline while Pending");
+    }
+    // Gate's two steps are the only jobs ever queued.
+    assert_eq!(entries_added(f.store(), &f.store().keys().jobs()).await, 1);
+    let (_, report) = get("/api/admin/drain", "read-token").await;
+    assert_eq!(report["pendingProcesses"], json!(2), "{report}");
+    assert_eq!(report["runningSteps"], json!(0), "{report}");
+    let (_, list) = get("/api/processes?status=Pending", "read-token").await;
+    let mut listed = ids_of(&list);
+    listed.sort();
+    let mut expected = vec![by_http.clone(), "from-the-stream".to_string()];
+    expected.sort();
+    assert_eq!(listed, expected, "{list}");
+    wait_for("the draining gauge", DEADLINE, || async {
+        let text = c
+            .get(f.url("/metrics"))
+            .bearer_auth("read-token")
+            .send()
+            .await
+            .ok()?;
+        let text = text.text().await.ok()?;
+        (text.contains("honua_intake_draining 1") && text.contains("honua_pending_processes 2"))
+            .then_some(())
+    })
+    .await;
+
+    let (code, resumed) = post("/api/admin/resume-intake", "admin-token", json!({})).await;
+    assert_eq!(code, 200, "{resumed}");
+    assert_eq!(resumed["draining"], json!(false));
+    for id in [by_http.as_str(), "from-the-stream"] {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{id}");
+        // Started after intake resumed, not when it was submitted.
+        let started = rec.started_ms.unwrap();
+        let gate_end = gate_done.ended_ms.unwrap();
+        assert!(
+            started >= gate_end,
+            "{id} started at {started}, before the gate ended at {gate_end}"
+        );
+    }
+    let cancelled = f.record("cancelled-while-pending").await.unwrap();
+    assert_eq!(cancelled.status, ProcessStatus::Cancelled);
+    assert!(
+        cancelled.steps.is_empty(),
+        "a cancelled Pending process never starts"
+    );
+    assert!(f.store().pending_processes(10).await.unwrap().is_empty());
+    let (_, health) = get("/health", "read-token").await;
+    assert_ne!(health["status"], json!("Draining"), "{health}");
+    f.stop().await;
+}

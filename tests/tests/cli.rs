@@ -854,3 +854,85 @@ async fn unreachable_or_silent_gateways_exit_6() {
     let bad = honua_at(&closed, Some("has space"), &["ps"]).await.exits(2);
     assert!(bad.err.contains("HONUA_TOKEN"), "{bad:#?}");
 }
+
+/// `honua drain`, `drain --status`, `drain --wait` and `resume-intake`: a held step keeps
+/// the fleet from being drained until it ends, a new submission waits Pending, and resuming
+/// intake runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_running_steps_and_resume_intake_starts_pending_processes() {
+    let redis = RedisServer::start();
+    let (f, _dir, _silent) = fleet_with_hang(&redis).await;
+    let held = submit(&f, "Hang").await;
+    wait_for("the held step to run", DEADLINE, || async {
+        f.record(&held).await.filter(|r| {
+            r.steps
+                .get("Call")
+                .is_some_and(|s| s.status == honua_shared::status::StepStatus::Running)
+        })
+    })
+    .await;
+
+    let status = honua(&f, &["drain", "--status"]).await.ok();
+    assert!(status.out.starts_with("intake open\n"), "{status:#?}");
+    let drained = honua(&f, &["drain"]).await.ok();
+    assert!(
+        drained.out.starts_with("intake drained since "),
+        "{drained:#?}"
+    );
+    assert!(drained.out.contains("not drained yet"), "{drained:#?}");
+    let report = honua(&f, &["--json", "drain", "--status"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(report["draining"], Value::Bool(true));
+    assert_eq!(report["runningSteps"], 1, "{report}");
+    // /health is not Healthy while draining: exit 6, status Draining.
+    let health = honua(&f, &["health"]).await.exits(6);
+    assert!(health.out.starts_with("Draining\n"), "{health:#?}");
+
+    let timed_out = honua(&f, &["drain", "--wait", "--timeout", "1s"])
+        .await
+        .exits(1);
+    assert!(
+        timed_out.err.contains("still 1 step(s) running"),
+        "{timed_out:#?}"
+    );
+
+    let sent = honua(&f, &["submit", "Three"]).await.ok();
+    let pending = sent.out.trim().to_string();
+    assert!(
+        sent.err.contains("waits Pending until it resumes"),
+        "{sent:#?}"
+    );
+    wait_status(&f, &pending, ProcessStatus::Pending).await;
+    let listed = honua(&f, &["--json", "ps", "--status", "Pending"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(ids(&listed), [pending.as_str()]);
+
+    // The held step ends (cancelled): the fleet is drained.
+    honua(&f, &["cancel", &held]).await.ok();
+    let waited = honua(&f, &["drain", "--wait"]).await.ok();
+    assert!(
+        waited.out.contains("drained: no step is running or queued"),
+        "{waited:#?}"
+    );
+    assert_eq!(
+        f.record(&pending).await.unwrap().status,
+        ProcessStatus::Pending
+    );
+
+    let resumed = honua(&f, &["resume-intake"]).await.ok();
+    assert_eq!(
+        resumed.out,
+        "intake open: 1 Pending process start, oldest first\n"
+    );
+    assert_eq!(
+        f.wait_finished(&pending).await.status,
+        ProcessStatus::Completed
+    );
+    let open = honua(&f, &["drain", "--status"]).await.ok();
+    assert!(open.out.starts_with("intake open\n"), "{open:#?}");
+    f.stop().await;
+}

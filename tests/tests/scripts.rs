@@ -869,3 +869,139 @@ async fn a_command_the_user_may_not_run_is_a_typed_error() {
         other => panic!("not NoPermission: {other:?}"),
     }
 }
+
+/// commit.lua's intake precondition: while the intake key exists, a create that would start
+/// steps writes nothing and leaves its submission unacknowledged (answer `closed`), so no
+/// create races past a drain; the same submission is then created Pending and acknowledged.
+#[tokio::test]
+async fn a_create_that_starts_steps_is_refused_while_intake_is_drained() {
+    use honua_shared::commit::AckSource;
+    use honua_shared::engine::{self, Ctx};
+    use honua_shared::keys::SCHEDULER_GROUP;
+    use honua_shared::status::ProcessStatus;
+    use honua_shared::store::Commit;
+
+    let redis = RedisServer::start();
+    let (st, _held, processes, _dir) = setup(&redis).await;
+    let keys = st.keys().clone();
+    let sub = honua_shared::envelope::Submission {
+        process_type: "One".into(),
+        version: None,
+        input: json!({}),
+        id: Some("p-drained".into()),
+        idempotency_key: None,
+        trace: Default::default(),
+    };
+    let entry = st.submit(&sub.to_fields()).await.unwrap();
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let read = st
+        .read_group(
+            &mut conn,
+            &keys.submit(),
+            SCHEDULER_GROUP,
+            "s",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    assert!(
+        st.drain_intake(r#"{"since_ms":1,"by":"test"}"#)
+            .await
+            .unwrap()
+    );
+
+    let def = processes.defs.latest("One").unwrap();
+    let now = st.server_time_ms().await.unwrap();
+    let ctx = Ctx {
+        def,
+        kinds: &processes.kinds,
+        now_ms: now,
+        jitter: 0.5,
+    };
+    let compile = |t: honua_shared::engine::Transition| {
+        t.to_commit(
+            &keys,
+            "p-drained",
+            None,
+            now,
+            60,
+            Some(AckSource {
+                stream: keys.submit(),
+                id: &entry,
+            }),
+        )
+    };
+    let hour = Duration::from_secs(3600);
+    let started = compile(engine::create(
+        &ctx,
+        "p-drained",
+        vec![0x80],
+        None,
+        None,
+        hour,
+    ));
+    assert_eq!(st.commit(&started).await.unwrap(), Commit::Closed);
+    let mut c = st.conn();
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(keys.process("p-drained"))
+        .arg(keys.steps("p-drained"))
+        .arg(keys.data("p-drained"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a refused create writes nothing");
+    assert_eq!(
+        entries_added(&st, &keys.jobs()).await,
+        1,
+        "only setup's job"
+    );
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(keys.submit())
+        .arg(SCHEDULER_GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "the submission stays pending");
+
+    let held = compile(engine::create_pending(
+        &ctx,
+        "p-drained",
+        vec![0x80],
+        None,
+        None,
+        hour,
+    ));
+    assert!(matches!(st.commit(&held).await.unwrap(), Commit::Ok { .. }));
+    let rec = processes.load("p-drained").await.unwrap().0;
+    assert_eq!(rec.status, ProcessStatus::Pending);
+    assert!(rec.steps.is_empty());
+    assert_eq!(st.pending_processes(10).await.unwrap(), ["p-drained"]);
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(keys.submit())
+        .arg(SCHEDULER_GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(pending.is_empty(), "the Pending create acknowledged it");
+
+    // Intake open again: the same create with steps commits.
+    assert!(st.resume_intake().await.unwrap());
+    assert!(
+        !st.resume_intake().await.unwrap(),
+        "resuming twice is a no-op"
+    );
+    let again = engine::create(&ctx, "p-open", vec![0x80], None, None, hour)
+        .to_commit(&keys, "p-open", None, now, 60, None);
+    assert!(matches!(
+        st.commit(&again).await.unwrap(),
+        Commit::Ok { .. }
+    ));
+}

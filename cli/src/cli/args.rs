@@ -135,6 +135,21 @@ pub enum Command {
         #[arg(long, value_name = "AGE", value_parser = parse_duration_arg)]
         older_than: Duration,
     },
+    /// Drain the fleet's intake for maintenance (admin): new processes wait Pending, running
+    /// ones go on. Prints what is still in flight.
+    Drain {
+        /// Only show whether intake is drained and what is in flight (read role); change nothing.
+        #[arg(long, conflicts_with = "wait")]
+        status: bool,
+        /// Wait until no step is running or queued (exit 0), or --timeout (exit 1).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits: 30m, 2h.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration_arg, default_value = "30m")]
+        timeout: Duration,
+    },
+    /// Open the fleet's intake again (admin): Pending processes start, oldest first.
+    ResumeIntake,
     /// Stream length, lag and pending entries of each queue.
     Queues,
     /// Live workers and the jobs they hold.

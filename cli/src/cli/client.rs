@@ -228,6 +228,9 @@ pub(super) struct ErrorBody {
 pub(super) struct SubmitReply {
     pub(super) id: String,
     pub(super) duplicate: bool,
+    /// Intake is drained: the process waits Pending.
+    #[serde(default)]
+    pub(super) pending: bool,
 }
 
 /// Cancel, retry, retry-current-step and dead-letter replay (`gateway::ActionReply`).
@@ -385,6 +388,7 @@ mod tests {
             id: "p1".into(),
             process_type: "T".into(),
             duplicate: true,
+            pending: false,
         });
         assert_eq!((s.id.as_str(), s.duplicate), ("p1", true));
         for steps in [vec![], vec!["A".to_string(), "B".to_string()]] {

@@ -8,6 +8,7 @@ use super::client::{
 };
 use super::error::{CliError, Exit};
 use super::render::{self, clean, error_text, seconds, write_raw};
+use honua_scheduler::intake::DrainReply;
 use honua_scheduler::view::{ProcessSummary, ProcessView};
 use honua_shared::envelope::valid_id;
 use honua_shared::status::ProcessStatus;
@@ -59,7 +60,7 @@ async fn execute(
             }
             Ok(Exit::Success)
         }
-        Command::Submit(a) => submit(api, a, json, out).await,
+        Command::Submit(a) => submit(api, a, json, out, err).await,
         Command::Cancel { id, reason } => {
             let body = match reason {
                 Some(r) => json!({ "reason": r }),
@@ -187,7 +188,73 @@ async fn execute(
             Ok(Exit::Success)
         }
         Command::Health => health(api, json, out, err).await,
+        Command::Drain {
+            status,
+            wait,
+            timeout,
+        } => drain(api, json, out, *status, *wait, *timeout).await,
+        Command::ResumeIntake => {
+            let url = api.url(&["api", "admin", "resume-intake"], &[]);
+            let r = api.send(Method::POST, url, None, &[]).await?;
+            if json {
+                write_raw(out, &r.body)?;
+            } else {
+                let v = r.decode::<DrainReply>()?;
+                writeln!(
+                    out,
+                    "intake open: {} Pending process{} start, oldest first",
+                    v.pending_processes,
+                    if v.pending_processes == 1 { "" } else { "es" }
+                )?;
+            }
+            Ok(Exit::Success)
+        }
         Command::HashToken { token } => hash_token(token, out),
+    }
+}
+
+/// How often `drain --wait` asks how much is still in flight.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+
+/// `honua drain`: drains intake (or with `status` only reads it); with `wait`, polls until
+/// no step is running or queued.
+async fn drain(
+    api: &Api,
+    json: bool,
+    out: &mut (dyn Write + Send),
+    status: bool,
+    wait: bool,
+    timeout: Duration,
+) -> Result<Exit, CliError> {
+    let url = api.url(&["api", "admin", "drain"], &[]);
+    let method = if status { Method::GET } else { Method::POST };
+    let mut r = api.send(method, url.clone(), None, &[]).await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = r.decode::<DrainReply>()?;
+        if !wait || v.drained {
+            if json {
+                write_raw(out, &r.body)?;
+            } else {
+                render::print_drain(out, &v)?;
+            }
+            return Ok(Exit::Success);
+        }
+        if Instant::now() >= deadline {
+            if json {
+                write_raw(out, &r.body)?;
+            } else {
+                render::print_drain(out, &v)?;
+            }
+            return Err(CliError::Failed(format!(
+                "still {} step(s) running and {} queued after {}",
+                v.running_steps,
+                v.queued_steps,
+                humantime::format_duration(timeout)
+            )));
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+        r = api.send(Method::GET, url.clone(), None, &[]).await?;
     }
 }
 
@@ -275,6 +342,7 @@ async fn submit(
     a: &SubmitArgs,
     json: bool,
     out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
 ) -> Result<Exit, CliError> {
     let mut body = json!({ "processType": a.process_type });
     if let Some(path) = &a.input {
@@ -288,7 +356,18 @@ async fn submit(
         .collect();
     let url = api.url(&["api", "processes"], &[]);
     let r = api.send(Method::POST, url, Some(&body), &headers).await?;
-    let SubmitReply { id, duplicate } = r.decode()?;
+    let SubmitReply {
+        id,
+        duplicate,
+        pending,
+    } = r.decode()?;
+    if pending && !json {
+        writeln!(
+            err,
+            "note: the fleet's intake is drained; {} waits Pending until it resumes",
+            clean(&id)
+        )?;
+    }
     if !valid_id(&id) {
         return Err(CliError::BadResponse {
             url: r.url.clone(),

@@ -356,6 +356,40 @@ pub(super) fn print_health(out: &mut dyn Write, h: &HealthReply) -> std::io::Res
     Ok(())
 }
 
+/// `honua drain`: the intake's state and what is still in flight.
+pub(super) fn print_drain(
+    out: &mut dyn Write,
+    d: &honua_scheduler::intake::DrainReply,
+) -> std::io::Result<()> {
+    if d.draining {
+        let by = d.by.as_deref().map(text).unwrap_or_default();
+        let since = when_ms(d.since_ms);
+        writeln!(out, "intake drained since {since} by {by}")?;
+    } else {
+        writeln!(out, "intake open")?;
+    }
+    let mut t = Table::new(&["RUNNING STEPS", "QUEUED STEPS", "PENDING", "ACTIVE"]);
+    t.row([
+        d.running_steps.to_string(),
+        d.queued_steps.to_string(),
+        d.pending_processes.to_string(),
+        d.active_processes.to_string(),
+    ]);
+    out.write_all(t.render().as_bytes())?;
+    if d.draining {
+        writeln!(
+            out,
+            "{}",
+            if d.drained {
+                "drained: no step is running or queued"
+            } else {
+                "not drained yet: steps are still running or queued"
+            }
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,13 @@ use axum::response::{IntoResponse, Response};
 use honua_shared::config::Role;
 use sha2::{Digest, Sha256};
 
+/// The API key a request was authorized with (a request extension; absent when the API is
+/// open or the route is).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+}
+
 /// Routes open whatever the configuration: the liveness and readiness probes.
 const PROBES: &[&str] = &["/health/live", "/health/ready"];
 
@@ -32,7 +39,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(super) async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+pub(super) async fn authorize(
+    State(st): State<ApiState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let api = &st.engine.cfg.api;
     if api.keys.is_empty() {
         return next.run(req).await;
@@ -74,13 +85,13 @@ pub(super) async fn authorize(State(st): State<ApiState>, req: Request, next: Ne
         .into_response();
     };
     let hash = token_hash(token);
-    let mut role = None;
+    let mut found = None;
     for k in &api.keys {
         if constant_time_eq(hash.as_bytes(), k.sha256.as_bytes()) {
-            role = Some(k.role);
+            found = Some((k.role, k.name.clone()));
         }
     }
-    let Some(role) = role else {
+    let Some((role, name)) = found else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
             .into_response();
     };
@@ -92,6 +103,7 @@ pub(super) async fn authorize(State(st): State<ApiState>, req: Request, next: Ne
         )
         .into_response();
     }
+    req.extensions_mut().insert(Caller { name });
     next.run(req).await
 }
 

@@ -3,6 +3,7 @@
 
 use super::processes::{action_reply, page_limit};
 use super::{ActionReply, ApiError, ApiState, ErrorBody};
+use crate::intake::DrainReply;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -255,7 +256,8 @@ fn valid_stream_id(id: &str) -> bool {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthReply {
-    /// Healthy, Degraded (no worker seen lately) or Unhealthy.
+    /// Healthy, Degraded (no worker seen lately), Draining (the fleet's intake is drained
+    /// for maintenance: `POST /api/admin/drain`) or Unhealthy.
     pub status: String,
     pub checks: std::collections::BTreeMap<String, String>,
 }
@@ -281,7 +283,14 @@ pub(super) async fn health(State(st): State<ApiState>) -> Response {
     );
     let mut healthy = redis;
     let mut degraded = false;
+    let mut draining = false;
     if redis {
+        // One GET: the intake key exists only while drained.
+        draining = st.engine.store.intake().await.ok().flatten().is_some();
+        checks.insert(
+            "intake".into(),
+            if draining { "Draining" } else { "Open" }.into(),
+        );
         let now = st.engine.store.server_time_ms().await.unwrap_or(0);
         if let Some(s) = &st.scheduler {
             let tick = s.last_tick_ms.load(Ordering::Relaxed);
@@ -309,10 +318,11 @@ pub(super) async fn health(State(st): State<ApiState>) -> Response {
             },
         );
     }
-    let (code, status) = match (healthy, degraded) {
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
-        (true, true) => (StatusCode::OK, "Degraded"),
-        (true, false) => (StatusCode::OK, "Healthy"),
+    let (code, status) = match (healthy, draining, degraded) {
+        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
+        (true, true, _) => (StatusCode::OK, "Draining"),
+        (true, false, true) => (StatusCode::OK, "Degraded"),
+        (true, false, false) => (StatusCode::OK, "Healthy"),
     };
     (
         code,
@@ -382,4 +392,37 @@ mod tests {
             3
         );
     }
+}
+
+/// The name an admin action is recorded under: the API key's name, or `anonymous` when
+/// the API is open.
+fn actor(caller: Option<axum::Extension<super::auth::Caller>>) -> String {
+    caller.map_or_else(|| "anonymous".to_string(), |c| c.0.name)
+}
+
+#[utoipa::path(post, path = "/api/admin/drain", responses(
+    (status = 200, description = "intake is drained (idempotent): new processes are created Pending; the counts say what is still in flight", body = DrainReply),
+    (status = 503, body = ErrorBody)))]
+pub(super) async fn drain(
+    State(st): State<ApiState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+) -> Result<Json<DrainReply>, ApiError> {
+    Ok(Json(st.engine.drain(&actor(caller)).await?))
+}
+
+#[utoipa::path(get, path = "/api/admin/drain", responses(
+    (status = 200, description = "whether intake is drained, and what is still in flight", body = DrainReply),
+    (status = 503, body = ErrorBody)))]
+pub(super) async fn drain_status(State(st): State<ApiState>) -> Result<Json<DrainReply>, ApiError> {
+    Ok(Json(st.engine.intake_report().await?))
+}
+
+#[utoipa::path(post, path = "/api/admin/resume-intake", responses(
+    (status = 200, description = "intake is open (idempotent): the schedulers start the Pending processes, oldest first", body = DrainReply),
+    (status = 503, body = ErrorBody)))]
+pub(super) async fn resume_intake(
+    State(st): State<ApiState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+) -> Result<Json<DrainReply>, ApiError> {
+    Ok(Json(st.engine.resume_intake(&actor(caller)).await?))
 }

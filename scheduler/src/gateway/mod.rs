@@ -26,6 +26,7 @@ use auth::authorize;
 use fleet::*;
 use processes::*;
 
+use crate::intake::DrainReply;
 use crate::processes::Processes;
 use crate::view::{LlmUsageView, ProcessSummary, ProcessView};
 use axum::extract::{DefaultBodyLimit, Request};
@@ -68,6 +69,9 @@ pub const ROUTES: &[(&str, &str, Option<Role>)] = &[
     ("GET", "/api/workers", Some(Role::Read)),
     ("GET", "/api/deadletters", Some(Role::Read)),
     ("POST", "/api/deadletters/{id}/replay", Some(Role::Admin)),
+    ("POST", "/api/admin/drain", Some(Role::Admin)),
+    ("GET", "/api/admin/drain", Some(Role::Read)),
+    ("POST", "/api/admin/resume-intake", Some(Role::Admin)),
 ];
 
 /// What the gateway serves from: [`Processes`] and, when it runs beside one, the scheduler's
@@ -82,9 +86,9 @@ pub struct ApiState {
 #[openapi(
     info(title = "Honua Process Framework API", description = "The operator API of the operations guide."),
     paths(health, live, ready, prometheus_metrics, openapi_json, submit, list, purge, active, get_process, cancel, retry,
-          retry_current_step, signal, config, queues, workers, deadletters, replay),
+          retry_current_step, signal, config, queues, workers, deadletters, replay, drain, drain_status, resume_intake),
     components(schemas(ErrorBody, SubmitBody, SubmitReply, ProcessSummary, ProcessView, LlmUsageView, PurgeReply, CancelBody,
-                       RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply)),
+                       RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply, DrainReply)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -238,6 +242,8 @@ pub fn router_with(state: ApiState) -> Router {
         .route("/api/workers", get(workers))
         .route("/api/deadletters", get(deadletters))
         .route("/api/deadletters/{id}/replay", post(replay))
+        .route("/api/admin/drain", post(drain).get(drain_status))
+        .route("/api/admin/resume-intake", post(resume_intake))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(content_type))

@@ -53,6 +53,10 @@ pub struct SubmitReply {
     pub id: String,
     pub process_type: String,
     pub duplicate: bool,
+    /// The fleet's intake is drained (`POST /api/admin/drain`): the process is stored
+    /// `Pending` and starts when intake resumes. Present only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 #[utoipa::path(post, path = "/api/processes", request_body = SubmitBody,
@@ -101,6 +105,16 @@ pub(super) async fn submit(
                 id,
                 process_type: sub.process_type,
                 duplicate: false,
+                pending: false,
+            },
+        ),
+        Submitted::Pending(id) => (
+            StatusCode::CREATED,
+            SubmitReply {
+                id,
+                process_type: sub.process_type,
+                duplicate: false,
+                pending: true,
             },
         ),
         Submitted::Duplicate { id, process_type } => (
@@ -109,6 +123,7 @@ pub(super) async fn submit(
                 id,
                 process_type,
                 duplicate: true,
+                pending: false,
             },
         ),
     };

@@ -14,11 +14,15 @@ use std::time::Duration;
 /// The answer of `commit.lua`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Commit {
-    Ok { now_ms: u64 },
+    Ok {
+        now_ms: u64,
+    },
     Conflict,
     Gone,
     Exists,
     Duplicate(String),
+    /// The transition starts steps and the fleet's intake is drained: nothing was written.
+    Closed,
 }
 
 impl Store {
@@ -203,6 +207,59 @@ impl Store {
         Ok(n)
     }
 
+    /// Drains the fleet's intake: sets the intake key to `state` unless it is set already.
+    /// True when this call set it.
+    pub async fn drain_intake(&self, state: &str) -> Result<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.keys.intake())
+            .arg(state)
+            .arg("NX")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Opens the fleet's intake. True when it was drained.
+    pub async fn resume_intake(&self) -> Result<bool> {
+        let n: u64 = redis::cmd("DEL")
+            .arg(self.keys.intake())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// The intake key's value while the intake is drained.
+    pub async fn intake(&self) -> Result<Option<String>> {
+        Ok(redis::cmd("GET")
+            .arg(self.keys.intake())
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// The oldest `limit` Pending processes (created while intake was drained).
+    pub async fn pending_processes(&self, limit: usize) -> Result<Vec<String>> {
+        Ok(redis::cmd("ZRANGE")
+            .arg(
+                self.keys
+                    .index_status(crate::status::ProcessStatus::Pending),
+            )
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// How many processes are Pending.
+    pub async fn pending_count(&self) -> Result<u64> {
+        Ok(redis::cmd("ZCARD")
+            .arg(
+                self.keys
+                    .index_status(crate::status::ProcessStatus::Pending),
+            )
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
     /// Whether the server has `WAITAOF` (Redis/Valkey ≥ 7.2) and AOF is on.
     pub async fn supports_waitaof(&self) -> Result<bool> {
         let info: String = redis::cmd("INFO")
@@ -293,6 +350,7 @@ fn parse_commit(r: Vec<Value>) -> Result<Commit> {
         "gone" => Commit::Gone,
         "exists" => Commit::Exists,
         "duplicate" => Commit::Duplicate(second.unwrap_or_default()),
+        "closed" => Commit::Closed,
         other => return Err(reply("commit", format!("status {other:?}"))),
     })
 }
