@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod ops;
 pub mod processes;
 pub mod scheduler;
+pub mod state;
 pub mod submit;
 pub mod view;
 

@@ -28,11 +28,24 @@ pub fn token_hash(token: &str) -> String {
         .collect()
 }
 
+/// The API key a request was authorized with (a request extension; absent when the API is
+/// open): who did it, for the log lines of admin actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's configured name.
+    pub name: String,
+    pub role: Role,
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(super) async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+pub(super) async fn authorize(
+    State(st): State<ApiState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let api = &st.engine.cfg.api;
     if api.keys.is_empty() {
         return next.run(req).await;
@@ -74,17 +87,20 @@ pub(super) async fn authorize(State(st): State<ApiState>, req: Request, next: Ne
         .into_response();
     };
     let hash = token_hash(token);
-    let mut role = None;
+    let mut caller = None;
     for k in &api.keys {
         if constant_time_eq(hash.as_bytes(), k.sha256.as_bytes()) {
-            role = Some(k.role);
+            caller = Some(Caller {
+                name: k.name.clone(),
+                role: k.role,
+            });
         }
     }
-    let Some(role) = role else {
+    let Some(caller) = caller else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
             .into_response();
     };
-    if needed.is_some_and(|n| role < n) {
+    if needed.is_some_and(|n| caller.role < n) {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -92,6 +108,7 @@ pub(super) async fn authorize(State(st): State<ApiState>, req: Request, next: Ne
         )
         .into_response();
     }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
