@@ -1,7 +1,8 @@
 //! The scheduler's calls: submissions and events (also appended by the gateway and any
 //! client), process records, revision-checked commits (`commit.lua`), the delay queue,
-//! taking over another scheduler's pending entries, purges, durability waits and stream and
-//! index housekeeping. Called by the scheduler crate (loops, submissions, operator ops).
+//! taking over another scheduler's pending entries, purges and deleting one process
+//! (`delete.lua`), durability waits and stream and index housekeeping. Called by the
+//! scheduler crate (loops, submissions, operator ops).
 
 use super::{Entry, Result, Store, StoreError, parse_entry, reply, value_str};
 use crate::envelope::{Event, Fields};
