@@ -13,6 +13,7 @@ pub mod intake;
 pub mod ops;
 pub mod processes;
 pub mod scheduler;
+pub mod state;
 pub mod submit;
 pub mod view;
 

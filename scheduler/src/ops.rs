@@ -72,6 +72,67 @@ fn parse_cursor(c: &str) -> Result<(u64, usize), OpsError> {
     Ok((max, offset))
 }
 
+/// Paging through a score index, highest score first, in batches, by the `score:offset`
+/// cursor of `x-next-cursor` ([`Processes::list`]'s scheme): the next page starts below the
+/// last entry scanned (its score, and how many entries with exactly that score were
+/// scanned), so entries indexed meanwhile neither repeat nor hide entries of the next page.
+#[derive(Debug, Clone)]
+pub(crate) struct CursorPage {
+    max: u64,
+    offset: usize,
+    last: (u64, usize),
+    remaining: usize,
+    exhausted: bool,
+}
+
+/// A page of at most `limit` entries from `cursor` (`None`: from the top).
+pub(crate) fn cursor_page(cursor: Option<&str>, limit: usize) -> Result<CursorPage, OpsError> {
+    let (max, offset) = match cursor {
+        None => (CURSOR_MAX_SCORE, 0usize),
+        Some(c) => parse_cursor(c)?,
+    };
+    Ok(CursorPage {
+        max,
+        offset,
+        last: (max, offset),
+        remaining: limit,
+        exhausted: false,
+    })
+}
+
+impl CursorPage {
+    /// How many entries to read next (at most `batch`), `None` when the page is done.
+    pub(crate) fn next_batch(&self, batch: usize) -> Option<usize> {
+        (!self.exhausted && self.remaining > 0).then(|| batch.min(self.remaining))
+    }
+    /// The highest score to read from (`ZREVRANGEBYSCORE max`).
+    pub(crate) fn max_score(&self) -> u64 {
+        self.max
+    }
+    /// How many entries from `max_score` down to skip (`LIMIT offset`).
+    pub(crate) fn offset(&self) -> usize {
+        self.offset
+    }
+    /// One entry read, with its score.
+    pub(crate) fn scanned(&mut self, score: u64) {
+        self.offset += 1;
+        self.remaining = self.remaining.saturating_sub(1);
+        self.last = if score == self.last.0 {
+            (self.last.0, self.last.1 + 1)
+        } else {
+            (score, 1)
+        };
+    }
+    /// The index has no more entries.
+    pub(crate) fn exhausted(&mut self) {
+        self.exhausted = true;
+    }
+    /// The cursor of the next page, while the index may have entries left.
+    pub(crate) fn next_cursor(&self) -> Option<String> {
+        (!self.exhausted).then(|| format!("{}:{}", self.last.0, self.last.1))
+    }
+}
+
 impl Processes {
     /// The record and the server time.
     pub async fn load(&self, id: &str) -> Result<(ProcessRecord, u64), OpsError> {

@@ -28,6 +28,19 @@ pub(crate) fn delayed_member(kind: &str, fields: &[(String, String)]) -> String 
     serde_json::json!({ "k": kind, "f": flat }).to_string()
 }
 
+/// The process a delayed-set member fires for (its `pid` field), `None` for a member that is
+/// not one [`delayed_member`] wrote.
+pub fn delayed_member_process(member: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Member {
+        f: Vec<String>,
+    }
+    let m: Member = serde_json::from_str(member).ok()?;
+    m.f.chunks_exact(2)
+        .find(|kv| kv[0] == crate::envelope::wire::PROCESS_ID)
+        .map(|kv| kv[1].clone())
+}
+
 /// The arguments of one `commit.lua` call.
 #[derive(Debug, Clone)]
 pub struct CommitCall {
@@ -320,5 +333,25 @@ impl Transition {
         ];
         args.extend(ops.args);
         CommitCall { keys: kt.0, args }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delayed_members_name_their_process() {
+        assert_eq!(
+            delayed_member_process(&deadline_member("p-1")).as_deref(),
+            Some("p-1")
+        );
+        let job = delayed_member(
+            "job",
+            &[("v".into(), "1".into()), ("pid".into(), "x".into())],
+        );
+        assert_eq!(delayed_member_process(&job).as_deref(), Some("x"));
+        assert_eq!(delayed_member_process(r#"{"k":"job","f":[]}"#), None);
+        assert_eq!(delayed_member_process("not json"), None);
     }
 }

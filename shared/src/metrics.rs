@@ -21,6 +21,8 @@ pub const PROCESS_FAILURES: &str = "honua_process_failures_total";
 pub const PROCESS_TIMEOUTS: &str = "honua_process_timeouts_total";
 /// Processes cancelled by an operator (counter; `process_type`).
 pub const PROCESS_CANCELLED: &str = "honua_process_cancelled_total";
+/// Processes deleted by an operator (`state delete`; counter; `process_type`, `forced`).
+pub const PROCESSES_DELETED: &str = "honua_processes_deleted_total";
 /// Start to end of finished processes (histogram, seconds; `process_type`, `status`).
 pub const PROCESS_DURATION: &str = "honua_process_duration_seconds";
 /// Processes by type and status among those the scheduler saw finish or start (counter of
@@ -103,6 +105,7 @@ pub const ALL: &[&str] = &[
     PROCESS_FAILURES,
     PROCESS_TIMEOUTS,
     PROCESS_CANCELLED,
+    PROCESSES_DELETED,
     PROCESS_DURATION,
     PROCESS_TRANSITIONS,
     STEPS,
@@ -176,6 +179,11 @@ pub const HELP: &[(&str, Kind, &str)] = &[
         PROCESS_CANCELLED,
         Kind::Counter,
         "Processes cancelled by an operator.",
+    ),
+    (
+        PROCESSES_DELETED,
+        Kind::Counter,
+        "Processes deleted by an operator, forced or not.",
     ),
     (
         PROCESS_DURATION,

@@ -49,6 +49,7 @@ fn constants() -> String {
     c("F_TYPE", field::TYPE);
     c("F_VERSION", field::VERSION);
     c("F_REV", field::REV);
+    c("F_IDEM", field::IDEMPOTENCY_KEY);
     c("F_OUTPUT_PREFIX", field::OUTPUT_PREFIX);
     c("F_CHECKPOINT_PREFIX", field::CHECKPOINT_PREFIX);
     c("OUTCOME_FAILED", outcome::FAILED);
@@ -101,6 +102,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../lua/retire_consumer.lua"),
     ),
     ("purge", include_str!("../lua/purge.lua")),
+    ("delete", include_str!("../lua/delete.lua")),
     ("llm_limit", include_str!("../lua/llm_limit.lua")),
     ("llm_budget", include_str!("../lua/llm_budget.lua")),
     ("trim", include_str!("../lua/trim.lua")),
@@ -321,6 +323,7 @@ pub struct Scripts {
     pub drop_entry: Function,
     pub retire_consumer: Function,
     pub purge: Function,
+    pub delete: Function,
     pub llm_limit: Function,
     pub llm_budget: Function,
     pub trim: Function,
@@ -343,6 +346,7 @@ impl Scripts {
                 drop_entry: s("drop_entry"),
                 retire_consumer: s("retire_consumer"),
                 purge: s("purge"),
+                delete: s("delete"),
                 llm_limit: s("llm_limit"),
                 llm_budget: s("llm_budget"),
                 trim: s("trim"),

@@ -509,3 +509,116 @@ pub async fn entries_added(store: &Store, key: &honua_shared::keys::Key) -> u64 
         other => panic!("entries-added missing: {other:?}"),
     }
 }
+
+/// Everything in Redis that still names process `id`, as readable strings (empty once it is
+/// deleted): key names containing it (`SCAN`), members of the indexes and the delayed set
+/// that name it, its idempotency key (`idem` is the key it was submitted with), and live
+/// entries naming it (`pid`) in the job, event and results streams (pending, or not yet
+/// delivered to the group) and in the dead-letter stream. Acknowledged entries awaiting the
+/// periodic trim and the quarantine stream (a record of rejected input) are not references.
+pub async fn references_to(store: &Store, id: &str, idem: Option<&str>) -> Vec<String> {
+    use honua_shared::keys::{SCHEDULER_GROUP, WORKERS_GROUP};
+    let keys = store.keys();
+    let mut conn = store.conn();
+    let mut out = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("*{id}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.extend(page.into_iter().map(|k| format!("key {k}")));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    if let Some(k) = idem {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(keys.idempotency(k))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if v.as_deref() == Some(id) {
+            out.push(format!("idempotency key {k}"));
+        }
+    }
+    let mut zsets = vec![keys.index_all(), keys.index_active(), keys.delayed()];
+    zsets.extend(
+        honua_shared::status::ProcessStatus::ALL
+            .into_iter()
+            .map(|s| keys.index_status(s)),
+    );
+    for z in zsets {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&z)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for m in members.into_iter().filter(|m| m == id || m.contains(id)) {
+            out.push(format!("{z} member {m}"));
+        }
+    }
+    for (stream, group) in [
+        (keys.jobs(), Some(WORKERS_GROUP)),
+        (keys.events(), Some(SCHEDULER_GROUP)),
+        (keys.results(), Some(SCHEDULER_GROUP)),
+        (keys.dlq(), None),
+    ] {
+        let entries = store.stream_entries(&stream, 100_000).await.unwrap();
+        let (pending, delivered): (Vec<String>, String) = match group {
+            Some(g) => {
+                let p: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                    .arg(&stream)
+                    .arg(g)
+                    .arg("-")
+                    .arg("+")
+                    .arg(100_000)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let groups: Vec<std::collections::HashMap<String, redis::Value>> =
+                    redis::cmd("XINFO")
+                        .arg("GROUPS")
+                        .arg(&stream)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                let last = groups
+                    .iter()
+                    .find(|i| {
+                        i.get("name")
+                            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                            .as_deref()
+                            == Some(g)
+                    })
+                    .and_then(|i| i.get("last-delivered-id"))
+                    .map(|v| redis::from_redis_value::<String>(v.clone()).unwrap())
+                    .unwrap_or_else(|| "0-0".into());
+                (p.into_iter().map(|e| e.0).collect(), last)
+            }
+            None => (vec![], "0-0".into()),
+        };
+        let after = |a: &str, b: &str| {
+            let n = |s: &str| {
+                let (ms, seq) = s.split_once('-').unwrap();
+                (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+            };
+            n(a) > n(b)
+        };
+        for e in entries {
+            let live = group.is_none() || pending.contains(&e.id) || after(&e.id, &delivered);
+            if live && e.fields.get(honua_shared::envelope::wire::PROCESS_ID) == Some(id) {
+                out.push(format!("{stream} entry {}", e.id));
+            }
+        }
+    }
+    out
+}

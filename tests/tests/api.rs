@@ -1,7 +1,8 @@
 //! Whole-system tests of the operator API (`honua_scheduler::gateway`, `ops`) against a live
 //! fleet on a real redis-server: the operations guide's curl commands, cancel and retry
 //! with real workers and an in-test HTTP endpoint, purge, bearer-key roles, error bodies,
-//! the OpenAPI document, queues, dead letters and replay, and health.
+//! the OpenAPI document, queues, dead letters and replay, health, and the state tools
+//! (decoded state, the check, deleting a process with every reference to it).
 
 use axum::Router;
 use axum::extract::State;
@@ -1748,5 +1749,220 @@ async fn drain_holds_new_processes_pending_until_intake_resumes() {
     assert!(f.store().pending_processes(10).await.unwrap().is_empty());
     let (_, health) = get("/health", "read-token").await;
     assert_ne!(health["status"], json!("Draining"), "{health}");
+    f.stop().await;
+}
+
+/// Issue 19's state tools over the API: the state decoded, the check finding a planted
+/// corrupt blob, and deleting processes (finished, waiting, running on a worker, sleeping on
+/// a durable timer) with the roles, the 409 without force, and no reference left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_tools_read_check_and_delete_processes() {
+    let probe = Probe::default();
+    let base = serve(probe.clone()).await;
+    let redis = RedisServer::start();
+    let mut files: Vec<(&str, String)> = DEFS.iter().map(|(n, t)| (*n, t.to_string())).collect();
+    files.push(("hang.toml", hang_def("Hang", &format!("{base}/hang"))));
+    files.push((
+        "out.toml",
+        "name = \"Out\"\nversion = 1\n[[steps]]\nname = \"Only\"\nkind = \"noop\"\nconfig = { output = { n = 1 } }\n".into(),
+    ));
+    files.push((
+        "nap.toml",
+        "name = \"Nap\"\nversion = 1\n[[steps]]\nname = \"Nap\"\nkind = \"sleep\"\nconfig = { duration = \"1h\" }\n".into(),
+    ));
+    let dir = defs_dir(
+        &files
+            .iter()
+            .map(|(n, t)| (*n, t.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.worker.http_allowlist = vec![format!("{base}/")];
+    let token_hash = honua_scheduler::gateway::token_hash;
+    cfg.api.keys = vec![
+        ApiKey {
+            name: "dashboard".into(),
+            role: Role::Read,
+            sha256: token_hash("read-token"),
+        },
+        ApiKey {
+            name: "oncall".into(),
+            role: Role::Operate,
+            sha256: token_hash("operate-token"),
+        },
+        ApiKey {
+            name: "platform".into(),
+            role: Role::Admin,
+            sha256: token_hash("admin-token"),
+        },
+    ];
+    let f = Fleet::start(cfg, 1, 1).await;
+    let c = http();
+    let get = |path: String, token: &'static str| {
+        let req = c.get(f.url(&path)).bearer_auth(token);
+        async move { json_of(req.send().await.unwrap()).await }
+    };
+    let delete = |path: String, token: &'static str| {
+        let req = c.delete(f.url(&path)).bearer_auth(token);
+        async move { json_of(req.send().await.unwrap()).await }
+    };
+
+    // state: the input and the outputs, decoded.
+    let ok = f.submit("Out", json!({"who": "me"})).await;
+    let other = f.submit("Other", json!({})).await;
+    for id in [&ok, &other] {
+        assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+    }
+    let (code, state) = get(format!("/api/processes/{ok}/state"), "read-token").await;
+    assert_eq!(code, 200, "{state}");
+    assert_eq!(state["input"], json!({"who": "me"}));
+    assert_eq!(state["processType"], "Out");
+    assert_eq!(state["status"], "Completed");
+    assert_eq!(state["outputs"], json!({"Only": {"n": 1}}), "{state}");
+    assert_eq!(state["problems"], json!([]));
+    let (code, body) = get("/api/processes/no-such/state".into(), "read-token").await;
+    assert_eq!(code, 404, "{body}");
+    assert_error_body(&body, "state of an unknown process");
+
+    // check: nothing wrong, then a corrupt output planted in Redis.
+    let (code, report) = get("/api/state/check".into(), "read-token").await;
+    assert_eq!(code, 200, "{report}");
+    assert!(report["checked"].as_u64().unwrap() >= 2, "{report}");
+    assert_eq!(report["problems"], json!([]));
+    let _: () = redis::cmd("HSET")
+        .arg(f.store().keys().data(&ok))
+        .arg("out:Only")
+        .arg(b"\x00not a state blob".as_slice())
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    let (code, report) = get("/api/state/check".into(), "read-token").await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(
+        report["problems"],
+        json!([{"id": ok, "processType": "Out", "part": "out:Only", "code": "state_corrupt",
+                "reason": "state blob has no Honua header"}])
+    );
+    let (_, report) = get("/api/state/check?type=Other".into(), "read-token").await;
+    assert_eq!(report["checked"], 1, "{report}");
+    assert_eq!(report["problems"], json!([]));
+    // Paged: one process per page, the problem found on one of them.
+    let mut cursor: Option<String> = None;
+    let (mut pages, mut problems) = (0, 0);
+    loop {
+        let q = cursor.map_or(String::new(), |c| format!("&cursor={c}"));
+        let (code, page) = get(format!("/api/state/check?limit=1{q}"), "read-token").await;
+        assert_eq!(code, 200, "{page}");
+        pages += 1;
+        problems += page["problems"].as_array().unwrap().len();
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+        assert!(pages < 10, "paging did not end");
+    }
+    assert!(
+        pages >= 2 && problems == 1,
+        "{pages} pages, {problems} problems"
+    );
+    let (code, state) = get(format!("/api/processes/{ok}/state"), "read-token").await;
+    assert_eq!(code, 200);
+    assert_eq!(state["problems"][0]["part"], "out:Only", "{state}");
+    for q in ["limit=0", "limit=1001", "cursor=bogus", "kind=x"] {
+        let (code, body) = get(format!("/api/state/check?{q}"), "read-token").await;
+        assert_eq!(code, 400, "{q}: {body}");
+        assert_error_body(&body, q);
+    }
+
+    // delete: admin only.
+    for token in ["read-token", "operate-token"] {
+        let (code, body) = delete(format!("/api/processes/{ok}"), token).await;
+        assert_eq!(code, 403, "{token}: {body}");
+    }
+    let (code, body) = delete(format!("/api/processes/{ok}"), "admin-token").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "Completed");
+    assert_eq!(body["forced"], false);
+    assert_eq!(
+        references_to(f.store(), &ok, None).await,
+        Vec::<String>::new()
+    );
+    let (code, _) = get(format!("/api/processes/{ok}"), "read-token").await;
+    assert_eq!(code, 404);
+    let (code, body) = delete(format!("/api/processes/{ok}"), "admin-token").await;
+    assert_eq!(code, 404, "deleting twice: {body}");
+    let (_, report) = get("/api/state/check".into(), "read-token").await;
+    assert_eq!(report["problems"], json!([]), "the corrupt process is gone");
+
+    // A running process (its job held by the worker, an idempotency key): 409 without
+    // force, then with force its worker is stopped and nothing refers to it any more.
+    let r = c
+        .post(f.url("/api/processes"))
+        .bearer_auth("operate-token")
+        .header("Idempotency-Key", "hang-1")
+        .json(&json!({"processType": "Hang"}))
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = json_of(r).await;
+    assert_eq!(code, 201, "{body}");
+    let hang = body["id"].as_str().unwrap().to_string();
+    wait_for("the endpoint called", DEADLINE, || async {
+        (probe.calls() == 1).then_some(())
+    })
+    .await;
+    let (code, body) = delete(format!("/api/processes/{hang}"), "admin-token").await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"], "invalid_state");
+    assert!(body["detail"].as_str().unwrap().contains("force"), "{body}");
+    let (code, view) = get(format!("/api/processes/{hang}"), "read-token").await;
+    assert_eq!((code, view["status"].clone()), (200, json!("Running")));
+    let (code, body) = delete(format!("/api/processes/{hang}?force=false"), "admin-token").await;
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = delete(format!("/api/processes/{hang}?force=true"), "admin-token").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "Running");
+    assert_eq!(body["forced"], true);
+    assert_eq!(body["removed"]["jobs"], 1, "{body}");
+    assert_eq!(
+        references_to(f.store(), &hang, Some("hang-1")).await,
+        Vec::<String>::new()
+    );
+    wait_for("the running step stopped", DEADLINE, || async {
+        probe.dropped().then_some(())
+    })
+    .await;
+    assert_eq!(probe.calls(), 1);
+
+    // A sleeping process (a durable timer in the delayed set) and one waiting for approval.
+    let nap = f.submit("Nap", json!({})).await;
+    let gate = f.submit("Gate", json!({})).await;
+    wait_for("the timer set", DEADLINE, || async {
+        let (_, v) = get(format!("/api/processes/{nap}"), "read-token").await;
+        (v["currentSteps"] == json!(["Nap"]) && v["steps"][0]["status"] != "queued").then_some(())
+    })
+    .await;
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+    for (id, status) in [(&nap, "Running"), (&gate, "WaitingForApproval")] {
+        let (code, _) = delete(format!("/api/processes/{id}"), "admin-token").await;
+        assert_eq!(code, 409, "{id}");
+        let (code, body) = delete(format!("/api/processes/{id}?force=true"), "admin-token").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], status);
+        assert_eq!(
+            references_to(f.store(), id, None).await,
+            Vec::<String>::new()
+        );
+    }
+    // Bad query: 400; an id that cannot exist: 404.
+    let (code, body) = delete(format!("/api/processes/{other}?force=maybe"), "admin-token").await;
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = delete("/api/processes/bad%20id".into(), "admin-token").await;
+    assert_eq!(code, 404);
+    // The other process and the engine are untouched.
+    let (code, _) = get(format!("/api/processes/{other}/state"), "read-token").await;
+    assert_eq!(code, 200);
+    let id = f.submit("Ok", json!({})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
     f.stop().await;
 }

@@ -936,3 +936,83 @@ async fn drain_waits_for_running_steps_and_resume_intake_starts_pending_processe
     assert!(open.out.starts_with("intake open\n"), "{open:#?}");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_get_check_and_delete() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = fleet(&redis, &dir).await;
+    let input = dir.path().join("input.json");
+    std::fs::write(&input, r#"{"who": "me", "n": 7}"#).unwrap();
+    let r = honua(
+        &f,
+        &[
+            "submit",
+            "Three",
+            "--input",
+            input.to_str().unwrap(),
+            "--wait",
+        ],
+    )
+    .await
+    .ok();
+    let three = waited_id(&r);
+    let gate = submit(&f, "Gate").await;
+    wait_status(&f, &gate, ProcessStatus::WaitingForApproval).await;
+
+    // state get: the decoded input, as a block and as JSON.
+    let r = honua(&f, &["state", "get", &three]).await.ok();
+    assert!(r.out.contains("Type:") && r.out.contains("Three"), "{r:#?}");
+    assert!(r.out.contains("\"who\": \"me\""), "{r:#?}");
+    let r = honua(&f, &["--json", "state", "get", &three]).await.ok();
+    assert_eq!(r.json()["input"], serde_json::json!({"who": "me", "n": 7}));
+    honua(&f, &["state", "get", "no-such"]).await.exits(3);
+
+    // state check: clean, then a corrupt input planted straight into Redis.
+    let r = honua(&f, &["state", "check"]).await.ok();
+    assert!(r.out.contains("checked 2 processes: 0 problems"), "{r:#?}");
+    let _: () = redis::cmd("HSET")
+        .arg(f.store().keys().data(&three))
+        .arg("input")
+        .arg(b"H\x01\x00\xc1".as_slice())
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    let r = honua(&f, &["state", "check", "--page-size", "1"])
+        .await
+        .exits(1);
+    assert!(
+        r.out.contains(&three) && r.out.contains("state_corrupt"),
+        "{r:#?}"
+    );
+    assert!(r.out.contains("checked 2 processes: 1 problem"), "{r:#?}");
+    assert!(
+        r.err.contains("1 process with corrupt or oversize state"),
+        "{r:#?}"
+    );
+    let r = honua(&f, &["--json", "state", "check"]).await.exits(1);
+    let report = r.json();
+    assert_eq!(report["problems"][0]["id"], three.as_str());
+    assert_eq!(report["problems"][0]["part"], "input");
+    honua(&f, &["state", "check", "--type", "Gate"]).await.ok();
+
+    // state delete: a waiting process only with --force; then it is gone.
+    let r = honua(&f, &["state", "delete", &gate]).await.exits(4);
+    assert!(r.err.contains("force"), "{r:#?}");
+    let r = honua(&f, &["state", "delete", &gate, "--force"]).await.ok();
+    assert!(
+        r.out
+            .starts_with(&format!("deleted {gate} (Gate WaitingForApproval, forced)")),
+        "{r:#?}"
+    );
+    honua(&f, &["state", "get", &gate]).await.exits(3);
+    honua(&f, &["state", "delete", &gate]).await.exits(3);
+    let r = honua(&f, &["--json", "state", "delete", &three]).await.ok();
+    assert_eq!(r.json()["status"], "Completed");
+    honua(&f, &["state", "check"]).await.ok();
+    assert_eq!(
+        references_to(f.store(), &three, None).await,
+        Vec::<String>::new()
+    );
+    f.stop().await;
+}

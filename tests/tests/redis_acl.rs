@@ -558,6 +558,7 @@ const SCRIPT_ROLES: &[(&str, &[&str])] = &[
     ("commit", &["scheduler"]),
     ("promote", &["scheduler"]),
     ("purge", &["scheduler"]),
+    ("delete", &["scheduler"]),
     ("trim", &["scheduler"]),
 ];
 
@@ -596,6 +597,7 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("ZCOUNT", &["scheduler"]),
     ("ZRANGE", &["scheduler"]),
     ("ZREVRANGEBYSCORE", &["scheduler"]),
+    ("ZSCAN", &["scheduler"]),
     ("BGSAVE", &["backup"]),
     ("LASTSAVE", &["backup"]),
     ("REPLCONF", &["backup"]),

@@ -1005,3 +1005,286 @@ async fn a_create_that_starts_steps_is_refused_while_intake_is_drained() {
         Commit::Ok { .. }
     ));
 }
+
+/// A process created through the engine (idempotency key `key-<id>`), with its first job
+/// read (pending) by consumer `a` when `claim`.
+async fn created(
+    engine: &honua_scheduler::Processes,
+    id: &str,
+    claim: bool,
+) -> Option<(String, JobEnvelope)> {
+    let st = &engine.store;
+    engine
+        .create(
+            &honua_shared::envelope::Submission {
+                process_type: "One".into(),
+                version: None,
+                input: json!({"n": 1}),
+                id: Some(id.into()),
+                idempotency_key: Some(format!("key-{id}")),
+                trace: Default::default(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    if !claim {
+        return None;
+    }
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let entries = st
+        .read_group(
+            &mut conn,
+            &st.keys().jobs(),
+            WORKERS_GROUP,
+            "a",
+            1,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    let e = entries.into_iter().next().unwrap();
+    let job = JobEnvelope::from_fields(&e.fields).unwrap();
+    assert_eq!(job.process_id, id);
+    Some((e.id, job))
+}
+
+/// What `delete.lua` needs the caller to have read: the record's rev and idempotency key.
+async fn guard(st: &Store, id: &str) -> honua_shared::store::DeleteGuard {
+    use honua_shared::keys::field;
+    let (meta, _) = st.load_process(id).await.unwrap();
+    honua_shared::store::DeleteGuard {
+        rev: meta.get(field::REV).cloned(),
+        idempotency_key: meta.get(field::IDEMPOTENCY_KEY).cloned(),
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_a_process_and_every_reference_and_nothing_else() {
+    use honua_shared::envelope::Event;
+    use honua_shared::store::{Deleted, Removed};
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEF);
+    let cfg = test_config(&redis.url(), dir.path());
+    let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
+    let st = store(&cfg);
+    st.ensure_groups().await.unwrap();
+    let engine =
+        honua_scheduler::Processes::new(std::sync::Arc::new(cfg), st.clone(), defs, kinds).await;
+    let keys = st.keys().clone();
+    let mut conn = st.conn();
+    // p1: its job pending on consumer a; a signal and a step result not yet applied, a dead
+    // letter, a delayed timer and its deadline, LLM usage. p2: the same kind of process,
+    // its job still queued; it must be untouched.
+    let (entry, job) = created(&engine, "p1", true).await.unwrap();
+    created(&engine, "p2", false).await;
+    let held = Held {
+        entry_id: entry.clone(),
+        deliveries: 1,
+        job,
+    };
+    st.send_event(&Event::Signal {
+        process_id: "p1".into(),
+        name: "review".into(),
+        value: "approve".into(),
+    })
+    .await
+    .unwrap();
+    let _: () = redis::pipe()
+        .cmd("XADD")
+        .arg(keys.results())
+        .arg("*")
+        .arg("v")
+        .arg("1")
+        .arg("t")
+        .arg("step")
+        .arg("pid")
+        .arg("p1")
+        .ignore()
+        .cmd("XADD")
+        .arg(keys.dlq())
+        .arg("*")
+        .arg("pid")
+        .arg("p1")
+        .arg("reason")
+        .arg("test")
+        .ignore()
+        .cmd("ZADD")
+        .arg(keys.delayed())
+        .arg(u64::MAX / 4)
+        .arg(json!({"k": "event", "f": ["v", "1", "t", "timer", "pid", "p1"]}).to_string())
+        .ignore()
+        .cmd("HSET")
+        .arg(keys.llm_usage("p1"))
+        .arg("tokens")
+        .arg(10)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before_p2 = references_to(&st, "p2", Some("key-p2")).await;
+    assert!(
+        before_p2.len() >= 6,
+        "p2's keys, indexes, deadline, job and idempotency key: {before_p2:?}"
+    );
+    assert!(references_to(&st, "p1", Some("key-p1")).await.len() > before_p2.len());
+
+    // Unfinished and not forced: refused, nothing changes.
+    let refs = st.references("p1").await.unwrap();
+    assert_eq!(refs.jobs.ids, std::slice::from_ref(&entry));
+    assert_eq!(refs.delayed.len(), 2, "{refs:?}");
+    assert_eq!(
+        (
+            refs.events.ids.len(),
+            refs.results.ids.len(),
+            refs.dlq.ids.len()
+        ),
+        (1, 1, 1)
+    );
+    let g = guard(&st, "p1").await;
+    assert_eq!(g.idempotency_key.as_deref(), Some("key-p1"));
+    let r = st
+        .delete_process("p1", &g, &refs, false, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Deleted::Running {
+            status: "Running".into()
+        }
+    );
+    // A stale read of the record: changed, nothing removed.
+    let stale = honua_shared::store::DeleteGuard {
+        rev: Some("0".into()),
+        ..g.clone()
+    };
+    let r = st
+        .delete_process("p1", &stale, &refs, true, 100)
+        .await
+        .unwrap();
+    assert_eq!(r, Deleted::Changed);
+    assert!(
+        st.load_process("p1")
+            .await
+            .unwrap()
+            .0
+            .contains_key("status")
+    );
+
+    // An event written after the scan is found by the script itself.
+    st.send_event(&Event::Signal {
+        process_id: "p1".into(),
+        name: "late".into(),
+        value: "approve".into(),
+    })
+    .await
+    .unwrap();
+    let r = st.delete_process("p1", &g, &refs, true, 100).await.unwrap();
+    assert_eq!(
+        r,
+        Deleted::Deleted {
+            status: "Running".into(),
+            removed: Removed {
+                jobs: 1,
+                events: 2,
+                results: 1,
+                dead_letters: 1,
+                delayed: 2,
+            }
+        }
+    );
+    assert_eq!(
+        references_to(&st, "p1", Some("key-p1")).await,
+        Vec::<String>::new()
+    );
+    // The worker that held the job is fenced out.
+    assert_ne!(
+        st.heartbeat("a", std::slice::from_ref(&held))
+            .await
+            .unwrap(),
+        vec![Fence::Ok]
+    );
+    // p2 is untouched.
+    assert_eq!(references_to(&st, "p2", Some("key-p2")).await, before_p2);
+
+    // Idempotent on a missing id: nothing to remove, nothing else touched.
+    for id in ["p1", "never-was"] {
+        let refs = st.references(id).await.unwrap();
+        let r = st
+            .delete_process(id, &guard(&st, id).await, &refs, false, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            Deleted::Missing {
+                removed: Removed::default()
+            },
+            "{id}"
+        );
+    }
+    assert_eq!(references_to(&st, "p2", Some("key-p2")).await, before_p2);
+
+    // A stray index entry of a missing process is removed.
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.index_all())
+        .arg(1)
+        .arg("p1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let refs = st.references("p1").await.unwrap();
+    let r = st
+        .delete_process("p1", &guard(&st, "p1").await, &refs, false, 100)
+        .await
+        .unwrap();
+    assert!(matches!(r, Deleted::Missing { .. }), "{r:?}");
+    assert_eq!(
+        references_to(&st, "p1", Some("key-p1")).await,
+        Vec::<String>::new()
+    );
+
+    // The same id can be used again: a new process, none of p1's leftovers.
+    created(&engine, "p1", false).await;
+    let again = references_to(&st, "p1", Some("key-p1")).await;
+    assert_eq!(again.len(), before_p2.len(), "{again:?} / {before_p2:?}");
+}
+
+#[tokio::test]
+async fn delete_asks_for_a_new_scan_when_too_many_entries_arrived_since() {
+    use honua_shared::envelope::Event;
+    use honua_shared::store::Deleted;
+    let redis = RedisServer::start();
+    let (st, _held, _e, _d) = setup(&redis).await;
+    let (meta_ids, _) = st
+        .index_page(&st.keys().index_all(), 0, u64::MAX / 2, 0, 1)
+        .await
+        .map(|p| (p, ()))
+        .unwrap();
+    let id = meta_ids[0].0.clone();
+    let refs = st.references(&id).await.unwrap();
+    for n in 0..3 {
+        st.send_event(&Event::Signal {
+            process_id: format!("other-{n}"),
+            name: "s".into(),
+            value: "approve".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let g = guard(&st, &id).await;
+    assert_eq!(
+        st.delete_process(&id, &g, &refs, true, 2).await.unwrap(),
+        Deleted::Changed
+    );
+    assert_eq!(
+        st.delete_process(&id, &g, &refs, true, 3).await.unwrap(),
+        Deleted::Deleted {
+            status: "Running".into(),
+            removed: honua_shared::store::Removed {
+                jobs: 1,
+                delayed: 1,
+                ..Default::default()
+            }
+        }
+    );
+}

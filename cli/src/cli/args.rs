@@ -21,7 +21,8 @@ Environment:
 
 Exit codes:
   0  success
-  1  the request failed (other HTTP errors); submit --wait ended not Completed
+  1  the request failed (other HTTP errors); submit --wait ended not Completed;
+     state check found a corrupt or oversize record
   2  usage error
   3  not found (404)
   4  conflict / invalid state (409)
@@ -150,6 +151,9 @@ pub enum Command {
     },
     /// Open the fleet's intake again (admin): Pending processes start, oldest first.
     ResumeIntake,
+    /// A process's state (input, outputs, checkpoints) decoded, the check of every live
+    /// process's state, and deleting a process (admin).
+    State(StateArgs),
     /// Stream length, lag and pending entries of each queue.
     Queues,
     /// Live workers and the jobs they hold.
@@ -225,6 +229,39 @@ pub enum DlqAction {
     Replay {
         #[arg(value_parser = parse_segment)]
         id: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub action: StateAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StateAction {
+    /// The process's input, outputs and checkpoints, decoded from MessagePack to JSON.
+    Get {
+        #[arg(value_parser = parse_id)]
+        id: String,
+    },
+    /// Decode every live process's record and state; list corrupt or oversize ones and
+    /// exit 1 if there are any.
+    Check {
+        /// Only processes of this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        process_type: Option<String>,
+        /// Processes read per request (the gateway's default is 1000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        page_size: Option<u32>,
+    },
+    /// Delete a process with its index entries, idempotency key and queued jobs (admin).
+    Delete {
+        #[arg(value_parser = parse_id)]
+        id: String,
+        /// Also an unfinished process: its running steps are stopped.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -367,6 +404,9 @@ mod tests {
             &["submit", "T", "--idempotency-key", "has space"],
             &["get", "../health"],
             &["signal", "p1", ".."],
+            &["state", "get", "../x"],
+            &["state", "check", "--page-size", "0"],
+            &["state", "delete"],
             &["frobnicate"],
         ] {
             let e = parse(args).expect_err(&format!("{args:?} parsed"));
@@ -408,6 +448,13 @@ mod tests {
             Command::Dlq(DlqArgs {
                 action: Some(DlqAction::Replay { .. }),
                 ..
+            })
+        ));
+        let a = parse(&["state", "delete", "p1", "--force"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::State(StateArgs {
+                action: StateAction::Delete { force: true, .. }
             })
         ));
         let a = parse(&["dlq", "--limit", "5"]).unwrap();

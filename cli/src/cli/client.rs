@@ -3,7 +3,8 @@
 //! codes and transport failures, and the reply types the gateway builds in `gateway.rs`,
 //! mirrored here for decoding.
 //!
-//! Processes decode into [`honua_scheduler::view`]'s types. The other replies
+//! Processes decode into [`honua_scheduler::view`]'s types, the state tools' replies into
+//! [`honua_scheduler::state`]'s. The other replies
 //! ([`SubmitReply`], [`ActionReply`], ...) are built in the gateway module, so they are
 //! mirrored here: the fields the commands read, under the gateway's names; their tests
 //! decode what the gateway's own types serialise to.

@@ -1,7 +1,10 @@
 //! The operator commands themselves: [`run`] takes the parsed arguments, sends each
 //! command's requests through the client and prints the reply through the renderers.
 
-use super::args::{CliArgs, Command, DlqAction, DlqArgs, PsArgs, SubmitArgs, duration_param};
+use super::args::{
+    CliArgs, Command, DlqAction, DlqArgs, PsArgs, StateAction, StateArgs, SubmitArgs,
+    duration_param,
+};
 use super::client::{
     ActionReply, Api, DeadLetterView, HealthReply, PurgeReply, QueueView, Reply, SignalReply,
     SubmitReply, WorkerView, api_error,
@@ -9,6 +12,7 @@ use super::client::{
 use super::error::{CliError, Exit};
 use super::render::{self, clean, error_text, seconds, write_raw};
 use honua_scheduler::intake::DrainReply;
+use honua_scheduler::state::{CheckReport, DeleteReply, StateView};
 use honua_scheduler::view::{ProcessSummary, ProcessView};
 use honua_shared::envelope::valid_id;
 use honua_shared::status::ProcessStatus;
@@ -131,6 +135,7 @@ async fn execute(
             }
             Ok(Exit::Success)
         }
+        Command::State(StateArgs { action }) => state(api, action, json, out).await,
         Command::Queues => {
             let r = api.get(&["api", "queues"], &[]).await?;
             if json {
@@ -287,6 +292,107 @@ fn action_done(out: &mut dyn Write, json: bool, r: &Reply, what: &str) -> Result
         }
     }
     Ok(Exit::Success)
+}
+
+/// `honua state get|check|delete`.
+async fn state(
+    api: &Api,
+    action: &StateAction,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<Exit, CliError> {
+    match action {
+        StateAction::Get { id } => {
+            let r = api.get(&["api", "processes", id, "state"], &[]).await?;
+            if json {
+                write_raw(out, &r.body)?;
+            } else {
+                render::print_state(out, &r.decode::<StateView>()?)?;
+            }
+            Ok(Exit::Success)
+        }
+        StateAction::Check {
+            process_type,
+            page_size,
+        } => {
+            let report = check_all(api, process_type.as_deref(), *page_size).await?;
+            if json {
+                let body = serde_json::to_vec(&report)
+                    .map_err(|e| CliError::Failed(format!("cannot write the report: {e}")))?;
+                write_raw(out, &body)?;
+            } else {
+                let t = render::problem_table(&report.problems);
+                if !t.is_empty() {
+                    out.write_all(t.render().as_bytes())?;
+                }
+                writeln!(
+                    out,
+                    "checked {} process{}: {} problem{}",
+                    report.checked,
+                    if report.checked == 1 { "" } else { "es" },
+                    report.problems.len(),
+                    if report.problems.len() == 1 { "" } else { "s" },
+                )?;
+            }
+            if report.problems.is_empty() {
+                Ok(Exit::Success)
+            } else {
+                let mut ids: Vec<&str> = report.problems.iter().map(|p| p.id.as_str()).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                Err(CliError::Failed(format!(
+                    "{} process{} with corrupt or oversize state",
+                    ids.len(),
+                    if ids.len() == 1 { "" } else { "es" }
+                )))
+            }
+        }
+        StateAction::Delete { id, force } => {
+            let q: Vec<(&str, String)> = if *force {
+                vec![("force", "true".into())]
+            } else {
+                vec![]
+            };
+            let url = api.url(&["api", "processes", id], &q);
+            let r = api.send(Method::DELETE, url, None, &[]).await?;
+            if json {
+                write_raw(out, &r.body)?;
+            } else {
+                render::print_deleted(out, &r.decode::<DeleteReply>()?)?;
+            }
+            Ok(Exit::Success)
+        }
+    }
+}
+
+/// Every page of `GET /api/state/check`, merged into one report.
+async fn check_all(
+    api: &Api,
+    process_type: Option<&str>,
+    page_size: Option<u32>,
+) -> Result<CheckReport, CliError> {
+    let mut report = CheckReport::default();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(t) = process_type {
+            q.push(("type", t.to_string()));
+        }
+        if let Some(n) = page_size {
+            q.push(("limit", n.to_string()));
+        }
+        if let Some(c) = &cursor {
+            q.push(("cursor", c.clone()));
+        }
+        let page: CheckReport = api.get(&["api", "state", "check"], &q).await?.decode()?;
+        report.checked += page.checked;
+        report.problems.extend(page.problems);
+        match page.next_cursor {
+            // A cursor that does not move would loop forever.
+            Some(c) if cursor.as_ref() != Some(&c) => cursor = Some(c),
+            _ => return Ok(report),
+        }
+    }
 }
 
 async fn ps(

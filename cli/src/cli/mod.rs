@@ -16,7 +16,7 @@
 //! - **0** success.
 //! - **1** the request failed: any other HTTP error (400, 413, 422, 429, 500, ...), a reply
 //!   that is not the expected JSON, or `submit --wait` ended other than Completed (or gave
-//!   up waiting after `--timeout`).
+//!   up waiting after `--timeout`), or `state check` found a corrupt or oversize record.
 //! - **2** usage error: clap's own (unknown flag, bad value), an unreadable or non-object
 //!   `--input`/`--patch` file, a bad `--url` or `HONUA_TOKEN`.
 //! - **3** not found (404).
@@ -41,8 +41,8 @@ mod error;
 mod render;
 
 pub use args::{
-    AFTER_HELP, CliArgs, Command, DEFAULT_URL, DlqAction, DlqArgs, GlobalOpts, PsArgs, SubmitArgs,
-    duration_param, parse_duration_arg,
+    AFTER_HELP, CliArgs, Command, DEFAULT_URL, DlqAction, DlqArgs, GlobalOpts, PsArgs, StateAction,
+    StateArgs, SubmitArgs, duration_param, parse_duration_arg,
 };
 pub use client::endpoint;
 pub use commands::run;

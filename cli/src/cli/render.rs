@@ -4,6 +4,7 @@
 //! received.
 
 use super::client::{DeadLetterView, HealthReply, QueueView, WorkerView};
+use honua_scheduler::state::{DeleteReply, StateProblem, StateView};
 use honua_scheduler::view::{MAX_RFC3339_MS, ProcessSummary, ProcessView};
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
@@ -268,6 +269,68 @@ pub(super) fn print_process(out: &mut dyn Write, p: &ProcessView) -> std::io::Re
         out.write_all(audit.render().as_bytes())?;
     }
     Ok(())
+}
+
+/// A JSON value, indented (serde_json escapes control characters in strings).
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// `honua state get`: the process, then each decoded part as indented JSON, then the parts
+/// that did not decode.
+pub(super) fn print_state(out: &mut dyn Write, s: &StateView) -> std::io::Result<()> {
+    let mut info = Table::default();
+    info.row(["ID:".to_string(), text(&s.id)]);
+    info.row(["Type:".to_string(), text(&s.process_type)]);
+    info.row(["Status:".to_string(), text(&s.status)]);
+    info.row(["Stored:".to_string(), format!("{} bytes", s.size_bytes)]);
+    out.write_all(info.render().as_bytes())?;
+    if let Some(input) = &s.input {
+        writeln!(out, "\nInput:\n{}", pretty(input))?;
+    }
+    for (label, parts) in [("Output", &s.outputs), ("Checkpoint", &s.checkpoints)] {
+        for (step, v) in parts {
+            writeln!(out, "\n{label} of {}:\n{}", clean(step), pretty(v))?;
+        }
+    }
+    if !s.problems.is_empty() {
+        writeln!(out)?;
+        out.write_all(problem_table(&s.problems).render().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `honua state check`: one row per unreadable part.
+pub(super) fn problem_table(problems: &[StateProblem]) -> Table {
+    let mut t = Table::new(&["ID", "TYPE", "PART", "CODE", "REASON"]);
+    for p in problems {
+        t.row([
+            text(&p.id),
+            text(&p.process_type),
+            text(&p.part),
+            text(&p.code),
+            text(&p.reason),
+        ]);
+    }
+    t
+}
+
+/// `honua state delete`: what was deleted and which references went with it.
+pub(super) fn print_deleted(out: &mut dyn Write, d: &DeleteReply) -> std::io::Result<()> {
+    let r = &d.removed;
+    writeln!(
+        out,
+        "deleted {} ({} {}{}); removed jobs {}, events {}, results {}, dead letters {}, delayed {}",
+        clean(&d.id),
+        clean(&text(&d.process_type)),
+        clean(&text(&d.status)),
+        if d.forced { ", forced" } else { "" },
+        r.jobs,
+        r.events,
+        r.results,
+        r.dead_letters,
+        r.delayed
+    )
 }
 
 /// `honua queues`: one row per stream.

@@ -9,13 +9,6 @@ use axum::response::{IntoResponse, Response};
 use honua_shared::config::Role;
 use sha2::{Digest, Sha256};
 
-/// The API key a request was authorized with (a request extension; absent when the API is
-/// open or the route is).
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-}
-
 /// Routes open whatever the configuration: the liveness and readiness probes.
 const PROBES: &[&str] = &["/health/live", "/health/ready"];
 
@@ -33,6 +26,15 @@ pub fn token_hash(token: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The API key a request was authorized with (a request extension; absent when the API is
+/// open): who did it, for the log lines of admin actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's configured name.
+    pub name: String,
+    pub role: Role,
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -85,17 +87,20 @@ pub(super) async fn authorize(
         .into_response();
     };
     let hash = token_hash(token);
-    let mut found = None;
+    let mut caller = None;
     for k in &api.keys {
         if constant_time_eq(hash.as_bytes(), k.sha256.as_bytes()) {
-            found = Some((k.role, k.name.clone()));
+            caller = Some(Caller {
+                name: k.name.clone(),
+                role: k.role,
+            });
         }
     }
-    let Some((role, name)) = found else {
+    let Some(caller) = caller else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
             .into_response();
     };
-    if needed.is_some_and(|n| role < n) {
+    if needed.is_some_and(|n| caller.role < n) {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -103,7 +108,7 @@ pub(super) async fn authorize(
         )
         .into_response();
     }
-    req.extensions_mut().insert(Caller { name });
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 

@@ -181,6 +181,7 @@ pub struct DeadLetterView {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DlqParams {
     /// At most this many, newest first: 1-1000 (default 100); anything else is 400.

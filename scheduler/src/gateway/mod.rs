@@ -4,30 +4,35 @@
 //! authorization, and a test checks it against the router and the OpenAPI document.
 //!
 //! The routes and state live here; API keys and roles in [`auth`], the error type in
-//! [`error`], the process endpoints in [`processes`], the fleet's (queues, workers, dead
-//! letters, configuration, health, metrics) in [`fleet`].
+//! [`error`], the process endpoints in [`processes`], the state tools' (state, check,
+//! delete) in [`state`], the fleet's (queues, workers, dead letters, configuration, health,
+//! metrics) in [`fleet`].
 
 mod auth;
 mod error;
 mod fleet;
 mod processes;
+mod state;
 
-pub use auth::{required_role, token_hash};
+pub use auth::{Caller, required_role, token_hash};
 pub use error::{ApiError, ErrorBody};
 pub use fleet::{DeadLetterView, DlqParams, HealthReply, QueueView, WorkerJobView, WorkerView};
 pub use processes::{
     ActionReply, CancelBody, ListParams, PurgeParams, PurgeReply, RetryBody, SignalBody,
     SubmitBody, SubmitReply,
 };
+pub use state::{CheckParams, DeleteParams};
 
 // The handlers are named unqualified: in the OpenAPI document a qualified path would
 // become the operation's tag.
 use auth::authorize;
 use fleet::*;
 use processes::*;
+use state::*;
 
 use crate::intake::DrainReply;
 use crate::processes::Processes;
+use crate::state::{CheckReport, DeleteReply, RemovedView, StateProblem, StateView};
 use crate::view::{LlmUsageView, ProcessSummary, ProcessView};
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{Method, StatusCode, header};
@@ -52,6 +57,8 @@ pub const ROUTES: &[(&str, &str, Option<Role>)] = &[
     ("DELETE", "/api/processes", Some(Role::Admin)),
     ("GET", "/api/processes/active", Some(Role::Read)),
     ("GET", "/api/processes/{id}", Some(Role::Read)),
+    ("DELETE", "/api/processes/{id}", Some(Role::Admin)),
+    ("GET", "/api/processes/{id}/state", Some(Role::Read)),
     ("POST", "/api/processes/{id}/cancel", Some(Role::Operate)),
     ("POST", "/api/processes/{id}/retry", Some(Role::Operate)),
     (
@@ -64,6 +71,7 @@ pub const ROUTES: &[(&str, &str, Option<Role>)] = &[
         "/api/processes/{id}/signal/{name}",
         Some(Role::Operate),
     ),
+    ("GET", "/api/state/check", Some(Role::Read)),
     ("GET", "/api/config", Some(Role::Read)),
     ("GET", "/api/queues", Some(Role::Read)),
     ("GET", "/api/workers", Some(Role::Read)),
@@ -85,10 +93,12 @@ pub struct ApiState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Honua Process Framework API", description = "The operator API of the operations guide."),
-    paths(health, live, ready, prometheus_metrics, openapi_json, submit, list, purge, active, get_process, cancel, retry,
-          retry_current_step, signal, config, queues, workers, deadletters, replay, drain, drain_status, resume_intake),
+    paths(health, live, ready, prometheus_metrics, openapi_json, submit, list, purge, active, get_process, delete_process,
+          process_state, cancel, retry, retry_current_step, signal, state_check, config, queues, workers, deadletters, replay,
+          drain, drain_status, resume_intake),
     components(schemas(ErrorBody, SubmitBody, SubmitReply, ProcessSummary, ProcessView, LlmUsageView, PurgeReply, CancelBody,
-                       RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply, DrainReply)),
+                       RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply,
+                       StateView, StateProblem, CheckReport, DeleteReply, RemovedView, DrainReply)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -229,7 +239,11 @@ pub fn router_with(state: ApiState) -> Router {
         .route("/api/openapi.json", get(openapi_json))
         .route("/api/processes", post(submit).get(list).delete(purge))
         .route("/api/processes/active", get(active))
-        .route("/api/processes/{id}", get(get_process))
+        .route(
+            "/api/processes/{id}",
+            get(get_process).delete(delete_process),
+        )
+        .route("/api/processes/{id}/state", get(process_state))
         .route("/api/processes/{id}/cancel", post(cancel))
         .route("/api/processes/{id}/retry", post(retry))
         .route(
@@ -237,6 +251,7 @@ pub fn router_with(state: ApiState) -> Router {
             post(retry_current_step),
         )
         .route("/api/processes/{id}/signal/{name}", post(signal))
+        .route("/api/state/check", get(state_check))
         .route("/api/config", get(config))
         .route("/api/queues", get(queues))
         .route("/api/workers", get(workers))
@@ -303,5 +318,51 @@ mod tests {
             ROUTES.len(),
             "OpenAPI documents a route the table lacks"
         );
+    }
+
+    #[test]
+    fn query_parameters_are_documented_in_the_query() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let params = |method: &str, path: &str| -> Vec<(String, String)> {
+            doc["paths"][path][method]["parameters"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{method} {path} has no parameters"))
+                .iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap().to_string(),
+                        p["in"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+        let q = |n: &str| (n.to_string(), "query".to_string());
+        let path = |n: &str| (n.to_string(), "path".to_string());
+        assert!(params("get", "/api/processes").contains(&q("processType")));
+        assert!(params("get", "/api/processes").contains(&q("cursor")));
+        assert!(params("delete", "/api/processes").contains(&q("olderThan")));
+        assert_eq!(params("get", "/api/deadletters"), [q("limit")]);
+        assert_eq!(
+            params("get", "/api/state/check"),
+            [q("type"), q("limit"), q("cursor")]
+        );
+        assert_eq!(
+            params("delete", "/api/processes/{id}"),
+            [path("id"), q("force")]
+        );
+        // Only route templates name path parameters.
+        for (p, item) in doc["paths"].as_object().unwrap() {
+            for op in item.as_object().unwrap().values() {
+                for param in op["parameters"].as_array().into_iter().flatten() {
+                    if param["in"] == "path" {
+                        let name = param["name"].as_str().unwrap();
+                        assert!(
+                            p.contains(&format!("{{{name}}}")),
+                            "{p}: path parameter {name}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -137,6 +137,7 @@ pub(super) async fn submit(
 
 /// Query of `GET /api/processes`.
 #[derive(Debug, Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListParams {
     /// Pending, Running, WaitingForApproval, Completed, Failed, Cancelled, TimedOut.
@@ -216,6 +217,7 @@ pub(super) async fn active(State(st): State<ApiState>) -> Result<Response, ApiEr
 
 /// Query of `DELETE /api/processes`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PurgeParams {
     /// A finished status: Completed, Failed, Cancelled or TimedOut.

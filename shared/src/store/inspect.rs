@@ -1,10 +1,12 @@
 //! Read-mostly operator inspection: queue depths and stream statistics, indexes, workers
 //! and the jobs they hold, dead letters and quarantine entries (and removing a replayed dead
-//! letter). Called by the gateway, the scheduler's metrics and the load tests.
+//! letter), whole process records with their state blobs, and the scan for everything that
+//! references one process (before `delete.lua` removes it). Called by the gateway, the
+//! scheduler's metrics and the load tests.
 
 use super::{Entry, Result, Store, StoreError, parse_entries, value_str, value_u64};
-use crate::envelope::{FieldMap, JobEnvelope};
-use crate::keys::{Key, WORKERS_GROUP};
+use crate::envelope::{FieldMap, JobEnvelope, wire};
+use crate::keys::{Key, SCHEDULER_GROUP, WORKERS_GROUP};
 use redis::Value;
 use std::collections::HashMap;
 
@@ -48,7 +50,190 @@ pub struct WorkerInfo {
     pub jobs: Vec<HeldJob>,
 }
 
+/// One process as stored: the meta, steps and data hashes (all empty when it does not
+/// exist; the data blobs undecoded).
+#[derive(Debug, Clone, Default)]
+pub struct RawProcess {
+    pub meta: HashMap<String, String>,
+    pub steps: HashMap<String, String>,
+    pub data: HashMap<String, Vec<u8>>,
+}
+
+/// The entries of one stream that name a process, found by [`Store::references`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamRefs {
+    /// The stream's consumer group (`None`: no group, or the stream has none yet).
+    pub group: Option<String>,
+    /// The last entry id the scan covered (`0-0` for an empty stream): `delete.lua` checks
+    /// the entries after it itself.
+    pub scanned_to: String,
+    /// Entries naming the process: pending or not yet delivered (streams with a group) or
+    /// any (the dead-letter stream).
+    pub ids: Vec<String>,
+}
+
+/// Everything outside a process's own keys that names it: delayed jobs and timers, and the
+/// live entries of the job, event, results and dead-letter streams.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct References {
+    pub delayed: Vec<String>,
+    pub jobs: StreamRefs,
+    pub events: StreamRefs,
+    pub results: StreamRefs,
+    pub dlq: StreamRefs,
+}
+
+/// Entries per `XRANGE` and members per `ZSCAN` of the reference scan: each call is short.
+const SCAN_BATCH: usize = 500;
+
 impl Store {
+    /// The meta, steps and data hashes of each process, in one round trip.
+    pub async fn raw_processes(&self, ids: &[&str]) -> Result<Vec<RawProcess>> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let [meta, steps, data] = self.keys.process_keys(id);
+            pipe.cmd("HGETALL")
+                .arg(meta)
+                .cmd("HGETALL")
+                .arg(steps)
+                .cmd("HGETALL")
+                .arg(data);
+        }
+        let vals: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut it = vals.into_iter();
+        while let (Some(m), Some(s), Some(d)) = (it.next(), it.next(), it.next()) {
+            out.push(RawProcess {
+                meta: redis::from_redis_value(m)?,
+                steps: redis::from_redis_value(s)?,
+                data: redis::from_redis_value(d)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Finds everything outside the process's own keys that names process `id`: members of
+    /// the delayed set (`ZSCAN … MATCH`, verified by decoding), and the entries of the job,
+    /// event and results streams from the oldest pending or first undelivered one on, and of
+    /// the dead-letter stream, whose process id is `id` (`XRANGE` in batches). Every call is
+    /// short; nothing is locked, so `delete.lua` checks what was added after the scan.
+    pub async fn references(&self, id: &str) -> Result<References> {
+        Ok(References {
+            delayed: self.delayed_members_of(id).await?,
+            jobs: self
+                .stream_refs(&self.keys.jobs(), Some(WORKERS_GROUP), id)
+                .await?,
+            events: self
+                .stream_refs(&self.keys.events(), Some(SCHEDULER_GROUP), id)
+                .await?,
+            results: self
+                .stream_refs(&self.keys.results(), Some(SCHEDULER_GROUP), id)
+                .await?,
+            dlq: self.stream_refs(&self.keys.dlq(), None, id).await?,
+        })
+    }
+
+    async fn delayed_members_of(&self, id: &str) -> Result<Vec<String>> {
+        let mut cursor = 0u64;
+        let mut out = Vec::new();
+        loop {
+            // Process ids are `[A-Za-z0-9_-]`: nothing in them is a glob character.
+            let (next, page): (u64, Vec<(String, f64)>) = redis::cmd("ZSCAN")
+                .arg(self.keys.delayed())
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("*{id}*"))
+                .arg("COUNT")
+                .arg(SCAN_BATCH)
+                .query_async(&mut self.conn())
+                .await?;
+            out.extend(
+                page.into_iter()
+                    .map(|(m, _)| m)
+                    .filter(|m| crate::commit::delayed_member_process(m).as_deref() == Some(id)),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn stream_refs(&self, stream: &Key, group: Option<&str>, id: &str) -> Result<StreamRefs> {
+        let last: Vec<Entry> = self.range("XREVRANGE", stream, "+", "-", 1).await?;
+        let Some(end) = last.into_iter().next().map(|e| e.id) else {
+            return Ok(StreamRefs {
+                group: None,
+                scanned_to: "0-0".into(),
+                ids: vec![],
+            });
+        };
+        // Where live entries start: the oldest pending one, else the first undelivered.
+        let mut start = "-".to_string();
+        let mut has_group = false;
+        if let Some(g) = group {
+            let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut self.conn())
+                .await?;
+            if let Some(info) = groups
+                .iter()
+                .find(|i| i.get("name").map(value_str).as_deref() == Some(g))
+            {
+                has_group = true;
+                let delivered = info
+                    .get("last-delivered-id")
+                    .map(value_str)
+                    .unwrap_or_default();
+                let pending: Value = redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(g)
+                    .query_async(&mut self.conn())
+                    .await?;
+                let oldest = match &pending {
+                    Value::Array(v) if v.first().map(value_u64).unwrap_or(0) > 0 => {
+                        v.get(1).map(value_str).filter(|s| !s.is_empty())
+                    }
+                    _ => None,
+                };
+                // Pending entries were delivered, so the oldest one comes first.
+                start = match oldest {
+                    Some(o) => o,
+                    None if delivered.is_empty() => "-".into(),
+                    None => format!("({delivered}"),
+                };
+            }
+        }
+        let mut ids = Vec::new();
+        loop {
+            let page = self
+                .range("XRANGE", stream, &start, &end, SCAN_BATCH)
+                .await?;
+            let n = page.len();
+            for e in &page {
+                if e.fields.get(wire::PROCESS_ID) == Some(id) {
+                    ids.push(e.id.clone());
+                }
+            }
+            match page.last() {
+                Some(e) if n == SCAN_BATCH && e.id != end => start = format!("({}", e.id),
+                _ => break,
+            }
+        }
+        Ok(StreamRefs {
+            group: has_group.then(|| group.unwrap_or_default().to_string()),
+            scanned_to: end,
+            ids,
+        })
+    }
+
     /// Length and pending count of the job stream (queue depth).
     pub async fn job_depth(&self) -> Result<(u64, u64)> {
         let mut pipe = redis::pipe();

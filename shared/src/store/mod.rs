@@ -26,8 +26,8 @@ mod inspect;
 mod scheduler;
 mod worker;
 
-pub use inspect::{HeldJob, StreamStats, WorkerInfo};
-pub use scheduler::Commit;
+pub use inspect::{HeldJob, RawProcess, References, StreamRefs, StreamStats, WorkerInfo};
+pub use scheduler::{Commit, DeleteGuard, Deleted, Removed};
 pub use worker::{Begin, Completion, ConsumerInfo, Reclaimed};
 
 /// What went wrong talking to Redis, typed by what the caller must do.

@@ -1,7 +1,8 @@
 //! The scheduler's calls: submissions and events (also appended by the gateway and any
 //! client), process records, revision-checked commits (`commit.lua`), the delay queue,
-//! taking over another scheduler's pending entries, purges, durability waits and stream and
-//! index housekeeping. Called by the scheduler crate (loops, submissions, operator ops).
+//! taking over another scheduler's pending entries, purges and deleting one process
+//! (`delete.lua`), durability waits and stream and index housekeeping. Called by the
+//! scheduler crate (loops, submissions, operator ops).
 
 use super::{Entry, Result, Store, StoreError, parse_entry, reply, value_str};
 use crate::envelope::{Event, Fields};
@@ -10,6 +11,44 @@ use crate::scripts::Scripts;
 use redis::{RedisError, Value};
 use std::collections::HashMap;
 use std::time::Duration;
+
+/// What `delete.lua` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    /// The process (in `status`) and every reference to it are gone.
+    Deleted { status: String, removed: Removed },
+    /// There was no record; stray references to the id (if any) were removed.
+    Missing { removed: Removed },
+    /// Unfinished (`status`) and not forced: nothing changed.
+    Running { status: String },
+    /// The record changed since it was read, or too many entries arrived since the scan:
+    /// read and scan again.
+    Changed,
+}
+
+/// The references `delete.lua` removed, by where they were.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Removed {
+    /// Queued or pending jobs (acknowledged and deleted).
+    pub jobs: u64,
+    /// Events (timers, signals, timeouts) not yet applied.
+    pub events: u64,
+    /// Step results and dead-letter notices not yet applied.
+    pub results: u64,
+    pub dead_letters: u64,
+    /// Delayed jobs and timers.
+    pub delayed: u64,
+}
+
+/// What the caller of [`Store::delete_process`] read of the record: `delete.lua` refuses
+/// (with [`Deleted::Changed`]) when either has changed since.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteGuard {
+    /// The `rev` field, `None` when there was no record.
+    pub rev: Option<String>,
+    pub idempotency_key: Option<String>,
+}
 
 /// The answer of `commit.lua`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +297,79 @@ impl Store {
             )
             .query_async(&mut self.conn())
             .await?)
+    }
+
+    /// Runs `delete.lua`: removes process `id`, its keys, its index entries, its idempotency
+    /// key and the references `refs` found ([`Store::references`]) plus those added since,
+    /// at most `tail_max` per stream. An unfinished process only with `force`.
+    pub async fn delete_process(
+        &self,
+        id: &str,
+        guard: &DeleteGuard,
+        refs: &super::References,
+        force: bool,
+        tail_max: usize,
+    ) -> Result<Deleted> {
+        let k = &self.keys;
+        let [meta, steps, data] = k.process_keys(id);
+        let mut indexes = vec![k.index_all(), k.index_active()];
+        indexes.extend(
+            crate::status::ProcessStatus::ALL
+                .into_iter()
+                .map(|s| k.index_status(s)),
+        );
+        let mut inv = Scripts::get().delete.prepare_invoke();
+        inv.key(meta)
+            .key(steps)
+            .key(data)
+            .key(k.llm_usage(id))
+            .key(k.delayed())
+            .key(k.jobs())
+            .key(k.events())
+            .key(k.results())
+            .key(k.dlq());
+        for i in &indexes {
+            inv.key(i);
+        }
+        if let Some(idem) = &guard.idempotency_key {
+            inv.key(k.idempotency(idem));
+        }
+        inv.arg(id)
+            .arg(guard.rev.as_deref().unwrap_or(""))
+            .arg(guard.idempotency_key.as_deref().unwrap_or(""))
+            .arg(if force { "1" } else { "0" })
+            .arg(tail_max.max(1))
+            .arg(indexes.len())
+            .arg(refs.delayed.len());
+        for m in &refs.delayed {
+            inv.arg(m);
+        }
+        for s in [&refs.jobs, &refs.events, &refs.results, &refs.dlq] {
+            inv.arg(s.group.as_deref().unwrap_or(""))
+                .arg(&s.scanned_to)
+                .arg(s.ids.len());
+            for e in &s.ids {
+                inv.arg(e);
+            }
+        }
+        let r: Vec<Value> = inv.invoke_async(&mut self.conn()).await?;
+        let tag = r.first().map(value_str).unwrap_or_default();
+        let status = r.get(1).map(value_str).unwrap_or_default();
+        let n = |i: usize| r.get(i).map(super::value_u64).unwrap_or(0);
+        let removed = Removed {
+            jobs: n(2),
+            events: n(3),
+            results: n(4),
+            dead_letters: n(5),
+            delayed: n(6),
+        };
+        Ok(match tag.as_str() {
+            "deleted" => Deleted::Deleted { status, removed },
+            "missing" => Deleted::Missing { removed },
+            "running" => Deleted::Running { status },
+            "changed" => Deleted::Changed,
+            other => return Err(reply("delete", format!("status {other:?}"))),
+        })
     }
 
     /// Whether the server has `WAITAOF` (Redis/Valkey ≥ 7.2) and AOF is on.
