@@ -520,7 +520,7 @@ pub async fn references_to(store: &Store, id: &str, idem: Option<&str>) -> Vec<S
     use honua_shared::keys::{SCHEDULER_GROUP, WORKERS_GROUP};
     let keys = store.keys();
     let mut conn = store.conn();
-    let mut out = Vec::new();
+    let mut scanned = Vec::new();
     let mut cursor = 0u64;
     loop {
         let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -532,12 +532,15 @@ pub async fn references_to(store: &Store, id: &str, idem: Option<&str>) -> Vec<S
             .query_async(&mut conn)
             .await
             .unwrap();
-        out.extend(page.into_iter().map(|k| format!("key {k}")));
+        scanned.extend(page);
         if next == 0 {
             break;
         }
         cursor = next;
     }
+    // SCAN's order follows the server's hash table, not insertion: sort, so two calls compare.
+    scanned.sort();
+    let mut out: Vec<String> = scanned.into_iter().map(|k| format!("key {k}")).collect();
     if let Some(k) = idem {
         let v: Option<String> = redis::cmd("GET")
             .arg(keys.idempotency(k))
