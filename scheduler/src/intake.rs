@@ -6,6 +6,7 @@
 
 use crate::processes::Processes;
 use honua_shared::keys::WORKERS_GROUP;
+use honua_shared::status::ProcessStatus;
 use honua_shared::store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -85,7 +86,7 @@ impl Processes {
             .stream_stats(&self.store.keys().jobs(), WORKERS_GROUP)
             .await?;
         let (active, _) = self.store.active_summary().await?;
-        let pending_processes = self.store.pending_count().await?;
+        let pending_processes = self.store.status_count(ProcessStatus::Pending).await?;
         let queued = jobs.lag.unwrap_or(jobs.length.saturating_sub(jobs.pending));
         Ok(DrainReply {
             draining: drained.is_some(),

@@ -234,6 +234,44 @@ impl Processes {
         Ok(())
     }
 
+    /// Pauses a running process ([`engine::pause`]): it starts no new step until resumed;
+    /// with `hand_back` its running steps are fenced out at once and run again on resume.
+    pub async fn pause(
+        &self,
+        id: &str,
+        hand_back: bool,
+        reason: Option<&str>,
+    ) -> Result<(), OpsError> {
+        let process_type = self
+            .transition(id, |ctx, rec| {
+                Ok((
+                    engine::pause(ctx, rec, hand_back, reason)?,
+                    rec.process_type.clone(),
+                ))
+            })
+            .await?;
+        metrics::counter!(honua_shared::metrics::PROCESS_TRANSITIONS, "process_type" => process_type,
+            "status" => ProcessStatus::Paused.as_str())
+        .increment(1);
+        tracing::info!(process_id = %id, hand_back, "Process {id} paused");
+        Ok(())
+    }
+
+    /// Resumes a paused process ([`engine::resume`]): its held steps start, its timers and
+    /// deadline go on with what they had left.
+    pub async fn resume(&self, id: &str) -> Result<(), OpsError> {
+        let process_type = self
+            .transition(id, |ctx, rec| {
+                Ok((engine::resume(ctx, rec)?, rec.process_type.clone()))
+            })
+            .await?;
+        metrics::counter!(honua_shared::metrics::PROCESS_TRANSITIONS, "process_type" => process_type,
+            "status" => ProcessStatus::Running.as_str())
+        .increment(1);
+        tracing::info!(process_id = %id, "Process {id} resumed");
+        Ok(())
+    }
+
     /// Starts a Pending process (created while intake was drained). `Ok(false)` when it is
     /// no longer Pending (another scheduler started it, or it was cancelled).
     pub async fn start(&self, id: &str) -> Result<bool, OpsError> {
@@ -381,9 +419,14 @@ impl Processes {
         let now = self.store.server_time_ms().await?;
         let limit = q.limit.clamp(1, 1000);
         // Finished statuses are indexed by end time, the others by creation time; Pending
-        // processes (intake drained) have their own index.
+        // processes (intake drained) and Paused ones (by pause time) have their own index.
         let key = match q.status {
-            Some(s) if s.is_finished() || s == ProcessStatus::Pending => keys.index_status(s),
+            Some(s)
+                if s.is_finished()
+                    || matches!(s, ProcessStatus::Pending | ProcessStatus::Paused) =>
+            {
+                keys.index_status(s)
+            }
             Some(_) => keys.index_active(),
             None if q.active => keys.index_active(),
             None => keys.index_all(),

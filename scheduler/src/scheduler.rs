@@ -574,10 +574,19 @@ impl Scheduler {
                 Err(_) => ok = false,
             }
         }
-        match (store.intake().await, store.pending_count().await) {
-            (Ok(intake), Ok(pending)) => {
+        match (
+            store.intake().await,
+            store
+                .status_count(honua_shared::status::ProcessStatus::Pending)
+                .await,
+            store
+                .status_count(honua_shared::status::ProcessStatus::Paused)
+                .await,
+        ) {
+            (Ok(intake), Ok(pending), Ok(paused)) => {
                 metrics::gauge!(m::INTAKE_DRAINING).set(if intake.is_some() { 1.0 } else { 0.0 });
                 metrics::gauge!(m::PENDING_PROCESSES).set(pending as f64);
+                metrics::gauge!(m::PAUSED_PROCESSES).set(paused as f64);
             }
             _ => ok = false,
         }

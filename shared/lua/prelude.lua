@@ -38,8 +38,11 @@ local function append_fields(args, fields)
   end
 end
 
+-- Unfinished: its running steps may heartbeat and commit (a Paused process's too: pausing
+-- lets them finish unless they were handed back, which changes their token).
 local function process_active(status)
   return status == PS_PENDING or status == PS_RUNNING or status == PS_WAITING
+    or status == PS_PAUSED
 end
 
 -- Owner- and fence-checked access to a running step.

@@ -247,9 +247,41 @@ impl Transition {
                         b(deadline_member(process_id)),
                     ]);
                 }
-                Action::LeavePending => {
-                    let idx_pending = kt.idx(keys.index_status(ProcessStatus::Pending));
-                    ops.op(vec![b("zrem"), idx_pending, b(process_id)]);
+                Action::Unindex(status) => {
+                    let idx = kt.idx(keys.index_status(*status));
+                    ops.op(vec![b("zrem"), idx, b(process_id)]);
+                }
+                Action::Pause { deadline_left_ms } => {
+                    meta_fields.push((field::PAUSED_MS.into(), b(now_ms)));
+                    let idx_paused = kt.idx(keys.index_status(ProcessStatus::Paused));
+                    ops.op(vec![b("zadd"), idx_paused, b(now_ms), b(process_id)]);
+                    if let Some(left) = deadline_left_ms {
+                        meta_fields.push((field::DEADLINE_LEFT_MS.into(), b(left)));
+                        ops.op(vec![b("hdel"), meta.clone(), b(1), b(field::DEADLINE_MS)]);
+                        let delayed = kt.idx(keys.delayed());
+                        ops.op(vec![b("zrem"), delayed, b(deadline_member(process_id))]);
+                    }
+                }
+                Action::Resume { deadline_left_ms } => {
+                    ops.op(vec![
+                        b("hdel"),
+                        meta.clone(),
+                        b(2),
+                        b(field::PAUSED_MS),
+                        b(field::DEADLINE_LEFT_MS),
+                    ]);
+                    let idx_paused = kt.idx(keys.index_status(ProcessStatus::Paused));
+                    ops.op(vec![b("zrem"), idx_paused, b(process_id)]);
+                    if let Some(left) = deadline_left_ms {
+                        meta_fields.push((field::DEADLINE_MS.into(), b(now_ms + left)));
+                        let delayed = kt.idx(keys.delayed());
+                        ops.op(vec![
+                            b("zaddin"),
+                            delayed,
+                            b(left),
+                            b(deadline_member(process_id)),
+                        ]);
+                    }
                 }
                 Action::Reopen { from, timeout_ms } => {
                     ops.op(vec![

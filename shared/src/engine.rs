@@ -50,8 +50,14 @@ pub enum Action {
         timeout_ms: u64,
         idempotency_key: Option<String>,
     },
-    /// A Pending process ends before it started (cancelled): it leaves the pending index.
-    LeavePending,
+    /// The process leaves the index of `Pending` or `Paused` processes (it starts, resumes
+    /// or ends).
+    Unindex(ProcessStatus),
+    /// The process is paused: with `deadline_left_ms`, its deadline stops (what it had
+    /// left is kept for the resume).
+    Pause { deadline_left_ms: Option<u64> },
+    /// A paused process resumes: with `deadline_left_ms`, its deadline runs again from now.
+    Resume { deadline_left_ms: Option<u64> },
     /// Write a step's record.
     SetStep { step: String, record: StepRecord },
     /// Put a job on the job stream now.
@@ -110,6 +116,8 @@ struct Planner<'a> {
     actions: Vec<Action>,
     notes: Vec<String>,
     failure: Option<(ProcessStatus, String, String)>,
+    /// The process is paused: steps entered now are held, not started.
+    paused: bool,
 }
 
 impl<'a> Planner<'a> {
@@ -134,6 +142,7 @@ impl<'a> Planner<'a> {
             actions: Vec::new(),
             notes: Vec::new(),
             failure: None,
+            paused: false,
         }
     }
 
@@ -201,14 +210,49 @@ impl<'a> Planner<'a> {
             history,
             ..Default::default()
         };
+        if self.paused {
+            if self.ctx.kinds.executor(&def.kind).is_none() {
+                self.fail(
+                    ProcessStatus::Failed,
+                    format!("step {name} has unknown kind {:?}", def.kind),
+                    "unknown_kind",
+                );
+                return;
+            }
+            rec.status = StepStatus::Held;
+            rec.queued_ms = None;
+            *self.rec(name) = rec;
+            return;
+        }
+        self.start_step(name, def, rec);
+    }
+
+    /// Starts an entered step `rec` of `def`: enqueues its job (after `held_delay_ms` when
+    /// it was held with a back-off left), or starts its timer (with `held_delay_ms` left
+    /// when it was held, else its whole duration).
+    fn start_step(&mut self, name: &str, def: &StepDef, mut rec: StepRecord) {
+        let now = self.ctx.now_ms;
+        let left = rec.held_delay_ms.take();
         match self.ctx.kinds.executor(&def.kind) {
             Some(Executor::Worker) => {
+                rec.queued_ms = Some(now);
                 let job = self.job(name, &rec);
-                self.actions.push(Action::Enqueue(job));
+                match left.filter(|d| *d > 0) {
+                    Some(delay_ms) => {
+                        rec.status = StepStatus::Delayed;
+                        rec.due_ms = Some(now + delay_ms);
+                        self.actions.push(Action::EnqueueLater { job, delay_ms });
+                    }
+                    None => {
+                        rec.status = StepStatus::Queued;
+                        rec.due_ms = None;
+                        self.actions.push(Action::Enqueue(job));
+                    }
+                }
             }
             Some(Executor::Scheduler) => {
                 rec.status = StepStatus::Waiting;
-                rec.started_ms = Some(now);
+                rec.started_ms.get_or_insert(now);
                 let (event, delay) = if def.kind == "sleep" {
                     let d = def
                         .config
@@ -234,10 +278,9 @@ impl<'a> Planner<'a> {
                         def.timeout,
                     )
                 };
-                self.actions.push(Action::EventLater {
-                    event,
-                    delay_ms: delay.as_millis() as u64,
-                });
+                let delay_ms = left.unwrap_or(delay.as_millis() as u64);
+                rec.due_ms = Some(now + delay_ms);
+                self.actions.push(Action::EventLater { event, delay_ms });
             }
             None => {
                 self.fail(
@@ -317,6 +360,7 @@ impl<'a> Planner<'a> {
     fn requeue(&mut self, step: &str, attempt: u32, yields: u32, delay_ms: u64) {
         let token = self.token();
         let now = self.ctx.now_ms;
+        let paused = self.paused;
         let r = self.rec(step);
         r.status = StepStatus::Delayed;
         r.token = token;
@@ -329,6 +373,14 @@ impl<'a> Planner<'a> {
         r.ended_ms = None;
         r.worker = None;
         r.deliveries = None;
+        if paused {
+            // Runs again on resume, after what is left of its back-off.
+            r.status = StepStatus::Held;
+            r.due_ms = None;
+            r.queued_ms = None;
+            r.held_delay_ms = Some(delay_ms);
+            return;
+        }
         let r = r.clone();
         let job = self.job(step, &r);
         self.actions.push(Action::EnqueueLater { job, delay_ms });
@@ -366,6 +418,9 @@ impl<'a> Planner<'a> {
     }
 
     fn finish(mut self, current: Option<ProcessStatus>) -> Transition {
+        // Ending, a Pending or Paused process leaves that status's index.
+        let unindex =
+            current.filter(|c| matches!(c, ProcessStatus::Pending | ProcessStatus::Paused));
         let status = if let Some((status, error, code)) = self.failure.take() {
             // Everything still open is cancelled; late commits are fenced out.
             let open: Vec<String> = self
@@ -381,6 +436,7 @@ impl<'a> Planner<'a> {
                 r.ended_ms.get_or_insert(now);
             }
             self.push_steps();
+            self.actions.extend(unindex.map(Action::Unindex));
             self.actions.push(Action::Finish {
                 status,
                 error: Some(error),
@@ -392,6 +448,8 @@ impl<'a> Planner<'a> {
             };
         } else if !self.steps.values().any(|r| r.status.is_active()) {
             None
+        } else if self.paused {
+            Some(ProcessStatus::Paused)
         } else if self.steps.iter().any(|(n, r)| {
             r.status == StepStatus::Waiting
                 && self.ctx.def.step(n).is_some_and(|d| d.kind == "approval")
@@ -401,6 +459,9 @@ impl<'a> Planner<'a> {
             Some(ProcessStatus::Running)
         };
         self.push_steps();
+        if status.is_none() {
+            self.actions.extend(unindex.map(Action::Unindex));
+        }
         match status {
             None => self.actions.push(Action::Finish {
                 status: ProcessStatus::Completed,
@@ -511,6 +572,7 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
         };
     }
     let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    p.paused = rec.status == ProcessStatus::Paused;
     let matches = |step: &str, token: &str, statuses: &[StepStatus]| {
         rec.steps
             .get(step)
@@ -634,6 +696,15 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
             p.fail(ProcessStatus::Failed, error, "max_deliveries");
         }
         Event::ProcessTimeout { .. } => {
+            // A deadline that stopped (paused) or moved (resumed since this fired) has not
+            // passed. The event fires at its due time on the server clock, read again here,
+            // so a second is slack enough.
+            if rec.deadline_ms.is_none_or(|d| ctx.now_ms + 1000 < d) {
+                return Transition {
+                    actions: vec![],
+                    notes: vec!["process timeout no longer due (paused or resumed)".into()],
+                };
+            }
             // From the start: a process created while intake was drained waited Pending
             // without a deadline.
             let timeout = rec
@@ -710,10 +781,135 @@ pub fn cancel(
     let why = reason.unwrap_or("cancelled by an operator");
     p.actions
         .push(audit(rec, ctx.now_ms, "cancel", reason.map(str::to_string)));
-    if rec.status == ProcessStatus::Pending {
-        p.actions.push(Action::LeavePending);
-    }
+
     p.fail(ProcessStatus::Cancelled, why.to_string(), "cancelled");
+    Ok(p.finish(Some(rec.status)))
+}
+
+/// Pauses a running process: it starts no new step until [`resume`]. Steps queued or
+/// waiting for a retry back-off are held (their jobs are fenced out by a new token and
+/// they run on resume, a back-off with what it had left); running steps finish and commit,
+/// their successors held — or with `hand_back` they are fenced out at once (their worker
+/// stops them at its next heartbeat and their commit is refused) and run again on resume.
+/// Unless the type counts timeouts in wall-clock time (`timeouts_while_paused = "count"`),
+/// the process deadline, durable timers and step timeouts stop, keeping what they had left.
+pub fn pause(
+    ctx: &Ctx<'_>,
+    rec: &ProcessRecord,
+    hand_back: bool,
+    reason: Option<&str>,
+) -> Result<Transition, OpError> {
+    match rec.status {
+        ProcessStatus::Running | ProcessStatus::WaitingForApproval => {}
+        ProcessStatus::Paused => {
+            return Err(OpError::InvalidState(rec.status, "it is already paused"));
+        }
+        ProcessStatus::Pending => {
+            return Err(OpError::InvalidState(
+                rec.status,
+                "it has not started (intake is drained); cancel it or resume intake",
+            ));
+        }
+        _ => {
+            return Err(OpError::InvalidState(
+                rec.status,
+                "only a running process can be paused",
+            ));
+        }
+    }
+    let now = ctx.now_ms;
+    let stop = ctx.def.timeouts_while_paused == crate::definition::PausedTimeouts::Stop;
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    p.paused = true;
+    let detail = match (reason, hand_back) {
+        (Some(r), true) => Some(format!("{r} (running steps handed back)")),
+        (Some(r), false) => Some(r.to_string()),
+        (None, true) => Some("running steps handed back".to_string()),
+        (None, false) => None,
+    };
+    p.actions.push(audit(rec, now, "pause", detail));
+    for (name, r) in &rec.steps {
+        let left = r.due_ms.map(|d| d.saturating_sub(now));
+        let sleeping = ctx.def.step(name).is_some_and(|d| d.kind == "sleep");
+        let held = match r.status {
+            StepStatus::Queued => Some(None),
+            StepStatus::Delayed => Some(left),
+            StepStatus::Running if hand_back => Some(None),
+            StepStatus::Waiting if stop && sleeping => Some(left),
+            StepStatus::Waiting if stop => {
+                // An approval keeps waiting for its signal; its timeout stops.
+                let token = p.token();
+                let w = p.rec(name);
+                w.token = token;
+                w.held_delay_ms = left;
+                w.due_ms = None;
+                None
+            }
+            _ => None,
+        };
+        if let Some(left) = held {
+            let token = p.token();
+            let h = p.rec(name);
+            h.status = StepStatus::Held;
+            h.token = token;
+            h.held_delay_ms = left;
+            h.due_ms = None;
+            if r.status == StepStatus::Running {
+                p.notes
+                    .push(format!("step {name} handed back: it runs again on resume"));
+            }
+        }
+    }
+    p.actions.push(Action::Pause {
+        deadline_left_ms: if stop {
+            rec.deadline_ms.map(|d| d.saturating_sub(now))
+        } else {
+            None
+        },
+    });
+    Ok(p.finish(Some(rec.status)))
+}
+
+/// Resumes a paused process: its held steps start (a back-off or timer with what it had
+/// left), a waiting approval's timeout and the process deadline run again from now with
+/// what they had left.
+pub fn resume(ctx: &Ctx<'_>, rec: &ProcessRecord) -> Result<Transition, OpError> {
+    if rec.status != ProcessStatus::Paused {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "only a paused process can be resumed",
+        ));
+    }
+    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    p.actions.push(audit(rec, ctx.now_ms, "resume", None));
+    p.actions.push(Action::Resume {
+        deadline_left_ms: rec.deadline_left_ms,
+    });
+    for (name, r) in &rec.steps {
+        let Some(def) = ctx.def.step(name) else {
+            continue;
+        };
+        if r.status == StepStatus::Held {
+            p.rec(name);
+            p.start_step(name, def, r.clone());
+        } else if r.status == StepStatus::Waiting
+            && let Some(left) = r.held_delay_ms
+        {
+            // An approval whose timeout stopped.
+            let w = p.rec(name);
+            w.held_delay_ms = None;
+            w.due_ms = Some(ctx.now_ms + left);
+            let token = w.token.clone();
+            p.actions.push(Action::EventLater {
+                event: Event::StepTimeout {
+                    process_id: rec.id.clone(),
+                    step: name.clone(),
+                    token,
+                },
+                delay_ms: left,
+            });
+        }
+    }
     Ok(p.finish(Some(rec.status)))
 }
 
@@ -781,6 +977,12 @@ pub fn retry_current_step(
         return Err(OpError::InvalidState(
             rec.status,
             "the process is not running",
+        ));
+    }
+    if rec.status == ProcessStatus::Paused {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "resume it first: a paused process starts no step",
         ));
     }
     let steps: Vec<String> = rec

@@ -76,6 +76,8 @@ fn empty_record() -> ProcessRecord {
         ended_ms: None,
         updated_ms: None,
         deadline_ms: None,
+        paused_ms: None,
+        deadline_left_ms: None,
         error: None,
         code: None,
         idempotency_key: None,
@@ -139,7 +141,21 @@ fn apply(rec: &mut ProcessRecord, t: &Transition, now: u64) {
                 rec.deadline_ms = Some(now + timeout_ms);
             }
             Action::Audit(list) => rec.audit = list.clone(),
-            Action::LeavePending
+            Action::Pause { deadline_left_ms } => {
+                rec.paused_ms = Some(now);
+                if deadline_left_ms.is_some() {
+                    rec.deadline_left_ms = *deadline_left_ms;
+                    rec.deadline_ms = None;
+                }
+            }
+            Action::Resume { deadline_left_ms } => {
+                rec.paused_ms = None;
+                rec.deadline_left_ms = None;
+                if let Some(left) = deadline_left_ms {
+                    rec.deadline_ms = Some(now + left);
+                }
+            }
+            Action::Unindex(_)
             | Action::Enqueue(_)
             | Action::EnqueueLater { .. }
             | Action::EventLater { .. }
@@ -1998,4 +2014,237 @@ fn cancelling_a_pending_process_takes_it_off_the_pending_index() {
         1
     );
     assert!(enqueued(&t).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// pause and resume
+// ---------------------------------------------------------------------------------------
+
+impl Sim {
+    fn pause(&mut self, hand_back: bool) -> Transition {
+        let t = pause(&self.ctx(), &self.rec, hand_back, Some("maintenance")).unwrap();
+        apply(&mut self.rec, &t, self.now_ms);
+        t
+    }
+
+    fn resume(&mut self) -> Transition {
+        let t = resume(&self.ctx(), &self.rec).unwrap();
+        apply(&mut self.rec, &t, self.now_ms);
+        t
+    }
+}
+
+fn paused_action(t: &Transition) -> Option<Option<u64>> {
+    t.actions.iter().find_map(|a| match a {
+        Action::Pause { deadline_left_ms } => Some(*deadline_left_ms),
+        _ => None,
+    })
+}
+
+/// A queued step is held (its job fenced out by a new token) and starts on resume; the
+/// deadline stops while paused and runs on with what it had left.
+#[test]
+fn pause_holds_queued_steps_and_stops_the_deadline_until_resume() {
+    let (mut sim, _) = Sim::start(SEQUENCE);
+    let queued = sim.token("A");
+    sim.now_ms += 60_000;
+    let t = sim.pause(false);
+    assert_eq!(set_statuses(&t), [ProcessStatus::Paused]);
+    assert!(enqueued(&t).is_empty());
+    assert_eq!(
+        paused_action(&t),
+        Some(Some(HOUR.as_millis() as u64 - 60_000))
+    );
+    assert_eq!(sim.step("A").status, StepStatus::Held);
+    assert_ne!(sim.token("A"), queued, "the queued job is fenced out");
+    assert_eq!(sim.rec.deadline_ms, None);
+    assert!(sim.rec.audit.iter().any(|a| a.action == "pause"));
+    // The stale job's result changes nothing.
+    let stale = sim.feed(step_event("A", &queued, ok()));
+    assert!(stale.is_empty(), "{stale:?}");
+    // The process timeout that was due cannot fire while paused.
+    sim.now_ms += 2 * 3_600_000;
+    assert!(sim.feed(process_timeout()).is_empty());
+    assert!(matches!(
+        pause(&sim.ctx(), &sim.rec, false, None),
+        Err(OpError::InvalidState(ProcessStatus::Paused, _))
+    ));
+    assert!(retry_current_step(&sim.ctx(), &sim.rec).is_err());
+
+    let t = sim.resume();
+    assert_eq!(enqueued_steps(&t), ["A"]);
+    assert_eq!(set_statuses(&t), [ProcessStatus::Running]);
+    assert_eq!(
+        sim.rec.deadline_ms,
+        Some(sim.now_ms + HOUR.as_millis() as u64 - 60_000),
+        "the deadline goes on with what it had left"
+    );
+    assert_eq!(sim.step("A").status, StepStatus::Queued);
+    // The timeout event of the first deadline, if it still arrives, is not due.
+    assert!(sim.feed(process_timeout()).is_empty());
+    sim.ok("A");
+    sim.ok("B");
+    let t = sim.ok("C");
+    assert_eq!(t.finish().map(|f| f.0), Some(ProcessStatus::Completed));
+}
+
+/// Without hand-back a running step finishes and commits while paused; its successor is
+/// held. With hand-back the running claim is fenced out and runs again on resume.
+#[test]
+fn running_steps_finish_while_paused_unless_handed_back() {
+    let (mut sim, _) = Sim::start(SEQUENCE);
+    sim.rec.steps.get_mut("A").unwrap().status = StepStatus::Running;
+    sim.pause(false);
+    assert_eq!(sim.step("A").status, StepStatus::Running);
+    let t = sim.ok("A");
+    assert!(enqueued(&t).is_empty(), "nothing starts while paused");
+    assert!(set_statuses(&t).is_empty(), "still Paused");
+    assert_eq!(sim.rec.status, ProcessStatus::Paused);
+    assert_eq!(sim.step("A").status, StepStatus::Completed);
+    assert_eq!(sim.step("B").status, StepStatus::Held);
+    let t = sim.resume();
+    assert_eq!(enqueued_steps(&t), ["B"]);
+
+    let (mut sim, _) = Sim::start(SEQUENCE);
+    sim.rec.steps.get_mut("A").unwrap().status = StepStatus::Running;
+    let running = sim.token("A");
+    let t = sim.pause(true);
+    assert!(notes(&t).contains("handed back"), "{}", notes(&t));
+    assert_eq!(sim.step("A").status, StepStatus::Held);
+    assert!(
+        sim.feed(step_event("A", &running, ok())).is_empty(),
+        "its commit is stale"
+    );
+    let t = sim.resume();
+    assert_eq!(enqueued_steps(&t), ["A"]);
+    assert_eq!(
+        enqueued(&t)[0].attempt,
+        1,
+        "a handed-back run is no failed attempt"
+    );
+}
+
+/// A retry back-off decided while paused, and a sleep timer running at the pause, wait on
+/// resume for what they had left.
+#[test]
+fn back_offs_and_timers_keep_what_they_had_left() {
+    let (mut sim, _) = Sim::start(RETRIED);
+    sim.rec.steps.get_mut("A").unwrap().status = StepStatus::Running;
+    sim.pause(false);
+    sim.jitter = 1.0;
+    let t = sim.report("A", failure("boom", true));
+    assert!(later_jobs(&t).is_empty(), "no retry is queued while paused");
+    let held = sim.step("A").clone();
+    assert_eq!(held.status, StepStatus::Held);
+    let left = held.held_delay_ms.expect("the back-off is kept");
+    assert!(left > 0);
+    let t = sim.resume();
+    let later = later_jobs(&t);
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].1, left);
+    assert_eq!(later[0].0.attempt, 2);
+
+    let nap = r#"
+[[steps]]
+name = "Nap"
+kind = "sleep"
+config = { duration = "10m" }
+next = "After"
+
+[[steps]]
+name = "After"
+kind = "noop"
+"#;
+    let (mut sim, _) = Sim::start(nap);
+    let napping = sim.token("Nap");
+    sim.now_ms += 4 * 60_000;
+    sim.pause(false);
+    assert_eq!(sim.step("Nap").status, StepStatus::Held);
+    assert_eq!(sim.step("Nap").held_delay_ms, Some(6 * 60_000));
+    sim.now_ms += 3_600_000;
+    assert!(
+        sim.feed(timer("Nap", &napping)).is_empty(),
+        "its old timer is stale"
+    );
+    let t = sim.resume();
+    let timers = later_events(&t);
+    assert_eq!(timers.len(), 1);
+    assert_eq!(
+        timers[0].1,
+        6 * 60_000,
+        "the timer goes on with what it had left"
+    );
+    let token = sim.token("Nap");
+    let t = sim.feed(timer("Nap", &token));
+    assert_eq!(enqueued_steps(&t), ["After"]);
+}
+
+/// With `timeouts_while_paused = "count"` the clocks keep running: the deadline is not
+/// stopped and a timer that fires while paused ends its step, its successor held.
+#[test]
+fn wall_clock_timeouts_keep_counting_while_paused() {
+    let nap = r#"
+timeouts_while_paused = "count"
+
+[[steps]]
+name = "Nap"
+kind = "sleep"
+config = { duration = "10m" }
+next = "After"
+
+[[steps]]
+name = "After"
+kind = "noop"
+"#;
+    let (mut sim, _) = Sim::start(nap);
+    let napping = sim.token("Nap");
+    let t = sim.pause(false);
+    assert_eq!(paused_action(&t), Some(None), "the deadline keeps running");
+    assert!(sim.rec.deadline_ms.is_some());
+    assert_eq!(sim.step("Nap").status, StepStatus::Waiting);
+    sim.now_ms += 10 * 60_000;
+    let t = sim.feed(timer("Nap", &napping));
+    assert!(enqueued(&t).is_empty());
+    assert_eq!(sim.step("After").status, StepStatus::Held);
+    sim.now_ms += 2 * 3_600_000;
+    let t = sim.feed(process_timeout());
+    assert_eq!(t.finish().map(|f| f.0), Some(ProcessStatus::TimedOut));
+    assert!(
+        t.actions.contains(&Action::Unindex(ProcessStatus::Paused)),
+        "a paused process that ends leaves the paused index"
+    );
+}
+
+/// An approval keeps waiting for its signal while paused (its timeout stops); the signal is
+/// accepted and routes to a held step; cancelling a paused process leaves the index.
+#[test]
+fn an_approval_takes_its_signal_while_paused_and_a_paused_process_can_be_cancelled() {
+    let (mut sim, _) = Sim::start(APPROVAL);
+    let waiting = sim.token("Review");
+    sim.now_ms += 30 * 60_000;
+    sim.pause(false);
+    assert_eq!(sim.rec.status, ProcessStatus::Paused);
+    assert_eq!(sim.step("Review").status, StepStatus::Waiting);
+    assert_ne!(sim.token("Review"), waiting, "its timeout is fenced out");
+    assert_eq!(sim.step("Review").held_delay_ms, Some(90 * 60_000));
+    assert!(sim.feed(step_timeout("Review", &waiting)).is_empty());
+    let t = sim.feed(signal("approval", "approve"));
+    assert!(enqueued(&t).is_empty());
+    assert_eq!(sim.step("Ship").status, StepStatus::Held);
+    let t = cancel(&sim.ctx(), &sim.rec, None).unwrap();
+    assert!(t.actions.contains(&Action::Unindex(ProcessStatus::Paused)));
+    assert_eq!(finish_code(&t), Some("cancelled"));
+    apply(&mut sim.rec, &t, sim.now_ms);
+    assert_eq!(sim.step("Ship").status, StepStatus::Cancelled);
+
+    // Resumed without a signal: the timeout runs again with what it had left.
+    let (mut sim, _) = Sim::start(APPROVAL);
+    sim.now_ms += 30 * 60_000;
+    sim.pause(false);
+    sim.now_ms += 5 * 3_600_000;
+    let t = sim.resume();
+    assert_eq!(set_statuses(&t), [ProcessStatus::WaitingForApproval]);
+    let timeouts = later_events(&t);
+    assert_eq!(timeouts.len(), 1);
+    assert_eq!(timeouts[0].1, 90 * 60_000);
 }

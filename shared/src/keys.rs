@@ -213,6 +213,10 @@ pub mod field {
     pub const ENDED_MS: &str = "ended_ms";
     pub const UPDATED_MS: &str = "updated_ms";
     pub const DEADLINE_MS: &str = "deadline_ms";
+    /// When the process was paused (absent unless Paused).
+    pub const PAUSED_MS: &str = "paused_ms";
+    /// Time its deadline had left when it was paused (the deadline stops while paused).
+    pub const DEADLINE_LEFT_MS: &str = "deadline_left_ms";
     pub const ERROR: &str = "error";
     pub const CODE: &str = "code";
     pub const IDEMPOTENCY_KEY: &str = "idem";

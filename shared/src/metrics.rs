@@ -72,6 +72,8 @@ pub const REDIS_UP: &str = "redis_up";
 pub const INTAKE_DRAINING: &str = "honua_intake_draining";
 /// Processes created while intake was drained, not yet started (gauge).
 pub const PENDING_PROCESSES: &str = "honua_pending_processes";
+/// Processes an operator paused (gauge).
+pub const PAUSED_PROCESSES: &str = "honua_paused_processes";
 
 /// LLM metrics (emitted by the `llm` step kind).
 /// Tokens of completed calls, input plus output (counter; `provider`, `model`,
@@ -128,6 +130,7 @@ pub const ALL: &[&str] = &[
     REDIS_UP,
     INTAKE_DRAINING,
     PENDING_PROCESSES,
+    PAUSED_PROCESSES,
     LLM_TOKENS_USED,
     LLM_ERRORS,
     LLM_REQUESTS,
@@ -285,6 +288,11 @@ pub const HELP: &[(&str, Kind, &str)] = &[
         PENDING_PROCESSES,
         Kind::Gauge,
         "Processes created while intake was drained, not yet started.",
+    ),
+    (
+        PAUSED_PROCESSES,
+        Kind::Gauge,
+        "Processes an operator paused (they start no new step until resumed).",
     ),
     (
         REDIS_UP,

@@ -85,6 +85,10 @@ pub struct StepRecord {
         deserialize_with = "lenient_vec"
     )]
     pub history: Vec<AttemptRecord>,
+    /// Time its timer, timeout or retry back-off had left when its process was paused (or
+    /// its whole delay when it was entered while paused): re-armed with it on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_delay_ms: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -150,6 +154,11 @@ pub struct ProcessRecord {
     pub ended_ms: Option<u64>,
     pub updated_ms: Option<u64>,
     pub deadline_ms: Option<u64>,
+    /// When it was paused (Paused only).
+    pub paused_ms: Option<u64>,
+    /// What its deadline had left when it was paused (Paused only, and only when the
+    /// type's timeouts stop while paused).
+    pub deadline_left_ms: Option<u64>,
     pub error: Option<String>,
     pub code: Option<String>,
     pub idempotency_key: Option<String>,
@@ -208,6 +217,8 @@ impl ProcessRecord {
             ended_ms: num(field::ENDED_MS, get(field::ENDED_MS))?,
             updated_ms: num(field::UPDATED_MS, get(field::UPDATED_MS))?,
             deadline_ms: num(field::DEADLINE_MS, get(field::DEADLINE_MS))?,
+            paused_ms: num(field::PAUSED_MS, get(field::PAUSED_MS))?,
+            deadline_left_ms: num(field::DEADLINE_LEFT_MS, get(field::DEADLINE_LEFT_MS))?,
             error: get(field::ERROR).map(str::to_string),
             code: get(field::CODE).map(str::to_string),
             idempotency_key: get(field::IDEMPOTENCY_KEY).map(str::to_string),

@@ -39,6 +39,7 @@ fn constants() -> String {
     c("PS_PENDING", ProcessStatus::Pending.as_str());
     c("PS_RUNNING", ProcessStatus::Running.as_str());
     c("PS_WAITING", ProcessStatus::WaitingForApproval.as_str());
+    c("PS_PAUSED", ProcessStatus::Paused.as_str());
     for st in StepStatus::ALL {
         c(
             &format!("SS_{}", st.as_str().to_ascii_uppercase()),

@@ -11,6 +11,8 @@ pub enum ProcessStatus {
     Pending,
     Running,
     WaitingForApproval,
+    /// An operator paused it: it starts no new step until resumed.
+    Paused,
     Completed,
     Failed,
     Cancelled,
@@ -18,10 +20,11 @@ pub enum ProcessStatus {
 }
 
 impl ProcessStatus {
-    pub const ALL: [ProcessStatus; 7] = [
+    pub const ALL: [ProcessStatus; 8] = [
         Self::Pending,
         Self::Running,
         Self::WaitingForApproval,
+        Self::Paused,
         Self::Completed,
         Self::Failed,
         Self::Cancelled,
@@ -33,6 +36,7 @@ impl ProcessStatus {
             Self::Pending => "Pending",
             Self::Running => "Running",
             Self::WaitingForApproval => "WaitingForApproval",
+            Self::Paused => "Paused",
             Self::Completed => "Completed",
             Self::Failed => "Failed",
             Self::Cancelled => "Cancelled",
@@ -86,19 +90,23 @@ pub enum StepStatus {
     Done,
     /// Waiting for a signal or a durable timer (scheduler-side kinds).
     Waiting,
+    /// Entered while its process is paused: it starts (or its timer runs again) when the
+    /// process resumes.
+    Held,
     Completed,
     Failed,
     Cancelled,
 }
 
 impl StepStatus {
-    pub const ALL: [StepStatus; 9] = [
+    pub const ALL: [StepStatus; 10] = [
         Self::Idle,
         Self::Queued,
         Self::Delayed,
         Self::Running,
         Self::Done,
         Self::Waiting,
+        Self::Held,
         Self::Completed,
         Self::Failed,
         Self::Cancelled,
@@ -112,6 +120,7 @@ impl StepStatus {
             Self::Running => "running",
             Self::Done => "done",
             Self::Waiting => "waiting",
+            Self::Held => "held",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -122,7 +131,7 @@ impl StepStatus {
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            Self::Queued | Self::Delayed | Self::Running | Self::Done | Self::Waiting
+            Self::Queued | Self::Delayed | Self::Running | Self::Done | Self::Waiting | Self::Held
         )
     }
 }

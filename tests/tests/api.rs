@@ -1966,3 +1966,194 @@ async fn state_tools_read_check_and_delete_processes() {
     assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
     f.stop().await;
 }
+
+/// Issue 19's pause and resume against a live fleet, across a restart of the scheduler,
+/// gateway and worker: a paused process's durable timer stops (its old timer fires and
+/// changes nothing) and goes on after resume; a running step handed back is stopped on its
+/// worker and runs again on resume; only Running processes pause, only Paused ones resume.
+/// A drain set before the restart also holds across it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_hold_across_a_restart_of_the_fleet() {
+    let probe = Probe::default();
+    let base = serve(probe.clone()).await;
+    let redis = RedisServer::start();
+    let nap = r#"
+name = "Nap"
+version = 1
+[[steps]]
+name = "Start"
+kind = "noop"
+next = "Nap"
+[[steps]]
+name = "Nap"
+kind = "sleep"
+config = { duration = "2s" }
+next = "After"
+[[steps]]
+name = "After"
+kind = "noop"
+"#;
+    let (f, dir) = http_fleet(
+        &redis,
+        &base,
+        &[
+            ("nap.toml", nap.to_string()),
+            (
+                "stuck.toml",
+                hang_def("Stuck", &format!("{base}/hang-once")),
+            ),
+            ("ok.toml", DEFS[0].1.to_string()),
+        ],
+    )
+    .await;
+    let c = http();
+    let post = |url: String, body: Value| {
+        let req = c.post(url).json(&body);
+        async move { json_of(req.send().await.unwrap()).await }
+    };
+
+    // A sleeping process: paused, its timer stops.
+    let napping = f.submit("Nap", json!({})).await;
+    wait_for("the nap to start", DEADLINE, || async {
+        f.record(&napping).await.filter(|r| {
+            r.steps
+                .get("Nap")
+                .is_some_and(|s| s.status == honua_shared::status::StepStatus::Waiting)
+        })
+    })
+    .await;
+    let (code, body) = post(
+        f.url(&format!("/api/processes/{napping}/pause")),
+        json!({"reason": "maintenance"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "Paused");
+    let (code, again) = post(f.url(&format!("/api/processes/{napping}/pause")), json!({})).await;
+    assert_eq!(code, 409, "pausing twice: {again}");
+    let (code, _) = post(
+        f.url(&format!("/api/processes/{napping}/retry-current-step")),
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 409, "a paused process starts no step");
+
+    // A hanging call: paused with hand-back, its worker stops it.
+    let stuck = f.submit("Stuck", json!({})).await;
+    wait_for("the first call", DEADLINE, || async {
+        (probe.calls() == 1).then_some(())
+    })
+    .await;
+    let (code, body) = post(
+        f.url(&format!("/api/processes/{stuck}/pause")),
+        json!({"handBack": true}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    wait_for(
+        "the handed-back call dropped on its worker",
+        DEADLINE,
+        || async { probe.dropped().then_some(()) },
+    )
+    .await;
+
+    // And a drain with one process held Pending.
+    let (code, _) = post(f.url("/api/admin/drain"), json!({})).await;
+    assert_eq!(code, 200);
+    let pending = f.submit("Ok", json!({})).await;
+    wait_status(&f, &pending, ProcessStatus::Pending).await;
+
+    // Restart everything but Redis.
+    let cfg = f.cfg.clone();
+    f.stop().await;
+    let f = Fleet::start(cfg, 1, 1).await;
+
+    // The nap's old timer fires (it was due 2 s after the nap began) and changes nothing.
+    let events = f.store().keys().events();
+    let due = f.record(&napping).await.unwrap().paused_ms.unwrap() + 2_000;
+    wait_for("the old timer to fire and be handled", DEADLINE, || async {
+        let now = f.store().server_time_ms().await.ok()?;
+        let delayed: u64 = redis::cmd("ZCARD")
+            .arg(f.store().keys().delayed())
+            .query_async(&mut f.store().conn())
+            .await
+            .ok()?;
+        let stats = f
+            .store()
+            .stream_stats(&events, honua_shared::keys::SCHEDULER_GROUP)
+            .await
+            .ok()?;
+        // Both processes are paused (their deadlines stopped) and the Pending one has no
+        // deadline yet, so once the timer fired the delayed set is empty.
+        (now > due && delayed == 0 && stats.pending == 0 && stats.lag == Some(0)).then_some(())
+    })
+    .await;
+    let rec = f.record(&napping).await.unwrap();
+    assert_eq!(rec.status, ProcessStatus::Paused);
+    assert_eq!(
+        rec.steps["Nap"].status,
+        honua_shared::status::StepStatus::Held
+    );
+    assert!(
+        !rec.steps.contains_key("After"),
+        "nothing after the nap started"
+    );
+    assert!(rec.deadline_left_ms.is_some() && rec.deadline_ms.is_none());
+    assert_eq!(
+        f.record(&stuck).await.unwrap().status,
+        ProcessStatus::Paused
+    );
+    assert_eq!(
+        probe.calls(),
+        1,
+        "the handed-back step waits for the resume"
+    );
+    assert_eq!(
+        f.record(&pending).await.unwrap().status,
+        ProcessStatus::Pending
+    );
+    let (_, list) = get_json(&c, &f.url("/api/processes?status=Paused")).await;
+    let mut listed = ids_of(&list);
+    listed.sort();
+    let mut expected = vec![napping.clone(), stuck.clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    let (_, health) = get_json(&c, &f.url("/health")).await;
+    assert_eq!(health["status"], "Draining", "{health}");
+
+    // Resume: the nap goes on with what it had left, the handed-back call runs again.
+    for id in [&napping, &stuck] {
+        let (code, body) = post(f.url(&format!("/api/processes/{id}/resume")), json!({})).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, _) = post(
+        f.url(&format!("/api/processes/{napping}/resume")),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 409, "resuming a process that is not paused");
+    for id in [&napping, &stuck] {
+        assert_eq!(
+            f.wait_finished(id).await.status,
+            ProcessStatus::Completed,
+            "{id}"
+        );
+    }
+    assert_eq!(probe.calls(), 2);
+    let (_, view) = get_json(&c, &f.url(&format!("/api/processes/{napping}"))).await;
+    let actions: Vec<&str> = view["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["pause", "resume"], "{view}");
+    let (code, _) = post(f.url("/api/admin/resume-intake"), json!({})).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        f.wait_finished(&pending).await.status,
+        ProcessStatus::Completed
+    );
+    f.stop().await;
+    drop(dir);
+}

@@ -1016,3 +1016,45 @@ async fn state_get_check_and_delete() {
     );
     f.stop().await;
 }
+
+/// `honua pause` and `honua resume`: a paused process is listed as Paused and starts no
+/// step; resuming runs it to the end; the wrong state is exit 4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_a_process() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = fleet(&redis, &dir).await;
+    let id = submit(&f, "Gate").await;
+    wait_status(&f, &id, ProcessStatus::WaitingForApproval).await;
+    let r = honua(&f, &["pause", &id, "--reason", "change freeze"])
+        .await
+        .ok();
+    assert_eq!(r.out, format!("paused {id}: status Paused\n"));
+    honua(&f, &["pause", &id]).await.exits(4);
+    let listed = honua(&f, &["--json", "ps", "--status", "Paused"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(ids(&listed), [id.as_str()]);
+    // The approval still takes its signal; what follows it waits for the resume.
+    honua(&f, &["signal", &id, "review", "--value", "approve"])
+        .await
+        .ok();
+    wait_for("the approval routed to a held step", DEADLINE, || async {
+        f.record(&id).await.filter(|r| {
+            r.steps
+                .get("Apply")
+                .is_some_and(|s| s.status == honua_shared::status::StepStatus::Held)
+        })
+    })
+    .await;
+    assert_eq!(f.record(&id).await.unwrap().status, ProcessStatus::Paused);
+    let r = honua(&f, &["resume", &id]).await.ok();
+    assert!(
+        r.out.starts_with(&format!("resumed {id}: status ")),
+        "{r:#?}"
+    );
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    honua(&f, &["resume", &id]).await.exits(4);
+    f.stop().await;
+}

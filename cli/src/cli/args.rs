@@ -103,6 +103,23 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Pause a running process: it starts no new step until resumed.
+    Pause {
+        #[arg(value_parser = parse_id)]
+        id: String,
+        /// Stop its running steps now (they run again on resume) instead of letting them
+        /// finish.
+        #[arg(long)]
+        hand_back: bool,
+        /// Recorded in the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a paused process: held steps start, timers go on with what they had left.
+    Resume {
+        #[arg(value_parser = parse_id)]
+        id: String,
+    },
     /// Re-run a Failed, Cancelled or TimedOut process from its failed step.
     Retry {
         #[arg(value_parser = parse_id)]
@@ -168,7 +185,7 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct PsArgs {
-    /// Pending, Running, WaitingForApproval, Completed, Failed, Cancelled or TimedOut.
+    /// Pending, Running, WaitingForApproval, Paused, Completed, Failed, Cancelled or TimedOut.
     #[arg(long, value_parser = parse_status)]
     pub status: Option<ProcessStatus>,
     /// Ended (finished statuses) or started (others) within this long: 30m, 24h, 7d.

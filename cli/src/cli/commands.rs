@@ -75,6 +75,26 @@ async fn execute(
                 .await?;
             action_done(out, json, &r, &format!("cancelled {id}"))
         }
+        Command::Pause {
+            id,
+            hand_back,
+            reason,
+        } => {
+            let mut body = json!({ "handBack": hand_back });
+            if let Some(r) = reason {
+                body["reason"] = json!(r);
+            }
+            let r = api
+                .post(&["api", "processes", id, "pause"], Some(&body))
+                .await?;
+            action_done(out, json, &r, &format!("paused {id}"))
+        }
+        Command::Resume { id } => {
+            let r = api
+                .post(&["api", "processes", id, "resume"], Some(&json!({})))
+                .await?;
+            action_done(out, json, &r, &format!("resumed {id}"))
+        }
         Command::Retry { id, patch } => {
             let body = match patch {
                 Some(p) => json!({ "statePatch": read_object(p, "patch")? }),

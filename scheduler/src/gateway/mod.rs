@@ -18,7 +18,7 @@ pub use auth::{Caller, required_role, token_hash};
 pub use error::{ApiError, ErrorBody};
 pub use fleet::{DeadLetterView, DlqParams, HealthReply, QueueView, WorkerJobView, WorkerView};
 pub use processes::{
-    ActionReply, CancelBody, ListParams, PurgeParams, PurgeReply, RetryBody, SignalBody,
+    ActionReply, CancelBody, ListParams, PauseBody, PurgeParams, PurgeReply, RetryBody, SignalBody,
     SubmitBody, SubmitReply,
 };
 pub use state::{CheckParams, DeleteParams};
@@ -61,6 +61,8 @@ pub const ROUTES: &[(&str, &str, Option<Role>)] = &[
     ("GET", "/api/processes/{id}/state", Some(Role::Read)),
     ("POST", "/api/processes/{id}/cancel", Some(Role::Operate)),
     ("POST", "/api/processes/{id}/retry", Some(Role::Operate)),
+    ("POST", "/api/processes/{id}/pause", Some(Role::Operate)),
+    ("POST", "/api/processes/{id}/resume", Some(Role::Operate)),
     (
         "POST",
         "/api/processes/{id}/retry-current-step",
@@ -94,10 +96,10 @@ pub struct ApiState {
 #[openapi(
     info(title = "Honua Process Framework API", description = "The operator API of the operations guide."),
     paths(health, live, ready, prometheus_metrics, openapi_json, submit, list, purge, active, get_process, delete_process,
-          process_state, cancel, retry, retry_current_step, signal, state_check, config, queues, workers, deadletters, replay,
+          process_state, cancel, retry, pause, resume, retry_current_step, signal, state_check, config, queues, workers, deadletters, replay,
           drain, drain_status, resume_intake),
     components(schemas(ErrorBody, SubmitBody, SubmitReply, ProcessSummary, ProcessView, LlmUsageView, PurgeReply, CancelBody,
-                       RetryBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply,
+                       RetryBody, PauseBody, SignalBody, ActionReply, QueueView, WorkerView, WorkerJobView, DeadLetterView, HealthReply,
                        StateView, StateProblem, CheckReport, DeleteReply, RemovedView, DrainReply)),
     modifiers(&BearerAuth)
 )]
@@ -246,6 +248,8 @@ pub fn router_with(state: ApiState) -> Router {
         .route("/api/processes/{id}/state", get(process_state))
         .route("/api/processes/{id}/cancel", post(cancel))
         .route("/api/processes/{id}/retry", post(retry))
+        .route("/api/processes/{id}/pause", post(pause))
+        .route("/api/processes/{id}/resume", post(resume))
         .route(
             "/api/processes/{id}/retry-current-step",
             post(retry_current_step),

@@ -305,6 +305,42 @@ pub(super) async fn cancel(
 
 #[derive(Debug, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PauseBody {
+    /// Fence out the running steps now (their workers stop them at the next heartbeat and
+    /// their commits are refused); they run again on resume. Default: let them finish.
+    #[serde(default)]
+    pub hand_back: bool,
+    /// Recorded in the audit trail.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/processes/{id}/pause", params(("id" = String, Path)), request_body = Option<PauseBody>,
+    responses((status = 200, body = ActionReply), (status = 404, body = ErrorBody), (status = 409, description = "not Running or WaitingForApproval", body = ErrorBody)))]
+pub(super) async fn pause(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Json<ActionReply>, ApiError> {
+    let b: PauseBody = optional_body(&body?)?;
+    st.engine
+        .pause(&id, b.hand_back, b.reason.as_deref())
+        .await?;
+    action_reply(&st, &id, vec![]).await
+}
+
+#[utoipa::path(post, path = "/api/processes/{id}/resume", params(("id" = String, Path)),
+    responses((status = 200, body = ActionReply), (status = 404, body = ErrorBody), (status = 409, description = "not Paused", body = ErrorBody)))]
+pub(super) async fn resume(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<ActionReply>, ApiError> {
+    st.engine.resume(&id).await?;
+    action_reply(&st, &id, vec![]).await
+}
+
+#[derive(Debug, Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBody {
     /// Merged into the process input (top-level keys) before the retry.
     #[serde(default)]

@@ -41,6 +41,8 @@ struct RawProcess {
     #[serde(default)]
     timeout: Option<String>,
     #[serde(default)]
+    timeouts_while_paused: super::PausedTimeouts,
+    #[serde(default)]
     start: Option<Targets>,
     #[serde(default)]
     defaults: Option<RawDefaults>,
@@ -252,14 +254,16 @@ impl Builder<'_> {
         self.check_joins(&steps)?;
         self.check_templates(&steps)?;
 
-        Ok(ProcessDefinition::new(
+        let mut def = ProcessDefinition::new(
             raw.name,
             raw.version,
             raw.description,
             timeout,
             start,
             steps,
-        ))
+        );
+        def.timeouts_while_paused = raw.timeouts_while_paused;
+        Ok(def)
     }
 
     fn step(

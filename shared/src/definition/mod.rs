@@ -8,6 +8,8 @@
 //! version = 1                  # >= 1
 //! description = "..."          # optional
 //! timeout = "3h"               # optional process timeout
+//! timeouts_while_paused = "stop" # "stop" (default): a paused process's deadline, durable
+//!                              # timers and step timeouts wait; "count": wall-clock
 //! start = "Validate"           # optional step name or list; default: the first step
 //!
 //! [defaults]                   # optional, for steps that do not set them
@@ -70,6 +72,9 @@ pub struct ProcessDefinition {
     /// Process timeout declared by the file, if any.
     #[serde(serialize_with = "ser_opt_duration")]
     pub timeout: Option<Duration>,
+    /// Whether the process timeout, durable timers and step timeouts wait while the
+    /// process is paused.
+    pub timeouts_while_paused: PausedTimeouts,
     /// Steps that run when the process starts (several run in parallel).
     pub start: Vec<String>,
     /// Steps in declaration order.
@@ -129,12 +134,25 @@ impl ProcessDefinition {
             version,
             description,
             timeout,
+            timeouts_while_paused: PausedTimeouts::default(),
             start,
             steps,
             index,
             inbound,
         }
     }
+}
+
+/// What a pause does to a process's clocks (`timeouts_while_paused`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PausedTimeouts {
+    /// The deadline, durable timers and step timeouts stop while paused and go on with the
+    /// time they had left when the process resumes.
+    #[default]
+    Stop,
+    /// They keep counting (wall-clock): a timer may fire and a deadline expire while paused.
+    Count,
 }
 
 /// One step of a process type, with defaults applied.

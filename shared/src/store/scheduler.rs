@@ -288,13 +288,10 @@ impl Store {
             .await?)
     }
 
-    /// How many processes are Pending.
-    pub async fn pending_count(&self) -> Result<u64> {
+    /// How many processes are Pending (intake drained) or Paused: `status`'s index.
+    pub async fn status_count(&self, status: crate::status::ProcessStatus) -> Result<u64> {
         Ok(redis::cmd("ZCARD")
-            .arg(
-                self.keys
-                    .index_status(crate::status::ProcessStatus::Pending),
-            )
+            .arg(self.keys.index_status(status))
             .query_async(&mut self.conn())
             .await?)
     }
