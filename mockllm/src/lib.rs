@@ -496,17 +496,70 @@ pub fn requested_schema(body: &Value) -> Option<&Value> {
 /// `max(minItems, 1)` items (at most `maxItems`), strings named after their property and
 /// padded or cut to `minLength`/`maxLength`, numbers within `minimum`/`maximum` (1 when
 /// unbounded), `true` for booleans. A schema without `type` is an object when it has
-/// `properties`, an array when it has `items`, else a string.
+/// `properties`, an array when it has `items`, else a string. Local `$ref`s are followed,
+/// `anyOf`/`oneOf`/`allOf` take their first (non-null) alternative, common `format`s get a
+/// valid value, and a `pattern` its first `examples` entry (without one the string may not
+/// match: give patterned strings an example).
 pub fn schema_instance(schema: &Value) -> Value {
-    instance_at(schema, "value")
+    instance_at(schema, schema, "value", 0)
 }
 
-fn instance_at(schema: &Value, name: &str) -> Value {
+/// `$ref`s are followed this deep (a recursive schema ends in a plain string).
+const MAX_REF_DEPTH: usize = 16;
+
+fn instance_at(root: &Value, schema: &Value, name: &str, depth: usize) -> Value {
     let Some(m) = schema.as_object() else {
         return Value::String(format!("mock {name}"));
     };
+    if let Some(r) = m.get("$ref").and_then(Value::as_str) {
+        // Local references only (`#/$defs/X`), as the engine resolves them.
+        if let Some(target) = r.strip_prefix('#').and_then(|p| root.pointer(p))
+            && depth < MAX_REF_DEPTH
+        {
+            return instance_at(root, target, name, depth + 1);
+        }
+        return Value::String(format!("mock {name}"));
+    }
     if let Some(c) = m.get("const") {
         return c.clone();
+    }
+    // The first alternative (a non-null one when there is one).
+    for k in ["anyOf", "oneOf", "allOf"] {
+        if let Some(alts) = m.get(k).and_then(Value::as_array) {
+            let pick = alts
+                .iter()
+                .find(|a| a.get("type").and_then(Value::as_str) != Some("null"))
+                .or(alts.first());
+            if let Some(a) = pick {
+                return instance_at(root, a, name, depth + 1);
+            }
+        }
+    }
+    // A string constrained by a pattern: its first example, if it gives one.
+    if m.contains_key("pattern")
+        && let Some(e) = m
+            .get("examples")
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+    {
+        return e.clone();
+    }
+    if let Some(f) = m.get("format").and_then(Value::as_str) {
+        let v = match f {
+            "date-time" => Some("2026-01-01T00:00:00Z"),
+            "date" => Some("2026-01-01"),
+            "time" => Some("00:00:00Z"),
+            "email" => Some("mock@example.com"),
+            "uri" | "iri" => Some("https://example.com/mock"),
+            "uuid" => Some("00000000-0000-4000-8000-000000000000"),
+            "ipv4" => Some("192.0.2.1"),
+            "ipv6" => Some("2001:db8::1"),
+            "hostname" => Some("mock.example.com"),
+            _ => None,
+        };
+        if let Some(v) = v {
+            return Value::String(v.into());
+        }
     }
     if let Some(first) = m
         .get("enum")
@@ -538,7 +591,7 @@ fn instance_at(schema: &Value, name: &str) -> Value {
             let mut out = serde_json::Map::new();
             if let Some(props) = m.get("properties").and_then(Value::as_object) {
                 for (k, sub) in props {
-                    out.insert(k.clone(), instance_at(sub, k));
+                    out.insert(k.clone(), instance_at(root, sub, k, depth));
                 }
             }
             // A required name without a declared schema: any value will do.
@@ -562,7 +615,7 @@ fn instance_at(schema: &Value, name: &str) -> Value {
             let singular = name.strip_suffix('s').unwrap_or(name);
             Value::Array(
                 (0..n)
-                    .map(|i| instance_at(&item, &format!("{singular} {}", i + 1)))
+                    .map(|i| instance_at(root, &item, &format!("{singular} {}", i + 1), depth))
                     .collect(),
             )
         }
@@ -1174,6 +1227,39 @@ mod tests {
             None
         );
         assert_eq!(requested_schema(&json!({})), None);
+    }
+
+    /// What OpenAI structured-output schemas use: the instance validates (Draft 2020-12,
+    /// formats checked).
+    #[test]
+    fn a_schema_instance_follows_refs_alternatives_formats_and_examples() {
+        let schema = json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["target", "change", "contact", "when", "id", "items"],
+            "$defs": {
+                "Region": {"type": "string", "pattern": "^[a-z]{2}-[a-z]+-[0-9]$", "examples": ["eu-west-1"]},
+                "Item": {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer", "minimum": 2}}}
+            },
+            "properties": {
+                "target": {"$ref": "#/$defs/Region"},
+                "change": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["scale"], "properties": {"scale": {"type": "integer", "minimum": 1}}}]},
+                "contact": {"oneOf": [{"type": "string", "format": "email"}, {"type": "null"}]},
+                "when": {"type": "string", "format": "date-time"},
+                "id": {"type": "string", "format": "uuid"},
+                "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "minItems": 2}
+            }
+        });
+        let v = schema_instance(&schema);
+        let validator = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft202012)
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap();
+        let errors: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{v}: {errors:?}");
+        assert_eq!(v["target"], "eu-west-1");
+        assert_eq!(v["items"], json!([{"n": 2}, {"n": 2}]));
     }
 
     #[test]

@@ -862,13 +862,78 @@ async fn structured_output_is_validated_and_a_violation_is_retried() {
     assert_eq!(step.attempt, 2, "the retry policy saw a retryable failure");
     let err = step.error.clone().unwrap_or_default();
     assert!(
-        err.contains("violates the output schema") && err.contains("\"score\" is missing"),
+        err.contains("violates the output schema")
+            && err.contains("\"score\" is a required property"),
         "{err}"
     );
     assert_eq!(
         m.requests().len(),
         3,
         "the retry asked the provider again instead of reusing the bad reply"
+    );
+    f.stop().await;
+}
+
+/// Issue 19's complete structured outputs: a schema with `$ref` into `$defs`, `anyOf` and
+/// `pattern` loads, is sent in strict mode (it closes every object and requires every
+/// property), a conforming reply completes, and one that breaks the `$ref`'d pattern is
+/// retried and fails naming the location.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_with_refs_and_alternatives_is_sent_strict_and_enforced() {
+    let redis = RedisServer::start();
+    let m = MockLlm::start(MockConfig {
+        completion: honua_mock_llm::Completion::Func(Arc::new(|r| {
+            let js = &r.body["response_format"]["json_schema"];
+            assert_eq!(
+                js["strict"],
+                json!(true),
+                "a strict-compatible schema: {js}"
+            );
+            assert!(
+                js["schema"]["$defs"]["Region"].is_object(),
+                "sent whole: {js}"
+            );
+            let last = r
+                .messages
+                .last()
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default();
+            if last.contains("good") {
+                r#"{"target": "eu-west-1", "change": {"scale": 2}}"#.into()
+            } else {
+                r#"{"target": "EU-WEST", "change": null}"#.into()
+            }
+        })),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = r##", schema = { type = "object", additionalProperties = false, required = ["target", "change"], "$defs" = { Region = { type = "string", pattern = "^[a-z]{2}-[a-z]+-[0-9]$" } }, properties = { target = { "$ref" = "#/$defs/Region" }, change = { anyOf = [{ type = "object", additionalProperties = false, required = ["scale"], properties = { scale = { type = "integer", minimum = 1 } } }, { type = "null" }] } } }"##;
+    let dir = defs_dir(&[("s.toml", &def("S", schema, false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key_file(tmp.path())));
+    let f = Fleet::start(cfg, 1, 1).await;
+    let good = f.submit("S", json!({"who": "good"})).await;
+    assert_eq!(
+        f.wait_finished(&good).await.status,
+        ProcessStatus::Completed
+    );
+    let out = output(&f, &good, "Ask").await;
+    assert_eq!(
+        out["json"],
+        json!({"target": "eu-west-1", "change": {"scale": 2}})
+    );
+
+    let bad = f.submit("S", json!({"who": "bad"})).await;
+    let rec = f.wait_finished(&bad).await;
+    assert_eq!(rec.status, ProcessStatus::Failed);
+    let step = &rec.steps["Ask"];
+    assert_eq!(step.attempt, 2, "a violation is retried");
+    let err = step.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("violates the output schema") && err.contains("at /target"),
+        "{err}"
     );
     f.stop().await;
 }

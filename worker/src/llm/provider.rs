@@ -326,9 +326,12 @@ pub fn body(model: &str, req: &ChatRequest) -> Value {
         b["stream_options"] = json!({"include_usage": true});
     }
     if let Some(schema) = &req.schema {
+        // Strict where the schema allows it (the provider then guarantees the shape); the
+        // reply is validated either way.
+        let strict = honua_shared::definition::llm::schema::strict_compatible(schema);
         b["response_format"] = json!({
             "type": "json_schema",
-            "json_schema": {"name": "step_output", "schema": schema}
+            "json_schema": {"name": "step_output", "schema": schema, "strict": strict}
         });
     }
     b

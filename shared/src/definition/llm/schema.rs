@@ -1,211 +1,81 @@
-//! A small JSON-schema validator for structured LLM output: `type` (one or a list),
-//! `properties`, `required`, `additionalProperties` (bool), `items`, `enum`, `const`,
-//! `minimum`/`maximum`, `minLength`/`maxLength`, `minItems`/`maxItems`. Other keywords are
-//! rejected when the definition loads, so a schema never silently checks less than it says.
+//! Structured LLM output: JSON Schema Draft 2020-12, with the `jsonschema` crate. A step's
+//! schema is compiled (and checked against the Draft 2020-12 meta-schema) when its
+//! definition loads, and every reply is validated against it, `format` included. Only local
+//! references (`$ref` into the schema's own `$defs`) resolve: there is no remote retrieval.
+//! [`strict_compatible`] says whether a schema fits OpenAI's strict structured-output mode.
 
 use serde_json::Value;
 
-const KNOWN: &[&str] = &[
-    "type",
-    "properties",
-    "required",
-    "additionalProperties",
-    "items",
-    "enum",
-    "const",
-    "minimum",
-    "maximum",
-    "minLength",
-    "maxLength",
-    "minItems",
-    "maxItems",
-    "description",
-    "title",
-    "$schema",
-];
-const TYPES: &[&str] = &[
-    "object", "array", "string", "integer", "number", "boolean", "null",
-];
+fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
+    if !schema.is_object() {
+        return Err("the schema must be a JSON object".into());
+    }
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .should_validate_formats(true)
+        .build(schema)
+        .map_err(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                format!("not a valid Draft 2020-12 schema: {e}")
+            } else {
+                format!("not a valid Draft 2020-12 schema at {at}: {e}")
+            }
+        })
+}
 
-/// Checks that `schema` uses only the supported keywords, well-formed.
+/// Checks that `schema` is a valid Draft 2020-12 schema that compiles (every `$ref`
+/// resolves, every `pattern` is a valid regular expression).
 pub fn check_schema(schema: &Value) -> Result<(), String> {
-    check_at(schema, "#")
+    compile(schema).map(|_| ())
 }
 
-fn check_at(s: &Value, at: &str) -> Result<(), String> {
-    let m = s
-        .as_object()
-        .ok_or_else(|| format!("schema at {at} must be an object"))?;
-    for (k, v) in m {
-        if !KNOWN.contains(&k.as_str()) {
-            return Err(format!("schema keyword {k:?} at {at} is not supported"));
-        }
-        match k.as_str() {
-            "type" => {
-                let names: Vec<&Value> = match v {
-                    Value::Array(a) => a.iter().collect(),
-                    other => vec![other],
-                };
-                for n in names {
-                    if !n.as_str().is_some_and(|n| TYPES.contains(&n)) {
-                        return Err(format!("schema type {n} at {at} is not a JSON type"));
-                    }
-                }
-            }
-            "properties" => {
-                let p = v
-                    .as_object()
-                    .ok_or_else(|| format!("properties at {at} must be an object"))?;
-                for (name, sub) in p {
-                    check_at(sub, &format!("{at}/properties/{name}"))?;
-                }
-            }
-            "items" => check_at(v, &format!("{at}/items"))?,
-            "required" if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) => {
-                return Err(format!("required at {at} must be a list of names"));
-            }
-            "additionalProperties" if !v.is_boolean() => {
-                return Err(format!(
-                    "additionalProperties at {at} must be true or false"
-                ));
-            }
-            "enum" if !v.is_array() => return Err(format!("enum at {at} must be a list")),
-            "minimum" | "maximum" if !v.is_number() => {
-                return Err(format!("{k} at {at} must be a number"));
-            }
-            "minLength" | "maxLength" | "minItems" | "maxItems" if !v.is_u64() => {
-                return Err(format!("{k} at {at} must be a non-negative integer"));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-fn type_ok(name: &str, v: &Value) -> bool {
-    match name {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "integer" => v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|f| f.fract() == 0.0),
-        "number" => v.is_number(),
-        "boolean" => v.is_boolean(),
-        "null" => v.is_null(),
-        _ => false,
-    }
-}
-
-/// Validates `v` against a checked schema; the error names the JSON pointer of the
-/// first violation.
+/// Validates `v` against `schema`; the error names the first failing location
+/// (`at /path: reason`).
 pub fn validate(schema: &Value, v: &Value) -> Result<(), String> {
-    validate_at(schema, v, "")
+    let validator = compile(schema)?;
+    match validator.iter_errors(v).next() {
+        None => Ok(()),
+        Some(e) => {
+            let at = e.instance_path().to_string();
+            Err(format!("at {}: {e}", if at.is_empty() { "/" } else { &at }))
+        }
+    }
 }
 
-fn validate_at(s: &Value, v: &Value, at: &str) -> Result<(), String> {
-    let here = if at.is_empty() { "/" } else { at };
-    let Some(m) = s.as_object() else {
-        return Ok(());
-    };
-    if let Some(t) = m.get("type") {
-        let ok = match t {
-            Value::Array(a) => a.iter().filter_map(Value::as_str).any(|n| type_ok(n, v)),
-            Value::String(n) => type_ok(n, v),
-            _ => true,
-        };
-        if !ok {
-            return Err(format!("at {here}: expected {t}, got {}", kind(v)));
-        }
-    }
-    if let Some(e) = m.get("enum").and_then(Value::as_array)
-        && !e.contains(v)
-    {
-        return Err(format!(
-            "at {here}: value is not one of {}",
-            Value::Array(e.clone())
-        ));
-    }
-    if let Some(c) = m.get("const")
-        && c != v
-    {
-        return Err(format!("at {here}: value must be {c}"));
-    }
-    if let Some(n) = v.as_f64() {
-        if let Some(min) = m.get("minimum").and_then(Value::as_f64)
-            && n < min
-        {
-            return Err(format!("at {here}: {n} is below the minimum {min}"));
-        }
-        if let Some(max) = m.get("maximum").and_then(Value::as_f64)
-            && n > max
-        {
-            return Err(format!("at {here}: {n} is above the maximum {max}"));
-        }
-    }
-    if let Some(st) = v.as_str() {
-        let len = st.chars().count() as u64;
-        if m.get("minLength")
-            .and_then(Value::as_u64)
-            .is_some_and(|l| len < l)
-        {
-            return Err(format!("at {here}: string is shorter than minLength"));
-        }
-        if m.get("maxLength")
-            .and_then(Value::as_u64)
-            .is_some_and(|l| len > l)
-        {
-            return Err(format!("at {here}: string is longer than maxLength"));
-        }
-    }
-    if let Some(arr) = v.as_array() {
-        let len = arr.len() as u64;
-        if m.get("minItems")
-            .and_then(Value::as_u64)
-            .is_some_and(|l| len < l)
-        {
-            return Err(format!("at {here}: fewer items than minItems"));
-        }
-        if m.get("maxItems")
-            .and_then(Value::as_u64)
-            .is_some_and(|l| len > l)
-        {
-            return Err(format!("at {here}: more items than maxItems"));
-        }
-        if let Some(items) = m.get("items") {
-            for (i, item) in arr.iter().enumerate() {
-                validate_at(items, item, &format!("{at}/{i}"))?;
-            }
-        }
-    }
-    if let Some(obj) = v.as_object() {
-        if let Some(req) = m.get("required").and_then(Value::as_array) {
-            for name in req.iter().filter_map(Value::as_str) {
-                if !obj.contains_key(name) {
-                    return Err(format!("at {here}: required property {name:?} is missing"));
+/// Whether OpenAI's strict structured-output mode accepts `schema` as it is: every object
+/// schema (at any depth, `$defs` included) closes `additionalProperties` and requires all
+/// of its properties. Otherwise the schema is sent non-strict and the reply is still
+/// validated here (and the step retried on a violation).
+pub fn strict_compatible(schema: &Value) -> bool {
+    match schema {
+        Value::Object(m) => {
+            let is_object = m.get("type").and_then(Value::as_str) == Some("object")
+                || m.contains_key("properties");
+            if is_object {
+                if m.get("additionalProperties") != Some(&Value::Bool(false)) {
+                    return false;
+                }
+                let props: Vec<&String> = m
+                    .get("properties")
+                    .and_then(Value::as_object)
+                    .map(|p| p.keys().collect())
+                    .unwrap_or_default();
+                let required: Vec<&str> = m
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|r| r.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if props.iter().any(|p| !required.contains(&p.as_str())) {
+                    return false;
                 }
             }
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "enum" | "const" | "examples" | "default"))
+                .all(|(_, v)| strict_compatible(v))
         }
-        let props = m.get("properties").and_then(Value::as_object);
-        for (k, val) in obj {
-            match props.and_then(|p| p.get(k)) {
-                Some(sub) => validate_at(sub, val, &format!("{at}/{k}"))?,
-                None if m.get("additionalProperties") == Some(&Value::Bool(false)) => {
-                    return Err(format!("at {here}: property {k:?} is not allowed"));
-                }
-                None => {}
-            }
-        }
-    }
-    Ok(())
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+        Value::Array(items) => items.iter().all(strict_compatible),
+        _ => true,
     }
 }
 
@@ -250,13 +120,13 @@ mod tests {
         check_schema(&s).unwrap();
         validate(&s, &json!({"verdict": "approve", "score": 7})).unwrap();
         let e = validate(&s, &json!({"verdict": "approve"})).unwrap_err();
-        assert!(e.contains("\"score\" is missing"), "{e}");
+        assert!(e.contains("\"score\" is a required property"), "{e}");
         let e = validate(&s, &json!({"verdict": "maybe", "score": 1})).unwrap_err();
         assert!(e.starts_with("at /verdict"), "{e}");
         let e = validate(&s, &json!({"verdict": "reject", "score": 11})).unwrap_err();
         assert!(e.contains("maximum"), "{e}");
         let e = validate(&s, &json!({"verdict": "reject", "score": 1, "x": 1})).unwrap_err();
-        assert!(e.contains("not allowed"), "{e}");
+        assert!(e.contains("Additional properties are not allowed"), "{e}");
         let e = validate(
             &s,
             &json!({"verdict": "reject", "score": 1, "notes": ["a", 2]}),
@@ -266,12 +136,77 @@ mod tests {
         assert!(validate(&s, &json!([1])).is_err());
     }
 
+    /// What OpenAI structured-output schemas use, and the old subset refused: `$ref` into
+    /// `$defs`, `anyOf`/`oneOf`, `pattern`, `format`.
     #[test]
-    fn unsupported_keywords_are_refused() {
-        assert!(check_schema(&json!({"type": "object", "patternProperties": {}})).is_err());
+    fn refs_alternatives_patterns_and_formats_are_enforced() {
+        let s = json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["target", "change"],
+            "$defs": {
+                "Region": {"type": "string", "pattern": "^[a-z]{2}-[a-z]+-[0-9]$"}
+            },
+            "properties": {
+                "target": {"$ref": "#/$defs/Region"},
+                "change": {"anyOf": [
+                    {"type": "object", "additionalProperties": false, "required": ["scale"],
+                     "properties": {"scale": {"type": "integer", "minimum": 1}}},
+                    {"type": "object", "additionalProperties": false, "required": ["at"],
+                     "properties": {"at": {"type": "string", "format": "date-time"}}}
+                ]},
+                "contact": {"oneOf": [{"type": "string", "format": "email"}, {"type": "null"}]}
+            }
+        });
+        check_schema(&s).unwrap();
+        validate(&s, &json!({"target": "eu-west-1", "change": {"scale": 3}})).unwrap();
+        validate(
+            &s,
+            &json!({"target": "us-east-2", "change": {"at": "2026-12-04T06:00:00Z"}, "contact": null}),
+        )
+        .unwrap();
+        let e = validate(&s, &json!({"target": "EU-WEST-1", "change": {"scale": 3}})).unwrap_err();
+        assert!(e.starts_with("at /target"), "the pattern through $ref: {e}");
+        let e = validate(&s, &json!({"target": "eu-west-1", "change": {"scale": 0}})).unwrap_err();
+        assert!(e.starts_with("at /change"), "neither anyOf branch: {e}");
+        let e = validate(
+            &s,
+            &json!({"target": "eu-west-1", "change": {"at": "tomorrow"}}),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("at /change"), "format is checked: {e}");
+        let e = validate(
+            &s,
+            &json!({"target": "eu-west-1", "change": {"scale": 1}, "contact": "not an address"}),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("at /contact"), "{e}");
+    }
+
+    #[test]
+    fn invalid_schemas_are_refused_when_the_definition_loads() {
         assert!(check_schema(&json!({"type": "decimal"})).is_err());
         assert!(check_schema(&json!({"properties": {"a": {"minLength": -1}}})).is_err());
         assert!(check_schema(&json!("string")).is_err());
+        let e = check_schema(&json!({"$ref": "#/$defs/Missing"})).unwrap_err();
+        assert!(e.contains("Missing"), "{e}");
+        assert!(check_schema(&json!({"type": "string", "pattern": "(unclosed"})).is_err());
+        // Remote references are never fetched.
+        assert!(check_schema(&json!({"$ref": "https://example.com/schema.json"})).is_err());
+    }
+
+    #[test]
+    fn strict_mode_needs_closed_objects_that_require_every_property() {
+        assert!(!strict_compatible(&schema()), "notes is optional");
+        let mut s = schema();
+        s["required"] = json!(["verdict", "score", "notes"]);
+        assert!(strict_compatible(&s));
+        s["properties"]["extra"] =
+            json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]});
+        s["required"] = json!(["verdict", "score", "notes", "extra"]);
+        assert!(!strict_compatible(&s), "a nested object left open");
+        s["properties"]["extra"]["additionalProperties"] = json!(false);
+        assert!(strict_compatible(&s));
     }
 
     #[test]
