@@ -75,6 +75,29 @@ async fn post_json(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) 
     json_of(c.post(url).json(&body).send().await.unwrap()).await
 }
 
+/// One key per role: `read-token` (dashboard), `operate-token` (oncall), `admin-token`
+/// (platform).
+fn role_keys() -> Vec<ApiKey> {
+    let token_hash = honua_scheduler::gateway::token_hash;
+    vec![
+        ApiKey {
+            name: "dashboard".into(),
+            role: Role::Read,
+            sha256: token_hash("read-token"),
+        },
+        ApiKey {
+            name: "oncall".into(),
+            role: Role::Operate,
+            sha256: token_hash("operate-token"),
+        },
+        ApiKey {
+            name: "platform".into(),
+            role: Role::Admin,
+            sha256: token_hash("admin-token"),
+        },
+    ]
+}
+
 /// Asserts the shape every error body has: `{"error": code, "detail": text}`.
 fn assert_error_body(body: &Value, what: &str) {
     assert!(body["error"].is_string(), "{what}: no error code in {body}");
@@ -624,24 +647,7 @@ async fn bearer_keys_enforce_roles() {
     let redis = RedisServer::start();
     let dir = defs_dir(DEFS);
     let mut cfg = test_config(&redis.url(), dir.path());
-    let token_hash = honua_scheduler::gateway::token_hash;
-    cfg.api.keys = vec![
-        ApiKey {
-            name: "dashboard".into(),
-            role: Role::Read,
-            sha256: token_hash("read-token"),
-        },
-        ApiKey {
-            name: "oncall".into(),
-            role: Role::Operate,
-            sha256: token_hash("operate-token"),
-        },
-        ApiKey {
-            name: "platform".into(),
-            role: Role::Admin,
-            sha256: token_hash("admin-token"),
-        },
-    ];
+    cfg.api.keys = role_keys();
     let f = Fleet::start(cfg, 1, 1).await;
     let c = http();
     let list = f.url("/api/processes");
@@ -1588,24 +1594,7 @@ async fn drain_holds_new_processes_pending_until_intake_resumes() {
     let redis = RedisServer::start();
     let dir = defs_dir(DEFS);
     let mut cfg = test_config(&redis.url(), dir.path());
-    let token_hash = honua_scheduler::gateway::token_hash;
-    cfg.api.keys = vec![
-        ApiKey {
-            name: "dashboard".into(),
-            role: Role::Read,
-            sha256: token_hash("read-token"),
-        },
-        ApiKey {
-            name: "oncall".into(),
-            role: Role::Operate,
-            sha256: token_hash("operate-token"),
-        },
-        ApiKey {
-            name: "platform".into(),
-            role: Role::Admin,
-            sha256: token_hash("admin-token"),
-        },
-    ];
+    cfg.api.keys = role_keys();
     let f = Fleet::start(cfg, 1, 1).await;
     let c = http();
     let post = |path: &str, token: &str, body: Value| {
@@ -1778,24 +1767,7 @@ async fn state_tools_read_check_and_delete_processes() {
     );
     let mut cfg = test_config(&redis.url(), dir.path());
     cfg.worker.http_allowlist = vec![format!("{base}/")];
-    let token_hash = honua_scheduler::gateway::token_hash;
-    cfg.api.keys = vec![
-        ApiKey {
-            name: "dashboard".into(),
-            role: Role::Read,
-            sha256: token_hash("read-token"),
-        },
-        ApiKey {
-            name: "oncall".into(),
-            role: Role::Operate,
-            sha256: token_hash("operate-token"),
-        },
-        ApiKey {
-            name: "platform".into(),
-            role: Role::Admin,
-            sha256: token_hash("admin-token"),
-        },
-    ];
+    cfg.api.keys = role_keys();
     let f = Fleet::start(cfg, 1, 1).await;
     let c = http();
     let get = |path: String, token: &'static str| {
