@@ -554,6 +554,7 @@ mod tests {
         assert!("Huge".parse::<TaskClass>().is_err());
     }
 
+    /// The README's Anthropic example.
     #[test]
     fn anthropic_parses_as_primary_or_fallback() {
         let c: LlmProviderConfig = toml::from_str(
@@ -562,6 +563,8 @@ provider = "anthropic"
 fallback_provider = "openai"
 model_selection = { simple_task = "claude-haiku-4-5", complex_task = "claude-sonnet-4-5", code_generation = "claude-sonnet-4-5" }
 fallback_model_selection = { simple_task = "gpt-4o-mini", complex_task = "gpt-4o", code_generation = "gpt-4o" }
+limits = { "anthropic/claude-sonnet-4-5" = { requestsPerMinute = 50, tokensPerMinute = 30000, burstTokens = 8000 } }
+prices = { "claude-sonnet-4-5" = { input_per_1k = 0.003, output_per_1k = 0.015 } }
 [anthropic]
 api_key_env = "ANTHROPIC_API_KEY"
 [openai]
