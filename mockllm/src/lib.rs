@@ -5,6 +5,14 @@
 //!   `data: [DONE]`, with a final usage chunk when `stream_options.include_usage`);
 //! - `POST /openai/deployments/{deployment}/chat/completions?api-version=…` (Azure; the key
 //!   comes in the `api-key` header);
+//! - `POST /v1/messages` (Anthropic's Messages API: `x-api-key` and `anthropic-version`
+//!   headers, top-level `system`, `max_tokens` required; `content[].text` and
+//!   `usage.input_tokens`/`output_tokens` in the reply; `stream: true` → SSE events
+//!   `message_start`, `content_block_start`, `ping`, `content_block_delta` (`text_delta`),
+//!   `content_block_stop`, `message_delta` (`stop_reason`, `usage.output_tokens`),
+//!   `message_stop`; errors as `{"type": "error", "error": {"type", "message"}}` with
+//!   Anthropic's error types, 529 `overloaded_error` included; rate-limit state in
+//!   `anthropic-ratelimit-requests-*`/`-tokens-*` headers with RFC 3339 reset instants);
 //! - `GET /v1/models`.
 //!
 //! Behaviour a client must cope with, all configurable ([`MockConfig`]) or scripted at run
@@ -279,6 +287,12 @@ pub struct RecordedRequest {
     pub fault: Option<Fault>,
     /// The OpenAI `user` field, if sent.
     pub user: Option<String>,
+    /// Anthropic: the `x-api-key` header seen, verbatim.
+    pub x_api_key: Option<String>,
+    /// Anthropic: the `anthropic-version` header seen.
+    pub anthropic_version: Option<String>,
+    /// Anthropic: the top-level `system` prompt (its text), if sent.
+    pub system: Option<String>,
 }
 
 impl RecordedRequest {
@@ -359,6 +373,11 @@ impl MockLlm {
         format!("http://{}/v1", self.addr)
     }
 
+    /// The Anthropic base URL ("http://127.0.0.1:PORT"); messages go to `/v1/messages`.
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// The Azure endpoint ("http://127.0.0.1:PORT"); deployments live under `/openai/deployments`.
     pub fn azure_endpoint(&self) -> String {
         format!("http://{}", self.addr)
@@ -408,6 +427,7 @@ fn router(shared: Arc<Shared>) -> Router {
             "/openai/deployments/{deployment}/chat/completions",
             post(azure_chat),
         )
+        .route("/v1/messages", post(anthropic_messages))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .with_state(shared)
@@ -422,7 +442,42 @@ async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
 }
 
 async fn openai_chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    chat(s, headers, body, "/v1/chat/completions".into(), None, None).await
+    chat(
+        s,
+        headers,
+        body,
+        "/v1/chat/completions".into(),
+        None,
+        None,
+        Dialect::Openai,
+    )
+    .await
+}
+
+async fn anthropic_messages(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    chat(
+        s,
+        headers,
+        body,
+        "/v1/messages".into(),
+        None,
+        None,
+        Dialect::Anthropic,
+    )
+    .await
+}
+
+/// Which API a request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// OpenAI chat completions (and Azure's deployment paths).
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
 }
 
 async fn azure_chat(
@@ -440,7 +495,16 @@ async fn azure_chat(
             "the api-version query parameter is required",
         );
     };
-    chat(s, headers, body, path, Some(deployment), Some(version)).await
+    chat(
+        s,
+        headers,
+        body,
+        path,
+        Some(deployment),
+        Some(version),
+        Dialect::Openai,
+    )
+    .await
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -449,6 +513,57 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response {
         Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}})),
     )
         .into_response()
+}
+
+/// Anthropic's error type for a status.
+fn anthropic_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// An error answer in `dialect`'s format (`kind` is OpenAI's `type`; Anthropic's follows
+/// from the status).
+fn error_in(dialect: Dialect, status: StatusCode, kind: &str, message: &str) -> Response {
+    match dialect {
+        Dialect::Openai => error(status, kind, message),
+        Dialect::Anthropic => (
+            status,
+            Json(json!({
+                "type": "error",
+                "error": {"type": anthropic_error_type(status), "message": message},
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// The schema an Anthropic request states in its system prompt (Anthropic has no
+/// structured-output mode): the JSON object after the text `JSON schema:`.
+pub fn stated_schema(system: &str) -> Option<Value> {
+    let at = system.find("JSON schema:")? + "JSON schema:".len();
+    let rest = system[at..].trim_start();
+    let v = serde_json::Deserializer::from_str(rest)
+        .into_iter::<Value>()
+        .next()?
+        .ok()?;
+    v.is_object().then_some(v)
+}
+
+/// An instant `d` from now, as Anthropic writes its rate-limit resets (RFC 3339, UTC).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "Anthropic's reset headers are the provider's wall-clock instants"
+)]
+fn rfc3339_in(d: Duration) -> String {
+    humantime::format_rfc3339_millis(SystemTime::now() + d).to_string()
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -734,7 +849,10 @@ fn proxy_prefix(h: &mut HeaderMap) {
         .keys()
         .filter(|n| {
             let n = n.as_str();
-            n == "retry-after" || n == "retry-after-ms" || n.starts_with("x-ratelimit-")
+            n == "retry-after"
+                || n == "retry-after-ms"
+                || n.starts_with("x-ratelimit-")
+                || n.starts_with("anthropic-ratelimit-")
         })
         .cloned()
         .collect();
@@ -764,6 +882,7 @@ async fn chat(
     path: String,
     deployment: Option<String>,
     api_version: Option<String>,
+    dialect: Dialect,
 ) -> Response {
     let at = Instant::now();
     let cfg = s.cfg.lock().unwrap().clone();
@@ -782,8 +901,11 @@ async fn chat(
         api_key: header(&headers, "api-key"),
         fault: None,
         user: None,
+        x_api_key: header(&headers, "x-api-key"),
+        anthropic_version: header(&headers, "anthropic-version"),
+        system: None,
     };
-    let (status, response) = answer(&s, &cfg, &headers, &body, &mut rec).await;
+    let (status, response) = answer(&s, &cfg, dialect, &body, &mut rec).await;
     rec.status = status;
     s.records.lock().unwrap().push(rec);
     match response {
@@ -796,7 +918,8 @@ async fn chat(
         Answer::Hang => {
             let mut sd = s.shutdown.clone();
             let _ = sd.wait_for(|s| *s).await;
-            error(
+            error_in(
+                dialect,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "mock stopped",
@@ -814,7 +937,14 @@ async fn chat(
             if cfg.proxy_headers {
                 proxy_prefix(&mut h);
             }
-            stream_response(&s, &cfg, chunks, stall, usage, id, model, finish, h)
+            match dialect {
+                Dialect::Openai => {
+                    stream_response(&s, &cfg, chunks, stall, usage, id, model, finish, h)
+                }
+                Dialect::Anthropic => {
+                    anthropic_stream(&s, &cfg, chunks, stall, usage, id, model, finish, h)
+                }
+            }
         }
     }
 }
@@ -836,17 +966,21 @@ enum Answer {
 async fn answer(
     s: &Shared,
     cfg: &MockConfig,
-    headers: &HeaderMap,
+    dialect: Dialect,
     body: &[u8],
     rec: &mut RecordedRequest,
 ) -> (u16, Answer) {
     let now = |r: Response| (r.status().as_u16(), Answer::Now(r));
+    let error = |status, kind: &str, message: &str| error_in(dialect, status, kind, message);
+    let anthropic = dialect == Dialect::Anthropic;
     if let Some(key) = &cfg.api_key {
         let bearer = rec
             .authorization
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "));
-        let seen = if rec.deployment.is_some() {
+        let seen = if anthropic {
+            rec.x_api_key.as_deref()
+        } else if rec.deployment.is_some() {
             rec.api_key.as_deref()
         } else {
             bearer.or(rec.api_key.as_deref())
@@ -855,11 +989,21 @@ async fn answer(
             return now(error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
-                "incorrect api key provided",
+                if anthropic {
+                    "invalid x-api-key"
+                } else {
+                    "incorrect api key provided"
+                },
             ));
         }
     }
-    let _ = headers;
+    if anthropic && rec.anthropic_version.is_none() {
+        return now(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        ));
+    }
     let req: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
@@ -877,9 +1021,20 @@ async fn answer(
             "'messages' is a required property",
         ));
     };
-    let messages: Vec<(String, String)> = messages
+    if anthropic && req.get("max_tokens").and_then(Value::as_u64).is_none() {
+        return now(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "max_tokens: Field required",
+        ));
+    }
+    // Anthropic: the system prompt is top-level (a string or text blocks).
+    rec.system = req.get("system").map(text_of).filter(|_| anthropic);
+    let messages: Vec<(String, String)> = rec
+        .system
         .iter()
-        .map(|m| {
+        .map(|sys| ("system".to_string(), sys.clone()))
+        .chain(messages.iter().map(|m| {
             (
                 m.get("role")
                     .and_then(Value::as_str)
@@ -887,7 +1042,7 @@ async fn answer(
                     .to_string(),
                 m.get("content").map(text_of).unwrap_or_default(),
             )
-        })
+        }))
         .collect();
     let model = req
         .get("model")
@@ -900,10 +1055,12 @@ async fn answer(
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
         .and_then(Value::as_u64);
-    let include_usage = req
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    // Anthropic always reports usage in its stream.
+    let include_usage = anthropic
+        || req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     rec.model = model.clone();
     rec.user = req.get("user").and_then(Value::as_str).map(str::to_string);
     rec.stream = stream;
@@ -932,6 +1089,9 @@ async fn answer(
                 "rate limit reached (scripted); please retry later",
             );
             retry_after_headers(r.headers_mut(), retry_after);
+            if anthropic {
+                spent_headers(r.headers_mut(), retry_after);
+            }
             return now(r);
         }
         Some(Fault::Status(code)) => {
@@ -969,9 +1129,13 @@ async fn answer(
     };
     let text = match &cfg.completion {
         Completion::Fixed(t) => t.clone(),
-        Completion::Echo if requested_schema(&view.body).is_some() => {
+        Completion::Echo if requested_schema(&view.body).is_some() && !anthropic => {
             let schema = requested_schema(&view.body).unwrap_or(&Value::Null);
             schema_instance(schema).to_string()
+        }
+        Completion::Echo if rec.system.as_deref().and_then(stated_schema).is_some() => {
+            let schema = rec.system.as_deref().and_then(stated_schema);
+            schema_instance(schema.as_ref().unwrap_or(&Value::Null)).to_string()
         }
         Completion::Echo => {
             let last = view
@@ -993,6 +1157,29 @@ async fn answer(
     let mut h = HeaderMap::new();
     if let Some(limit) = &cfg.limit {
         match admit(s, limit, rec.at, total) {
+            Ok((rem_req, rem_tok, reset)) if anthropic => {
+                let at = rfc3339_in(reset);
+                for (kind, max, rem) in [
+                    ("requests", limit.max_requests, rem_req),
+                    ("tokens", limit.max_tokens, rem_tok),
+                ] {
+                    // Anthropic reports only the limits that exist.
+                    if max == 0 {
+                        continue;
+                    }
+                    let name = |what: &str| {
+                        axum::http::HeaderName::from_bytes(
+                            format!("anthropic-ratelimit-{kind}-{what}").as_bytes(),
+                        )
+                        .expect("a valid header name")
+                    };
+                    h.insert(name("limit"), max.into());
+                    h.insert(name("remaining"), rem.into());
+                    if let Ok(v) = HeaderValue::from_str(&at) {
+                        h.insert(name("reset"), v);
+                    }
+                }
+            }
             Ok((rem_req, rem_tok, reset)) => {
                 h.insert("x-ratelimit-limit-requests", limit.max_requests.into());
                 h.insert("x-ratelimit-remaining-requests", rem_req.into());
@@ -1011,8 +1198,12 @@ async fn answer(
                     "rate limit reached for requests or tokens; please retry later",
                 );
                 retry_after_headers(r.headers_mut(), retry);
-                r.headers_mut()
-                    .insert("x-ratelimit-remaining-requests", 0u64.into());
+                if anthropic {
+                    spent_headers(r.headers_mut(), retry);
+                } else {
+                    r.headers_mut()
+                        .insert("x-ratelimit-remaining-requests", 0u64.into());
+                }
                 return now(r);
             }
         }
@@ -1020,13 +1211,24 @@ async fn answer(
     rec.completion_tokens = completion_tokens;
 
     tokio::time::sleep(cfg.latency.sample() + extra_delay).await;
-    let id = format!("chatcmpl-mock-{}", s.ids.fetch_add(1, Ordering::Relaxed));
-    let usage = json!({
-        "prompt_tokens": rec.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": total,
-    });
-    let finish = if cut { "length" } else { "stop" };
+    let n = s.ids.fetch_add(1, Ordering::Relaxed);
+    let (id, usage, finish) = if anthropic {
+        (
+            format!("msg_mock_{n}"),
+            json!({"input_tokens": rec.prompt_tokens, "output_tokens": completion_tokens}),
+            if cut { "max_tokens" } else { "end_turn" },
+        )
+    } else {
+        (
+            format!("chatcmpl-mock-{n}"),
+            json!({
+                "prompt_tokens": rec.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": total,
+            }),
+            if cut { "length" } else { "stop" },
+        )
+    };
     if stream {
         let words: Vec<&str> = text.split_inclusive(' ').collect();
         let mut chunks: Vec<String> = words
@@ -1046,6 +1248,21 @@ async fn answer(
                 headers: h,
             },
         );
+    }
+    if anthropic {
+        let body = json!({
+            "id": id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": finish,
+            "stop_sequence": null,
+            "usage": usage,
+        });
+        let mut r = Json(body).into_response();
+        r.headers_mut().extend(h);
+        return now(r);
     }
     let body = json!({
         "id": id,
@@ -1128,6 +1345,107 @@ fn stream_response(
             let _ = tx.send(Ok(Bytes::from(format!("data: {chunk}\n\n")))).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    h.extend(headers);
+    r
+}
+
+/// Anthropic's headers on a 429: the requests window is spent until `d` from now.
+fn spent_headers(h: &mut HeaderMap, d: Duration) {
+    h.insert("anthropic-ratelimit-requests-remaining", 0u64.into());
+    if let Ok(v) = HeaderValue::from_str(&rfc3339_in(d)) {
+        h.insert("anthropic-ratelimit-requests-reset", v);
+    }
+}
+
+/// One Anthropic SSE event.
+fn sse_event(data: &Value) -> Bytes {
+    let kind = data
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// A streamed Anthropic reply: `message_start` (input tokens), one text block in
+/// `content_block_delta` events, `message_delta` (stop reason, output tokens),
+/// `message_stop`. A stall at chunk `i` stops after `i` deltas.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pieces of one streamed reply"
+)]
+fn anthropic_stream(
+    s: &Shared,
+    cfg: &MockConfig,
+    mut chunks: Vec<String>,
+    stall: Option<usize>,
+    usage: Option<Value>,
+    id: String,
+    model: String,
+    finish: &'static str,
+    headers: HeaderMap,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let delay = cfg.chunk_delay;
+    let mut shutdown = s.shutdown.clone();
+    // The OpenAI finish chunk has no Anthropic counterpart: message_delta ends the reply.
+    if chunks.last().is_some_and(String::is_empty) {
+        chunks.pop();
+    }
+    let usage = usage.unwrap_or(Value::Null);
+    tokio::spawn(async move {
+        let start = json!({
+            "type": "message_start",
+            "message": {
+                "id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 1},
+            },
+        });
+        let mut head = vec![
+            start,
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "ping"}),
+        ];
+        for ev in head.drain(..) {
+            if tx.send(Ok(sse_event(&ev))).await.is_err() {
+                return;
+            }
+        }
+        for (i, text) in chunks.into_iter().enumerate() {
+            if stall == Some(i) {
+                let _ = shutdown.wait_for(|s| *s).await;
+                return;
+            }
+            let ev = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}});
+            if tx.send(Ok(sse_event(&ev))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+        }
+        for ev in [
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({
+                "type": "message_delta",
+                "delta": {"stop_reason": finish, "stop_sequence": null},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            }),
+            json!({"type": "message_stop"}),
+        ] {
+            if tx.send(Ok(sse_event(&ev))).await.is_err() {
+                return;
+            }
+        }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -1260,6 +1578,26 @@ mod tests {
         assert!(errors.is_empty(), "{v}: {errors:?}");
         assert_eq!(v["target"], "eu-west-1");
         assert_eq!(v["items"], json!([{"n": 2}, {"n": 2}]));
+    }
+
+    #[test]
+    fn a_schema_stated_in_the_system_prompt_is_found() {
+        let schema = json!({"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}});
+        let system = format!(
+            "be brief\n\nReply with one JSON value and nothing else. It must validate against this JSON schema: {schema}\nThanks."
+        );
+        assert_eq!(stated_schema(&system), Some(schema));
+        assert_eq!(stated_schema("JSON schema: not json"), None);
+        assert_eq!(stated_schema("JSON schema: [1]"), None);
+        assert_eq!(stated_schema("no schema here"), None);
+        assert_eq!(
+            anthropic_error_type(StatusCode::from_u16(529).unwrap()),
+            "overloaded_error"
+        );
+        assert_eq!(
+            anthropic_error_type(StatusCode::TOO_MANY_REQUESTS),
+            "rate_limit_error"
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub enum ProviderKind {
         alias = "openaiCompatible"
     )]
     OpenaiCompatible,
+    /// Anthropic's Messages API (`POST {base_url}/v1/messages`, `x-api-key`).
+    #[serde(alias = "Anthropic", alias = "claude", alias = "Claude")]
+    Anthropic,
 }
 
 impl ProviderKind {
@@ -33,6 +36,7 @@ impl ProviderKind {
             ProviderKind::Openai => "openai",
             ProviderKind::Azure => "azure",
             ProviderKind::OpenaiCompatible => "openai_compatible",
+            ProviderKind::Anthropic => "anthropic",
         }
     }
 }
@@ -49,7 +53,8 @@ impl std::fmt::Display for ProviderKind {
 pub struct EndpointConfig {
     /// OpenAI: default `https://api.openai.com/v1`. Azure: the resource endpoint
     /// (`https://<resource>.openai.azure.com`). OpenAI-compatible (vLLM, Ollama, LocalAI):
-    /// required, up to and including `/v1`.
+    /// required, up to and including `/v1`. Anthropic: default `https://api.anthropic.com`
+    /// (calls go to `{base_url}/v1/messages`; a base URL ending in `/v1` is taken as is).
     pub base_url: Option<String>,
     /// Environment variable holding the base URL, read by the worker at start when
     /// `base_url` is not set (e.g. `AZURE_OPENAI_ENDPOINT` from a Kubernetes secret).
@@ -58,7 +63,8 @@ pub struct EndpointConfig {
     pub api_key_env: Option<String>,
     /// File holding the API key (e.g. a Kubernetes secret mount); read at worker start.
     pub api_key_file: Option<PathBuf>,
-    /// Azure: the `api-version` query parameter.
+    /// Azure: the `api-version` query parameter. Anthropic: the `anthropic-version` header
+    /// (default `2023-06-01`).
     pub api_version: Option<String>,
     /// Azure: deployment name per model (default: the model name itself).
     pub deployments: BTreeMap<String, String>,
@@ -214,6 +220,7 @@ pub struct LlmProviderConfig {
     pub openai: Option<EndpointConfig>,
     pub azure: Option<EndpointConfig>,
     pub openai_compatible: Option<EndpointConfig>,
+    pub anthropic: Option<EndpointConfig>,
     pub model_selection: ModelSelection,
     /// Models on the fallback provider (default: `model_selection`).
     pub fallback_model_selection: Option<ModelSelection>,
@@ -257,6 +264,7 @@ impl Default for LlmProviderConfig {
             openai: None,
             azure: None,
             openai_compatible: None,
+            anthropic: None,
             model_selection: ModelSelection::default(),
             fallback_model_selection: None,
             default_max_tokens: 2000,
@@ -287,6 +295,7 @@ impl LlmProviderConfig {
             ProviderKind::Openai => self.openai.as_ref(),
             ProviderKind::Azure => self.azure.as_ref(),
             ProviderKind::OpenaiCompatible => self.openai_compatible.as_ref(),
+            ProviderKind::Anthropic => self.anthropic.as_ref(),
         }
     }
 
@@ -314,9 +323,14 @@ impl LlmProviderConfig {
                 _ => {}
             }
         }
-        for ep in [&self.openai, &self.azure, &self.openai_compatible]
-            .into_iter()
-            .flatten()
+        for ep in [
+            &self.openai,
+            &self.azure,
+            &self.openai_compatible,
+            &self.anthropic,
+        ]
+        .into_iter()
+        .flatten()
         {
             if let Some(u) = &ep.base_url
                 && !(u.starts_with("http://") || u.starts_with("https://"))
@@ -336,6 +350,14 @@ impl LlmProviderConfig {
             {
                 return Err(("llm_provider.base_url_env", "must not be empty".into()));
             }
+        }
+        if let Some(v) = self.anthropic.as_ref().and_then(|e| e.api_version.as_ref())
+            && (v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err((
+                "llm_provider.anthropic.api_version",
+                format!("{v:?} is not an anthropic-version header value (e.g. 2023-06-01)"),
+            ));
         }
         if self.default_max_tokens == 0 || self.max_tokens_by_step.values().any(|m| *m == 0) {
             return Err((
@@ -530,6 +552,38 @@ mod tests {
         c.validate().unwrap();
         assert_eq!("CodeGeneration".parse(), Ok(TaskClass::CodeGeneration));
         assert!("Huge".parse::<TaskClass>().is_err());
+    }
+
+    /// The README's Anthropic example.
+    #[test]
+    fn anthropic_parses_as_primary_or_fallback() {
+        let c: LlmProviderConfig = toml::from_str(
+            r#"
+provider = "anthropic"
+fallback_provider = "openai"
+model_selection = { simple_task = "claude-haiku-4-5", complex_task = "claude-sonnet-4-5", code_generation = "claude-sonnet-4-5" }
+fallback_model_selection = { simple_task = "gpt-4o-mini", complex_task = "gpt-4o", code_generation = "gpt-4o" }
+limits = { "anthropic/claude-sonnet-4-5" = { requestsPerMinute = 50, tokensPerMinute = 30000, burstTokens = 8000 } }
+prices = { "claude-sonnet-4-5" = { input_per_1k = 0.003, output_per_1k = 0.015 } }
+[anthropic]
+api_key_env = "ANTHROPIC_API_KEY"
+[openai]
+api_key_env = "OPENAI_API_KEY"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.provider, ProviderKind::Anthropic);
+        assert_eq!(c.provider.as_str(), "anthropic");
+        assert!(c.endpoint(ProviderKind::Anthropic).is_some());
+        let c: LlmProviderConfig =
+            toml::from_str("provider = \"OpenAI\"\nfallback_provider = \"Anthropic\"\n").unwrap();
+        assert_eq!(c.fallback_provider, Some(ProviderKind::Anthropic));
+        let bad: LlmProviderConfig = toml::from_str(
+            "provider = \"anthropic\"\n[anthropic]\nbase_url = \"api.anthropic.com\"\n",
+        )
+        .unwrap();
+        assert_eq!(bad.validate().unwrap_err().0, "llm_provider.base_url");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The `llm` step kind against the mock provider over real HTTP, with a real redis-server:
 //! usage recorded, retries with visible jitter, fallback under a 429 storm and a 5xx
 //! streak, the shared cache, no second provider call after a reclaim, budgets, secrets that
-//! never leak, and a call lasting 3× the lease that is not reclaimed.
+//! never leak, and a call lasting 3× the lease that is not reclaimed; the same for the
+//! Anthropic provider (usage, fleet-wide 429 pause, exhausted-window pause, fallback across
+//! provider kinds, key scrubbing).
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
@@ -1505,5 +1507,480 @@ async fn the_shipped_process_types_run_their_llm_steps_to_completed() {
         reqs.iter().map(|r| r.total_tokens()).sum::<u64>() as f64,
         "every token is counted under its process type"
     );
+    f.stop().await;
+}
+
+/// An endpoint at `url` with the sentinel key.
+fn endpoint_at(url: &str, key: &Path) -> EndpointConfig {
+    EndpointConfig {
+        base_url: Some(url.to_string()),
+        api_key_file: Some(key.to_path_buf()),
+        ..Default::default()
+    }
+}
+
+/// Primary `primary` at `primary_url`, fallback (when given) `fallback` at its URL; one of
+/// them is Anthropic, the other OpenAI-compatible.
+fn mixed_cfg(
+    primary: (ProviderKind, &str),
+    fallback: Option<(ProviderKind, &str)>,
+    key: &Path,
+) -> LlmProviderConfig {
+    let mut llm = LlmProviderConfig {
+        provider: primary.0,
+        fallback_provider: fallback.map(|f| f.0),
+        retry_initial_ms: 100,
+        retry_max_ms: 1000,
+        limiter_max_wait_ms: 300,
+        request_timeout_secs: 30,
+        ..Default::default()
+    };
+    for (kind, url) in std::iter::once(primary).chain(fallback) {
+        match kind {
+            ProviderKind::Anthropic => llm.anthropic = Some(endpoint_at(url, key)),
+            ProviderKind::OpenaiCompatible => {
+                llm.openai_compatible = Some(endpoint_at(url, key));
+            }
+            other => panic!("not used here: {other}"),
+        }
+    }
+    llm
+}
+
+/// An `llm` step against `provider = "anthropic"` (the mock's Messages API): the key goes
+/// in `x-api-key`, the system prompt top-level, `max_tokens` always; usage and cost are
+/// recorded for a plain and a streamed reply; a schema stated in the system prompt is
+/// answered with matching JSON; `GET /api/config` shows the provider without its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_steps_complete_with_usage_recorded() {
+    let redis = RedisServer::start();
+    let m = MockLlm::start(MockConfig {
+        api_key: Some(SENTINEL.into()),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = r#", schema = { type = "object", required = ["verdict", "score"], additionalProperties = false, properties = { verdict = { type = "string", enum = ["approve", "reject"] }, score = { type = "integer", minimum = 3, maximum = 10 } } }"#;
+    let dir = defs_dir(&[
+        ("l.toml", &def("L", "", true)),
+        ("s.toml", &def("S", schema, false)),
+    ]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = mixed_cfg(
+        (ProviderKind::Anthropic, &m.anthropic_base_url()),
+        None,
+        &key_file(tmp.path()),
+    );
+    llm.prices.insert(
+        "m1".into(),
+        Price {
+            input_per_1k: 3.0,
+            output_per_1k: 15.0,
+        },
+    );
+    llm.limits.insert("anthropic/m1".into(), roomy_limit());
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let id = f.submit("L", json!({"who": "ana"})).await;
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
+
+    let reqs = m.requests();
+    assert_eq!(reqs.len(), 2, "one provider call per step");
+    for r in &reqs {
+        assert_eq!(r.path, "/v1/messages");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.x_api_key.as_deref(),
+            Some(SENTINEL),
+            "the key in x-api-key"
+        );
+        assert_eq!(r.authorization, None, "no bearer token to Anthropic");
+        assert_eq!(r.anthropic_version.as_deref(), Some("2023-06-01"));
+        assert_eq!(r.max_tokens, Some(50));
+    }
+    assert!(!reqs[0].stream && reqs[1].stream, "Follow streams");
+    assert_eq!(reqs[0].system, None);
+    assert_eq!(
+        reqs[1].system.as_deref(),
+        Some("be brief"),
+        "top-level system"
+    );
+    let ask = output(&f, &id, "Ask").await;
+    assert_eq!(ask["text"], "echo: hello ana");
+    assert_eq!(ask["provider"], "anthropic");
+    assert_eq!(ask["model"], "m1");
+    assert_eq!(ask["finishReason"], "end_turn");
+    assert_eq!(ask["usage"]["inputTokens"], reqs[0].prompt_tokens);
+    assert_eq!(ask["usage"]["outputTokens"], reqs[0].completion_tokens);
+    assert_eq!(ask["usage"]["estimated"], false);
+    let expected_cost = 3.0 * reqs[0].prompt_tokens as f64 / 1000.0
+        + 15.0 * reqs[0].completion_tokens as f64 / 1000.0;
+    assert!((ask["costUsd"].as_f64().unwrap() - expected_cost).abs() < 1e-9);
+    let follow = output(&f, &id, "Follow").await;
+    assert_eq!(follow["text"], "echo: you said: echo: hello ana");
+    assert_eq!(
+        follow["usage"]["inputTokens"], reqs[1].prompt_tokens,
+        "input tokens from message_start"
+    );
+    assert_eq!(
+        follow["usage"]["outputTokens"], reqs[1].completion_tokens,
+        "output tokens from message_delta"
+    );
+    assert_eq!(follow["usage"]["estimated"], false);
+    assert_eq!(follow["finishReason"], "end_turn");
+    let tokens: u64 = redis::cmd("HGET")
+        .arg(f.store().keys().llm_usage(&id))
+        .arg("tokens")
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    assert_eq!(tokens, reqs.iter().map(|r| r.total_tokens()).sum::<u64>());
+
+    // Structured output: the schema goes in the system prompt, the reply is validated.
+    let s = f.submit("S", json!({"who": "sam"})).await;
+    assert_eq!(f.wait_finished(&s).await.status, ProcessStatus::Completed);
+    let out = output(&f, &s, "Ask").await;
+    assert_eq!(
+        out["json"],
+        json!({"verdict": "approve", "score": 3}),
+        "{out}"
+    );
+    let sent = m
+        .requests()
+        .last()
+        .unwrap()
+        .system
+        .clone()
+        .unwrap_or_default();
+    assert!(sent.contains("JSON schema:"), "{sent}");
+
+    let cfg_body = reqwest::get(f.url("/api/config"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cfg_json: Value = serde_json::from_str(&cfg_body).unwrap();
+    assert_eq!(cfg_json["llmProvider"]["provider"], "anthropic");
+    assert_eq!(
+        cfg_json["llmProvider"]["anthropic"]["baseUrl"],
+        m.anthropic_base_url()
+    );
+    assert!(!cfg_body.contains(SENTINEL));
+    f.stop().await;
+}
+
+/// A 429 with `retry-after` from the Anthropic primary (no `limits` entry for its bucket)
+/// pauses `anthropic/m1` for the whole fleet: another limiter on the same Redis is refused,
+/// and later calls go to the OpenAI-compatible fallback without touching the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_429_pauses_the_bucket_fleet_wide() {
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    primary.script([Fault::RateLimited {
+        retry_after: Duration::from_secs(30),
+    }]);
+    let fallback = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = mixed_cfg(
+        (ProviderKind::Anthropic, &primary.anthropic_base_url()),
+        Some((ProviderKind::OpenaiCompatible, &fallback.base_url())),
+        &key_file(tmp.path()),
+    );
+    llm.retry_after_max_secs = 120;
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 2).await;
+    let first = f.submit("L", json!({"who": "a"})).await;
+    assert_eq!(
+        f.wait_finished(&first).await.status,
+        ProcessStatus::Completed
+    );
+    let out = output(&f, &first, "Ask").await;
+    assert_eq!(out["fallbackUsed"], true);
+    assert_eq!(out["provider"], "openai_compatible");
+    assert_eq!(out["attempts"][0]["provider"], "anthropic");
+    assert_eq!(out["attempts"][0]["errorType"], "rate_limit");
+    let seen = primary.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/messages");
+    assert_eq!(seen[0].status, 429);
+    // The pause lasts the provider's retry-after (30 s), not a 1 s default.
+    let pause_key = &f.store().keys().llm_limit("anthropic/m1")[1];
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(pause_key)
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    assert!(ttl_ms > 20_000, "pause of {ttl_ms} ms");
+    let other = honua_worker::limit::LlmLimiter::new(f.store().clone(), Default::default());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let got = other
+        .acquire("anthropic/m1", 10, Duration::from_millis(200), &cancel)
+        .await
+        .unwrap();
+    assert!(
+        got.is_none(),
+        "another limiter admitted a call while paused"
+    );
+    for i in 0..3 {
+        let id = f.submit("L", json!({ "who": format!("later{i}") })).await;
+        assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+        let out = output(&f, &id, "Ask").await;
+        assert_eq!(out["fallbackUsed"], true, "{out}");
+        assert!(out["attempts"].as_array().unwrap().is_empty(), "{out}");
+    }
+    assert_eq!(
+        primary.requests().len(),
+        1,
+        "the pause kept calls off the primary"
+    );
+    f.stop().await;
+}
+
+/// An Anthropic answer whose `anthropic-ratelimit-requests-remaining` is 0 pauses the
+/// bucket until its RFC 3339 reset: the next call goes to the fallback before any 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_anthropic_window_pauses_the_bucket_before_any_429() {
+    let redis = RedisServer::start();
+    let primary = MockLlm::start(MockConfig {
+        limit: Some(honua_mock_llm::WindowLimit {
+            window: Duration::from_secs(60),
+            max_requests: 2,
+            max_tokens: 0,
+        }),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let fallback = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.llm_provider = Some(mixed_cfg(
+        (ProviderKind::Anthropic, &primary.anthropic_base_url()),
+        Some((ProviderKind::OpenaiCompatible, &fallback.base_url())),
+        &key_file(tmp.path()),
+    ));
+    let f = Fleet::start(cfg, 1, 2).await;
+    let mut used = Vec::new();
+    for who in ["a", "b", "c"] {
+        let id = f.submit("L", json!({ "who": who })).await;
+        assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+        used.push(output(&f, &id, "Ask").await["fallbackUsed"] == true);
+    }
+    assert_eq!(used, vec![false, false, true]);
+    let statuses: Vec<u16> = primary.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200, 200], "the primary never answered 429");
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(&f.store().keys().llm_limit("anthropic/m1")[1])
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    assert!(
+        ttl_ms > 30_000,
+        "paused until the reset, ~60 s: {ttl_ms} ms"
+    );
+    f.stop().await;
+}
+
+/// Fallback between providers of different kinds, both ways: an Anthropic primary
+/// answering 529 (overloaded) opens its breaker and the OpenAI-compatible fallback
+/// answers; an OpenAI-compatible primary answering 429 moves the call to an Anthropic
+/// fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_crosses_provider_kinds_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = key_file(tmp.path());
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+
+    // Anthropic → OpenAI-compatible on 529.
+    let anthropic = mock().await;
+    anthropic.script(vec![Fault::Status(529); 10]);
+    let openai = mock().await;
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let mut llm = mixed_cfg(
+        (ProviderKind::Anthropic, &anthropic.anthropic_base_url()),
+        Some((ProviderKind::OpenaiCompatible, &openai.base_url())),
+        &key,
+    );
+    llm.breaker_failures = 2;
+    llm.breaker_open_secs = 600;
+    cfg.llm_provider = Some(llm);
+    let f = Fleet::start(cfg, 1, 1).await;
+    let id = f.submit("L", json!({"who": "a"})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    let out = output(&f, &id, "Ask").await;
+    assert_eq!(out["fallbackUsed"], true);
+    assert_eq!(out["provider"], "openai_compatible");
+    assert_eq!(out["text"], "echo: hello a");
+    let types: Vec<(&str, &str)> = out["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["provider"].as_str().unwrap(),
+                a["errorType"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        types,
+        vec![("anthropic", "server_error"), ("anthropic", "server_error")]
+    );
+    let statuses: Vec<u16> = anthropic.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![529, 529]);
+    assert_eq!(openai.requests().len(), 1);
+    f.stop().await;
+
+    // OpenAI-compatible → Anthropic on 429.
+    let openai = mock().await;
+    openai.script([Fault::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }]);
+    let anthropic = mock().await;
+    let redis = RedisServer::start();
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.llm_provider = Some(mixed_cfg(
+        (ProviderKind::OpenaiCompatible, &openai.base_url()),
+        Some((ProviderKind::Anthropic, &anthropic.anthropic_base_url())),
+        &key,
+    ));
+    let f = Fleet::start(cfg, 1, 1).await;
+    let id = f.submit("L", json!({"who": "b"})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    let out = output(&f, &id, "Ask").await;
+    assert_eq!(out["fallbackUsed"], true);
+    assert_eq!(out["provider"], "anthropic");
+    assert_eq!(out["text"], "echo: hello b");
+    assert_eq!(out["attempts"][0]["errorType"], "rate_limit");
+    let seen = anthropic.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/messages");
+    assert_eq!(seen[0].x_api_key.as_deref(), Some(SENTINEL));
+    f.stop().await;
+}
+
+/// An Anthropic server that answers the first call and then refuses the key with a 401
+/// `authentication_error` whose text echoes the `x-api-key` it saw.
+async fn hostile_anthropic() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = Router::new().route(
+        "/v1/messages",
+        post(move |headers: HeaderMap| {
+            let s = s.clone();
+            async move {
+                let key = headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let n = {
+                    let mut seen = s.lock().unwrap();
+                    seen.push(key.clone());
+                    seen.len()
+                };
+                if n == 1 {
+                    return axum::Json(json!({
+                        "id": "msg_1", "type": "message", "role": "assistant", "model": "m1",
+                        "content": [{"type": "text", "text": "fine"}],
+                        "stop_reason": "end_turn", "stop_sequence": null,
+                        "usage": {"input_tokens": 3, "output_tokens": 1},
+                    }))
+                    .into_response();
+                }
+                (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"type": "error", "error": {
+                        "type": "authentication_error",
+                        "message": format!("invalid x-api-key: {key}")}})),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, seen)
+}
+
+/// The Anthropic key (a worker process logging at trace level) never appears in its log,
+/// in the step's error (the provider echoed it), in the gateway's views or in Redis; the
+/// refused key is a permanent `auth` failure, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_key_never_leaks_into_logs_redis_or_errors() {
+    let redis = RedisServer::start();
+    let (hostile, seen) = hostile_anthropic().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let key = key_file(tmp.path());
+    cfg.llm_provider = Some(mixed_cfg((ProviderKind::Anthropic, &hostile), None, &key));
+    let section = format!(
+        "[llm_provider]\nprovider = \"Anthropic\"\nretry_initial_ms = 20\nretry_max_ms = 100\n\
+         [llm_provider.anthropic]\nbase_url = \"{hostile}\"\napi_key_file = \"{}\"\n",
+        key.display()
+    );
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let w = spawn_worker(
+        &worker_toml(&cfg, &section),
+        tmp.path(),
+        "wk",
+        &log,
+        "trace",
+    );
+    let ok = f.submit("L", json!({"who": "dee"})).await;
+    assert_eq!(f.wait_finished(&ok).await.status, ProcessStatus::Completed);
+    assert_eq!(output(&f, &ok, "Ask").await["text"], "fine");
+    let bad = f.submit("L", json!({"who": "eve"})).await;
+    let rec = f.wait_finished(&bad).await;
+    assert_eq!(rec.status, ProcessStatus::Failed, "{rec:#?}");
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [SENTINEL.to_string(), SENTINEL.to_string()],
+        "the key was sent (so a leak would be possible), and the refusal not retried"
+    );
+    let err = rec.steps["Ask"].error.clone().unwrap_or_default();
+    assert!(
+        err.contains("refused the credentials") && err.contains("[redacted]"),
+        "{err}"
+    );
+    assert!(!err.contains(SENTINEL), "{err}");
+    for id in [&ok, &bad] {
+        let body = reqwest::get(f.url(&format!("/api/processes/{id}")))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!body.contains(SENTINEL), "{body}");
+    }
+    let cfg_body = reqwest::get(f.url("/api/config"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(cfg_body.contains("\"anthropic\""), "{cfg_body}");
+    assert!(!cfg_body.contains(SENTINEL));
+    let all = dump_redis(&mut f.store().conn()).await;
+    assert!(all.len() > 1000, "the dump has content");
+    assert!(!contains(&all, SENTINEL), "the key is in Redis");
+    drop(w);
+    let logs = std::fs::read_to_string(tmp.path().join("wk.stdout")).unwrap()
+        + &std::fs::read_to_string(tmp.path().join("wk.stderr")).unwrap();
+    assert!(
+        logs.contains("llm call failed"),
+        "the worker logged the failure"
+    );
+    assert!(!logs.contains(SENTINEL), "the key is in the worker's log");
     f.stop().await;
 }

@@ -1,4 +1,5 @@
-//! `honua-mock-llm`: the mock OpenAI-compatible provider as a standalone server.
+//! `honua-mock-llm`: the mock OpenAI-compatible (and Anthropic, at `/v1/messages`) provider
+//! as a standalone server.
 //!
 //! ```text
 //! honua-mock-llm --port 8089 --latency-ms 50..200 --rpm 600 --tpm 100000 --faults 429:2,500,ok \
@@ -13,7 +14,7 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(
     name = "honua-mock-llm",
-    about = "A mock OpenAI-compatible LLM provider"
+    about = "A mock OpenAI-compatible and Anthropic LLM provider"
 )]
 struct Args {
     /// Address to bind.
