@@ -369,6 +369,7 @@ pub async fn run(
                 input: example_input(name),
                 id: None,
                 idempotency_key: None,
+                tenant: None,
                 trace: TraceContext::default(),
             };
             let s = engine.create(&sub, None).await?;

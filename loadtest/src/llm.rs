@@ -171,6 +171,7 @@ fn submission(n: usize) -> Submission {
         input: serde_json::json!({ "n": n }),
         id: None,
         idempotency_key: None,
+        tenant: None,
         trace: TraceContext::default(),
     }
 }
@@ -256,6 +257,7 @@ pub async fn run(server: &Server, prefix: &str, p: LlmParams) -> Result<LlmResul
         tokens_per_minute: p.spec_tpm,
         burst_requests: p.burst_requests,
         burst_tokens: p.burst_tokens,
+        ..LimitSpec::default()
     };
     let rate = f64::from(p.spec_rpm) / 60.0 * p.offered;
     let processes = ((rate * p.seconds).round() as usize).max(1);

@@ -584,6 +584,7 @@ pub(crate) fn submission() -> Submission {
         input: serde_json::json!({}),
         id: None,
         idempotency_key: None,
+        tenant: None,
         trace: TraceContext::default(),
     }
 }

@@ -204,7 +204,8 @@ impl Processes {
                                     .filter(|t| honua_shared::envelope::valid_traceparent(t))
                             }),
                         timeout,
-                    );
+                    )
+                    .with_tenant(sub.tenant.clone());
                     let ack = ack.map(|entry| AckSource {
                         stream: self.store.keys().submit(),
                         id: entry,

@@ -82,6 +82,9 @@ pub struct ProcessView {
     /// Seconds from start to end (or to now while running).
     pub duration: Option<f64>,
     pub idempotency_key: Option<String>,
+    /// Whom the process runs for (its submission's `tenant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Operator actions (cancel, retry, retry-current-step), oldest first.
     pub audit: Vec<AuditView>,
     /// LLM usage of the whole process (absent until an `llm` step called a provider).
@@ -131,6 +134,9 @@ pub struct ProcessSummary {
     pub ended_at: Option<String>,
     /// Seconds from start to end (or to now while running).
     pub duration: Option<f64>,
+    /// Whom the process runs for (its submission's `tenant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl ProcessSummary {
@@ -147,6 +153,7 @@ impl ProcessSummary {
             started_at: ts(rec.started_ms),
             ended_at: ts(rec.ended_ms),
             duration: rec.duration_ms(now_ms).map(|ms| ms as f64 / 1000.0),
+            tenant: rec.tenant.clone(),
         }
     }
 }
@@ -223,6 +230,7 @@ impl ProcessView {
             deadline_at: ts(rec.deadline_ms),
             duration: rec.duration_ms(now_ms).map(|ms| ms as f64 / 1000.0),
             idempotency_key: rec.idempotency_key.clone(),
+            tenant: rec.tenant.clone(),
             audit: rec
                 .audit
                 .iter()

@@ -10,7 +10,7 @@
 -- sweeper of the same worker that both got the entry cannot both start it). Beginning
 -- resets the entry's idle time, as a heartbeat does.
 -- Returns one reply per job:
---   {'ok', deliveries, type, version, step_record_json, data_hash_flat}
+--   {'ok', deliveries, type, version, step_record_json, data_hash_flat, tenant ('' none)}
 --   {'lost'}              the entry is no longer this claim (reclaimed meanwhile): skip it
 --   {'obsolete', reason}  superseded or the process is over: acknowledged and dropped
 local jobs, group, consumer = KEYS[1], ARGV[1], ARGV[2]
@@ -73,7 +73,7 @@ for i = 1, n do
   if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(seen) then
     out[i] = {'lost'}
   else
-    local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION)
+    local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION, F_TENANT)
     if not m[1] or not process_active(m[1]) then
       ack(jobs, group, id)
       out[i] = {'obsolete', 'process is ' .. tostring(m[1] or 'gone')}
@@ -86,7 +86,7 @@ for i = 1, n do
       else
         redis.call('HSET', steps, step, enc)
         redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
-        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data)}
+        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data), m[4] or ''}
       end
     end
   end

@@ -139,6 +139,7 @@ impl Transition {
                     trace,
                     timeout_ms,
                     pending,
+                    tenant,
                 } => {
                     meta_fields.extend([
                         (field::TYPE.into(), b(process_type)),
@@ -169,6 +170,9 @@ impl Transition {
                     }
                     if let Some(t) = trace {
                         meta_fields.push((field::TRACE.into(), b(t)));
+                    }
+                    if let Some(t) = tenant {
+                        meta_fields.push((field::TENANT.into(), b(t)));
                     }
                     ops.pairs(
                         "hset",

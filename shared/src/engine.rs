@@ -43,6 +43,8 @@ pub enum Action {
         trace: Option<String>,
         timeout_ms: u64,
         pending: bool,
+        /// The submission's tenant ([`Transition::with_tenant`]).
+        tenant: Option<String>,
     },
     /// A Pending process starts: it leaves the pending index, its deadline starts now, and
     /// its idempotency key (if any) is kept as long as a process created now would keep it.
@@ -84,6 +86,16 @@ pub struct Transition {
 }
 
 impl Transition {
+    /// Records `tenant` on the process a create transition makes (no effect on others).
+    pub fn with_tenant(mut self, tenant: Option<String>) -> Self {
+        for a in &mut self.actions {
+            if let Action::Create { tenant: t, .. } = a {
+                t.clone_from(&tenant);
+            }
+        }
+        self
+    }
+
     pub fn finish(&self) -> Option<(ProcessStatus, Option<&str>)> {
         self.actions.iter().find_map(|a| match a {
             Action::Finish { status, error, .. } => Some((*status, error.as_deref())),
@@ -509,6 +521,7 @@ pub fn create(
         trace,
         timeout_ms: timeout.as_millis() as u64,
         pending: false,
+        tenant: None,
     });
     for s in ctx.def.start.clone() {
         p.activate(&s);
@@ -535,6 +548,7 @@ pub fn create_pending(
             trace,
             timeout_ms: timeout.as_millis() as u64,
             pending: true,
+            tenant: None,
         }],
         notes: vec![format!(
             "process {process_id} is Pending: intake is drained"

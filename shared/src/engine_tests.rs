@@ -81,6 +81,7 @@ fn empty_record() -> ProcessRecord {
         error: None,
         code: None,
         idempotency_key: None,
+        tenant: None,
         trace: None,
         audit: Vec::new(),
         steps: BTreeMap::new(),
@@ -417,6 +418,7 @@ kind = "noop"
         trace: Some(tp.into()),
         timeout_ms: 90_000,
         pending: false,
+        tenant: None,
     }));
     let creates = t
         .actions

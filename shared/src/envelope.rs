@@ -571,7 +571,9 @@ fn step_failure(f: &FieldMap, failed: bool) -> Result<Option<Failure>, EnvelopeE
 ///
 /// Only `type` is required. `input` is a JSON object; `id` (a client-chosen process id,
 /// `[A-Za-z0-9_-]{1,64}`) lets the client follow the process without a lookup;
-/// `idempotency_key` makes resubmission return the same process.
+/// `idempotency_key` makes resubmission return the same process; `tenant` (the same
+/// characters) names whom the process runs for: stored on the process, it picks the
+/// process's fair share of each LLM bucket with tenant shares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Submission {
     pub process_type: String,
@@ -579,6 +581,7 @@ pub struct Submission {
     pub input: serde_json::Value,
     pub id: Option<String>,
     pub idempotency_key: Option<String>,
+    pub tenant: Option<String>,
     pub trace: TraceContext,
 }
 
@@ -599,6 +602,7 @@ impl Submission {
         push(&mut f, "input", &self.input);
         push_opt(&mut f, "id", &self.id);
         push_opt(&mut f, "idempotency_key", &self.idempotency_key);
+        push_opt(&mut f, "tenant", &self.tenant);
         push_opt(&mut f, "tp", &self.trace.traceparent);
         push_opt(&mut f, "ts", &self.trace.tracestate);
         f
@@ -635,6 +639,7 @@ impl Submission {
             input,
             id: checked("id")?,
             idempotency_key: checked("idempotency_key")?,
+            tenant: checked("tenant")?,
             trace: TraceContext::from_caller(f.get("tp"), f.get("ts")),
         })
     }
@@ -709,6 +714,7 @@ mod tests {
             input: serde_json::json!({}),
             id: None,
             idempotency_key: None,
+            tenant: None,
             trace: TraceContext {
                 traceparent: Some(long.clone()),
                 tracestate: None,

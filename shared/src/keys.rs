@@ -220,6 +220,8 @@ pub mod field {
     pub const ERROR: &str = "error";
     pub const CODE: &str = "code";
     pub const IDEMPOTENCY_KEY: &str = "idem";
+    /// The submission's tenant (absent: none).
+    pub const TENANT: &str = "tenant";
     pub const TRACE: &str = "trace";
     pub const AUDIT: &str = "audit";
     pub const INPUT: &str = "input";

@@ -9,9 +9,66 @@
 //! admitted ([`Admission::TooLarge`]): size `burst_tokens` for the largest call
 //! (prompt + `max_tokens`).
 
+//!
+//! Fair shares ([`LimitSpec::shares`], [`LimitSpec::tenant_shares`]): a bucket's capacity is
+//! split among the process types (and tenants) that asked within the share window, by
+//! weight, with an optional reserved minimum and a maximum per share, in the same script
+//! and round trip (see `llm_limit.lua` and the README's fleet-wide limiter section).
+
 use crate::scripts::Scripts;
 use crate::store::{Result, Store, StoreError};
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// The share that every name not listed in a bucket's shares belongs to (all together).
+pub const OTHER_SHARE: &str = "*";
+
+/// The share window when a bucket does not set `shareWindowMs`.
+pub const DEFAULT_SHARE_WINDOW: Duration = Duration::from_secs(10);
+
+/// One share of a bucket: a process type's (or a tenant's) part of its capacity.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ShareSpec {
+    /// Relative weight among the active shares (>= 1).
+    pub weight: u32,
+    /// Reserved requests per minute while the share asks (0: none).
+    #[serde(alias = "min_rpm")]
+    pub min_rpm: u32,
+    /// The most requests per minute the share ever gets (0: no cap).
+    #[serde(alias = "max_rpm")]
+    pub max_rpm: u32,
+}
+
+impl Default for ShareSpec {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            min_rpm: 0,
+            max_rpm: 0,
+        }
+    }
+}
+
+/// Who a call is for: the process type and tenant whose shares it is charged to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Asker {
+    pub process_type: String,
+    pub tenant: Option<String>,
+}
+
+impl Asker {
+    pub fn new(process_type: impl Into<String>, tenant: Option<String>) -> Self {
+        Self {
+            process_type: process_type.into(),
+            tenant,
+        }
+    }
+}
+
+/// Share-map prefixes in the bucket's hash: one per dimension.
+const TYPE_DIM: &str = "t";
+const TENANT_DIM: &str = "n";
 
 /// One bucket's limits, e.g. provider "openai" model "gpt-4o".
 /// An omitted field is 0 (unlimited, or no extra burst).
@@ -26,6 +83,22 @@ pub struct LimitSpec {
     pub burst_requests: u32,
     /// Extra tokens allowed at once above the steady rate; also the largest reservation.
     pub burst_tokens: u64,
+    /// Fair shares per process type; `*` stands for every type not listed (weight 1 when
+    /// absent). Empty: no shares, first come first served.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub shares: BTreeMap<String, ShareSpec>,
+    /// Fair shares per tenant (the submission's `tenant`); `*` stands for every other
+    /// tenant and for processes without one.
+    #[serde(alias = "tenant_shares", skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenant_shares: BTreeMap<String, ShareSpec>,
+    /// A share is active (takes part in the split) this long after it last asked
+    /// (0: [`DEFAULT_SHARE_WINDOW`]).
+    #[serde(alias = "share_window_ms", skip_serializing_if = "is_zero")]
+    pub share_window_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 const MINUTE_US: f64 = 60_000_000.0;
@@ -45,7 +118,143 @@ impl LimitSpec {
                     .into(),
             );
         }
+        for (field, shares) in [
+            ("shares", &self.shares),
+            ("tenantShares", &self.tenant_shares),
+        ] {
+            self.validate_shares(field, shares)?;
+        }
+        if self.share_window_ms > 3_600_000 {
+            return Err("shareWindowMs must be at most 3600000 (one hour)".into());
+        }
         Ok(())
+    }
+
+    fn validate_shares(
+        &self,
+        field: &str,
+        shares: &BTreeMap<String, ShareSpec>,
+    ) -> std::result::Result<(), String> {
+        if shares.is_empty() {
+            return Ok(());
+        }
+        if self.is_unlimited() {
+            return Err(format!(
+                "{field} need a limit to share: set requestsPerMinute or tokensPerMinute"
+            ));
+        }
+        let mut reserved = 0u64;
+        for (name, share) in shares {
+            if name != OTHER_SHARE && !crate::envelope::valid_id(name) {
+                return Err(format!(
+                    "{field}: {name:?} is not a share name ([A-Za-z0-9_-]{{1,64}}, or \"*\" for all others)"
+                ));
+            }
+            if !(1..=1_000_000).contains(&share.weight) {
+                return Err(format!("{field}.{name}.weight must be 1..=1000000"));
+            }
+            if (share.min_rpm > 0 || share.max_rpm > 0) && self.requests_per_minute == 0 {
+                return Err(format!(
+                    "{field}.{name}: min_rpm and max_rpm need the bucket's requestsPerMinute"
+                ));
+            }
+            if share.max_rpm > 0 && share.max_rpm < share.min_rpm {
+                return Err(format!(
+                    "{field}.{name}: max_rpm ({}) is below min_rpm ({})",
+                    share.max_rpm, share.min_rpm
+                ));
+            }
+            reserved += u64::from(share.min_rpm);
+        }
+        if reserved > u64::from(self.requests_per_minute) {
+            return Err(format!(
+                "{field}: the reserved minimums add up to {reserved} rpm, more than the \
+                 bucket's requestsPerMinute ({})",
+                self.requests_per_minute
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether calls on this bucket are split into fair shares.
+    pub fn has_shares(&self) -> bool {
+        !self.is_unlimited() && (!self.shares.is_empty() || !self.tenant_shares.is_empty())
+    }
+
+    /// How long a share stays active after it last asked.
+    pub fn share_window(&self) -> Duration {
+        if self.share_window_ms == 0 {
+            DEFAULT_SHARE_WINDOW
+        } else {
+            Duration::from_millis(self.share_window_ms)
+        }
+    }
+
+    /// The dimensions with shares: (prefix, shares, the asker's name in it).
+    fn dimensions<'a>(
+        &'a self,
+        asker: &'a Asker,
+    ) -> impl Iterator<Item = (&'static str, &'a BTreeMap<String, ShareSpec>, &'a str)> {
+        let own = |shares: &BTreeMap<String, ShareSpec>, name: Option<&'a str>| match name {
+            Some(n) if n != OTHER_SHARE && shares.contains_key(n) => n,
+            _ => OTHER_SHARE,
+        };
+        let types = (!self.shares.is_empty()).then(|| {
+            (
+                TYPE_DIM,
+                &self.shares,
+                own(&self.shares, Some(asker.process_type.as_str())),
+            )
+        });
+        let tenants = (!self.tenant_shares.is_empty()).then(|| {
+            (
+                TENANT_DIM,
+                &self.tenant_shares,
+                own(&self.tenant_shares, asker.tenant.as_deref()),
+            )
+        });
+        types
+            .into_iter()
+            .chain(tenants)
+            .filter(|_| self.has_shares())
+    }
+
+    /// The shares a call of `asker` is charged to, as the script names them
+    /// (`t:<type>`, `n:<tenant>`; `*` for names not listed).
+    pub fn share_fields(&self, asker: &Asker) -> Vec<String> {
+        self.dimensions(asker)
+            .map(|(dim, _, own)| format!("{dim}:{own}"))
+            .collect()
+    }
+
+    /// The acquire arguments of the shares (ARGV[9..]); empty without shares.
+    fn share_args(&self, asker: &Asker) -> Vec<String> {
+        let dims: Vec<_> = self.dimensions(asker).collect();
+        if dims.is_empty() {
+            return vec![];
+        }
+        let mut a = vec![
+            (self.share_window().as_micros() as u64).to_string(),
+            dims.len().to_string(),
+        ];
+        let other = ShareSpec::default();
+        for (dim, shares, own) in dims {
+            let mut list: Vec<(&str, &ShareSpec)> =
+                shares.iter().map(|(n, s)| (n.as_str(), s)).collect();
+            if !shares.contains_key(OTHER_SHARE) {
+                list.push((OTHER_SHARE, &other));
+            }
+            a.extend([dim.to_string(), own.to_string(), list.len().to_string()]);
+            for (name, s) in list {
+                a.extend([
+                    name.to_string(),
+                    s.weight.max(1).to_string(),
+                    s.min_rpm.to_string(),
+                    s.max_rpm.to_string(),
+                ]);
+            }
+        }
+        a
     }
 
     /// Requests held by a full bucket.
@@ -155,6 +364,11 @@ fn parse_breaker_reply(r: (i64, i64, String)) -> Result<(Admission, BreakerSeen)
             wait,
             paused: false,
         }),
+        // A share over its fair rate: ask again after the hint.
+        (0, "share") => Ok(Admission::Wait {
+            wait,
+            paused: false,
+        }),
         (0, "paused") => Ok(Admission::Wait { wait, paused: true }),
         (0, "too_large") => Ok(Admission::TooLarge),
         _ => Err(StoreError::Reply {
@@ -193,6 +407,23 @@ impl Store {
         max_wait: Duration,
         probe_lease: Option<Duration>,
     ) -> Result<(Admission, BreakerSeen)> {
+        self.llm_acquire_as(bucket, spec, None, tokens, max_wait, probe_lease)
+            .await
+    }
+
+    /// As [`Store::llm_acquire_gated`], charging the call to the fair shares of `asker`
+    /// when the bucket has shares (a share over its fair rate answers
+    /// [`Admission::Wait`]: ask again after its wait). `None`: the shares of an asker of no
+    /// listed type or tenant.
+    pub async fn llm_acquire_as(
+        &self,
+        bucket: &str,
+        spec: &LimitSpec,
+        asker: Option<&Asker>,
+        tokens: u64,
+        max_wait: Duration,
+        probe_lease: Option<Duration>,
+    ) -> Result<(Admission, BreakerSeen)> {
         let keys = self.keys().llm_limit(bucket);
         let req_t = spec.request_interval_us();
         let tok_t = spec.token_interval_us();
@@ -207,10 +438,10 @@ impl Store {
             .arg(f(tok_t))
             .arg(f(tok_t * spec.token_capacity() as f64))
             .arg(tokens)
-            .arg(max_wait.as_micros() as u64);
-        if let Some(lease) = probe_lease {
-            call.arg(lease.as_micros() as u64);
-        }
+            .arg(max_wait.as_micros() as u64)
+            .arg(probe_lease.map_or(0, |l| l.as_micros() as u64));
+        let nobody = Asker::default();
+        call.arg(spec.share_args(asker.unwrap_or(&nobody)));
         let r: (i64, i64, String) = call.invoke_async(&mut self.conn()).await?;
         parse_breaker_reply(r)
     }
@@ -248,7 +479,8 @@ impl Store {
 
     /// One round trip: reconcile a reservation of `reserved` tokens with the `actual` usage
     /// (refund or charge the difference), and give the request back when `unused` (a
-    /// booked call that was never sent). Skipped (no round trip) when nothing changes;
+    /// booked call that was never sent), on the bucket and on the call's `shares`
+    /// ([`LimitSpec::share_fields`]). Skipped (no round trip) when nothing changes;
     /// returns whether a round trip was made.
     pub async fn llm_settle(
         &self,
@@ -257,6 +489,7 @@ impl Store {
         reserved: u64,
         actual: u64,
         unused: bool,
+        shares: &[String],
     ) -> Result<bool> {
         let delta = if spec.tokens_per_minute == 0 {
             0
@@ -281,6 +514,7 @@ impl Store {
             .arg(req_delta)
             .arg(f(spec.token_interval_us()))
             .arg(delta.to_string())
+            .arg(shares)
             .invoke_async(&mut self.conn())
             .await?;
         parse_reply(r)?;
@@ -294,6 +528,7 @@ impl Store {
         bucket: &str,
         spec: &LimitSpec,
         tokens: u64,
+        shares: &[String],
     ) -> Result<Option<Duration>> {
         let keys = self.keys().llm_limit(bucket);
         let r: (i64, i64, String) = Scripts::get()
@@ -304,6 +539,7 @@ impl Store {
             .arg(f(spec.request_interval_us()))
             .arg(f(spec.token_interval_us()))
             .arg(tokens)
+            .arg(shares)
             .invoke_async(&mut self.conn())
             .await?;
         match parse_reply(r)? {
@@ -343,7 +579,87 @@ mod tests {
             tokens_per_minute: tpm,
             burst_requests: br,
             burst_tokens: bt,
+            ..LimitSpec::default()
         }
+    }
+
+    fn share(weight: u32, min_rpm: u32, max_rpm: u32) -> ShareSpec {
+        ShareSpec {
+            weight,
+            min_rpm,
+            max_rpm,
+        }
+    }
+
+    #[test]
+    fn share_args_list_every_share_and_the_callers_own() {
+        let mut s = spec(600, 0, 5, 0);
+        assert!(!s.has_shares());
+        assert!(s.share_args(&Asker::new("Deployment", None)).is_empty());
+        s.shares.insert("Deployment".into(), share(3, 10, 0));
+        s.shares.insert("Benchmark".into(), share(1, 0, 40));
+        let a = s.share_args(&Asker::new("Deployment", None));
+        assert_eq!(
+            a,
+            [
+                "10000000",
+                "1",
+                "t",
+                "Deployment",
+                "3",
+                "Benchmark",
+                "1",
+                "0",
+                "40",
+                "Deployment",
+                "3",
+                "10",
+                "0",
+                "*",
+                "1",
+                "0",
+                "0"
+            ]
+        );
+        // An unlisted type is charged to `*`; a tenant dimension joins when configured.
+        s.tenant_shares.insert("acme".into(), share(2, 0, 0));
+        s.tenant_shares.insert("*".into(), share(5, 0, 0));
+        let who = Asker::new("Upgrade", Some("acme".into()));
+        assert_eq!(s.share_fields(&who), ["t:*", "n:acme"]);
+        let a = s.share_args(&who);
+        assert_eq!(a[1], "2");
+        let n = a.iter().position(|x| x == "n").unwrap();
+        assert_eq!(&a[n..n + 3], ["n", "acme", "2"]);
+        assert_eq!(s.share_fields(&Asker::new("Upgrade", None)), ["t:*", "n:*"]);
+        // A bucket with no limit has nothing to share.
+        let mut u = spec(0, 0, 0, 0);
+        u.shares.insert("A".into(), share(1, 0, 0));
+        assert!(!u.has_shares());
+        assert!(u.share_fields(&who).is_empty());
+    }
+
+    #[test]
+    fn shares_are_validated_with_the_field_named() {
+        let mut s = spec(60, 0, 1, 0);
+        s.shares.insert("A".into(), share(0, 0, 0));
+        assert!(s.validate().unwrap_err().contains("shares.A.weight"));
+        s.shares.insert("A".into(), share(1, 30, 20));
+        assert!(s.validate().unwrap_err().contains("below min_rpm"));
+        s.shares.insert("A".into(), share(1, 40, 0));
+        s.shares.insert("B".into(), share(1, 30, 0));
+        assert!(s.validate().unwrap_err().contains("70 rpm"));
+        s.shares.clear();
+        s.tenant_shares.insert("bad name".into(), share(1, 0, 0));
+        assert!(s.validate().unwrap_err().contains("tenantShares"));
+        s.tenant_shares.clear();
+        s.tenant_shares.insert("*".into(), share(2, 0, 0));
+        s.validate().unwrap();
+        let mut t = spec(0, 6000, 0, 100);
+        t.shares.insert("A".into(), share(1, 5, 0));
+        assert!(t.validate().unwrap_err().contains("requestsPerMinute"));
+        let mut u = spec(0, 0, 0, 0);
+        u.shares.insert("A".into(), share(1, 0, 0));
+        assert!(u.validate().unwrap_err().contains("need a limit"));
     }
 
     #[test]

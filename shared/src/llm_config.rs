@@ -641,9 +641,57 @@ api_key_env = "OPENAI_API_KEY"
                 tokens_per_minute: 0,
                 burst_requests: 0,
                 burst_tokens: 0,
+                ..LimitSpec::default()
             },
         );
         assert_eq!(c.validate().unwrap_err().0, "llm_provider.limits");
+    }
+
+    #[test]
+    fn bucket_shares_parse_as_the_readme_writes_them_and_are_validated() {
+        let c: LlmProviderConfig = toml::from_str(
+            r#"
+provider = "openai"
+[limits."openai/gpt-4o"]
+requestsPerMinute = 60
+shares = { Deployment = { weight = 3, min_rpm = 10 }, Benchmark = { weight = 1, max_rpm = 40 }, "*" = { weight = 2 } }
+tenant_shares = { acme = { weight = 2 } }
+share_window_ms = 5000
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let spec = &c.limits["openai/gpt-4o"];
+        assert_eq!(spec.shares["Deployment"].min_rpm, 10);
+        assert_eq!(spec.shares["Benchmark"].max_rpm, 40);
+        assert_eq!(spec.shares["*"].weight, 2);
+        assert_eq!(spec.tenant_shares["acme"].weight, 2);
+        assert_eq!(spec.share_window(), std::time::Duration::from_secs(5));
+        // Shown camelCased, map keys as written.
+        let v = serde_json::to_value(spec).unwrap();
+        assert_eq!(v["shares"]["Deployment"]["minRpm"], 10);
+        assert_eq!(v["tenantShares"]["acme"]["weight"], 2);
+        // Reserved minimums above the bucket's rate are refused at load, naming the bucket.
+        let mut bad = c.clone();
+        bad.limits
+            .get_mut("openai/gpt-4o")
+            .unwrap()
+            .shares
+            .get_mut("Deployment")
+            .unwrap()
+            .min_rpm = 100;
+        let (field, msg) = bad.validate().unwrap_err();
+        assert_eq!(field, "llm_provider.limits");
+        assert!(msg.starts_with("openai/gpt-4o: shares"), "{msg}");
+        // A misspelt share field is an error.
+        let e = toml::from_str::<LlmProviderConfig>(
+            r#"
+provider = "openai"
+limits = { "openai/gpt-4o" = { requestsPerMinute = 60, shares = { A = { weigth = 2 } } } }
+"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("weigth"), "{e}");
     }
 
     #[test]

@@ -77,9 +77,12 @@ pub const PAUSED_PROCESSES: &str = "honua_paused_processes";
 
 /// LLM metrics (emitted by the `llm` step kind).
 /// Tokens of completed calls, input plus output (counter; `provider`, `model`,
-/// `process_type`).
+/// `process_type`, `tenant`: a tenant named in some bucket's `tenant_shares`, `other`, or
+/// `none`).
 pub const LLM_TOKENS_USED: &str = "honua_llm_tokens_used_total";
 pub const LLM_ERRORS: &str = "honua_llm_errors_total";
+/// Provider calls (counter; `provider`, `model`, `outcome`, `process_type`, `tenant` as on
+/// the tokens counter).
 pub const LLM_REQUESTS: &str = "honua_llm_requests_total";
 pub const LLM_LATENCY: &str = "honua_llm_request_duration_seconds";
 /// Time an LLM call waited for the fleet-wide limiter (histogram, seconds; `bucket`:

@@ -162,6 +162,8 @@ pub struct ProcessRecord {
     pub error: Option<String>,
     pub code: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The submission's tenant.
+    pub tenant: Option<String>,
     pub trace: Option<String>,
     pub audit: Vec<AuditEntry>,
     pub steps: BTreeMap<String, StepRecord>,
@@ -222,6 +224,7 @@ impl ProcessRecord {
             error: get(field::ERROR).map(str::to_string),
             code: get(field::CODE).map(str::to_string),
             idempotency_key: get(field::IDEMPOTENCY_KEY).map(str::to_string),
+            tenant: get(field::TENANT).map(str::to_string),
             trace: get(field::TRACE).map(str::to_string),
             audit: match get(field::AUDIT) {
                 Some(raw) => serde_json::from_str(raw).map_err(|e| RecordError::Invalid {

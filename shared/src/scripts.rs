@@ -51,6 +51,7 @@ fn constants() -> String {
     c("F_VERSION", field::VERSION);
     c("F_REV", field::REV);
     c("F_IDEM", field::IDEMPOTENCY_KEY);
+    c("F_TENANT", field::TENANT);
     c("F_OUTPUT_PREFIX", field::OUTPUT_PREFIX);
     c("F_CHECKPOINT_PREFIX", field::CHECKPOINT_PREFIX);
     c("OUTCOME_FAILED", outcome::FAILED);

@@ -450,6 +450,7 @@ impl Fleet {
             input,
             id: None,
             idempotency_key: None,
+            tenant: None,
             trace: Default::default(),
         };
         self.engine

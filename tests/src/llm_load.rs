@@ -3,7 +3,7 @@
 //! the bucket on a 429 and settle each permit with the real usage. Used in-process and by
 //! the `honua-llm-load` binary (one limiter per process).
 
-use honua_shared::limiter::LimitSpec;
+use honua_shared::limiter::{Asker, LimitSpec};
 use honua_worker::limit::{LimiterStats, LlmLimiter};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -32,6 +32,12 @@ pub struct LoadSpec {
     pub settle: bool,
     /// A label sent as the OpenAI `user` field, so the mock can tell clients apart.
     pub user: String,
+    /// The process type the calls are charged to (fair shares); empty: none.
+    #[serde(default)]
+    pub process_type: String,
+    /// The tenant the calls are charged to (fair shares).
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// What one load client saw.
@@ -165,7 +171,11 @@ pub async fn run(spec: &LoadSpec, limiter: LlmLimiter, hooks: Hooks) -> LoadRepo
             while Instant::now() < end {
                 let left = end.saturating_duration_since(Instant::now());
                 let wait = Duration::from_millis(spec.max_wait_ms).min(left);
-                let permit = match limiter.acquire(&spec.bucket, reserve, wait, &cancel).await {
+                let asker = Asker::new(spec.process_type.clone(), spec.tenant.clone());
+                let permit = match limiter
+                    .acquire_as(&spec.bucket, Some(&asker), reserve, wait, &cancel)
+                    .await
+                {
                     Ok(Some(p)) => p,
                     Ok(None) => {
                         report.lock().unwrap().not_within_wait += 1;

@@ -1264,6 +1264,7 @@ async fn a_reused_idempotency_key_answers_the_stored_process_or_409() {
         input: json!({"n": 1}),
         id: None,
         idempotency_key: Some("order-7".into()),
+        tenant: None,
         trace: Default::default(),
     };
     let keys = f.store().keys();
@@ -1342,6 +1343,7 @@ async fn too_deep_input_is_refused_at_submission_and_a_bad_traceparent_is_droppe
         input: nested(12),
         id: Some("too-deep".into()),
         idempotency_key: None,
+        tenant: None,
         trace: Default::default(),
     };
     xadd_submission(f.store(), &deep).await;
@@ -1655,6 +1657,7 @@ async fn drain_holds_new_processes_pending_until_intake_resumes() {
         input: json!({}),
         id: Some("from-the-stream".into()),
         idempotency_key: None,
+        tenant: None,
         trace: Default::default(),
     };
     xadd_submission(f.store(), &sub).await;
@@ -2128,4 +2131,72 @@ kind = "noop"
     );
     f.stop().await;
     drop(dir);
+}
+
+/// A submission's `tenant` (HTTP body or submission stream) is stored on the process and
+/// shown in its view and in lists; a tenant that is not an id is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_of_a_submission_is_kept_and_shown() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let f = Fleet::start(test_config(&redis.url(), dir.path()), 1, 0).await;
+    let c = http();
+    let url = f.url("/api/processes");
+    let (code, created) = post_json(
+        &c,
+        &url,
+        json!({"processType": "Ok", "id": "p-acme", "tenant": "acme"}),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let (_, view) = get_json(&c, &f.url("/api/processes/p-acme")).await;
+    assert_eq!(view["tenant"], "acme", "{view}");
+    let (meta, steps) = f.store().load_process("p-acme").await.unwrap();
+    let rec = honua_shared::record::ProcessRecord::parse("p-acme", &meta, &steps)
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.tenant.as_deref(), Some("acme"));
+    // Without one, no tenant.
+    let (code, _) = post_json(&c, &url, json!({"processType": "Ok", "id": "p-none"})).await;
+    assert_eq!(code, 201);
+    let (_, view) = get_json(&c, &f.url("/api/processes/p-none")).await;
+    assert!(view.get("tenant").is_none(), "{view}");
+    // Through the submission stream.
+    let sub = honua_shared::envelope::Submission {
+        process_type: "Ok".into(),
+        version: None,
+        input: json!({}),
+        id: Some("p-stream".into()),
+        idempotency_key: None,
+        tenant: Some("globex".into()),
+        trace: Default::default(),
+    };
+    xadd_submission(f.store(), &sub).await;
+    let (_, view) = wait_for("the streamed submission", DEADLINE, || async {
+        let (code, v) = get_json(&c, &f.url("/api/processes/p-stream")).await;
+        (code == 200).then_some((code, v))
+    })
+    .await;
+    assert_eq!(view["tenant"], "globex", "{view}");
+    // Lists carry it too.
+    let (_, list) = get_json(&c, &url).await;
+    let acme = list
+        .as_array()
+        .and_then(|items| items.iter().find(|p| p["id"] == "p-acme"))
+        .unwrap_or_else(|| panic!("p-acme not listed: {list}"));
+    assert_eq!(acme["tenant"], "acme", "{list}");
+    // Not an id: 400, nothing created.
+    for bad in ["has space", "", &"x".repeat(65), "ä"] {
+        let (code, err) = post_json(
+            &c,
+            &url,
+            json!({"processType": "Ok", "id": "p-bad", "tenant": bad}),
+        )
+        .await;
+        assert_eq!(code, 400, "{bad:?}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains("tenant"), "{err}");
+    }
+    let (code, _) = get_json(&c, &f.url("/api/processes/p-bad")).await;
+    assert_eq!(code, 404);
+    f.stop().await;
 }

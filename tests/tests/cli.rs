@@ -384,6 +384,24 @@ async fn submit_input_idempotency_and_refusals() {
         "{reused:#?}"
     );
 
+    // A tenant goes with the submission and shows in `honua get`; a bad one is refused
+    // before anything is sent.
+    let t = honua(&f, &["submit", "Three", "--tenant", "acme", "--json"])
+        .await
+        .ok()
+        .json();
+    let id = t["id"].as_str().unwrap().to_string();
+    let shown = honua(&f, &["get", &id]).await.ok();
+    assert!(
+        shown.out.contains("Tenant:") && shown.out.contains("acme"),
+        "{shown:#?}"
+    );
+    let bad = CliArgs::try_parse_args(["honua", "submit", "Three", "--tenant", "a b"])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("--tenant"), "{bad}");
+
     let unknown = honua(&f, &["submit", "NoSuchType"]).await.exits(1);
     assert!(
         unknown.err.trim_end().ends_with("(unknown_process_type)"),

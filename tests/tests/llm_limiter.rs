@@ -159,6 +159,7 @@ async fn fleet_shares_one_bucket_without_overshoot() {
                 tokens_per_minute: 60_000,
                 burst_requests: 10,
                 burst_tokens: 2_000,
+                ..LimitSpec::default()
             },
         ),
         (
@@ -172,6 +173,7 @@ async fn fleet_shares_one_bucket_without_overshoot() {
                 // client process not scheduled for a few hundred ms on a loaded machine)
                 // bunches arrivals, and the burst is the slack that absorbs it.
                 burst_tokens: 800,
+                ..LimitSpec::default()
             },
         ),
     ];
@@ -201,6 +203,8 @@ async fn fleet_shares_one_bucket_without_overshoot() {
                 max_wait_ms: 2_000,
                 settle: true,
                 user: format!("w{i}"),
+                process_type: String::new(),
+                tenant: None,
             })
             .collect();
         let child = Command::new(env!("CARGO_BIN_EXE_honua-llm-load"))
@@ -302,6 +306,7 @@ async fn provider_429_pauses_every_limiter() {
         tokens_per_minute: 0,
         burst_requests: 5,
         burst_tokens: 0,
+        ..LimitSpec::default()
     };
     let mock = MockLlm::start(MockConfig {
         latency: Latency::Fixed(Duration::from_millis(5)),
@@ -342,6 +347,8 @@ async fn provider_429_pauses_every_limiter() {
             max_wait_ms: 1_000,
             settle: true,
             user: format!("u{i}"),
+            process_type: String::new(),
+            tenant: None,
         };
         // Each user has its own limiter and Redis connection.
         let lim = limiter(&redis, "pause", &spec);
@@ -405,6 +412,7 @@ async fn settle_refunds_unused_tokens() {
         tokens_per_minute: 60,
         burst_requests: 0,
         burst_tokens: 300,
+        ..LimitSpec::default()
     };
     let mock = MockLlm::start(MockConfig {
         completion: Completion::Fixed("ok".into()),
@@ -482,6 +490,7 @@ async fn redis_down_falls_back_to_the_local_stage() {
         tokens_per_minute: 0,
         burst_requests: 3,
         burst_tokens: 0,
+        ..LimitSpec::default()
     };
     let lim = limiter(&redis, "down", &spec);
     let cancel = CancellationToken::new();
@@ -553,6 +562,7 @@ async fn script_books_pauses_and_refuses_what_never_fits() {
         tokens_per_minute: 600,
         burst_requests: 1,
         burst_tokens: 100,
+        ..LimitSpec::default()
     };
     let b = "a/{b}";
     assert_eq!(
@@ -598,7 +608,7 @@ async fn script_books_pauses_and_refuses_what_never_fits() {
         panic!("expected a wait")
     };
     assert!(later > booked, "{later:?} > {booked:?}");
-    assert!(store.llm_settle(b, &spec, 10, 0, true).await.unwrap());
+    assert!(store.llm_settle(b, &spec, 10, 0, true, &[]).await.unwrap());
     let Admission::Wait { wait: freed, .. } = store
         .llm_acquire(b, &spec, 10, Duration::ZERO)
         .await
@@ -608,7 +618,12 @@ async fn script_books_pauses_and_refuses_what_never_fits() {
     };
     assert!(freed < later, "{freed:?} < {later:?}");
     // Nothing to reconcile: no round trip.
-    assert!(!store.llm_settle(b, &spec, 10, 10, false).await.unwrap());
+    assert!(
+        !store
+            .llm_settle(b, &spec, 10, 10, false, &[])
+            .await
+            .unwrap()
+    );
     // A pause only grows, and holds every acquire.
     let long = store.llm_pause(b, Duration::from_secs(30)).await.unwrap();
     let after_short = store.llm_pause(b, Duration::from_secs(1)).await.unwrap();
@@ -622,7 +637,13 @@ async fn script_books_pauses_and_refuses_what_never_fits() {
     };
     assert!(paused);
     // Confirm after a booked wait sees the pause and gives the slot back.
-    assert!(store.llm_confirm(b, &spec, 10).await.unwrap().is_some());
+    assert!(
+        store
+            .llm_confirm(b, &spec, 10, &[])
+            .await
+            .unwrap()
+            .is_some()
+    );
     // Bad input is a clear script error, not a silent grant.
     let mut conn = store.conn();
     let e = honua_shared::scripts::Scripts::get()
@@ -692,4 +713,396 @@ async fn breaker_script_opens_admits_one_probe_and_closes() {
     // A successful probe closes it.
     assert_eq!(report(&b, BreakerOutcome::Success, true).await, None);
     assert_eq!(acq(&a).await, (granted, BreakerSeen::Closed));
+}
+
+/// One `acquire` round trip of `asker` booking up to far ahead: the booked wait, or `None`
+/// when refused (its share is over its fair rate at the bucket's next slot).
+async fn ask(
+    store: &Store,
+    bucket: &str,
+    spec: &LimitSpec,
+    asker: &honua_shared::limiter::Asker,
+) -> Option<Duration> {
+    use honua_shared::limiter::Admission;
+    match store
+        .llm_acquire_as(
+            bucket,
+            spec,
+            Some(asker),
+            1,
+            Duration::from_secs(100_000),
+            None,
+        )
+        .await
+        .unwrap()
+        .0
+    {
+        Admission::Granted { wait } => Some(wait),
+        Admission::Wait { paused: false, .. } => None,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Asks in turns (one ask of each asker per round, `rounds` rounds), every call booking far
+/// ahead, so the whole pattern runs at one instant of the bucket's clock: deterministic.
+/// Returns the grants per asker and the latest booked slot.
+async fn in_turns(
+    store: &Store,
+    bucket: &str,
+    spec: &LimitSpec,
+    askers: &[honua_shared::limiter::Asker],
+    rounds: usize,
+) -> (Vec<u64>, Duration) {
+    let mut grants = vec![0u64; askers.len()];
+    let mut last = Duration::ZERO;
+    for _ in 0..rounds {
+        for (i, a) in askers.iter().enumerate() {
+            if let Some(w) = ask(store, bucket, spec, a).await {
+                grants[i] += 1;
+                last = last.max(w);
+            }
+        }
+    }
+    (grants, last)
+}
+
+/// The fair-share accounting of `llm_limit.lua`, called directly (no workers, no mock):
+/// weights split a saturated bucket, a lone share gets all of it, a reserved minimum and a
+/// maximum hold, tenant shares split the same way, every slot of the bucket is used, a
+/// share's unused booking is refunded to it, and an idle share's capacity returns once it
+/// has not asked for the window.
+#[tokio::test]
+async fn script_splits_a_bucket_into_fair_shares() {
+    use honua_shared::limiter::{Asker, ShareSpec};
+    let redis = RedisServer::start();
+    let store = Store::open(&redis.url(), Keys::new("shares", 0)).unwrap();
+    let share = |weight, min_rpm, max_rpm| ShareSpec {
+        weight,
+        min_rpm,
+        max_rpm,
+    };
+    // 1 request per second, burst 4: a slot per second of the bucket's clock.
+    let base = LimitSpec {
+        requests_per_minute: 60,
+        burst_requests: 4,
+        ..LimitSpec::default()
+    };
+    let typed = |shares: &[(&str, ShareSpec)]| {
+        let mut s = base.clone();
+        s.shares = shares
+            .iter()
+            .map(|(n, sh)| (n.to_string(), sh.clone()))
+            .collect();
+        s
+    };
+    let deployment = Asker::new("Deployment", None);
+    let benchmark = Asker::new("Benchmark", None);
+    let both = [deployment.clone(), benchmark.clone()];
+    // Every granted call holds one slot of the bucket, and the slots follow each other
+    // without a hole: the last booking lies within the last burst of the grants' slots,
+    // (grants - burst) to (grants - 1) intervals ahead (less the time the asks took, well
+    // under one interval).
+    let full = |grants: &[u64], last: Duration| {
+        let total: u64 = grants.iter().sum();
+        let (lo, hi) = ((total - 4) as f64 - 1.0, (total - 1) as f64 + 0.01);
+        assert!(
+            (lo..=hi).contains(&last.as_secs_f64()),
+            "{total} grants, last slot {last:?}: the bucket was not used in full"
+        );
+    };
+    let ratio = |grants: &[u64]| grants[0] as f64 / grants.iter().sum::<u64>() as f64;
+
+    // Weights 3:1, both asking all the time: 75 % / 25 %.
+    let spec = typed(&[
+        ("Deployment", share(3, 0, 0)),
+        ("Benchmark", share(1, 0, 0)),
+    ]);
+    let (g, last) = in_turns(&store, "m/weights", &spec, &both, 400).await;
+    println!("SHARES weights 3:1 -> {g:?} ({:.1}%)", ratio(&g) * 100.0);
+    assert!((ratio(&g) - 0.75).abs() < 0.02, "{g:?}");
+    full(&g, last);
+
+    // Alone, either gets every slot.
+    for who in &both {
+        let bucket = format!("m/alone-{}", who.process_type);
+        let (g, last) = in_turns(&store, &bucket, &spec, std::slice::from_ref(who), 200).await;
+        assert_eq!(g, [200], "{} alone", who.process_type);
+        full(&g, last);
+    }
+
+    // A reserved minimum above the weighted share: Benchmark at weight 1 would get 15 rpm,
+    // its min_rpm reserves 30 of the 60.
+    let spec = typed(&[
+        ("Deployment", share(3, 0, 0)),
+        ("Benchmark", share(1, 30, 0)),
+    ]);
+    let (g, last) = in_turns(&store, "m/min", &spec, &both, 400).await;
+    println!("SHARES min 30 of 60 rpm -> {g:?}");
+    assert!((ratio(&g) - 0.5).abs() < 0.02, "{g:?}");
+    full(&g, last);
+
+    // A maximum below the weighted share: Deployment capped at 15 rpm, the rest goes to
+    // Benchmark (work-conserving), the bucket still used in full.
+    let spec = typed(&[
+        ("Deployment", share(3, 0, 15)),
+        ("Benchmark", share(1, 0, 0)),
+    ]);
+    let (g, last) = in_turns(&store, "m/max", &spec, &both, 400).await;
+    println!("SHARES max 15 of 60 rpm -> {g:?}");
+    assert!((ratio(&g) - 0.25).abs() < 0.02, "{g:?}");
+    full(&g, last);
+
+    // Unlisted types share `*`; tenants split the same way (acme 3, everyone else 1).
+    let mut spec = base.clone();
+    spec.tenant_shares = [("acme".to_string(), share(3, 0, 0))].into();
+    let tenants = [
+        Asker::new("Upgrade", Some("acme".into())),
+        Asker::new("Upgrade", Some("globex".into())),
+    ];
+    let (g, last) = in_turns(&store, "m/tenants", &spec, &tenants, 400).await;
+    println!("SHARES tenants 3:1 -> {g:?}");
+    assert!((ratio(&g) - 0.75).abs() < 0.02, "{g:?}");
+    full(&g, last);
+
+    // A booking given back is refunded to its share too.
+    let spec = typed(&[("Deployment", share(3, 0, 0))]);
+    let b = "m/refund";
+    assert!(ask(&store, b, &spec, &deployment).await.is_some());
+    let before = share_field(&store, b, "t:Deployment:rt")
+        .await
+        .expect("the share's tat");
+    let fields = spec.share_fields(&deployment);
+    assert_eq!(fields, ["t:Deployment"]);
+    assert!(
+        store
+            .llm_settle(b, &spec, 1, 0, true, &fields)
+            .await
+            .unwrap()
+    );
+    let after = share_field(&store, b, "t:Deployment:rt")
+        .await
+        .unwrap_or(0.0);
+    assert!(after < before, "{after} < {before}");
+
+    // Work-conserving: a share that stopped asking leaves the split once the window has
+    // passed since its last ask (and booked slot); then the other is charged the whole
+    // bucket's interval again.
+    let mut spec = typed(&[
+        ("Deployment", share(3, 0, 0)),
+        ("Benchmark", share(1, 0, 0)),
+    ]);
+    spec.requests_per_minute = 60_000; // slots 1 ms apart: Benchmark's booking is near
+    spec.share_window_ms = 200;
+    let b = "m/idle";
+    assert!(ask(&store, b, &spec, &benchmark).await.is_some());
+    assert!(ask(&store, b, &spec, &deployment).await.is_some());
+    // While Benchmark is active Deployment runs at 3/4 of the bucket: 1000 µs / 0.75.
+    let shared_ri = share_field(&store, b, "t:Deployment:ri").await.unwrap();
+    assert!((shared_ri - 1000.0 / 0.75).abs() < 1.0, "{shared_ri}");
+    wait_for("Deployment alone gets the whole bucket", DEADLINE, || {
+        let (store, spec, d) = (store.clone(), spec.clone(), deployment.clone());
+        async move {
+            ask(&store, b, &spec, &d).await;
+            let ri = share_field(&store, b, "t:Deployment:ri").await?;
+            ((ri - 1000.0).abs() < 1.0).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A field of a bucket's limiter hash, as a number.
+async fn share_field(store: &Store, bucket: &str, field: &str) -> Option<f64> {
+    let hash = store.keys().llm_limit(bucket)[0].clone();
+    redis::cmd("HGET")
+        .arg(hash.as_str())
+        .arg(field)
+        .query_async::<Option<f64>>(&mut store.conn())
+        .await
+        .unwrap()
+}
+
+/// Runs one `honua-llm-load` process per entry of `per_process` (each its own limiter and
+/// Redis connection, all its loads at once) and returns their reports.
+async fn run_fleet(per_process: Vec<Vec<LoadSpec>>) -> Vec<Vec<LoadReport>> {
+    let mut children = Vec::new();
+    for loads in per_process {
+        let child = Command::new(env!("CARGO_BIN_EXE_honua-llm-load"))
+            .arg(serde_json::to_string(&loads).unwrap())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        children.push(child);
+    }
+    let mut reports = Vec::new();
+    for child in children {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "load process failed: {:?}",
+            out.status
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        reports.push(serde_json::from_str(text.trim()).expect("load reports"));
+    }
+    reports
+}
+
+/// Fair shares across a fleet: 2 load processes (own limiters and Redis connections), each
+/// running Deployment and Benchmark calls at once against one bucket and the real mock.
+/// Admissions are counted by the limiters (granted on the Redis clock), not as arrivals
+/// at the mock, whose timing is noisy on a loaded machine; the mock still checks that no
+/// window exceeds the bucket's bound.
+/// - weights 3:1, both saturating: 75 % / 25 % (± 5 %) of the admissions;
+/// - Benchmark alone (Deployment never asks): >= 90 % of the limit, as without shares;
+/// - Benchmark with min_rpm half the bucket while Deployment (weight 3) saturates: 50 % (± 5 %).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_fair_shares_split_a_saturated_bucket() {
+    use honua_shared::limiter::ShareSpec;
+    let _turn = FLEET_TESTS.lock().await;
+    honua_runtime::install_crypto_provider();
+    let redis = RedisServer::start();
+    let window = Duration::from_secs(1);
+    // Bound by requests; the token limit is far away (the mock checks both).
+    let base = LimitSpec {
+        requests_per_minute: 1_200,
+        tokens_per_minute: 10_000_000,
+        burst_requests: 10,
+        burst_tokens: 100_000,
+        ..LimitSpec::default()
+    };
+    let share = |weight, min_rpm| ShareSpec {
+        weight,
+        min_rpm,
+        max_rpm: 0,
+    };
+    let duration = Duration::from_secs(12);
+    let load = |prefix: &str, spec: &LimitSpec, mock: &MockLlm, ty: &str, p: usize| LoadSpec {
+        redis_url: redis.url(),
+        prefix: prefix.into(),
+        bucket: BUCKET.into(),
+        spec: spec.clone(),
+        base_url: mock.base_url(),
+        concurrency: 4,
+        duration_ms: duration.as_millis() as u64,
+        prompt_chars: 100,
+        max_tokens: 100,
+        max_wait_ms: 2_000,
+        settle: true,
+        user: format!("{ty}{p}"),
+        process_type: ty.into(),
+        tenant: None,
+    };
+    let granted = |reports: &[Vec<LoadReport>], i: usize| -> u64 {
+        reports
+            .iter()
+            .map(|r| r.get(i).map_or(0, |r| r.granted))
+            .sum()
+    };
+    let no_overshoot = |mock: &MockLlm, spec: &LimitSpec, what: &str| {
+        let o = observe(mock, spec, window);
+        assert_eq!(
+            o.over_windows, 0,
+            "{what}: windows over the limit at the mock"
+        );
+        assert_eq!(o.refused, 0, "{what}: the mock refused requests");
+        o
+    };
+
+    // Weights 3:1.
+    let mut spec = base.clone();
+    spec.shares = [
+        ("Deployment".to_string(), share(3, 0)),
+        ("Benchmark".to_string(), share(1, 0)),
+    ]
+    .into();
+    let mock = window_mock(&spec, window).await;
+    let reports = run_fleet(
+        (0..2)
+            .map(|p| {
+                vec![
+                    load("w", &spec, &mock, "Deployment", p),
+                    load("w", &spec, &mock, "Benchmark", p),
+                ]
+            })
+            .collect(),
+    )
+    .await;
+    let (d, b) = (granted(&reports, 0), granted(&reports, 1));
+    let o = no_overshoot(&mock, &spec, "weights");
+    let d_share = d as f64 / (d + b) as f64;
+    println!(
+        "FAIR SHARES weights 3:1: Deployment {d}, Benchmark {b} admitted = {:.1}% / {:.1}%; \
+         {:.1}% of the limit used",
+        d_share * 100.0,
+        (1.0 - d_share) * 100.0,
+        o.req_share * 100.0
+    );
+    assert!(
+        (d_share - 0.75).abs() <= 0.05,
+        "Deployment got {:.1}%",
+        d_share * 100.0
+    );
+    assert!(
+        o.req_share >= 0.9,
+        "only {:.1}% of the limit used",
+        o.req_share * 100.0
+    );
+
+    // Benchmark alone: the whole bucket.
+    let mock = window_mock(&spec, window).await;
+    let reports = run_fleet(
+        (0..2)
+            .map(|p| vec![load("alone", &spec, &mock, "Benchmark", p)])
+            .collect(),
+    )
+    .await;
+    let o = no_overshoot(&mock, &spec, "alone");
+    println!(
+        "FAIR SHARES Benchmark alone: {} admitted, {:.1}% of the limit used",
+        granted(&reports, 0),
+        o.req_share * 100.0
+    );
+    assert!(
+        o.req_share >= 0.9,
+        "alone: only {:.1}% of the limit used",
+        o.req_share * 100.0
+    );
+
+    // A reserved minimum of half the bucket for Benchmark (weight 1 would give it 25 %).
+    let mut spec = base.clone();
+    spec.shares = [
+        ("Deployment".to_string(), share(3, 0)),
+        ("Benchmark".to_string(), share(1, 600)),
+    ]
+    .into();
+    let mock = window_mock(&spec, window).await;
+    let reports = run_fleet(
+        (0..2)
+            .map(|p| {
+                vec![
+                    load("min", &spec, &mock, "Deployment", p),
+                    load("min", &spec, &mock, "Benchmark", p),
+                ]
+            })
+            .collect(),
+    )
+    .await;
+    let (d, b) = (granted(&reports, 0), granted(&reports, 1));
+    let o = no_overshoot(&mock, &spec, "min");
+    let b_share = b as f64 / (d + b) as f64;
+    println!(
+        "FAIR SHARES Benchmark min_rpm 600 of 1200: Deployment {d}, Benchmark {b} = \
+         {:.1}% for Benchmark; {:.1}% of the limit used",
+        b_share * 100.0,
+        o.req_share * 100.0
+    );
+    assert!(
+        (b_share - 0.5).abs() <= 0.05,
+        "Benchmark got {:.1}%",
+        b_share * 100.0
+    );
 }

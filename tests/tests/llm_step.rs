@@ -87,6 +87,7 @@ fn roomy_limit() -> honua_shared::limiter::LimitSpec {
         tokens_per_minute: 1_000_000,
         burst_requests: 100,
         burst_tokens: 100_000,
+        ..Default::default()
     }
 }
 
@@ -1267,6 +1268,76 @@ async fn the_cost_counter_matches_the_summed_cost() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(counted, (nanos / 1000) as f64, "{body}");
+    f.stop().await;
+}
+
+/// The submission's tenant reaches the `llm` step of a worker process: its calls are
+/// charged to the process type's and tenant's shares of the bucket (the share state in the
+/// bucket's hash), and the request and token counters carry a bounded `tenant` label (a
+/// tenant with shares by name, any other as `other`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_reaches_the_llm_limiter_and_the_metrics() {
+    let redis = RedisServer::start();
+    let m = mock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    let key = key_file(tmp.path());
+    cfg.llm_provider = Some(llm_cfg(&m.base_url(), None, &key));
+    let section = format!(
+        "[llm_provider]\nprovider = \"openai_compatible\"\n[llm_provider.openai_compatible]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\
+         [llm_provider.limits.\"openai_compatible/m1\"]\nrequestsPerMinute = 6000\nburstRequests = 100\n\
+         shares = {{ L = {{ weight = 3 }} }}\ntenant_shares = {{ acme = {{ weight = 2, min_rpm = 10 }} }}\n",
+        m.base_url(),
+        key.display()
+    );
+    let port = free_port();
+    let toml = worker_toml(&cfg, &section).replace(
+        "metrics_addr = \"\"",
+        &format!("metrics_addr = \"127.0.0.1:{port}\""),
+    );
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let log = tmp.path().join("exec.log");
+    let _w = spawn_worker(&toml, tmp.path(), "w1", &log, "info");
+    let c = reqwest::Client::new();
+    for (id, tenant) in [("p-acme", "acme"), ("p-zeta", "zeta")] {
+        let r = c
+            .post(f.url("/api/processes"))
+            .json(&json!({"processType": "L", "id": id, "tenant": tenant, "input": {"who": id}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(f.wait_finished(id).await.status, ProcessStatus::Completed);
+    }
+    // The calls were charged to their shares (each share's state in the bucket's hash).
+    let hash = f.store().keys().llm_limit("openai_compatible/m1")[0].clone();
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(hash.as_str())
+        .query_async(&mut f.store().conn())
+        .await
+        .unwrap();
+    for want in ["t:L:seen", "n:acme:seen", "n:*:seen"] {
+        assert!(fields.iter().any(|k| k == want), "{want} in {fields:?}");
+    }
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |metric: &str, tenant: &str| {
+        body.lines().any(|l| {
+            l.starts_with(&format!("{metric}{{"))
+                && l.contains(&format!("tenant=\"{tenant}\""))
+                && l.contains("process_type=\"L\"")
+        })
+    };
+    for metric in ["honua_llm_requests_total", "honua_llm_tokens_used_total"] {
+        assert!(has(metric, "acme"), "{metric} for acme: {body}");
+        assert!(has(metric, "other"), "{metric} for other tenants: {body}");
+        assert!(!has(metric, "zeta"), "unbounded tenant label: {body}");
+    }
     f.stop().await;
 }
 

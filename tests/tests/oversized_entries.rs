@@ -152,6 +152,7 @@ async fn oversized_entries_are_quarantined_and_housekeeping_goes_on() {
             input: json!({ "i": i }),
             id: Some(format!("good-{i}")),
             idempotency_key: None,
+            tenant: None,
             trace: Default::default(),
         };
         store.submit(&sub.to_fields()).await.unwrap();

@@ -929,6 +929,7 @@ async fn a_hostile_worker_or_scheduler_login_is_refused_forged_writes_and_its_ow
         tokens_per_minute: 6_000,
         burst_requests: 1,
         burst_tokens: 100,
+        ..LimitSpec::default()
     };
     let got = worker
         .llm_acquire("azure/gpt-4o", &spec, 10, Duration::from_secs(1))

@@ -40,6 +40,7 @@ async fn setup(
                 input: json!({}),
                 id: None,
                 idempotency_key: None,
+                tenant: None,
                 trace: Default::default(),
             },
             None,
@@ -340,6 +341,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         input: json!({}),
         id: None,
         idempotency_key: None,
+        tenant: None,
         trace: Default::default(),
     };
     engine.create(&sub, None).await.unwrap();
@@ -890,6 +892,7 @@ async fn a_create_that_starts_steps_is_refused_while_intake_is_drained() {
         input: json!({}),
         id: Some("p-drained".into()),
         idempotency_key: None,
+        tenant: None,
         trace: Default::default(),
     };
     let entry = st.submit(&sub.to_fields()).await.unwrap();
@@ -1021,6 +1024,7 @@ async fn created(
                 input: json!({"n": 1}),
                 id: Some(id.into()),
                 idempotency_key: Some(format!("key-{id}")),
+                tenant: None,
                 trace: Default::default(),
             },
             None,

@@ -134,6 +134,8 @@ impl Checkpointer {
 pub struct StepContext {
     pub process_id: String,
     pub process_type: String,
+    /// Whom the process runs for (its submission's `tenant`).
+    pub tenant: Option<String>,
     pub version: u32,
     pub step: String,
     pub kind: String,
@@ -172,6 +174,7 @@ impl StepContext {
         Self {
             process_id: "test".into(),
             process_type: "Test".into(),
+            tenant: None,
             version: 1,
             step: "Step".into(),
             kind: kind.into(),

@@ -20,6 +20,10 @@
 //! ([`LlmLimiter::with_fleet_breaker`]); [`LlmLimiter::breaker_report`] feeds it (+1 round
 //! trip after a failure, a probe, or a success while failures are counted).
 //!
+//! A bucket with fair shares charges each call to its process type's and tenant's shares
+//! ([`LlmLimiter::acquire_as`]) in the same acquire round trip; a share over its fair rate
+//! is told when to ask again (one more round trip per refusal).
+//!
 //! Redis round trips per admitted LLM call: 1 for `acquire` when the bucket has room now;
 //! 2 when the call had to wait for its slot (book + confirm); +1 after a provider pause
 //! that ended within the wait bound; +1 for `settle` when the real usage differs from the
@@ -27,7 +31,9 @@
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use honua_shared::limiter::{Admission, BreakerOutcome, BreakerSeen, BreakerSpec, LimitSpec};
+use honua_shared::limiter::{
+    Admission, Asker, BreakerOutcome, BreakerSeen, BreakerSpec, LimitSpec,
+};
 use honua_shared::metrics as m;
 use honua_shared::store::{Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
@@ -189,6 +195,8 @@ pub struct Permit {
     waited: Duration,
     fleet: bool,
     breaker: Option<BreakerSeen>,
+    /// The fair shares the call was charged to (settled with it).
+    shares: Vec<String>,
 }
 
 impl std::fmt::Debug for LlmLimiter {
@@ -245,9 +253,14 @@ impl Permit {
         let Some(spec) = inner.specs.get(&self.bucket) else {
             return Ok(());
         };
-        let call = inner
-            .store
-            .llm_settle(&self.bucket, spec, self.reserved, actual_tokens, unused);
+        let call = inner.store.llm_settle(
+            &self.bucket,
+            spec,
+            self.reserved,
+            actual_tokens,
+            unused,
+            &self.shares,
+        );
         match tokio::time::timeout(inner.redis_timeout, call).await {
             Ok(Ok(made)) => {
                 if made {
@@ -427,6 +440,22 @@ impl LlmLimiter {
         max_wait: Duration,
         cancel: &CancellationToken,
     ) -> Result<Option<Permit>, LimitError> {
+        self.acquire_as(bucket, None, tokens, max_wait, cancel)
+            .await
+    }
+
+    /// As [`LlmLimiter::acquire`], charging the call to `asker`'s fair shares of the bucket
+    /// (its process type's and tenant's) when the bucket has shares. A share over its fair
+    /// rate waits (within `max_wait`) until it may go again. While Redis is unreachable the
+    /// local stage alone decides, without shares.
+    pub async fn acquire_as(
+        &self,
+        bucket: &str,
+        asker: Option<&Asker>,
+        tokens: u64,
+        max_wait: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Permit>, LimitError> {
         let Some(spec) = self.inner.specs.get(bucket) else {
             let start = Instant::now();
             let admitted = self.unlimited(bucket, start + max_wait, cancel).await?;
@@ -437,6 +466,7 @@ impl LlmLimiter {
                 waited: start.elapsed(),
                 fleet: breaker.is_some(),
                 breaker: self.gated(breaker),
+                shares: vec![],
             }));
         };
         if spec.tokens_per_minute > 0 && tokens > spec.token_capacity() {
@@ -451,8 +481,17 @@ impl LlmLimiter {
         let start = Instant::now();
         let deadline = start + max_wait;
         let mut round_trips = 0u64;
+        let nobody = Asker::default();
+        let asker = asker.unwrap_or(&nobody);
+        let shares = spec.share_fields(asker);
         let result = self
-            .acquire_inner(bucket, spec, tokens, deadline, cancel, &mut round_trips)
+            .acquire_inner(
+                (bucket, spec, asker, &shares),
+                tokens,
+                deadline,
+                cancel,
+                &mut round_trips,
+            )
             .await;
         let waited = start.elapsed();
         let outcome = match &result {
@@ -480,6 +519,7 @@ impl LlmLimiter {
                     waited,
                     fleet,
                     breaker: self.gated(breaker),
+                    shares: if fleet { shares } else { vec![] },
                 }))
             }
             Ok(None) => {
@@ -514,8 +554,7 @@ impl LlmLimiter {
     /// alone (Redis unreachable), `None` not within the deadline.
     async fn acquire_inner(
         &self,
-        bucket: &str,
-        spec: &LimitSpec,
+        (bucket, spec, asker, shares): (&str, &LimitSpec, &Asker, &[String]),
         tokens: u64,
         deadline: Instant,
         cancel: &CancellationToken,
@@ -548,12 +587,15 @@ impl LlmLimiter {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             *round_trips += 1;
-            match self.fleet_attempt(bucket, spec, tokens, left).await {
+            match self
+                .fleet_attempt(bucket, spec, Some(asker), tokens, left)
+                .await
+            {
                 Ok(Wait::Booked(w, seen)) => {
                     if !w.is_zero() {
                         tokio::select! {
                             _ = cancel.cancelled() => {
-                                self.give_back(bucket, spec, tokens).await;
+                                self.give_back(bucket, spec, tokens, shares).await;
                                 if seen == BreakerSeen::Probe {
                                     self.breaker_report(bucket, BreakerOutcome::Abandon, true).await;
                                 }
@@ -564,7 +606,7 @@ impl LlmLimiter {
                         // A provider pause may have begun while this call waited for its
                         // slot: it must not go out now.
                         *round_trips += 1;
-                        match self.confirm(bucket, spec, tokens).await {
+                        match self.confirm(bucket, spec, tokens, shares).await {
                             Ok(None) => {}
                             Ok(Some(pause)) => {
                                 if seen == BreakerSeen::Probe {
@@ -613,6 +655,9 @@ impl LlmLimiter {
             tokens_per_minute: 0,
             burst_requests: 0,
             burst_tokens: 0,
+            shares: BTreeMap::new(),
+            tenant_shares: BTreeMap::new(),
+            share_window_ms: 0,
         };
         loop {
             if cancel.is_cancelled() {
@@ -628,7 +673,7 @@ impl LlmLimiter {
                 return Ok(Some(None));
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.fleet_attempt(bucket, &UNLIMITED, 0, left).await {
+            match self.fleet_attempt(bucket, &UNLIMITED, None, 0, left).await {
                 Ok(Wait::Booked(_, seen)) => return Ok(Some(Some(seen))),
                 // A pause: `fleet_attempt` recorded it locally; the loop sleeps it out.
                 Ok(Wait::Sleep(w)) => {
@@ -671,9 +716,10 @@ impl LlmLimiter {
         bucket: &str,
         spec: &LimitSpec,
         tokens: u64,
+        shares: &[String],
     ) -> Result<Option<Duration>, StoreError> {
         bump(&self.inner.counters.acquire_round_trips);
-        let call = self.inner.store.llm_confirm(bucket, spec, tokens);
+        let call = self.inner.store.llm_confirm(bucket, spec, tokens, shares);
         let pause = match tokio::time::timeout(self.inner.redis_timeout, call).await {
             Ok(r) => r?,
             Err(_) => return Err(timeout_error()),
@@ -688,9 +734,12 @@ impl LlmLimiter {
     }
 
     /// Returns a booked slot that will not be used (cancelled while waiting for it).
-    async fn give_back(&self, bucket: &str, spec: &LimitSpec, tokens: u64) {
+    async fn give_back(&self, bucket: &str, spec: &LimitSpec, tokens: u64, shares: &[String]) {
         bump(&self.inner.counters.settle_round_trips);
-        let call = self.inner.store.llm_settle(bucket, spec, tokens, 0, true);
+        let call = self
+            .inner
+            .store
+            .llm_settle(bucket, spec, tokens, 0, true, shares);
         match tokio::time::timeout(self.inner.redis_timeout, call).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => self.redis_failed(&e),
@@ -702,6 +751,7 @@ impl LlmLimiter {
         &self,
         bucket: &str,
         spec: &LimitSpec,
+        asker: Option<&Asker>,
         tokens: u64,
         max_wait: Duration,
     ) -> Result<Wait, LimitError> {
@@ -710,7 +760,7 @@ impl LlmLimiter {
         let lease = inner.breaker.map(|b| b.probe_lease);
         let call = inner
             .store
-            .llm_acquire_gated(bucket, spec, tokens, max_wait, lease);
+            .llm_acquire_as(bucket, spec, asker, tokens, max_wait, lease);
         let (admission, seen) = match tokio::time::timeout(inner.redis_timeout, call).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(LimitError::Store(e)),

@@ -216,6 +216,9 @@ pub struct SubmitArgs {
     /// The same key returns the same process (sent as the Idempotency-Key header).
     #[arg(long, value_name = "KEY", value_parser = parse_id)]
     pub idempotency_key: Option<String>,
+    /// Whom the process runs for (its fair share of LLM buckets with tenant shares).
+    #[arg(long, value_name = "TENANT", value_parser = parse_id)]
+    pub tenant: Option<String>,
     /// Wait until the process is finished; exit 0 only if it Completed.
     #[arg(long)]
     pub wait: bool,

@@ -531,6 +531,7 @@ mod tests {
                 deadline_at: None,
                 duration: Some(1.5),
                 idempotency_key: Some("k".into()),
+                tenant: Some("acme".into()),
                 audit: vec![AuditView {
                     at: Some("2025-01-02T03:04:07.000Z".into()),
                     action: "retry".into(),
@@ -554,6 +555,7 @@ mod tests {
             started_at: None,
             ended_at: None,
             duration: None,
+            tenant: Some("acme".into()),
         };
         let sent = serde_json::to_value(&summary).unwrap();
         let decoded: ProcessSummary = serde_json::from_value(sent.clone()).unwrap();

@@ -474,6 +474,9 @@ async fn submit(
     if let Some(path) = &a.input {
         body["input"] = Value::Object(read_object(path, "input")?);
     }
+    if let Some(t) = &a.tenant {
+        body["tenant"] = json!(t);
+    }
     let headers: Vec<(&str, &str)> = a
         .idempotency_key
         .as_deref()

@@ -232,6 +232,9 @@ pub(super) fn print_process(out: &mut dyn Write, p: &ProcessView) -> std::io::Re
     if let Some(key) = &p.idempotency_key {
         info.row(["Idempotency key:".to_string(), text(key)]);
     }
+    if let Some(t) = &p.tenant {
+        info.row(["Tenant:".to_string(), text(t)]);
+    }
     out.write_all(info.render().as_bytes())?;
     let error = error_text(p.error_message.as_deref(), p.error_code.as_deref());
     if error != "-" {

@@ -32,13 +32,15 @@ fn camel(s: &str) -> String {
 
 /// Config fields whose keys the user chose (bucket, model, step and type names): their
 /// keys are shown as written, so a copied value means the same in a config file.
-const USER_KEYED: [&str; 6] = [
+const USER_KEYED: [&str; 8] = [
     "limits",
     "prices",
     "max_tokens_by_step",
     "process_types",
     "deployments",
     "process_timeouts",
+    "shares",
+    "tenantShares",
 ];
 
 fn camel_keys(v: Value) -> Value {
@@ -377,7 +379,9 @@ mod tests {
     fn user_chosen_map_keys_are_shown_as_written() {
         let v = camel_keys(json!({
             "llm_provider": {
-                "limits": {"openai_compatible/gpt-4o": {"requestsPerMinute": 1}},
+                "limits": {"openai_compatible/gpt-4o": {"requestsPerMinute": 1,
+                    "shares": {"my_type": {"weight": 3, "minRpm": 1}},
+                    "tenantShares": {"acme_corp": {"weight": 2}}}},
                 "max_tokens_by_step": {"validate_requirements": 5},
                 "budgets": {"process_types": {"my_type": {"max_tokens_per_day": 3}}},
             }
@@ -388,6 +392,9 @@ mod tests {
             1
         );
         assert_eq!(l["maxTokensByStep"]["validate_requirements"], 5);
+        let bucket = &l["limits"]["openai_compatible/gpt-4o"];
+        assert_eq!(bucket["shares"]["my_type"]["minRpm"], 1);
+        assert_eq!(bucket["tenantShares"]["acme_corp"]["weight"], 2);
         assert_eq!(
             l["budgets"]["processTypes"]["my_type"]["maxTokensPerDay"],
             3

@@ -45,6 +45,10 @@ pub struct SubmitBody {
     /// Same key, same process (also the `Idempotency-Key` header).
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Whom the process runs for, `[A-Za-z0-9_-]{1,64}`: stored on the process and
+    /// picks its fair share of LLM buckets with tenant shares.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -77,7 +81,11 @@ pub(super) async fn submit(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    for (name, v) in [("id", &b.id), ("idempotencyKey", &idem)] {
+    for (name, v) in [
+        ("id", &b.id),
+        ("idempotencyKey", &idem),
+        ("tenant", &b.tenant),
+    ] {
         if let Some(v) = v
             && !valid_id(v)
         {
@@ -93,6 +101,7 @@ pub(super) async fn submit(
         input: b.input.unwrap_or_else(|| json!({})),
         id: b.id,
         idempotency_key: idem,
+        tenant: b.tenant,
         trace: TraceContext::from_caller(
             headers.get("traceparent").and_then(|v| v.to_str().ok()),
             None,

@@ -25,6 +25,8 @@ pub enum Begin {
         version: u32,
         step: crate::record::StepRecord,
         data: HashMap<String, Vec<u8>>,
+        /// The process's tenant (its submission's `tenant`).
+        tenant: Option<String>,
     },
     /// No longer ours (reclaimed meanwhile).
     Lost,
@@ -117,12 +119,14 @@ impl Store {
                             .map_err(|e| reply("begin", format!("step record: {e}")))?;
                         let data: HashMap<String, Vec<u8>> =
                             redis::from_redis_value(it.next().unwrap_or(Value::Nil))?;
+                        let tenant = it.next().map(|v| value_str(&v)).filter(|t| !t.is_empty());
                         Ok(Begin::Ok {
                             deliveries,
                             process_type,
                             version,
                             step,
                             data,
+                            tenant,
                         })
                     }
                     other => Err(reply("begin", format!("status {other:?}"))),

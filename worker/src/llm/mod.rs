@@ -16,7 +16,7 @@ use crate::limit::{LimitError, LlmLimiter, Permit};
 use async_trait::async_trait;
 use honua_shared::config::Config;
 use honua_shared::definition::llm::{StepSpec, parse_spec, schema};
-use honua_shared::limiter::{BreakerOutcome, BreakerSeen, BreakerSpec};
+use honua_shared::limiter::{Asker, BreakerOutcome, BreakerSeen, BreakerSpec, OTHER_SHARE};
 use honua_shared::llm_config::{BudgetAction, LlmProviderConfig, ProviderKind};
 use honua_shared::llm_store::{BudgetCall, BudgetOver};
 use honua_shared::metrics as m;
@@ -26,7 +26,7 @@ use retry::{Backoff, Breaker, Gate, Move, Policy, Progress, Seen};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -95,6 +95,19 @@ struct Inner {
     breakers: Mutex<HashMap<String, Breaker>>,
     usage_ttl: Duration,
     cost: CostCarry,
+    /// Tenants named in some bucket's `tenant_shares`: the only `tenant` label values
+    /// besides `other` and `none`, so the label's cardinality stays bounded.
+    tenants: BTreeSet<String>,
+}
+
+/// The `tenant` label of the LLM metrics: a tenant with configured shares, `other` for
+/// any other tenant, `none` without one.
+fn tenant_label(tenants: &BTreeSet<String>, tenant: Option<&str>) -> String {
+    match tenant {
+        None => "none".into(),
+        Some(t) if tenants.contains(t) => t.to_string(),
+        Some(_) => "other".into(),
+    }
 }
 
 /// Turns per-call costs into whole micro-dollars for `honua_llm_cost_microdollars_total`
@@ -168,6 +181,13 @@ impl LlmStep {
                 breakers: Mutex::new(HashMap::new()),
                 usage_ttl: Duration::from_secs(cfg.retention_secs + 7 * 86_400),
                 cost: CostCarry::default(),
+                tenants: llm
+                    .limits
+                    .values()
+                    .flat_map(|s| s.tenant_shares.keys())
+                    .filter(|t| *t != OTHER_SHARE)
+                    .cloned()
+                    .collect(),
             }),
         }
     }
@@ -252,6 +272,10 @@ async fn sleep_or_cancel(d: Duration, ctx: &StepContext) -> Result<(), StepError
 }
 
 impl Inner {
+    fn tenant(&self, ctx: &StepContext) -> String {
+        tenant_label(&self.tenants, ctx.tenant.as_deref())
+    }
+
     fn endpoint(&self, fallback: bool) -> Option<Result<Arc<Endpoint>, String>> {
         if fallback {
             self.fallback.clone()
@@ -370,9 +394,11 @@ impl Inner {
         let asked = Instant::now();
         // The fleet-wide breaker is checked in the limiter's round trip; the local one
         // decides only when Redis did not answer.
+        // The call is charged to its process type's and tenant's fair shares.
+        let asker = Asker::new(ctx.process_type.clone(), ctx.tenant.clone());
         match self
             .limiter
-            .acquire(bucket, estimate, max_wait, &ctx.cancel)
+            .acquire_as(bucket, Some(&asker), estimate, max_wait, &ctx.cancel)
             .await
         {
             Ok(Some(p)) => {
@@ -565,7 +591,7 @@ impl Inner {
                             c.input_tokens = prompt_tokens.tokens;
                             c.output_tokens = tokens::text_tokens(&target.model, &c.text);
                         }
-                        metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => "ok").increment(1);
+                        metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => "ok", "process_type" => ctx.process_type.clone(), "tenant" => self.tenant(ctx)).increment(1);
                         self.after_success(&bucket, permit, &c, retry_after_max)
                             .await;
                         let cost_usd = cost(cfg, &target.model, &c);
@@ -582,7 +608,7 @@ impl Inner {
                     }
                     Err(e) => {
                         let et = e.error_type();
-                        metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => et).increment(1);
+                        metrics::counter!(m::LLM_REQUESTS, "provider" => provider, "model" => model.clone(), "outcome" => et, "process_type" => ctx.process_type.clone(), "tenant" => self.tenant(ctx)).increment(1);
                         metrics::counter!(m::LLM_ERRORS, "provider" => provider, "model" => model.clone(), "error_type" => et).increment(1);
                         let opened = self.after_failure(&bucket, permit, gate, &e, calls).await;
                         Seen::CallFailed { error: e, opened }
@@ -838,7 +864,9 @@ impl LlmStep {
                         ("model", r.model.clone()),
                         ("process_type", ctx.process_type.clone()),
                     ];
-                    metrics::counter!(m::LLM_TOKENS_USED, &labels).increment(tokens);
+                    let tenant = [("tenant", inner.tenant(&ctx))];
+                    let with_tenant: Vec<_> = labels.iter().chain(&tenant).cloned().collect();
+                    metrics::counter!(m::LLM_TOKENS_USED, &with_tenant).increment(tokens);
                     if let Some(usd) = r.cost_usd {
                         let micro = inner
                             .cost

@@ -400,6 +400,7 @@ impl Inner {
                     version,
                     step,
                     data,
+                    tenant,
                 } => {
                     let permit = permits.pop();
                     if permit.is_none() {
@@ -433,8 +434,16 @@ impl Inner {
                             Some(p) => Some(p),
                             None => me.wait_for_slot(&cancel).await,
                         };
-                        me.execute(span, held, process_type, version, data, cancel, stop)
-                            .await;
+                        me.execute(
+                            span,
+                            held,
+                            (process_type, tenant),
+                            version,
+                            data,
+                            cancel,
+                            stop,
+                        )
+                        .await;
                         drop(permit);
                     });
                 }

@@ -28,7 +28,7 @@ impl Inner {
         self: Arc<Self>,
         span: tracing::Span,
         held: Held,
-        process_type: String,
+        (process_type, tenant): (String, Option<String>),
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
@@ -45,7 +45,7 @@ impl Inner {
             });
         }
         let me = self.clone();
-        me.execute_in_span(held, process_type, version, data, cancel, stop)
+        me.execute_in_span(held, (process_type, tenant), version, data, cancel, stop)
             .instrument(span)
             .await;
     }
@@ -53,7 +53,7 @@ impl Inner {
     async fn execute_in_span(
         self: Arc<Self>,
         held: Held,
-        process_type: String,
+        (process_type, tenant): (String, Option<String>),
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
@@ -64,7 +64,7 @@ impl Inner {
         let (result, output) = self
             .run_step(
                 &held,
-                &process_type,
+                (&process_type, tenant),
                 version,
                 data,
                 cancel.clone(),
@@ -123,7 +123,7 @@ impl Inner {
     async fn run_step(
         &self,
         held: &Held,
-        process_type: &str,
+        (process_type, tenant): (&str, Option<String>),
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
@@ -189,6 +189,7 @@ impl Inner {
         let ctx = StepContext {
             process_id: job.process_id.clone(),
             process_type: process_type.to_string(),
+            tenant,
             version,
             step: job.step.clone(),
             kind: step_def.kind.clone(),
