@@ -25,6 +25,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether the server a spawn reached is the one it started.
+enum Started {
+    Ours,
+    NotOurs,
+}
+
 /// A private redis-server, killed on drop.
 pub struct RedisServer {
     pub port: u16,
@@ -64,11 +70,22 @@ impl RedisServer {
             probe_auth: probe_auth.map(|(u, p)| (u.to_string(), p.to_string())),
             child: None,
         };
-        s.spawn();
-        s
+        // A port picked free can be taken before redis-server binds it (by another test's
+        // server, a worker's listener): then the server exits and the probe would reach
+        // someone else's. Try another port until the server answering is this one.
+        for _ in 0..20 {
+            match s.spawn() {
+                Started::Ours => return s,
+                Started::NotOurs => {
+                    s.kill9();
+                    s.port = free_port();
+                }
+            }
+        }
+        panic!("redis-server could not get a port of its own in 20 tries");
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self) -> Started {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args([
@@ -90,9 +107,16 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if let Some(c) = self.child.as_mut()
+                && matches!(c.try_wait(), Ok(Some(_)))
+            {
+                // Exited: it could not bind the port.
+                return Started::NotOurs;
+            }
             let url = match &self.probe_auth {
                 Some((user, password)) => self.url_as(user, password),
                 None => self.url(),
@@ -101,7 +125,17 @@ impl RedisServer {
                 && let Ok(mut conn) = c.get_connection()
                 && redis::cmd("PING").query::<String>(&mut conn).is_ok()
             {
-                return;
+                // The server's own pid, when the probe user may read it.
+                let info: Option<String> = redis::cmd("INFO").arg("server").query(&mut conn).ok();
+                let answering = info.as_deref().and_then(|i| {
+                    i.lines()
+                        .find_map(|l| l.strip_prefix("process_id:"))
+                        .and_then(|v| v.trim().parse::<u32>().ok())
+                });
+                return match answering {
+                    Some(p) if p != pid => Started::NotOurs,
+                    _ => Started::Ours,
+                };
             }
             assert!(Instant::now() < deadline, "redis-server did not start");
             #[expect(
@@ -133,10 +167,15 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port and data directory.
+    /// Starts the server again on the same port and data directory (clients hold its URL,
+    /// so the port cannot change).
     pub fn restart(&mut self) {
         self.kill9();
-        self.spawn();
+        assert!(
+            matches!(self.spawn(), Started::Ours),
+            "port {} was taken while redis-server was down",
+            self.port
+        );
     }
 }
 
