@@ -176,7 +176,7 @@ fn step_view(name: &str, kind: &str, r: &StepRecord) -> StepView {
         error: r.error.clone(),
         error_code: r.code.clone(),
         attempts: r
-            .history
+            .attempts()
             .iter()
             .map(|a| AttemptView {
                 attempt: a.attempt,

@@ -5,7 +5,7 @@
 
 use crate::definition::{Executor, Join, KindRegistry, ProcessDefinition, StepDef};
 use crate::envelope::{Event, Failure, JobEnvelope, TraceContext, event_type};
-use crate::record::{AttemptRecord, HISTORY_CAP, ProcessRecord, StepRecord};
+use crate::record::{ProcessRecord, StepRecord};
 use crate::status::{ProcessStatus, StepStatus, outcome};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -212,6 +212,7 @@ impl<'a> Planner<'a> {
         }
         let token = self.token();
         let now = self.ctx.now_ms;
+        self.rec(name).archive_attempt();
         let history = std::mem::take(&mut self.rec(name).history);
         let mut rec = StepRecord {
             status: StepStatus::Queued,
@@ -337,7 +338,7 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Close the current attempt of a step into its history.
+    /// Ends the current attempt of a step with `out` (and its error).
     fn close_attempt(
         &mut self,
         step: &str,
@@ -347,21 +348,8 @@ impl<'a> Planner<'a> {
     ) {
         let now = self.ctx.now_ms;
         let rec = self.rec(step);
-        rec.history.push(AttemptRecord {
-            attempt: rec.attempt,
-            visit: rec.visit,
-            outcome: out.to_string(),
-            error: error.clone(),
-            code: code.clone(),
-            worker: rec.worker.clone(),
-            deliveries: rec.deliveries,
-            started_ms: rec.claimed_ms.or(rec.started_ms),
-            ended_ms: rec.ended_ms.or(Some(now)),
-        });
-        if rec.history.len() > HISTORY_CAP {
-            let extra = rec.history.len() - HISTORY_CAP;
-            rec.history.drain(..extra);
-        }
+        // The ended attempt stays in the record's fields (`StepRecord::attempts`); it joins
+        // `history` when the next attempt or visit begins.
         rec.outcome = Some(out.to_string());
         rec.error = error;
         rec.code = code;
@@ -374,6 +362,7 @@ impl<'a> Planner<'a> {
         let now = self.ctx.now_ms;
         let paused = self.paused;
         let r = self.rec(step);
+        r.archive_attempt();
         r.status = StepStatus::Delayed;
         r.token = token;
         r.attempt = attempt;

@@ -8,6 +8,7 @@ use crate::commit::{AckSource, CommitCall, deadline_member, delayed_member};
 use crate::definition::{DefinitionSet, Format, RetryPolicy};
 use crate::envelope::{Failure, StepResult};
 use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
+use crate::record::HISTORY_CAP;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -575,9 +576,9 @@ fn step_ok_enqueues_the_next_step_and_the_last_completes() {
     assert_eq!(a.status, StepStatus::Completed);
     assert_eq!(a.outcome.as_deref(), Some("ok"));
     assert_eq!(a.ended_ms, Some(NOW));
-    assert_eq!(a.history.len(), 1);
-    assert_eq!(a.history[0].outcome, "ok");
-    assert_eq!((a.history[0].attempt, a.history[0].visit), (1, 1));
+    assert_eq!(a.attempts().len(), 1);
+    assert_eq!(a.attempts()[0].outcome, "ok");
+    assert_eq!((a.attempts()[0].attempt, a.attempts()[0].visit), (1, 1));
     let b = set_step(&t, "B").unwrap();
     let job = enqueued(&t)[0];
     assert_eq!(b.status, StepStatus::Queued);
@@ -846,10 +847,10 @@ fn a_retryable_failure_is_retried_with_jittered_backoff() {
     assert_eq!(a.attempt, 2);
     assert_eq!(a.due_ms, Some(NOW));
     assert_eq!(a.ended_ms, None);
-    assert_eq!(a.history.len(), 1);
-    assert_eq!(a.history[0].outcome, "failed");
-    assert_eq!(a.history[0].error.as_deref(), Some("boom"));
-    assert_eq!(a.history[0].code.as_deref(), Some("handler_error"));
+    assert_eq!(a.attempts().len(), 1);
+    assert_eq!(a.attempts()[0].outcome, "failed");
+    assert_eq!(a.attempts()[0].error.as_deref(), Some("boom"));
+    assert_eq!(a.attempts()[0].code.as_deref(), Some("handler_error"));
     assert!(enqueued(&t).is_empty() && t.finish().is_none());
     assert!(set_statuses(&t).is_empty());
 
@@ -868,7 +869,7 @@ fn a_retryable_failure_is_retried_with_jittered_backoff() {
     // The last attempt succeeds: the process moves on.
     let t = sim.ok("A");
     assert_eq!(enqueued_steps(&t), ["B"]);
-    assert_eq!(sim.step("A").history.len(), 3);
+    assert_eq!(sim.step("A").attempts().len(), 3);
 }
 
 #[test]
@@ -924,7 +925,7 @@ fn exhausted_retries_fail_the_process() {
     assert_eq!(finish_code(&t), Some("handler_error"));
     let a = set_step(&t, "A").unwrap();
     assert_eq!(a.status, StepStatus::Failed);
-    let attempts: Vec<u32> = a.history.iter().map(|h| h.attempt).collect();
+    let attempts: Vec<u32> = a.attempts().iter().map(|h| h.attempt).collect();
     assert_eq!(attempts, [1, 2, 3]);
     assert_eq!(sim.rec.status, ProcessStatus::Failed);
     assert_eq!(sim.rec.code.as_deref(), Some("handler_error"));
@@ -951,7 +952,7 @@ fn a_permanent_error_is_never_retried() {
         t.finish(),
         Some((ProcessStatus::Failed, Some("step A failed: bad input")))
     );
-    assert_eq!(set_step(&t, "A").unwrap().history.len(), 1);
+    assert_eq!(set_step(&t, "A").unwrap().attempts().len(), 1);
 }
 
 const WITH_CLEANUP: &str = r#"
@@ -1045,9 +1046,9 @@ retry = { max_attempts = 20, initial_backoff = "1ms", max_backoff = "1ms" }
     }
     let a = sim.step("A");
     assert_eq!(a.attempt, 13);
-    assert_eq!(a.history.len(), HISTORY_CAP);
-    assert_eq!(a.history[0].attempt, 3, "the oldest attempts go first");
-    assert_eq!(a.history.last().unwrap().attempt, 12);
+    assert_eq!(a.attempts().len(), HISTORY_CAP);
+    assert_eq!(a.attempts()[0].attempt, 3, "the oldest attempts go first");
+    assert_eq!(a.attempts().last().unwrap().attempt, 12);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1323,7 +1324,7 @@ on = { again = "B" }
     let b = set_step(&t, "B").unwrap();
     assert_eq!((b.visit, b.attempt, b.status), (2, 1, StepStatus::Queued));
     assert_ne!(b.token, first);
-    assert_eq!(b.history.len(), 1, "history survives a new visit");
+    assert_eq!(b.attempts().len(), 1, "history survives a new visit");
     assert_eq!(enqueued(&t)[0].visit, 2);
 
     sim.ok("B");
@@ -1826,7 +1827,8 @@ fn a_yield_requeues_without_using_an_attempt() {
         let a = sim.step("A");
         assert_eq!(a.status, StepStatus::Delayed);
         assert_eq!((a.attempt, a.yields), (n + 1, n));
-        let last = a.history.last().unwrap();
+        let attempts = a.attempts();
+        let last = attempts.last().unwrap();
         assert_eq!(last.outcome, "yielded");
         assert_eq!(last.code.as_deref(), Some("yielded"));
         assert!(t.finish().is_none());
@@ -1838,12 +1840,8 @@ fn a_yield_requeues_without_using_an_attempt() {
     // The second uses the policy up: the failed route is taken.
     let t = sim.report("A", failure("boom", true));
     assert_eq!(enqueued_steps(&t), ["Cleanup"]);
-    let outcomes: Vec<&str> = set_step(&t, "A")
-        .unwrap()
-        .history
-        .iter()
-        .map(|h| h.outcome.as_str())
-        .collect();
+    let attempts = set_step(&t, "A").unwrap().attempts();
+    let outcomes: Vec<&str> = attempts.iter().map(|h| h.outcome.as_str()).collect();
     assert_eq!(
         outcomes,
         [
@@ -1862,7 +1860,7 @@ fn a_yield_waits_at_least_the_minimum_and_is_bounded() {
     (a.attempt, a.yields) = (MAX_YIELDS + 1, MAX_YIELDS);
     let t = sim.report("A", yielded(0));
     assert_eq!(later_jobs(&t).len(), 1, "attempt 1 of 2 failed: retried");
-    assert_eq!(sim.step("A").history.last().unwrap().outcome, "failed");
+    assert_eq!(sim.step("A").attempts().last().unwrap().outcome, "failed");
     let t = sim.report("A", yielded(0));
     assert_eq!(enqueued_steps(&t), ["Cleanup"]);
 }

@@ -91,6 +91,48 @@ pub struct StepRecord {
     pub held_delay_ms: Option<u64>,
 }
 
+impl StepRecord {
+    /// The current attempt, once it ended: its result is in the record's own fields, and it
+    /// moves to `history` only when another attempt or visit of the step begins (so a step
+    /// that ran once stores its attempt once).
+    pub fn ended_attempt(&self) -> Option<AttemptRecord> {
+        let outcome = self.outcome.clone()?;
+        self.ended_ms?;
+        Some(AttemptRecord {
+            attempt: self.attempt,
+            visit: self.visit,
+            outcome,
+            error: self.error.clone(),
+            code: self.code.clone(),
+            worker: self.worker.clone(),
+            deliveries: self.deliveries,
+            started_ms: self.claimed_ms.or(self.started_ms),
+            ended_ms: self.ended_ms,
+        })
+    }
+
+    /// The newest [`HISTORY_CAP`] ended attempts, oldest first: the earlier ones
+    /// (`history`) and the current one.
+    pub fn attempts(&self) -> Vec<AttemptRecord> {
+        let mut all = self.history.clone();
+        all.extend(self.ended_attempt());
+        let extra = all.len().saturating_sub(HISTORY_CAP);
+        all.drain(..extra);
+        all
+    }
+
+    /// Before another attempt or visit begins: the ended current attempt joins `history`
+    /// (which keeps the newest [`HISTORY_CAP`]), and its outcome is cleared from the record.
+    pub fn archive_attempt(&mut self) {
+        if let Some(a) = self.ended_attempt() {
+            self.history.push(a);
+            let extra = self.history.len().saturating_sub(HISTORY_CAP);
+            self.history.drain(..extra);
+        }
+        self.outcome = None;
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

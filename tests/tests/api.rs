@@ -836,7 +836,7 @@ async fn bad_input_gets_typed_json_errors() {
     let rec = wait_for("the retried run to fail again", DEADLINE, || async {
         f.record(&bad)
             .await
-            .filter(|r| r.status == ProcessStatus::Failed && r.steps["Boom"].history.len() == 2)
+            .filter(|r| r.status == ProcessStatus::Failed && r.steps["Boom"].attempts().len() == 2)
     })
     .await;
     assert_eq!(rec.audit.len(), 1, "{rec:?}");

@@ -149,7 +149,7 @@ async fn frozen_worker_cannot_commit_after_its_job_was_reclaimed() {
     // Nothing changed: the record and the output are w2's, the step ran to one committed attempt, one step event was emitted.
     let after = f.record(&pid).await.unwrap();
     assert_eq!(after.steps["Slow"].worker.as_deref(), Some("w2"));
-    assert_eq!(after.steps["Slow"].history.len(), 1);
+    assert_eq!(after.steps["Slow"].attempts().len(), 1);
     let out: Value = f
         .cfg
         .codec()

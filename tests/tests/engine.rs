@@ -174,7 +174,7 @@ async fn three_step_process_runs_end_to_end_over_http() {
     for s in ["A", "B", "C"] {
         let st = &rec.steps[s];
         assert_eq!(st.status, StepStatus::Completed);
-        assert_eq!(st.history.len(), 1, "{s} ran once");
+        assert_eq!(st.attempts().len(), 1, "{s} ran once");
         assert_eq!(st.attempt, 1);
     }
     // B was enqueued only after A committed.
@@ -220,7 +220,7 @@ async fn fan_out_and_join_waits_for_every_branch() {
     let rec = f.wait_finished(&id).await;
     assert_eq!(rec.status, ProcessStatus::Completed);
     let join = &rec.steps["Join"];
-    assert_eq!(join.history.len(), 1, "join ran exactly once");
+    assert_eq!(join.attempts().len(), 1, "join ran exactly once");
     for b in ["A", "B", "C"] {
         assert!(
             join.queued_ms >= rec.steps[b].ended_ms,
@@ -334,10 +334,10 @@ async fn two_schedulers_never_enqueue_a_step_twice() {
         assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
         for (name, s) in &rec.steps {
             assert_eq!(
-                s.history.len(),
+                s.attempts().len(),
                 1,
                 "{id} step {name} ran {} times",
-                s.history.len()
+                s.attempts().len()
             );
         }
     }
@@ -357,7 +357,7 @@ async fn retries_are_bounded_then_the_process_fails() {
     let rec = f.wait_finished(&id).await;
     assert_eq!(rec.status, ProcessStatus::Failed);
     let boom = &rec.steps["Boom"];
-    assert_eq!(boom.history.len(), 3, "three attempts");
+    assert_eq!(boom.attempts().len(), 3, "three attempts");
     assert_eq!(boom.attempt, 3);
     let msg = rec.error.unwrap();
     assert!(
@@ -370,7 +370,7 @@ async fn retries_are_bounded_then_the_process_fails() {
     let id = f.submit("Routed", json!({})).await;
     let rec = f.wait_finished(&id).await;
     assert_eq!(rec.status, ProcessStatus::Completed);
-    assert_eq!(rec.steps["Boom"].history.len(), 1);
+    assert_eq!(rec.steps["Boom"].attempts().len(), 1);
     assert_eq!(rec.steps["Boom"].status, StepStatus::Failed);
     assert_eq!(rec.steps["Cleanup"].status, StepStatus::Completed);
     f.stop().await;
@@ -494,7 +494,7 @@ async fn corrupt_state_quarantines_the_process_not_the_worker() {
         assert_eq!(rec.code.as_deref(), Some(code), "{name}: {:?}", rec.error);
         assert!(rec.error.unwrap().contains("unreadable"), "{name}");
         assert_eq!(
-            rec.steps["Work"].history.len(),
+            rec.steps["Work"].attempts().len(),
             1,
             "{name}: not redelivered"
         );

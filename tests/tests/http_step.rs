@@ -99,7 +99,7 @@ async fn http_steps_call_allow_listed_endpoints_with_typed_errors() {
     let rec = f.wait_finished(&id).await;
     assert_eq!(rec.status, ProcessStatus::Completed, "{:?}", rec.error);
     assert_eq!(flaky_calls.load(Ordering::SeqCst), 3, "503, 429, then 200");
-    assert_eq!(rec.steps["Call"].history.len(), 3);
+    assert_eq!(rec.steps["Call"].attempts().len(), 3);
 
     for (t, code_word) in [
         ("Bad", "400"),
@@ -111,7 +111,7 @@ async fn http_steps_call_allow_listed_endpoints_with_typed_errors() {
         assert_eq!(rec.status, ProcessStatus::Failed, "{t}");
         assert_eq!(rec.steps["Call"].status, StepStatus::Failed);
         assert_eq!(
-            rec.steps["Call"].history.len(),
+            rec.steps["Call"].attempts().len(),
             1,
             "{t}: permanent errors are not retried"
         );

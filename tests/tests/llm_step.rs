@@ -545,7 +545,7 @@ async fn spent_budgets_fail_or_pause_as_configured() {
     let err = s.error.clone().unwrap_or_default();
     assert!(err.contains("paused for 10m"), "{err}");
     assert_eq!(s.yields, 1, "a pause is a yield, not an attempt");
-    assert_eq!(s.history.last().unwrap().outcome, "yielded");
+    assert_eq!(s.attempts().last().unwrap().outcome, "yielded");
     assert_eq!(m.requests().len(), 2);
     f.stop().await;
 }
@@ -589,13 +589,18 @@ config = { model = "m1", prompt = "hello {{input.who}}", max_tokens = 20 }
         assert_eq!(rec.status, ProcessStatus::Completed, "{rec:#?}");
         let ask = &rec.steps["Ask"];
         yields += ask.yields;
-        let failed = ask.history.iter().filter(|h| h.outcome == "failed").count();
+        let failed = ask
+            .attempts()
+            .iter()
+            .filter(|h| h.outcome == "failed")
+            .count();
         assert_eq!(
-            failed, 0,
+            failed,
+            0,
             "a yield is never a failed attempt: {:?}",
-            ask.history
+            ask.attempts()
         );
-        for h in ask.history.iter().filter(|h| h.outcome == "yielded") {
+        for h in ask.attempts().iter().filter(|h| h.outcome == "yielded") {
             let e = h.error.clone().unwrap_or_default();
             assert!(e.contains("waiting for llm rate-limit budget"), "{e}");
         }

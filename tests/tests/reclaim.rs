@@ -133,9 +133,9 @@ async fn a_job_delivered_to_a_paused_worker_runs_once_on_resume() {
         1,
         "one claim ran once (deliveries {:?}, history {:?})",
         step.deliveries,
-        step.history
+        step.attempts()
     );
-    assert_eq!(step.history.len(), 1, "{:?}", step.history);
+    assert_eq!(step.attempts().len(), 1, "{:?}", step.attempts());
     f.stop().await;
 }
 
@@ -225,7 +225,7 @@ async fn a_redis_restart_does_not_reclaim_live_workers_steps() {
             s.deliveries,
             Some(1),
             "{id}: a live worker's step was reclaimed after the restart ({:?})",
-            s.history
+            s.attempts()
         );
         assert_eq!(rec.calls(id), 1, "{id}: the step ran again");
     }

@@ -309,7 +309,7 @@ async fn fleet_runs_with_the_scheduler_and_worker_users_without_a_denial() {
     let rec = wait_for("the retried step to run again", DEADLINE, || async {
         f.record(&bad)
             .await
-            .filter(|r| r.status.is_finished() && r.steps["Boom"].history.len() == 2)
+            .filter(|r| r.status.is_finished() && r.steps["Boom"].attempts().len() == 2)
     })
     .await;
     assert_eq!(rec.status, ProcessStatus::Failed);
