@@ -130,6 +130,31 @@ impl Checkpointer {
     }
 }
 
+/// Redis's clock as of a step's claim (`begin.lua` stamps the claim with the server's
+/// time), advanced by this process's monotonic clock: the "now" a step uses where the time
+/// names shared state (the LLM budget's day), so a worker whose wall clock is off does not
+/// charge another day.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerClock {
+    base_ms: u64,
+    taken: std::time::Instant,
+}
+
+impl ServerClock {
+    /// Server time `base_ms`, read just now.
+    pub fn at(base_ms: u64) -> Self {
+        Self {
+            base_ms,
+            taken: std::time::Instant::now(),
+        }
+    }
+
+    /// The server's time now (ms), as far as this process can tell.
+    pub fn now_ms(&self) -> u64 {
+        self.base_ms + self.taken.elapsed().as_millis() as u64
+    }
+}
+
 /// Everything a handler gets for one execution of one step.
 pub struct StepContext {
     pub process_id: String,
@@ -154,6 +179,8 @@ pub struct StepContext {
     pub checkpoint: Option<Value>,
     /// Fires when the step must stop (stale claim, process over, shutdown, timeout).
     pub cancel: CancellationToken,
+    /// Redis's clock since the claim.
+    pub clock: ServerClock,
     pub(crate) checkpointer: Option<Checkpointer>,
 }
 
@@ -169,8 +196,16 @@ impl StepContext {
         }
     }
 
-    /// A context for unit-testing handlers without Redis (checkpoints are discarded).
+    /// A context for unit-testing handlers without Redis (checkpoints are discarded; the
+    /// clock is this machine's).
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test context has no server whose clock it could read"
+    )]
     pub fn for_test(kind: &str, config: Value, input: Value) -> Self {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Self {
             process_id: "test".into(),
             process_type: "Test".into(),
@@ -187,6 +222,7 @@ impl StepContext {
             outputs: BTreeMap::new(),
             checkpoint: None,
             cancel: CancellationToken::new(),
+            clock: ServerClock::at(now_ms),
             checkpointer: None,
         }
     }

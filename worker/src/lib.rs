@@ -16,7 +16,7 @@ pub mod limit;
 pub mod llm;
 pub mod runner;
 
-pub use handler::{HandlerRegistry, StepContext, StepError, StepHandler, StepOutput};
+pub use handler::{HandlerRegistry, ServerClock, StepContext, StepError, StepHandler, StepOutput};
 pub use runner::{Worker, WorkerStats};
 
 use std::time::Duration;

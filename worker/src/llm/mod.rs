@@ -230,6 +230,12 @@ fn request_key(provider: ProviderKind, model: &str, req: &ChatRequest) -> String
     }))
 }
 
+/// The UTC day a budget charge counts for. It names a key the budget script touches, so it
+/// is chosen before the call: on Redis's clock (as of the step's claim), not this machine's.
+fn budget_day(clock: &crate::handler::ServerClock) -> String {
+    utc_day(clock.now_ms() / 1000)
+}
+
 /// UTC `yyyymmdd` of a Unix time (civil-from-days).
 pub fn utc_day(unix_secs: u64) -> String {
     let z = (unix_secs / 86_400) as i64 + 719_468;
@@ -242,18 +248,6 @@ pub fn utc_day(unix_secs: u64) -> String {
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(mo <= 2);
     format!("{y:04}{mo:02}{d:02}")
-}
-
-#[expect(
-    clippy::disallowed_methods,
-    reason = "the day names a key the budget script touches, so it is chosen before the call: a worker clock off by d charges d of usage around midnight to the neighbouring day"
-)]
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    utc_day(secs)
 }
 
 fn cost(cfg: &LlmProviderConfig, model: &str, c: &Completion) -> Option<f64> {
@@ -336,7 +330,7 @@ impl Inner {
         if process_cap == 0 && type_cap == 0 && add == 0 {
             return Ok((BudgetOver::No, action));
         }
-        let day = today();
+        let day = budget_day(&ctx.clock);
         let call = BudgetCall {
             process_id: &ctx.process_id,
             process_type: &ctx.process_type,
@@ -962,6 +956,16 @@ mod tests {
         assert_eq!(c.add("p", "other", "T", 0.4e-6), 0);
         assert_eq!(c.add("p", "other", "U", 0.4e-6), 0);
         assert_eq!(c.add("p", "other", "T", 0.6e-6), 1);
+    }
+
+    #[test]
+    fn the_budget_day_is_the_servers_not_this_machines() {
+        // A claim stamped by a server at the first second of 2026 counts for that day, and
+        // one a minute before it for the day before, whatever this machine's clock says.
+        let clock = crate::handler::ServerClock::at(1_767_225_600_000);
+        assert_eq!(budget_day(&clock), "20260101");
+        let clock = crate::handler::ServerClock::at(1_767_225_540_000);
+        assert_eq!(budget_day(&clock), "20251231");
     }
 
     #[test]

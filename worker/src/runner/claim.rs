@@ -4,6 +4,7 @@
 //! `start`, which begins claimed jobs and spawns one task per step.
 
 use super::{Inner, Running, Stop, StopCell, claim};
+use crate::handler::ServerClock;
 use backon::Retryable;
 use honua_shared::envelope::JobEnvelope;
 use honua_shared::keys::WORKERS_GROUP;
@@ -416,6 +417,8 @@ impl Inner {
                     if let Some(previous) = step.previous_attempt_trace.as_deref() {
                         honua_runtime::telemetry::add_link(&span, previous);
                     }
+                    // begin.lua stamps every claim with the server's time.
+                    let clock = ServerClock::at(step.claimed_ms.unwrap_or_default());
                     let me = self.clone();
                     let cancel = CancellationToken::new();
                     let stop = Arc::new(StopCell::default());
@@ -437,7 +440,7 @@ impl Inner {
                         me.execute(
                             span,
                             held,
-                            (process_type, tenant),
+                            (process_type, tenant, clock),
                             version,
                             data,
                             cancel,

@@ -3,7 +3,7 @@
 //! (stale claim, process over) or handed back (shutdown).
 
 use super::{Inner, Stop, StopCell, claim};
-use crate::handler::{Checkpointer, StepContext, StepOutput};
+use crate::handler::{Checkpointer, ServerClock, StepContext, StepOutput};
 use backon::Retryable;
 use honua_shared::codec::{CodecError, StateCodec};
 use honua_shared::envelope::{Failure, StepResult};
@@ -28,7 +28,7 @@ impl Inner {
         self: Arc<Self>,
         span: tracing::Span,
         held: Held,
-        (process_type, tenant): (String, Option<String>),
+        (process_type, tenant, clock): (String, Option<String>, ServerClock),
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
@@ -45,15 +45,22 @@ impl Inner {
             });
         }
         let me = self.clone();
-        me.execute_in_span(held, (process_type, tenant), version, data, cancel, stop)
-            .instrument(span)
-            .await;
+        me.execute_in_span(
+            held,
+            (process_type, tenant, clock),
+            version,
+            data,
+            cancel,
+            stop,
+        )
+        .instrument(span)
+        .await;
     }
 
     async fn execute_in_span(
         self: Arc<Self>,
         held: Held,
-        (process_type, tenant): (String, Option<String>),
+        (process_type, tenant, clock): (String, Option<String>, ServerClock),
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
@@ -64,7 +71,7 @@ impl Inner {
         let (result, output) = self
             .run_step(
                 &held,
-                (&process_type, tenant),
+                (&process_type, tenant, clock),
                 version,
                 data,
                 cancel.clone(),
@@ -123,7 +130,7 @@ impl Inner {
     async fn run_step(
         &self,
         held: &Held,
-        (process_type, tenant): (&str, Option<String>),
+        (process_type, tenant, clock): (&str, Option<String>, ServerClock),
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
@@ -202,6 +209,7 @@ impl Inner {
             outputs: state.outputs,
             checkpoint: state.checkpoint,
             cancel: cancel.clone(),
+            clock,
             checkpointer: Some(Checkpointer {
                 store: self.store.clone(),
                 consumer: self.id.clone(),
