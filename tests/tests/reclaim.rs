@@ -171,7 +171,11 @@ async fn a_saturated_fleet_reclaims_a_frozen_workers_jobs_within_the_lease() {
         .lag
         .unwrap_or(0);
     assert!(backlog >= 8, "the fleet is saturated (lag {backlog})");
-    let bound = cfg.worker.lease_ms + cfg.worker.sweep_ms + 1_000;
+    // The claim is due one lease after w3's last heartbeat and a sweep later; the slack of
+    // another lease absorbs a loaded machine (this binary's tests run 10 worker processes
+    // at once), and still fails the old behaviour by far: a saturated fleet then reclaimed
+    // only once its backlog drained, over 10 s after the freeze.
+    let bound = 2 * cfg.worker.lease_ms + cfg.worker.sweep_ms + 1_000;
     for pid in &held {
         let claimed = wait_for("another worker to claim w3's job", DEADLINE, || async {
             let r = f.record(pid).await?;
@@ -183,7 +187,7 @@ async fn a_saturated_fleet_reclaims_a_frozen_workers_jobs_within_the_lease() {
         let after = claimed.saturating_sub(frozen_at);
         assert!(
             after <= bound,
-            "{pid}: claimed {after} ms after the freeze (bound lease + sweep + 1 s = {bound} ms)"
+            "{pid}: claimed {after} ms after the freeze (bound 2 × lease + sweep + 1 s = {bound} ms)"
         );
     }
     w3.signal(SIGCONT);
