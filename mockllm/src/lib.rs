@@ -1346,6 +1346,14 @@ fn stream_response(
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
+    sse_response(rx, headers)
+}
+
+/// A `text/event-stream` response streaming what the sender task puts in `rx`.
+fn sse_response(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    headers: HeaderMap,
+) -> Response {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -1447,18 +1455,7 @@ fn anthropic_stream(
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let mut r = Response::new(Body::from_stream(stream));
-    let h = r.headers_mut();
-    h.insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert("cache-control", HeaderValue::from_static("no-cache"));
-    h.extend(headers);
-    r
+    sse_response(rx, headers)
 }
 
 #[cfg(test)]

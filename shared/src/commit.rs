@@ -102,6 +102,33 @@ fn idempotency_ttl(retention_secs: u64, timeout_ms: u64) -> u64 {
     retention_secs + timeout_ms / 1000 + 1
 }
 
+/// Arms a process's deadline (create, start, resume, reopen): the `deadline_ms` field and
+/// the delayed-set member that fires its timeout.
+struct Deadline<'a> {
+    keys: &'a Keys,
+    process_id: &'a str,
+    now_ms: u64,
+}
+
+impl Deadline<'_> {
+    fn arm(
+        &self,
+        ops: &mut Ops,
+        kt: &mut KeyTable,
+        meta_fields: &mut Vec<(String, Vec<u8>)>,
+        delay_ms: u64,
+    ) {
+        meta_fields.push((field::DEADLINE_MS.into(), b(self.now_ms + delay_ms)));
+        let delayed = kt.idx(self.keys.delayed());
+        ops.op(vec![
+            b("zaddin"),
+            delayed,
+            b(delay_ms),
+            b(deadline_member(self.process_id)),
+        ]);
+    }
+}
+
 fn b(s: impl ToString) -> Vec<u8> {
     s.to_string().into_bytes()
 }
@@ -127,6 +154,11 @@ impl Transition {
             (field::REV.into(), b(rev.map_or(1, |r| r + 1))),
             (field::UPDATED_MS.into(), b(now_ms)),
         ];
+        let deadline = Deadline {
+            keys,
+            process_id,
+            now_ms,
+        };
         let mut idem_idx = b(0);
         let mut step_fields = Vec::new();
         for a in &self.actions {
@@ -154,19 +186,12 @@ impl Transition {
                         meta_fields.extend([
                             (field::STATUS.into(), b(ProcessStatus::Running)),
                             (field::STARTED_MS.into(), b(now_ms)),
-                            (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
                         ]);
                         // Started only while intake is open: a drain set meanwhile makes
                         // the commit answer `closed`, and the caller creates it Pending.
                         let intake = kt.idx(keys.intake());
                         ops.op(vec![b("absent"), intake]);
-                        let delayed = kt.idx(keys.delayed());
-                        ops.op(vec![
-                            b("zaddin"),
-                            delayed,
-                            b(timeout_ms),
-                            b(deadline_member(process_id)),
-                        ]);
+                        deadline.arm(&mut ops, &mut kt, &mut meta_fields, *timeout_ms);
                     }
                     if let Some(t) = trace {
                         meta_fields.push((field::TRACE.into(), b(t)));
@@ -237,19 +262,10 @@ impl Transition {
                             b(idempotency_ttl(retention_secs, *timeout_ms)),
                         ]);
                     }
-                    meta_fields.extend([
-                        (field::STARTED_MS.into(), b(now_ms)),
-                        (field::DEADLINE_MS.into(), b(now_ms + timeout_ms)),
-                    ]);
+                    meta_fields.push((field::STARTED_MS.into(), b(now_ms)));
                     let idx_pending = kt.idx(keys.index_status(ProcessStatus::Pending));
                     ops.op(vec![b("zrem"), idx_pending, b(process_id)]);
-                    let delayed = kt.idx(keys.delayed());
-                    ops.op(vec![
-                        b("zaddin"),
-                        delayed,
-                        b(timeout_ms),
-                        b(deadline_member(process_id)),
-                    ]);
+                    deadline.arm(&mut ops, &mut kt, &mut meta_fields, *timeout_ms);
                 }
                 Action::Unindex(status) => {
                     let idx = kt.idx(keys.index_status(*status));
@@ -277,14 +293,7 @@ impl Transition {
                     let idx_paused = kt.idx(keys.index_status(ProcessStatus::Paused));
                     ops.op(vec![b("zrem"), idx_paused, b(process_id)]);
                     if let Some(left) = deadline_left_ms {
-                        meta_fields.push((field::DEADLINE_MS.into(), b(now_ms + left)));
-                        let delayed = kt.idx(keys.delayed());
-                        ops.op(vec![
-                            b("zaddin"),
-                            delayed,
-                            b(left),
-                            b(deadline_member(process_id)),
-                        ]);
+                        deadline.arm(&mut ops, &mut kt, &mut meta_fields, *left);
                     }
                 }
                 Action::Reopen { from, timeout_ms } => {
@@ -296,7 +305,6 @@ impl Transition {
                         b(field::ERROR),
                         b(field::CODE),
                     ]);
-                    meta_fields.push((field::DEADLINE_MS.into(), b(now_ms + timeout_ms)));
                     let idx_status = kt.idx(keys.index_status(*from));
                     ops.op(vec![b("zrem"), idx_status, b(process_id)]);
                     let idx_active = kt.idx(keys.index_active());
@@ -304,13 +312,7 @@ impl Transition {
                     for k in [meta.clone(), steps_k.clone(), data_k.clone()] {
                         ops.op(vec![b("persist"), k]);
                     }
-                    let delayed = kt.idx(keys.delayed());
-                    ops.op(vec![
-                        b("zaddin"),
-                        delayed,
-                        b(timeout_ms),
-                        b(deadline_member(process_id)),
-                    ]);
+                    deadline.arm(&mut ops, &mut kt, &mut meta_fields, *timeout_ms);
                 }
                 Action::SetInput(blob) => {
                     ops.pairs(

@@ -502,20 +502,39 @@ pub fn create(
     timeout: Duration,
 ) -> Transition {
     let mut p = Planner::new(ctx, process_id, 0, BTreeMap::new(), trace.clone());
-    p.actions.push(Action::Create {
+    p.actions.push(create_action(
+        ctx,
+        input,
+        idempotency_key,
+        trace,
+        timeout,
+        false,
+    ));
+    for s in ctx.def.start.clone() {
+        p.activate(&s);
+    }
+    p.finish(None)
+}
+
+/// The record a create writes (the tenant is set by [`Transition::with_tenant`]).
+fn create_action(
+    ctx: &Ctx<'_>,
+    input: Vec<u8>,
+    idempotency_key: Option<String>,
+    trace: Option<String>,
+    timeout: Duration,
+    pending: bool,
+) -> Action {
+    Action::Create {
         process_type: ctx.def.name.clone(),
         version: ctx.def.version,
         input,
         idempotency_key,
         trace,
         timeout_ms: timeout.as_millis() as u64,
-        pending: false,
+        pending,
         tenant: None,
-    });
-    for s in ctx.def.start.clone() {
-        p.activate(&s);
     }
-    p.finish(None)
 }
 
 /// The transition that creates a process while the fleet's intake is drained: the record
@@ -529,16 +548,14 @@ pub fn create_pending(
     timeout: Duration,
 ) -> Transition {
     Transition {
-        actions: vec![Action::Create {
-            process_type: ctx.def.name.clone(),
-            version: ctx.def.version,
+        actions: vec![create_action(
+            ctx,
             input,
             idempotency_key,
             trace,
-            timeout_ms: timeout.as_millis() as u64,
-            pending: true,
-            tenant: None,
-        }],
+            timeout,
+            true,
+        )],
         notes: vec![format!(
             "process {process_id} is Pending: intake is drained"
         )],
