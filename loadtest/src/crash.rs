@@ -16,10 +16,11 @@
 //!
 //! - **Lost processes**: submitted (acknowledged) but not Completed once the run has had
 //!   lease + sweep + a minute after the last arrival. Must be 0.
-//! - **Step commits**: entries ever added to the events stream during the run
-//!   (`XINFO STREAM … entries-added`). In this run only `complete.lua` (one event per
-//!   committed step result) adds to it — no timers, signals or hand-backs — so commits
-//!   beyond one per step are duplicate commits. Must be 0.
+//! - **Step commits**: every committed step result either adds one event to the results
+//!   stream (`XINFO STREAM … entries-added` over the run; in this run only `complete.lua`
+//!   adds to it — no timers, signals, hand-backs or dead letters) or, when its worker
+//!   enqueued the successor itself, raises its process's `steps_rev` by one; their sum
+//!   over the run's processes. Commits beyond one per step are duplicate commits. Must be 0.
 //! - **Duplicate executions**: probe executions beyond one per step (at-least-once: a
 //!   step running when its worker died runs again), and of those, executions beyond one
 //!   per *claim* (process, step, delivery count), which must be 0: a claim starts at most
@@ -312,7 +313,9 @@ async fn measure(
         }
     }
     let mut reclaim = Vec::new();
+    let mut commits = commits;
     for rec in read_records(bench, &ids).await? {
+        commits += rec.steps_rev;
         for (name, step) in &rec.steps {
             let Some(killed_at) = held.get(&(rec.id.clone(), name.clone())) else {
                 continue;

@@ -300,10 +300,11 @@ impl Report {
         let problems = self.problems();
         writeln!(
             s,
-            "  engine health (warm-up included): {} steps started, {} committed of {} expected; {} revision conflicts; {}",
+            "  engine health (warm-up included): {} steps started, {} committed of {} expected ({} with their successors, by the worker); {} revision conflicts; {}",
             h.steps_started,
             h.steps_committed,
             h.steps_expected,
+            h.steps_committed_by_workers,
             h.revision_conflicts,
             if problems.is_empty() {
                 "no anomalies".to_string()

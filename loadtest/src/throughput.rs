@@ -203,6 +203,9 @@ pub struct Health {
     pub steps_expected: u64,
     pub steps_started: u64,
     pub steps_committed: u64,
+    /// Of `steps_committed`, those whose worker enqueued the successors itself (no
+    /// scheduler round).
+    pub steps_committed_by_workers: u64,
     pub stale_claims: u64,
     pub reclaimed: u64,
     pub dead_lettered: u64,
@@ -725,6 +728,7 @@ pub(crate) async fn health(
         steps_expected: steps as u64,
         steps_started: sum(|w| w.started.load(Ordering::Relaxed)),
         steps_committed: sum(|w| w.committed.load(Ordering::Relaxed)),
+        steps_committed_by_workers: sum(|w| w.fast_commits.load(Ordering::Relaxed)),
         stale_claims: sum(|w| w.stale.load(Ordering::Relaxed)),
         reclaimed: sum(|w| w.reclaimed.load(Ordering::Relaxed)),
         dead_lettered: sum(|w| w.dead_lettered.load(Ordering::Relaxed)),

@@ -184,7 +184,7 @@ impl Processes {
                     let call = t.to_commit(
                         self.store.keys(),
                         id,
-                        Some(rec.rev),
+                        Some(rec.revision()),
                         now,
                         self.cfg.retention_secs,
                         None,

@@ -345,7 +345,7 @@ impl Scheduler {
         let call = t.to_commit(
             store.keys(),
             pid,
-            Some(rec.rev),
+            Some(rec.revision()),
             now,
             self.engine.cfg.retention_secs,
             Some(AckSource {

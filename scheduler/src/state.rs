@@ -291,10 +291,7 @@ impl Processes {
             if !force {
                 refuse_unfinished(id, &status, &meta, &steps)?;
             }
-            let guard = DeleteGuard {
-                rev: meta.get(field::REV).cloned(),
-                idempotency_key: meta.get(field::IDEMPOTENCY_KEY).cloned(),
-            };
+            let guard = DeleteGuard::of(&meta, &steps);
             let refs = store.references(id).await?;
             match store
                 .delete_process(id, &guard, &refs, force, DELETE_TAIL_MAX)

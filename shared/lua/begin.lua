@@ -2,15 +2,18 @@
 -- KEYS[1]            job stream
 -- KEYS[3i-1..3i+1]   for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer
--- ARGV[5i-2..5i+2]   for job i: entry id, step name, token, the traceparent of this
+-- ARGV[6i-3..6i+2]   for job i: entry id, step name, token, the traceparent of this
 --                    attempt's span ('' when the worker does not trace), the delivery count
---                    the starter saw (1 for XREADGROUP, the XAUTOCLAIM count for a reclaim)
+--                    the starter saw (1 for XREADGROUP, the XAUTOCLAIM count for a reclaim),
+--                    '1' to be sent the process's step records (the worker may then commit
+--                    the step's successors itself: complete.lua's fast path), else '0')
 -- A claim is (entry id, delivery count): it begins only while the PEL still holds exactly
 -- that claim for this consumer, so one claim starts at most one execution (a reader and a
 -- sweeper of the same worker that both got the entry cannot both start it). Beginning
 -- resets the entry's idle time, as a heartbeat does.
 -- Returns one reply per job:
---   {'ok', deliveries, type, version, step_record_json, data_hash_flat, tenant ('' none)}
+--   {'ok', deliveries, type, version, step_record_json, data_hash_flat, tenant ('' none),
+--    status, rev, trace ('' none), steps_hash_flat (or false when not asked)}
 --   {'lost'}              the entry is no longer this claim (reclaimed meanwhile): skip it
 --   {'obsolete', reason}  superseded or the process is over: acknowledged and dropped
 local jobs, group, consumer = KEYS[1], ARGV[1], ARGV[2]
@@ -64,16 +67,16 @@ local function running_record(raw, token, deliveries, trace)
 end
 
 local out = {}
-local n = (#ARGV - 2) / 5
+local n = (#ARGV - 2) / 6
 for i = 1, n do
   local meta, steps, data = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local a = 5 * i - 2
+  local a = 6 * i - 3
   local id, step, token, trace, seen = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local p = pending_entry(jobs, group, id)
   if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(seen) then
     out[i] = {'lost'}
   else
-    local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION, F_TENANT)
+    local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION, F_TENANT, F_REV, F_TRACE)
     if not m[1] or not process_active(m[1]) then
       ack(jobs, group, id)
       out[i] = {'obsolete', 'process is ' .. tostring(m[1] or 'gone')}
@@ -86,7 +89,12 @@ for i = 1, n do
       else
         redis.call('HSET', steps, step, enc)
         redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
-        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data), m[4] or ''}
+        local snapshot = false
+        if ARGV[a + 5] == '1' then
+          snapshot = redis.call('HGETALL', steps)
+        end
+        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data), m[4] or '',
+          m[1], m[5] or '0', m[6] or '', snapshot}
       end
     end
   end

@@ -2,12 +2,15 @@
 -- an optimistic revision check so concurrent schedulers never apply two transitions to one
 -- process from the same snapshot (no step is ever enqueued twice).
 -- KEYS[1] the process meta hash (the guarded record); KEYS[2..] every other key the ops use
--- ARGV[1] mode: 'create' (the process must not exist) | 'update' (rev must equal ARGV[2])
+-- ARGV[1] mode: 'create' (the process must not exist) | 'update' (the meta hash's rev must
+--         equal ARGV[2] and the steps hash's steps rev ARGV[7]: the revision the transition
+--         was decided on; KEYS[2] is the steps hash)
 -- ARGV[2] expected rev (update)
 -- ARGV[3] KEYS index of the idempotency key (create), 0 for none
 -- ARGV[4] KEYS index of the source stream to acknowledge whatever the outcome (except
 --         'conflict'), 0 for none; ARGV[5] its group; ARGV[6] the entry id
--- ARGV[7] number of ops, then the ops:
+-- ARGV[7] expected steps rev (update; an absent field is 0)
+-- ARGV[8] number of ops, then the ops:
 --   hset k n f v ... | hdel k n f ... | xadd k n f v ... | zadd k score member
 --   | zaddin k delay_ms member | zrem k member | expire k secs | persist k
 --   | setex k secs value | del k
@@ -18,7 +21,7 @@
 -- Returns {'ok', now} | {'conflict', rev} | {'gone'} | {'exists'} | {'duplicate', process_id}
 --   | {'closed'}
 local mode = ARGV[1]
-local nops = tonumber(ARGV[7])
+local nops = tonumber(ARGV[8])
 local function key(idx)
   local k = KEYS[tonumber(idx)]
   if not k then
@@ -30,7 +33,7 @@ end
 -- apply pass reads the arguments straight from ARGV).
 local FIXED = {zadd = 2, zaddin = 2, setex = 2, zrem = 1, expire = 1, persist = 0, del = 0,
   absent = 0}
-local ops, absent, i = {}, {}, 8
+local ops, absent, i = {}, {}, 9
 for _ = 1, nops do
   local op = ARGV[i]
   key(ARGV[i + 1])
@@ -88,7 +91,7 @@ elseif mode == 'update' then
     ack_source()
     return {'gone'}
   end
-  if rev ~= ARGV[2] then
+  if rev ~= ARGV[2] or (redis.call('HGET', KEYS[2], F_STEPS_REV) or '0') ~= ARGV[7] then
     return {'conflict', rev}
   end
 else

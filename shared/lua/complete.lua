@@ -5,9 +5,17 @@
 -- KEYS[3i..3i+2]  for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer, then for each job: entry id, deliveries seen at claim,
 -- step, token, output blob ('' for none), n, then n event fields as name, value pairs (the
--- event's outcome must be among them)
--- Returns one answer per job: 'ok' | 'stale' (nothing written)
+-- event's outcome must be among them), then the transition the worker decided from the
+-- result: '0' (none) | '1', rev, steps rev (the revision it was decided on), s, s pairs of
+-- step name and step record (JSON), j, then j jobs, each as f and f field name, value pairs
+-- Returns one answer per job: 'ok' (committed; the event is the scheduler's to apply)
+--   | 'fast' (committed with its transition: step records written, jobs enqueued, the
+--     steps rev raised, no event) | 'stale' (nothing written)
 --   | 'finished' (process over: acknowledged, discarded)
+-- The transition applies only while the meta hash's rev and the steps hash's steps rev
+-- are those it was decided on: every other commit to the process raises one of them, so
+-- a transition decided on an older state falls back to the event, which the scheduler
+-- decides again from what is current.
 -- A retry of a commit that already landed (its reply was lost: a timeout, a pause) answers
 -- 'ok' again and writes nothing: the entry is acknowledged and the step record still shows
 -- this token's result, committed by this consumer under this delivery count.
@@ -35,8 +43,37 @@ while a <= #ARGV do
   if not t.outcome or t.outcome == '' then
     return redis.error_reply('complete: event has no outcome')
   end
-  todo[#todo + 1] = t
   a = t.last + 1
+  local flag = ARGV[a]
+  if flag == '1' then
+    local ns = tonumber(ARGV[a + 3])
+    if not ns then
+      return redis.error_reply('complete: bad step record count')
+    end
+    t.rev, t.srev, t.sfirst, t.slast = ARGV[a + 1], ARGV[a + 2], a + 4, a + 3 + 2 * ns
+    a = t.slast + 1
+    t.jobs = {}
+    if not tonumber(ARGV[a]) then
+      return redis.error_reply('complete: bad job count')
+    end
+    for _ = 1, tonumber(ARGV[a]) do
+      local nf = tonumber(ARGV[a + 1])
+      if not nf or nf < 1 then
+        return redis.error_reply('complete: bad job field count')
+      end
+      t.jobs[#t.jobs + 1] = {a + 2, a + 1 + 2 * nf}
+      a = a + 1 + 2 * nf
+    end
+    a = a + 1
+  elseif flag == '0' then
+    a = a + 1
+  else
+    return redis.error_reply('complete: bad transition flag')
+  end
+  if a - 1 > #ARGV then
+    return redis.error_reply('complete: short arguments')
+  end
+  todo[#todo + 1] = t
 end
 if #KEYS ~= 2 + 3 * #todo then
   return redis.error_reply('complete: ' .. #KEYS .. ' keys for ' .. #todo .. ' jobs')
@@ -105,8 +142,8 @@ local function complete_one(t, meta, steps, data)
   if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(t.dl) then
     return 'stale'
   end
-  local st = redis.call('HGET', meta, F_STATUS)
-  if not st or not process_active(st) then
+  local m = redis.call('HMGET', meta, F_STATUS, F_REV)
+  if not m[1] or not process_active(m[1]) then
     ack(jobs, group, t.id)
     return 'finished'
   end
@@ -124,6 +161,17 @@ local function complete_one(t, meta, steps, data)
   end
   if t.outcome ~= OUTCOME_FAILED then
     redis.call('HDEL', data, F_CHECKPOINT_PREFIX .. t.step)
+  end
+  if t.rev and m[2] == t.rev then
+    local srev = redis.call('HGET', steps, F_STEPS_REV) or '0'
+    if srev == t.srev then
+      redis.call('HSET', steps, F_STEPS_REV, tonumber(srev) + 1, unpack(ARGV, t.sfirst, t.slast))
+      for _, j in ipairs(t.jobs) do
+        redis.call('XADD', jobs, '*', unpack(ARGV, j[1], j[2]))
+      end
+      ack(jobs, group, t.id)
+      return 'fast'
+    end
   end
   redis.call('HSET', steps, t.step, rec)
   redis.call('XADD', events, '*', unpack(ARGV, t.first, t.last))

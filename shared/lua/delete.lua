@@ -13,7 +13,8 @@
 -- ARGV[1] process id, ARGV[2] the rev the caller read ('' when it found no record),
 -- ARGV[3] the idempotency key the caller read ('' none), ARGV[4] '1' to delete an unfinished
 -- process, ARGV[5] at most this many entries per stream past the scanned id,
--- ARGV[6] n (number of index keys), ARGV[7] m, then m delayed-set members,
+-- ARGV[6] n (number of index keys), ARGV[7] the steps rev the caller read ('' none),
+-- ARGV[8] m, then m delayed-set members,
 -- then for each stream of KEYS[6..9]: its consumer group ('' none: not acknowledged), the
 -- last entry id the caller scanned ('0-0' for an empty stream), k, then k entry ids
 -- Returns {'deleted', status, jobs, events, results, dead_letters, delayed}
@@ -24,10 +25,12 @@
 local meta, steps, data, usage, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local pid, rev, idem, force, tail_max = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
 local nidx = tonumber(ARGV[6])
+local steps_rev = ARGV[7]
 
 local m = redis.call('HMGET', meta, F_STATUS, F_REV, F_IDEM)
 local status = m[1]
-if (m[2] or '') ~= rev or (m[3] or '') ~= idem then
+if (m[2] or '') ~= rev or (m[3] or '') ~= idem
+    or (redis.call('HGET', steps, F_STEPS_REV) or '') ~= steps_rev then
   return {'changed'}
 end
 if status and process_active(status) and not force then
@@ -45,7 +48,7 @@ local function entry_pid(fields)
 end
 
 -- Validation pass: the listed references, and the entries added since the scan.
-local at = 7
+local at = 8
 local members = {}
 for i = 1, tonumber(ARGV[at]) do
   members[i] = ARGV[at + i]

@@ -5,6 +5,7 @@
 use crate::engine::{Action, Transition};
 use crate::envelope::Event;
 use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
+use crate::record::Revision;
 use crate::status::ProcessStatus;
 
 /// The delayed-set member that fires a process's timeout (deterministic, so finishing the
@@ -135,12 +136,13 @@ fn b(s: impl ToString) -> Vec<u8> {
 
 impl Transition {
     /// Compiles the actions into one `commit.lua` call. `rev` is the revision the decision
-    /// was made on (`None` for a create).
+    /// was made on (`None` for a create): the commit applies only while the process is still
+    /// at it.
     pub fn to_commit(
         &self,
         keys: &Keys,
         process_id: &str,
-        rev: Option<u64>,
+        rev: Option<Revision>,
         now_ms: u64,
         retention_secs: u64,
         ack: Option<AckSource<'_>>,
@@ -151,7 +153,7 @@ impl Transition {
         let data_k = kt.idx(keys.data(process_id));
         let mut ops = Ops { n: 0, args: vec![] };
         let mut meta_fields: Vec<(String, Vec<u8>)> = vec![
-            (field::REV.into(), b(rev.map_or(1, |r| r + 1))),
+            (field::REV.into(), b(rev.map_or(1, |r| r.rev + 1))),
             (field::UPDATED_MS.into(), b(now_ms)),
         ];
         let deadline = Deadline {
@@ -362,15 +364,57 @@ impl Transition {
         };
         let mut args = vec![
             b(if rev.is_some() { "update" } else { "create" }),
-            b(rev.unwrap_or(0)),
+            b(rev.map_or(0, |r| r.rev)),
             idem_idx,
             ack_idx,
             b(SCHEDULER_GROUP),
             ack_id,
+            b(rev.map_or(0, |r| r.steps_rev)),
             b(ops.n),
         ];
         args.extend(ops.args);
         CommitCall { keys: kt.0, args }
+    }
+}
+
+/// A transition a worker commits itself, with the step result it follows from
+/// (`complete.lua`'s fast path): only step records and jobs enqueued now — what the
+/// worker's Redis user may write. It applies only while the process is still at
+/// `revision`, and raises the steps hash's `steps_rev`; otherwise the result goes to the
+/// scheduler as an event, as every result did before.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FastCommit {
+    pub revision: Revision,
+    /// The process's status, which the transition keeps.
+    pub status: ProcessStatus,
+    /// Step records to write (name, JSON).
+    pub steps: Vec<(String, Vec<u8>)>,
+    /// Jobs to put on the job stream (their fields).
+    pub jobs: Vec<Vec<(String, String)>>,
+}
+
+impl Transition {
+    /// This transition as a [`FastCommit`] decided on `revision` (the process `status`),
+    /// when it only writes step
+    /// records and enqueues jobs now: no status change, no finish, no timer or delayed job,
+    /// nothing in the meta hash, an index or the delayed set (the scheduler's to write).
+    pub fn to_fast(&self, revision: Revision, status: ProcessStatus) -> Option<FastCommit> {
+        let mut fast = FastCommit {
+            revision,
+            status,
+            steps: Vec::new(),
+            jobs: Vec::new(),
+        };
+        for a in &self.actions {
+            match a {
+                Action::SetStep { step, record } => fast
+                    .steps
+                    .push((step.clone(), serde_json::to_vec(record).ok()?)),
+                Action::Enqueue(job) => fast.jobs.push(job.to_fields()),
+                _ => return None,
+            }
+        }
+        (!fast.steps.is_empty()).then_some(fast)
     }
 }
 

@@ -136,7 +136,7 @@ impl<'a> Planner<'a> {
     fn new(
         ctx: &'a Ctx<'a>,
         pid: &'a str,
-        rev: u64,
+        token_base: u64,
         steps: BTreeMap<String, StepRecord>,
         trace: Option<String>,
     ) -> Self {
@@ -147,7 +147,7 @@ impl<'a> Planner<'a> {
                 traceparent: trace,
                 tracestate: None,
             },
-            token_base: rev + 1,
+            token_base,
             tokens: 0,
             steps,
             touched: Vec::new(),
@@ -156,6 +156,17 @@ impl<'a> Planner<'a> {
             failure: None,
             paused: false,
         }
+    }
+
+    /// A planner for a transition of the process `rec`.
+    fn for_record(ctx: &'a Ctx<'a>, rec: &'a ProcessRecord) -> Self {
+        Self::new(
+            ctx,
+            &rec.id,
+            rec.revision().token_base(),
+            rec.steps.clone(),
+            rec.trace.clone(),
+        )
     }
 
     fn token(&mut self) -> String {
@@ -501,7 +512,7 @@ pub fn create(
     trace: Option<String>,
     timeout: Duration,
 ) -> Transition {
-    let mut p = Planner::new(ctx, process_id, 0, BTreeMap::new(), trace.clone());
+    let mut p = Planner::new(ctx, process_id, 1, BTreeMap::new(), trace.clone());
     p.actions.push(create_action(
         ctx,
         input,
@@ -571,7 +582,7 @@ pub fn start(ctx: &Ctx<'_>, rec: &ProcessRecord, timeout: Duration) -> Result<Tr
             "only a Pending process can be started",
         ));
     }
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     p.actions.push(Action::Start {
         timeout_ms: timeout.as_millis() as u64,
         idempotency_key: rec.idempotency_key.clone(),
@@ -591,7 +602,7 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
             notes: vec![format!("process already {}", rec.status)],
         };
     }
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     p.paused = rec.status == ProcessStatus::Paused;
     let matches = |step: &str, token: &str, statuses: &[StepStatus]| {
         rec.steps
@@ -797,7 +808,7 @@ pub fn cancel(
             "only unfinished processes can be cancelled",
         ));
     }
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     let why = reason.unwrap_or("cancelled by an operator");
     p.actions
         .push(audit(rec, ctx.now_ms, "cancel", reason.map(str::to_string)));
@@ -839,7 +850,7 @@ pub fn pause(
     }
     let now = ctx.now_ms;
     let stop = ctx.def.timeouts_while_paused == crate::definition::PausedTimeouts::Stop;
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     p.paused = true;
     let detail = match (reason, hand_back) {
         (Some(r), true) => Some(format!("{r} (running steps handed back)")),
@@ -900,7 +911,7 @@ pub fn resume(ctx: &Ctx<'_>, rec: &ProcessRecord) -> Result<Transition, OpError>
             "only a paused process can be resumed",
         ));
     }
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     p.actions.push(audit(rec, ctx.now_ms, "resume", None));
     p.actions.push(Action::Resume {
         deadline_left_ms: rec.deadline_left_ms,
@@ -951,7 +962,7 @@ pub fn retry(
             "only Failed, Cancelled or TimedOut processes can be retried",
         ));
     }
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     p.actions.push(Action::Reopen {
         from: rec.status,
         timeout_ms: timeout.as_millis() as u64,
@@ -1022,7 +1033,7 @@ pub fn retry_current_step(
             "no queued, delayed or running step to retry",
         ));
     }
-    let mut p = Planner::new(ctx, &rec.id, rec.rev, rec.steps.clone(), rec.trace.clone());
+    let mut p = Planner::for_record(ctx, rec);
     p.actions.push(audit(
         rec,
         ctx.now_ms,

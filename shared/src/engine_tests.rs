@@ -72,6 +72,7 @@ fn empty_record() -> ProcessRecord {
         version: 0,
         status: ProcessStatus::Pending,
         rev: 0,
+        steps_rev: 0,
         created_ms: 0,
         started_ms: None,
         ended_ms: None,
@@ -1392,8 +1393,8 @@ struct Op {
 /// an op, and every key index must exist.
 fn parse_ops(call: &CommitCall) -> Vec<Op> {
     let a: Vec<String> = call.args.iter().map(|b| s(b)).collect();
-    let n: usize = a[6].parse().unwrap();
-    let mut i = 7;
+    let n: usize = a[7].parse().unwrap();
+    let mut i = 8;
     let mut ops = Vec::new();
     for _ in 0..n {
         let name = a[i].clone();
@@ -1450,7 +1451,7 @@ fn hset_fields(ops: &[Op], call: &CommitCall, key: &Key) -> BTreeMap<String, Str
 fn assert_keys_share_the_tag(call: &CommitCall, keys: &Keys) {
     assert_eq!(call.keys[0], keys.process(PID), "KEYS[1] is the meta hash");
     for k in &call.keys {
-        assert!(k.as_str().starts_with("honua:v1:{0}:"), "{k}");
+        assert!(k.as_str().starts_with("honua:v2:{0}:"), "{k}");
     }
     let unique: BTreeSet<&Key> = call.keys.iter().collect();
     assert_eq!(unique.len(), call.keys.len(), "no key is passed twice");
@@ -1498,7 +1499,7 @@ timeout = "1m"
         }),
     );
     assert_keys_share_the_tag(&call, &keys);
-    let head: Vec<String> = call.args[..7].iter().map(|b| s(b)).collect();
+    let head: Vec<String> = call.args[..8].iter().map(|b| s(b)).collect();
     assert_eq!(head[0], "create");
     assert_eq!(head[1], "0");
     let idem: usize = head[2].parse().unwrap();
@@ -1510,7 +1511,7 @@ timeout = "1m"
     assert_eq!(head[5], "1-0");
 
     let ops = parse_ops(&call);
-    assert_eq!(ops.len(), head[6].parse::<usize>().unwrap());
+    assert_eq!(ops.len(), head[7].parse::<usize>().unwrap());
     let meta = hset_fields(&ops, &call, &keys.process(PID));
     assert_eq!(meta[field::REV], "1");
     assert_eq!(meta[field::TYPE], "T");
@@ -1573,7 +1574,7 @@ fn update_commit_is_guarded_by_the_revision() {
     let call = t.to_commit(
         &keys,
         PID,
-        Some(rev),
+        at(rev),
         NOW,
         RETENTION,
         Some(AckSource {
@@ -1582,13 +1583,14 @@ fn update_commit_is_guarded_by_the_revision() {
         }),
     );
     assert_keys_share_the_tag(&call, &keys);
-    let head: Vec<String> = call.args[..7].iter().map(|b| s(b)).collect();
+    let head: Vec<String> = call.args[..8].iter().map(|b| s(b)).collect();
     assert_eq!(&head[..3], ["update", "41", "0"]);
     assert_eq!(head[3], call.keys.len().to_string());
     assert_eq!(*call.keys.last().unwrap(), keys.events());
     assert_eq!(head[5], "7-3");
+    assert_eq!(head[6], "0", "no worker committed on this revision");
     let ops = parse_ops(&call);
-    assert_eq!(ops.len(), head[6].parse::<usize>().unwrap());
+    assert_eq!(ops.len(), head[7].parse::<usize>().unwrap());
     let meta = hset_fields(&ops, &call, &keys.process(PID));
     assert_eq!(meta[field::REV], "42");
     assert_eq!(meta[field::UPDATED_MS], NOW.to_string());
@@ -1611,7 +1613,7 @@ fn update_commit_is_guarded_by_the_revision() {
     assert_eq!(member["f"], serde_json::json!(flat));
 
     // Without a source to acknowledge.
-    let call = t.to_commit(&keys, PID, Some(rev), NOW, RETENTION, None);
+    let call = t.to_commit(&keys, PID, at(rev), NOW, RETENTION, None);
     assert_eq!(s(&call.args[3]), "0");
     assert_eq!(s(&call.args[5]), "");
     parse_ops(&call);
@@ -1624,10 +1626,10 @@ fn finishing_commit_expires_the_process_and_drops_its_deadline() {
     let t = sim.report("A", failure("bad", false));
     assert!(t.finish().is_some());
     let keys = Keys::new("honua", 0);
-    let call = t.to_commit(&keys, PID, Some(rev), NOW + 5, RETENTION, None);
+    let call = t.to_commit(&keys, PID, at(rev), NOW + 5, RETENTION, None);
     assert_keys_share_the_tag(&call, &keys);
     let ops = parse_ops(&call);
-    assert_eq!(ops.len(), s(&call.args[6]).parse::<usize>().unwrap());
+    assert_eq!(ops.len(), s(&call.args[7]).parse::<usize>().unwrap());
     let meta = hset_fields(&ops, &call, &keys.process(PID));
     assert_eq!(meta[field::STATUS], "Failed");
     assert_eq!(meta[field::ENDED_MS], (NOW + 5).to_string());
@@ -1659,7 +1661,7 @@ fn finishing_commit_expires_the_process_and_drops_its_deadline() {
     sim.ok("B");
     let rev = sim.rec.rev;
     let t = sim.ok("C");
-    let call = t.to_commit(&keys, PID, Some(rev), NOW, RETENTION, None);
+    let call = t.to_commit(&keys, PID, at(rev), NOW, RETENTION, None);
     let ops = parse_ops(&call);
     assert_eq!(ops.iter().filter(|o| o.name == "expire").count(), 3);
     assert_eq!(
@@ -1945,7 +1947,7 @@ fn start_enters_the_first_steps_of_a_pending_process_and_nothing_else_starts() {
     assert_eq!(enqueued_steps(&t), ["A"]);
     assert_eq!(set_statuses(&t), [ProcessStatus::Running]);
     let keys = Keys::new("honua", 0);
-    let call = t.to_commit(&keys, PID, Some(rec.rev), later, RETENTION, None);
+    let call = t.to_commit(&keys, PID, Some(rec.revision()), later, RETENTION, None);
     let ops = parse_ops(&call);
     assert_eq!(
         find(
@@ -2001,7 +2003,7 @@ fn cancelling_a_pending_process_takes_it_off_the_pending_index() {
     let t = cancel(&ctx, &rec, None).unwrap();
     assert_eq!(finish_code(&t), Some("cancelled"));
     let keys = Keys::new("honua", 0);
-    let call = t.to_commit(&keys, PID, Some(1), NOW, RETENTION, None);
+    let call = t.to_commit(&keys, PID, at(1), NOW, RETENTION, None);
     let ops = parse_ops(&call);
     assert_eq!(
         find(
@@ -2247,4 +2249,9 @@ fn an_approval_takes_its_signal_while_paused_and_a_paused_process_can_be_cancell
     let timeouts = later_events(&t);
     assert_eq!(timeouts.len(), 1);
     assert_eq!(timeouts[0].1, 90 * 60_000);
+}
+
+/// A revision no worker committed on (scheduler commits only).
+fn at(rev: u64) -> Option<crate::record::Revision> {
+    Some(crate::record::Revision { rev, steps_rev: 0 })
 }

@@ -567,7 +567,7 @@ fn step_failure(f: &FieldMap, failed: bool) -> Result<Option<Failure>, EnvelopeE
 
 /// A submission written to the submit stream by any Redis client:
 ///
-/// `XADD honua:v1:{0}:submit * type Test input '{"k":1}' id <uuid> idempotency_key <key>`
+/// `XADD honua:v2:{0}:submit * type Test input '{"k":1}' id <uuid> idempotency_key <key>`
 ///
 /// Only `type` is required. `input` is a JSON object; `id` (a client-chosen process id,
 /// `[A-Za-z0-9_-]{1,64}`) lets the client follow the process without a lookup;

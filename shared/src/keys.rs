@@ -2,32 +2,34 @@
 //!
 //! All keys of one deployment share one hash tag (`{shard}`), so every atomic script runs
 //! unchanged on Redis Cluster: every key it touches is passed in `KEYS` and lives in one slot.
-//! The layout carries a version segment (`v1`) so a later layout can migrate side by side.
+//! The layout carries a version segment (`v2`) so a later layout can migrate side by side
+//! (v2: the steps hash holds `#v`, the transitions workers committed, which v1 code does not
+//! check; see the README on moving a live v1 deployment).
 //!
 //! | key | type | what it holds |
 //! |---|---|---|
-//! | `<prefix>:v1:{<shard>}:submit` | stream, group `scheduler` | submissions written by any Redis client |
-//! | `<prefix>:v1:{<shard>}:jobs` | stream, group `workers` | step jobs ([`crate::envelope::JobEnvelope`]) |
-//! | `<prefix>:v1:{<shard>}:events` | stream, group `scheduler` | timers, signals, timeouts (scheduler and gateway) |
-//! | `<prefix>:v1:{<shard>}:results` | stream, group `scheduler` | step results and dead letters, written by workers (the only event stream their Redis user may write) |
-//! | `<prefix>:v1:{<shard>}:dlq` | stream (no group) | dead-lettered jobs with their reason |
-//! | `<prefix>:v1:{<shard>}:delayed` | sorted set, score = due time (server ms) | delayed jobs and timer events |
-//! | `<prefix>:v1:{<shard>}:process:<id>` | hash | process metadata: type, version, status, rev, times, error |
-//! | `<prefix>:v1:{<shard>}:process:<id>:steps` | hash, field per step | step records (JSON) |
-//! | `<prefix>:v1:{<shard>}:process:<id>:data` | hash | `input`, `out:<step>`, `ck:<step>` state blobs (MessagePack) |
-//! | `<prefix>:v1:{<shard>}:idem:<key>` | string with TTL | idempotency key → process id |
-//! | `<prefix>:v1:{<shard>}:index:all` | sorted set, score = created ms | every live process id |
-//! | `<prefix>:v1:{<shard>}:index:active` | sorted set, score = created ms | processes not yet finished |
-//! | `<prefix>:v1:{<shard>}:index:status:<Status>` | sorted set, score = ended ms | finished processes by status |
-//! | `<prefix>:v1:{<shard>}:index:status:Pending` | sorted set, score = created ms | processes created while intake was drained, not yet started |
-//! | `<prefix>:v1:{<shard>}:intake` | string (JSON: since, by) | present while the fleet's intake is drained (`POST /api/admin/drain`) |
-//! | `<prefix>:v1:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
-//! | `<prefix>:v1:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
-//! | `<prefix>:v1:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
-//! | `<prefix>:v1:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
-//! | `<prefix>:v1:{<shard>}:llm:cache:<sha256>` | string (JSON) with TTL | shared LLM response cache |
-//! | `<prefix>:v1:{llm:<bucket>}:limit` | hash `req_tat`, `tok_tat` (server µs), with TTL | fleet-wide GCRA state of one LLM bucket |
-//! | `<prefix>:v1:{llm:<bucket>}:paused` | string (server µs) with TTL | the bucket is paused until then (provider 429) |
+//! | `<prefix>:v2:{<shard>}:submit` | stream, group `scheduler` | submissions written by any Redis client |
+//! | `<prefix>:v2:{<shard>}:jobs` | stream, group `workers` | step jobs ([`crate::envelope::JobEnvelope`]) |
+//! | `<prefix>:v2:{<shard>}:events` | stream, group `scheduler` | timers, signals, timeouts (scheduler and gateway) |
+//! | `<prefix>:v2:{<shard>}:results` | stream, group `scheduler` | step results and dead letters, written by workers (the only event stream their Redis user may write) |
+//! | `<prefix>:v2:{<shard>}:dlq` | stream (no group) | dead-lettered jobs with their reason |
+//! | `<prefix>:v2:{<shard>}:delayed` | sorted set, score = due time (server ms) | delayed jobs and timer events |
+//! | `<prefix>:v2:{<shard>}:process:<id>` | hash | process metadata: type, version, status, rev, times, error |
+//! | `<prefix>:v2:{<shard>}:process:<id>:steps` | hash, field per step | step records (JSON) |
+//! | `<prefix>:v2:{<shard>}:process:<id>:data` | hash | `input`, `out:<step>`, `ck:<step>` state blobs (MessagePack) |
+//! | `<prefix>:v2:{<shard>}:idem:<key>` | string with TTL | idempotency key → process id |
+//! | `<prefix>:v2:{<shard>}:index:all` | sorted set, score = created ms | every live process id |
+//! | `<prefix>:v2:{<shard>}:index:active` | sorted set, score = created ms | processes not yet finished |
+//! | `<prefix>:v2:{<shard>}:index:status:<Status>` | sorted set, score = ended ms | finished processes by status |
+//! | `<prefix>:v2:{<shard>}:index:status:Pending` | sorted set, score = created ms | processes created while intake was drained, not yet started |
+//! | `<prefix>:v2:{<shard>}:intake` | string (JSON: since, by) | present while the fleet's intake is drained (`POST /api/admin/drain`) |
+//! | `<prefix>:v2:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
+//! | `<prefix>:v2:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
+//! | `<prefix>:v2:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
+//! | `<prefix>:v2:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
+//! | `<prefix>:v2:{<shard>}:llm:cache:<sha256>` | string (JSON) with TTL | shared LLM response cache |
+//! | `<prefix>:v2:{llm:<bucket>}:limit` | hash `req_tat`, `tok_tat` (server µs), with TTL | fleet-wide GCRA state of one LLM bucket |
+//! | `<prefix>:v2:{llm:<bucket>}:paused` | string (server µs) with TTL | the bucket is paused until then (provider 429) |
 
 use std::fmt;
 
@@ -36,7 +38,7 @@ pub const WORKERS_GROUP: &str = "workers";
 /// Consumer group of the schedulers on the submission and event streams.
 pub const SCHEDULER_GROUP: &str = "scheduler";
 /// Layout version segment.
-pub const LAYOUT_VERSION: &str = "v1";
+pub const LAYOUT_VERSION: &str = "v2";
 
 /// A Redis key. A newtype so that a key cannot be confused with a value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -227,6 +229,12 @@ pub mod field {
     pub const INPUT: &str = "input";
     pub const OUTPUT_PREFIX: &str = "out:";
     pub const CHECKPOINT_PREFIX: &str = "ck:";
+    /// In the steps hash (never a step name: those start with a letter): how many
+    /// transitions workers committed on their own (a step's result with its successors
+    /// enqueued, `complete.lua`'s fast path), which cannot bump `rev` in the meta hash that
+    /// their Redis user may not write. Every commit checks both counters, and every commit
+    /// raises one of them, so `rev + steps_rev` names one state of a process.
+    pub const STEPS_REV: &str = "#v";
 }
 
 #[cfg(test)]
@@ -265,7 +273,7 @@ mod tests {
         ];
         for key in &all {
             assert_eq!(tag(key), "0", "{key}");
-            assert!(key.as_str().starts_with("honua:v1:{0}:"), "{key}");
+            assert!(key.as_str().starts_with("honua:v2:{0}:"), "{key}");
         }
         let mut unique: Vec<_> = all.iter().map(|k| k.as_str()).collect();
         unique.sort();
@@ -277,6 +285,6 @@ mod tests {
     fn prefixes_and_shards_separate() {
         assert_ne!(Keys::new("a", 0).jobs(), Keys::new("b", 0).jobs());
         assert_ne!(Keys::new("a", 0).jobs(), Keys::new("a", 1).jobs());
-        assert_eq!(Keys::new("a", 3).pattern(), "a:v1:{3}:*");
+        assert_eq!(Keys::new("a", 3).pattern(), "a:v2:{3}:*");
     }
 }

@@ -183,6 +183,23 @@ pub enum RecordError {
     Invalid { field: String, detail: String },
 }
 
+/// One state of a process: its meta hash's `rev` (raised by every scheduler commit) and its
+/// steps hash's `steps_rev` (raised by every transition a worker commits). A commit decided
+/// on a revision applies only while both are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Revision {
+    pub rev: u64,
+    pub steps_rev: u64,
+}
+
+impl Revision {
+    /// The first token number of a transition decided on this revision: every commit raises
+    /// one of the two counters, so no two transitions of a process share it.
+    pub fn token_base(&self) -> u64 {
+        self.rev + self.steps_rev + 1
+    }
+}
+
 /// A process's metadata and step records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessRecord {
@@ -191,6 +208,8 @@ pub struct ProcessRecord {
     pub version: u32,
     pub status: ProcessStatus,
     pub rev: u64,
+    /// The steps hash's own counter ([`field::STEPS_REV`]): transitions workers committed.
+    pub steps_rev: u64,
     pub created_ms: u64,
     pub started_ms: Option<u64>,
     pub ended_ms: Option<u64>,
@@ -242,7 +261,12 @@ impl ProcessRecord {
                 detail: e.to_string(),
             })?;
         let mut parsed = BTreeMap::new();
+        let mut steps_rev = 0;
         for (name, raw) in steps {
+            if name == field::STEPS_REV {
+                steps_rev = num(field::STEPS_REV, Some(raw))?.unwrap_or(0);
+                continue;
+            }
             let rec: StepRecord = serde_json::from_str(raw).map_err(|e| RecordError::Invalid {
                 field: format!("steps.{name}"),
                 detail: e.to_string(),
@@ -256,6 +280,7 @@ impl ProcessRecord {
                 .ok_or(RecordError::Missing(field::VERSION))?,
             status,
             rev: num(field::REV, get(field::REV))?.unwrap_or(0),
+            steps_rev,
             created_ms: num(field::CREATED_MS, get(field::CREATED_MS))?.unwrap_or(0),
             started_ms: num(field::STARTED_MS, get(field::STARTED_MS))?,
             ended_ms: num(field::ENDED_MS, get(field::ENDED_MS))?,
@@ -277,6 +302,14 @@ impl ProcessRecord {
             },
             steps: parsed,
         }))
+    }
+
+    /// The state a decision is made on: what a commit of it checks is unchanged.
+    pub fn revision(&self) -> Revision {
+        Revision {
+            rev: self.rev,
+            steps_rev: self.steps_rev,
+        }
     }
 
     /// Steps that still hold the process open.

@@ -50,8 +50,10 @@ fn constants() -> String {
     c("F_TYPE", field::TYPE);
     c("F_VERSION", field::VERSION);
     c("F_REV", field::REV);
+    c("F_STEPS_REV", field::STEPS_REV);
     c("F_IDEM", field::IDEMPOTENCY_KEY);
     c("F_TENANT", field::TENANT);
+    c("F_TRACE", field::TRACE);
     c("F_OUTPUT_PREFIX", field::OUTPUT_PREFIX);
     c("F_CHECKPOINT_PREFIX", field::CHECKPOINT_PREFIX);
     c("OUTCOME_FAILED", outcome::FAILED);

@@ -179,6 +179,13 @@ async fn three_step_process_runs_end_to_end_over_http() {
     }
     // B was enqueued only after A committed.
     assert!(rec.steps["B"].queued_ms >= rec.steps["A"].ended_ms);
+    // A's and B's workers enqueued the next step with their results (the fast path); only
+    // C's result, which finishes the process, went to the scheduler as an event.
+    assert_eq!(rec.steps_rev, 2, "{rec:?}");
+    assert_eq!(
+        entries_added(f.store(), &f.store().keys().results()).await,
+        1
+    );
     // Outputs are stored as MessagePack state blobs.
     let data = f.store().load_data(&id).await.unwrap();
     let out: Value = f.cfg.codec().decode(&data["out:C"]).unwrap();
@@ -228,6 +235,9 @@ async fn fan_out_and_join_waits_for_every_branch() {
         );
     }
     assert_eq!(rec.steps["Done"].status, StepStatus::Completed);
+    // Start's worker fanned out itself; of the branches, those whose worker decided on a
+    // state another branch had changed meanwhile went to the scheduler instead.
+    assert!(rec.steps_rev >= 1, "{rec:?}");
     f.stop().await;
 }
 

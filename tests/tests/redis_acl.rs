@@ -354,7 +354,7 @@ async fn fleet_runs_with_the_scheduler_and_worker_users_without_a_denial() {
 fn backup_script_runs_as_the_backup_user() {
     let acl = AclRedis::start();
     let _: () = redis::cmd("SET")
-        .arg(format!("{PREFIX}:v1:{{0}}:probe"))
+        .arg(format!("{PREFIX}:v2:{{0}}:probe"))
         .arg("x")
         .query(&mut acl.conn("admin"))
         .unwrap();
@@ -380,7 +380,7 @@ fn backup_script_runs_as_the_backup_user() {
     let mut b = acl.conn("backup");
     for cmd in [
         redis::cmd("GET")
-            .arg(format!("{PREFIX}:v1:{{0}}:probe"))
+            .arg(format!("{PREFIX}:v2:{{0}}:probe"))
             .clone(),
         redis::cmd("FLUSHALL").clone(),
         redis::cmd("CONFIG").arg("SET").arg("save").arg("").clone(),
@@ -394,7 +394,7 @@ fn backup_script_runs_as_the_backup_user() {
 #[test]
 fn service_users_are_refused_what_they_do_not_need_and_default_cannot_log_in() {
     let acl = AclRedis::start();
-    let inside = format!("{PREFIX}:v1:{{0}}:jobs");
+    let inside = format!("{PREFIX}:v2:{{0}}:jobs");
     for role in ["scheduler", "worker", "keda"] {
         let mut c = acl.conn(role);
         // DEBUG and MODULE are refused before the ACL check (enable-debug-command and
@@ -446,7 +446,7 @@ fn service_users_are_refused_what_they_do_not_need_and_default_cannot_log_in() {
     for cmd in [
         redis::cmd("DEL").arg(&inside).clone(),
         redis::cmd("ZREM")
-            .arg(format!("{PREFIX}:v1:{{0}}:index:all"))
+            .arg(format!("{PREFIX}:v2:{{0}}:index:all"))
             .arg("p")
             .clone(),
     ] {

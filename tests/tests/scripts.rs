@@ -4,7 +4,8 @@
 
 use honua_shared::envelope::{JobEnvelope, StepResult};
 use honua_shared::keys::WORKERS_GROUP;
-use honua_shared::store::{Begin, Fence, Held, Store};
+use honua_shared::status::StepStatus;
+use honua_shared::store::{Begin, Entry, Fence, Held, Store};
 use honua_tests::*;
 use serde_json::json;
 use std::time::Duration;
@@ -50,22 +51,17 @@ async fn setup(
         .id()
         .to_string();
     let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
-    let entries = st
-        .read_group(
-            &mut conn,
-            &st.keys().jobs(),
-            WORKERS_GROUP,
-            "a",
-            10,
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
+    let entries = read_as_a(&st, &mut conn).await;
     assert_eq!(entries.len(), 1);
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
     assert_eq!(job.process_id, pid);
     let begin = st
-        .begin("a", &[(entries[0].id.clone(), 1, job.clone())], &[])
+        .begin(
+            "a",
+            &[(entries[0].id.clone(), 1, job.clone())],
+            &[],
+            &|_| false,
+        )
         .await
         .unwrap();
     let Begin::Ok { deliveries, .. } = begin[0] else {
@@ -78,6 +74,20 @@ async fn setup(
         job,
     };
     (st, held, engine, dir)
+}
+
+/// New jobs (up to 10) read by consumer `a`.
+async fn read_as_a(st: &Store, conn: &mut redis::aio::ConnectionManager) -> Vec<Entry> {
+    st.read_group(
+        conn,
+        &st.keys().jobs(),
+        WORKERS_GROUP,
+        "a",
+        10,
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap()
 }
 
 fn ok_result() -> StepResult {
@@ -104,7 +114,12 @@ async fn a_reclaimed_job_fences_out_its_old_owner() {
     assert_eq!(*deliveries, 2, "the reclaim counted as a delivery");
     let job = JobEnvelope::from_fields(&entry.fields).unwrap();
     let begin = st
-        .begin("b", &[(entry.id.clone(), *deliveries, job.clone())], &[])
+        .begin(
+            "b",
+            &[(entry.id.clone(), *deliveries, job.clone())],
+            &[],
+            &|_| false,
+        )
         .await
         .unwrap();
     assert!(
@@ -201,9 +216,13 @@ async fn begin_starts_a_claim_only_under_the_delivery_count_its_starter_saw() {
     assert_eq!(r.claimed[0].1, 2);
     let job = held.job.clone();
     let id = held.entry_id.clone();
-    let reader = st.begin("a", &[(id.clone(), 1, job.clone())], &[]).await;
+    let reader = st
+        .begin("a", &[(id.clone(), 1, job.clone())], &[], &|_| false)
+        .await;
     assert!(matches!(reader.as_deref(), Ok([Begin::Lost])), "{reader:?}");
-    let sweeper = st.begin("a", &[(id.clone(), 2, job.clone())], &[]).await;
+    let sweeper = st
+        .begin("a", &[(id.clone(), 2, job.clone())], &[], &|_| false)
+        .await;
     assert!(
         matches!(sweeper.as_deref(), Ok([Begin::Ok { deliveries: 2, .. }])),
         "{sweeper:?}"
@@ -265,7 +284,7 @@ async fn a_released_job_is_requeued_at_once_with_its_fence_kept() {
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
     assert_eq!(job, held.job);
     let begin = st
-        .begin("b", &[(entries[0].id.clone(), 1, job)], &[])
+        .begin("b", &[(entries[0].id.clone(), 1, job)], &[], &|_| false)
         .await
         .unwrap();
     let Begin::Ok {
@@ -346,22 +365,17 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
     };
     engine.create(&sub, None).await.unwrap();
     let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
-    let entries = st
-        .read_group(
-            &mut conn,
-            &st.keys().jobs(),
-            WORKERS_GROUP,
-            "a",
-            10,
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
+    let entries = read_as_a(&st, &mut conn).await;
     assert_eq!(entries.len(), 1);
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
-    st.begin("a", &[(entries[0].id.clone(), 1, job.clone())], &[])
-        .await
-        .unwrap();
+    st.begin(
+        "a",
+        &[(entries[0].id.clone(), 1, job.clone())],
+        &[],
+        &|_| false,
+    )
+    .await
+    .unwrap();
     let held_2 = Held {
         entry_id: entries[0].id.clone(),
         deliveries: 1,
@@ -376,6 +390,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         held,
         output: Some(b"out"),
         result: &ok,
+        fast: None,
     };
     // One call: the first commits, a wrong fence is refused, a repeat of the first (a
     // retry of a commit that landed) answers ok and writes nothing.
@@ -383,7 +398,11 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         st.complete_many("a", &[item(&held_1), item(&wrong_fence), item(&held_1)])
             .await
             .unwrap(),
-        vec![Fence::Ok, Fence::Stale, Fence::Ok]
+        vec![
+            (Fence::Ok, false),
+            (Fence::Stale, false),
+            (Fence::Ok, false)
+        ]
     );
     let xlen = |key| {
         let mut conn = st.conn();
@@ -407,7 +426,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
     );
     assert_eq!(
         st.complete_many("a", &[item(&held_2)]).await.unwrap(),
-        vec![Fence::Ok]
+        vec![(Fence::Ok, false)]
     );
     assert_eq!(xlen(st.keys().results()).await, 2);
     let jobs = st
@@ -432,21 +451,16 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
 
     // A failure whose text needs escaping reads back intact.
     engine.create(&sub, None).await.unwrap();
-    let entries = st
-        .read_group(
-            &mut conn,
-            &st.keys().jobs(),
-            WORKERS_GROUP,
-            "a",
-            10,
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
+    let entries = read_as_a(&st, &mut conn).await;
     let job = JobEnvelope::from_fields(&entries[0].fields).unwrap();
-    st.begin("a", &[(entries[0].id.clone(), 1, job.clone())], &[])
-        .await
-        .unwrap();
+    st.begin(
+        "a",
+        &[(entries[0].id.clone(), 1, job.clone())],
+        &[],
+        &|_| false,
+    )
+    .await
+    .unwrap();
     let held_3 = Held {
         entry_id: entries[0].id.clone(),
         deliveries: 1,
@@ -463,10 +477,11 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
         held: &held_3,
         output: None,
         result: &failed,
+        fast: None,
     };
     assert_eq!(
         st.complete_many("a", &[failing]).await.unwrap(),
-        vec![Fence::Ok]
+        vec![(Fence::Ok, false)]
     );
     let pid = &held_3.job.process_id;
     let (meta, steps) = st.load_process(pid).await.unwrap();
@@ -811,6 +826,10 @@ async fn decide_and_commit_decides_again_after_a_lost_race_and_gives_up_at_the_b
             } else {
                 rec.rev
             };
+            let rev = honua_shared::record::Revision {
+                rev,
+                steps_rev: rec.steps_rev,
+            };
             let call = Transition::default().to_commit(st.keys(), pid, Some(rev), now, 60, None);
             Ok::<_, StoreError>(Decision::<(), ()>::Commit {
                 call,
@@ -1054,12 +1073,8 @@ async fn created(
 
 /// What `delete.lua` needs the caller to have read: the record's rev and idempotency key.
 async fn guard(st: &Store, id: &str) -> honua_shared::store::DeleteGuard {
-    use honua_shared::keys::field;
-    let (meta, _) = st.load_process(id).await.unwrap();
-    honua_shared::store::DeleteGuard {
-        rev: meta.get(field::REV).cloned(),
-        idempotency_key: meta.get(field::IDEMPOTENCY_KEY).cloned(),
-    }
+    let (meta, steps) = st.load_process(id).await.unwrap();
+    honua_shared::store::DeleteGuard::of(&meta, &steps)
 }
 
 #[tokio::test]
@@ -1290,4 +1305,173 @@ async fn delete_asks_for_a_new_scan_when_too_many_entries_arrived_since() {
             }
         }
     );
+}
+
+/// Creates a `Three` process, reads its first job as consumer `a` and begins it asking for the
+/// process's snapshot; returns the claim and the snapshot.
+async fn begin_with_snapshot(
+    st: &Store,
+    engine: &honua_scheduler::Processes,
+) -> (Held, honua_shared::record::ProcessRecord) {
+    let sub = honua_shared::envelope::Submission {
+        process_type: "Three".into(),
+        version: None,
+        input: json!({}),
+        id: None,
+        idempotency_key: None,
+        tenant: None,
+        trace: Default::default(),
+    };
+    let pid = engine.create(&sub, None).await.unwrap().id().to_string();
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let entries = read_as_a(st, &mut conn).await;
+    let (entry, job) = entries
+        .iter()
+        .map(|e| (e, JobEnvelope::from_fields(&e.fields).unwrap()))
+        .find(|(_, j)| j.process_id == pid)
+        .unwrap();
+    let begun = st
+        .begin("a", &[(entry.id.clone(), 1, job.clone())], &[], &|_| true)
+        .await
+        .unwrap();
+    let Some(Begin::Ok {
+        snapshot: Some(rec),
+        ..
+    }) = begun.into_iter().next()
+    else {
+        panic!("begin gave no snapshot")
+    };
+    assert_eq!(rec.steps[&job.step].status, StepStatus::Running);
+    let held = Held {
+        entry_id: entry.id.clone(),
+        deliveries: 1,
+        job,
+    };
+    (held, rec)
+}
+
+#[tokio::test]
+async fn a_worker_commits_a_steps_successors_only_on_the_revision_it_decided_on() {
+    use honua_shared::engine::{self, Ctx};
+    use honua_shared::envelope::Event;
+    use honua_shared::store::{Commit, Completion};
+    let redis = RedisServer::start();
+    let dir = defs_dir(&[honua_tests::defs::THREE]);
+    let cfg = test_config(&redis.url(), dir.path());
+    let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
+    let st = store(&cfg);
+    st.ensure_groups().await.unwrap();
+    let engine = honua_scheduler::Processes::new(
+        std::sync::Arc::new(cfg),
+        st.clone(),
+        defs.clone(),
+        kinds.clone(),
+    )
+    .await;
+    let ok = ok_result();
+    // What the worker decides from its snapshot: A completed, B queued and enqueued.
+    let decide = |held: &Held, rec: &honua_shared::record::ProcessRecord| {
+        let ctx = Ctx {
+            def: defs.get("Three", 1).unwrap(),
+            kinds: &kinds,
+            now_ms: rec.steps["A"].claimed_ms.unwrap() + 1,
+            jitter: 0.5,
+        };
+        let event = Event::Step {
+            process_id: held.job.process_id.clone(),
+            step: held.job.step.clone(),
+            token: held.job.token.clone(),
+            result: ok.clone(),
+        };
+        let t = engine::on_event(&ctx, rec, &event);
+        t.to_fast(rec.revision(), rec.status)
+            .unwrap_or_else(|| panic!("A's successor is a worker step enqueued now: {t:?}"))
+    };
+    let (jobs_key, results_key) = (st.keys().jobs(), st.keys().results());
+    let jobs_added = || entries_added(&st, &jobs_key);
+    let results_added = || entries_added(&st, &results_key);
+    let read = |pid: String| {
+        let st = st.clone();
+        async move {
+            let (meta, steps) = st.load_process(&pid).await.unwrap();
+            honua_shared::record::ProcessRecord::parse(&pid, &meta, &steps)
+                .unwrap()
+                .unwrap()
+        }
+    };
+
+    // Nothing changed since the snapshot: the result and its transition commit together.
+    let (held, rec) = begin_with_snapshot(&st, &engine).await;
+    let pid = held.job.process_id.clone();
+    let fast = decide(&held, &rec);
+    let item = Completion {
+        held: &held,
+        output: None,
+        result: &ok,
+        fast: Some(&fast),
+    };
+    let jobs_before = jobs_added().await;
+    assert_eq!(
+        st.complete_many("a", &[item]).await.unwrap(),
+        vec![(Fence::Ok, true)]
+    );
+    let after = read(pid.clone()).await;
+    assert_eq!(after.steps["A"].status, StepStatus::Completed);
+    assert_eq!(after.steps["B"].status, StepStatus::Queued);
+    assert_eq!((after.rev, after.steps_rev), (rec.rev, 1));
+    assert_eq!(jobs_added().await, jobs_before + 1, "B's job");
+    assert_eq!(results_added().await, 0, "no event for the scheduler");
+    // A scheduler decision made on the state before it loses the race.
+    let stale = honua_shared::engine::Transition::default().to_commit(
+        st.keys(),
+        &pid,
+        Some(rec.revision()),
+        rec.steps["A"].claimed_ms.unwrap() + 2,
+        60,
+        None,
+    );
+    assert_eq!(st.commit(&stale).await.unwrap(), Commit::Conflict);
+    // A retry of the landed commit (its answer was lost) answers ok and writes nothing.
+    assert_eq!(
+        st.complete_many("a", &[item]).await.unwrap(),
+        vec![(Fence::Ok, false)]
+    );
+    assert_eq!(read(pid.clone()).await, after);
+    assert_eq!(jobs_added().await, jobs_before + 1);
+    assert_eq!(results_added().await, 0);
+
+    // The scheduler committed in between: the transition is not applied, the result goes
+    // to the scheduler as an event, to be decided again on what is current.
+    let (held, rec) = begin_with_snapshot(&st, &engine).await;
+    let pid = held.job.process_id.clone();
+    let fast = decide(&held, &rec);
+    let between = honua_shared::engine::Transition::default().to_commit(
+        st.keys(),
+        &pid,
+        Some(rec.revision()),
+        rec.steps["A"].claimed_ms.unwrap() + 2,
+        60,
+        None,
+    );
+    assert!(matches!(
+        st.commit(&between).await.unwrap(),
+        Commit::Ok { .. }
+    ));
+    let jobs_before = jobs_added().await;
+    let item = Completion {
+        held: &held,
+        output: None,
+        result: &ok,
+        fast: Some(&fast),
+    };
+    assert_eq!(
+        st.complete_many("a", &[item]).await.unwrap(),
+        vec![(Fence::Ok, false)]
+    );
+    let after = read(pid).await;
+    assert_eq!(after.steps["A"].status, StepStatus::Done);
+    assert!(!after.steps.contains_key("B"));
+    assert_eq!((after.rev, after.steps_rev), (rec.rev + 1, 0));
+    assert_eq!(jobs_added().await, jobs_before);
+    assert_eq!(results_added().await, 1, "A's result is the scheduler's");
 }

@@ -11,6 +11,9 @@ pub struct DefinitionSet {
     defs: BTreeMap<String, BTreeMap<u32, Arc<ProcessDefinition>>>,
     /// Where each (name, version) came from, for the duplicate error.
     sources: BTreeMap<(String, u32), String>,
+    /// Names of steps that route anywhere in some definition (a hint for workers: only
+    /// such a step's result can enqueue its successors itself).
+    routing: std::collections::BTreeSet<String>,
 }
 
 impl DefinitionSet {
@@ -118,6 +121,11 @@ impl DefinitionSet {
                 second: source.to_string(),
             });
         }
+        for step in &def.steps {
+            if !step.routes.is_empty() {
+                self.routing.insert(step.name.clone());
+            }
+        }
         let def = Arc::new(def);
         self.defs
             .entry(key.0.clone())
@@ -125,6 +133,13 @@ impl DefinitionSet {
             .insert(key.1, def.clone());
         self.sources.insert(key, source.to_string());
         Ok(def)
+    }
+
+    /// `true` when a step named `step` routes to another step in some loaded definition:
+    /// its worker asks `begin.lua` for the process's step records, so that it can commit
+    /// the step's successors with its result ([`crate::commit::FastCommit`]).
+    pub fn may_route(&self, step: &str) -> bool {
+        self.routing.contains(step)
     }
 
     /// Version `version` of process type `name`.

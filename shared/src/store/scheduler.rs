@@ -6,7 +6,7 @@
 
 use super::{Entry, Result, Store, StoreError, parse_entry, reply, value_str};
 use crate::envelope::{Event, Fields};
-use crate::keys::Key;
+use crate::keys::{Key, field};
 use crate::scripts::Scripts;
 use redis::{RedisError, Value};
 use std::collections::HashMap;
@@ -47,7 +47,21 @@ pub struct Removed {
 pub struct DeleteGuard {
     /// The `rev` field, `None` when there was no record.
     pub rev: Option<String>,
+    /// The steps hash's `steps_rev` field ([`field::STEPS_REV`]), `None` before the first
+    /// transition a worker committed.
+    pub steps_rev: Option<String>,
     pub idempotency_key: Option<String>,
+}
+
+impl DeleteGuard {
+    /// What a delete checks, from the meta and steps hashes just read.
+    pub fn of(meta: &HashMap<String, String>, steps: &HashMap<String, String>) -> Self {
+        Self {
+            rev: meta.get(field::REV).cloned(),
+            steps_rev: steps.get(field::STEPS_REV).cloned(),
+            idempotency_key: meta.get(field::IDEMPOTENCY_KEY).cloned(),
+        }
+    }
 }
 
 /// The answer of `commit.lua`.
@@ -337,6 +351,7 @@ impl Store {
             .arg(if force { "1" } else { "0" })
             .arg(tail_max.max(1))
             .arg(indexes.len())
+            .arg(guard.steps_rev.as_deref().unwrap_or(""))
             .arg(refs.delayed.len());
         for m in &refs.delayed {
             inv.arg(m);

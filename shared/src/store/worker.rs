@@ -6,7 +6,7 @@ use super::{
     Entry, Fence, Held, Result, Store, StoreError, flat_fields, reply, value_str, value_u64,
 };
 use crate::envelope::{Event, JobEnvelope};
-use crate::keys::WORKERS_GROUP;
+use crate::keys::{WORKERS_GROUP, field};
 use crate::scripts::Scripts;
 use redis::Value;
 use std::collections::HashMap;
@@ -27,6 +27,9 @@ pub enum Begin {
         data: HashMap<String, Vec<u8>>,
         /// The process's tenant (its submission's `tenant`).
         tenant: Option<String>,
+        /// The process as this claim began it (meta fields and every step record), when
+        /// asked for: what the worker decides the step's successors on.
+        snapshot: Option<crate::record::ProcessRecord>,
     },
     /// No longer ours (reclaimed meanwhile).
     Lost,
@@ -41,6 +44,9 @@ pub struct Completion<'a> {
     /// The encoded output (`None`: the step wrote none).
     pub output: Option<&'a [u8]>,
     pub result: &'a crate::envelope::StepResult,
+    /// The transition the worker decided from this result, to commit with it when the
+    /// process is still at the revision it was decided on.
+    pub fast: Option<&'a crate::commit::FastCommit>,
 }
 
 /// The answer of `reclaim.lua`.
@@ -68,12 +74,14 @@ impl Store {
     /// that claim for this consumer ([`Begin::Lost`] otherwise), so one claim starts at most
     /// one execution. `attempt_traces[i]` is the `traceparent` of job i's `step.execute`
     /// span (`None` or missing: not traced); it is kept in the step record for the next
-    /// attempt to link to.
+    /// attempt to link to. A job whose step `snapshot` names also gets its process's
+    /// snapshot ([`Begin::Ok`]'s `snapshot`).
     pub async fn begin(
         &self,
         consumer: &str,
         jobs: &[(String, u64, JobEnvelope)],
         attempt_traces: &[Option<String>],
+        snapshot: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Vec<Begin>> {
         if jobs.is_empty() {
             return Ok(vec![]);
@@ -90,7 +98,8 @@ impl Store {
                 .arg(&job.step)
                 .arg(&job.token)
                 .arg(trace)
-                .arg(*seen);
+                .arg(*seen)
+                .arg(if snapshot(&job.step) { "1" } else { "0" });
         }
         let replies: Vec<Vec<Value>> = inv
             .invoke_async(&mut self.conn())
@@ -98,7 +107,8 @@ impl Store {
             .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         replies
             .into_iter()
-            .map(|r| {
+            .zip(jobs)
+            .map(|(r, (_, _, job))| {
                 let mut it = r.into_iter();
                 let tag = it.next().map(|v| value_str(&v)).unwrap_or_default();
                 match tag.as_str() {
@@ -120,6 +130,30 @@ impl Store {
                         let data: HashMap<String, Vec<u8>> =
                             redis::from_redis_value(it.next().unwrap_or(Value::Nil))?;
                         let tenant = it.next().map(|v| value_str(&v)).filter(|t| !t.is_empty());
+                        let mut meta: HashMap<String, String> = [
+                            (field::TYPE, process_type.clone()),
+                            (field::VERSION, version.to_string()),
+                        ]
+                        .into_iter()
+                        .chain(
+                            [field::STATUS, field::REV, field::TRACE]
+                                .into_iter()
+                                .zip(it.by_ref().map(|v| value_str(&v))),
+                        )
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
+                        meta.retain(|_, v| !v.is_empty());
+                        // Without a snapshot (not asked, or unreadable) the result goes to
+                        // the scheduler, as always.
+                        let snapshot = match it.next() {
+                            Some(Value::Nil) | None => None,
+                            Some(v) => {
+                                let steps: HashMap<String, String> = redis::from_redis_value(v)?;
+                                crate::record::ProcessRecord::parse(&job.process_id, &meta, &steps)
+                                    .ok()
+                                    .flatten()
+                            }
+                        };
                         Ok(Begin::Ok {
                             deliveries,
                             process_type,
@@ -127,6 +161,7 @@ impl Store {
                             step,
                             data,
                             tenant,
+                            snapshot,
                         })
                     }
                     other => Err(reply("begin", format!("status {other:?}"))),
@@ -189,18 +224,23 @@ impl Store {
             held,
             output,
             result,
+            fast: None,
         }];
         let mut r = self.complete_many(consumer, &one).await?;
-        r.pop().ok_or_else(|| reply("complete", "no answer"))
+        r.pop()
+            .map(|(fence, _)| fence)
+            .ok_or_else(|| reply("complete", "no answer"))
     }
 
     /// Runs `complete.lua` for a batch of steps in one call: each step is fenced and
-    /// committed on its own (output, completion event, ack); one answer per step, in order.
+    /// committed on its own (output, completion event, ack); one answer per step, in order:
+    /// the fence and whether the step's own transition was committed with it (its
+    /// [`Completion::fast`] applied: no event for the scheduler).
     pub async fn complete_many(
         &self,
         consumer: &str,
         items: &[Completion<'_>],
-    ) -> Result<Vec<Fence>> {
+    ) -> Result<Vec<(Fence, bool)>> {
         if items.is_empty() {
             return Ok(vec![]);
         }
@@ -230,6 +270,27 @@ impl Store {
             for (k, v) in fields {
                 inv.arg(k).arg(v);
             }
+            match c.fast {
+                None => {
+                    inv.arg(0);
+                }
+                Some(f) => {
+                    inv.arg(1)
+                        .arg(f.revision.rev)
+                        .arg(f.revision.steps_rev)
+                        .arg(f.steps.len());
+                    for (name, rec) in &f.steps {
+                        inv.arg(name).arg(rec);
+                    }
+                    inv.arg(f.jobs.len());
+                    for job in &f.jobs {
+                        inv.arg(job.len());
+                        for (k, v) in job {
+                            inv.arg(k).arg(v);
+                        }
+                    }
+                }
+            }
         }
         let r: Vec<String> = inv
             .invoke_async(&mut self.conn())
@@ -241,7 +302,12 @@ impl Store {
                 format!("{} answers for {} steps", r.len(), items.len()),
             ));
         }
-        r.iter().map(|s| Fence::parse("complete", s)).collect()
+        r.iter()
+            .map(|s| match s.as_str() {
+                "fast" => Ok((Fence::Ok, true)),
+                s => Ok((Fence::parse("complete", s)?, false)),
+            })
+            .collect()
     }
 
     /// Runs `release.lua`: hands a held job back for another worker at once.

@@ -3,6 +3,7 @@
 //! heartbeat that keeps every held claim alive and stops a step whose claim was lost, and
 //! `start`, which begins claimed jobs and spawns one task per step.
 
+use super::execute::Begun;
 use super::{Inner, Running, Stop, StopCell, claim};
 use crate::handler::ServerClock;
 use backon::Retryable;
@@ -380,7 +381,8 @@ impl Inner {
             .iter()
             .map(|s| honua_runtime::telemetry::trace_context_of(s).and_then(|t| t.traceparent))
             .collect();
-        let answers = (|| self.store.begin(&self.id, &jobs, &traces))
+        let may_route = |step: &str| self.defs.may_route(step);
+        let answers = (|| self.store.begin(&self.id, &jobs, &traces, &may_route))
             .retry(crate::redis_backoff(Duration::from_secs(5)))
             .when(StoreError::is_retryable)
             .notify(|e, _| warn!(error = %e, "begin failed; retrying"))
@@ -402,6 +404,7 @@ impl Inner {
                     step,
                     data,
                     tenant,
+                    snapshot,
                 } => {
                     let permit = permits.pop();
                     if permit.is_none() {
@@ -437,16 +440,14 @@ impl Inner {
                             Some(p) => Some(p),
                             None => me.wait_for_slot(&cancel).await,
                         };
-                        me.execute(
-                            span,
-                            held,
-                            (process_type, tenant, clock),
+                        let begun = Begun {
+                            process_type,
                             version,
-                            data,
-                            cancel,
-                            stop,
-                        )
-                        .await;
+                            tenant,
+                            clock,
+                            snapshot,
+                        };
+                        me.execute(span, held, begun, data, cancel, stop).await;
                         drop(permit);
                     });
                 }

@@ -4,8 +4,10 @@
 
 use super::Inner;
 use backon::Retryable;
+use honua_shared::commit::FastCommit;
 use honua_shared::envelope::StepResult;
 use honua_shared::metrics as m;
+use honua_shared::status::ProcessStatus;
 use honua_shared::status::outcome;
 use honua_shared::store::{Completion, Fence, Held, StoreError};
 use std::sync::Arc;
@@ -23,7 +25,25 @@ pub(super) struct Completing {
     held: Held,
     output: Option<Vec<u8>>,
     result: StepResult,
-    done: oneshot::Sender<Result<Fence, String>>,
+    fast: Option<FastCommit>,
+    done: oneshot::Sender<Result<(Fence, bool), String>>,
+}
+
+/// The `process.transition` span of a transition this worker committed with its step's
+/// result (what the scheduler's span is for the transitions it commits): a child of the
+/// process's span, closed at once (the commit's time is in the step's span).
+fn transition_span(held: &Held, process_type: &str, status: ProcessStatus) {
+    let span = tracing::info_span!(
+        parent: None,
+        "process.transition",
+        honua.process_id = %held.job.process_id,
+        honua.process_type = %process_type,
+        honua.event = honua_shared::envelope::event_type::STEP,
+        honua.status = status.as_str(),
+        honua.commit = "ok",
+        honua.committed_by = "worker",
+    );
+    honua_runtime::telemetry::set_parent(&span, &held.job.trace);
 }
 
 impl Inner {
@@ -31,17 +51,19 @@ impl Inner {
         &self,
         held: &Held,
         (process_type, kind): (&str, &str),
-        result: StepResult,
+        (result, fast): (StepResult, Option<FastCommit>),
         output: Option<Vec<u8>>,
         duration_ms: u64,
     ) {
         let pid = &held.job.process_id;
         let step = &held.job.step;
         let (done, answer) = oneshot::channel();
+        let status = fast.as_ref().map(|f| f.status);
         let sent = self.completions.send(Completing {
             held: held.clone(),
             output,
             result: result.clone(),
+            fast,
             done,
         });
         let r = match sent {
@@ -51,8 +73,12 @@ impl Inner {
             Err(_) => Err("the worker is stopping".into()),
         };
         match r {
-            Ok(Fence::Ok) => {
+            Ok((Fence::Ok, fast)) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                if let (true, Some(status)) = (fast, status) {
+                    self.stats.fast_commits.fetch_add(1, Ordering::Relaxed);
+                    transition_span(held, process_type, status);
+                }
                 let labels = [
                     ("process_type", process_type.to_string()),
                     ("kind", kind.to_string()),
@@ -67,12 +93,12 @@ impl Inner {
                     info!(process_id = %pid, step = %step, worker = %self.id, duration_ms, outcome = %result.outcome, "Process {pid} step {step} completed, duration {duration_ms} ms");
                 }
             }
-            Ok(Fence::Stale) => {
+            Ok((Fence::Stale, _)) => {
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::STALE_COMMITS).increment(1);
                 warn!(process_id = %pid, step = %step, "commit refused: claim is stale (job was reclaimed)");
             }
-            Ok(Fence::Finished) => {
+            Ok((Fence::Finished, _)) => {
                 info!(process_id = %pid, step = %step, "commit discarded: process is over")
             }
             Err(e) => {
@@ -115,6 +141,7 @@ impl Inner {
                     held: &c.held,
                     output: c.output.as_deref(),
                     result: &c.result,
+                    fast: c.fast.as_ref(),
                 })
                 .collect();
             let r = (|| self.store.complete_many(&self.id, &items))

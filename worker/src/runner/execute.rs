@@ -6,9 +6,13 @@ use super::{Inner, Stop, StopCell, claim};
 use crate::handler::{Checkpointer, ServerClock, StepContext, StepOutput};
 use backon::Retryable;
 use honua_shared::codec::{CodecError, StateCodec};
+use honua_shared::commit::FastCommit;
+use honua_shared::engine::{self, Ctx};
+use honua_shared::envelope::Event;
 use honua_shared::envelope::{Failure, StepResult};
 use honua_shared::keys::field;
 use honua_shared::metrics as m;
+use honua_shared::record::ProcessRecord;
 use honua_shared::status::outcome;
 use honua_shared::store::{Fence, Held, StoreError};
 use serde_json::Value;
@@ -19,17 +23,44 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 
+/// What `begin.lua` told of a claimed job's process.
+pub(super) struct Begun {
+    pub process_type: String,
+    pub version: u32,
+    pub tenant: Option<String>,
+    /// Redis's clock as of the claim.
+    pub clock: ServerClock,
+    /// The process as the claim began it, when asked for ([`honua_shared::definition::DefinitionSet::may_route`]).
+    pub snapshot: Option<ProcessRecord>,
+}
+
 impl Inner {
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "what one claimed job carries into its execution"
-    )]
+    /// The transition that follows from `result`, decided here as the scheduler would
+    /// decide it, when it is one the worker may commit with the result itself (step records
+    /// and jobs enqueued now: [`Transition::to_fast`]). `None` leaves it to the scheduler.
+    fn successors(&self, held: &Held, begun: &Begun, result: &StepResult) -> Option<FastCommit> {
+        let rec = begun.snapshot.as_ref()?;
+        let def = self.defs.get(&begun.process_type, begun.version)?;
+        let ctx = Ctx {
+            def,
+            kinds: self.handlers.kinds(),
+            now_ms: begun.clock.now_ms(),
+            jitter: rand::random(),
+        };
+        let event = Event::Step {
+            process_id: held.job.process_id.clone(),
+            step: held.job.step.clone(),
+            token: held.job.token.clone(),
+            result: result.clone(),
+        };
+        engine::on_event(&ctx, rec, &event).to_fast(rec.revision(), rec.status)
+    }
+
     pub(super) async fn execute(
         self: Arc<Self>,
         span: tracing::Span,
         held: Held,
-        (process_type, tenant, clock): (String, Option<String>, ServerClock),
-        version: u32,
+        begun: Begun,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
         stop: Arc<StopCell>,
@@ -45,33 +76,26 @@ impl Inner {
             });
         }
         let me = self.clone();
-        me.execute_in_span(
-            held,
-            (process_type, tenant, clock),
-            version,
-            data,
-            cancel,
-            stop,
-        )
-        .instrument(span)
-        .await;
+        me.execute_in_span(held, begun, data, cancel, stop)
+            .instrument(span)
+            .await;
     }
 
     async fn execute_in_span(
         self: Arc<Self>,
         held: Held,
-        (process_type, tenant, clock): (String, Option<String>, ServerClock),
-        version: u32,
+        begun: Begun,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
         stop: Arc<StopCell>,
     ) {
         let started = Instant::now();
         let stale_flag = Arc::new(AtomicBool::new(false));
+        let (process_type, version) = (begun.process_type.as_str(), begun.version);
         let (result, output) = self
             .run_step(
                 &held,
-                (&process_type, tenant, clock),
+                (process_type, begun.tenant.clone(), begun.clock),
                 version,
                 data,
                 cancel.clone(),
@@ -96,11 +120,18 @@ impl Inner {
                 let duration_ms = started.elapsed().as_millis() as u64;
                 let kind = self
                     .defs
-                    .get(&process_type, version)
+                    .get(process_type, version)
                     .and_then(|d| d.step(&held.job.step).map(|s| s.kind.clone()))
                     .unwrap_or_default();
-                self.commit(&held, (&process_type, &kind), result, output, duration_ms)
-                    .await;
+                let fast = self.successors(&held, &begun, &result);
+                self.commit(
+                    &held,
+                    (process_type, &kind),
+                    (result, fast),
+                    output,
+                    duration_ms,
+                )
+                .await;
             }
         }
         self.inflight.lock().unwrap().remove(&claim(&held));

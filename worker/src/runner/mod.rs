@@ -104,6 +104,8 @@ impl StopCell {
 pub struct WorkerStats {
     pub started: AtomicU64,
     pub committed: AtomicU64,
+    /// Of `committed`, those committed with their successors (no event for the scheduler).
+    pub fast_commits: AtomicU64,
     /// Commits or heartbeats refused because the claim was lost (zombie fence).
     pub stale: AtomicU64,
     pub reclaimed: AtomicU64,
