@@ -10,7 +10,8 @@
 -- A claim is (entry id, delivery count): it begins only while the PEL still holds exactly
 -- that claim for this consumer, so one claim starts at most one execution (a reader and a
 -- sweeper of the same worker that both got the entry cannot both start it). Beginning
--- resets the entry's idle time, as a heartbeat does.
+-- resets the entry's idle time, as a heartbeat does, when it has been idle for more than
+-- a second (a read or reclaim just now reset it already: the common case costs no XCLAIM).
 -- Returns one reply per job:
 --   {'ok', deliveries, type, version, step_record_json, data_hash_flat, tenant ('' none),
 --    status, rev, trace ('' none), steps_hash_flat (or false when not asked)}
@@ -88,7 +89,9 @@ for i = 1, n do
         out[i] = {'obsolete', 'job superseded'}
       else
         redis.call('HSET', steps, step, enc)
-        redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
+        if tonumber(p[3]) > 1000 then
+          redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
+        end
         local snapshot = false
         if ARGV[a + 5] == '1' then
           snapshot = redis.call('HGETALL', steps)

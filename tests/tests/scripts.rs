@@ -227,10 +227,30 @@ async fn begin_starts_a_claim_only_under_the_delivery_count_its_starter_saw() {
         matches!(sweeper.as_deref(), Ok([Begin::Ok { deliveries: 2, .. }])),
         "{sweeper:?}"
     );
-    // Beginning reset the idle time (as a heartbeat does): a sweep with a lease of a
-    // minute finds nothing to reclaim.
+    // A claim that waited before it began (idle 5 s: set with XCLAIM … IDLE, which keeps
+    // the delivery count) has its idle time reset by beginning, as a heartbeat does: a
+    // sweep with a lease of 4 s finds nothing to reclaim.
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(st.keys().jobs())
+        .arg(WORKERS_GROUP)
+        .arg("a")
+        .arg(0)
+        .arg(&id)
+        .arg("IDLE")
+        .arg(5000)
+        .arg("JUSTID")
+        .query_async(&mut st.conn())
+        .await
+        .unwrap();
+    let again = st
+        .begin("a", &[(id.clone(), 2, job.clone())], &[], &|_| false)
+        .await;
+    assert!(
+        matches!(again.as_deref(), Ok([Begin::Ok { deliveries: 2, .. }])),
+        "{again:?}"
+    );
     let r = st
-        .reclaim("a", Duration::from_secs(60), "0-0", 10, 5)
+        .reclaim("a", Duration::from_secs(4), "0-0", 10, 5)
         .await
         .unwrap();
     assert!(r.claimed.is_empty(), "{r:?}");
