@@ -776,6 +776,7 @@ fn audit(rec: &ProcessRecord, now_ms: u64, action: &str, detail: Option<String>)
         at_ms: now_ms,
         action: action.to_string(),
         detail,
+        by: None,
     });
     if list.len() > crate::record::AUDIT_CAP {
         let extra = list.len() - crate::record::AUDIT_CAP;

@@ -1,20 +1,26 @@
 //! The process endpoints: submit, list, purge, read, and the operator actions (cancel,
 //! retry, retry the current step, signal).
 
+use super::auth::Caller;
 use super::{ApiError, ApiState, ErrorBody};
 use crate::ops::{ListQuery, parse_age};
 use crate::submit::Submitted;
 use crate::view::{LlmUsageView, ProcessSummary, ProcessView};
-use axum::Json;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use honua_shared::envelope::{Submission, TraceContext, valid_id};
 use honua_shared::status::ProcessStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
+
+/// The acting API key's name, for the audit trail (`None` when the API is open).
+pub(super) fn by(caller: &Option<Extension<Caller>>) -> Option<&str> {
+    caller.as_ref().map(|Extension(c)| c.name.as_str())
+}
 
 fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad("malformed_json", e.to_string()))
@@ -305,10 +311,13 @@ pub(super) async fn action_reply(
 pub(super) async fn cancel(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: CancelBody = optional_body(&body?)?;
-    st.engine.cancel(&id, b.reason.as_deref()).await?;
+    st.engine
+        .cancel(&id, b.reason.as_deref(), by(&caller))
+        .await?;
     action_reply(&st, &id, vec![]).await
 }
 
@@ -329,11 +338,12 @@ pub struct PauseBody {
 pub(super) async fn pause(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: PauseBody = optional_body(&body?)?;
     st.engine
-        .pause(&id, b.hand_back, b.reason.as_deref())
+        .pause(&id, b.hand_back, b.reason.as_deref(), by(&caller))
         .await?;
     action_reply(&st, &id, vec![]).await
 }
@@ -343,8 +353,9 @@ pub(super) async fn pause(
 pub(super) async fn resume(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Json<ActionReply>, ApiError> {
-    st.engine.resume(&id).await?;
+    st.engine.resume(&id, by(&caller)).await?;
     action_reply(&st, &id, vec![]).await
 }
 
@@ -361,10 +372,13 @@ pub struct RetryBody {
 pub(super) async fn retry(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: RetryBody = optional_body(&body?)?;
-    st.engine.retry(&id, b.state_patch.as_ref()).await?;
+    st.engine
+        .retry(&id, b.state_patch.as_ref(), by(&caller))
+        .await?;
     action_reply(&st, &id, vec![]).await
 }
 
@@ -373,8 +387,9 @@ pub(super) async fn retry(
 pub(super) async fn retry_current_step(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Json<ActionReply>, ApiError> {
-    let steps = st.engine.retry_current_step(&id).await?;
+    let steps = st.engine.retry_current_step(&id, by(&caller)).await?;
     action_reply(&st, &id, steps).await
 }
 
