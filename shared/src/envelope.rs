@@ -111,6 +111,11 @@ impl FieldMap {
         Self::from_flat(&flat)
     }
 
+    /// The fields read, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// How many fields the entry has (read or not).
     pub fn total(&self) -> usize {
         self.total
