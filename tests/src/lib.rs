@@ -5,6 +5,7 @@ pub mod defs;
 pub mod llm_load;
 pub mod otlp;
 pub mod recorder;
+pub mod webdriver;
 
 use honua_shared::config::Config;
 use honua_shared::store::Store;
