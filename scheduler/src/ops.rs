@@ -374,7 +374,13 @@ impl Processes {
     /// Delivers a signal to a step waiting for it (approval gates). `value` must name an
     /// outcome the waiting step routes on (see [`engine::signal_route`]); anything else is
     /// refused and changes nothing.
-    pub async fn signal(&self, id: &str, name: &str, value: &str) -> Result<(), OpsError> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        name: &str,
+        value: &str,
+        by: Option<&str>,
+    ) -> Result<(), OpsError> {
         if engine::signal_outcome(value).is_none() {
             return Err(OpsError::Invalid(format!(
                 "signal value {value:?} must be approve, reject or an outcome name"
@@ -402,6 +408,7 @@ impl Processes {
                 process_id: id.to_string(),
                 name: name.to_string(),
                 value: value.to_string(),
+                by: by.map(str::to_string),
             })
             .await?;
         Ok(())

@@ -261,6 +261,15 @@ fn form_body(pairs: &[(&str, &str)]) -> String {
         .join("&")
 }
 
+/// The CSRF token of the first form on `page`.
+fn csrf_of(page: &str) -> String {
+    page.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no CSRF token on the page: {page}"))
+        .to_string()
+}
+
 /// A console session of `token` outside the browser: its cookie and its CSRF token.
 async fn session_of(ctx: &Ctx, token: &str) -> (String, String) {
     let http = reqwest::Client::builder()
@@ -292,13 +301,7 @@ async fn session_of(ctx: &Ctx, token: &str) -> (String, String) {
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .unwrap_or_else(|| panic!("no CSRF token on the overview: {page}"))
-        .to_string();
-    (cookie, csrf)
+    (cookie, csrf_of(&page))
 }
 
 async fn post_action(ctx: &Ctx, cookie: &str, id: &str, form: &[(&str, &str)]) -> StatusCode {
@@ -367,6 +370,7 @@ async fn console_in_headless_chromium() {
     live_list(&ctx).await;
     approve_deployment(&ctx).await;
     retry_failed_step(&ctx).await;
+    bulk_retry(&ctx).await;
     other_pages(&ctx).await;
     read_role_is_refused(&ctx).await;
 
@@ -438,6 +442,48 @@ async fn approve_deployment(ctx: &Ctx) {
     assert_eq!(rec.status.as_str(), "Completed");
     let review = &rec.steps["ReviewInfrastructure"];
     assert_eq!(review.outcome.as_deref(), Some("ok"), "{review:?}");
+    let audit = rec.audit.last().unwrap();
+    assert_eq!(
+        (audit.action.as_str(), audit.by.as_deref()),
+        ("signal review", Some("platform"))
+    );
+}
+
+/// Two failed Fixables, retried in bulk from the filtered list: the confirmation states
+/// the count, and both run again (and fail again: their input is unchanged).
+async fn bulk_retry(ctx: &Ctx) {
+    let ids = [
+        ctx.submit("Fixable", json!({"fixed": false})).await,
+        ctx.submit("Fixable", json!({"fixed": false})).await,
+    ];
+    for id in &ids {
+        assert_eq!(ctx.fleet.wait_finished(id).await.status.as_str(), "Failed");
+    }
+    // The one retried before is Completed: the filter takes only the Failed ones.
+    ctx.browser
+        .goto(&ctx.ui("/ui/processes?status=Failed&type=Fixable"))
+        .await;
+    ctx.click("details.bulk summary").await;
+    ctx.click("button[name=action][value=retry]").await;
+    ctx.wait_text("the count", "p.confirm strong", "2").await;
+    ctx.check_page("confirm-bulk").await;
+    ctx.click("form button.danger").await;
+    ctx.wait_text("the bulk result", "p.done", "Retried 2 of 2 processes.")
+        .await;
+    for id in &ids {
+        let rec = wait_for("the bulk retry to run again", DEADLINE, || async {
+            ctx.fleet
+                .record(id)
+                .await
+                .filter(|r| r.status.is_finished() && r.steps["Call"].attempts().len() == 2)
+        })
+        .await;
+        let audit = rec.audit.last().unwrap();
+        assert_eq!(
+            (audit.action.as_str(), audit.by.as_deref()),
+            ("retry", Some("platform"))
+        );
+    }
 }
 
 /// A process failed at its `Call` step is retried from that step with a state patch; it
@@ -482,6 +528,7 @@ async fn calls_of(ctx: &Ctx, id: &str) -> usize {
 /// definitions page draws every step of every definition.
 async fn other_pages(ctx: &Ctx) {
     for (path, title, name) in [
+        ("/ui/processes", "Processes", "processes"),
         ("/ui/deadletters", "Dead letters", "deadletters"),
         ("/ui/quarantine", "Quarantine", "quarantine"),
         ("/ui/workers", "Workers", "workers"),
@@ -566,4 +613,90 @@ async fn read_role_is_refused(ctx: &Ctx) {
         post_action(ctx, "honua_console=forged.00", &id, &[("action", "cancel")]).await,
         StatusCode::UNAUTHORIZED
     );
+}
+
+/// Without API keys the console is open like the API and says so; its pages carry the
+/// strict CSP; a form still needs the page's CSRF token (a cross-site form cannot read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_console_without_keys() {
+    let redis = RedisServer::start();
+    let defs = defs_dir(&[defs::GATE]);
+    let fleet = Fleet::start(test_config(&redis.url(), defs.path()), 1, 1).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http.get(fleet.url("/ui/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let csp = r.headers()[reqwest::header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for d in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(d), "{csp} lacks {d}");
+    }
+    let page = r.text().await.unwrap();
+    assert!(page.contains("No API keys are configured"), "{page}");
+    assert!(
+        !page.contains("<script>") && !page.contains(" style="),
+        "inline script or style"
+    );
+    let js = http
+        .get(fleet.url("/ui/static/console.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        js.headers()[reqwest::header::CONTENT_TYPE],
+        "text/javascript; charset=utf-8"
+    );
+    // The login page sends an open console to the overview.
+    let r = http.get(fleet.url("/ui/login")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+
+    let id = fleet.submit("Gate", json!({})).await;
+    let post = |form: Vec<(&'static str, String)>| {
+        let (http, url) = (
+            http.clone(),
+            fleet.url(&format!("/ui/processes/{id}/action")),
+        );
+        async move {
+            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http.post(url)
+                .header(reqwest::header::CONTENT_TYPE, FORM)
+                .body(form_body(&pairs))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(
+        post(vec![("action", "cancel".into())]).await,
+        StatusCode::FORBIDDEN
+    );
+    // The open console has no logout form: the CSRF token is on the action pages.
+    assert!(!page.contains("name=\"csrf\""));
+    let confirm = http
+        .get(fleet.url(&format!("/ui/processes/{id}/confirm?action=cancel")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = csrf_of(&confirm);
+    assert_eq!(
+        post(vec![("action", "cancel".into()), ("csrf", csrf)]).await,
+        StatusCode::SEE_OTHER
+    );
+    let rec = fleet.wait_finished(&id).await;
+    assert_eq!(rec.status.as_str(), "Cancelled");
+    assert_eq!(rec.audit.last().unwrap().by, None);
+    fleet.stop().await;
 }

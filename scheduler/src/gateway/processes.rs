@@ -407,11 +407,12 @@ pub struct SignalBody {
 pub(super) async fn signal(
     State(st): State<ApiState>,
     Path((id, name)): Path<(String, String)>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b: SignalBody = optional_body(&body?)?;
     let value = b.value.unwrap_or_else(|| "approve".into());
-    st.engine.signal(&id, &name, &value).await?;
+    st.engine.signal(&id, &name, &value, by(&caller)).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "signal": name, "value": value})),

@@ -827,7 +827,7 @@ pub(super) async fn act(
                     "no step of this process waits for a signal",
                 ));
             };
-            st.engine.signal(&id, &signal, &f.action).await?;
+            st.engine.signal(&id, &signal, &f.action, by).await?;
             tracing::info!(process_id = %id, by = by.unwrap_or("anonymous"), signal = %signal, value = %f.action, "console signal");
         }
         "retry" => {
