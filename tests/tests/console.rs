@@ -304,19 +304,24 @@ async fn session_of(ctx: &Ctx, token: &str) -> (String, String) {
     (cookie, csrf_of(&page))
 }
 
-async fn post_action(ctx: &Ctx, cookie: &str, id: &str, form: &[(&str, &str)]) -> StatusCode {
+/// The status of a POST of `form` to process `id`'s action route, with session `cookie`.
+async fn post_action(
+    fleet: &Fleet,
+    cookie: Option<&str>,
+    id: &str,
+    form: &[(&str, &str)],
+) -> StatusCode {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    http.post(ctx.ui(&format!("/ui/processes/{id}/action")))
-        .header(reqwest::header::COOKIE, cookie)
-        .header(reqwest::header::CONTENT_TYPE, FORM)
-        .body(form_body(form))
-        .send()
-        .await
-        .unwrap()
-        .status()
+    let mut req = http
+        .post(fleet.url(&format!("/ui/processes/{id}/action")))
+        .header(reqwest::header::CONTENT_TYPE, FORM);
+    if let Some(c) = cookie {
+        req = req.header(reqwest::header::COOKIE, c);
+    }
+    req.body(form_body(form)).send().await.unwrap().status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,19 +578,19 @@ async fn read_role_is_refused(ctx: &Ctx) {
     let (read_cookie, read_csrf) = session_of(ctx, "read-token").await;
     let approve = [("action", "approve"), ("csrf", read_csrf.as_str())];
     assert_eq!(
-        post_action(ctx, &read_cookie, &id, &approve).await,
+        post_action(&ctx.fleet, Some(&read_cookie), &id, &approve).await,
         StatusCode::FORBIDDEN
     );
     let (op_cookie, op_csrf) = session_of(ctx, "operate-token").await;
     assert_eq!(
-        post_action(ctx, &op_cookie, &id, &[("action", "approve")]).await,
+        post_action(&ctx.fleet, Some(&op_cookie), &id, &[("action", "approve")]).await,
         StatusCode::FORBIDDEN,
         "no CSRF token"
     );
     assert_eq!(
         post_action(
-            ctx,
-            &op_cookie,
+            &ctx.fleet,
+            Some(&op_cookie),
             &id,
             &[("action", "approve"), ("csrf", &read_csrf)]
         )
@@ -598,8 +603,8 @@ async fn read_role_is_refused(ctx: &Ctx) {
     // The same form with the operate session's own token goes through.
     assert_eq!(
         post_action(
-            ctx,
-            &op_cookie,
+            &ctx.fleet,
+            Some(&op_cookie),
             &id,
             &[("action", "approve"), ("csrf", &op_csrf)]
         )
@@ -610,7 +615,13 @@ async fn read_role_is_refused(ctx: &Ctx) {
     assert_eq!(rec.status.as_str(), "Completed");
     // No session at all: refused too.
     assert_eq!(
-        post_action(ctx, "honua_console=forged.00", &id, &[("action", "cancel")]).await,
+        post_action(
+            &ctx.fleet,
+            Some("honua_console=forged.00"),
+            &id,
+            &[("action", "cancel")]
+        )
+        .await,
         StatusCode::UNAUTHORIZED
     );
 }
@@ -660,24 +671,8 @@ async fn open_console_without_keys() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
 
     let id = fleet.submit("Gate", json!({})).await;
-    let post = |form: Vec<(&'static str, String)>| {
-        let (http, url) = (
-            http.clone(),
-            fleet.url(&format!("/ui/processes/{id}/action")),
-        );
-        async move {
-            let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            http.post(url)
-                .header(reqwest::header::CONTENT_TYPE, FORM)
-                .body(form_body(&pairs))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
     assert_eq!(
-        post(vec![("action", "cancel".into())]).await,
+        post_action(&fleet, None, &id, &[("action", "cancel")]).await,
         StatusCode::FORBIDDEN
     );
     // The open console has no logout form: the CSRF token is on the action pages.
@@ -692,7 +687,7 @@ async fn open_console_without_keys() {
         .unwrap();
     let csrf = csrf_of(&confirm);
     assert_eq!(
-        post(vec![("action", "cancel".into()), ("csrf", csrf)]).await,
+        post_action(&fleet, None, &id, &[("action", "cancel"), ("csrf", &csrf)]).await,
         StatusCode::SEE_OTHER
     );
     let rec = fleet.wait_finished(&id).await;

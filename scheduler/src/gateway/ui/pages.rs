@@ -544,7 +544,13 @@ fn actions_for(v: &ProcessView) -> Vec<(&'static str, &'static str, &'static str
         out.push(("approve", "Approve", "/api/processes/{id}/signal/{name}"));
         out.push(("reject", "Reject", "/api/processes/{id}/signal/{name}"));
     }
-    if matches!(v.status.as_str(), "Failed" | "Cancelled" | "TimedOut") {
+    // A process failed by a step is retried from that step (one button per failed step,
+    // below); others (cancelled, timed out) from where they stopped.
+    let failed_step = v
+        .steps
+        .iter()
+        .any(|s| s.status == StepStatus::Failed.as_str());
+    if matches!(v.status.as_str(), "Failed" | "Cancelled" | "TimedOut") && !failed_step {
         out.push(("retry", "Retry…", "/api/processes/{id}/retry"));
     }
     if matches!(v.status.as_str(), "Running") {
@@ -587,6 +593,18 @@ pub(super) async fn detail(
         .into_iter()
         .filter(|(_, _, api)| viewer.may(api))
         .collect();
+    // A retry re-runs the failed steps: each is offered as where the retry starts.
+    let retry_steps: Vec<&str> = if matches!(v.status.as_str(), "Failed" | "Cancelled" | "TimedOut")
+        && viewer.may("/api/processes/{id}/retry")
+    {
+        v.steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Failed.as_str())
+            .map(|s| s.name.as_str())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let live = html! {
         dl.facts {
             dt { "Status" } dd #status { (status_badge(&v.status)) }
@@ -614,15 +632,13 @@ pub(super) async fn detail(
         @if let Some(e) = &v.error_message {
             p.error role="alert" { strong { "Error" } @if let Some(c) = &v.error_code { " (" code { (c) } ")" } ": " (e) }
         }
-        @if !actions.is_empty() {
+        @if !actions.is_empty() || !retry_steps.is_empty() {
             div.actions role="group" aria-label="Actions" {
                 @for (a, label, _) in &actions {
                     a.button href={"/ui/processes/" (id) "/confirm?action=" (a)} data-action=(a) { (label) }
                 }
-                @if v.status == "Failed" && viewer.may("/api/processes/{id}/retry") {
-                    @for s in v.steps.iter().filter(|s| s.status == StepStatus::Failed.as_str()) {
-                        a.button href={"/ui/processes/" (id) "/confirm?action=retry&step=" (s.name)} data-action="retry-step" { "Retry from " (s.name) "…" }
-                    }
+                @for s in &retry_steps {
+                    a.button href={"/ui/processes/" (id) "/confirm?action=retry&step=" (s)} data-action="retry-step" { "Retry from " (s) "…" }
                 }
             }
         }
