@@ -373,10 +373,10 @@ async fn console_in_headless_chromium() {
     assert_eq!(ctx.browser.text(&who).await, "platform (admin)");
 
     live_list(&ctx).await;
-    approve_deployment(&ctx).await;
+    let deployment = approve_deployment(&ctx).await;
     retry_failed_step(&ctx).await;
     bulk_retry(&ctx).await;
-    other_pages(&ctx).await;
+    other_pages(&ctx, &deployment).await;
     read_role_is_refused(&ctx).await;
 
     ctx.browser.quit().await;
@@ -405,14 +405,11 @@ async fn live_list(ctx: &Ctx) {
         .await;
     assert_eq!(marker, json!("still here"), "the page was reloaded");
     ctx.check_page("processes").await;
-    ctx.browser.goto(&ctx.ui("/ui")).await;
-    ctx.wait_text("the overview", "main h1", "Overview").await;
-    ctx.check_page("overview").await;
 }
 
 /// A Deployment waits at its review gate; Approve (confirmed) takes it to Completed, seen
 /// live on its page. Its DAG draws every step of the definition.
-async fn approve_deployment(ctx: &Ctx) {
+async fn approve_deployment(ctx: &Ctx) -> String {
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let id = ctx
         .submit_traced(
@@ -452,6 +449,7 @@ async fn approve_deployment(ctx: &Ctx) {
         (audit.action.as_str(), audit.by.as_deref()),
         ("signal review", Some("platform"))
     );
+    id
 }
 
 /// Two failed Fixables, retried in bulk from the filtered list: the confirmation states
@@ -529,9 +527,35 @@ async fn calls_of(ctx: &Ctx, id: &str) -> usize {
     rec.steps["Call"].attempts().len()
 }
 
-/// Dead letters, quarantine, workers and definitions render, pass axe, and the
+/// The overview (with the Deployment's LLM tokens of the day), processes, dead letters,
+/// quarantine, workers and definitions render and pass axe; a worker is live; the
 /// definitions page draws every step of every definition.
-async fn other_pages(ctx: &Ctx) {
+async fn other_pages(ctx: &Ctx, deployment: &str) {
+    // The overview counts what ran: the Test, the Deployment, the Fixables and the LLM
+    // tokens the Deployment's steps were charged today.
+    ctx.browser.goto(&ctx.ui("/ui")).await;
+    ctx.wait_text(
+        "the Deployment's LLM tokens",
+        "#llm + table tbody th",
+        "Deployment",
+    )
+    .await;
+    let tokens = ctx
+        .browser
+        .wait_element("#llm + table tbody td", DEADLINE)
+        .await;
+    let tokens: u64 = ctx.browser.text(&tokens).await.parse().unwrap();
+    // The only Deployment so far charged them all.
+    let (charged, _) = ctx
+        .fleet
+        .store()
+        .llm_usage(deployment)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(charged > 0);
+    assert_eq!(tokens, charged);
+    ctx.check_page("overview").await;
     for (path, title, name) in [
         ("/ui/processes", "Processes", "processes"),
         ("/ui/deadletters", "Dead letters", "deadletters"),

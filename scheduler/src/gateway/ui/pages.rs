@@ -97,6 +97,17 @@ pub(super) async fn overview(
         .await?;
     let draining = store.intake().await?.is_some();
     let Json(queues) = fleet::queues(State(st.clone())).await?;
+    // LLM tokens today per process type: the daily counters the budget script keeps.
+    let mut types: Vec<&str> = st.engine.defs.iter().map(|d| d.name.as_str()).collect();
+    types.dedup();
+    let day = honua_shared::llm_store::utc_day(now / 1000);
+    let tokens = store.llm_tokens_on(&types, &day).await?;
+    let llm: Vec<(&str, u64)> = types
+        .iter()
+        .copied()
+        .zip(tokens)
+        .filter(|(_, n)| *n > 0)
+        .collect();
     let live_region = html! {
         section aria-labelledby="counts" {
             h2 #counts { "Processes" }
@@ -119,6 +130,15 @@ pub(super) async fn overview(
         section aria-labelledby="chart" {
             h2 #chart { "Throughput, last hour" }
             (throughput_chart(&completed, &failed))
+        }
+        section aria-labelledby="llm" {
+            h2 #llm { "LLM tokens today (UTC)" }
+            @if llm.is_empty() { p { "No LLM step has been charged today." } } @else {
+                table {
+                    thead { tr { th scope="col" { "Process type" } th scope="col" { "Tokens" } } }
+                    tbody { @for (t, n) in &llm { tr { th scope="row" { (t) } td { (n) } } } }
+                }
+            }
         }
         section aria-labelledby="queues" {
             h2 #queues { "Queues" }
