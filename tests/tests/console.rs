@@ -652,11 +652,13 @@ async fn read_role_is_refused(ctx: &Ctx) {
 
 /// Without API keys the console is open like the API and says so; its pages carry the
 /// strict CSP; a form still needs the page's CSRF token (a cross-site form cannot read it).
+/// A dead letter is listed and replayed from the console. (No workers: a fake consumer
+/// holds a job until its redelivery dead-letters it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_console_without_keys() {
     let redis = RedisServer::start();
-    let defs = defs_dir(&[defs::GATE]);
-    let fleet = Fleet::start(test_config(&redis.url(), defs.path()), 1, 1).await;
+    let defs = defs_dir(&[defs::GATE, defs::THREE]);
+    let fleet = Fleet::start(test_config(&redis.url(), defs.path()), 1, 0).await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -717,5 +719,73 @@ async fn open_console_without_keys() {
     let rec = fleet.wait_finished(&id).await;
     assert_eq!(rec.status.as_str(), "Cancelled");
     assert_eq!(rec.audit.last().unwrap().by, None);
+
+    replay_a_dead_letter(&fleet, &http).await;
     fleet.stop().await;
+}
+
+async fn replay_a_dead_letter(fleet: &Fleet, http: &reqwest::Client) {
+    let st = fleet.store();
+    let id = fleet.submit("Three", json!({})).await;
+    let conn = st.blocking(std::time::Duration::from_millis(100)).unwrap();
+    wait_for("the job", DEADLINE, || {
+        let mut conn = conn.clone();
+        async move {
+            let e = st
+                .read_group(
+                    &mut conn,
+                    &st.keys().jobs(),
+                    honua_shared::keys::WORKERS_GROUP,
+                    "fake",
+                    10,
+                    std::time::Duration::from_millis(100),
+                )
+                .await
+                .ok()?;
+            (!e.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let r = st
+        .reclaim("other", std::time::Duration::ZERO, "0-0", 10, 1)
+        .await
+        .unwrap();
+    assert_eq!(r.dead_lettered.len(), 1, "{r:?}");
+    assert_eq!(fleet.wait_finished(&id).await.status.as_str(), "Failed");
+
+    let get = |path: String| async move {
+        http.get(fleet.url(&path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let list = get("/ui/deadletters".into()).await;
+    assert!(list.contains(&format!("/ui/processes/{id}")), "{list}");
+    let confirm = get("/ui/deadletters/confirm".into()).await;
+    assert!(
+        confirm.contains("Replay <strong>1</strong> dead letter"),
+        "{confirm}"
+    );
+    let r = http
+        .post(fleet.url("/ui/deadletters/replay"))
+        .header(reqwest::header::CONTENT_TYPE, FORM)
+        .body(form_body(&[("csrf", &csrf_of(&confirm))]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let done = r.text().await.unwrap();
+    assert!(done.contains("Replayed 1 of 1 dead letter(s)."), "{done}");
+    assert!(
+        st.stream_latest(&st.keys().dlq(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let rec = fleet.record(&id).await.unwrap();
+    assert_eq!(rec.status.as_str(), "Running");
+    assert_eq!(rec.audit.last().unwrap().action, "retry");
 }
