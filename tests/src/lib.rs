@@ -202,6 +202,30 @@ where
     }
 }
 
+/// Job stream entries read by consumer `consumer` of the workers' group (waits until there
+/// are some): a consumer that never finishes them, for reclaim and dead-letter tests.
+pub async fn take_jobs(st: &Store, consumer: &str) -> Vec<honua_shared::store::Entry> {
+    let conn = st.blocking(Duration::from_millis(100)).unwrap();
+    wait_for("a job", DEADLINE, || {
+        let mut conn = conn.clone();
+        async move {
+            let e = st
+                .read_group(
+                    &mut conn,
+                    &st.keys().jobs(),
+                    honua_shared::keys::WORKERS_GROUP,
+                    consumer,
+                    10,
+                    Duration::from_millis(100),
+                )
+                .await
+                .ok()?;
+            (!e.is_empty()).then_some(e)
+        }
+    })
+    .await
+}
+
 /// A config with millisecond-scale timings for tests.
 pub fn test_config(redis_url: &str, defs_dir: &Path) -> Config {
     let mut c = Config {
