@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use honua_shared::envelope::{Submission, TraceContext, valid_id};
+use honua_shared::record::ProcessRecord;
 use honua_shared::status::ProcessStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -265,16 +266,24 @@ pub(super) async fn get_process(
     State(st): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<ProcessView>, ApiError> {
-    let (rec, now) = st.engine.load(&id).await?;
+    Ok(Json(process_view(&st, &id).await?.0))
+}
+
+/// The view of process `id` (with its LLM usage) and the record it was made from.
+pub(super) async fn process_view(
+    st: &ApiState,
+    id: &str,
+) -> Result<(ProcessView, ProcessRecord), ApiError> {
+    let (rec, now) = st.engine.load(id).await?;
     let def = st.engine.defs.get(&rec.process_type, rec.version);
     let mut view = ProcessView::new(&rec, def.map(|d| &**d), now);
     view.llm_usage = st
         .engine
         .store
-        .llm_usage(&id)
+        .llm_usage(id)
         .await?
         .map(|(tokens, cost)| LlmUsageView::new(tokens, cost));
-    Ok(Json(view))
+    Ok((view, rec))
 }
 
 #[derive(Debug, Deserialize, Default, ToSchema)]

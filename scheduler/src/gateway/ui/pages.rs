@@ -5,7 +5,7 @@ use super::{
     UiError, Viewer, dag, error_page, html_response, layout, page, refuse_form, refuse_page,
 };
 use crate::gateway::fleet::{self, LIVE_WORKER_MS};
-use crate::gateway::processes::page_limit;
+use crate::gateway::processes::{page_limit, process_view};
 use crate::gateway::{ApiState, Caller, DlqParams};
 use crate::ops::{ListQuery, parse_age};
 use crate::view::{LlmUsageView, ProcessSummary, ProcessView, rfc3339_ms};
@@ -547,12 +547,6 @@ pub(super) async fn bulk(
 // ---------------------------------------------------------------------------------------
 // Process detail
 
-async fn process_view(st: &ApiState, id: &str) -> Result<ProcessView, UiError> {
-    let Json(v) =
-        crate::gateway::processes::get_process(State(st.clone()), Path(id.to_string())).await?;
-    Ok(v)
-}
-
 /// The actions a process's state allows: (action, label, API route).
 fn actions_for(v: &ProcessView) -> Vec<(&'static str, &'static str, &'static str)> {
     let mut out = Vec::new();
@@ -592,8 +586,7 @@ pub(super) async fn detail(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, UiError> {
-    let v = process_view(&st, &id).await?;
-    let (rec, _) = st.engine.load(&id).await?;
+    let (v, rec) = process_view(&st, &id).await?;
     let def = st.engine.defs.get(&rec.process_type, rec.version).cloned();
     let state = st.engine.state(&id).await.ok();
     let trace = rec
@@ -791,7 +784,7 @@ pub(super) async fn confirm_action(
     if let Some(r) = refuse_page(&viewer, action_api(&q.action)) {
         return Ok(r);
     }
-    let v = process_view(&st, &id).await?;
+    let (v, _) = process_view(&st, &id).await?;
     let what = match (q.action.as_str(), &q.step) {
         ("retry", Some(s)) => format!("Retry process {id} from step {s}?"),
         ("retry", None) => format!("Retry process {id} from its failed step?"),
