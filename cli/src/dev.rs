@@ -469,6 +469,7 @@ async fn progress(
                                 process_id: id.clone(),
                                 name: signal,
                                 value: "approve".into(),
+                                by: None,
                             })
                             .await;
                     }

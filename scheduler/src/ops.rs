@@ -46,6 +46,18 @@ pub struct ListQuery {
     pub active: bool,
 }
 
+/// Names `by` as the author of the audit entry `t` appends (the last one of its list).
+fn stamp_audit(t: &mut Transition, by: Option<&str>) {
+    let Some(by) = by else { return };
+    for a in &mut t.actions {
+        if let engine::Action::Audit(list) = a
+            && let Some(last) = list.last_mut()
+        {
+            last.by = Some(by.to_string());
+        }
+    }
+}
+
 /// Parses `24h`, `7d`, `30m`, `90s` (and any humantime duration).
 pub fn parse_age(s: &str) -> Result<Duration, OpsError> {
     humantime::parse_duration(s.trim())
@@ -150,10 +162,12 @@ impl Processes {
 
     /// Decides with `decide` on a fresh snapshot and commits, re-reading on a revision
     /// conflict ([`Processes::decide_and_commit`]). Returns what `decide` returned besides
-    /// the transition; an empty transition commits nothing.
+    /// the transition; an empty transition commits nothing. The audit entry the decision
+    /// appends is stamped with `by`, the acting API key's name.
     async fn transition<T>(
         &self,
         id: &str,
+        by: Option<&str>,
         decide: impl Fn(&Ctx<'_>, &ProcessRecord) -> Result<(Transition, T), OpsError>,
     ) -> Result<T, OpsError> {
         let decide = &decide;
@@ -177,7 +191,8 @@ impl Processes {
                         now_ms: now,
                         jitter: rand::random(),
                     };
-                    let (t, extra) = decide(&ctx, &rec)?;
+                    let (mut t, extra) = decide(&ctx, &rec)?;
+                    stamp_audit(&mut t, by);
                     if t.is_empty() {
                         return Ok(Decision::Done(extra));
                     }
@@ -211,9 +226,14 @@ impl Processes {
     }
 
     /// Cancels an unfinished process; its running steps stop within one heartbeat.
-    pub async fn cancel(&self, id: &str, reason: Option<&str>) -> Result<(), OpsError> {
+    pub async fn cancel(
+        &self,
+        id: &str,
+        reason: Option<&str>,
+        by: Option<&str>,
+    ) -> Result<(), OpsError> {
         let (process_type, took) = self
-            .transition(id, |ctx, rec| {
+            .transition(id, by, |ctx, rec| {
                 let t = engine::cancel(ctx, rec, reason)?;
                 Ok((
                     t,
@@ -241,9 +261,10 @@ impl Processes {
         id: &str,
         hand_back: bool,
         reason: Option<&str>,
+        by: Option<&str>,
     ) -> Result<(), OpsError> {
         let process_type = self
-            .transition(id, |ctx, rec| {
+            .transition(id, by, |ctx, rec| {
                 Ok((
                     engine::pause(ctx, rec, hand_back, reason)?,
                     rec.process_type.clone(),
@@ -259,9 +280,9 @@ impl Processes {
 
     /// Resumes a paused process ([`engine::resume`]): its held steps start, its timers and
     /// deadline go on with what they had left.
-    pub async fn resume(&self, id: &str) -> Result<(), OpsError> {
+    pub async fn resume(&self, id: &str, by: Option<&str>) -> Result<(), OpsError> {
         let process_type = self
-            .transition(id, |ctx, rec| {
+            .transition(id, by, |ctx, rec| {
                 Ok((engine::resume(ctx, rec)?, rec.process_type.clone()))
             })
             .await?;
@@ -276,7 +297,7 @@ impl Processes {
     /// no longer Pending (another scheduler started it, or it was cancelled).
     pub async fn start(&self, id: &str) -> Result<bool, OpsError> {
         let started = self
-            .transition(id, |ctx, rec| {
+            .transition(id, None, |ctx, rec| {
                 if rec.status != ProcessStatus::Pending {
                     return Ok((Transition::default(), None));
                 }
@@ -297,7 +318,12 @@ impl Processes {
 
     /// Re-runs a Failed, Cancelled or TimedOut process from its failed step, optionally
     /// merging `patch` (a JSON object) into its input.
-    pub async fn retry(&self, id: &str, patch: Option<&Value>) -> Result<(), OpsError> {
+    pub async fn retry(
+        &self,
+        id: &str,
+        patch: Option<&Value>,
+        by: Option<&str>,
+    ) -> Result<(), OpsError> {
         let input = match patch {
             None => None,
             Some(Value::Object(p)) => {
@@ -322,7 +348,7 @@ impl Processes {
             }
             Some(_) => return Err(OpsError::Invalid("statePatch must be a JSON object".into())),
         };
-        self.transition(id, |ctx, rec| {
+        self.transition(id, by, |ctx, rec| {
             let timeout = self.cfg.process_timeout(&rec.process_type, ctx.def.timeout);
             Ok((engine::retry(ctx, rec, timeout, input.clone())?, ()))
         })
@@ -333,9 +359,13 @@ impl Processes {
 
     /// Re-enqueues the running, queued or delayed steps of a process now; the previous
     /// claims are fenced out. Returns the steps.
-    pub async fn retry_current_step(&self, id: &str) -> Result<Vec<String>, OpsError> {
+    pub async fn retry_current_step(
+        &self,
+        id: &str,
+        by: Option<&str>,
+    ) -> Result<Vec<String>, OpsError> {
         let steps = self
-            .transition(id, |ctx, rec| Ok(engine::retry_current_step(ctx, rec)?))
+            .transition(id, by, |ctx, rec| Ok(engine::retry_current_step(ctx, rec)?))
             .await?;
         tracing::info!(process_id = %id, steps = ?steps, "Process {id} current step re-enqueued");
         Ok(steps)
@@ -344,7 +374,13 @@ impl Processes {
     /// Delivers a signal to a step waiting for it (approval gates). `value` must name an
     /// outcome the waiting step routes on (see [`engine::signal_route`]); anything else is
     /// refused and changes nothing.
-    pub async fn signal(&self, id: &str, name: &str, value: &str) -> Result<(), OpsError> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        name: &str,
+        value: &str,
+        by: Option<&str>,
+    ) -> Result<(), OpsError> {
         if engine::signal_outcome(value).is_none() {
             return Err(OpsError::Invalid(format!(
                 "signal value {value:?} must be approve, reject or an outcome name"
@@ -372,6 +408,7 @@ impl Processes {
                 process_id: id.to_string(),
                 name: name.to_string(),
                 value: value.to_string(),
+                by: by.map(str::to_string),
             })
             .await?;
         Ok(())

@@ -116,6 +116,9 @@ pub struct AuditView {
     pub at: Option<String>,
     pub action: String,
     pub detail: Option<String>,
+    /// The API key that did it (absent when the API is open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// One line of a process listing.
@@ -238,6 +241,7 @@ impl ProcessView {
                     at: ts(Some(a.at_ms)),
                     action: a.action.clone(),
                     detail: a.detail.clone(),
+                    by: a.by.clone(),
                 })
                 .collect(),
             llm_usage: None,

@@ -277,6 +277,9 @@ pub struct ApiConfig {
     pub open_health: bool,
     /// `/metrics` answers without a token.
     pub open_metrics: bool,
+    /// The web console links each process to its trace with this URL, `{trace_id}`
+    /// replaced (e.g. `http://jaeger:16686/trace/{trace_id}`); unset: no link.
+    pub trace_url_template: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -285,6 +288,7 @@ impl Default for ApiConfig {
             keys: Vec::new(),
             open_health: true,
             open_metrics: true,
+            trace_url_template: None,
         }
     }
 }

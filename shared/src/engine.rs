@@ -751,7 +751,9 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                 "process_timeout",
             );
         }
-        Event::Signal { name, value, .. } => {
+        Event::Signal {
+            name, value, by, ..
+        } => {
             let Some(step) = waiting_for_signal(ctx.def, rec, name) else {
                 return Transition {
                     actions: vec![],
@@ -767,6 +769,18 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
                     )],
                 };
             };
+            let mut entry = audit(
+                rec,
+                ctx.now_ms,
+                &format!("signal {name}"),
+                Some(format!("{value} at {step}")),
+            );
+            if let Action::Audit(list) = &mut entry
+                && let Some(last) = list.last_mut()
+            {
+                last.by = by.clone();
+            }
+            p.actions.push(entry);
             p.close_attempt(&step, &out, None, None);
             p.step_ended(&step, &out);
         }
@@ -787,6 +801,7 @@ fn audit(rec: &ProcessRecord, now_ms: u64, action: &str, detail: Option<String>)
         at_ms: now_ms,
         action: action.to_string(),
         detail,
+        by: None,
     });
     if list.len() > crate::record::AUDIT_CAP {
         let extra = list.len() - crate::record::AUDIT_CAP;

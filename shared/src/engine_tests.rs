@@ -296,6 +296,7 @@ fn signal(name: &str, value: &str) -> Event {
         process_id: PID.into(),
         name: name.into(),
         value: value.into(),
+        by: None,
     }
 }
 

@@ -111,6 +111,11 @@ impl FieldMap {
         Self::from_flat(&flat)
     }
 
+    /// The fields read, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// How many fields the entry has (read or not).
     pub fn total(&self) -> usize {
         self.total
@@ -391,6 +396,9 @@ pub enum Event {
         process_id: String,
         name: String,
         value: String,
+        /// Who sent it: the API key's name (absent when the API is open); recorded in the
+        /// process's audit trail.
+        by: Option<String>,
     },
 }
 
@@ -485,11 +493,15 @@ impl Event {
                 process_id,
                 name,
                 value,
+                by,
             } => {
                 push(&mut f, wire::TYPE, event_type::SIGNAL);
                 push(&mut f, wire::PROCESS_ID, process_id);
                 push(&mut f, "name", name);
                 push(&mut f, "value", value);
+                if let Some(by) = by {
+                    push(&mut f, "by", by);
+                }
             }
         }
         f
@@ -537,6 +549,7 @@ impl Event {
                 process_id: pid()?,
                 name: f.req("name")?.to_string(),
                 value: f.get("value").unwrap_or("").to_string(),
+                by: f.get("by").map(str::to_string),
             },
             other => return Err(EnvelopeError::UnknownEvent(other.to_string())),
         })
@@ -787,6 +800,13 @@ mod tests {
                 process_id: "p".into(),
                 name: "review".into(),
                 value: "approve".into(),
+                by: None,
+            },
+            Event::Signal {
+                process_id: "p".into(),
+                name: "review".into(),
+                value: "reject".into(),
+                by: Some("oncall".into()),
             },
         ];
         for e in events {

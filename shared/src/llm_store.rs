@@ -78,6 +78,20 @@ impl Store {
         Ok(tokens.map(|t| (t, cost.unwrap_or(0))))
     }
 
+    /// LLM tokens charged to each of `process_types` on the UTC day `day` (`yyyymmdd`,
+    /// [`utc_day`]): one pipelined `GET` per type.
+    pub async fn llm_tokens_on(&self, process_types: &[&str], day: &str) -> Result<Vec<u64>> {
+        if process_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for t in process_types {
+            pipe.cmd("GET").arg(self.keys().llm_type_usage(t, day));
+        }
+        let v: Vec<Option<u64>> = pipe.query_async(&mut self.conn()).await?;
+        Ok(v.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
     /// A cached LLM reply (JSON), if present.
     pub async fn llm_cache_get(&self, hash: &str) -> Result<Option<String>> {
         let v: Option<String> = redis::cmd("GET")
@@ -98,4 +112,18 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// UTC `yyyymmdd` of a Unix time (civil-from-days).
+pub fn utc_day(unix_secs: u64) -> String {
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}{mo:02}{d:02}")
 }

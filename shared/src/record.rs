@@ -172,6 +172,9 @@ pub struct AuditEntry {
     pub action: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Who did it: the API key's name (absent when the API is open, and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// Why a stored record could not be read.

@@ -5,6 +5,7 @@ pub mod defs;
 pub mod llm_load;
 pub mod otlp;
 pub mod recorder;
+pub mod webdriver;
 
 use honua_shared::config::Config;
 use honua_shared::store::Store;
@@ -199,6 +200,30 @@ where
         assert!(Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Job stream entries read by consumer `consumer` of the workers' group (waits until there
+/// are some): a consumer that never finishes them, for reclaim and dead-letter tests.
+pub async fn take_jobs(st: &Store, consumer: &str) -> Vec<honua_shared::store::Entry> {
+    let conn = st.blocking(Duration::from_millis(100)).unwrap();
+    wait_for("a job", DEADLINE, || {
+        let mut conn = conn.clone();
+        async move {
+            let e = st
+                .read_group(
+                    &mut conn,
+                    &st.keys().jobs(),
+                    honua_shared::keys::WORKERS_GROUP,
+                    consumer,
+                    10,
+                    Duration::from_millis(100),
+                )
+                .await
+                .ok()?;
+            (!e.is_empty()).then_some(e)
+        }
+    })
+    .await
 }
 
 /// A config with millisecond-scale timings for tests.

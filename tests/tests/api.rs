@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use honua_shared::config::{ApiKey, Role};
 use honua_shared::envelope::JobEnvelope;
-use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::status::ProcessStatus;
 use honua_tests::*;
 use serde_json::{Value, json};
@@ -992,25 +991,7 @@ async fn dead_letters_are_listed_and_replayed() {
     let id = f.submit("Ok", json!({})).await;
 
     // A fake consumer takes the job and never finishes it.
-    let conn = st.blocking(Duration::from_millis(100)).unwrap();
-    let entries = wait_for("the job", DEADLINE, || {
-        let mut conn = conn.clone();
-        async move {
-            let e = st
-                .read_group(
-                    &mut conn,
-                    &st.keys().jobs(),
-                    WORKERS_GROUP,
-                    "fake",
-                    10,
-                    Duration::from_millis(100),
-                )
-                .await
-                .ok()?;
-            (!e.is_empty()).then_some(e)
-        }
-    })
-    .await;
+    let entries = take_jobs(st, "fake").await;
     assert_eq!(entries.len(), 1);
     assert_eq!(
         JobEnvelope::from_fields(&entries[0].fields)

@@ -496,6 +496,7 @@ async fn corrupt_state_quarantines_the_process_not_the_worker() {
                 process_id: id.clone(),
                 name: "go".into(),
                 value: "approve".into(),
+                by: None,
             })
             .await
             .unwrap();

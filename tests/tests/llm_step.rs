@@ -1504,6 +1504,7 @@ async fn the_shipped_process_types_run_their_llm_steps_to_completed() {
                         process_id: id.clone(),
                         name: "review".into(),
                         value: "approve".into(),
+                        by: None,
                     })
                     .await
                     .ok();

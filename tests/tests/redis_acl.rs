@@ -248,6 +248,7 @@ async fn fleet_runs_with_the_scheduler_and_worker_users_without_a_denial() {
         process_id: approved.clone(),
         name: "review".into(),
         value: "approve".into(),
+        by: None,
     };
     let mut w = acl.conn("worker");
     let mut xadd = redis::cmd("XADD");
@@ -999,6 +1000,7 @@ async fn a_hostile_worker_or_scheduler_login_is_refused_forged_writes_and_its_ow
                 process_id: pid.into(),
                 name: "review".into(),
                 value: "approve".into(),
+                by: None,
             };
             for (k, v) in ev.to_fields() {
                 c.arg(k).arg(v);

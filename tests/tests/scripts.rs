@@ -1125,6 +1125,7 @@ async fn delete_removes_a_process_and_every_reference_and_nothing_else() {
         process_id: "p1".into(),
         name: "review".into(),
         value: "approve".into(),
+        by: None,
     })
     .await
     .unwrap();
@@ -1214,6 +1215,7 @@ async fn delete_removes_a_process_and_every_reference_and_nothing_else() {
         process_id: "p1".into(),
         name: "late".into(),
         value: "approve".into(),
+        by: None,
     })
     .await
     .unwrap();
@@ -1305,6 +1307,7 @@ async fn delete_asks_for_a_new_scan_when_too_many_entries_arrived_since() {
             process_id: format!("other-{n}"),
             name: "s".into(),
             value: "approve".into(),
+            by: None,
         })
         .await
         .unwrap();

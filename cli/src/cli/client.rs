@@ -536,6 +536,7 @@ mod tests {
                     at: Some("2025-01-02T03:04:07.000Z".into()),
                     action: "retry".into(),
                     detail: None,
+                    by: Some("oncall".into()),
                 }],
                 llm_usage,
             };

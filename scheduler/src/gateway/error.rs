@@ -38,6 +38,12 @@ impl ApiError {
     pub(super) fn bad(code: &'static str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, detail)
     }
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub(super) fn detail(&self) -> &str {
+        &self.detail
+    }
 }
 
 impl IntoResponse for ApiError {

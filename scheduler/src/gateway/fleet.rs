@@ -222,6 +222,7 @@ pub(super) async fn deadletters(
 pub(super) async fn replay(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let store = &st.engine.store;
     let not_found = || {
@@ -242,7 +243,9 @@ pub(super) async fn replay(
         .await?
         .ok_or_else(not_found)?;
     let pid = entry.fields.get("pid").unwrap_or("").to_string();
-    st.engine.retry(&pid, None).await?;
+    st.engine
+        .retry(&pid, None, super::processes::by(&caller))
+        .await?;
     store.delete_dead_letter(&id).await?;
     tracing::info!(dead_letter = %id, process_id = %pid, "dead letter replayed");
     action_reply(&st, &pid, vec![]).await
@@ -272,7 +275,7 @@ async fn redis_ok(st: &ApiState) -> bool {
 }
 
 /// A worker with a heartbeat this recent counts as live in `/health`.
-const LIVE_WORKER_MS: u64 = 30_000;
+pub(super) const LIVE_WORKER_MS: u64 = 30_000;
 
 #[utoipa::path(get, path = "/health", responses((status = 200, body = HealthReply),
     (status = 401, description = "`api.open_health = false` and no or an unknown bearer token", body = ErrorBody),

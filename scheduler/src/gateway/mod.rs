@@ -13,6 +13,7 @@ mod error;
 mod fleet;
 mod processes;
 mod state;
+mod ui;
 
 pub use auth::{Caller, required_role, token_hash};
 pub use error::{ApiError, ErrorBody};
@@ -267,6 +268,8 @@ pub fn router_with(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(content_type))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // The console has its own sessions (cookie, CSRF) instead of bearer tokens.
+        .merge(ui::router(state.clone()))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -1,20 +1,27 @@
 //! The process endpoints: submit, list, purge, read, and the operator actions (cancel,
 //! retry, retry the current step, signal).
 
+use super::auth::Caller;
 use super::{ApiError, ApiState, ErrorBody};
 use crate::ops::{ListQuery, parse_age};
 use crate::submit::Submitted;
 use crate::view::{LlmUsageView, ProcessSummary, ProcessView};
-use axum::Json;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use honua_shared::envelope::{Submission, TraceContext, valid_id};
+use honua_shared::record::ProcessRecord;
 use honua_shared::status::ProcessStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
+
+/// The acting API key's name, for the audit trail (`None` when the API is open).
+pub(super) fn by(caller: &Option<Extension<Caller>>) -> Option<&str> {
+    caller.as_ref().map(|Extension(c)| c.name.as_str())
+}
 
 fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad("malformed_json", e.to_string()))
@@ -259,16 +266,24 @@ pub(super) async fn get_process(
     State(st): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<ProcessView>, ApiError> {
-    let (rec, now) = st.engine.load(&id).await?;
+    Ok(Json(process_view(&st, &id).await?.0))
+}
+
+/// The view of process `id` (with its LLM usage) and the record it was made from.
+pub(super) async fn process_view(
+    st: &ApiState,
+    id: &str,
+) -> Result<(ProcessView, ProcessRecord), ApiError> {
+    let (rec, now) = st.engine.load(id).await?;
     let def = st.engine.defs.get(&rec.process_type, rec.version);
     let mut view = ProcessView::new(&rec, def.map(|d| &**d), now);
     view.llm_usage = st
         .engine
         .store
-        .llm_usage(&id)
+        .llm_usage(id)
         .await?
         .map(|(tokens, cost)| LlmUsageView::new(tokens, cost));
-    Ok(Json(view))
+    Ok((view, rec))
 }
 
 #[derive(Debug, Deserialize, Default, ToSchema)]
@@ -305,10 +320,13 @@ pub(super) async fn action_reply(
 pub(super) async fn cancel(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: CancelBody = optional_body(&body?)?;
-    st.engine.cancel(&id, b.reason.as_deref()).await?;
+    st.engine
+        .cancel(&id, b.reason.as_deref(), by(&caller))
+        .await?;
     action_reply(&st, &id, vec![]).await
 }
 
@@ -329,11 +347,12 @@ pub struct PauseBody {
 pub(super) async fn pause(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: PauseBody = optional_body(&body?)?;
     st.engine
-        .pause(&id, b.hand_back, b.reason.as_deref())
+        .pause(&id, b.hand_back, b.reason.as_deref(), by(&caller))
         .await?;
     action_reply(&st, &id, vec![]).await
 }
@@ -343,8 +362,9 @@ pub(super) async fn pause(
 pub(super) async fn resume(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Json<ActionReply>, ApiError> {
-    st.engine.resume(&id).await?;
+    st.engine.resume(&id, by(&caller)).await?;
     action_reply(&st, &id, vec![]).await
 }
 
@@ -361,10 +381,13 @@ pub struct RetryBody {
 pub(super) async fn retry(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: RetryBody = optional_body(&body?)?;
-    st.engine.retry(&id, b.state_patch.as_ref()).await?;
+    st.engine
+        .retry(&id, b.state_patch.as_ref(), by(&caller))
+        .await?;
     action_reply(&st, &id, vec![]).await
 }
 
@@ -373,8 +396,9 @@ pub(super) async fn retry(
 pub(super) async fn retry_current_step(
     State(st): State<ApiState>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Json<ActionReply>, ApiError> {
-    let steps = st.engine.retry_current_step(&id).await?;
+    let steps = st.engine.retry_current_step(&id, by(&caller)).await?;
     action_reply(&st, &id, steps).await
 }
 
@@ -392,11 +416,12 @@ pub struct SignalBody {
 pub(super) async fn signal(
     State(st): State<ApiState>,
     Path((id, name)): Path<(String, String)>,
+    caller: Option<Extension<Caller>>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b: SignalBody = optional_body(&body?)?;
     let value = b.value.unwrap_or_else(|| "approve".into());
-    st.engine.signal(&id, &name, &value).await?;
+    st.engine.signal(&id, &name, &value, by(&caller)).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "signal": name, "value": value})),

@@ -349,6 +349,28 @@ impl Store {
         })
     }
 
+    /// The process an idempotency key names, if any (one `GET`).
+    pub async fn idempotent_process(&self, idem: &str) -> Result<Option<String>> {
+        Ok(redis::cmd("GET")
+            .arg(self.keys.idempotency(idem))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// How many members of the score index `key` fall in each `[from, to)` range: one
+    /// pipelined `ZCOUNT` per range (O(log n) each), for counts over time windows of the
+    /// time-scored process indexes.
+    pub async fn index_counts(&self, key: &Key, ranges: &[(u64, u64)]) -> Result<Vec<u64>> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (from, to) in ranges {
+            pipe.cmd("ZCOUNT").arg(key).arg(*from).arg(format!("({to}"));
+        }
+        Ok(pipe.query_async(&mut self.conn()).await?)
+    }
+
     /// How many workers heartbeat at or after `since_ms` (one `ZCOUNT`, whatever the fleet).
     pub async fn live_workers(&self, since_ms: u64) -> Result<u64> {
         Ok(redis::cmd("ZCOUNT")

@@ -236,19 +236,7 @@ fn budget_day(clock: &crate::handler::ServerClock) -> String {
     utc_day(clock.now_ms() / 1000)
 }
 
-/// UTC `yyyymmdd` of a Unix time (civil-from-days).
-pub fn utc_day(unix_secs: u64) -> String {
-    let z = (unix_secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}{mo:02}{d:02}")
-}
+pub use honua_shared::llm_store::utc_day;
 
 fn cost(cfg: &LlmProviderConfig, model: &str, c: &Completion) -> Option<f64> {
     let p = cfg.prices.get(model)?;
