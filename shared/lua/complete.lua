@@ -132,6 +132,16 @@ local function landed(t, steps)
     and rec.outcome == t.outcome and (rec.code ~= cjson.null and rec.code or nil) == t.code
 end
 
+-- The step's output, and its checkpoint gone once it succeeded.
+local function write_result(t, data)
+  if t.output ~= '' then
+    redis.call('HSET', data, F_OUTPUT_PREFIX .. t.step, t.output)
+  end
+  if t.outcome ~= OUTCOME_FAILED then
+    redis.call('HDEL', data, F_CHECKPOINT_PREFIX .. t.step)
+  end
+end
+
 -- Owner- and fence-checked like `fence` in the prelude, then committed.
 local now
 local function complete_one(t, meta, steps, data)
@@ -147,6 +157,22 @@ local function complete_one(t, meta, steps, data)
     ack(jobs, group, t.id)
     return 'finished'
   end
+  -- The worker's transition was decided on the snapshot this claim's begin took right
+  -- after marking the step running. While the process is still at that revision the step
+  -- record is still that one (any other write to it fails the claim check above or raises
+  -- rev or the steps rev), so it is not read again here.
+  if t.rev and m[2] == t.rev then
+    local srev = redis.call('HGET', steps, F_STEPS_REV) or '0'
+    if srev == t.srev then
+      write_result(t, data)
+      redis.call('HSET', steps, F_STEPS_REV, tonumber(srev) + 1, unpack(ARGV, t.sfirst, t.slast))
+      for _, j in ipairs(t.jobs) do
+        redis.call('XADD', jobs, '*', unpack(ARGV, j[1], j[2]))
+      end
+      ack(jobs, group, t.id)
+      return 'fast'
+    end
+  end
   local raw = redis.call('HGET', steps, t.step)
   if not raw then
     return 'stale'
@@ -156,23 +182,7 @@ local function complete_one(t, meta, steps, data)
   if r ~= 'ok' then
     return r
   end
-  if t.output ~= '' then
-    redis.call('HSET', data, F_OUTPUT_PREFIX .. t.step, t.output)
-  end
-  if t.outcome ~= OUTCOME_FAILED then
-    redis.call('HDEL', data, F_CHECKPOINT_PREFIX .. t.step)
-  end
-  if t.rev and m[2] == t.rev then
-    local srev = redis.call('HGET', steps, F_STEPS_REV) or '0'
-    if srev == t.srev then
-      redis.call('HSET', steps, F_STEPS_REV, tonumber(srev) + 1, unpack(ARGV, t.sfirst, t.slast))
-      for _, j in ipairs(t.jobs) do
-        redis.call('XADD', jobs, '*', unpack(ARGV, j[1], j[2]))
-      end
-      ack(jobs, group, t.id)
-      return 'fast'
-    end
-  end
+  write_result(t, data)
   redis.call('HSET', steps, t.step, rec)
   redis.call('XADD', events, '*', unpack(ARGV, t.first, t.last))
   ack(jobs, group, t.id)
