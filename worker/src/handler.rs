@@ -149,6 +149,16 @@ impl ServerClock {
         }
     }
 
+    /// Server time `base_ms`, read by a request sent at `sent`: the server read its clock
+    /// after `sent`, so this clock runs at most the request's transit time ahead, where one
+    /// started on the reply runs behind by the whole round trip and the script's run.
+    pub fn sent_at(base_ms: u64, sent: std::time::Instant) -> Self {
+        Self {
+            base_ms,
+            taken: sent,
+        }
+    }
+
     /// The server's time now (ms), as far as this process can tell.
     pub fn now_ms(&self) -> u64 {
         self.base_ms + self.taken.elapsed().as_millis() as u64

@@ -12,7 +12,7 @@ use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::metrics as m;
 use honua_shared::store::{Begin, Entry, Fence, Held, ServerInfo, StoreError};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -382,7 +382,12 @@ impl Inner {
             .map(|s| honua_runtime::telemetry::trace_context_of(s).and_then(|t| t.traceparent))
             .collect();
         let may_route = |step: &str| self.defs.may_route(step);
-        let answers = (|| self.store.begin(&self.id, &jobs, &traces, &may_route))
+        // When the (last) begin request went out: each claim's clock starts there.
+        let sent_ns = AtomicU64::new(0);
+        let answers = (|| {
+            sent_ns.store(self.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.store.begin(&self.id, &jobs, &traces, &may_route)
+        })
             .retry(crate::redis_backoff(Duration::from_secs(5)))
             .when(StoreError::is_retryable)
             .notify(|e, _| warn!(error = %e, "begin failed; retrying"))
@@ -421,7 +426,8 @@ impl Inner {
                         honua_runtime::telemetry::add_link(&span, previous);
                     }
                     // begin.lua stamps every claim with the server's time.
-                    let clock = ServerClock::at(step.claimed_ms.unwrap_or_default());
+                    let sent = self.born + Duration::from_nanos(sent_ns.load(Ordering::Relaxed));
+                    let clock = ServerClock::sent_at(step.claimed_ms.unwrap_or_default(), sent);
                     let me = self.clone();
                     let cancel = CancellationToken::new();
                     let stop = Arc::new(StopCell::default());
