@@ -229,7 +229,7 @@ impl ProcessView {
             created_at: ts(Some(rec.created_ms)),
             started_at: ts(rec.started_ms),
             ended_at: ts(rec.ended_ms),
-            updated_at: ts(rec.updated_ms),
+            updated_at: ts(rec.last_change_ms()),
             deadline_at: ts(rec.deadline_ms),
             duration: rec.duration_ms(now_ms).map(|ms| ms as f64 / 1000.0),
             idempotency_key: rec.idempotency_key.clone(),

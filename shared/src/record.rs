@@ -315,6 +315,18 @@ impl ProcessRecord {
         }
     }
 
+    /// When the process last changed: its meta hash's `updated_ms` (every scheduler commit),
+    /// or a later transition a worker committed (which writes only step records: a step's
+    /// end and its successors' queue times).
+    pub fn last_change_ms(&self) -> Option<u64> {
+        self.steps
+            .values()
+            .flat_map(|s| [s.queued_ms, s.ended_ms])
+            .chain([self.updated_ms])
+            .flatten()
+            .max()
+    }
+
     /// Steps that still hold the process open.
     pub fn active_steps(&self) -> impl Iterator<Item = (&String, &StepRecord)> {
         self.steps.iter().filter(|(_, s)| s.status.is_active())

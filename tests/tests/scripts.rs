@@ -1442,6 +1442,10 @@ async fn a_worker_commits_a_steps_successors_only_on_the_revision_it_decided_on(
     assert_eq!(after.steps["A"].status, StepStatus::Completed);
     assert_eq!(after.steps["B"].status, StepStatus::Queued);
     assert_eq!((after.rev, after.steps_rev), (rec.rev, 1));
+    // The meta hash's update time stays the create's; the process's last change is the
+    // transition's (what the API shows as `updatedAt`).
+    assert!(after.updated_ms <= after.steps["B"].queued_ms);
+    assert_eq!(after.last_change_ms(), after.steps["B"].queued_ms);
     assert_eq!(jobs_added().await, jobs_before + 1, "B's job");
     assert_eq!(results_added().await, 0, "no event for the scheduler");
     // A scheduler decision made on the state before it loses the race.
