@@ -417,6 +417,11 @@ impl opentelemetry::propagation::Injector for Carrier {
 /// Makes the remote context in `trace` the parent of `span` (which must not have been
 /// entered yet). Nothing happens without a valid `traceparent` or without the exporter.
 pub fn set_parent(span: &tracing::Span, trace: &TraceContext) {
+    // A span no subscriber records (tracing off, or filtered out) has no parent to set:
+    // skip the propagator's parsing, which the hot path would pay per step.
+    if span.is_disabled() {
+        return;
+    }
     let Some(tp) = trace.traceparent.as_deref() else {
         return;
     };
