@@ -44,6 +44,9 @@ pub const RECLAIMS: &str = "honua_reclaims_total";
 pub const DEAD_LETTERS: &str = "honua_dead_letters_total";
 /// Commits, heartbeats or checkpoints refused because the claim was stale (counter).
 pub const STALE_COMMITS: &str = "honua_stale_commits_total";
+/// Step results committed with their successors by the worker (no scheduler round; a
+/// subset of `honua_steps_total`) (counter, `process_type`).
+pub const WORKER_TRANSITIONS: &str = "honua_worker_transitions_total";
 /// Steps handed back at shutdown (counter).
 pub const RELEASES: &str = "honua_releases_total";
 /// Pending jobs whose stream entries had been deleted: payload lost (counter).
@@ -120,6 +123,7 @@ pub const ALL: &[&str] = &[
     RECLAIMS,
     DEAD_LETTERS,
     STALE_COMMITS,
+    WORKER_TRANSITIONS,
     RELEASES,
     LOST_PENDING,
     GROUPS_RECREATED,
@@ -235,6 +239,11 @@ pub const HELP: &[(&str, Kind, &str)] = &[
         STALE_COMMITS,
         Kind::Counter,
         "Commits, heartbeats or checkpoints refused because the claim was stale.",
+    ),
+    (
+        WORKER_TRANSITIONS,
+        Kind::Counter,
+        "Step results committed with their successors by the worker, without the scheduler.",
     ),
     (RELEASES, Kind::Counter, "Steps handed back at shutdown."),
     (

@@ -127,6 +127,15 @@ async fn metrics_move_as_processes_run() {
         )),
         2.0 * n as f64
     );
+    // A's result enqueued B in the worker's own commit; B's finished the process (the
+    // scheduler's).
+    assert_eq!(
+        delta(&format!(
+            "{}{{process_type=\"Metered\"}}",
+            m::WORKER_TRANSITIONS
+        )),
+        n as f64
+    );
     // Histograms have buckets (the guide's histogram_quantile query needs them).
     assert!(
         after

@@ -77,6 +77,8 @@ impl Inner {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
                 if let (true, Some(status)) = (fast, status) {
                     self.stats.fast_commits.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::WORKER_TRANSITIONS, "process_type" => process_type.to_string())
+                        .increment(1);
                     transition_span(held, process_type, status);
                 }
                 let labels = [
