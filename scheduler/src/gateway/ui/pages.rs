@@ -13,6 +13,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form, Json};
+use honua_shared::limiter::{BreakerState, BucketState, LimitSpec};
+use honua_shared::llm_config::{LlmProviderConfig, ProviderKind};
 use honua_shared::status::{ProcessStatus, StepStatus};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -108,6 +110,7 @@ pub(super) async fn overview(
         .zip(tokens)
         .filter(|(_, n)| *n > 0)
         .collect();
+    let limiter = limiter_states(&st).await?;
     let live_region = html! {
         section aria-labelledby="counts" {
             h2 #counts { "Processes" }
@@ -140,6 +143,12 @@ pub(super) async fn overview(
                 }
             }
         }
+        @if let Some((cfg, states)) = &limiter {
+            section aria-labelledby="limiter" {
+                h2 #limiter { "LLM limiter" }
+                (limiter_table(cfg, states))
+            }
+        }
         section aria-labelledby="queues" {
             h2 #queues { "Queues" }
             table {
@@ -160,6 +169,102 @@ pub(super) async fn overview(
         }
     };
     Ok(page(&viewer, &headers, "Overview", html! {}, live_region))
+}
+
+/// The buckets the console shows: every configured limit, and the buckets of the model
+/// selection of the primary and fallback providers (unlimited ones still pause on a 429 and
+/// have a breaker).
+fn limiter_buckets(llm: &LlmProviderConfig) -> Vec<String> {
+    let mut out: Vec<String> = llm.limits.keys().cloned().collect();
+    let mut add = |kind: ProviderKind, sel: &honua_shared::llm_config::ModelSelection| {
+        for m in [&sel.simple_task, &sel.complex_task, &sel.code_generation] {
+            let b = format!("{kind}/{m}");
+            if !m.is_empty() && !out.contains(&b) {
+                out.push(b);
+            }
+        }
+    };
+    add(llm.provider, &llm.model_selection);
+    if let Some(fb) = llm.fallback_provider {
+        add(
+            fb,
+            llm.fallback_model_selection
+                .as_ref()
+                .unwrap_or(&llm.model_selection),
+        );
+    }
+    out
+}
+
+/// The limiter state of every bucket, read in one round trip; `None` without an LLM provider.
+async fn limiter_states(
+    st: &ApiState,
+) -> Result<Option<(LlmProviderConfig, Vec<BucketState>)>, UiError> {
+    let Some(llm) = st.engine.cfg.llm_provider.clone() else {
+        return Ok(None);
+    };
+    let buckets = limiter_buckets(&llm);
+    let names: Vec<&str> = buckets.iter().map(String::as_str).collect();
+    let states = st.engine.store.llm_bucket_states(&names).await?;
+    Ok(Some((llm, states)))
+}
+
+fn us_to_rfc3339(us: f64) -> String {
+    rfc3339_ms((us / 1000.0) as u64).unwrap_or_default()
+}
+
+/// One dimension of a bucket: "fill of capacity · limit per minute", or "unlimited".
+fn fill_cell(fill: f64, capacity: u64, per_minute: u64, unit: &str) -> Markup {
+    html! {
+        @if per_minute == 0 { "unlimited" } @else {
+            (format!("{fill:.1}")) " of " (capacity) " · " (per_minute) " " (unit) "/min"
+        }
+    }
+}
+
+fn limiter_table(llm: &LlmProviderConfig, states: &[BucketState]) -> Markup {
+    let unlimited = LimitSpec::default();
+    html! {
+        table.limiter {
+            caption {
+                "Each bucket is a GCRA token bucket shared by the fleet. \u{201c}In bucket\u{201d} is "
+                "(theoretical arrival time \u{2212} now) \u{00f7} emission interval: the requests "
+                "(tokens) admitted recently that have not refilled yet, of the bucket's capacity "
+                "(its burst). It drains at the per-minute limit, so it is not a count per minute: "
+                "steady traffic below the limit keeps it near 0, and at the capacity calls wait."
+            }
+            thead { tr {
+                th scope="col" { "Bucket" }
+                th scope="col" { abbr title="requests admitted and not yet refilled, of the bucket's capacity; then the limit per minute" { "Requests in bucket" } }
+                th scope="col" { abbr title="tokens admitted and not yet refilled, of the bucket's capacity; then the limit per minute" { "Tokens in bucket" } }
+                th scope="col" { "Paused until" }
+                th scope="col" { "Breaker" }
+            } }
+            tbody {
+                @for b in states {
+                    @let spec = llm.limits.get(&b.bucket).unwrap_or(&unlimited);
+                    @let rf = b.request_fill(spec);
+                    @let tf = b.token_fill(spec);
+                    tr data-bucket=(b.bucket) data-req-fill=(format!("{rf:.3}")) data-tok-fill=(format!("{tf:.3}"))
+                        data-paused=(if b.paused_until_us.is_some() { "yes" } else { "no" }) {
+                        th scope="row" { code { (b.bucket) } }
+                        td { (fill_cell(rf, u64::from(spec.request_capacity()), u64::from(spec.requests_per_minute), "requests")) }
+                        td { (fill_cell(tf, spec.token_capacity(), spec.tokens_per_minute, "tokens")) }
+                        td { @match b.paused_until_us { Some(u) => (us_to_rfc3339(u)), None => "not paused" } }
+                        td {
+                            @match b.breaker {
+                                BreakerState::Closed => "closed",
+                                BreakerState::Failing { fails } => { "closed, " (fails) " failures counted" }
+                                BreakerState::Open { until_us } => { "open until " (us_to_rfc3339(until_us)) }
+                                BreakerState::HalfOpen => "half-open (the next call probes)",
+                                BreakerState::Probing { until_us } => { "half-open, probing until " (us_to_rfc3339(until_us)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Completed (and failed or timed out) processes per minute as an SVG bar chart, with the
