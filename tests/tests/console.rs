@@ -536,13 +536,13 @@ async fn other_pages(ctx: &Ctx, deployment: &str) {
     ctx.browser.goto(&ctx.ui("/ui")).await;
     ctx.wait_text(
         "the Deployment's LLM tokens",
-        "#llm + table tbody th",
+        "#llm ~ table tbody th",
         "Deployment",
     )
     .await;
     let tokens = ctx
         .browser
-        .wait_element("#llm + table tbody td", DEADLINE)
+        .wait_element("#llm ~ table tbody td", DEADLINE)
         .await;
     let tokens: u64 = ctx.browser.text(&tokens).await.parse().unwrap();
     // The only Deployment so far charged them all.

@@ -1105,12 +1105,11 @@ struct WithFallback {
 
 impl WithFallback {
     /// A fleet of 2 workers running type `L` on `primary`, falling back to a fresh mock,
-    /// with a provider's Retry-After honoured up to 120 s and `limit` (if any) on the
-    /// primary's bucket `openai_compatible/m1`.
+    /// with a provider's Retry-After honoured up to 120 s, and what `tweak` adds.
     async fn start(
         redis: &RedisServer,
         primary: &MockLlm,
-        limit: Option<honua_shared::limiter::LimitSpec>,
+        tweak: impl FnOnce(&mut LlmProviderConfig),
     ) -> (Fleet, Self) {
         let fallback = mock().await;
         let tmp = tempfile::tempdir().unwrap();
@@ -1122,9 +1121,7 @@ impl WithFallback {
             &key_file(tmp.path()),
         );
         llm.retry_after_max_secs = 120;
-        if let Some(l) = limit {
-            llm.limits.insert("openai_compatible/m1".into(), l);
-        }
+        tweak(&mut llm);
         cfg.llm_provider = Some(llm);
         let f = Fleet::start(cfg, 1, 2).await;
         (f, WithFallback { fallback, tmp, dir })
@@ -1136,8 +1133,13 @@ impl AfterA429 {
         let redis = RedisServer::start();
         let primary = MockLlm::start(primary).await.unwrap();
         primary.script([Fault::RateLimited { retry_after }]);
-        let limit = limited.then(roomy_limit);
-        let (f, keep) = WithFallback::start(&redis, &primary, limit).await;
+        let (f, keep) = WithFallback::start(&redis, &primary, |llm| {
+            if limited {
+                llm.limits
+                    .insert("openai_compatible/m1".into(), roomy_limit());
+            }
+        })
+        .await;
         let first = f.submit("L", json!({"who": "a"})).await;
         assert_eq!(
             f.wait_finished(&first).await.status,
@@ -2107,7 +2109,8 @@ fn attr<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
 
 /// The console's overview shows each LLM bucket's limiter state read from Redis: after a
 /// call the bucket holds a non-zero fill (1 rpm and 1 tpm make it drain over minutes, far
-/// longer than the test), and after the provider's 429 it is paused.
+/// longer than the test), and after the provider's 429 it is paused. The day's LLM spend
+/// and each process's per-step usage and cost are shown too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_overview_shows_the_limiter_state() {
     let redis = RedisServer::start();
@@ -2120,14 +2123,25 @@ async fn the_console_overview_shows_the_limiter_state() {
         burst_tokens: 100_000,
         ..Default::default()
     };
-    let (f, _keep) = WithFallback::start(&redis, &primary, Some(limit)).await;
+    let price = Price {
+        input_per_1k: 1.0,
+        output_per_1k: 2.0,
+    };
+    let (f, _keep) = WithFallback::start(&redis, &primary, |llm| {
+        llm.limits.insert(bucket.into(), limit);
+        llm.prices.insert("m1".into(), price);
+    })
+    .await;
     let before = limiter_row(&f, bucket).await.expect("the bucket's row");
     assert_eq!(attr(&before, "req-fill"), "0.000", "{before:?}");
     assert_eq!(attr(&before, "paused"), "no");
 
-    let id = f.submit("L", json!({"who": "a"})).await;
-    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
-    assert_eq!(output(&f, &id, "Ask").await["fallbackUsed"], false);
+    let first = f.submit("L", json!({"who": "a"})).await;
+    assert_eq!(
+        f.wait_finished(&first).await.status,
+        ProcessStatus::Completed
+    );
+    assert_eq!(output(&f, &first, "Ask").await["fallbackUsed"], false);
     let row = limiter_row(&f, bucket).await.unwrap();
     let req: f64 = attr(&row, "req-fill").parse().unwrap();
     let tok: f64 = attr(&row, "tok-fill").parse().unwrap();
@@ -2152,5 +2166,26 @@ async fn the_console_overview_shows_the_limiter_state() {
         .await
         .unwrap();
     assert!(page.contains("LLM limiter"), "{page}");
+
+    // The day's spend of the type (and in total) is what the two processes were charged,
+    // and each process page shows its llm step's usage and cost.
+    let mut charged = 0;
+    for id in [&first, &id] {
+        let (tokens, micro) = f.store().llm_usage(id).await.unwrap().unwrap();
+        assert!(tokens > 0 && micro > 0, "{tokens} {micro}");
+        charged += micro;
+        let detail = reqwest::get(f.url(&format!("/ui/processes/{id}")))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let want = format!("<tr data-step=\"Ask\" data-tokens=\"{tokens}\">");
+        assert!(detail.contains(&want), "{want} not in {detail}");
+    }
+    let spend = format!("<tr data-micro-usd=\"{charged}\"><th scope=\"row\">L</th>");
+    assert!(page.contains(&spend), "{spend} not in {page}");
+    let total = format!("<tr id=\"llm-total\" data-micro-usd=\"{charged}\">");
+    assert!(page.contains(&total), "{total} not in {page}");
     f.stop().await;
 }
