@@ -7,9 +7,12 @@
 //! log in with a token; a submitted Test completes on the list without a reload; a
 //! Deployment at its review gate is approved with the button and reaches Completed; a
 //! failed process is retried from its failed step with a state patch (audited under the
-//! key's name); the DAG shows every step of each definition; a `read` token sees no action
-//! and a forged POST is refused (403), as is one without the CSRF token. Each page passes
-//! axe-core (no serious or critical violation) and is photographed.
+//! key's name); failed processes are retried in bulk; a Deployment rejected at its gate
+//! takes its rejection path; a stuck step is retried under a new claim; running processes
+//! are cancelled in bulk and then purged in bulk; the DAG shows every step of each
+//! definition; a `read` token sees no action and a forged POST is refused (403), as is one
+//! without the CSRF token. Each page passes axe-core (no serious or critical violation) and
+//! is photographed.
 //!
 //! Needs `chromium`, `chromium-driver` (scripts/test.sh installs them) and axe-core
 //! (`HONUA_AXE_JS`, or `target/axe/package/axe.min.js`; scripts/test.sh fetches the pinned
