@@ -9,7 +9,8 @@
 //!                           [--nemesis kill,stop,redis] [--fault-ms F]
 //! honua-loadtest scale      [--processes N] [--workers-list 1,2,4]
 //! honua-loadtest llm        [--seconds S] [--rpm N] [--burst N] [--latency-ms L] [--workers W] [--in-flight N]
-//! honua-loadtest all        (every scenario above, one report)
+//! honua-loadtest console    [--processes N] [--renders R]
+//! honua-loadtest all        (every scenario above but console, one report)
 //!   common: [--quick] [--json FILE] [--redis-url URL]
 //! ```
 //!
@@ -20,6 +21,7 @@
 mod baseline;
 mod child;
 mod component;
+mod console;
 mod cputime;
 mod crash;
 mod error;
@@ -69,6 +71,8 @@ enum Command {
     Scale(ScaleArgs),
     /// LLM-bound: llm steps against the mock provider under a fleet-wide limit; worker RSS
     Llm(LlmArgs),
+    /// The web console's list, detail and overview pages with many processes in Redis
+    Console(ConsoleArgs),
     /// Every scenario (baseline + throughput, scale, latency, crash, llm) in one report
     All(AllArgs),
     /// A worker in a child process (used by the crash scenario)
@@ -87,6 +91,21 @@ struct Common {
     /// Use this server instead of a private redis-server (keys get a unique prefix)
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ConsoleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Processes to seed, half of them finished [default: 100000, 2000 with --quick]
+    #[arg(long, value_name = "N")]
+    processes: Option<usize>,
+    /// Timed renders of each page [default: 200, 20 with --quick]
+    #[arg(long, value_name = "R")]
+    renders: Option<usize>,
+    /// Concurrent seeding tasks
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    seeders: usize,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +282,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Crash(a) => &a.common,
         Command::Scale(a) => &a.common,
         Command::Llm(a) => &a.common,
+        Command::Console(a) => &a.common,
         Command::All(a) => &a.common,
         Command::WorkerChild(a) => return child::run(a.clone()).await,
     };
@@ -402,6 +422,24 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
                 llm::run(server, &prefix, llm_params(a))
                     .await
                     .context("the llm run failed")?,
+            );
+            Ok(report)
+        }
+        Command::Console(a) => {
+            let quick = a.common.quick;
+            let mut report = Report::new("console", quick, info);
+            let params = console::ConsoleParams {
+                processes: a
+                    .processes
+                    .unwrap_or(if quick { 2_000 } else { 100_000 })
+                    .max(2),
+                renders: a.renders.unwrap_or(if quick { 20 } else { 200 }).max(1),
+                seeders: a.seeders.max(1),
+            };
+            report.console = Some(
+                console::run(server, &prefix, params)
+                    .await
+                    .context("the console run failed")?,
             );
             Ok(report)
         }

@@ -1,6 +1,7 @@
 //! The results of one run: the JSON document (`--json FILE`) and the human summary.
 
 use crate::baseline::BaselineResult;
+use crate::console::ConsoleResult;
 use crate::crash::{CrashResult, Nemesis};
 use crate::latency::LatencyResult;
 use crate::llm::LlmResult;
@@ -36,6 +37,8 @@ pub struct Report {
     pub crash: Vec<CrashResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm: Option<LlmResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console: Option<ConsoleResult>,
     /// The targets that this run measured (filled by [`Report::finish`]).
     pub targets: Vec<Target>,
 }
@@ -82,6 +85,7 @@ impl Report {
             latency: Vec::new(),
             crash: Vec::new(),
             llm: None,
+            console: None,
             targets: Vec::new(),
         }
     }
@@ -197,6 +201,7 @@ impl Report {
         self.write_latency(s)?;
         self.write_crash(s)?;
         self.write_llm(s)?;
+        self.write_console(s)?;
         self.write_targets(s)
     }
 
@@ -510,6 +515,35 @@ impl Report {
         writeln!(s, "  outcome: {}", l.outcome)
     }
 
+    fn write_console(&self, s: &mut String) -> std::fmt::Result {
+        let Some(c) = &self.console else {
+            return Ok(());
+        };
+        writeln!(
+            s,
+            "\nconsole: {} processes in Redis ({} active, {} finished; seeded in {:.1} s); {} renders of each page over loopback HTTP, request to last byte",
+            c.processes, c.active, c.finished, c.seed_seconds, c.renders
+        )?;
+        for (page, d, bytes) in [
+            ("list (/ui/processes)", &c.list, Some(c.list_bytes)),
+            (
+                "detail (/ui/processes/{id})",
+                &c.detail,
+                Some(c.detail_bytes),
+            ),
+            ("overview (/ui)", &c.overview, None),
+        ] {
+            writeln!(
+                s,
+                "  {:<28} {}{}",
+                page,
+                d.line(),
+                bytes.map_or(String::new(), |b| format!("; {b} bytes"))
+            )?;
+        }
+        Ok(())
+    }
+
     fn write_targets(&self, s: &mut String) -> std::fmt::Result {
         if !self.targets.is_empty() {
             writeln!(s, "\ntargets:")?;
@@ -560,6 +594,19 @@ fn below(value: f64, limit: f64, res: f64) -> Option<bool> {
 
 fn targets(r: &Report) -> Vec<Target> {
     let mut out = Vec::new();
+    if let Some(c) = &r.console {
+        for (page, d) in [("list", &c.list), ("detail", &c.detail)] {
+            out.push(Target {
+                target: format!(
+                    "console {page} page < 100 ms with {} processes",
+                    c.processes
+                ),
+                measured: format!("p50 {} ms, p99 {} ms", short(d.p50_ms), short(d.p99_ms)),
+                ratio_to_raw: None,
+                met: Some(d.p99_ms < 100.0),
+            });
+        }
+    }
     let raw = r.baseline.as_ref();
     // The targets are set on the line shape.
     if let Some(e) = r

@@ -617,24 +617,52 @@ pub(crate) async fn warm_up(engine: &Processes, processes: usize) -> Result<(), 
     }
 }
 
-/// Creates `total` processes from `tasks` concurrent tasks; returns when the last was
-/// acknowledged.
-async fn submit_all(engine: Processes, total: usize, tasks: usize) -> Result<Instant, BenchError> {
+/// Runs `job(i)` for every `i` in `0..total` from `tasks` concurrent tasks; returns what
+/// the jobs returned (in no particular order).
+pub(crate) async fn spread<T, F, Fut>(
+    total: usize,
+    tasks: usize,
+    job: F,
+) -> Result<Vec<T>, BenchError>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, BenchError>> + Send,
+    T: Send + 'static,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
     for _ in 0..tasks.max(1) {
-        let (engine, next) = (engine.clone(), next.clone());
+        let (job, next) = (job.clone(), next.clone());
         set.spawn(async move {
-            let sub = submission();
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                engine.create(&sub, None).await?;
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, BenchError>(out);
+                }
+                out.push(job(i).await?);
             }
-            Ok::<(), BenchError>(())
         });
     }
+    let mut out = Vec::with_capacity(total);
     while let Some(joined) = set.join_next().await {
-        joined.map_err(|_| BenchError::Component("a submitter panicked".into()))??;
+        out.extend(joined.map_err(|_| BenchError::Component("a benchmark task panicked".into()))??);
     }
+    Ok(out)
+}
+
+/// Creates `total` processes from `tasks` concurrent tasks; returns when the last was
+/// acknowledged.
+async fn submit_all(engine: Processes, total: usize, tasks: usize) -> Result<Instant, BenchError> {
+    let sub = Arc::new(submission());
+    spread(total, tasks, move |_| {
+        let (engine, sub) = (engine.clone(), sub.clone());
+        async move {
+            engine.create(&sub, None).await?;
+            Ok(())
+        }
+    })
+    .await?;
     Ok(Instant::now())
 }
 

@@ -27,9 +27,11 @@
 //! | `<prefix>:v2:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
 //! | `<prefix>:v2:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
 //! | `<prefix>:v2:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
+//! | `<prefix>:v2:{<shard>}:llm:cost:<type>:<yyyymmdd>` | integer with TTL | LLM cost (micro-USD, from the price table) of one process type on one UTC day |
 //! | `<prefix>:v2:{<shard>}:llm:cache:<sha256>` | string (JSON) with TTL | shared LLM response cache |
 //! | `<prefix>:v2:{llm:<bucket>}:limit` | hash `req_tat`, `tok_tat` (server µs), with TTL | fleet-wide GCRA state of one LLM bucket |
 //! | `<prefix>:v2:{llm:<bucket>}:paused` | string (server µs) with TTL | the bucket is paused until then (provider 429) |
+//! | `<prefix>:v2:{llm:<bucket>}:breaker` | hash `fails`, `open_until`, `probe_until` (server µs), with TTL | fleet-wide circuit breaker of one LLM bucket |
 
 use std::fmt;
 
@@ -146,6 +148,11 @@ impl Keys {
     /// LLM tokens used by all processes of `process_type` on the UTC day `day` (yyyymmdd).
     pub fn llm_type_usage(&self, process_type: &str, day: &str) -> Key {
         self.key(&format!("llm:usage:{process_type}:{day}"))
+    }
+    /// LLM cost in micro-USD of all processes of `process_type` on the UTC day `day`
+    /// (yyyymmdd), beside [`Keys::llm_type_usage`] in the same `llm_budget.lua` call.
+    pub fn llm_type_cost(&self, process_type: &str, day: &str) -> Key {
+        self.key(&format!("llm:cost:{process_type}:{day}"))
     }
     /// One entry of the shared LLM response cache (`hash`: hex SHA-256 of the request).
     pub fn llm_cache(&self, hash: &str) -> Key {
@@ -269,6 +276,7 @@ mod tests {
             k.quarantine(),
             k.llm_usage("p1"),
             k.llm_type_usage("T", "20260101"),
+            k.llm_type_cost("T", "20260101"),
             k.llm_cache("ab"),
         ];
         for key in &all {

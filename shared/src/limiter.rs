@@ -569,6 +569,125 @@ impl Store {
     }
 }
 
+/// The fleet-wide circuit breaker of one bucket as the console shows it (`llm_limit.lua`'s
+/// breaker hash).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BreakerState {
+    /// No failure counted.
+    Closed,
+    /// Closed, with `fails` consecutive 5xx/timeouts counted.
+    Failing { fails: u64 },
+    /// Open until the server µs `until_us`: calls fall back or wait.
+    Open { until_us: f64 },
+    /// Past its open spell: the next call is the fleet's one probe.
+    HalfOpen,
+    /// Half-open with one worker's probe in flight until `until_us`.
+    Probing { until_us: f64 },
+}
+
+impl BreakerState {
+    /// From the breaker hash's `open_until`, `probe_until` and `fails` at server µs `now_us`
+    /// (the script's own reading of them).
+    pub fn at(
+        open_until: Option<f64>,
+        probe_until: Option<f64>,
+        fails: Option<u64>,
+        now_us: f64,
+    ) -> Self {
+        match (open_until.unwrap_or(0.0), probe_until.unwrap_or(0.0)) {
+            (o, _) if o > now_us => BreakerState::Open { until_us: o },
+            (o, p) if o > 0.0 && p > now_us => BreakerState::Probing { until_us: p },
+            (o, _) if o > 0.0 => BreakerState::HalfOpen,
+            _ => match fails {
+                Some(n) if n > 0 => BreakerState::Failing { fails: n },
+                _ => BreakerState::Closed,
+            },
+        }
+    }
+}
+
+/// What the limiter keeps of one bucket in Redis, read at server µs `now_us`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketState {
+    pub bucket: String,
+    pub now_us: f64,
+    /// Theoretical arrival times (server µs); absent: a full bucket.
+    pub req_tat_us: Option<f64>,
+    pub tok_tat_us: Option<f64>,
+    /// Paused (a provider's 429) until this server µs, if in the future.
+    pub paused_until_us: Option<f64>,
+    pub breaker: BreakerState,
+}
+
+/// The units a GCRA bucket has admitted and not yet refilled: (tat - now) / interval, 0 when
+/// the tat is past or the bucket has no limit. It drains at the per-minute rate; at the
+/// bucket's capacity further calls wait (bookings can take it past the capacity by what
+/// the callers' max wait allows).
+pub fn gcra_fill(tat_us: Option<f64>, now_us: f64, interval_us: f64) -> f64 {
+    match tat_us {
+        Some(t) if interval_us > 0.0 && t > now_us => (t - now_us) / interval_us,
+        _ => 0.0,
+    }
+}
+
+impl BucketState {
+    /// Requests admitted and not yet refilled (see [`gcra_fill`]).
+    pub fn request_fill(&self, spec: &LimitSpec) -> f64 {
+        gcra_fill(self.req_tat_us, self.now_us, spec.request_interval_us())
+    }
+    /// Tokens admitted and not yet refilled (see [`gcra_fill`]).
+    pub fn token_fill(&self, spec: &LimitSpec) -> f64 {
+        gcra_fill(self.tok_tat_us, self.now_us, spec.token_interval_us())
+    }
+}
+
+impl Store {
+    /// The limiter state of each of `buckets` (`provider/model`) in one pipelined round
+    /// trip of bounded reads: `TIME`, then per bucket `HMGET` of the GCRA hash's two tats,
+    /// `GET` of the pause key and `HMGET` of the breaker hash. Fair-share fields are not read.
+    pub async fn llm_bucket_states(&self, buckets: &[&str]) -> Result<Vec<BucketState>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        for b in buckets {
+            let [limit, paused] = self.keys().llm_limit(b);
+            pipe.cmd("HMGET").arg(limit).arg("req_tat").arg("tok_tat");
+            pipe.cmd("GET").arg(paused);
+            pipe.cmd("HMGET")
+                .arg(self.keys().llm_breaker(b))
+                .arg("open_until")
+                .arg("probe_until")
+                .arg("fails");
+        }
+        type Tats = (Option<f64>, Option<f64>);
+        type Brk = (Option<f64>, Option<f64>, Option<u64>);
+        let replies: Vec<redis::Value> = pipe.query_async(&mut self.conn()).await?;
+        let mut it = replies.into_iter();
+        fn next<T: redis::FromRedisValue>(
+            it: &mut impl Iterator<Item = redis::Value>,
+        ) -> Result<T> {
+            let v = it.next().unwrap_or(redis::Value::Nil);
+            Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
+        }
+        let (s, us): (u64, u64) = next(&mut it)?;
+        let now_us = (s * 1_000_000 + us) as f64;
+        let mut out = Vec::with_capacity(buckets.len());
+        for b in buckets {
+            let (req, tok): Tats = next(&mut it)?;
+            let paused: Option<f64> = next(&mut it)?;
+            let (open, probe, fails): Brk = next(&mut it)?;
+            out.push(BucketState {
+                bucket: b.to_string(),
+                now_us,
+                req_tat_us: req,
+                tok_tat_us: tok,
+                paused_until_us: paused.filter(|p| *p > now_us),
+                breaker: BreakerState::at(open, probe, fails, now_us),
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,6 +708,54 @@ mod tests {
             min_rpm,
             max_rpm,
         }
+    }
+
+    #[test]
+    fn gcra_fill_is_the_unrefilled_units() {
+        let s = spec(60, 600, 5, 1000);
+        // One request per second, ten tokens per second.
+        assert_eq!(gcra_fill(None, 5e6, s.request_interval_us()), 0.0);
+        assert_eq!(gcra_fill(Some(4e6), 5e6, s.request_interval_us()), 0.0);
+        assert!((gcra_fill(Some(7.5e6), 5e6, s.request_interval_us()) - 2.5).abs() < 1e-9);
+        assert!((gcra_fill(Some(7.5e6), 5e6, s.token_interval_us()) - 25.0).abs() < 1e-9);
+        // An unlimited dimension holds nothing.
+        assert_eq!(
+            gcra_fill(Some(9e6), 5e6, spec(0, 0, 0, 0).request_interval_us()),
+            0.0
+        );
+    }
+
+    #[test]
+    fn breaker_states_follow_the_script() {
+        let now = 1e9;
+        assert_eq!(
+            BreakerState::at(None, None, None, now),
+            BreakerState::Closed
+        );
+        assert_eq!(
+            BreakerState::at(None, None, Some(3), now),
+            BreakerState::Failing { fails: 3 }
+        );
+        assert_eq!(
+            BreakerState::at(Some(now + 5.0), None, None, now),
+            BreakerState::Open {
+                until_us: now + 5.0
+            }
+        );
+        assert_eq!(
+            BreakerState::at(Some(now - 5.0), None, None, now),
+            BreakerState::HalfOpen
+        );
+        assert_eq!(
+            BreakerState::at(Some(now - 5.0), Some(now + 7.0), None, now),
+            BreakerState::Probing {
+                until_us: now + 7.0
+            }
+        );
+        assert_eq!(
+            BreakerState::at(Some(now - 5.0), Some(now - 1.0), None, now),
+            BreakerState::HalfOpen
+        );
     }
 
     #[test]

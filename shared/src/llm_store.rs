@@ -47,6 +47,7 @@ impl Store {
             .llm_budget
             .key(k.llm_usage(call.process_id))
             .key(k.llm_type_usage(call.process_type, call.day))
+            .key(k.llm_type_cost(call.process_type, call.day))
             .arg(call.add_tokens)
             .arg(call.add_cost_micro_usd)
             .arg(call.process_cap)
@@ -78,18 +79,26 @@ impl Store {
         Ok(tokens.map(|t| (t, cost.unwrap_or(0))))
     }
 
-    /// LLM tokens charged to each of `process_types` on the UTC day `day` (`yyyymmdd`,
-    /// [`utc_day`]): one pipelined `GET` per type.
-    pub async fn llm_tokens_on(&self, process_types: &[&str], day: &str) -> Result<Vec<u64>> {
+    /// LLM tokens and cost (micro-USD) charged to each of `process_types` on the UTC day
+    /// `day` (`yyyymmdd`, [`utc_day`]): two pipelined `GET`s per type.
+    pub async fn llm_usage_on(&self, process_types: &[&str], day: &str) -> Result<Vec<(u64, u64)>> {
         if process_types.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for t in process_types {
             pipe.cmd("GET").arg(self.keys().llm_type_usage(t, day));
+            pipe.cmd("GET").arg(self.keys().llm_type_cost(t, day));
         }
         let v: Vec<Option<u64>> = pipe.query_async(&mut self.conn()).await?;
-        Ok(v.into_iter().map(Option::unwrap_or_default).collect())
+        Ok(v.chunks(2)
+            .map(|c| {
+                (
+                    c[0].unwrap_or_default(),
+                    c.get(1).copied().flatten().unwrap_or_default(),
+                )
+            })
+            .collect())
     }
 
     /// A cached LLM reply (JSON), if present.

@@ -7,9 +7,12 @@
 //! log in with a token; a submitted Test completes on the list without a reload; a
 //! Deployment at its review gate is approved with the button and reaches Completed; a
 //! failed process is retried from its failed step with a state patch (audited under the
-//! key's name); the DAG shows every step of each definition; a `read` token sees no action
-//! and a forged POST is refused (403), as is one without the CSRF token. Each page passes
-//! axe-core (no serious or critical violation) and is photographed.
+//! key's name); failed processes are retried in bulk; a Deployment rejected at its gate
+//! takes its rejection path; a stuck step is retried under a new claim; running processes
+//! are cancelled in bulk and then purged in bulk; the DAG shows every step of each
+//! definition; a `read` token sees no action and a forged POST is refused (403), as is one
+//! without the CSRF token. Each page passes axe-core (no serious or critical violation) and
+//! is photographed.
 //!
 //! Needs `chromium`, `chromium-driver` (scripts/test.sh installs them) and axe-core
 //! (`HONUA_AXE_JS`, or `target/axe/package/axe.min.js`; scripts/test.sh fetches the pinned
@@ -55,8 +58,32 @@ kind = "noop"
     )
 }
 
-async fn serve_fixable(calls: Arc<AtomicU32>) -> String {
-    let app = Router::new().route(
+/// The `Hang` type: its `Wait` step posts to the in-test endpoint, which answers only when
+/// the test releases it, so the process stays Running at `Wait`.
+fn hang(base: &str) -> String {
+    format!(
+        r#"
+name = "Hang"
+version = 1
+[[steps]]
+name = "Wait"
+kind = "http"
+timeout = "5m"
+retry = {{ max_attempts = 1 }}
+config = {{ url = "{base}/hang" }}
+"#
+    )
+}
+
+async fn serve_fixable(calls: Arc<AtomicU32>, release: Arc<tokio::sync::Notify>) -> String {
+    let hang = move || {
+        let release = release.clone();
+        async move {
+            release.notified().await;
+            axum::Json(json!({})).into_response()
+        }
+    };
+    let app = Router::new().route("/hang", post(hang)).route(
         "/fixable",
         post(move |body: axum::Json<Value>| async move {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -328,9 +355,13 @@ async fn post_action(
 async fn console_in_headless_chromium() {
     let redis = RedisServer::start();
     let calls = Arc::new(AtomicU32::new(0));
-    let base = serve_fixable(calls.clone()).await;
-    let fixable_def = fixable(&base);
-    let defs = defs_dir(&[("fixable.toml", fixable_def.as_str())]);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let base = serve_fixable(calls.clone(), release.clone()).await;
+    let (fixable_def, hang_def) = (fixable(&base), hang(&base));
+    let defs = defs_dir(&[
+        ("fixable.toml", fixable_def.as_str()),
+        ("hang.toml", hang_def.as_str()),
+    ]);
     for f in ["deployment.toml", "test.toml"] {
         std::fs::copy(shipped_definitions().join(f), defs.path().join(f)).unwrap();
     }
@@ -377,6 +408,9 @@ async fn console_in_headless_chromium() {
     retry_failed_step(&ctx).await;
     bulk_retry(&ctx).await;
     other_pages(&ctx, &deployment).await;
+    reject_deployment(&ctx).await;
+    let hung = retry_current_step(&ctx).await;
+    bulk_cancel_and_purge(&ctx, &hung, &release).await;
     read_role_is_refused(&ctx).await;
 
     ctx.browser.quit().await;
@@ -521,6 +555,141 @@ async fn retry_failed_step(ctx: &Ctx) {
     .await;
 }
 
+/// A Deployment rejected at its review gate (confirmed) routes back to
+/// GenerateInfrastructureCode, which runs a second visit, and waits for review again; the
+/// audit names the key.
+async fn reject_deployment(ctx: &Ctx) {
+    let id = ctx
+        .submit("Deployment", json!({"app": "honua", "environment": "dev"}))
+        .await;
+    ctx.open_process(&id, "WaitingForApproval").await;
+    ctx.click("a[data-action=reject]").await;
+    ctx.wait_text("the confirmation", "main h1", "Confirm")
+        .await;
+    ctx.check_page("confirm-reject").await;
+    ctx.click("#confirm").await;
+    let rec = wait_for("the rejection path to run", DEADLINE, || async {
+        ctx.fleet.record(&id).await.filter(|r| {
+            r.status.as_str() == "WaitingForApproval"
+                && r.steps["GenerateInfrastructureCode"].visit == 2
+        })
+    })
+    .await;
+    assert_eq!(
+        rec.steps["ReviewInfrastructure"].status,
+        StepStatus::Waiting,
+        "{rec:?}"
+    );
+    let audit = rec.audit.last().unwrap();
+    assert_eq!(
+        (audit.action.as_str(), audit.by.as_deref()),
+        ("signal review", Some("platform"))
+    );
+    assert!(
+        rec.steps
+            .get("DeployInfrastructure")
+            .is_none_or(|s| s.attempts().is_empty()),
+        "{rec:?}"
+    );
+}
+
+/// A Hang stuck at its `Wait` step: Retry current step (confirmed) fences the claim and
+/// runs the step again under a new claim, audited under the key's name. Returns its id.
+async fn retry_current_step(ctx: &Ctx) -> String {
+    let id = ctx.submit("Hang", json!({})).await;
+    let before = wait_for("Hang's Wait step to run", DEADLINE, || async {
+        ctx.fleet.record(&id).await.filter(|r| {
+            r.steps
+                .get("Wait")
+                .is_some_and(|s| s.status == StepStatus::Running)
+        })
+    })
+    .await;
+    let token = before.steps["Wait"].token.clone();
+    ctx.open_process(&id, "Running").await;
+    ctx.click("a[data-action=retry-current-step]").await;
+    ctx.wait_text("the confirmation", "main h1", "Confirm")
+        .await;
+    ctx.check_page("confirm-retry-current-step").await;
+    ctx.click("#confirm").await;
+    // A new claim (a new token: the old one can no longer commit) runs the step again.
+    let rec = wait_for("Wait to run again under a new claim", DEADLINE, || async {
+        ctx.fleet.record(&id).await.filter(|r| {
+            r.steps["Wait"].token != token && r.steps["Wait"].status == StepStatus::Running
+        })
+    })
+    .await;
+    let audit = rec.audit.last().unwrap();
+    assert_eq!(
+        (audit.action.as_str(), audit.by.as_deref()),
+        ("retry-current-step", Some("platform"))
+    );
+    id
+}
+
+/// Two running Hangs are cancelled in bulk from the filtered list (the confirmation states
+/// the count), then purged in bulk as Cancelled processes that ended more than 1 ms ago:
+/// the confirmation counts them and their records are gone.
+async fn bulk_cancel_and_purge(ctx: &Ctx, first: &str, release: &tokio::sync::Notify) {
+    let ids = [first.to_string(), ctx.submit("Hang", json!({})).await];
+    wait_for("both Hangs running", DEADLINE, || async {
+        let mut running = 0;
+        for id in &ids {
+            if ctx.fleet.record(id).await?.status.as_str() == "Running" {
+                running += 1;
+            }
+        }
+        (running == 2).then_some(())
+    })
+    .await;
+    ctx.browser
+        .goto(&ctx.ui("/ui/processes?status=Running&type=Hang"))
+        .await;
+    ctx.click("details.bulk summary").await;
+    ctx.click("button[name=action][value=cancel]").await;
+    ctx.wait_text("the count", "p.confirm strong", "2").await;
+    ctx.click("form button.danger").await;
+    ctx.wait_text("the bulk result", "p.done", "Cancelled 2 of 2 processes.")
+        .await;
+    for id in &ids {
+        let rec = ctx.fleet.wait_finished(id).await;
+        assert_eq!(rec.status.as_str(), "Cancelled");
+        let audit = rec.audit.last().unwrap();
+        assert_eq!(
+            (audit.action.as_str(), audit.by.as_deref()),
+            ("cancel", Some("platform"))
+        );
+    }
+    // The hung calls (the fenced first attempt too) answer now: the workers are free.
+    release.notify_waiters();
+
+    // No other process of this fleet was cancelled: the purge takes exactly these two.
+    ctx.browser.goto(&ctx.ui("/ui/processes")).await;
+    ctx.click("details.bulk summary").await;
+    ctx.browser
+        .wait_element("details.bulk input[name=older]", DEADLINE)
+        .await;
+    ctx.browser
+        .execute(
+            "const f = document.querySelector('details.bulk input[name=action][value=purge]').form;
+             f.querySelector('select[name=status]').value = 'Cancelled';
+             f.querySelector('input[name=older]').value = '1ms';",
+            json!([]),
+        )
+        .await;
+    ctx.click("details.bulk input[name=action][value=purge] ~ button")
+        .await;
+    ctx.wait_text("the purge count", "p.confirm strong", "2")
+        .await;
+    ctx.check_page("confirm-purge").await;
+    ctx.click("form button.danger").await;
+    ctx.wait_text("the purge result", "p.done", "Purged 2 processes.")
+        .await;
+    for id in &ids {
+        assert!(ctx.fleet.record(id).await.is_none(), "{id} still there");
+    }
+}
+
 /// How many `Call` attempts the process made (each one called the endpoint once).
 async fn calls_of(ctx: &Ctx, id: &str) -> usize {
     let rec = ctx.fleet.record(id).await.unwrap();
@@ -536,13 +705,13 @@ async fn other_pages(ctx: &Ctx, deployment: &str) {
     ctx.browser.goto(&ctx.ui("/ui")).await;
     ctx.wait_text(
         "the Deployment's LLM tokens",
-        "#llm + table tbody th",
+        "#llm ~ table tbody th",
         "Deployment",
     )
     .await;
     let tokens = ctx
         .browser
-        .wait_element("#llm + table tbody td", DEADLINE)
+        .wait_element("#llm ~ table tbody td", DEADLINE)
         .await;
     let tokens: u64 = ctx.browser.text(&tokens).await.parse().unwrap();
     // The only Deployment so far charged them all.

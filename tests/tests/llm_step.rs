@@ -1096,11 +1096,21 @@ struct AfterA429 {
     _keep: (RedisServer, MockLlm, tempfile::TempDir, tempfile::TempDir),
 }
 
-impl AfterA429 {
-    async fn start(primary: MockConfig, retry_after: Duration, limited: bool) -> Self {
-        let redis = RedisServer::start();
-        let primary = MockLlm::start(primary).await.unwrap();
-        primary.script([Fault::RateLimited { retry_after }]);
+/// What a fleet of [`WithFallback::start`] needs kept alive.
+struct WithFallback {
+    fallback: MockLlm,
+    tmp: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl WithFallback {
+    /// A fleet of 2 workers running type `L` on `primary`, falling back to a fresh mock,
+    /// with a provider's Retry-After honoured up to 120 s, and what `tweak` adds.
+    async fn start(
+        redis: &RedisServer,
+        primary: &MockLlm,
+        tweak: impl FnOnce(&mut LlmProviderConfig),
+    ) -> (Fleet, Self) {
         let fallback = mock().await;
         let tmp = tempfile::tempdir().unwrap();
         let dir = defs_dir(&[("l.toml", &def("L", "", false))]);
@@ -1111,12 +1121,25 @@ impl AfterA429 {
             &key_file(tmp.path()),
         );
         llm.retry_after_max_secs = 120;
-        if limited {
-            llm.limits
-                .insert("openai_compatible/m1".into(), roomy_limit());
-        }
+        tweak(&mut llm);
         cfg.llm_provider = Some(llm);
         let f = Fleet::start(cfg, 1, 2).await;
+        (f, WithFallback { fallback, tmp, dir })
+    }
+}
+
+impl AfterA429 {
+    async fn start(primary: MockConfig, retry_after: Duration, limited: bool) -> Self {
+        let redis = RedisServer::start();
+        let primary = MockLlm::start(primary).await.unwrap();
+        primary.script([Fault::RateLimited { retry_after }]);
+        let (f, keep) = WithFallback::start(&redis, &primary, |llm| {
+            if limited {
+                llm.limits
+                    .insert("openai_compatible/m1".into(), roomy_limit());
+            }
+        })
+        .await;
         let first = f.submit("L", json!({"who": "a"})).await;
         assert_eq!(
             f.wait_finished(&first).await.status,
@@ -1126,7 +1149,7 @@ impl AfterA429 {
         AfterA429 {
             primary,
             f,
-            _keep: (redis, fallback, tmp, dir),
+            _keep: (redis, keep.fallback, keep.tmp, keep.dir),
         }
     }
 
@@ -2059,5 +2082,110 @@ async fn the_anthropic_key_never_leaks_into_logs_redis_or_errors() {
         "the worker logged the failure"
     );
     assert!(!logs.contains(SENTINEL), "the key is in the worker's log");
+    f.stop().await;
+}
+
+/// The attributes of the console overview's row of `bucket` (`data-*` name → value).
+async fn limiter_row(f: &Fleet, bucket: &str) -> Option<Vec<(String, String)>> {
+    let page = reqwest::get(f.url("/ui")).await.ok()?.text().await.ok()?;
+    let start = page.find(&format!("<tr data-bucket=\"{bucket}\""))?;
+    let tag = &page[start..start + page[start..].find('>')?];
+    Some(
+        tag.split(" data-")
+            .skip(1)
+            .filter_map(|a| {
+                let (k, v) = a.split_once("=\"")?;
+                Some((k.to_string(), v.trim_end_matches('"').to_string()))
+            })
+            .collect(),
+    )
+}
+
+fn attr<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
+    row.iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// The console's overview shows each LLM bucket's limiter state read from Redis: after a
+/// call the bucket holds a non-zero fill (1 rpm and 1 tpm make it drain over minutes, far
+/// longer than the test), and after the provider's 429 it is paused. The day's LLM spend
+/// and each process's per-step usage and cost are shown too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_overview_shows_the_limiter_state() {
+    let redis = RedisServer::start();
+    let primary = mock().await;
+    let bucket = "openai_compatible/m1";
+    let limit = honua_shared::limiter::LimitSpec {
+        requests_per_minute: 1,
+        tokens_per_minute: 1,
+        burst_requests: 10,
+        burst_tokens: 100_000,
+        ..Default::default()
+    };
+    let price = Price {
+        input_per_1k: 1.0,
+        output_per_1k: 2.0,
+    };
+    let (f, _keep) = WithFallback::start(&redis, &primary, |llm| {
+        llm.limits.insert(bucket.into(), limit);
+        llm.prices.insert("m1".into(), price);
+    })
+    .await;
+    let before = limiter_row(&f, bucket).await.expect("the bucket's row");
+    assert_eq!(attr(&before, "req-fill"), "0.000", "{before:?}");
+    assert_eq!(attr(&before, "paused"), "no");
+
+    let first = f.submit("L", json!({"who": "a"})).await;
+    assert_eq!(
+        f.wait_finished(&first).await.status,
+        ProcessStatus::Completed
+    );
+    assert_eq!(output(&f, &first, "Ask").await["fallbackUsed"], false);
+    let row = limiter_row(&f, bucket).await.unwrap();
+    let req: f64 = attr(&row, "req-fill").parse().unwrap();
+    let tok: f64 = attr(&row, "tok-fill").parse().unwrap();
+    // One request (it drains at 1 per minute) and the call's tokens (1 per minute).
+    assert!(req > 0.0 && req <= 1.0, "{row:?}");
+    let used = primary.requests()[0].total_tokens() as f64;
+    assert!(tok > 0.0 && tok <= used, "{row:?} vs {used} tokens");
+    assert_eq!(attr(&row, "paused"), "no");
+
+    primary.script([Fault::RateLimited {
+        retry_after: Duration::from_secs(60),
+    }]);
+    let id = f.submit("L", json!({"who": "b"})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    assert_eq!(output(&f, &id, "Ask").await["fallbackUsed"], true);
+    let row = limiter_row(&f, bucket).await.unwrap();
+    assert_eq!(attr(&row, "paused"), "yes", "{row:?}");
+    let page = reqwest::get(f.url("/ui"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("LLM limiter"), "{page}");
+
+    // The day's spend of the type (and in total) is what the two processes were charged,
+    // and each process page shows its llm step's usage and cost.
+    let mut charged = 0;
+    for id in [&first, &id] {
+        let (tokens, micro) = f.store().llm_usage(id).await.unwrap().unwrap();
+        assert!(tokens > 0 && micro > 0, "{tokens} {micro}");
+        charged += micro;
+        let detail = reqwest::get(f.url(&format!("/ui/processes/{id}")))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let want = format!("<tr data-step=\"Ask\" data-tokens=\"{tokens}\">");
+        assert!(detail.contains(&want), "{want} not in {detail}");
+    }
+    let spend = format!("<tr data-micro-usd=\"{charged}\"><th scope=\"row\">L</th>");
+    assert!(page.contains(&spend), "{spend} not in {page}");
+    let total = format!("<tr id=\"llm-total\" data-micro-usd=\"{charged}\">");
+    assert!(page.contains(&total), "{total} not in {page}");
     f.stop().await;
 }

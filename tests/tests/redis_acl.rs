@@ -696,6 +696,7 @@ fn key_kinds() -> Vec<String> {
         k.idempotency("i"),
         k.llm_usage("p"),
         k.llm_type_usage("T", "20260101"),
+        k.llm_type_cost("T", "20260101"),
         k.llm_cache("ab"),
         limit,
         paused,

@@ -13,6 +13,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form, Json};
+use honua_shared::limiter::{BreakerState, BucketState, LimitSpec};
+use honua_shared::llm_config::{LlmProviderConfig, ProviderKind};
 use honua_shared::status::{ProcessStatus, StepStatus};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -97,17 +99,20 @@ pub(super) async fn overview(
         .await?;
     let draining = store.intake().await?.is_some();
     let Json(queues) = fleet::queues(State(st.clone())).await?;
-    // LLM tokens today per process type: the daily counters the budget script keeps.
+    // LLM tokens and spend today per process type: the daily counters the budget script
+    // keeps.
     let mut types: Vec<&str> = st.engine.defs.iter().map(|d| d.name.as_str()).collect();
     types.dedup();
     let day = honua_shared::llm_store::utc_day(now / 1000);
-    let tokens = store.llm_tokens_on(&types, &day).await?;
-    let llm: Vec<(&str, u64)> = types
+    let usage = store.llm_usage_on(&types, &day).await?;
+    let llm: Vec<(&str, (u64, u64))> = types
         .iter()
         .copied()
-        .zip(tokens)
-        .filter(|(_, n)| *n > 0)
+        .zip(usage)
+        .filter(|(_, (n, c))| *n > 0 || *c > 0)
         .collect();
+    let spent: u64 = llm.iter().map(|(_, (_, c))| c).sum();
+    let limiter = limiter_states(&st).await?;
     let live_region = html! {
         section aria-labelledby="counts" {
             h2 #counts { "Processes" }
@@ -132,12 +137,21 @@ pub(super) async fn overview(
             (throughput_chart(&completed, &failed))
         }
         section aria-labelledby="llm" {
-            h2 #llm { "LLM tokens today (UTC)" }
+            h2 #llm { "LLM usage today (UTC)" }
             @if llm.is_empty() { p { "No LLM step has been charged today." } } @else {
+                p.note { "Spend is estimated from the configured price table, each call rounded to a micro-dollar; models without a price count as $0." }
                 table {
-                    thead { tr { th scope="col" { "Process type" } th scope="col" { "Tokens" } } }
-                    tbody { @for (t, n) in &llm { tr { th scope="row" { (t) } td { (n) } } } }
+                    caption { "Tokens and spend per process type" }
+                    thead { tr { th scope="col" { "Process type" } th scope="col" { "Tokens" } th scope="col" { "Spend (USD)" } } }
+                    tbody { @for (t, (n, c)) in &llm { tr data-micro-usd=(c) { th scope="row" { (t) } td { (n) } td { (usd(*c)) } } } }
+                    tfoot { tr #llm-total data-micro-usd=(spent) { th scope="row" { "Total" } td { (llm.iter().map(|(_, (n, _))| n).sum::<u64>()) } td { (usd(spent)) } } }
                 }
+            }
+        }
+        @if let Some((cfg, states)) = &limiter {
+            section aria-labelledby="limiter" {
+                h2 #limiter { "LLM limiter" }
+                (limiter_table(cfg, states))
             }
         }
         section aria-labelledby="queues" {
@@ -160,6 +174,108 @@ pub(super) async fn overview(
         }
     };
     Ok(page(&viewer, &headers, "Overview", html! {}, live_region))
+}
+
+/// The buckets the console shows: every configured limit, and the buckets of the model
+/// selection of the primary and fallback providers (unlimited ones still pause on a 429 and
+/// have a breaker).
+fn limiter_buckets(llm: &LlmProviderConfig) -> Vec<String> {
+    let mut out: Vec<String> = llm.limits.keys().cloned().collect();
+    let mut add = |kind: ProviderKind, sel: &honua_shared::llm_config::ModelSelection| {
+        for m in [&sel.simple_task, &sel.complex_task, &sel.code_generation] {
+            let b = format!("{kind}/{m}");
+            if !m.is_empty() && !out.contains(&b) {
+                out.push(b);
+            }
+        }
+    };
+    add(llm.provider, &llm.model_selection);
+    if let Some(fb) = llm.fallback_provider {
+        add(
+            fb,
+            llm.fallback_model_selection
+                .as_ref()
+                .unwrap_or(&llm.model_selection),
+        );
+    }
+    out
+}
+
+/// The limiter state of every bucket, read in one round trip; `None` without an LLM provider.
+async fn limiter_states(
+    st: &ApiState,
+) -> Result<Option<(LlmProviderConfig, Vec<BucketState>)>, UiError> {
+    let Some(llm) = st.engine.cfg.llm_provider.clone() else {
+        return Ok(None);
+    };
+    let buckets = limiter_buckets(&llm);
+    let names: Vec<&str> = buckets.iter().map(String::as_str).collect();
+    let states = st.engine.store.llm_bucket_states(&names).await?;
+    Ok(Some((llm, states)))
+}
+
+/// Micro-USD as dollars.
+fn usd(micro: u64) -> String {
+    format!("${:.4}", micro as f64 / 1e6)
+}
+
+fn us_to_rfc3339(us: f64) -> String {
+    rfc3339_ms((us / 1000.0) as u64).unwrap_or_default()
+}
+
+/// One dimension of a bucket: "fill of capacity · limit per minute", or "unlimited".
+fn fill_cell(fill: f64, capacity: u64, per_minute: u64, unit: &str) -> Markup {
+    html! {
+        @if per_minute == 0 { "unlimited" } @else {
+            (format!("{fill:.1}")) " of " (capacity) " · " (per_minute) " " (unit) "/min"
+        }
+    }
+}
+
+fn limiter_table(llm: &LlmProviderConfig, states: &[BucketState]) -> Markup {
+    let unlimited = LimitSpec::default();
+    html! {
+        p.note {
+                "Each bucket is a GCRA token bucket shared by the fleet. \u{201c}In bucket\u{201d} is "
+                "(theoretical arrival time \u{2212} now) \u{00f7} emission interval: the requests "
+                "(tokens) admitted recently that have not refilled yet, of the bucket's capacity "
+                "(its burst). It drains at the per-minute limit, so it is not a count per minute: "
+                "steady traffic below the limit keeps it near 0, and at the capacity calls wait."
+        }
+        table.limiter {
+            caption { "Limiter state per bucket" }
+            thead { tr {
+                th scope="col" { "Bucket" }
+                th scope="col" { abbr title="requests admitted and not yet refilled, of the bucket's capacity; then the limit per minute" { "Requests in bucket" } }
+                th scope="col" { abbr title="tokens admitted and not yet refilled, of the bucket's capacity; then the limit per minute" { "Tokens in bucket" } }
+                th scope="col" { "Paused until" }
+                th scope="col" { "Breaker" }
+            } }
+            tbody {
+                @for b in states {
+                    @let spec = llm.limits.get(&b.bucket).unwrap_or(&unlimited);
+                    @let rf = b.request_fill(spec);
+                    @let tf = b.token_fill(spec);
+                    tr data-bucket=(b.bucket) data-req-fill=(format!("{rf:.3}")) data-tok-fill=(format!("{tf:.3}"))
+                        data-paused=(if b.paused_until_us.is_some() { "yes" } else { "no" }) {
+                        th scope="row" { code { (b.bucket) } }
+                        td { (fill_cell(rf, u64::from(spec.request_capacity()), u64::from(spec.requests_per_minute), "requests")) }
+                        td { (fill_cell(tf, spec.token_capacity(), spec.tokens_per_minute, "tokens")) }
+                        td { @match b.paused_until_us { Some(u) => (us_to_rfc3339(u)), None => "not paused" } }
+                        td {
+                            @match b.breaker {
+                                BreakerState::Closed => "closed",
+                                BreakerState::Failing { fails } => { "closed, " (fails) " failures counted" }
+                                BreakerState::Open { until_us } => { "open until " (us_to_rfc3339(until_us)) }
+                                BreakerState::HalfOpen => "half-open (the next call probes)",
+                                BreakerState::Probing { until_us } => { "half-open, probing until " (us_to_rfc3339(until_us)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Completed (and failed or timed out) processes per minute as an SVG bar chart, with the
@@ -700,6 +816,7 @@ pub(super) async fn detail(
             h2 #state { "State" }
             @match &state {
                 Some(s) => {
+                    (llm_steps(def.as_deref(), &s.outputs))
                     p { (s.size_bytes) " bytes stored. " a href={"/ui/processes/" (id) "/state.json"} download { "Download all (JSON)" } }
                     (json_block("Input", s.input.as_ref().unwrap_or(&Value::Null)))
                     @for (step, out) in &s.outputs { (json_block(&format!("Output of {step}"), out)) }
@@ -719,6 +836,48 @@ pub(super) async fn detail(
         (state_section)
     };
     Ok(html_response(layout(Some(&viewer), &title, body)))
+}
+
+/// LLM usage and cost per `llm` step, from the outputs the page decodes anyway (the step
+/// kind records its usage and estimated cost in its output; no extra read or write).
+fn llm_steps(
+    def: Option<&honua_shared::definition::ProcessDefinition>,
+    outputs: &std::collections::BTreeMap<String, Value>,
+) -> Markup {
+    let is_llm = |step: &str| {
+        def.and_then(|d| d.step(step))
+            .is_some_and(|s| s.kind == honua_shared::definition::LLM_KIND)
+    };
+    let rows: Vec<(&String, &Value)> = outputs
+        .iter()
+        .filter(|(step, out)| is_llm(step) && out.get("usage").is_some())
+        .collect();
+    let n = |v: &Value, k: &str| v["usage"][k].as_u64().unwrap_or(0);
+    html! {
+        @if !rows.is_empty() {
+            h3 { "LLM usage per step" }
+            p.note { "Cost is estimated from the price table (— when the model has no price)." }
+            table #llm-steps {
+                caption { "Tokens and cost of each llm step" }
+                thead { tr {
+                    th scope="col" { "Step" } th scope="col" { "Provider / model" } th scope="col" { "Input tokens" }
+                    th scope="col" { "Output tokens" } th scope="col" { "Cost (USD)" } th scope="col" { "Served from" }
+                } }
+                tbody {
+                    @for (step, out) in &rows {
+                        tr data-step=(step) data-tokens=(n(out, "totalTokens")) {
+                            th scope="row" { (step) }
+                            td { (out["provider"].as_str().unwrap_or("—")) " / " (out["model"].as_str().unwrap_or("—")) }
+                            td { (n(out, "inputTokens")) }
+                            td { (n(out, "outputTokens")) }
+                            td { (out["costUsd"].as_f64().map_or("—".into(), |c| format!("${c:.6}"))) }
+                            td { @if out["cacheHit"] == Value::Bool(true) { "cache" } @else if out["fallbackUsed"] == Value::Bool(true) { "fallback" } @else { "provider" } }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A JSON value, pretty-printed and cut at [`STATE_CAP`] bytes.
