@@ -314,6 +314,12 @@ pub struct Config {
     /// Finished processes are deleted this long after they end.
     pub retention_secs: u64,
     pub wait_aof: WaitAof,
+    /// Replicas that must confirm a submission (`WAIT n`) before it is acknowledged; unset:
+    /// 0 on one server, 1 on a cluster (see [`Config::replicas_to_wait`]).
+    pub wait_replicas: Option<u32>,
+    /// How long a submission waits for them; when fewer confirm in time it is acknowledged
+    /// anyway, with a warning.
+    pub wait_replicas_timeout_ms: u64,
     pub max_request_body_kb: usize,
     /// Timeouts and connection cap of the gateway and the worker's metrics listener.
     pub http_server: HttpServerConfig,
@@ -337,6 +343,8 @@ impl Default for Config {
             custom_step_kinds: Vec::new(),
             retention_secs: 24 * 3600,
             wait_aof: WaitAof::Auto,
+            wait_replicas: None,
+            wait_replicas_timeout_ms: 1000,
             max_request_body_kb: 1024,
             http_server: HttpServerConfig::default(),
             api: ApiConfig::default(),
@@ -367,6 +375,7 @@ pub const ENV_VARS: &[&str] = &[
     "HONUA_DEFINITIONS_DIR",
     "HONUA_RETENTION_SECS",
     "HONUA_WAIT_AOF",
+    "HONUA_WAIT_REPLICAS",
     "HONUA_WORKER_ID",
     "HONUA_SCHEDULER_ID",
     "HONUA_MAX_CONCURRENT_STEPS",
@@ -431,6 +440,9 @@ impl Config {
                 "HONUA_DEFINITIONS_DIR" => self.definitions_dir = PathBuf::from(v),
                 "HONUA_RETENTION_SECS" => {
                     self.retention_secs = parse_env("HONUA_RETENTION_SECS", v)?
+                }
+                "HONUA_WAIT_REPLICAS" => {
+                    self.wait_replicas = Some(parse_env("HONUA_WAIT_REPLICAS", v)?)
                 }
                 "HONUA_WAIT_AOF" => {
                     self.wait_aof = match v.as_str() {
@@ -624,6 +636,14 @@ impl Config {
         }
     }
 
+    /// How many replicas a submission waits for: `wait_replicas`, else 0 on one server and
+    /// 1 on a cluster (whose failover promotes a replica: without the wait, a submission
+    /// acknowledged just before its primary died can be missing on the promoted replica).
+    pub fn replicas_to_wait(&self) -> u32 {
+        self.wait_replicas
+            .unwrap_or(u32::from(!self.redis_cluster_nodes.is_empty()))
+    }
+
     /// Process timeout for a type: the override, else the definition's, else the default.
     pub fn process_timeout(
         &self,
@@ -794,6 +814,8 @@ mod tests {
             ["redis://u:pw@10.0.0.1:7000", "redis://10.0.0.2:7001"]
         );
         c.validate().unwrap();
+        assert_eq!(c.replicas_to_wait(), 1, "a cluster waits for one replica");
+        assert_eq!(Config::default().replicas_to_wait(), 0);
         assert_eq!(
             c.redacted_redis_target(),
             "cluster redis://u:***@10.0.0.1:7000,redis://10.0.0.2:7001"
