@@ -240,8 +240,8 @@ impl Store {
         })
     }
 
-    /// Opens the store on a Redis Cluster reached through any of the `nodes` (seed URLs; the
-    /// first one's user and password are used for every node). Connects lazily, like
+    /// Opens the store on a Redis Cluster reached through any of the `nodes` (seed URLs, all
+    /// with the same user and password, used for every node). Connects lazily, like
     /// [`Store::open`]; the slot map is read on the first call and again after a
     /// redirection or a lost node.
     pub fn open_cluster(nodes: &[String], keys: Keys) -> Result<Self> {
