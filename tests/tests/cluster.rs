@@ -172,6 +172,40 @@ async fn three_step_fan_out_and_approval_flows_complete_on_a_cluster() {
             n.port
         );
     }
+    // A primary that lost it (as a node that joins later never had it) gets it back on the
+    // first call that misses it, and the process goes on.
+    let is_primary = |n: &RedisServer| {
+        let mut c = n.client().get_connection().unwrap();
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).unwrap();
+        redis::from_redis_value::<String>(role[0].clone()).unwrap() == "master"
+    };
+    let other = (0..cluster.nodes.len())
+        .find(|&i| i != home && is_primary(&cluster.nodes[i]))
+        .unwrap();
+    for i in [home, other] {
+        let mut c = cluster.nodes[i].client().get_connection().unwrap();
+        let _: () = redis::cmd("FUNCTION")
+            .arg("DELETE")
+            .arg(&lib)
+            .query(&mut c)
+            .unwrap();
+        assert!(!libraries_on(&cluster.nodes[i]).contains(&lib));
+    }
+    let id = f.submit("Three", json!({})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    for i in [home, other] {
+        assert!(
+            libraries_on(&cluster.nodes[i]).contains(&lib),
+            "not reloaded"
+        );
+    }
+    // A scan over all keys would see one node's: refused.
+    let scan: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+        .arg(0)
+        .query_async(&mut f.store().conn())
+        .await;
+    let e = scan.unwrap_err();
+    assert_eq!(e.kind(), redis::ErrorKind::InvalidClientConfig, "{e}");
     f.stop().await;
 }
 

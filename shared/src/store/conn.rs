@@ -16,7 +16,9 @@
 //! primary (the redis crate's own routing: LLM limiter buckets have hash tags of their own
 //! and live on any primary), and `FUNCTION LIST` asks every primary and lists a library only
 //! when all of them have it, so a primary without it (a new node, a flushed one) makes
-//! [`crate::scripts::Library::ensure`] load it again.
+//! [`crate::scripts::Library::ensure`] load it again. `SCAN` and `KEYS` would list one
+//! node's keys as if they were all: on a cluster they fail with a clear error instead (the
+//! services send neither; `ZSCAN` of one key is fine).
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -51,6 +53,8 @@ enum Keyless {
     Home,
     /// `FUNCTION LIST`: every primary, answered with the libraries all of them have.
     EveryPrimaryList,
+    /// `SCAN`/`KEYS`: one node's keys only would look like all of them; refused.
+    AllKeys,
 }
 
 /// The command name, with the subcommand of a container command (`FUNCTION LIST`).
@@ -72,6 +76,7 @@ fn keyless(cmd: &Cmd) -> Option<Keyless> {
     match command_name(cmd)?.as_str() {
         "PING" | "TIME" | "INFO" | "COMMAND" | "WAIT" | "WAITAOF" => Some(Keyless::Home),
         "FUNCTION LIST" => Some(Keyless::EveryPrimaryList),
+        "SCAN" | "KEYS" => Some(Keyless::AllKeys),
         _ => None,
     }
 }
@@ -146,6 +151,16 @@ impl ConnectionLike for Conn {
                     let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(*home));
                     Box::pin(conn.route_command(cmd.clone(), route))
                 }
+                Some(Keyless::AllKeys) => Box::pin(async move {
+                    Err(RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "not supported on a redis cluster",
+                        format!(
+                            "{} lists the keys of one node only",
+                            command_name(cmd).unwrap_or_default()
+                        ),
+                    )))
+                }),
                 Some(Keyless::EveryPrimaryList) => Box::pin(async move {
                     let route = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                     libraries_on_every_primary(conn.route_command(cmd.clone(), route).await?)
@@ -202,6 +217,10 @@ mod tests {
             Some(Keyless::EveryPrimaryList)
         );
         assert_eq!(keyless(redis::cmd("FUNCTION").arg("LOAD").arg("x")), None);
+        assert_eq!(
+            keyless(redis::cmd("SCAN").arg(0).arg("MATCH").arg("*")),
+            Some(Keyless::AllKeys)
+        );
         assert_eq!(keyless(redis::cmd("XLEN").arg("{0}:jobs")), None);
         assert_eq!(keyless(redis::cmd("FCALL").arg("f").arg(1).arg("k")), None);
     }
