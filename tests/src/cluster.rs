@@ -42,8 +42,9 @@ impl RedisServer {
     }
 }
 
-/// Polls `f` until it returns `Some`; panics with `what` after `deadline`.
-fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` until it returns `Some`; panics with `what` after `deadline` (the synchronous
+/// [`crate::wait_for`]).
+pub fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + deadline;
     loop {
         if let Some(v) = f() {

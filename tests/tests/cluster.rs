@@ -241,6 +241,9 @@ async fn the_fleet_recovers_when_the_home_primary_is_killed_and_its_replica_prom
     cfg.worker.http_allowlist = vec![format!("{base}/")];
     // Jobs held across the failover are reclaimed, maybe more than once: no dead letters.
     cfg.worker.max_deliveries = 20;
+    // After the failover the promoted primary has no replica: every submission then waits
+    // this long for one (and is acknowledged anyway).
+    cfg.wait_replicas_timeout_ms = 250;
     let f = Fleet::start(cfg, 1, 2).await;
     let home_key = f.store().keys().submit().to_string();
     let home = cluster.primary_of(&home_key);
@@ -268,6 +271,15 @@ async fn the_fleet_recovers_when_the_home_primary_is_killed_and_its_replica_prom
     ids.push(submit_until_stored(&f, "before-last").await);
     let killed = std::time::Instant::now();
     cluster.kill9(home);
+    let replica_node = cluster.nodes[replica].client();
+    let promotion = std::thread::spawn(move || {
+        let mut c = replica_node.get_connection().unwrap();
+        honua_tests::cluster::poll("the replica's promotion", DEADLINE, || {
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).ok()?;
+            let role: String = redis::from_redis_value(role.first()?.clone()).ok()?;
+            (role == "master").then(|| killed.elapsed())
+        })
+    });
     // The held calls return while the slot has no primary: their workers' commits fail and
     // are retried, or their jobs are reclaimed after the lease.
     release.send(true).unwrap();
@@ -282,6 +294,10 @@ async fn the_fleet_recovers_when_the_home_primary_is_killed_and_its_replica_prom
             );
         }
     }
+    eprintln!(
+        "replica promoted {} ms after the kill",
+        promotion.join().unwrap().as_millis()
+    );
     let promoted = cluster.primary_of(&home_key);
     assert_eq!(promoted, replica, "the replica took over the slot");
     cluster.wait_healthy();
