@@ -88,10 +88,6 @@ impl Conn {
             home: Route::with_key(home_key, SlotAddr::Master),
         }
     }
-
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster { .. })
-    }
 }
 
 /// `FUNCTION LIST` asked of every primary (`per_node`: address → reply): the entries of the

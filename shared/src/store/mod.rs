@@ -274,11 +274,6 @@ impl Store {
         &self.keys
     }
 
-    /// Whether the store is on a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        self.conn.is_cluster()
-    }
-
     /// A multiplexed connection handle for ad-hoc reads (cheap to clone).
     pub fn conn(&self) -> Conn {
         self.conn.clone()
