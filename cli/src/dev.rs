@@ -1,5 +1,5 @@
 //! `honua dev`: the whole system on one machine — a private redis-server (AOF on) unless
-//! `HONUA_REDIS_URL` is set, the scheduler, the gateway and N in-process workers; submits the
+//! `HONUA_REDIS_URL` or `HONUA_REDIS_CLUSTER_NODES` is set, the scheduler, the gateway and N in-process workers; submits the
 //! example processes, shows their progress, and serves :9090 until Ctrl-C. With
 //! `--mock-llm` it also runs the mock OpenAI-compatible provider (`honua-mock-llm`) in
 //! process and configures the `llm` step kind to call it, so LLM steps run without a paid
@@ -299,6 +299,8 @@ pub async fn run(
             cfg.redis_url = url.clone();
             None
         }
+        // `HONUA_REDIS_CLUSTER_NODES` (e.g. from scripts/cluster.sh): run on that cluster.
+        None if !cfg.redis_cluster_nodes.is_empty() => None,
         None => {
             let r = RedisChild::start(&opts.data_dir.join("redis")).await?;
             cfg.redis_url = r.url.clone();
@@ -306,7 +308,7 @@ pub async fn run(
         }
     };
     cfg.validate()?;
-    println!("honua dev: redis {}", cfg.redacted_redis_url());
+    println!("honua dev: redis {}", cfg.redacted_redis_target());
     let handlers = honua_worker::builtin_handlers(&cfg);
     let (mut defs, kinds) = load_definitions(&cfg)?;
     if let (Some(mock), Some(m)) = (&mock, opts.mock_llm) {

@@ -105,7 +105,7 @@ pub async fn run_scheduler(
         Some(l) => l,
         None => tokio::net::TcpListener::bind(cfg.listen_addr()).await?,
     };
-    tracing::info!(addr = %listener.local_addr()?, redis = %cfg.redacted_redis_url(), "gateway listening");
+    tracing::info!(addr = %listener.local_addr()?, redis = %cfg.redacted_redis_target(), "gateway listening");
     warn_if_open(&cfg);
     let scheduler = Scheduler::new(engine.clone());
     let state = gateway::ApiState {

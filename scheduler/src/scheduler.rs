@@ -519,6 +519,11 @@ impl Scheduler {
                             Ok(_) => {}
                             Err(e) => debug!(error = %e, "trimming indexes failed"),
                         }
+                        // A cluster primary that joined since (or a flushed server) gets
+                        // the library before a worker, which may not load it, calls there.
+                        if let Err(e) = store.load_scripts().await {
+                            debug!(error = %e, "checking the function library failed")
+                        }
                     }
                     if moved > 0 {
                         self.stats.promoted.fetch_add(moved, Ordering::Relaxed);

@@ -262,6 +262,17 @@ impl Processes {
                 Err(e) => tracing::warn!(error = %e, "WAITAOF failed"),
             }
         }
+        let replicas = self.cfg.replicas_to_wait();
+        if replicas > 0 {
+            let timeout = Duration::from_millis(self.cfg.wait_replicas_timeout_ms);
+            match self.store.wait_replicas(replicas, timeout).await {
+                Ok(n) if n >= replicas => {}
+                Ok(n) => {
+                    tracing::warn!(process_id = %id, confirmed = n, wanted = replicas, "WAIT timed out; acknowledged anyway")
+                }
+                Err(e) => tracing::warn!(error = %e, "WAIT failed"),
+            }
+        }
         let status = match &result {
             Submitted::Created(_) => {
                 tracing::info!(process_id = %id, process_type = %def.name, "Process {id} started ({})", def.name);

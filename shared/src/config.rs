@@ -298,6 +298,9 @@ impl Default for ApiConfig {
 pub struct Config {
     /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS.
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port`, any few of its nodes); set, the
+    /// services run on the cluster instead of `redis_url` (set only one of the two).
+    pub redis_cluster_nodes: Vec<String>,
     /// Separates deployments (and tests) that share one Redis.
     pub key_prefix: String,
     /// Gateway listen address. Unset: `0.0.0.0:9090` with API keys, `127.0.0.1:9090`
@@ -311,6 +314,12 @@ pub struct Config {
     /// Finished processes are deleted this long after they end.
     pub retention_secs: u64,
     pub wait_aof: WaitAof,
+    /// Replicas that must confirm a submission (`WAIT n`) before it is acknowledged; unset:
+    /// 0 on one server, 1 on a cluster (see [`Config::replicas_to_wait`]).
+    pub wait_replicas: Option<u32>,
+    /// How long a submission waits for them; when fewer confirm in time it is acknowledged
+    /// anyway, with a warning.
+    pub wait_replicas_timeout_ms: u64,
     pub max_request_body_kb: usize,
     /// Timeouts and connection cap of the gateway and the worker's metrics listener.
     pub http_server: HttpServerConfig,
@@ -326,13 +335,16 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_url: DEFAULT_REDIS_URL.into(),
+            redis_cluster_nodes: Vec::new(),
             key_prefix: "honua".into(),
             http_addr: None,
             definitions_dir: PathBuf::from("processes"),
             custom_step_kinds: Vec::new(),
             retention_secs: 24 * 3600,
             wait_aof: WaitAof::Auto,
+            wait_replicas: None,
+            wait_replicas_timeout_ms: 1000,
             max_request_body_kb: 1024,
             http_server: HttpServerConfig::default(),
             api: ApiConfig::default(),
@@ -345,6 +357,9 @@ impl Default for Config {
     }
 }
 
+/// `redis_url` when none is configured.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 /// The gateway's listen address when `http_addr` is unset and API keys are configured.
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
 /// ... and when no API keys are configured: the open API stays on this machine.
@@ -354,11 +369,13 @@ pub const DEFAULT_OPEN_HTTP_ADDR: &str = "127.0.0.1:9090";
 pub const ENV_VARS: &[&str] = &[
     "HONUA_CONFIG",
     "HONUA_REDIS_URL",
+    "HONUA_REDIS_CLUSTER_NODES",
     "HONUA_KEY_PREFIX",
     "HONUA_HTTP_ADDR",
     "HONUA_DEFINITIONS_DIR",
     "HONUA_RETENTION_SECS",
     "HONUA_WAIT_AOF",
+    "HONUA_WAIT_REPLICAS",
     "HONUA_WORKER_ID",
     "HONUA_SCHEDULER_ID",
     "HONUA_MAX_CONCURRENT_STEPS",
@@ -417,11 +434,15 @@ impl Config {
         for (k, v) in env {
             match k.as_str() {
                 "HONUA_REDIS_URL" => self.redis_url = v.clone(),
+                "HONUA_REDIS_CLUSTER_NODES" => self.redis_cluster_nodes = comma_list(v),
                 "HONUA_KEY_PREFIX" => self.key_prefix = v.clone(),
                 "HONUA_HTTP_ADDR" => self.http_addr = Some(v.clone()),
                 "HONUA_DEFINITIONS_DIR" => self.definitions_dir = PathBuf::from(v),
                 "HONUA_RETENTION_SECS" => {
                     self.retention_secs = parse_env("HONUA_RETENTION_SECS", v)?
+                }
+                "HONUA_WAIT_REPLICAS" => {
+                    self.wait_replicas = Some(parse_env("HONUA_WAIT_REPLICAS", v)?)
                 }
                 "HONUA_WAIT_AOF" => {
                     self.wait_aof = match v.as_str() {
@@ -463,14 +484,7 @@ impl Config {
                         message,
                     })?
                 }
-                "HONUA_HTTP_ALLOWLIST" => {
-                    self.worker.http_allowlist = v
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                }
+                "HONUA_HTTP_ALLOWLIST" => self.worker.http_allowlist = comma_list(v),
                 _ => {}
             }
         }
@@ -487,6 +501,24 @@ impl Config {
         }
         if redis::Client::open(self.redis_url.as_str()).is_err() {
             return bad("redis_url", "not a redis:// or rediss:// URL");
+        }
+        if !self.redis_cluster_nodes.is_empty() {
+            if self.redis_url != DEFAULT_REDIS_URL {
+                return bad(
+                    "redis_cluster_nodes",
+                    "set either redis_url (one server) or redis_cluster_nodes (a cluster), not both",
+                );
+            }
+            if let Some(n) = self
+                .redis_cluster_nodes
+                .iter()
+                .find(|n| redis::Client::open(n.as_str()).is_err())
+            {
+                return bad(
+                    "redis_cluster_nodes",
+                    format!("{} is not a redis:// or rediss:// URL", redact_url(n)),
+                );
+            }
         }
         if !crate::envelope::valid_id(&self.key_prefix) {
             return bad("key_prefix", "must be 1-64 characters of [A-Za-z0-9_-]");
@@ -604,6 +636,14 @@ impl Config {
         }
     }
 
+    /// How many replicas a submission waits for: `wait_replicas`, else 0 on one server and
+    /// 1 on a cluster (whose failover promotes a replica: without the wait, a submission
+    /// acknowledged just before its primary died can be missing on the promoted replica).
+    pub fn replicas_to_wait(&self) -> u32 {
+        self.wait_replicas
+            .unwrap_or(u32::from(!self.redis_cluster_nodes.is_empty()))
+    }
+
     /// Process timeout for a type: the override, else the definition's, else the default.
     pub fn process_timeout(
         &self,
@@ -630,6 +670,31 @@ impl Config {
     pub fn redacted_redis_url(&self) -> String {
         redact_url(&self.redis_url)
     }
+
+    /// The cluster's seed nodes with any password replaced.
+    pub fn redacted_redis_cluster_nodes(&self) -> Vec<String> {
+        self.redis_cluster_nodes
+            .iter()
+            .map(|n| redact_url(n))
+            .collect()
+    }
+
+    /// Where the services connect, for logs: the URL, or the cluster's seed nodes.
+    pub fn redacted_redis_target(&self) -> String {
+        match self.redis_cluster_nodes.is_empty() {
+            true => self.redacted_redis_url(),
+            false => format!("cluster {}", self.redacted_redis_cluster_nodes().join(",")),
+        }
+    }
+}
+
+/// The non-empty, trimmed entries of a comma-separated list.
+fn comma_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// `name:role:sha256hex` entries separated by commas.
@@ -732,6 +797,57 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn cluster_nodes_come_from_the_env_and_exclude_a_redis_url() {
+        let c = Config::load(
+            None,
+            env(&[(
+                "HONUA_REDIS_CLUSTER_NODES",
+                "redis://u:pw@10.0.0.1:7000, redis://10.0.0.2:7001,",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis_cluster_nodes,
+            ["redis://u:pw@10.0.0.1:7000", "redis://10.0.0.2:7001"]
+        );
+        c.validate().unwrap();
+        assert_eq!(c.replicas_to_wait(), 1, "a cluster waits for one replica");
+        assert_eq!(Config::default().replicas_to_wait(), 0);
+        assert_eq!(
+            c.redacted_redis_target(),
+            "cluster redis://u:***@10.0.0.1:7000,redis://10.0.0.2:7001"
+        );
+
+        let both = Config::load(
+            None,
+            env(&[
+                ("HONUA_REDIS_CLUSTER_NODES", "redis://10.0.0.1:7000"),
+                ("HONUA_REDIS_URL", "redis://10.0.0.9:6379"),
+            ]),
+        )
+        .unwrap();
+        match both.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "redis_cluster_nodes");
+                assert!(message.contains("not both"), "{message}");
+            }
+            other => panic!("both accepted: {other:?}"),
+        }
+
+        let bad = Config {
+            redis_cluster_nodes: vec!["10.0.0.1:7000 pw=secret".into()],
+            ..Config::default()
+        };
+        match bad.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "redis_cluster_nodes");
+                assert!(!message.contains("secret"), "{message}");
+            }
+            other => panic!("bad node accepted: {other:?}"),
+        }
     }
 
     #[test]

@@ -21,6 +21,35 @@ kind = "noop"
 "#,
 );
 
+/// `Fan`: `Start` fans out to `A`, `B` and `C`, which `Join` waits for.
+pub const FAN: (&str, &str) = (
+    "fan.toml",
+    r#"
+name = "Fan"
+version = 1
+[[steps]]
+name = "Start"
+kind = "noop"
+next = ["A", "B", "C"]
+[[steps]]
+name = "A"
+kind = "noop"
+next = "Join"
+[[steps]]
+name = "B"
+kind = "noop"
+next = "Join"
+[[steps]]
+name = "C"
+kind = "noop"
+next = "Join"
+[[steps]]
+name = "Join"
+kind = "noop"
+join = "all"
+"#,
+);
+
 /// `Count`: one `counter` step (a `honua-test-worker` kind) that ticks 40 times, checkpointing.
 pub const COUNT: (&str, &str) = (
     "count.toml",

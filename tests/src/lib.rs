@@ -1,6 +1,7 @@
 //! Test harness: real redis-server processes on free ports, in-process or child-process
 //! fleets, and waiting for conditions with a deadline (never a fixed sleep).
 
+pub mod cluster;
 pub mod defs;
 pub mod llm_load;
 pub mod otlp;
@@ -13,6 +14,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use cluster::RedisCluster;
 
 /// A generous default deadline: tests run on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -41,6 +44,8 @@ pub struct RedisServer {
     extra_args: Vec<String>,
     /// The user the harness logs in as to see that the server is up (`default` may be off).
     probe_auth: Option<(String, String)>,
+    /// Picks the port to try ([`free_port`]; [`cluster::free_cluster_port`] for a node).
+    pick_port: fn() -> u16,
     child: Option<Child>,
 }
 
@@ -63,12 +68,23 @@ impl RedisServer {
         extra_args: &[String],
         probe_auth: Option<(&str, &str)>,
     ) -> Self {
+        Self::start_on(free_port, aof, extra_args, probe_auth)
+    }
+
+    /// [`RedisServer::start_with_options`] on a port from `pick_port`.
+    fn start_on(
+        pick_port: fn() -> u16,
+        aof: bool,
+        extra_args: &[String],
+        probe_auth: Option<(&str, &str)>,
+    ) -> Self {
         let mut s = Self {
-            port: free_port(),
+            port: pick_port(),
             dir: tempfile::tempdir().unwrap(),
             aof,
             extra_args: extra_args.to_vec(),
             probe_auth: probe_auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            pick_port,
             child: None,
         };
         // A port picked free can be taken before redis-server binds it (by another test's
@@ -79,7 +95,7 @@ impl RedisServer {
                 Started::Ours => return s,
                 Started::NotOurs => {
                     s.kill9();
-                    s.port = free_port();
+                    s.port = (s.pick_port)();
                 }
             }
         }
@@ -294,6 +310,10 @@ impl WorkerProcess {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
             .env("HONUA_REDIS_URL", &cfg.redis_url)
+            .env(
+                "HONUA_REDIS_CLUSTER_NODES",
+                cfg.redis_cluster_nodes.join(","),
+            )
             .env("HONUA_KEY_PREFIX", &cfg.key_prefix)
             .env("HONUA_DEFINITIONS_DIR", &cfg.definitions_dir)
             .env("HONUA_WORKER_ID", id)

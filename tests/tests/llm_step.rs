@@ -646,7 +646,7 @@ async fn hostile_server() -> (String, Arc<Mutex<Vec<String>>>) {
 }
 
 /// Every key and value of the Redis server, as bytes.
-async fn dump_redis(conn: &mut redis::aio::ConnectionManager) -> Vec<u8> {
+async fn dump_redis(conn: &mut honua_shared::store::Conn) -> Vec<u8> {
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap();
     let mut all = Vec::new();
     for k in keys {

@@ -565,7 +565,7 @@ const SCRIPT_ROLES: &[(&str, &[&str])] = &[
 
 /// Commands the Rust code sends itself (`redis::cmd`/`pipe.cmd` in shared/, scheduler/,
 /// worker/), with the roles that send them. Connection commands (PING, COMMAND INFO,
-/// WAITAOF) come from `+@connection`; FCALL runs every function, FUNCTION LOAD/LIST load the
+/// WAIT, WAITAOF) come from `+@connection`; FCALL runs every function, FUNCTION LOAD/LIST load the
 /// library.
 const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("PING", &["scheduler", "worker", "backup", "keda"]),
@@ -573,6 +573,7 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("INFO", &["scheduler", "worker", "backup"]),
     ("COMMAND INFO", &["scheduler"]),
     ("WAITAOF", &["scheduler"]),
+    ("WAIT", &["scheduler"]),
     ("FCALL", &["scheduler", "worker"]),
     ("FUNCTION LIST", &["scheduler", "worker"]),
     ("FUNCTION LOAD", &["scheduler"]),
@@ -603,11 +604,13 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("LASTSAVE", &["backup"]),
     ("REPLCONF", &["backup"]),
     ("SYNC", &["backup"]),
+    // Sent by the redis crate's cluster client (the slot map), not named in our code.
+    ("CLUSTER SLOTS", &["scheduler", "worker", "keda"]),
 ];
 
 /// Commands whose first argument names a subcommand.
 const CONTAINERS: &[&str] = &[
-    "XGROUP", "XINFO", "SCRIPT", "FUNCTION", "COMMAND", "CLIENT", "OBJECT",
+    "XGROUP", "XINFO", "SCRIPT", "FUNCTION", "COMMAND", "CLIENT", "OBJECT", "CLUSTER",
 ];
 
 /// `redis.call('NAME', 'SUB'...)` names of a Lua source, with the subcommand for containers.

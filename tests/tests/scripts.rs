@@ -77,7 +77,7 @@ async fn setup(
 }
 
 /// New jobs (up to 10) read by consumer `a`.
-async fn read_as_a(st: &Store, conn: &mut redis::aio::ConnectionManager) -> Vec<Entry> {
+async fn read_as_a(st: &Store, conn: &mut honua_shared::store::Conn) -> Vec<Entry> {
     st.read_group(
         conn,
         &st.keys().jobs(),
@@ -999,7 +999,7 @@ async fn a_create_that_starts_steps_is_refused_while_intake_is_drained() {
         1,
         "only setup's job"
     );
-    let submissions_pending = |mut c: redis::aio::ConnectionManager| {
+    let submissions_pending = |mut c: honua_shared::store::Conn| {
         let key = keys.submit();
         async move {
             let p: Vec<redis::Value> = redis::cmd("XPENDING")

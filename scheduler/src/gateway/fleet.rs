@@ -74,6 +74,7 @@ pub(super) async fn config(State(st): State<ApiState>) -> Json<Value> {
     let cfg = &st.engine.cfg;
     let mut v = serde_json::to_value(&**cfg).unwrap_or_default();
     v["redis_url"] = Value::String(cfg.redacted_redis_url());
+    v["redis_cluster_nodes"] = json!(cfg.redacted_redis_cluster_nodes());
     v["api"]["keys"] = Value::Array(
         cfg.api
             .keys

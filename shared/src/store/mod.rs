@@ -1,10 +1,11 @@
 //! Redis plumbing: connections, stream reads and typed calls of every script. The only
 //! module that names Redis commands; binaries call these methods.
 //!
-//! Connections: one multiplexed [`ConnectionManager`] (auto-reconnecting) for short commands
-//! and scripts; every blocking reader gets its own connection whose response timeout is
-//! longer than its `BLOCK` (redis-rs defaults to 500 ms, and a blocking read on a shared
-//! multiplexed connection would delay every other command on it).
+//! Connections: one multiplexed [`Conn`] (auto-reconnecting; a standalone server or a Redis
+//! Cluster, see [`conn`]) for short commands and scripts; every blocking reader gets its own
+//! connection whose response timeout is longer than its `BLOCK` (redis-rs defaults to
+//! 500 ms, and a blocking read on a shared multiplexed connection would delay every other
+//! command on it).
 //!
 //! This module owns the [`Store`] handle, its errors, the fence answers and what both
 //! services use: opening, readiness, groups, the library, group reads and `drop_entry.lua`.
@@ -18,14 +19,17 @@ use crate::envelope::{FieldMap, JobEnvelope};
 use crate::keys::{Key, Keys, SCHEDULER_GROUP, WORKERS_GROUP};
 use crate::scripts::Scripts;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::{ErrorKind, RedisError, Value};
 use std::time::Duration;
 use tracing::warn;
 
+pub mod conn;
 mod inspect;
 mod scheduler;
 mod worker;
 
+pub use conn::Conn;
 pub use inspect::{HeldJob, RawProcess, References, StreamRefs, StreamStats, WorkerInfo};
 pub use scheduler::{Commit, DeleteGuard, Deleted, Removed};
 pub use worker::{Begin, Completion, ConsumerInfo, Reclaimed};
@@ -178,8 +182,15 @@ pub struct ServerInfo {
 #[derive(Clone)]
 pub struct Store {
     keys: Keys,
-    client: redis::Client,
-    conn: ConnectionManager,
+    client: Client,
+    conn: Conn,
+}
+
+/// What [`Store::blocking`] opens its connections with.
+#[derive(Clone)]
+enum Client {
+    Standalone(redis::Client),
+    Cluster(Box<ClusterClient>),
 }
 
 /// Which service [`Store::wait_ready`] waits for: what it needs of Redis before it starts.
@@ -201,6 +212,18 @@ fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(2))
 }
 
+/// A new cluster connection (its own connection to each node) with this response timeout,
+/// routing keyless commands to the primary of `keys`' slot; connects on first use.
+fn cluster_conn(client: &ClusterClient, keys: &Keys, response_timeout: Duration) -> Conn {
+    let config = ClusterConfig::new()
+        .set_connection_timeout(Duration::from_secs(5))
+        .set_response_timeout(response_timeout);
+    Conn::cluster(
+        client.get_pending_async_connection_with_config(config),
+        keys.submit().as_str().as_bytes(),
+    )
+}
+
 impl Store {
     /// Connects lazily: a Redis that is down at start is not an error here; calls fail with
     /// [`StoreError::Unavailable`] until it is back.
@@ -210,13 +233,41 @@ impl Store {
             client.clone(),
             manager_config(Duration::from_secs(5)),
         )?;
-        Ok(Self { keys, client, conn })
+        Ok(Self {
+            keys,
+            client: Client::Standalone(client),
+            conn: Conn::Standalone(conn),
+        })
     }
 
-    /// Opens the store of `cfg`'s deployment (its `redis_url` and `key_prefix`), as every
-    /// service and tool does.
+    /// Opens the store on a Redis Cluster reached through any of the `nodes` (seed URLs, all
+    /// with the same user and password, used for every node). Connects lazily, like
+    /// [`Store::open`]; the slot map is read on the first call and again after a
+    /// redirection or a lost node.
+    pub fn open_cluster(nodes: &[String], keys: Keys) -> Result<Self> {
+        let (min_wait, max_wait) = conn::CLUSTER_RETRY_WAIT_MS;
+        let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+            .retries(conn::CLUSTER_RETRIES)
+            .min_retry_wait(min_wait)
+            .max_retry_wait(max_wait)
+            .build()
+            .map_err(StoreError::Redis)?;
+        Ok(Self {
+            conn: cluster_conn(&client, &keys, Duration::from_secs(5)),
+            keys,
+            client: Client::Cluster(Box::new(client)),
+        })
+    }
+
+    /// Opens the store of `cfg`'s deployment (its `redis_cluster_nodes`, else its
+    /// `redis_url`, and its `key_prefix`), as every service and tool does.
     pub fn from_config(cfg: &Config) -> Result<Self> {
-        Self::open(&cfg.redis_url, Keys::new(&cfg.key_prefix, 0))
+        let keys = Keys::new(&cfg.key_prefix, 0);
+        if cfg.redis_cluster_nodes.is_empty() {
+            Self::open(&cfg.redis_url, keys)
+        } else {
+            Self::open_cluster(&cfg.redis_cluster_nodes, keys)
+        }
     }
 
     pub fn keys(&self) -> &Keys {
@@ -224,16 +275,20 @@ impl Store {
     }
 
     /// A multiplexed connection handle for ad-hoc reads (cheap to clone).
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
     /// A dedicated connection for blocking reads of up to `block`.
-    pub fn blocking(&self, block: Duration) -> Result<ConnectionManager> {
-        Ok(ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            manager_config(block + Duration::from_secs(5)),
-        )?)
+    pub fn blocking(&self, block: Duration) -> Result<Conn> {
+        let timeout = block + Duration::from_secs(5);
+        Ok(match &self.client {
+            Client::Standalone(c) => Conn::Standalone(ConnectionManager::new_lazy_with_config(
+                c.clone(),
+                manager_config(timeout),
+            )?),
+            Client::Cluster(c) => cluster_conn(c, &self.keys, timeout),
+        })
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -360,7 +415,7 @@ impl Store {
     /// `XREADGROUP … >` on a dedicated blocking connection.
     pub async fn read_group(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         stream: &Key,
         group: &str,
         consumer: &str,

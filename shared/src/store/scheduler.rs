@@ -400,6 +400,16 @@ impl Store {
         Ok(aof_on && has)
     }
 
+    /// `WAIT replicas timeout`: how many replicas have every write made so far on this
+    /// connection (on a cluster, the connection to the deployment's primary).
+    pub async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+        Ok(redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis() as u64)
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
     /// `WAITAOF 1 0 timeout`: the local AOF has fsynced every write made so far on this
     /// connection. Returns false when it timed out.
     pub async fn wait_aof(&self, timeout: Duration) -> Result<bool> {

@@ -1,0 +1,330 @@
+//! Whole-system tests on a local Redis Cluster (three primaries, three replicas) with the
+//! deployment's one partition: every key under the hash tag `{0}`, so on one primary and
+//! its replica. Each test starts its own cluster (the failover test changes its topology).
+
+use honua_shared::config::Config;
+use honua_shared::envelope::Submission;
+use honua_shared::status::{ProcessStatus, StepStatus};
+use honua_tests::*;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// `Held`: three steps, the middle one an `http` call to `url`, so workers hold jobs at a
+/// kill while the call waits.
+fn held(url: &str) -> String {
+    format!(
+        r#"
+name = "Held"
+version = 1
+[[steps]]
+name = "A"
+kind = "noop"
+next = "B"
+[[steps]]
+name = "B"
+kind = "http"
+config = {{ url = "{url}" }}
+next = "C"
+[[steps]]
+name = "C"
+kind = "noop"
+"#
+    )
+}
+
+/// An HTTP endpoint (`<base>/hold`) that counts calls and answers them only once
+/// `release` is set.
+async fn holding_server(release: tokio::sync::watch::Receiver<bool>) -> (String, Arc<AtomicU32>) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().route(
+        "/hold",
+        axum::routing::post(move || {
+            let (calls, mut release) = (counted.clone(), release.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let _ = release.wait_for(|r| *r).await;
+                axum::Json(json!({"ok": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, calls)
+}
+
+fn cluster_config(cluster: &RedisCluster, dir: &tempfile::TempDir, prefix: &str) -> Config {
+    let mut c = test_config(honua_shared::config::DEFAULT_REDIS_URL, dir.path());
+    c.redis_cluster_nodes = cluster.seeds();
+    c.key_prefix = prefix.into();
+    c
+}
+
+fn http() -> reqwest::Client {
+    honua_runtime::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(c: &reqwest::Client, url: &str) -> T {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The libraries `FUNCTION LIST` shows on node `n` (asked directly, not through the cluster).
+fn libraries_on(n: &RedisServer) -> Vec<String> {
+    let mut c = n.client().get_connection().unwrap();
+    let libs: Vec<std::collections::HashMap<String, redis::Value>> =
+        redis::cmd("FUNCTION").arg("LIST").query(&mut c).unwrap();
+    libs.iter()
+        .filter_map(|l| redis::from_redis_value(l.get("library_name")?.clone()).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_step_fan_out_and_approval_flows_complete_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let dir = defs_dir(&[defs::THREE, defs::GATE, defs::FAN]);
+    let f = Fleet::start(cluster_config(&cluster, &dir, "flows"), 1, 2).await;
+    let c = http();
+
+    // Three steps, submitted over HTTP.
+    let r = c
+        .post(f.url("/api/processes"))
+        .json(&json!({"processType": "Three", "input": {"who": "cluster"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+    for s in ["A", "B", "C"] {
+        assert_eq!(rec.steps[s].attempts().len(), 1, "{s} ran once");
+    }
+    // Each step committed once: A's and B's workers with their successors, C's result
+    // through the scheduler.
+    assert_eq!(rec.steps_rev, 2, "{rec:?}");
+    assert_eq!(
+        entries_added(f.store(), &f.store().keys().results()).await,
+        1
+    );
+
+    // Fan-out and join.
+    let id = f.submit("Fan", json!({})).await;
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+    let join = &rec.steps["Join"];
+    assert_eq!(join.attempts().len(), 1, "join ran exactly once");
+    for b in ["A", "B", "C"] {
+        assert!(join.queued_ms >= rec.steps[b].ended_ms, "join before {b}");
+    }
+
+    // Approval: waits for the signal, then completes.
+    let id = f.submit("Gate", json!({})).await;
+    wait_for("waiting for approval", DEADLINE, || async {
+        f.record(&id)
+            .await
+            .filter(|r| r.status == ProcessStatus::WaitingForApproval)
+    })
+    .await;
+    let r = c
+        .post(f.url(&format!("/api/processes/{id}/signal/review")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+    assert_eq!(rec.steps["Apply"].status, StepStatus::Completed);
+
+    // Keyless reads (INFO, TIME, PING) and the stream reads (XINFO) of health and queues.
+    let health: Value = get_json(&c, &f.url("/health")).await;
+    assert_eq!(health["checks"]["redis"], "Healthy", "{health}");
+    let queues: Vec<Value> = get_json(&c, &f.url("/api/queues")).await;
+    assert_eq!(queues.len(), 4, "{queues:?}");
+    assert!(queues.iter().all(|q| q["missing"] == false), "{queues:?}");
+    let info = f.store().server_info().await.unwrap();
+    let home = cluster.primary_of(f.store().keys().submit().as_str());
+    let run_id: String = {
+        let mut conn = cluster.nodes[home].client().get_connection().unwrap();
+        let info: String = redis::cmd("INFO").arg("server").query(&mut conn).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        info.run_id, run_id,
+        "server info comes from the home primary"
+    );
+
+    // The function library is on every node (loaded on the primaries, replicated).
+    let lib = honua_shared::scripts::Library::get().name().to_string();
+    for n in &cluster.nodes {
+        assert!(
+            libraries_on(n).contains(&lib),
+            "node {} lacks {lib}",
+            n.port
+        );
+    }
+    // A primary that lost it (as a node that joins later never had it) gets it back on the
+    // first call that misses it, and the process goes on.
+    let is_primary = |n: &RedisServer| {
+        let mut c = n.client().get_connection().unwrap();
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).unwrap();
+        redis::from_redis_value::<String>(role[0].clone()).unwrap() == "master"
+    };
+    let other = (0..cluster.nodes.len())
+        .find(|&i| i != home && is_primary(&cluster.nodes[i]))
+        .unwrap();
+    for i in [home, other] {
+        let mut c = cluster.nodes[i].client().get_connection().unwrap();
+        let _: () = redis::cmd("FUNCTION")
+            .arg("DELETE")
+            .arg(&lib)
+            .query(&mut c)
+            .unwrap();
+        assert!(!libraries_on(&cluster.nodes[i]).contains(&lib));
+    }
+    let id = f.submit("Three", json!({})).await;
+    assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
+    for i in [home, other] {
+        assert!(
+            libraries_on(&cluster.nodes[i]).contains(&lib),
+            "not reloaded"
+        );
+    }
+    // A scan over all keys would see one node's: refused.
+    let scan: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+        .arg(0)
+        .query_async(&mut f.store().conn())
+        .await;
+    let e = scan.unwrap_err();
+    assert_eq!(e.kind(), redis::ErrorKind::InvalidClientConfig, "{e}");
+    f.stop().await;
+}
+
+/// Submits `Held` with idempotency key `key`, retrying while the cluster fails over (a
+/// retried submission that had been stored is answered with the same process).
+async fn submit_until_stored(f: &Fleet, key: &str) -> String {
+    let sub = Submission {
+        process_type: "Held".into(),
+        version: None,
+        input: json!({"key": key}),
+        id: None,
+        idempotency_key: Some(key.into()),
+        tenant: None,
+        trace: Default::default(),
+    };
+    wait_for("a stored submission", DEADLINE, || async {
+        f.engine
+            .create(&sub, None)
+            .await
+            .ok()
+            .map(|s| s.id().to_string())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_recovers_when_the_home_primary_is_killed_and_its_replica_promoted() {
+    let mut cluster = RedisCluster::start();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (base, calls) = holding_server(released).await;
+    let dir = defs_dir(&[("held.toml", &held(&format!("{base}/hold")))]);
+    let mut cfg = cluster_config(&cluster, &dir, "failover");
+    cfg.worker.http_allowlist = vec![format!("{base}/")];
+    // Jobs held across the failover are reclaimed, maybe more than once: no dead letters.
+    cfg.worker.max_deliveries = 20;
+    // After the failover the promoted primary has no replica: every submission then waits
+    // this long for one (and is acknowledged anyway).
+    cfg.wait_replicas_timeout_ms = 250;
+    let f = Fleet::start(cfg, 1, 2).await;
+    let home_key = f.store().keys().submit().to_string();
+    let home = cluster.primary_of(&home_key);
+    let replica = cluster.replica_of(home);
+
+    // A small load in flight: every process's `B` held by a worker. The last submission is
+    // acknowledged just before the kill: `wait_replicas` (1 on a cluster) made sure the
+    // replica has it, so the promoted replica knows every acknowledged process.
+    const BEFORE: usize = 20;
+    const AFTER: usize = 10;
+    assert_eq!(f.cfg.replicas_to_wait(), 1);
+    let mut ids = Vec::new();
+    for i in 0..BEFORE - 1 {
+        ids.push(submit_until_stored(&f, &format!("before-{i}")).await);
+    }
+    wait_for("every B called", DEADLINE, || async {
+        (calls.load(Ordering::SeqCst) as usize >= BEFORE - 1).then_some(())
+    })
+    .await;
+    let mut in_flight = 0;
+    for id in &ids {
+        in_flight += usize::from(!f.record(id).await.unwrap().status.is_finished());
+    }
+    assert_eq!(in_flight, BEFORE - 1, "every B is held at the kill");
+    ids.push(submit_until_stored(&f, "before-last").await);
+    let killed = std::time::Instant::now();
+    cluster.kill9(home);
+    let replica_node = cluster.nodes[replica].client();
+    let promotion = std::thread::spawn(move || {
+        let mut c = replica_node.get_connection().unwrap();
+        honua_tests::cluster::poll("the replica's promotion", DEADLINE, || {
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut c).ok()?;
+            let role: String = redis::from_redis_value(role.first()?.clone()).ok()?;
+            (role == "master").then(|| killed.elapsed())
+        })
+    });
+    // The held calls return while the slot has no primary: their workers' commits fail and
+    // are retried, or their jobs are reclaimed after the lease.
+    release.send(true).unwrap();
+
+    // Submissions during the failover are retried until the promoted replica takes them.
+    for i in 0..AFTER {
+        ids.push(submit_until_stored(&f, &format!("after-{i}")).await);
+        if i == 0 {
+            eprintln!(
+                "first submission stored {} ms after the kill",
+                killed.elapsed().as_millis()
+            );
+        }
+    }
+    eprintln!(
+        "replica promoted {} ms after the kill",
+        promotion.join().unwrap().as_millis()
+    );
+    let promoted = cluster.primary_of(&home_key);
+    assert_eq!(promoted, replica, "the replica took over the slot");
+    cluster.wait_healthy();
+
+    // Every step commits once: with its successors by its worker (the process's
+    // `steps_rev`), or as an entry of the results stream for the scheduler.
+    let mut steps_rev = 0;
+    for id in &ids {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+        steps_rev += rec.steps_rev;
+    }
+    eprintln!(
+        "{} processes in flight at the kill; all {} completed {} ms after it",
+        BEFORE,
+        ids.len(),
+        killed.elapsed().as_millis()
+    );
+    let results = entries_added(f.store(), &f.store().keys().results()).await;
+    let steps = 3 * ids.len() as u64;
+    assert_eq!(
+        results + steps_rev,
+        steps,
+        "duplicate step commits: {}",
+        (results + steps_rev).saturating_sub(steps)
+    );
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), BEFORE + AFTER, "one process per submission");
+    f.stop().await;
+}
