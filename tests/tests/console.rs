@@ -247,12 +247,18 @@ impl Ctx {
     /// Checks and photographs (as `shot`) the confirmation page open in the browser,
     /// confirms, and waits on the process page for `status`.
     async fn confirm(&self, shot: &str, status: &str) {
+        self.confirm_only(shot).await;
+        self.wait_text(&format!("{status} after {shot}"), "#status .badge", status)
+            .await;
+    }
+
+    /// Checks and photographs (as `shot`) the confirmation page open in the browser, and
+    /// confirms.
+    async fn confirm_only(&self, shot: &str) {
         self.wait_text("the confirmation", "main h1", "Confirm")
             .await;
         self.check_page(shot).await;
         self.click("#confirm").await;
-        self.wait_text(&format!("{status} after {shot}"), "#status .badge", status)
-            .await;
     }
 
     /// Clicks the first element matching `css`, waiting for it.
@@ -564,10 +570,7 @@ async fn reject_deployment(ctx: &Ctx) {
         .await;
     ctx.open_process(&id, "WaitingForApproval").await;
     ctx.click("a[data-action=reject]").await;
-    ctx.wait_text("the confirmation", "main h1", "Confirm")
-        .await;
-    ctx.check_page("confirm-reject").await;
-    ctx.click("#confirm").await;
+    ctx.confirm_only("confirm-reject").await;
     let rec = wait_for("the rejection path to run", DEADLINE, || async {
         ctx.fleet.record(&id).await.filter(|r| {
             r.status.as_str() == "WaitingForApproval"
@@ -608,10 +611,7 @@ async fn retry_current_step(ctx: &Ctx) -> String {
     let token = before.steps["Wait"].token.clone();
     ctx.open_process(&id, "Running").await;
     ctx.click("a[data-action=retry-current-step]").await;
-    ctx.wait_text("the confirmation", "main h1", "Confirm")
-        .await;
-    ctx.check_page("confirm-retry-current-step").await;
-    ctx.click("#confirm").await;
+    ctx.confirm_only("confirm-retry-current-step").await;
     // A new claim (a new token: the old one can no longer commit) runs the step again.
     let rec = wait_for("Wait to run again under a new claim", DEADLINE, || async {
         ctx.fleet.record(&id).await.filter(|r| {
