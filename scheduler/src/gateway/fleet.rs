@@ -245,7 +245,7 @@ pub(super) async fn replay(
         .ok_or_else(not_found)?;
     let pid = entry.fields.get("pid").unwrap_or("").to_string();
     st.engine
-        .retry(&pid, None, super::processes::by(&caller))
+        .retry(&pid, None, None, super::processes::by(&caller))
         .await?;
     store.delete_dead_letter(&id).await?;
     tracing::info!(dead_letter = %id, process_id = %pid, "dead letter replayed");
