@@ -798,12 +798,17 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// A stable default consumer name: the host name, else a random one.
-pub fn default_instance_id(kind: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This machine's host name (the pod's name on Kubernetes), when the kernel tells it.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
-        .filter(|h| crate::envelope::valid_id(h));
+        .filter(|h| !h.is_empty())
+}
+
+/// A stable default consumer name: the host name, else a random one.
+pub fn default_instance_id(kind: &str) -> String {
+    let host = host_name().filter(|h| crate::envelope::valid_id(h));
     match host {
         Some(h) => format!("{kind}-{h}"),
         None => format!("{kind}-{}", uuid::Uuid::now_v7().simple()),
@@ -873,11 +878,6 @@ mod tests {
     }
 
     #[test]
-    fn defaults_validate() {
-        Config::default().validate().unwrap();
-    }
-
-    #[test]
     fn session_secret_comes_from_file_or_env_is_redacted_and_has_a_minimum_length() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("honua.toml");
@@ -902,6 +902,11 @@ mod tests {
             }
             other => panic!("a short secret was accepted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
     }
 
     #[test]

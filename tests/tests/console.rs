@@ -817,6 +817,13 @@ async fn other_pages(ctx: &Ctx, deployment: &str) {
         if name == "workers" {
             ctx.wait_text("a live worker", "#live tbody tr td:nth-child(3)", "yes")
                 .await;
+            // Each worker registered the version it runs.
+            ctx.wait_text(
+                "the worker's version",
+                "#live tbody tr td.version",
+                env!("CARGO_PKG_VERSION"),
+            )
+            .await;
         }
         ctx.check_page(name).await;
     }

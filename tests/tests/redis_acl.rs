@@ -590,6 +590,8 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("XDEL", &["scheduler"]),
     ("HGETALL", &["scheduler"]),
     ("HMGET", &["scheduler"]),
+    // A worker registers its version and host at start (workers:info).
+    ("HSET", &["worker"]),
     ("GET", &["worker", "scheduler"]),
     ("SET", &["worker", "scheduler"]),
     ("DEL", &["scheduler"]),

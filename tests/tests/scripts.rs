@@ -1599,3 +1599,43 @@ async fn finishing_commits_count_per_type_and_the_read_sums_the_windows() {
     let c = counts(t).await;
     assert_eq!(of(&c, ProcessStatus::Failed), (1 + 2, 3 + 10 + 20));
 }
+
+/// A worker's registration (version, host, concurrency, start) is read back with the
+/// workers list and removed when it retires.
+#[tokio::test]
+async fn a_worker_registers_what_it_is_and_retiring_removes_it() {
+    use honua_shared::store::WorkerMeta;
+    let redis = RedisServer::start();
+    let (st, _held, _e, _d) = setup(&redis).await;
+    let meta = WorkerMeta {
+        version: "9.9.9".into(),
+        host: "pod-a".into(),
+        concurrency: 16,
+        started_ms: 1234,
+    };
+    st.register_worker("a", &meta).await.unwrap();
+    st.heartbeat("a", &[]).await.unwrap();
+    st.heartbeat("idle", &[]).await.unwrap();
+    let ws = st.workers(10).await.unwrap();
+    let a = ws.iter().find(|w| w.id == "a").unwrap();
+    assert_eq!(a.meta.as_ref(), Some(&meta));
+    let idle = ws.iter().find(|w| w.id == "idle").unwrap();
+    assert_eq!(idle.meta, None, "registered nothing");
+    // `a` owns a job: kept with its registration. The idle one goes.
+    assert!(!st.retire_consumer("a").await.unwrap());
+    assert_eq!(st.worker_meta(&["a"]).await.unwrap(), vec![Some(meta)]);
+    st.register_worker(
+        "idle",
+        &WorkerMeta {
+            version: "1".into(),
+            host: "h".into(),
+            concurrency: 1,
+            started_ms: 1,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(st.retire_consumer("idle").await.unwrap());
+    assert_eq!(st.worker_meta(&["idle"]).await.unwrap(), vec![None]);
+    assert!(st.workers(10).await.unwrap().iter().all(|w| w.id != "idle"));
+}

@@ -1330,13 +1330,21 @@ pub(super) async fn workers(
     let live = html! {
         @if ws.is_empty() { p { "No worker has heartbeat yet." } } @else {
             table {
-                thead { tr { th scope="col" { "Worker" } th scope="col" { "Heartbeat age" } th scope="col" { "Live" } th scope="col" { "Held jobs" } } }
+                thead { tr {
+                    th scope="col" { "Worker" } th scope="col" { "Heartbeat age" } th scope="col" { "Live" }
+                    th scope="col" { "Version" } th scope="col" { "Host" } th scope="col" { "Concurrency" } th scope="col" { "Started" }
+                    th scope="col" { "Held jobs" }
+                } }
                 tbody {
                     @for w in &ws {
-                        tr {
+                        tr data-worker=(w.id) {
                             td { code { (w.id) } }
                             td { (age(w.last_seen_age_ms)) }
                             td { @if w.last_seen_age_ms < LIVE_WORKER_MS { "yes" } @else { "no" } }
+                            td.version { (opt(&w.version)) }
+                            td { (opt(&w.host)) }
+                            td { (w.concurrency.map_or("—".into(), |c| c.to_string())) }
+                            td { (w.started_ms.and_then(rfc3339_ms).unwrap_or_else(|| "—".into())) }
                             td {
                                 @if w.jobs.is_empty() { "—" }
                                 @for j in &w.jobs {
