@@ -30,7 +30,10 @@ pub enum OpsError {
 
 impl From<OpError> for OpsError {
     fn from(e: OpError) -> Self {
-        OpsError::Conflict(e.to_string())
+        match e {
+            OpError::UnknownStep(_) => OpsError::Invalid(e.to_string()),
+            OpError::InvalidState(..) => OpsError::Conflict(e.to_string()),
+        }
     }
 }
 
@@ -316,15 +319,40 @@ impl Processes {
         Ok(true)
     }
 
-    /// Re-runs a Failed, Cancelled or TimedOut process from its failed step, optionally
-    /// merging `patch` (a JSON object) into its input.
+    /// Re-runs a Failed, Cancelled or TimedOut process from its failed step
+    /// ([`engine::retry`]), or with `from_step` any finished process (Completed too) from
+    /// that step of its definition ([`engine::retry_from`]: it and the steps downstream run
+    /// again, the ones it depends on keep their results); optionally merging `patch` (a JSON
+    /// object) into its input first.
     pub async fn retry(
         &self,
         id: &str,
+        from_step: Option<&str>,
         patch: Option<&Value>,
         by: Option<&str>,
     ) -> Result<(), OpsError> {
-        let input = match patch {
+        let input = self.patched_input(id, patch).await?;
+        self.transition(id, by, |ctx, rec| {
+            let timeout = self.cfg.process_timeout(&rec.process_type, ctx.def.timeout);
+            let t = match from_step {
+                Some(step) => engine::retry_from(ctx, rec, step, timeout, input.clone())?,
+                None => engine::retry(ctx, rec, timeout, input.clone())?,
+            };
+            Ok((t, ()))
+        })
+        .await?;
+        tracing::info!(process_id = %id, from_step, "Process {id} retried");
+        Ok(())
+    }
+
+    /// The process input with `patch` (a JSON object) merged in, encoded; `None` without a
+    /// patch.
+    async fn patched_input(
+        &self,
+        id: &str,
+        patch: Option<&Value>,
+    ) -> Result<Option<Vec<u8>>, OpsError> {
+        Ok(match patch {
             None => None,
             Some(Value::Object(p)) => {
                 let data = self.store.load_data(id).await?;
@@ -347,14 +375,7 @@ impl Processes {
                 )
             }
             Some(_) => return Err(OpsError::Invalid("statePatch must be a JSON object".into())),
-        };
-        self.transition(id, by, |ctx, rec| {
-            let timeout = self.cfg.process_timeout(&rec.process_type, ctx.def.timeout);
-            Ok((engine::retry(ctx, rec, timeout, input.clone())?, ()))
         })
-        .await?;
-        tracing::info!(process_id = %id, "Process {id} retried");
-        Ok(())
     }
 
     /// Re-enqueues the running, queued or delayed steps of a process now; the previous

@@ -4,7 +4,9 @@
 
 use crate::engine::{Action, Transition};
 use crate::envelope::Event;
-use crate::keys::{Key, Keys, SCHEDULER_GROUP, field};
+use crate::keys::{
+    Key, Keys, SCHEDULER_GROUP, STATS_HOUR_TTL_SECS, STATS_MINUTE_TTL_SECS, field, stats_field,
+};
 use crate::record::Revision;
 use crate::status::ProcessStatus;
 
@@ -210,6 +212,8 @@ impl Transition {
                     ops.op(vec![b("zadd"), idx_all, b(now_ms), b(process_id)]);
                     let idx_active = kt.idx(keys.index_active());
                     ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
+                    let idx_type = kt.idx(keys.index_active_type(process_type));
+                    ops.op(vec![b("zadd"), idx_type, b(now_ms), b(process_id)]);
                     if let Some(k) = idempotency_key {
                         meta_fields.push((field::IDEMPOTENCY_KEY.into(), b(k)));
                         let ik = kt.idx(keys.idempotency(k));
@@ -298,7 +302,11 @@ impl Transition {
                         deadline.arm(&mut ops, &mut kt, &mut meta_fields, *left);
                     }
                 }
-                Action::Reopen { from, timeout_ms } => {
+                Action::Reopen {
+                    from,
+                    timeout_ms,
+                    process_type,
+                } => {
                     ops.op(vec![
                         b("hdel"),
                         meta.clone(),
@@ -311,6 +319,8 @@ impl Transition {
                     ops.op(vec![b("zrem"), idx_status, b(process_id)]);
                     let idx_active = kt.idx(keys.index_active());
                     ops.op(vec![b("zadd"), idx_active, b(now_ms), b(process_id)]);
+                    let idx_type = kt.idx(keys.index_active_type(process_type));
+                    ops.op(vec![b("zadd"), idx_type, b(now_ms), b(process_id)]);
                     for k in [meta.clone(), steps_k.clone(), data_k.clone()] {
                         ops.op(vec![b("persist"), k]);
                     }
@@ -333,6 +343,7 @@ impl Transition {
                     status,
                     error,
                     code,
+                    process_type,
                 } => {
                     meta_fields.push((field::STATUS.into(), b(status)));
                     meta_fields.push((field::ENDED_MS.into(), b(now_ms)));
@@ -348,6 +359,18 @@ impl Transition {
                     ops.op(vec![b("zadd"), idx_status, b(now_ms), b(process_id)]);
                     let delayed = kt.idx(keys.delayed());
                     ops.op(vec![b("zrem"), delayed, b(deadline_member(process_id))]);
+                    let idx_type = kt.idx(keys.index_active_type(process_type));
+                    ops.op(vec![b("zrem"), idx_type, b(process_id)]);
+                    // The per-type counts of finished processes (minute and hour buckets).
+                    let stat = stats_field(*status, process_type);
+                    for (k, ttl) in [
+                        (keys.stats_minute(now_ms / 60_000), STATS_MINUTE_TTL_SECS),
+                        (keys.stats_hour(now_ms / 3_600_000), STATS_HOUR_TTL_SECS),
+                    ] {
+                        let k = kt.idx(k);
+                        ops.op(vec![b("hincrby"), k.clone(), b(&stat), b(1)]);
+                        ops.op(vec![b("expire"), k, b(ttl)]);
+                    }
                 }
             }
         }

@@ -280,7 +280,15 @@ pub struct ApiConfig {
     /// The web console links each process to its trace with this URL, `{trace_id}`
     /// replaced (e.g. `http://jaeger:16686/trace/{trace_id}`); unset: no link.
     pub trace_url_template: Option<String>,
+    /// Signs the web console's session cookies and CSRF tokens (HMAC-SHA256): at least
+    /// [`SESSION_SECRET_MIN_BYTES`] bytes, the same on every gateway replica, so a session
+    /// survives a restart and any replica accepts it. Unset: a random key per gateway start
+    /// (a warning is logged). `HONUA_SESSION_SECRET` in the environment.
+    pub session_secret: Option<crate::llm_config::Secret>,
 }
+
+/// The shortest `api.session_secret` accepted (256 bits as bytes of text).
+pub const SESSION_SECRET_MIN_BYTES: usize = 32;
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -289,6 +297,7 @@ impl Default for ApiConfig {
             open_health: true,
             open_metrics: true,
             trace_url_template: None,
+            session_secret: None,
         }
     }
 }
@@ -485,6 +494,9 @@ impl Config {
                     })?
                 }
                 "HONUA_HTTP_ALLOWLIST" => self.worker.http_allowlist = comma_list(v),
+                "HONUA_SESSION_SECRET" => {
+                    self.api.session_secret = Some(crate::llm_config::Secret::new(v.clone()))
+                }
                 _ => {}
             }
         }
@@ -615,6 +627,16 @@ impl Config {
                     format!("key {:?}: sha256 must be 64 lower-case hex digits", k.name),
                 );
             }
+        }
+        if let Some(secret) = &self.api.session_secret
+            && secret.expose().len() < SESSION_SECRET_MIN_BYTES
+        {
+            return bad(
+                "api.session_secret",
+                format!(
+                    "must be at least {SESSION_SECRET_MIN_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+                ),
+            );
         }
         if let Err(e) = crate::allowlist::UrlAllowlist::parse(&w.http_allowlist) {
             return bad("worker.http_allowlist", e.to_string());
@@ -776,12 +798,17 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// A stable default consumer name: the host name, else a random one.
-pub fn default_instance_id(kind: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This machine's host name (the pod's name on Kubernetes), when the kernel tells it.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
-        .filter(|h| crate::envelope::valid_id(h));
+        .filter(|h| !h.is_empty())
+}
+
+/// A stable default consumer name: the host name, else a random one.
+pub fn default_instance_id(kind: &str) -> String {
+    let host = host_name().filter(|h| crate::envelope::valid_id(h));
     match host {
         Some(h) => format!("{kind}-{h}"),
         None => format!("{kind}-{}", uuid::Uuid::now_v7().simple()),
@@ -847,6 +874,33 @@ mod tests {
                 assert!(!message.contains("secret"), "{message}");
             }
             other => panic!("bad node accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn session_secret_comes_from_file_or_env_is_redacted_and_has_a_minimum_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("honua.toml");
+        let long = "0123456789abcdef0123456789abcdef";
+        std::fs::write(&path, format!("[api]\nsession_secret = \"{long}\"\n")).unwrap();
+        let c = Config::load(Some(&path), env(&[])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.api.session_secret.as_ref().unwrap().expose(), long);
+        // Never shown: not in Debug, nor in what the config endpoint serializes.
+        assert!(!format!("{c:?}").contains(long));
+        assert!(!serde_json::to_string(&c).unwrap().contains(long));
+        // The environment beats the file.
+        let env_secret = "fedcba9876543210fedcba9876543210-env";
+        let c = Config::load(Some(&path), env(&[("HONUA_SESSION_SECRET", env_secret)])).unwrap();
+        assert_eq!(c.api.session_secret.as_ref().unwrap().expose(), env_secret);
+        // Too short: refused, naming the field, without the value.
+        let c = Config::load(None, env(&[("HONUA_SESSION_SECRET", "short-secret")])).unwrap();
+        match c.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "api.session_secret");
+                assert!(!message.contains("short-secret"), "{message}");
+            }
+            other => panic!("a short secret was accepted: {other:?}"),
         }
     }
 

@@ -26,6 +26,8 @@ pub enum Action {
     Reopen {
         from: ProcessStatus,
         timeout_ms: u64,
+        /// Its type, for the per-type count of unfinished processes.
+        process_type: String,
     },
     /// Replace the process input (a retry's state patch), already encoded.
     SetInput(Vec<u8>),
@@ -75,6 +77,8 @@ pub enum Action {
         status: ProcessStatus,
         error: Option<String>,
         code: Option<String>,
+        /// Its type, for the per-type counts of finished processes.
+        process_type: String,
     },
 }
 
@@ -453,6 +457,7 @@ impl<'a> Planner<'a> {
                 status,
                 error: Some(error),
                 code: Some(code),
+                process_type: self.ctx.def.name.clone(),
             });
             return Transition {
                 actions: self.actions,
@@ -479,6 +484,7 @@ impl<'a> Planner<'a> {
                 status: ProcessStatus::Completed,
                 error: None,
                 code: None,
+                process_type: self.ctx.def.name.clone(),
             }),
             Some(s) if Some(s) != current => self.actions.push(Action::SetStatus(s)),
             Some(_) => {}
@@ -793,6 +799,9 @@ pub fn on_event(ctx: &Ctx<'_>, rec: &ProcessRecord, event: &Event) -> Transition
 pub enum OpError {
     #[error("process is {0}; {1}")]
     InvalidState(ProcessStatus, &'static str),
+    /// The operator named a step its process's definition does not have.
+    #[error("the definition has no step {0:?}")]
+    UnknownStep(String),
 }
 
 fn audit(rec: &ProcessRecord, now_ms: u64, action: &str, detail: Option<String>) -> Action {
@@ -959,6 +968,26 @@ pub fn resume(ctx: &Ctx<'_>, rec: &ProcessRecord) -> Result<Transition, OpError>
     Ok(p.finish(Some(rec.status)))
 }
 
+/// The planner of a retry: the finished process reopens (fresh deadline of `timeout`) with
+/// `input` replacing its input when given.
+fn reopen<'a>(
+    ctx: &'a Ctx<'a>,
+    rec: &'a ProcessRecord,
+    timeout: Duration,
+    input: Option<Vec<u8>>,
+) -> Planner<'a> {
+    let mut p = Planner::for_record(ctx, rec);
+    p.actions.push(Action::Reopen {
+        from: rec.status,
+        timeout_ms: timeout.as_millis() as u64,
+        process_type: ctx.def.name.clone(),
+    });
+    if let Some(blob) = input {
+        p.actions.push(Action::SetInput(blob));
+    }
+    p
+}
+
 /// Re-runs a Failed, Cancelled or TimedOut process from where it stopped: completed steps
 /// keep their results; the step that failed it (and every step that was cancelled) runs
 /// again with fresh attempts.
@@ -977,14 +1006,7 @@ pub fn retry(
             "only Failed, Cancelled or TimedOut processes can be retried",
         ));
     }
-    let mut p = Planner::for_record(ctx, rec);
-    p.actions.push(Action::Reopen {
-        from: rec.status,
-        timeout_ms: timeout.as_millis() as u64,
-    });
-    if let Some(blob) = input {
-        p.actions.push(Action::SetInput(blob));
-    }
+    let mut p = reopen(ctx, rec, timeout, input);
     let rerun: Vec<String> = rec
         .steps
         .iter()
@@ -1011,6 +1033,99 @@ pub fn retry(
         p.reenter(s);
     }
     Ok(p.finish(Some(rec.status)))
+}
+
+/// Re-runs a finished process (Completed, Failed, Cancelled or TimedOut) from `from`, any
+/// step of its definition: `from` and every step downstream of it (reachable through any
+/// route) go back to not reached, keeping their past attempts; the steps `from` depends on
+/// (those with a path to it) keep their records and results, even inside a loop; and
+/// `from` runs again with fresh attempts. A join downstream keeps the arrivals of inputs
+/// that are not reset and completed routing to it. Steps of other branches keep their
+/// state (a plain [`retry`] re-runs those that failed or were cancelled).
+pub fn retry_from(
+    ctx: &Ctx<'_>,
+    rec: &ProcessRecord,
+    from: &str,
+    timeout: Duration,
+    input: Option<Vec<u8>>,
+) -> Result<Transition, OpError> {
+    if !rec.status.is_finished() {
+        return Err(OpError::InvalidState(
+            rec.status,
+            "only a finished process can be retried from a step (cancel or pause it first)",
+        ));
+    }
+    if ctx.def.step(from).is_none() {
+        return Err(OpError::UnknownStep(from.to_string()));
+    }
+    let reset = downstream(ctx.def, from);
+    let mut p = reopen(ctx, rec, timeout, input);
+    p.actions.push(audit(
+        rec,
+        ctx.now_ms,
+        "retry",
+        Some(format!("from step {from} (chosen)")),
+    ));
+    for name in &reset {
+        if name == from || !rec.steps.contains_key(name) {
+            continue;
+        }
+        let arrived: Vec<String> = match ctx.def.step(name).map(|s| &s.join) {
+            Some(Join::All) => ctx
+                .def
+                .inbound(name)
+                .iter()
+                .filter(|i| !reset.contains(*i))
+                .filter(|i| {
+                    rec.steps.get(*i).is_some_and(|r| {
+                        r.status == StepStatus::Completed
+                            && r.outcome
+                                .as_deref()
+                                .is_some_and(|o| ctx.def.targets(i, o).iter().any(|t| t == name))
+                    })
+                })
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        let r = p.rec(name);
+        r.archive_attempt();
+        *r = StepRecord {
+            status: StepStatus::Idle,
+            // A retry is not a new visit: the next entry counts as this one again.
+            visit: r.visit.saturating_sub(1),
+            history: std::mem::take(&mut r.history),
+            arrived,
+            ..Default::default()
+        };
+    }
+    p.reenter(from);
+    Ok(p.finish(Some(rec.status)))
+}
+
+/// `from` and every step reachable from it through any route, less the steps with a path
+/// to `from` that does not pass through it (what `from` depends on, in a loop too).
+fn downstream(def: &ProcessDefinition, from: &str) -> std::collections::BTreeSet<String> {
+    let mut ahead = std::collections::BTreeSet::from([from.to_string()]);
+    let mut todo = vec![from.to_string()];
+    while let Some(s) = todo.pop() {
+        let Some(step) = def.step(&s) else { continue };
+        for t in step.routes.values().flatten() {
+            if ahead.insert(t.clone()) {
+                todo.push(t.clone());
+            }
+        }
+    }
+    let mut behind = std::collections::BTreeSet::new();
+    let mut todo: Vec<String> = def.inbound(from).to_vec();
+    while let Some(s) = todo.pop() {
+        if s == from || !behind.insert(s.clone()) {
+            continue;
+        }
+        todo.extend(def.inbound(&s).iter().cloned());
+    }
+    ahead.retain(|s| s == from || !behind.contains(s));
+    ahead
 }
 
 /// Re-enqueues the worker steps of a running process now (stuck or delayed ones): each gets

@@ -131,6 +131,7 @@ fn apply(rec: &mut ProcessRecord, t: &Transition, now: u64) {
                 status,
                 error,
                 code,
+                ..
             } => {
                 rec.status = *status;
                 rec.error = error.clone();
@@ -1407,7 +1408,7 @@ fn parse_ops(call: &CommitCall) -> Vec<Op> {
         let end = match name.as_str() {
             "hset" | "xadd" => i + 3 + 2 * a[i + 2].parse::<usize>().unwrap(),
             "hdel" => i + 3 + a[i + 2].parse::<usize>().unwrap(),
-            "zadd" | "zaddin" | "setex" => i + 4,
+            "zadd" | "zaddin" | "setex" | "hincrby" => i + 4,
             "zrem" | "expire" => i + 3,
             "persist" | "del" | "absent" => i + 2,
             other => panic!("unknown op {other}"),
@@ -1664,7 +1665,8 @@ fn finishing_commit_expires_the_process_and_drops_its_deadline() {
     let t = sim.ok("C");
     let call = t.to_commit(&keys, PID, at(rev), NOW, RETENTION, None);
     let ops = parse_ops(&call);
-    assert_eq!(ops.iter().filter(|o| o.name == "expire").count(), 3);
+    // The three process keys and the two counters of finished processes.
+    assert_eq!(ops.iter().filter(|o| o.name == "expire").count(), 5);
     assert_eq!(
         find(
             &ops,
@@ -1674,6 +1676,27 @@ fn finishing_commit_expires_the_process_and_drops_its_deadline() {
         )
         .len(),
         1
+    );
+    // Counted for its type in this minute and this hour, and no longer active for it.
+    for (k, ttl) in [
+        (
+            keys.stats_minute(NOW / 60_000),
+            crate::keys::STATS_MINUTE_TTL_SECS,
+        ),
+        (
+            keys.stats_hour(NOW / 3_600_000),
+            crate::keys::STATS_HOUR_TTL_SECS,
+        ),
+    ] {
+        assert_eq!(
+            find(&ops, &call, "hincrby", &k)[0].args,
+            ["Completed:T", "1"]
+        );
+        assert_eq!(find(&ops, &call, "expire", &k)[0].args, [ttl.to_string()]);
+    }
+    assert_eq!(
+        find(&ops, &call, "zrem", &keys.index_active_type("T"))[0].args,
+        [PID]
     );
 }
 
@@ -1776,7 +1799,8 @@ fn retry_reruns_from_the_failed_step_keeping_completed_ones() {
         a,
         Action::Reopen {
             from: ProcessStatus::Failed,
-            timeout_ms: 60_000
+            timeout_ms: 60_000,
+            ..
         }
     )));
     assert_eq!(enqueued_steps(&t), vec!["B"]);
@@ -1793,6 +1817,142 @@ fn retry_reruns_from_the_failed_step_keeping_completed_ones() {
     assert!(retry(&sim.ctx(), &sim.rec, Duration::from_secs(60), None).is_err());
     sim.ok("B");
     sim.ok("C");
+    assert_eq!(sim.rec.status, ProcessStatus::Completed);
+}
+
+#[test]
+fn retry_from_a_chosen_step_resets_it_and_downstream_keeping_upstream() {
+    let (mut sim, _) = Sim::start(SEQUENCE);
+    sim.ok("A");
+    sim.ok("B");
+    sim.ok("C");
+    assert_eq!(sim.rec.status, ProcessStatus::Completed);
+    let a_before = sim.step("A").clone();
+    let t = retry_from(&sim.ctx(), &sim.rec, "B", Duration::from_secs(60), None).unwrap();
+    assert!(t.actions.iter().any(|a| matches!(
+        a,
+        Action::Reopen {
+            from: ProcessStatus::Completed,
+            timeout_ms: 60_000,
+            process_type,
+        } if process_type == "T"
+    )));
+    assert_eq!(enqueued_steps(&t), vec!["B"]);
+    assert_eq!(enqueued(&t)[0].attempt, 1);
+    assert!(set_step(&t, "A").is_none(), "upstream is not written");
+    let c = set_step(&t, "C").unwrap();
+    assert_eq!(c.status, StepStatus::Idle);
+    assert_eq!(c.visit, 0, "a retry is not a new visit");
+    assert_eq!(c.attempts().len(), 1, "its past attempt is kept");
+    assert!(c.token.is_empty() && c.outcome.is_none());
+    assert_eq!(set_statuses(&t), [ProcessStatus::Running]);
+    let audit = t.actions.iter().find_map(|a| match a {
+        Action::Audit(l) => l.last().cloned(),
+        _ => None,
+    });
+    assert_eq!(
+        audit.unwrap().detail.as_deref(),
+        Some("from step B (chosen)")
+    );
+    apply_op(&mut sim, &t);
+    assert_eq!(sim.step("A"), &a_before, "upstream keeps its result");
+    assert_eq!(sim.step("B").status, StepStatus::Queued);
+    assert_eq!(sim.step("B").visit, 1);
+    // Not while it runs; not from a step the definition lacks.
+    assert!(matches!(
+        retry_from(&sim.ctx(), &sim.rec, "B", HOUR, None),
+        Err(OpError::InvalidState(ProcessStatus::Running, _))
+    ));
+    sim.ok("B");
+    let t = sim.ok("C");
+    assert_eq!(t.finish().map(|f| f.0), Some(ProcessStatus::Completed));
+    assert_eq!(sim.step("C").visit, 1);
+    assert_eq!(sim.step("C").attempts().len(), 2);
+    assert!(matches!(
+        retry_from(&sim.ctx(), &sim.rec, "Nope", HOUR, None),
+        Err(OpError::UnknownStep(s)) if s == "Nope"
+    ));
+}
+
+#[test]
+fn retry_from_a_failed_process_takes_any_step_and_a_patch() {
+    let (mut sim, _) = Sim::start(SEQUENCE);
+    sim.ok("A");
+    sim.report("B", failure("bad", false));
+    assert_eq!(sim.rec.status, ProcessStatus::Failed);
+    // From the first step: everything runs again.
+    let t = retry_from(&sim.ctx(), &sim.rec, "A", HOUR, Some(b"patched".to_vec())).unwrap();
+    assert!(t.actions.contains(&Action::SetInput(b"patched".to_vec())));
+    assert_eq!(enqueued_steps(&t), vec!["A"]);
+    assert_eq!(set_step(&t, "B").unwrap().status, StepStatus::Idle);
+    apply_op(&mut sim, &t);
+    sim.ok("A");
+    sim.ok("B");
+    sim.ok("C");
+    assert_eq!(sim.rec.status, ProcessStatus::Completed);
+    assert_eq!(sim.step("A").attempts().len(), 2);
+}
+
+#[test]
+fn retry_from_inside_a_loop_keeps_what_the_step_depends_on() {
+    // Review rejected routes back to Fix, which routes to Review again.
+    let (mut sim, _) = Sim::start(
+        r#"
+[[steps]]
+name = "Fix"
+kind = "noop"
+next = "Review"
+max_visits = 3
+
+[[steps]]
+name = "Review"
+kind = "noop"
+next = "Ship"
+
+[steps.on]
+rejected = "Fix"
+
+[[steps]]
+name = "Ship"
+kind = "noop"
+"#,
+    );
+    sim.ok("Fix");
+    sim.ok("Review");
+    sim.ok("Ship");
+    let t = retry_from(&sim.ctx(), &sim.rec, "Review", HOUR, None).unwrap();
+    assert!(
+        set_step(&t, "Fix").is_none(),
+        "Fix is what Review depends on"
+    );
+    assert_eq!(set_step(&t, "Ship").unwrap().status, StepStatus::Idle);
+    assert_eq!(enqueued_steps(&t), vec!["Review"]);
+}
+
+#[test]
+fn retry_from_one_branch_keeps_the_other_branches_arrival_at_the_join() {
+    let (mut sim, _) = Sim::start(&fan_in(2, "all"));
+    sim.ok("Start");
+    sim.ok("B0");
+    sim.ok("B1");
+    sim.ok("Join");
+    sim.ok("Done");
+    assert_eq!(sim.rec.status, ProcessStatus::Completed);
+    let t = retry_from(&sim.ctx(), &sim.rec, "B1", HOUR, None).unwrap();
+    assert_eq!(enqueued_steps(&t), vec!["B1"]);
+    assert!(set_step(&t, "B0").is_none());
+    let join = set_step(&t, "Join").unwrap();
+    assert_eq!(join.status, StepStatus::Idle);
+    assert_eq!(join.arrived, vec!["B0".to_string()]);
+    apply_op(&mut sim, &t);
+    let t = sim.ok("B1");
+    assert_eq!(
+        enqueued_steps(&t),
+        vec!["Join"],
+        "the join runs once B1 arrives"
+    );
+    sim.ok("Join");
+    sim.ok("Done");
     assert_eq!(sim.rec.status, ProcessStatus::Completed);
 }
 

@@ -22,8 +22,12 @@
 //! | `<prefix>:v2:{<shard>}:index:active` | sorted set, score = created ms | processes not yet finished |
 //! | `<prefix>:v2:{<shard>}:index:status:<Status>` | sorted set, score = ended ms | finished processes by status |
 //! | `<prefix>:v2:{<shard>}:index:status:Pending` | sorted set, score = created ms | processes created while intake was drained, not yet started |
+//! | `<prefix>:v2:{<shard>}:index:active:<type>` | sorted set, score = created (or reopened) ms | unfinished processes of one type (the console's per-type counts) |
+//! | `<prefix>:v2:{<shard>}:stats:minute:<unix minute>` | hash `<Status>:<type>` → count, with TTL (25 h) | processes of each type that finished with each status in that minute |
+//! | `<prefix>:v2:{<shard>}:stats:hour:<unix hour>` | hash `<Status>:<type>` → count, with TTL (49 h) | the same per hour |
 //! | `<prefix>:v2:{<shard>}:intake` | string (JSON: since, by) | present while the fleet's intake is drained (`POST /api/admin/drain`) |
 //! | `<prefix>:v2:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
+//! | `<prefix>:v2:{<shard>}:workers:info` | hash, field per worker (JSON: version, host, concurrency, started) | what each worker registered at start; its field goes when it retires |
 //! | `<prefix>:v2:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
 //! | `<prefix>:v2:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
 //! | `<prefix>:v2:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
@@ -112,6 +116,11 @@ impl Keys {
     pub fn workers(&self) -> Key {
         self.key("workers")
     }
+    /// What each worker registered at start ([`crate::store::WorkerMeta`], JSON per
+    /// consumer name), removed by `retire_consumer.lua`.
+    pub fn workers_info(&self) -> Key {
+        self.key("workers:info")
+    }
     pub fn process(&self, id: &str) -> Key {
         self.key(&format!("process:{id}"))
     }
@@ -133,6 +142,21 @@ impl Keys {
     }
     pub fn index_active(&self) -> Key {
         self.key("index:active")
+    }
+    /// Unfinished processes of one type (created or reopened: added; finished or deleted:
+    /// removed), for counts per type without reading every record.
+    pub fn index_active_type(&self, process_type: &str) -> Key {
+        self.key(&format!("index:active:{process_type}"))
+    }
+    /// Processes finished in one minute (`minute` = unix ms / 60 000), per `<Status>:<type>`
+    /// field ([`stats_field`]); written by the commit that finishes them.
+    pub fn stats_minute(&self, minute: u64) -> Key {
+        self.key(&format!("stats:minute:{minute}"))
+    }
+    /// Processes finished in one hour (`hour` = unix ms / 3 600 000), as
+    /// [`Keys::stats_minute`].
+    pub fn stats_hour(&self, hour: u64) -> Key {
+        self.key(&format!("stats:hour:{hour}"))
     }
     /// Present while the fleet's intake is drained: processes are created Pending.
     pub fn intake(&self) -> Key {
@@ -211,6 +235,17 @@ impl Keys {
     }
 }
 
+/// How long a [`Keys::stats_minute`] counter lives: a day's window needs the minutes of
+/// the hour before its first whole hour.
+pub const STATS_MINUTE_TTL_SECS: u64 = 25 * 3600;
+/// How long a [`Keys::stats_hour`] counter lives (more than a day's window).
+pub const STATS_HOUR_TTL_SECS: u64 = 49 * 3600;
+
+/// The field of a finished-process counter: `<Status>:<type>`.
+pub fn stats_field(status: crate::status::ProcessStatus, process_type: &str) -> String {
+    format!("{}:{process_type}", status.as_str())
+}
+
 /// Field names inside the process hashes, shared by Rust and (through the script prelude) Lua.
 pub mod field {
     pub const TYPE: &str = "type";
@@ -278,6 +313,10 @@ mod tests {
             k.llm_type_usage("T", "20260101"),
             k.llm_type_cost("T", "20260101"),
             k.llm_cache("ab"),
+            k.workers_info(),
+            k.index_active_type("T"),
+            k.stats_minute(1),
+            k.stats_hour(1),
         ];
         for key in &all {
             assert_eq!(tag(key), "0", "{key}");

@@ -502,6 +502,14 @@ impl Serialize for Secret {
     }
 }
 
+/// Read from a configuration file as a plain string (never written back: it serializes
+/// redacted).
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -517,6 +517,29 @@ kind = "noop"
     let (code, body) = post_json(&c, &url, json!({})).await;
     assert_eq!(code, 409, "{body}");
     assert_error_body(&body, "retry of a completed process");
+
+    // From a chosen step, a Completed process runs again: B and what follows it; A, which
+    // B depends on, keeps its result.
+    let (code, body) = post_json(&c, &url, json!({"fromStep": "B"})).await;
+    assert_eq!(code, 200, "{body}");
+    let rec = f.wait_finished(&id).await;
+    assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+    assert_eq!(probe.calls(), 3);
+    let counts: Vec<usize> = ["A", "B", "C"]
+        .iter()
+        .map(|s| rec.steps[*s].attempts().len())
+        .collect();
+    assert_eq!(counts, [1, 3, 2], "{rec:?}");
+    let audit = rec.audit.last().unwrap();
+    assert_eq!(
+        (audit.action.as_str(), audit.detail.as_deref()),
+        ("retry", Some("from step B (chosen)"))
+    );
+    // A step the definition lacks: 400, nothing changes.
+    let (code, body) = post_json(&c, &url, json!({"fromStep": "Nope"})).await;
+    assert_eq!(code, 400, "{body}");
+    assert_error_body(&body, "retry from an unknown step");
+    assert_eq!(f.record(&id).await.unwrap().rev, rec.rev);
     f.stop().await;
 }
 

@@ -7,7 +7,10 @@
 //! log in with a token; a submitted Test completes on the list without a reload; a
 //! Deployment at its review gate is approved with the button and reaches Completed; a
 //! failed process is retried from its failed step with a state patch (audited under the
-//! key's name); failed processes are retried in bulk; a Deployment rejected at its gate
+//! key's name), then, completed, from a step chosen in its definition's list; failed
+//! processes are retried in bulk; the overview counts each type's processes (active,
+//! completed and failed in the last hour and day); the workers page shows the version each
+//! worker registered; a Deployment rejected at its gate
 //! takes its rejection path; a stuck step is retried under a new claim; running processes
 //! are cancelled in bulk and then purged in bulk; the DAG shows every step of each
 //! definition; a `read` token sees no action and a forged POST is refused (403), as is one
@@ -411,7 +414,8 @@ async fn console_in_headless_chromium() {
 
     live_list(&ctx).await;
     let deployment = approve_deployment(&ctx).await;
-    retry_failed_step(&ctx).await;
+    let fixed = retry_failed_step(&ctx).await;
+    retry_from_chosen_step(&ctx, &fixed).await;
     bulk_retry(&ctx).await;
     other_pages(&ctx, &deployment).await;
     reject_deployment(&ctx).await;
@@ -530,8 +534,9 @@ async fn bulk_retry(ctx: &Ctx) {
 }
 
 /// A process failed at its `Call` step is retried from that step with a state patch; it
-/// completes, the endpoint saw both calls, and the audit names the acting key.
-async fn retry_failed_step(ctx: &Ctx) {
+/// completes, the endpoint saw both calls, and the audit names the acting key. Returns its
+/// id.
+async fn retry_failed_step(ctx: &Ctx) -> String {
     let id = ctx.submit("Fixable", json!({"fixed": false})).await;
     ctx.open_process(&id, "Failed").await;
     let rec = ctx.fleet.record(&id).await.unwrap();
@@ -559,6 +564,53 @@ async fn retry_failed_step(ctx: &Ctx) {
         "platform",
     )
     .await;
+    id
+}
+
+/// The Completed Fixable is retried from a step chosen in the list of its definition's
+/// steps (confirmed): `Call` and `Finish` run again, `Prepare` keeps its result, and the
+/// audit names the key and the step.
+async fn retry_from_chosen_step(ctx: &Ctx, id: &str) {
+    ctx.open_process(id, "Completed").await;
+    let before = ctx.fleet.record(id).await.unwrap();
+    let options = ctx
+        .browser
+        .execute(
+            "return Array.from(document.querySelectorAll('#from-step option')).map(o => o.value);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(options, json!(["Prepare", "Call", "Finish"]));
+    // Chosen and submitted in one script: the live region may be redrawn in between.
+    ctx.browser
+        .execute(
+            "const s = document.querySelector('#from-step'); s.value = 'Call'; \
+             s.form.querySelector('button[data-action=retry-from]').click();",
+            json!([]),
+        )
+        .await;
+    ctx.confirm_only("confirm-retry-from").await;
+    let rec = wait_for("the retry from Call to finish", DEADLINE, || async {
+        ctx.fleet
+            .record(id)
+            .await
+            .filter(|r| r.status.is_finished() && r.steps["Finish"].attempts().len() == 2)
+    })
+    .await;
+    assert_eq!(rec.status.as_str(), "Completed", "{rec:?}");
+    assert_eq!(rec.steps["Call"].attempts().len(), 3);
+    assert_eq!(rec.steps["Prepare"], before.steps["Prepare"]);
+    let audit = rec.audit.last().unwrap();
+    assert_eq!(
+        (
+            audit.action.as_str(),
+            audit.by.as_deref(),
+            audit.detail.as_deref()
+        ),
+        ("retry", Some("platform"), Some("from step Call (chosen)"))
+    );
+    ctx.wait_text("Completed again", "#status .badge", "Completed")
+        .await;
 }
 
 /// A Deployment rejected at its review gate (confirmed) routes back to
@@ -724,6 +776,34 @@ async fn other_pages(ctx: &Ctx, deployment: &str) {
         .unwrap();
     assert!(charged > 0);
     assert_eq!(tokens, charged);
+    // Per type: the one Test completed; the Fixables failed five times (one, then two
+    // retried in bulk that failed again) and completed twice (the patched one, then its
+    // retry from a chosen step); none of them is unfinished.
+    // (active, completed last hour, last day, failed or timed out last hour, last day).
+    let row = |t: &str| {
+        format!(
+            "(function() {{ const r = document.querySelector(\"#per-type tr[data-type='{t}']\"); \
+             return r ? [r.dataset.active, r.dataset.completedHour, r.dataset.completedDay, \
+             r.dataset.failedHour, r.dataset.failedDay] : null; }})()"
+        )
+    };
+    ctx.browser
+        .wait_true(
+            "the Test's row on the overview",
+            &format!("const v = {}; return !!v && v[1] === '1';", row("Test")),
+            DEADLINE,
+        )
+        .await;
+    for (t, want) in [
+        ("Test", json!(["0", "1", "1", "0", "0"])),
+        ("Fixable", json!(["0", "2", "2", "5", "5"])),
+    ] {
+        let got = ctx
+            .browser
+            .execute(&format!("return {};", row(t)), json!([]))
+            .await;
+        assert_eq!(got, want, "{t}");
+    }
     ctx.check_page("overview").await;
     for (path, title, name) in [
         ("/ui/processes", "Processes", "processes"),
@@ -737,6 +817,13 @@ async fn other_pages(ctx: &Ctx, deployment: &str) {
         if name == "workers" {
             ctx.wait_text("a live worker", "#live tbody tr td:nth-child(3)", "yes")
                 .await;
+            // Each worker registered the version it runs.
+            ctx.wait_text(
+                "the worker's version",
+                "#live tbody tr td.version",
+                env!("CARGO_PKG_VERSION"),
+            )
+            .await;
         }
         ctx.check_page(name).await;
     }

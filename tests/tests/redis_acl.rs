@@ -590,6 +590,8 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("XDEL", &["scheduler"]),
     ("HGETALL", &["scheduler"]),
     ("HMGET", &["scheduler"]),
+    // A worker registers its version and host at start (workers:info).
+    ("HSET", &["worker"]),
     ("GET", &["worker", "scheduler"]),
     ("SET", &["worker", "scheduler"]),
     ("DEL", &["scheduler"]),
@@ -701,6 +703,10 @@ fn key_kinds() -> Vec<String> {
         k.llm_type_usage("T", "20260101"),
         k.llm_type_cost("T", "20260101"),
         k.llm_cache("ab"),
+        k.workers_info(),
+        k.index_active_type("T"),
+        k.stats_minute(1),
+        k.stats_hour(1),
         limit,
         paused,
         k.llm_breaker("azure/gpt-4o"),
@@ -1011,6 +1017,17 @@ async fn a_hostile_worker_or_scheduler_login_is_refused_forged_writes_and_its_ow
             }
             c
         },
+        // Forge the counters of finished processes or the per-type active index.
+        redis::cmd("HINCRBY")
+            .arg(keys.stats_hour(1))
+            .arg("Completed:T")
+            .arg(1)
+            .clone(),
+        redis::cmd("ZADD")
+            .arg(keys.index_active_type("T"))
+            .arg(1)
+            .arg(pid)
+            .clone(),
         // Delete or rewrite process fields.
         redis::cmd("HDEL")
             .arg(keys.process(pid))

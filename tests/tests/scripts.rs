@@ -21,11 +21,8 @@ kind = "noop"
 "#,
 )];
 
-/// A process created through the engine (no scheduler or worker running), with its one job
-/// read by consumer `a`.
-async fn setup(
-    redis: &RedisServer,
-) -> (Store, Held, honua_scheduler::Processes, tempfile::TempDir) {
+/// The store and the engine (no scheduler loop) of a fleet with the `One` type.
+async fn engine_of(redis: &RedisServer) -> (Store, honua_scheduler::Processes, tempfile::TempDir) {
     let dir = defs_dir(DEF);
     let cfg = test_config(&redis.url(), dir.path());
     let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
@@ -33,6 +30,15 @@ async fn setup(
     st.ensure_groups().await.unwrap();
     let engine =
         honua_scheduler::Processes::new(std::sync::Arc::new(cfg), st.clone(), defs, kinds).await;
+    (st, engine, dir)
+}
+
+/// A process created through the engine (no scheduler or worker running), with its one job
+/// read by consumer `a`.
+async fn setup(
+    redis: &RedisServer,
+) -> (Store, Held, honua_scheduler::Processes, tempfile::TempDir) {
+    let (st, engine, dir) = engine_of(redis).await;
     let pid = engine
         .create(
             &honua_shared::envelope::Submission {
@@ -1104,13 +1110,7 @@ async fn delete_removes_a_process_and_every_reference_and_nothing_else() {
     use honua_shared::envelope::Event;
     use honua_shared::store::{Deleted, Removed};
     let redis = RedisServer::start();
-    let dir = defs_dir(DEF);
-    let cfg = test_config(&redis.url(), dir.path());
-    let (defs, kinds) = honua_scheduler::load_definitions(&cfg).unwrap();
-    let st = store(&cfg);
-    st.ensure_groups().await.unwrap();
-    let engine =
-        honua_scheduler::Processes::new(std::sync::Arc::new(cfg), st.clone(), defs, kinds).await;
+    let (st, engine, _dir) = engine_of(&redis).await;
     let keys = st.keys().clone();
     let mut conn = st.conn();
     // p1: its job pending on consumer a; a signal and a step result not yet applied, a dead
@@ -1505,4 +1505,141 @@ async fn a_worker_commits_a_steps_successors_only_on_the_revision_it_decided_on(
     assert_eq!((after.rev, after.steps_rev), (rec.rev + 1, 0));
     assert_eq!(jobs_added().await, jobs_before);
     assert_eq!(results_added().await, 1, "A's result is the scheduler's");
+}
+
+/// The per-type counts the console's overview shows: the commit that creates or reopens a
+/// process adds it to its type's active index, the one that finishes it removes it and
+/// counts it in the minute and hour buckets of its status (with their TTLs); a forced
+/// delete leaves the index too. The read sums the last hour from minute buckets and the
+/// last day from hour buckets plus the minutes before the first of them.
+#[tokio::test]
+async fn finishing_commits_count_per_type_and_the_read_sums_the_windows() {
+    use honua_shared::keys::{STATS_HOUR_TTL_SECS, STATS_MINUTE_TTL_SECS};
+    use honua_shared::status::ProcessStatus;
+    let redis = RedisServer::start();
+    let (st, engine, _dir) = engine_of(&redis).await;
+    let keys = st.keys().clone();
+    let counts = |now: u64| {
+        let st = st.clone();
+        async move {
+            let c = st.type_counts(&["One", "Other"], now).await.unwrap();
+            assert_eq!(c[1].active, 0);
+            assert!(c[1].finished.iter().all(|(_, h, d)| *h == 0 && *d == 0));
+            c.into_iter().next().unwrap()
+        }
+    };
+    let of = |c: &honua_shared::store::TypeCounts, s: ProcessStatus| {
+        c.finished
+            .iter()
+            .find(|(st, _, _)| *st == s)
+            .map(|(_, h, d)| (*h, *d))
+            .unwrap()
+    };
+    for id in ["p1", "p2", "p3"] {
+        created(&engine, id, false).await;
+    }
+    let now = st.server_time_ms().await.unwrap();
+    assert_eq!(counts(now).await.active, 3);
+
+    // Cancelled: no longer active, counted once in the hour and the day.
+    engine.cancel("p1", None, None).await.unwrap();
+    let now = st.server_time_ms().await.unwrap();
+    let c = counts(now).await;
+    assert_eq!(c.active, 2);
+    assert_eq!(of(&c, ProcessStatus::Cancelled), (1, 1));
+    assert_eq!(of(&c, ProcessStatus::Completed), (0, 0));
+    // Both buckets expire, after more than the day they serve.
+    let mut conn = st.conn();
+    for (k, ttl) in [
+        (keys.stats_minute(now / 60_000), STATS_MINUTE_TTL_SECS),
+        (keys.stats_hour(now / 3_600_000), STATS_HOUR_TTL_SECS),
+    ] {
+        let left: i64 = redis::cmd("TTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(left > 24 * 3600 && left <= ttl as i64, "{k}: ttl {left}");
+    }
+
+    // Retried from its step: active again; cancelled again: counted again.
+    engine.retry("p1", Some("S"), None, None).await.unwrap();
+    assert_eq!(counts(now).await.active, 3);
+    engine.cancel("p1", None, None).await.unwrap();
+    let now = st.server_time_ms().await.unwrap();
+    let c = counts(now).await;
+    assert_eq!((c.active, of(&c, ProcessStatus::Cancelled)), (2, (2, 2)));
+
+    // A forced delete of an unfinished process leaves its type's active index.
+    let refs = st.references("p2").await.unwrap();
+    let g = guard(&st, "p2").await;
+    assert_eq!(g.process_type.as_deref(), Some("One"));
+    st.delete_process("p2", &g, &refs, true, 100).await.unwrap();
+    assert_eq!(counts(now).await.active, 1);
+
+    // The windows, on buckets written by hand at a fixed time: 10:30 of some day.
+    let hour_ms = 3_600_000u64;
+    let t = 1_800_000_000_000u64 / hour_ms * hour_ms + 30 * 60_000;
+    let (m, h) = (t / 60_000, t / hour_ms);
+    let mut put = redis::pipe();
+    for (k, n) in [
+        // In the last hour (and the day, through its hour bucket below).
+        (keys.stats_minute(m), 1),
+        (keys.stats_minute(m - 59), 2),
+        (keys.stats_hour(h), 3),
+        // An hour ago: not in the last hour.
+        (keys.stats_minute(m - 60), 100),
+        // The hour buckets of the day: 23 hours back to the current one.
+        (keys.stats_hour(h - 23), 10),
+        // The minutes before that hour, within 24 hours (23 h 59 min ago) ...
+        (keys.stats_minute((h - 23) * 60 - 29), 20),
+        // ... and one just over 24 hours ago, or whose hour is too old: not counted.
+        (keys.stats_minute((h - 23) * 60 - 31), 1000),
+        (keys.stats_hour(h - 24), 1000),
+    ] {
+        put.cmd("HINCRBY").arg(k).arg("Failed:One").arg(n).ignore();
+    }
+    let _: () = put.query_async(&mut conn).await.unwrap();
+    let c = counts(t).await;
+    assert_eq!(of(&c, ProcessStatus::Failed), (1 + 2, 3 + 10 + 20));
+}
+
+/// A worker's registration (version, host, concurrency, start) is read back with the
+/// workers list and removed when it retires.
+#[tokio::test]
+async fn a_worker_registers_what_it_is_and_retiring_removes_it() {
+    use honua_shared::store::WorkerMeta;
+    let redis = RedisServer::start();
+    let (st, _held, _e, _d) = setup(&redis).await;
+    let meta = WorkerMeta {
+        version: "9.9.9".into(),
+        host: "pod-a".into(),
+        concurrency: 16,
+        started_ms: 1234,
+    };
+    st.register_worker("a", &meta).await.unwrap();
+    st.heartbeat("a", &[]).await.unwrap();
+    st.heartbeat("idle", &[]).await.unwrap();
+    let ws = st.workers(10).await.unwrap();
+    let a = ws.iter().find(|w| w.id == "a").unwrap();
+    assert_eq!(a.meta.as_ref(), Some(&meta));
+    let idle = ws.iter().find(|w| w.id == "idle").unwrap();
+    assert_eq!(idle.meta, None, "registered nothing");
+    // `a` owns a job: kept with its registration. The idle one goes.
+    assert!(!st.retire_consumer("a").await.unwrap());
+    assert_eq!(st.worker_meta(&["a"]).await.unwrap(), vec![Some(meta)]);
+    st.register_worker(
+        "idle",
+        &WorkerMeta {
+            version: "1".into(),
+            host: "h".into(),
+            concurrency: 1,
+            started_ms: 1,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(st.retire_consumer("idle").await.unwrap());
+    assert_eq!(st.worker_meta(&["idle"]).await.unwrap(), vec![None]);
+    assert!(st.workers(10).await.unwrap().iter().all(|w| w.id != "idle"));
 }

@@ -127,6 +127,10 @@ pub enum Command {
         /// A JSON object (file, or - for stdin) merged into the process input first.
         #[arg(long, value_name = "FILE")]
         patch: Option<PathBuf>,
+        /// Re-run a finished process (Completed too) from this step of its definition
+        /// instead: it and every step downstream of it run again.
+        #[arg(long, value_name = "STEP")]
+        from_step: Option<String>,
     },
     /// Re-enqueue the running or queued steps of a process now.
     RetryStep {

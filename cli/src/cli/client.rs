@@ -440,6 +440,10 @@ mod tests {
                 idle_ms: 8,
                 deliveries: 9,
             }],
+            version: Some("0.1.0".into()),
+            host: Some("pod-1".into()),
+            concurrency: Some(16),
+            started_ms: Some(5),
         });
         assert_eq!((w.id.as_str(), w.last_seen_age_ms), ("w1", 7));
         let j = &w.jobs[0];

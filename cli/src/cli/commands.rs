@@ -95,11 +95,18 @@ async fn execute(
                 .await?;
             action_done(out, json, &r, &format!("resumed {id}"))
         }
-        Command::Retry { id, patch } => {
-            let body = match patch {
+        Command::Retry {
+            id,
+            patch,
+            from_step,
+        } => {
+            let mut body = match patch {
                 Some(p) => json!({ "statePatch": read_object(p, "patch")? }),
                 None => json!({}),
             };
+            if let Some(step) = from_step {
+                body["fromStep"] = json!(step);
+            }
             let r = api
                 .post(&["api", "processes", id, "retry"], Some(&body))
                 .await?;

@@ -144,6 +144,18 @@ pub struct WorkerView {
     pub last_seen_ms: u64,
     pub last_seen_age_ms: u64,
     pub jobs: Vec<WorkerJobView>,
+    /// The Honua version it runs (absent: it registered nothing, e.g. an older worker).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Its host name (the pod's name on Kubernetes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// How many steps it runs at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u64>,
+    /// When it started (server ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/api/workers", responses((status = 200, body = [WorkerView])))]
@@ -153,6 +165,10 @@ pub(super) async fn workers(State(st): State<ApiState>) -> Result<Json<Vec<Worke
     Ok(Json(
         ws.into_iter()
             .map(|w| WorkerView {
+                version: w.meta.as_ref().map(|m| m.version.clone()),
+                host: w.meta.as_ref().map(|m| m.host.clone()),
+                concurrency: w.meta.as_ref().map(|m| m.concurrency),
+                started_ms: w.meta.as_ref().map(|m| m.started_ms),
                 id: w.id,
                 last_seen_ms: w.last_seen_ms,
                 last_seen_age_ms: now.saturating_sub(w.last_seen_ms),
@@ -245,7 +261,7 @@ pub(super) async fn replay(
         .ok_or_else(not_found)?;
     let pid = entry.fields.get("pid").unwrap_or("").to_string();
     st.engine
-        .retry(&pid, None, super::processes::by(&caller))
+        .retry(&pid, None, None, super::processes::by(&caller))
         .await?;
     store.delete_dead_letter(&id).await?;
     tracing::info!(dead_letter = %id, process_id = %pid, "dead letter replayed");

@@ -374,10 +374,16 @@ pub struct RetryBody {
     /// Merged into the process input (top-level keys) before the retry.
     #[serde(default)]
     pub state_patch: Option<Value>,
+    /// Retry from this step of the definition instead of the failed one: it and every step
+    /// downstream of it run again, the steps it depends on keep their results. A Completed
+    /// process may be retried this way too. Unknown step: 400.
+    #[serde(default)]
+    pub from_step: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/processes/{id}/retry", params(("id" = String, Path)), request_body = Option<RetryBody>,
-    responses((status = 200, body = ActionReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = ActionReply), (status = 400, description = "a bad statePatch, or fromStep names no step of the definition", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "not in a state that can be retried", body = ErrorBody)))]
 pub(super) async fn retry(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -386,7 +392,12 @@ pub(super) async fn retry(
 ) -> Result<Json<ActionReply>, ApiError> {
     let b: RetryBody = optional_body(&body?)?;
     st.engine
-        .retry(&id, b.state_patch.as_ref(), by(&caller))
+        .retry(
+            &id,
+            b.from_step.as_deref(),
+            b.state_patch.as_ref(),
+            by(&caller),
+        )
         .await?;
     action_reply(&st, &id, vec![]).await
 }

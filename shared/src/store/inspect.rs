@@ -48,6 +48,34 @@ pub struct WorkerInfo {
     pub id: String,
     pub last_seen_ms: u64,
     pub jobs: Vec<HeldJob>,
+    /// What it registered at start (`None`: an older worker, or unreadable).
+    pub meta: Option<WorkerMeta>,
+}
+
+/// What a worker registers at start ([`Store::register_worker`]), in the workers info
+/// hash ([`crate::keys::Keys::workers_info`]) until it retires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerMeta {
+    /// The Honua version the worker runs.
+    pub version: String,
+    /// Its host name (the pod's name on Kubernetes).
+    pub host: String,
+    /// How many steps it runs at once (`worker.max_concurrent_steps`).
+    pub concurrency: u64,
+    /// When it started (server ms).
+    pub started_ms: u64,
+}
+
+/// Per process type: how many are unfinished, and how many finished with each status in
+/// the last hour and the last day ([`Store::type_counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TypeCounts {
+    pub process_type: String,
+    pub active: u64,
+    /// (status, last hour, last day) for each finished status, in
+    /// [`crate::status::ProcessStatus::ALL`] order.
+    pub finished: Vec<(crate::status::ProcessStatus, u64, u64)>,
 }
 
 /// One process as stored: the meta, steps and data hashes (all empty when it does not
@@ -381,6 +409,97 @@ impl Store {
             .await?)
     }
 
+    /// Per process type in `types`: its unfinished processes (`ZCARD` of its active
+    /// index) and the processes finished with each status in the hour and the day up to
+    /// `now_ms`, summed from the counters the finishing commits keep: the minute buckets of
+    /// the last hour, and for the day the hour buckets from 23 hours before the current
+    /// hour plus the minute buckets before that, back to exactly 24 hours ago. One
+    /// pipelined round trip of at most `types` + 144 reads, whatever the traffic.
+    pub async fn type_counts(&self, types: &[&str], now_ms: u64) -> Result<Vec<TypeCounts>> {
+        use crate::status::ProcessStatus;
+        const MIN: u64 = 60_000;
+        const HOUR: u64 = 3_600_000;
+        let minute = now_ms / MIN;
+        let hour = now_ms / HOUR;
+        // The minutes of the last hour (the current one included: 60 buckets).
+        let last_hour: Vec<u64> = (minute.saturating_sub(59)..=minute).collect();
+        // The day: whole hours from `hour - 23` (the current one partial), then the minutes
+        // from 24 hours ago up to where hour `hour - 23` starts.
+        let first_hour = hour.saturating_sub(23);
+        let hours: Vec<u64> = (first_hour..=hour).collect();
+        let day_start = (now_ms.saturating_sub(24 * HOUR)) / MIN + 1;
+        let edge: Vec<u64> = (day_start..first_hour * (HOUR / MIN)).collect();
+        let mut pipe = redis::pipe();
+        for t in types {
+            pipe.cmd("ZCARD").arg(self.keys.index_active_type(t));
+        }
+        for m in last_hour.iter().chain(&edge) {
+            pipe.cmd("HGETALL").arg(self.keys.stats_minute(*m));
+        }
+        for h in &hours {
+            pipe.cmd("HGETALL").arg(self.keys.stats_hour(*h));
+        }
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
+        let buckets = replies.split_off(types.len());
+        let (minutes, hour_buckets) = buckets.split_at(last_hour.len() + edge.len());
+        let (hour_minutes, edge_minutes) = minutes.split_at(last_hour.len());
+        // Sums of `<Status>:<type>` fields over a set of buckets.
+        let sum = |set: &[&[Value]]| {
+            let mut out: HashMap<String, u64> = HashMap::new();
+            for bucket in set.iter().flat_map(|b| b.iter()) {
+                // RESP2 answers a flat list, RESP3 a map.
+                let pairs: Vec<(&Value, &Value)> = match bucket {
+                    Value::Array(v) => v.chunks_exact(2).map(|kv| (&kv[0], &kv[1])).collect(),
+                    Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+                    _ => Vec::new(),
+                };
+                for (k, v) in pairs {
+                    *out.entry(value_str(k)).or_default() += value_u64(v);
+                }
+            }
+            out
+        };
+        let in_hour = sum(&[hour_minutes]);
+        let in_day = sum(&[edge_minutes, hour_buckets]);
+        Ok(types
+            .iter()
+            .zip(&replies)
+            .map(|(t, active)| TypeCounts {
+                process_type: t.to_string(),
+                active: value_u64(active),
+                finished: ProcessStatus::ALL
+                    .into_iter()
+                    .filter(|s| s.is_finished())
+                    .map(|s| {
+                        let f = crate::keys::stats_field(s, t);
+                        (
+                            s,
+                            in_hour.get(&f).copied().unwrap_or(0),
+                            in_day.get(&f).copied().unwrap_or(0),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// What the workers `ids` registered at start, in order (`None` where a worker
+    /// registered nothing or its entry is unreadable): one `HMGET`.
+    pub async fn worker_meta(&self, ids: &[&str]) -> Result<Vec<Option<WorkerMeta>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.workers_info())
+            .arg(ids)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(raw
+            .into_iter()
+            .map(|r| r.and_then(|j| serde_json::from_str(&j).ok()))
+            .collect())
+    }
+
     /// Workers seen by heartbeat (id, last seen ms) and, per worker, the jobs it holds.
     pub async fn workers(&self, limit: usize) -> Result<Vec<WorkerInfo>> {
         let seen: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
@@ -426,7 +545,13 @@ impl Store {
                 id,
                 last_seen_ms: last as u64,
                 jobs,
+                meta: None,
             });
+        }
+        let ids: Vec<&str> = out.iter().map(|w| w.id.as_str()).collect();
+        let metas = self.worker_meta(&ids).await?;
+        for (w, m) in out.iter_mut().zip(metas) {
+            w.meta = m;
         }
         Ok(out)
     }

@@ -30,7 +30,9 @@ mod scheduler;
 mod worker;
 
 pub use conn::Conn;
-pub use inspect::{HeldJob, RawProcess, References, StreamRefs, StreamStats, WorkerInfo};
+pub use inspect::{
+    HeldJob, RawProcess, References, StreamRefs, StreamStats, TypeCounts, WorkerInfo, WorkerMeta,
+};
 pub use scheduler::{Commit, DeleteGuard, Deleted, Removed};
 pub use worker::{Begin, Completion, ConsumerInfo, Reclaimed};
 

@@ -51,6 +51,8 @@ pub struct DeleteGuard {
     /// transition a worker committed.
     pub steps_rev: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The process type, whose per-type active index the delete leaves too.
+    pub process_type: Option<String>,
 }
 
 impl DeleteGuard {
@@ -60,6 +62,7 @@ impl DeleteGuard {
             rev: meta.get(field::REV).cloned(),
             steps_rev: steps.get(field::STEPS_REV).cloned(),
             idempotency_key: meta.get(field::IDEMPOTENCY_KEY).cloned(),
+            process_type: meta.get(field::TYPE).cloned(),
         }
     }
 }
@@ -328,6 +331,12 @@ impl Store {
             crate::status::ProcessStatus::ALL
                 .into_iter()
                 .map(|s| k.index_status(s)),
+        );
+        indexes.extend(
+            guard
+                .process_type
+                .as_deref()
+                .map(|t| k.index_active_type(t)),
         );
         let mut inv = Scripts::get().delete.prepare_invoke();
         inv.key(meta)

@@ -401,6 +401,20 @@ impl Store {
             .collect())
     }
 
+    /// Registers what this worker is ([`super::WorkerMeta`]) under its consumer name, for
+    /// the console and `GET /api/workers`; `retire_consumer.lua` removes it. One `HSET`
+    /// on the workers info hash, the only key the worker's Redis user may write it on.
+    pub async fn register_worker(&self, consumer: &str, meta: &super::WorkerMeta) -> Result<()> {
+        let json = serde_json::to_string(meta).map_err(|e| reply("register", e.to_string()))?;
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.keys.workers_info())
+            .arg(consumer)
+            .arg(json)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
     /// Runs `retire_consumer.lua`: deletes the consumer (and its entry in the workers
     /// registry) only if it owns nothing. A worker leaving retires itself with this.
     pub async fn retire_consumer(&self, consumer: &str) -> Result<bool> {
@@ -414,6 +428,7 @@ impl Store {
             .retire_consumer
             .key(self.keys.jobs())
             .key(self.keys.workers())
+            .key(self.keys.workers_info())
             .arg(WORKERS_GROUP)
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)

@@ -228,6 +228,7 @@ impl Worker {
         {
             return;
         }
+        inner.register().await;
         let hb_stop = CancellationToken::new();
         let reader = tokio::spawn(inner.clone().reader(shutdown.clone()));
         let sweeper = tokio::spawn(inner.clone().sweeper(shutdown.clone()));
@@ -284,6 +285,22 @@ impl Worker {
 }
 
 impl Inner {
+    /// Registers this worker's version, host, concurrency and start time for the console
+    /// and `GET /api/workers` (removed when it retires). A failure is logged, not fatal:
+    /// the worker runs the same without it.
+    async fn register(&self) {
+        let started_ms = self.store.server_time_ms().await.unwrap_or(0);
+        let meta = honua_shared::store::WorkerMeta {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            host: honua_shared::config::host_name().unwrap_or_default(),
+            concurrency: self.cfg.worker.max_concurrent_steps as u64,
+            started_ms,
+        };
+        if let Err(e) = self.store.register_worker(&self.id, &meta).await {
+            warn!(worker = %self.id, error = %e, "could not register the worker's version and host");
+        }
+    }
+
     async fn wait_idle(&self, max: Duration) -> bool {
         let deadline = Instant::now() + max;
         loop {

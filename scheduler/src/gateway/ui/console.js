@@ -21,7 +21,20 @@
       })
       .then(function (html) {
         // The focused element keeps its focus when it is outside the live region.
-        if (!live.contains(document.activeElement)) live.innerHTML = html;
+        if (!live.contains(document.activeElement)) {
+          // A choice made in a list (the step to retry from) survives the refresh.
+          var kept = {};
+          live.querySelectorAll("select[id]").forEach(function (s) {
+            kept[s.id] = s.value;
+          });
+          live.innerHTML = html;
+          Object.keys(kept).forEach(function (id) {
+            var s = document.getElementById(id);
+            if (s && s.querySelector('option[value="' + CSS.escape(kept[id]) + '"]')) {
+              s.value = kept[id];
+            }
+          });
+        }
         document.body.setAttribute("data-refreshed", String(Date.now()));
       })
       .catch(function () {

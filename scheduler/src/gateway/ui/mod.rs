@@ -7,9 +7,10 @@
 //! `Secure` behind a TLS proxy); every form that changes something carries a CSRF token
 //! bound to the session; a `read` key sees no action and the server refuses actions by the
 //! role the equivalent API route needs ([`super::required_role`]). With no keys the console
-//! is open, like the API, and says so in a banner. The signing key is drawn at start, so
-//! sessions last as long as the gateway process (log in again after a restart; several
-//! gateway replicas need sticky sessions).
+//! is open, like the API, and says so in a banner. The signing key is `api.session_secret`
+//! (`HONUA_SESSION_SECRET`), the same on every gateway replica so that any of them accepts a
+//! session and a restart logs nobody out; without it a random key is drawn at start (a
+//! warning says so), and sessions last as long as that gateway process.
 //!
 //! Live regions (`#live`) are re-fetched every 2 s by `console.js` with the
 //! `x-console-fragment` header, which makes a page answer with that region only; polling
@@ -27,6 +28,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
 use honua_shared::config::Role;
+use honua_shared::llm_config::Secret;
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -43,17 +45,24 @@ const FRAGMENT_HEADER: &str = "x-console-fragment";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// The console's signing key (sessions and CSRF tokens), drawn when the router is built.
+/// The console's signing key (sessions and CSRF tokens): `api.session_secret`, else drawn
+/// when the router is built.
 pub(super) struct Console {
     key: ring::hmac::Key,
 }
 
 impl Console {
-    fn new() -> Self {
-        let secret: [u8; 32] = rand::random();
-        Console {
-            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
-        }
+    /// Signs with `secret` (every gateway configured with it accepts the others' sessions),
+    /// or with a random key when there is none.
+    fn new(secret: Option<&Secret>) -> Self {
+        let key = match secret {
+            Some(s) => ring::hmac::Key::new(ring::hmac::HMAC_SHA256, s.expose().as_bytes()),
+            None => {
+                let random: [u8; 32] = rand::random();
+                ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &random)
+            }
+        };
+        Console { key }
     }
     fn sign(&self, msg: &[u8]) -> String {
         hex(ring::hmac::sign(&self.key, msg).as_ref())
@@ -139,6 +148,15 @@ impl Viewer {
 
 /// The console's routes (merged into the gateway's router, outside the API's bearer check).
 pub(super) fn router(state: ApiState) -> Router<ApiState> {
+    let api = &state.engine.cfg.api;
+    if api.session_secret.is_none() && !api.keys.is_empty() {
+        tracing::warn!(
+            "api.session_secret is not set: console sessions are signed with a random key, so \
+             they end when this gateway restarts and other gateway replicas refuse them \
+             (set HONUA_SESSION_SECRET to the same 32+ byte secret on every gateway)"
+        );
+    }
+    let console = Console::new(api.session_secret.as_ref());
     Router::new()
         .route("/ui", get(pages::overview))
         .route("/ui/", get(pages::overview))
@@ -159,7 +177,7 @@ pub(super) fn router(state: ApiState) -> Router<ApiState> {
         .route("/ui/static/{file}", get(static_file))
         .route_layer(middleware::from_fn_with_state(state, session))
         .layer(middleware::from_fn(headers))
-        .layer(Extension(Arc::new(Console::new())))
+        .layer(Extension(Arc::new(console)))
 }
 
 /// Security headers on every console response.
@@ -496,15 +514,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gateways_with_the_same_secret_accept_each_others_sessions() {
+        let secret = Secret::new("a-shared-session-secret-of-32-bytes!");
+        let (a, b) = (Console::new(Some(&secret)), Console::new(Some(&secret)));
+        let s = a.session("oncall");
+        let (name, nonce) = b.open_session(&s).expect("the other gateway accepts it");
+        assert_eq!(name, "oncall");
+        assert_eq!(a.csrf(&nonce), b.csrf(&nonce), "and its CSRF token");
+        // Another secret, or none (a random key per start), refuses it.
+        let other = Secret::new("another-session-secret-of-32-bytes!!");
+        assert!(Console::new(Some(&other)).open_session(&s).is_none());
+        assert!(Console::new(None).open_session(&s).is_none());
+        let (r1, r2) = (Console::new(None), Console::new(None));
+        assert!(r2.open_session(&r1.session("oncall")).is_none());
+    }
+
+    #[test]
     fn sessions_are_signed_and_expire() {
-        let c = Console::new();
+        let c = Console::new(None);
         let s = c.session("oncall");
         let (name, nonce) = c.open_session(&s).unwrap();
         assert_eq!(name, "oncall");
         assert_eq!(c.csrf(&nonce), c.csrf(&nonce));
         assert_ne!(c.csrf(&nonce), c.csrf("open"));
         // Another key's signature, a changed payload, garbage: refused.
-        assert!(Console::new().open_session(&s).is_none());
+        assert!(Console::new(None).open_session(&s).is_none());
         let (p, sig) = s.split_once('.').unwrap();
         let forged = String::from_utf8(unhex(p).unwrap())
             .unwrap()

@@ -16,6 +16,7 @@ use axum::{Extension, Form, Json};
 use honua_shared::limiter::{BreakerState, BucketState, LimitSpec};
 use honua_shared::llm_config::{LlmProviderConfig, ProviderKind};
 use honua_shared::status::{ProcessStatus, StepStatus};
+use honua_shared::store::TypeCounts;
 use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
@@ -112,6 +113,9 @@ pub(super) async fn overview(
         .filter(|(_, (n, c))| *n > 0 || *c > 0)
         .collect();
     let spent: u64 = llm.iter().map(|(_, (_, c))| c).sum();
+    // Per process type: unfinished now, finished in the last hour and day (the counters
+    // the finishing commits keep; one pipelined round trip).
+    let per_type = store.type_counts(&types, now).await?;
     let limiter = limiter_states(&st).await?;
     let live_region = html! {
         section aria-labelledby="counts" {
@@ -131,6 +135,10 @@ pub(super) async fn overview(
                     }
                 }
             }
+        }
+        section aria-labelledby="types" {
+            h2 #types { "Per process type" }
+            (type_table(&per_type))
         }
         section aria-labelledby="chart" {
             h2 #chart { "Throughput, last hour" }
@@ -174,6 +182,53 @@ pub(super) async fn overview(
         }
     };
     Ok(page(&viewer, &headers, "Overview", html! {}, live_region))
+}
+
+/// Active / completed / failed (and cancelled) per process type, last hour and last day.
+fn type_table(rows: &[TypeCounts]) -> Markup {
+    let n = |r: &TypeCounts, s: ProcessStatus| {
+        r.finished
+            .iter()
+            .find(|(st, _, _)| *st == s)
+            .map_or((0, 0), |(_, h, d)| (*h, *d))
+    };
+    // Failed and timed out together, as on the chart.
+    let failed = |r: &TypeCounts| {
+        let (a, b) = (n(r, ProcessStatus::Failed), n(r, ProcessStatus::TimedOut));
+        (a.0 + b.0, a.1 + b.1)
+    };
+    html! {
+        table #per-type {
+            caption { "Unfinished now; finished in the last hour and the last 24 hours (from the counters each finish updates)" }
+            thead {
+                tr {
+                    th scope="col" rowspan="2" { "Process type" }
+                    th scope="col" rowspan="2" { "Active" }
+                    th scope="colgroup" colspan="2" { "Completed" }
+                    th scope="colgroup" colspan="2" { "Failed or timed out" }
+                    th scope="colgroup" colspan="2" { "Cancelled" }
+                }
+                tr {
+                    @for _ in 0..3 { th scope="col" { "Hour" } th scope="col" { "Day" } }
+                }
+            }
+            tbody {
+                @for r in rows {
+                    @let c = n(r, ProcessStatus::Completed);
+                    @let f = failed(r);
+                    @let x = n(r, ProcessStatus::Cancelled);
+                    tr data-type=(r.process_type) data-active=(r.active) data-completed-hour=(c.0) data-completed-day=(c.1)
+                        data-failed-hour=(f.0) data-failed-day=(f.1) {
+                        th scope="row" { (r.process_type) }
+                        td { (r.active) }
+                        td { (c.0) } td { (c.1) }
+                        td { (f.0) } td { (f.1) }
+                        td { (x.0) } td { (x.1) }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The buckets the console shows: every configured limit, and the buckets of the model
@@ -630,7 +685,7 @@ pub(super) async fn bulk(
         let (mut ok, mut failed) = (0, Vec::new());
         for id in &ids {
             let r = if f.action == "retry" {
-                st.engine.retry(id, None, viewer.by()).await
+                st.engine.retry(id, None, None, viewer.by()).await
             } else {
                 st.engine
                     .cancel(id, Some("bulk cancel from the console"), viewer.by())
@@ -734,6 +789,18 @@ pub(super) async fn detail(
     } else {
         Vec::new()
     };
+    // Any step of the definition may be where a finished process runs again from.
+    let from_steps: Vec<&str> = match &def {
+        Some(d)
+            if matches!(
+                v.status.as_str(),
+                "Completed" | "Failed" | "Cancelled" | "TimedOut"
+            ) && viewer.may("/api/processes/{id}/retry") =>
+        {
+            d.steps.iter().map(|s| s.name.as_str()).collect()
+        }
+        _ => Vec::new(),
+    };
     let live = html! {
         dl.facts {
             dt { "Status" } dd #status { (status_badge(&v.status)) }
@@ -761,13 +828,25 @@ pub(super) async fn detail(
         @if let Some(e) = &v.error_message {
             p.error role="alert" { strong { "Error" } @if let Some(c) = &v.error_code { " (" code { (c) } ")" } ": " (e) }
         }
-        @if !actions.is_empty() || !retry_steps.is_empty() {
+        @if !actions.is_empty() || !retry_steps.is_empty() || !from_steps.is_empty() {
             div.actions role="group" aria-label="Actions" {
                 @for (a, label, _) in &actions {
                     a.button href={"/ui/processes/" (id) "/confirm?action=" (a)} data-action=(a) { (label) }
                 }
                 @for s in &retry_steps {
                     a.button href={"/ui/processes/" (id) "/confirm?action=retry&step=" (s)} data-action="retry-step" { "Retry from " (s) "…" }
+                }
+                @if !from_steps.is_empty() {
+                    form.retry-from method="get" action={"/ui/processes/" (id) "/confirm"} {
+                        input type="hidden" name="action" value="retry-from";
+                        label for="from-step" { "Retry from step" }
+                        " "
+                        select #from-step name="step" {
+                            @for s in &from_steps { option value=(s) { (s) } }
+                        }
+                        " "
+                        button type="submit" data-action="retry-from" { "Retry from here…" }
+                    }
                 }
             }
         }
@@ -927,7 +1006,7 @@ pub(super) struct ActionQuery {
 fn action_api(action: &str) -> Option<&'static str> {
     Some(match action {
         "approve" | "reject" => "/api/processes/{id}/signal/{name}",
-        "retry" => "/api/processes/{id}/retry",
+        "retry" | "retry-from" => "/api/processes/{id}/retry",
         "retry-current-step" => "/api/processes/{id}/retry-current-step",
         "cancel" => "/api/processes/{id}/cancel",
         _ => return None,
@@ -947,6 +1026,13 @@ pub(super) async fn confirm_action(
     let what = match (q.action.as_str(), &q.step) {
         ("retry", Some(s)) => format!("Retry process {id} from step {s}?"),
         ("retry", None) => format!("Retry process {id} from its failed step?"),
+        ("retry-from", Some(s)) => format!(
+            "Retry process {id} ({}) from step {s}? It and every step after it run again; the steps before it keep their results.",
+            v.status
+        ),
+        ("retry-from", None) => {
+            format!("Retry process {id} from which step? Go back and choose one.")
+        }
         ("approve", _) => format!("Approve process {id} at {}?", v.current_steps.join(", ")),
         ("reject", _) => format!("Reject process {id} at {}?", v.current_steps.join(", ")),
         ("cancel", _) => format!("Cancel process {id} ({})?", v.status),
@@ -961,7 +1047,7 @@ pub(super) async fn confirm_action(
             input type="hidden" name="csrf" value=(viewer.csrf);
             input type="hidden" name="action" value=(q.action);
             @if let Some(s) = &q.step { input type="hidden" name="step" value=(s); }
-            @if q.action == "retry" {
+            @if q.action == "retry" || q.action == "retry-from" {
                 label for="patch" { "State patch (JSON object merged into the input; optional)" }
                 textarea #patch name="patch" rows="6" spellcheck="false" placeholder="{\"key\": \"value\"}" {}
             }
@@ -983,6 +1069,16 @@ pub(super) struct ActionForm {
     patch: Option<String>,
     reason: Option<String>,
     step: Option<String>,
+}
+
+/// The form's state patch (JSON), if any.
+fn state_patch(f: &ActionForm) -> Result<Option<Value>, UiError> {
+    Ok(match filled(&f.patch) {
+        None => None,
+        Some(p) => Some(serde_json::from_str::<Value>(p).map_err(|e| {
+            crate::ops::OpsError::Invalid(format!("the state patch is not JSON: {e}"))
+        })?),
+    })
 }
 
 pub(super) async fn act(
@@ -1019,12 +1115,7 @@ pub(super) async fn act(
             tracing::info!(process_id = %id, by = by.unwrap_or("anonymous"), signal = %signal, value = %f.action, "console signal");
         }
         "retry" => {
-            let patch = match filled(&f.patch) {
-                None => None,
-                Some(p) => Some(serde_json::from_str::<Value>(p).map_err(|e| {
-                    crate::ops::OpsError::Invalid(format!("the state patch is not JSON: {e}"))
-                })?),
-            };
+            let patch = state_patch(&f)?;
             if let Some(step) = filled(&f.step) {
                 let (rec, _) = st.engine.load(&id).await?;
                 let failed: Vec<&String> = rec
@@ -1048,7 +1139,18 @@ pub(super) async fn act(
                     ));
                 }
             }
-            st.engine.retry(&id, patch.as_ref(), by).await?;
+            st.engine.retry(&id, None, patch.as_ref(), by).await?;
+        }
+        "retry-from" => {
+            let Some(step) = filled(&f.step) else {
+                return Ok(error_page(
+                    Some(&viewer),
+                    StatusCode::BAD_REQUEST,
+                    "choose the step to retry from",
+                ));
+            };
+            let patch = state_patch(&f)?;
+            st.engine.retry(&id, Some(step), patch.as_ref(), by).await?;
         }
         "retry-current-step" => {
             st.engine.retry_current_step(&id, by).await?;
@@ -1228,13 +1330,21 @@ pub(super) async fn workers(
     let live = html! {
         @if ws.is_empty() { p { "No worker has heartbeat yet." } } @else {
             table {
-                thead { tr { th scope="col" { "Worker" } th scope="col" { "Heartbeat age" } th scope="col" { "Live" } th scope="col" { "Held jobs" } } }
+                thead { tr {
+                    th scope="col" { "Worker" } th scope="col" { "Heartbeat age" } th scope="col" { "Live" }
+                    th scope="col" { "Version" } th scope="col" { "Host" } th scope="col" { "Concurrency" } th scope="col" { "Started" }
+                    th scope="col" { "Held jobs" }
+                } }
                 tbody {
                     @for w in &ws {
-                        tr {
+                        tr data-worker=(w.id) {
                             td { code { (w.id) } }
                             td { (age(w.last_seen_age_ms)) }
                             td { @if w.last_seen_age_ms < LIVE_WORKER_MS { "yes" } @else { "no" } }
+                            td.version { (opt(&w.version)) }
+                            td { (opt(&w.host)) }
+                            td { (w.concurrency.map_or("—".into(), |c| c.to_string())) }
+                            td { (w.started_ms.and_then(rfc3339_ms).unwrap_or_else(|| "—".into())) }
                             td {
                                 @if w.jobs.is_empty() { "—" }
                                 @for j in &w.jobs {
