@@ -12,7 +12,10 @@
 -- ARGV[7] expected steps rev (update; an absent field is 0)
 -- ARGV[8] number of ops, then the ops:
 --   hset k n f v ... | hdel k n f ... | xadd k n f v ... | zadd k score member
---   | zaddin k delay_ms member | zrem k member | hincrby k field n | expire k secs | persist k
+--   | zaddin k delay_ms member | zrem k member | hincrby k field n
+--   | hincrbyttl k field n secs (HINCRBY, and EXPIRE when that made the field: a counter
+--     hash gets its TTL from its first field, without an EXPIRE per increment)
+--   | expire k secs | persist k
 --   | setex k secs value | del k
 --   | absent k   (a precondition, not a write: k must not exist, else the answer is
 --                'closed' and nothing is written or acknowledged; a create that starts
@@ -31,7 +34,7 @@ local function key(idx)
 end
 -- Validation pass: op names, key indexes and argument counts; nothing is copied (the
 -- apply pass reads the arguments straight from ARGV).
-local FIXED = {zadd = 2, zaddin = 2, setex = 2, hincrby = 2, zrem = 1, expire = 1, persist = 0,
+local FIXED = {zadd = 2, zaddin = 2, setex = 2, hincrby = 2, hincrbyttl = 3, zrem = 1, expire = 1, persist = 0,
   del = 0, absent = 0}
 local ops, absent, i = {}, {}, 9
 for _ = 1, nops do
@@ -120,6 +123,10 @@ for _, at in ipairs(ops) do
     redis.call('ZREM', k, ARGV[at + 2])
   elseif op == 'hincrby' then
     redis.call('HINCRBY', k, ARGV[at + 2], ARGV[at + 3])
+  elseif op == 'hincrbyttl' then
+    if redis.call('HINCRBY', k, ARGV[at + 2], ARGV[at + 3]) == tonumber(ARGV[at + 3]) then
+      redis.call('EXPIRE', k, ARGV[at + 4])
+    end
   elseif op == 'expire' then
     redis.call('EXPIRE', k, ARGV[at + 2])
   elseif op == 'persist' then

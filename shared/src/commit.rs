@@ -368,8 +368,7 @@ impl Transition {
                         (keys.stats_hour(now_ms / 3_600_000), STATS_HOUR_TTL_SECS),
                     ] {
                         let k = kt.idx(k);
-                        ops.op(vec![b("hincrby"), k.clone(), b(&stat), b(1)]);
-                        ops.op(vec![b("expire"), k, b(ttl)]);
+                        ops.op(vec![b("hincrbyttl"), k, b(&stat), b(1), b(ttl)]);
                     }
                 }
             }
