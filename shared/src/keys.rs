@@ -1,7 +1,9 @@
 //! Every Redis structure Honua uses, in one place. No other module writes a key string.
 //!
-//! All keys of one deployment share one hash tag (`{shard}`), so every atomic script runs
-//! unchanged on Redis Cluster: every key it touches is passed in `KEYS` and lives in one slot.
+//! All keys of one partition of a deployment share one hash tag (`{shard}`, the partition's
+//! number: `{0}`…`{P-1}`, see [`crate::partition`]), so every atomic script runs unchanged
+//! on Redis Cluster: every key it touches is passed in `KEYS` and lives in one slot. Each
+//! partition holds the whole structure below for the processes that live in it.
 //! The layout carries a version segment (`v2`) so a later layout can migrate side by side
 //! (v2: the steps hash holds `#v`, the transitions workers committed, which v1 code does not
 //! check; see the README on moving a live v1 deployment).
@@ -70,6 +72,7 @@ impl redis::ToSingleRedisArg for Key {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     base: String,
+    shard: u16,
     /// The deployment prefix alone (keys with their own hash tag, e.g. LLM limiter buckets).
     prefix: String,
 }
@@ -79,8 +82,19 @@ impl Keys {
     pub fn new(prefix: &str, shard: u16) -> Self {
         Self {
             base: format!("{prefix}:{LAYOUT_VERSION}:{{{shard}}}"),
+            shard,
             prefix: prefix.to_string(),
         }
+    }
+
+    /// The shard (partition) these keys belong to.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// The keys of the same deployment in another shard.
+    pub fn in_shard(&self, shard: u16) -> Keys {
+        Keys::new(&self.prefix, shard)
     }
 
     fn key(&self, suffix: &str) -> Key {

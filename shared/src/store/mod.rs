@@ -178,10 +178,17 @@ pub struct ServerInfo {
     pub now_ms: u64,
 }
 
-/// A handle on one deployment's Redis data.
+/// A handle on one deployment's Redis data, and on one of its partitions: [`Store::keys`]
+/// are that partition's (a handle opened on a deployment starts on partition 0), and the
+/// calls that name no process (stream reads, sweeps, indexes) work on it. Every handle
+/// knows the deployment's partition count: [`Store::of`] gives the handle of the partition
+/// a process lives in, [`Store::all`] one per partition; all of them share the client and
+/// the multiplexed connection (on a cluster, keyless commands go to the primary of the
+/// handle's partition).
 #[derive(Clone)]
 pub struct Store {
     keys: Keys,
+    partitions: u16,
     client: Client,
     conn: Conn,
 }
@@ -235,6 +242,7 @@ impl Store {
         )?;
         Ok(Self {
             keys,
+            partitions: 1,
             client: Client::Standalone(client),
             conn: Conn::Standalone(conn),
         })
@@ -255,23 +263,93 @@ impl Store {
         Ok(Self {
             conn: cluster_conn(&client, &keys, Duration::from_secs(5)),
             keys,
+            partitions: 1,
             client: Client::Cluster(Box::new(client)),
         })
     }
 
     /// Opens the store of `cfg`'s deployment (its `redis_cluster_nodes`, else its
-    /// `redis_url`, and its `key_prefix`), as every service and tool does.
+    /// `redis_url`, its `key_prefix` and its `partitions`), as every service and tool does.
     pub fn from_config(cfg: &Config) -> Result<Self> {
         let keys = Keys::new(&cfg.key_prefix, 0);
-        if cfg.redis_cluster_nodes.is_empty() {
+        let store = if cfg.redis_cluster_nodes.is_empty() {
             Self::open(&cfg.redis_url, keys)
         } else {
             Self::open_cluster(&cfg.redis_cluster_nodes, keys)
+        }?;
+        Ok(store.with_partitions(cfg.partitions))
+    }
+
+    /// The same store on a deployment of `partitions` partitions (at least 1).
+    pub fn with_partitions(mut self, partitions: u16) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// This handle's partition's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// How many partitions the deployment has.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// This handle's partition.
+    pub fn partition(&self) -> u16 {
+        self.keys.shard()
+    }
+
+    /// The handle of partition `p` (same connections).
+    pub fn in_partition(&self, p: u16) -> Store {
+        if p == self.keys.shard() {
+            return self.clone();
+        }
+        let keys = self.keys.in_shard(p);
+        Store {
+            conn: self.conn.rehome(keys.submit().as_str().as_bytes()),
+            keys,
+            partitions: self.partitions,
+            client: self.client.clone(),
         }
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// The partition process `id` lives in.
+    pub fn partition_of(&self, id: &str) -> u16 {
+        crate::partition::partition_of(id, self.partitions)
+    }
+
+    /// The handle of the partition process `id` lives in.
+    pub fn of(&self, id: &str) -> Store {
+        self.in_partition(self.partition_of(id))
+    }
+
+    /// One handle per partition, in order.
+    pub fn all(&self) -> Vec<Store> {
+        (0..self.partitions).map(|p| self.in_partition(p)).collect()
+    }
+
+    /// The keys of the partition process `id` lives in.
+    pub fn keys_of(&self, id: &str) -> Keys {
+        match self.partition_of(id) {
+            p if p == self.keys.shard() => self.keys.clone(),
+            p => self.keys.in_shard(p),
+        }
+    }
+
+    /// The positions of `ids` grouped by the partition each lives in, with its handle, in
+    /// partition order (one group of all of them with one partition), so a pipeline over
+    /// them stays in one slot per group.
+    fn by_partition(&self, ids: &[&str]) -> Vec<(Store, Vec<usize>)> {
+        let mut groups: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+        for (i, id) in ids.iter().enumerate() {
+            groups.entry(self.partition_of(id)).or_default().push(i);
+        }
+        groups
+            .into_iter()
+            .map(|(p, at)| (self.in_partition(p), at))
+            .collect()
     }
 
     /// A multiplexed connection handle for ad-hoc reads (cheap to clone).
@@ -388,12 +466,14 @@ impl Store {
         let mut delay = Duration::from_millis(100);
         loop {
             let ready = async {
-                match service {
-                    Service::Scheduler => {
-                        self.ensure_groups().await?;
-                    }
-                    Service::Worker => {
-                        self.ensure_job_group().await?;
+                for part in self.all() {
+                    match service {
+                        Service::Scheduler => {
+                            part.ensure_groups().await?;
+                        }
+                        Service::Worker => {
+                            part.ensure_job_group().await?;
+                        }
                     }
                 }
                 self.load_scripts().await
@@ -412,7 +492,8 @@ impl Store {
         }
     }
 
-    /// `XREADGROUP … >` on a dedicated blocking connection.
+    /// `XREADGROUP … >` on a dedicated blocking connection; a `block` of zero reads without
+    /// blocking (what is there now, or nothing).
     pub async fn read_group(
         &self,
         conn: &mut Conn,
@@ -422,14 +503,16 @@ impl Store {
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>> {
-        let r: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(group)
             .arg(consumer)
             .arg("COUNT")
-            .arg(count.max(1))
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
+            .arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        let r: redis::RedisResult<Value> = cmd
             .arg("STREAMS")
             .arg(stream)
             .arg(">")
