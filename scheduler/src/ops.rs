@@ -84,6 +84,40 @@ fn parse_cursor(c: &str) -> Result<(u64, usize), OpsError> {
     Ok((max, offset))
 }
 
+/// The per-partition positions of a listing over several partitions: one `score:offset`
+/// per partition, or `-` for a partition with nothing left, comma-separated in partition
+/// order (`None`: every partition from the top). With one partition a cursor is the plain
+/// `score:offset` of [`parse_cursor`].
+fn parse_cursors(c: Option<&str>, partitions: u16) -> Result<Vec<Option<(u64, usize)>>, OpsError> {
+    let Some(c) = c else {
+        return Ok(vec![Some((CURSOR_MAX_SCORE, 0)); usize::from(partitions)]);
+    };
+    let bad = || OpsError::Invalid(format!("bad cursor {c:?}: pass x-next-cursor as given"));
+    let positions = c
+        .split(',')
+        .map(|p| match p {
+            "-" => Ok(None),
+            p => parse_cursor(p).map(Some).map_err(|_| bad()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if positions.len() != usize::from(partitions) {
+        return Err(bad());
+    }
+    Ok(positions)
+}
+
+/// The cursor [`parse_cursors`] reads.
+fn format_cursors(positions: &[Option<(u64, usize)>]) -> String {
+    positions
+        .iter()
+        .map(|p| match p {
+            Some((score, offset)) => format!("{score}:{offset}"),
+            None => "-".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Paging through a score index, highest score first, in batches, by the `score:offset`
 /// cursor of `x-next-cursor` ([`Processes::list`]'s scheme): the next page starts below the
 /// last entry scanned (its score, and how many entries with exactly that score were
@@ -97,25 +131,53 @@ pub(crate) struct CursorPage {
     exhausted: bool,
 }
 
-/// A page of at most `limit` entries from `cursor` (`None`: from the top).
-pub(crate) fn cursor_page(cursor: Option<&str>, limit: usize) -> Result<CursorPage, OpsError> {
-    let (max, offset) = match cursor {
-        None => (CURSOR_MAX_SCORE, 0usize),
-        Some(c) => parse_cursor(c)?,
-    };
-    Ok(CursorPage {
+/// Pages over the partitions of a deployment, one after the other, each through its own
+/// [`CursorPage`], by a cursor of per-partition positions ([`parse_cursors`]; with one
+/// partition the plain `score:offset` cursor).
+pub(crate) fn partitioned_pages(
+    cursor: Option<&str>,
+    partitions: u16,
+) -> Result<Vec<Option<(u64, usize)>>, OpsError> {
+    if partitions <= 1 {
+        return Ok(vec![Some(match cursor {
+            None => (CURSOR_MAX_SCORE, 0),
+            Some(c) => parse_cursor(c)?,
+        })]);
+    }
+    parse_cursors(cursor, partitions)
+}
+
+/// The next cursor of [`partitioned_pages`]' positions (`None` when every one is done).
+pub(crate) fn partitioned_cursor(positions: &[Option<(u64, usize)>]) -> Option<String> {
+    match positions {
+        [] => None,
+        [one] => one.map(|(score, offset)| format!("{score}:{offset}")),
+        many => many
+            .iter()
+            .any(Option::is_some)
+            .then(|| format_cursors(many)),
+    }
+}
+
+/// A page of at most `limit` entries from position (`max`, `offset`).
+pub(crate) fn cursor_page_at((max, offset): (u64, usize), limit: usize) -> CursorPage {
+    CursorPage {
         max,
         offset,
         last: (max, offset),
         remaining: limit,
         exhausted: false,
-    })
+    }
 }
 
 impl CursorPage {
     /// How many entries to read next (at most `batch`), `None` when the page is done.
     pub(crate) fn next_batch(&self, batch: usize) -> Option<usize> {
         (!self.exhausted && self.remaining > 0).then(|| batch.min(self.remaining))
+    }
+    /// How many more entries this page may scan.
+    pub(crate) fn remaining(&self) -> usize {
+        self.remaining
     }
     /// The highest score to read from (`ZREVRANGEBYSCORE max`).
     pub(crate) fn max_score(&self) -> u64 {
@@ -139,9 +201,9 @@ impl CursorPage {
     pub(crate) fn exhausted(&mut self) {
         self.exhausted = true;
     }
-    /// The cursor of the next page, while the index may have entries left.
-    pub(crate) fn next_cursor(&self) -> Option<String> {
-        (!self.exhausted).then(|| format!("{}:{}", self.last.0, self.last.1))
+    /// The next page's position (`score`, `offset`), while the index may have entries left.
+    pub(crate) fn position(&self) -> Option<(u64, usize)> {
+        (!self.exhausted).then_some(self.last)
     }
 }
 
@@ -151,7 +213,7 @@ impl Processes {
         if !honua_shared::envelope::valid_id(id) {
             return Err(OpsError::NotFound(id.to_string()));
         }
-        let (now, mut v) = self.store.load_processes(&[id]).await?;
+        let (now, mut v) = self.store.of(id).load_processes(&[id]).await?;
         let (meta, steps) = v.remove(0);
         match ProcessRecord::parse(id, &meta, &steps) {
             Ok(Some(r)) => Ok((r, now)),
@@ -171,10 +233,12 @@ impl Processes {
         decide: impl Fn(&Ctx<'_>, &ProcessRecord) -> Result<(Transition, T), OpsError>,
     ) -> Result<T, OpsError> {
         let decide = &decide;
-        let decided = self
+        // The process's own partition: its keys, and its server's clock.
+        let this = &self.of(id);
+        let decided = this
             .decide_and_commit(
                 || async move {
-                    let (rec, now) = self.load(id).await?;
+                    let (rec, now) = this.load(id).await?;
                     let def = self
                         .defs
                         .get(&rec.process_type, rec.version)
@@ -197,7 +261,7 @@ impl Processes {
                         return Ok(Decision::Done(extra));
                     }
                     let call = t.to_commit(
-                        self.store.keys(),
+                        this.store.keys(),
                         id,
                         Some(rec.revision()),
                         now,
@@ -429,35 +493,43 @@ impl Processes {
         }
         let now = self.store.server_time_ms().await?;
         let cutoff = now.saturating_sub(older_than.as_millis() as u64);
-        let key = self.store.keys().index_status(status);
         let mut deleted = 0;
-        loop {
-            let page = self.store.index_page(&key, 0, cutoff, 0, 500).await?;
-            if page.is_empty() {
-                break;
-            }
-            let ids: Vec<String> = page.into_iter().map(|(id, _)| id).collect();
-            let n = self.store.purge(status, &ids).await?;
-            deleted += n;
-            if n == 0 {
-                break;
+        for store in self.store.all() {
+            let key = store.keys().index_status(status);
+            loop {
+                let page = store.index_page(&key, 0, cutoff, 0, 500).await?;
+                if page.is_empty() {
+                    break;
+                }
+                let ids: Vec<String> = page.into_iter().map(|(id, _)| id).collect();
+                let n = store.purge(status, &ids).await?;
+                deleted += n;
+                if n == 0 {
+                    break;
+                }
             }
         }
         tracing::info!(status = %status, deleted, "purged finished processes");
         Ok(deleted)
     }
 
-    /// One page of processes, newest first, and the cursor of the next page.
+    /// One page of processes, newest first, and the cursor of the next page. With several
+    /// partitions their indexes are merged in order ([`Processes::list_merged`]).
     pub async fn list(
         &self,
         q: &ListQuery,
     ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
-        let keys = self.store.keys();
-        let now = self.store.server_time_ms().await?;
-        let limit = q.limit.clamp(1, 1000);
+        if self.store.partitions() > 1 {
+            return self.list_merged(q).await;
+        }
+        self.list_one(q).await
+    }
+
+    /// The index a listing with `q`'s filters reads, in `keys`' partition.
+    fn list_index(keys: &honua_shared::keys::Keys, q: &ListQuery) -> honua_shared::keys::Key {
         // Finished statuses are indexed by end time, the others by creation time; Pending
         // processes (intake drained) and Paused ones (by pause time) have their own index.
-        let key = match q.status {
+        match q.status {
             Some(s)
                 if s.is_finished()
                     || matches!(s, ProcessStatus::Pending | ProcessStatus::Paused) =>
@@ -467,7 +539,131 @@ impl Processes {
             Some(_) => keys.index_active(),
             None if q.active => keys.index_active(),
             None => keys.index_all(),
-        };
+        }
+    }
+
+    /// Whether record `r` passes `q`'s filters.
+    fn listed(q: &ListQuery, r: &ProcessRecord) -> bool {
+        !(q.status.is_some_and(|s| s != r.status)
+            || q.process_type
+                .as_ref()
+                .is_some_and(|t| *t != r.process_type))
+    }
+
+    /// [`Processes::list`] over several partitions: each partition's index is read in
+    /// batches and the batches merged by score (ties: lower partition first), so the page
+    /// is in the same order as one index of every process would give. The cursor holds one
+    /// position per partition ([`parse_cursors`]); an entry counts as scanned (moves its
+    /// partition's position) only once it is merged into the page, so fetched entries that
+    /// did not fit are read again by the next page.
+    async fn list_merged(
+        &self,
+        q: &ListQuery,
+    ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
+        use std::collections::VecDeque;
+        struct Part {
+            store: honua_shared::store::Store,
+            key: honua_shared::keys::Key,
+            max: u64,
+            /// Entries below `max` fetched so far (the next fetch's `LIMIT offset`).
+            fetched: usize,
+            /// The cursor position: (score, entries with that score scanned).
+            last: (u64, usize),
+            buf: VecDeque<(u64, Option<ProcessRecord>)>,
+            /// The index had nothing left after the last fetch.
+            exhausted: bool,
+        }
+        let parts_n = self.store.partitions();
+        let now = self.store.server_time_ms().await?;
+        let limit = q.limit.clamp(1, 1000);
+        let min = q
+            .since
+            .map(|d| now.saturating_sub(d.as_millis() as u64))
+            .unwrap_or(0);
+        let positions = parse_cursors(q.cursor.as_deref(), parts_n)?;
+        let mut parts: Vec<Part> = self
+            .store
+            .all()
+            .into_iter()
+            .zip(positions)
+            .map(|(store, pos)| {
+                let (max, offset) = pos.unwrap_or((0, 0));
+                Part {
+                    key: Self::list_index(store.keys(), q),
+                    store,
+                    max,
+                    fetched: offset,
+                    last: (max, offset),
+                    buf: VecDeque::new(),
+                    exhausted: pos.is_none(),
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        // As many fetches as one partition's listing may make, per partition.
+        let mut fetches = 20 * parts.len();
+        'page: while out.len() < limit {
+            for part in parts.iter_mut() {
+                if !part.buf.is_empty() || part.exhausted {
+                    continue;
+                }
+                if fetches == 0 {
+                    break 'page;
+                }
+                fetches -= 1;
+                let page = part
+                    .store
+                    .index_page(&part.key, min, part.max, part.fetched, limit)
+                    .await?;
+                part.exhausted = page.len() < limit;
+                part.fetched += page.len();
+                let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
+                let (_, recs) = part.store.load_processes(&ids).await?;
+                for ((id, score), (meta, steps)) in page.iter().zip(recs) {
+                    let rec = ProcessRecord::parse(id, &meta, &steps).ok().flatten();
+                    part.buf.push_back((*score, rec));
+                }
+            }
+            // Every partition that may hold more has entries buffered: the highest head
+            // is the next entry of the merged order.
+            let Some(part) = parts
+                .iter_mut()
+                .filter(|p| !p.buf.is_empty())
+                .reduce(|a, b| if b.buf[0].0 > a.buf[0].0 { b } else { a })
+            else {
+                break;
+            };
+            let Some((score, rec)) = part.buf.pop_front() else {
+                break;
+            };
+            part.last = if score == part.last.0 {
+                (part.last.0, part.last.1 + 1)
+            } else {
+                (score, 1)
+            };
+            if let Some(r) = rec
+                && Self::listed(q, &r)
+            {
+                out.push(r);
+            }
+        }
+        let positions: Vec<Option<(u64, usize)>> = parts
+            .iter()
+            .map(|p| (!(p.exhausted && p.buf.is_empty())).then_some(p.last))
+            .collect();
+        let more = positions.iter().any(Option::is_some) || out.len() == limit;
+        Ok((out, more.then(|| format_cursors(&positions))))
+    }
+
+    /// [`Processes::list`] on one partition.
+    async fn list_one(
+        &self,
+        q: &ListQuery,
+    ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
+        let keys = self.store.keys();
+        let now = self.store.server_time_ms().await?;
+        let limit = q.limit.clamp(1, 1000);
+        let key = Self::list_index(keys, q);
         let min = q
             .since
             .map(|d| now.saturating_sub(d.as_millis() as u64))
@@ -499,11 +695,7 @@ impl Processes {
                 let Ok(Some(r)) = ProcessRecord::parse(id, &meta, &steps) else {
                     continue;
                 };
-                if q.status.is_some_and(|s| s != r.status)
-                    || q.process_type
-                        .as_ref()
-                        .is_some_and(|t| *t != r.process_type)
-                {
+                if !Self::listed(q, &r) {
                     continue;
                 }
                 out.push(r);

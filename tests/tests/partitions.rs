@@ -1,0 +1,255 @@
+//! A deployment of four partitions on one redis-server: the flows complete, processes
+//! spread over the partitions and live where their id maps, idempotent resubmission finds
+//! the stored process, lookups by id, merged lists with their per-partition cursor, the
+//! queues report, and a stream submission written to the wrong partition is quarantined.
+
+use honua_shared::partition::partition_of;
+use honua_shared::status::{ProcessStatus, StepStatus};
+use honua_tests::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+
+const P: u16 = 4;
+
+fn http() -> reqwest::Client {
+    honua_runtime::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+async fn submit(c: &reqwest::Client, f: &Fleet, body: Value, key: Option<&str>) -> (u16, Value) {
+    let mut r = c.post(f.url("/api/processes")).json(&body);
+    if let Some(k) = key {
+        r = r.header("idempotency-key", k);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_complete_across_four_partitions() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(&[defs::THREE, defs::GATE, defs::FAN]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.partitions = P;
+    let f = Fleet::start(cfg, 2, 2).await;
+    let c = http();
+
+    // Three-step processes over HTTP, spread over every partition, each in the partition
+    // its id maps to.
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let (status, body) = submit(
+            &c,
+            &f,
+            json!({"processType": "Three", "input": {"n": i}}),
+            None,
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let mut per_partition: BTreeMap<u16, usize> = BTreeMap::new();
+    for id in &ids {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+        let p = partition_of(id, P);
+        *per_partition.entry(p).or_default() += 1;
+        let keys = f.store().keys().in_shard(p);
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(keys.process(id))
+            .query_async(&mut f.store().conn())
+            .await
+            .unwrap();
+        assert!(exists, "{id} lives in partition {p}");
+    }
+    assert_eq!(per_partition.len(), usize::from(P), "{per_partition:?}");
+
+    // Fan-out and join, and the approval flow (its signal goes to the process's partition).
+    let fans: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(f.submit("Fan", json!({})).await);
+        }
+        v
+    };
+    for id in &fans {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+        assert_eq!(rec.steps["Join"].attempts().len(), 1, "join ran once");
+    }
+    let gates: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(f.submit("Gate", json!({})).await);
+        }
+        v
+    };
+    for id in &gates {
+        wait_for("waiting for approval", DEADLINE, || async {
+            f.record(id)
+                .await
+                .filter(|r| r.status == ProcessStatus::WaitingForApproval)
+        })
+        .await;
+        let r = c
+            .post(f.url(&format!("/api/processes/{id}/signal/review")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    for id in &gates {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+        assert_eq!(rec.steps["Apply"].status, StepStatus::Completed);
+    }
+
+    // Lookups by id go to the id's partition.
+    for id in ids.iter().chain(&gates) {
+        let v = get_json(&c, &f.url(&format!("/api/processes/{id}"))).await;
+        assert_eq!(v["status"], "Completed", "{v}");
+    }
+
+    // Idempotent resubmission: the same id, from the key's partition.
+    let body = json!({"processType": "Three", "input": {"n": "idem"}});
+    let (s1, first) = submit(&c, &f, body.clone(), Some("order-42")).await;
+    let (s2, again) = submit(&c, &f, body, Some("order-42")).await;
+    assert_eq!((s1, s2), (201, 200), "{first} {again}");
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(again["duplicate"], true);
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(partition_of(id, P), partition_of("order-42", P));
+    // An id and a key of two partitions cannot share a slot: refused.
+    let (theirs, key) = (0..100)
+        .map(|i| (format!("mine-{i}"), format!("key-{i}")))
+        .find(|(i, k)| partition_of(i, P) != partition_of(k, P))
+        .unwrap();
+    let (s, e) = submit(
+        &c,
+        &f,
+        json!({"processType": "Three", "input": {}, "id": theirs}),
+        Some(&key),
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+
+    // The merged list: every process once, newest first, through the per-partition cursor.
+    let total = ids.len() + fans.len() + gates.len() + 1;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            None => f.url("/api/processes?limit=5"),
+            Some(cur) => f.url(&format!("/api/processes?limit=5&cursor={cur}")),
+        };
+        let r = c.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let next = r
+            .headers()
+            .get("x-next-cursor")
+            .map(|v| v.to_str().unwrap().to_string());
+        let page: Vec<Value> = r.json().await.unwrap();
+        seen.extend(page.iter().map(|p| {
+            (
+                p["createdAt"].as_str().unwrap_or_default().to_string(),
+                p["id"].as_str().unwrap().to_string(),
+            )
+        }));
+        match next {
+            Some(n) => {
+                assert_eq!(n.split(',').count(), usize::from(P), "{n}");
+                cursor = Some(n);
+            }
+            None => break,
+        }
+        assert!(seen.len() <= total, "the listing repeats: {seen:?}");
+    }
+    let unique: BTreeSet<&String> = seen.iter().map(|(_, id)| id).collect();
+    assert_eq!(unique.len(), total, "{seen:?}");
+    assert_eq!(seen.len(), total);
+    let times: Vec<&String> = seen.iter().map(|(t, _)| t).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    // A cursor of another shape is refused.
+    let r = c
+        .get(f.url("/api/processes?cursor=12:0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Queues: four streams per partition, then their totals.
+    let queues = get_json(&c, &f.url("/api/queues")).await;
+    let queues = queues.as_array().unwrap();
+    assert_eq!(queues.len(), 4 * usize::from(P) + 4, "{queues:?}");
+    for p in 0..P {
+        assert!(
+            queues.iter().any(|q| q["stream"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("{{{p}}}:jobs"))),
+            "{queues:?}"
+        );
+    }
+    assert!(
+        queues
+            .iter()
+            .any(|q| q["stream"].as_str().unwrap().ends_with("{*}:jobs")),
+        "{queues:?}"
+    );
+
+    // Straight into Redis: an entry in the partition its id maps to is created; one in
+    // another partition is quarantined there, with the partition to use.
+    let mine = (0..100)
+        .map(|i| format!("stream-{i}"))
+        .find(|id| partition_of(id, P) == 1)
+        .unwrap();
+    let stray = (0..100)
+        .map(|i| format!("stray-{i}"))
+        .find(|id| partition_of(id, P) == 3)
+        .unwrap();
+    let one = f.store().in_partition(1);
+    for id in [&mine, &stray] {
+        let _: String = redis::cmd("XADD")
+            .arg(one.keys().submit())
+            .arg("*")
+            .arg("type")
+            .arg("Three")
+            .arg("id")
+            .arg(id)
+            .arg("input")
+            .arg("{}")
+            .query_async(&mut one.conn())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        f.wait_finished(&mine).await.status,
+        ProcessStatus::Completed
+    );
+    let quarantined = wait_for("the stray entry quarantined", DEADLINE, || async {
+        let q = one
+            .stream_latest(&one.keys().quarantine(), 10)
+            .await
+            .unwrap();
+        q.into_iter()
+            .find(|e| e.fields.get("id") == Some(stray.as_str()))
+    })
+    .await;
+    let reason = quarantined
+        .fields
+        .get("reason")
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("partition 3"), "{reason}");
+    assert!(f.record(&stray).await.is_none(), "never created");
+
+    f.stop().await;
+}
