@@ -600,8 +600,11 @@ impl Processes {
             })
             .collect();
         let mut out = Vec::new();
-        // As many fetches as one partition's listing may make, per partition.
-        let mut fetches = 20 * parts.len();
+        // Each fetch reads a share of the page from one partition (a partition is fetched
+        // again once its share is merged, e.g. when filters skip entries); in all at most
+        // about as many entries as a listing of one partition scans (20 pages' worth).
+        let batch = (limit / parts.len() + 1).max(limit.min(10));
+        let mut fetches = 20 * limit.div_ceil(batch) + parts.len();
         'page: while out.len() < limit {
             for part in parts.iter_mut() {
                 if !part.buf.is_empty() || part.exhausted {
@@ -613,9 +616,9 @@ impl Processes {
                 fetches -= 1;
                 let page = part
                     .store
-                    .index_page(&part.key, min, part.max, part.fetched, limit)
+                    .index_page(&part.key, min, part.max, part.fetched, batch)
                     .await?;
-                part.exhausted = page.len() < limit;
+                part.exhausted = page.len() < batch;
                 part.fetched += page.len();
                 let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
                 let (_, recs) = part.store.load_processes(&ids).await?;
@@ -712,5 +715,57 @@ impl Processes {
         let more = !exhausted || out.len() == limit;
         let next = more.then(|| format!("{}:{}", last.0, last.1));
         Ok((out, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitioned_cursor_reads_back_what_it_wrote() {
+        let positions = vec![
+            Some((1_700_000_000_000, 2)),
+            None,
+            Some((CURSOR_MAX_SCORE, 0)),
+        ];
+        let c = format_cursors(&positions);
+        assert_eq!(c, format!("1700000000000:2,-,{CURSOR_MAX_SCORE}:0"));
+        assert_eq!(parse_cursors(Some(&c), 3).unwrap(), positions);
+        assert_eq!(partitioned_cursor(&positions), Some(c));
+        // From the top: every partition at the highest score.
+        assert_eq!(
+            parse_cursors(None, 2).unwrap(),
+            vec![Some((CURSOR_MAX_SCORE, 0)); 2]
+        );
+        // Every partition done: no next page.
+        assert_eq!(partitioned_cursor(&[None, None]), None);
+    }
+
+    #[test]
+    fn a_cursor_of_another_shape_is_refused() {
+        for bad in [
+            "12:0",
+            "1:0,2:0",
+            "1:0,x,2:0",
+            "1:0,,2:0",
+            "1:0,2:0,3:0,4:0",
+        ] {
+            assert!(
+                matches!(parse_cursors(Some(bad), 3), Err(OpsError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_partition_keeps_the_plain_cursor() {
+        assert_eq!(
+            partitioned_pages(Some("5:1"), 1).unwrap(),
+            vec![Some((5, 1))]
+        );
+        assert_eq!(partitioned_cursor(&[Some((5, 1))]), Some("5:1".into()));
+        assert_eq!(partitioned_cursor(&[None]), None);
+        assert!(partitioned_pages(Some("5:1,-"), 1).is_err());
     }
 }
