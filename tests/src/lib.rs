@@ -315,6 +315,7 @@ impl WorkerProcess {
                 cfg.redis_cluster_nodes.join(","),
             )
             .env("HONUA_KEY_PREFIX", &cfg.key_prefix)
+            .env("HONUA_PARTITIONS", cfg.partitions.to_string())
             .env("HONUA_DEFINITIONS_DIR", &cfg.definitions_dir)
             .env("HONUA_WORKER_ID", id)
             .env("HONUA_LEASE_MS", cfg.worker.lease_ms.to_string())

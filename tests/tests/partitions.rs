@@ -1,8 +1,11 @@
 //! A deployment of four partitions on one redis-server: the flows complete, processes
 //! spread over the partitions and live where their id maps, idempotent resubmission finds
 //! the stored process, lookups by id, merged lists with their per-partition cursor, the
-//! queues report, and a stream submission written to the wrong partition is quarantined.
+//! queues report, and a stream submission written to the wrong partition is quarantined;
+//! a killed worker's steps in every partition are reclaimed and resume from their
+//! checkpoints.
 
+use honua_shared::envelope::Submission;
 use honua_shared::partition::partition_of;
 use honua_shared::status::{ProcessStatus, StepStatus};
 use honua_tests::*;
@@ -251,5 +254,70 @@ async fn flows_complete_across_four_partitions() {
     assert!(reason.contains("partition 3"), "{reason}");
     assert!(f.record(&stray).await.is_none(), "never created");
 
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_steps_in_every_partition_are_reclaimed() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(&[defs::COUNT]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.partitions = P;
+    cfg.custom_step_kinds = vec!["counter".into()];
+    let log = dir.path().join("exec.log");
+    let spawn =
+        |id: &str| WorkerProcess::spawn(env!("CARGO_BIN_EXE_honua-test-worker"), &cfg, id, &log);
+    // Scheduler in-process, workers as processes; two counting steps per partition.
+    let f = Fleet::start(cfg.clone(), 1, 0).await;
+    let mut w1 = spawn("w1");
+    let mut ids = Vec::new();
+    for p in 0..P {
+        let mine = (0..1000)
+            .map(|i| format!("count-{i}"))
+            .filter(|id| partition_of(id, P) == p)
+            .take(2);
+        for id in mine {
+            let sub = Submission {
+                process_type: "Count".into(),
+                version: None,
+                input: json!({}),
+                id: Some(id.clone()),
+                idempotency_key: None,
+                tenant: None,
+                trace: Default::default(),
+            };
+            f.engine.create(&sub, None).await.unwrap();
+            ids.push(id);
+        }
+    }
+    let checkpoint = |id: String| {
+        let f = &f;
+        async move {
+            let data = f.store().load_data(&id).await.ok()?;
+            let v: Value = f.cfg.codec().decode(data.get("ck:Count")?).ok()?;
+            v["n"].as_u64()
+        }
+    };
+    for id in &ids {
+        wait_for("w1 checkpointing every step", DEADLINE, || async {
+            checkpoint(id.clone()).await.filter(|n| *n >= 3)
+        })
+        .await;
+    }
+    w1.kill9();
+    let _w2 = spawn("w2");
+    for id in &ids {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
+        let step = &rec.steps["Count"];
+        assert_eq!(step.worker.as_deref(), Some("w2"), "{id}");
+        assert_eq!(step.deliveries, Some(2), "{id}: one reclaim");
+        let out: Value = f
+            .cfg
+            .codec()
+            .decode(&f.store().load_data(id).await.unwrap()["out:Count"])
+            .unwrap();
+        assert!(out["resumed_from"].as_u64().unwrap() >= 3, "{out}");
+    }
     f.stop().await;
 }
