@@ -291,6 +291,11 @@ impl Store {
         &self.keys
     }
 
+    /// Whether this is a Redis Cluster (partitions may live on different servers).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.client, Client::Cluster(_))
+    }
+
     /// How many partitions the deployment has.
     pub fn partitions(&self) -> u16 {
         self.partitions

@@ -155,7 +155,7 @@ impl Inner {
     pub(super) async fn sweeper(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_millis(self.cfg.worker.sweep_ms);
         let mut rounds: u64 = 0;
-        // Per partition: on a cluster each may live on another primary, with its own
+        // Per partition on a cluster: each may live on another primary, with its own
         // restarts and failovers.
         let parts = self.store.all();
         let mut servers: Vec<ServerWatch> = parts.iter().map(|_| ServerWatch::default()).collect();
@@ -165,11 +165,16 @@ impl Inner {
                 _ = shutdown.cancelled() => return,
             }
             rounds += 1;
-            for (store, server) in parts.iter().zip(servers.iter_mut()) {
+            // On one server every partition has the same restarts: watch it once a round.
+            let mut may = false;
+            for (i, (store, server)) in parts.iter().zip(servers.iter_mut()).enumerate() {
                 if shutdown.is_cancelled() {
                     break;
                 }
-                if self.may_reclaim(store, server).await {
+                if i == 0 || self.store.is_cluster() {
+                    may = self.may_reclaim(store, server).await;
+                }
+                if may {
                     self.clone().sweep(store, &shutdown).await;
                 }
             }
