@@ -1,7 +1,8 @@
 //! A deployment of four partitions on one redis-server: the flows complete, processes
 //! spread over the partitions and live where their id maps, idempotent resubmission finds
 //! the stored process, lookups by id, merged lists with their per-partition cursor, the
-//! queues report, and a stream submission written to the wrong partition is quarantined;
+//! queues report, a stream submission written to the wrong partition is quarantined, and a
+//! drain, its resume and a purge cover every partition;
 //! a killed worker's steps in every partition are reclaimed and resume from their
 //! checkpoints.
 
@@ -253,6 +254,52 @@ async fn flows_complete_across_four_partitions() {
         .to_string();
     assert!(reason.contains("partition 3"), "{reason}");
     assert!(f.record(&stray).await.is_none(), "never created");
+
+    // A drain holds new processes Pending in every partition; resuming starts them all.
+    let r = c.post(f.url("/api/admin/drain")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(f.submit("Three", json!({})).await);
+    }
+    let spread: BTreeSet<u16> = held.iter().map(|id| partition_of(id, P)).collect();
+    for id in &held {
+        let rec = f.record(id).await.unwrap();
+        assert_eq!(rec.status, ProcessStatus::Pending, "{rec:?}");
+    }
+    let report = get_json(&c, &f.url("/api/admin/drain")).await;
+    assert_eq!(report["draining"], true, "{report}");
+    assert_eq!(report["pendingProcesses"], held.len(), "{report}");
+    let r = c
+        .post(f.url("/api/admin/resume-intake"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut last_end = 0;
+    for id in &held {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed);
+        last_end = last_end.max(rec.ended_ms.unwrap_or_default());
+    }
+    eprintln!("drained processes in partitions {spread:?}");
+
+    // Purge covers every partition (once every process ended more than 1 ms ago).
+    wait_for("1 ms past the last end", DEADLINE, || async {
+        let now = f.store().server_time_ms().await.ok()?;
+        (now > last_end + 1).then_some(())
+    })
+    .await;
+    let completed = total + 1 + held.len();
+    let r = c
+        .delete(f.url("/api/processes?status=Completed&olderThan=1ms"))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["deleted"], completed, "{body}");
+    let left = get_json(&c, &f.url("/api/processes?status=Completed")).await;
+    assert_eq!(left.as_array().unwrap().len(), 0, "{left}");
 
     f.stop().await;
 }
