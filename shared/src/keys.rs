@@ -26,6 +26,7 @@
 //! | `<prefix>:v2:{<shard>}:index:status:Pending` | sorted set, score = created ms | processes created while intake was drained, not yet started |
 //! | `<prefix>:v2:{<shard>}:intake` | string (JSON: since, by) | present while the fleet's intake is drained (`POST /api/admin/drain`) |
 //! | `<prefix>:v2:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
+//! | `<prefix>:v2:{0}:partitions` | string | the deployment's partition count, set by its first scheduler; a scheduler configured with another count refuses to start |
 //! | `<prefix>:v2:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
 //! | `<prefix>:v2:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
 //! | `<prefix>:v2:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
@@ -148,6 +149,11 @@ impl Keys {
     pub fn index_active(&self) -> Key {
         self.key("index:active")
     }
+    /// The deployment's partition count (`SET NX` by the first scheduler; meaningful in
+    /// shard 0 only).
+    pub fn partition_count(&self) -> Key {
+        self.key("partitions")
+    }
     /// Present while the fleet's intake is drained: processes are created Pending.
     pub fn intake(&self) -> Key {
         self.key("intake")
@@ -210,6 +216,7 @@ impl Keys {
             self.index_all(),
             self.index_active(),
             self.intake(),
+            self.partition_count(),
         ];
         keys.extend(
             crate::status::ProcessStatus::ALL

@@ -368,3 +368,62 @@ async fn a_killed_workers_steps_in_every_partition_are_reclaimed() {
     }
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_with_another_partition_count_does_not_start() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(&[defs::THREE]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.partitions = P;
+    let store = honua_tests::store(&cfg);
+    store.check_partition_count().await.unwrap();
+    let stored: String = redis::cmd("GET")
+        .arg(store.keys().partition_count())
+        .query_async(&mut store.conn())
+        .await
+        .unwrap();
+    assert_eq!(stored, P.to_string());
+    // The same count again is fine; another is refused, naming both.
+    store.check_partition_count().await.unwrap();
+    let other = honua_tests::store(&honua_shared::config::Config {
+        partitions: 2,
+        ..cfg.clone()
+    });
+    let e = other.check_partition_count().await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            honua_shared::store::StoreError::PartitionCount {
+                stored: 4,
+                configured: 2
+            }
+        ),
+        "{e}"
+    );
+    // Such a scheduler waits (and says why) instead of starting.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ready = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            other
+                .wait_ready(
+                    honua_shared::store::Service::Scheduler,
+                    stop.cancelled_owned(),
+                )
+                .await
+        })
+    };
+    // Partition 0's groups are created just before the check: once they exist it has
+    // reached it (and every attempt fails the same way).
+    wait_for("the groups of partition 0", DEADLINE, || async {
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(store.keys().results())
+            .query_async(&mut store.conn())
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    assert!(!ready.await.unwrap(), "not ready with the wrong count");
+}

@@ -55,6 +55,13 @@ pub enum StoreError {
     /// ([`Store::commit_many`]) is retried one by one, which loads it. Retry with backoff.
     #[error("redis function library {library} is not loaded yet")]
     FunctionsNotLoaded { library: String },
+    /// The deployment's keys are laid out in `stored` partitions, this service is
+    /// configured with `configured`: a configuration error, retried (the service does not
+    /// start) until fixed.
+    #[error(
+        "the deployment's keys are laid out in {stored} partitions but this service is configured with {configured} (partitions / HONUA_PARTITIONS must be the same for every service)"
+    )]
+    PartitionCount { stored: u16, configured: u16 },
     #[error("unexpected reply from {script}: {detail}")]
     Reply {
         script: &'static str,
@@ -475,6 +482,9 @@ impl Store {
                     match service {
                         Service::Scheduler => {
                             part.ensure_groups().await?;
+                            if part.partition() == 0 {
+                                part.check_partition_count().await?;
+                            }
                         }
                         Service::Worker => {
                             part.ensure_job_group().await?;
@@ -494,6 +504,29 @@ impl Store {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// Records the deployment's partition count in partition 0 when none is recorded yet
+    /// (`SET NX`), and fails with [`StoreError::PartitionCount`] when another is.
+    pub async fn check_partition_count(&self) -> Result<()> {
+        let key = self.keys.in_shard(0).partition_count();
+        let (stored,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(self.partitions)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut self.conn())
+            .await?;
+        match stored.and_then(|s| s.parse::<u16>().ok()) {
+            Some(n) if n != self.partitions => Err(StoreError::PartitionCount {
+                stored: n,
+                configured: self.partitions,
+            }),
+            _ => Ok(()),
         }
     }
 
