@@ -567,6 +567,23 @@ impl Fleet {
         }
     }
 
+    /// Waits until process `id` waits for approval, then sends it signal `name` through
+    /// the gateway (202).
+    pub async fn approve(&self, c: &reqwest::Client, id: &str, name: &str) {
+        wait_for("waiting for approval", DEADLINE, || async {
+            self.record(id)
+                .await
+                .filter(|r| r.status == honua_shared::status::ProcessStatus::WaitingForApproval)
+        })
+        .await;
+        let r = c
+            .post(self.url(&format!("/api/processes/{id}/signal/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "signal {name} to {id}");
+    }
+
     pub fn committed(&self) -> u64 {
         self.worker_stats
             .iter()

@@ -94,18 +94,7 @@ async fn flows_complete_across_four_partitions() {
         v
     };
     for id in &gates {
-        wait_for("waiting for approval", DEADLINE, || async {
-            f.record(id)
-                .await
-                .filter(|r| r.status == ProcessStatus::WaitingForApproval)
-        })
-        .await;
-        let r = c
-            .post(f.url(&format!("/api/processes/{id}/signal/review")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        f.approve(&c, id, "review").await;
     }
     for id in &gates {
         let rec = f.wait_finished(id).await;
