@@ -371,6 +371,9 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
             };
             throughput_into(&mut report, server, &prefix, engine_params(&tp), true).await?;
             let processes = if quick { 100 } else { 3000 };
+            // The fan-out/join shape next to the line, so the slow path stays measured.
+            let dag = point(server, &format!("{prefix}-dag"), processes, 2, Shape::Dag).await?;
+            report.dag = Some(dag);
             scale_into(
                 &mut report,
                 server,
@@ -510,30 +513,49 @@ async fn scale_into(
     workers: &[usize],
 ) -> anyhow::Result<()> {
     for &w in workers {
-        let w = w.max(1);
-        let jobs = processes * throughput::STEPS_PER_PROCESS;
-        let raw = raw(server, prefix, raw_params(jobs, w)).await?;
-        eprintln!("scale: {processes} processes, 1 scheduler, {w} workers ...");
-        let params = EngineParams {
+        let p = point(
+            server,
+            &format!("{prefix}-scale{w}"),
             processes,
-            schedulers: 1,
-            workers: w,
-            max_concurrent_steps: 64,
-            submitters: 32,
-            timeout: Duration::from_secs(600),
-            shape: Shape::Line,
-        };
-        let engine = throughput::run(server, &format!("{prefix}-scale{w}"), params)
-            .await
-            .with_context(|| format!("the scale run with {w} workers failed"))?;
-        report.scale.push(ScalePoint {
-            workers: w,
-            ratio_to_raw: engine.steps_per_sec / raw.jobs_per_sec,
-            raw,
-            engine,
-        });
+            w,
+            Shape::Line,
+        )
+        .await?;
+        report.scale.push(p);
     }
     Ok(())
+}
+
+/// One engine run of `shape` with 1 scheduler and `workers` workers, after a raw run
+/// with as many consumers and as many jobs as the engine runs steps.
+async fn point(
+    server: &Server,
+    prefix: &str,
+    processes: usize,
+    workers: usize,
+    shape: Shape,
+) -> anyhow::Result<ScalePoint> {
+    let w = workers.max(1);
+    let raw = raw(server, prefix, raw_params(processes * shape.steps(), w)).await?;
+    eprintln!("{shape:?} shape: {processes} processes, 1 scheduler, {w} workers ...");
+    let params = EngineParams {
+        processes,
+        schedulers: 1,
+        workers: w,
+        max_concurrent_steps: 64,
+        submitters: 32,
+        timeout: Duration::from_secs(600),
+        shape,
+    };
+    let engine = throughput::run(server, prefix, params)
+        .await
+        .with_context(|| format!("the {shape:?} run with {w} workers failed"))?;
+    Ok(ScalePoint {
+        workers: w,
+        ratio_to_raw: engine.steps_per_sec / raw.jobs_per_sec,
+        raw,
+        engine,
+    })
 }
 
 fn latency_runs(

@@ -82,19 +82,31 @@ for i = 1, n do
       ack(jobs, group, id)
       out[i] = {'obsolete', 'process is ' .. tostring(m[1] or 'gone')}
     else
-      local raw = redis.call('HGET', steps, step)
+      -- With the snapshot asked for, one HGETALL reads the step record too (the record
+      -- is then replaced in the reply by the running one written below).
+      local snapshot, at, raw = false, nil, nil
+      if ARGV[a + 5] == '1' then
+        snapshot = redis.call('HGETALL', steps)
+        for f = 1, #snapshot, 2 do
+          if snapshot[f] == step then
+            at, raw = f + 1, snapshot[f + 1]
+            break
+          end
+        end
+      else
+        raw = redis.call('HGET', steps, step)
+      end
       local enc = raw and running_record(raw, token, tonumber(p[4]), trace)
       if not enc then
         ack(jobs, group, id)
         out[i] = {'obsolete', 'job superseded'}
       else
         redis.call('HSET', steps, step, enc)
+        if at then
+          snapshot[at] = enc
+        end
         if tonumber(p[3]) > 1000 then
           redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
-        end
-        local snapshot = false
-        if ARGV[a + 5] == '1' then
-          snapshot = redis.call('HGETALL', steps)
         end
         out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data), m[4] or '',
           m[1], m[5] or '0', m[6] or '', snapshot}

@@ -4,7 +4,9 @@
 -- KEYS[1] job stream, KEYS[2] results stream (the scheduler reads step results from it)
 -- KEYS[3i..3i+2]  for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer, then for each job: entry id, deliveries seen at claim,
--- step, token, output blob ('' for none), n, then n event fields as name, value pairs (the
+-- step, token, output blob ('' for none), '1' when the step may have a checkpoint (its
+-- begin saw one or it saved one: only then is the checkpoint field deleted) else '0', n,
+-- then n event fields as name, value pairs (the
 -- event's outcome must be among them), then the transition the worker decided from the
 -- result: '0' (none) | '1', rev, steps rev (the revision it was decided on), s, s pairs of
 -- step name and step record (JSON), j, then j jobs, each as f and f field name, value pairs
@@ -24,12 +26,12 @@ local jobs, events, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 -- Parse and validate every job before writing anything.
 local todo, a = {}, 3
 while a <= #ARGV do
-  local n = tonumber(ARGV[a + 5])
+  local n = tonumber(ARGV[a + 6])
   if not n or n < 1 then
     return redis.error_reply('complete: bad event field count')
   end
   local t = {id = ARGV[a], dl = ARGV[a + 1], step = ARGV[a + 2], token = ARGV[a + 3],
-    output = ARGV[a + 4], first = a + 6, last = a + 5 + 2 * n}
+    output = ARGV[a + 4], ck = ARGV[a + 5] == '1', first = a + 7, last = a + 6 + 2 * n}
   if t.last > #ARGV then
     return redis.error_reply('complete: short arguments')
   end
@@ -137,7 +139,7 @@ local function write_result(t, data)
   if t.output ~= '' then
     redis.call('HSET', data, F_OUTPUT_PREFIX .. t.step, t.output)
   end
-  if t.outcome ~= OUTCOME_FAILED then
+  if t.ck and t.outcome ~= OUTCOME_FAILED then
     redis.call('HDEL', data, F_CHECKPOINT_PREFIX .. t.step)
   end
 end

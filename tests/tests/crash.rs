@@ -102,12 +102,13 @@ async fn killed_worker_step_resumes_from_its_checkpoint_on_another_worker() {
     let step = &rec.steps["Count"];
     assert_eq!(step.worker.as_deref(), Some("w2"));
     assert_eq!(step.deliveries, Some(2), "one reclaim");
-    let out: Value = f
-        .cfg
-        .codec()
-        .decode(&f.store().load_data(&pid).await.unwrap()["out:Count"])
-        .unwrap();
+    let data = f.store().load_data(&pid).await.unwrap();
+    let out: Value = f.cfg.codec().decode(&data["out:Count"]).unwrap();
     assert_eq!(out["n"], 40);
+    assert!(
+        !data.contains_key("ck:Count"),
+        "the checkpoint is deleted with the step's result"
+    );
     assert!(out["resumed_from"].as_u64().unwrap() >= saved);
     // Reported, not asserted: the time from kill -9 to the claim on the other worker, on
     // Redis's clock (lease 1.5 s + sweep 0.2 s here, plus w2's start-up).

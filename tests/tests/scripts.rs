@@ -409,6 +409,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
     let item = |held| Completion {
         held,
         output: Some(b"out"),
+        checkpoint: true,
         result: &ok,
         fast: None,
     };
@@ -496,6 +497,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
     let failing = Completion {
         held: &held_3,
         output: None,
+        checkpoint: true,
         result: &failed,
         fast: None,
     };
@@ -1430,6 +1432,7 @@ async fn a_worker_commits_a_steps_successors_only_on_the_revision_it_decided_on(
     let item = Completion {
         held: &held,
         output: None,
+        checkpoint: true,
         result: &ok,
         fast: Some(&fast),
     };
@@ -1488,6 +1491,7 @@ async fn a_worker_commits_a_steps_successors_only_on_the_revision_it_decided_on(
     let item = Completion {
         held: &held,
         output: None,
+        checkpoint: true,
         result: &ok,
         fast: Some(&fast),
     };

@@ -101,6 +101,8 @@ pub struct Checkpointer {
     pub(crate) codec: StateCodec,
     pub(crate) cancel: CancellationToken,
     pub(crate) stale: Arc<std::sync::atomic::AtomicBool>,
+    /// Set before a save is sent: the step's commit then deletes the checkpoint.
+    pub(crate) saved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Checkpointer {
@@ -109,6 +111,7 @@ impl Checkpointer {
             .codec
             .encode(value)
             .map_err(|e| StepError::Permanent(format!("checkpoint rejected: {e}")))?;
+        self.saved.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = (|| self.store.checkpoint(&self.consumer, &self.held, &blob))
             .retry(crate::redis_backoff(Duration::from_secs(10)))
             .when(honua_shared::store::StoreError::is_retryable)

@@ -43,6 +43,9 @@ pub struct Completion<'a> {
     pub held: &'a Held,
     /// The encoded output (`None`: the step wrote none).
     pub output: Option<&'a [u8]>,
+    /// The step may have a checkpoint (its begin saw one, or it saved one): a successful
+    /// result then deletes it. `false` saves the delete when there is none.
+    pub checkpoint: bool,
     pub result: &'a crate::envelope::StepResult,
     /// The transition the worker decided from this result, to commit with it when the
     /// process is still at the revision it was decided on.
@@ -223,6 +226,7 @@ impl Store {
         let one = [Completion {
             held,
             output,
+            checkpoint: true,
             result,
             fast: None,
         }];
@@ -266,6 +270,7 @@ impl Store {
                 .arg(&job.step)
                 .arg(&job.token)
                 .arg(c.output.unwrap_or(b""))
+                .arg(if c.checkpoint { "1" } else { "0" })
                 .arg(fields.len());
             for (k, v) in fields {
                 inv.arg(k).arg(v);

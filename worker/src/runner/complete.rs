@@ -24,6 +24,8 @@ const COMPLETE_BATCH: usize = 256;
 pub(super) struct Completing {
     held: Held,
     output: Option<Vec<u8>>,
+    /// The step may have a checkpoint to delete ([`Completion::checkpoint`]).
+    checkpoint: bool,
     result: StepResult,
     fast: Option<FastCommit>,
     done: oneshot::Sender<Result<(Fence, bool), String>>,
@@ -52,7 +54,7 @@ impl Inner {
         held: &Held,
         (process_type, kind): (&str, &str),
         (result, fast): (StepResult, Option<FastCommit>),
-        output: Option<Vec<u8>>,
+        (output, checkpoint): (Option<Vec<u8>>, bool),
         duration_ms: u64,
     ) {
         let pid = &held.job.process_id;
@@ -62,6 +64,7 @@ impl Inner {
         let sent = self.completions.send(Completing {
             held: held.clone(),
             output,
+            checkpoint,
             result: result.clone(),
             fast,
             done,
@@ -152,6 +155,7 @@ impl Inner {
                     .map(|c| Completion {
                         held: &c.held,
                         output: c.output.as_deref(),
+                        checkpoint: c.checkpoint,
                         result: &c.result,
                         fast: c.fast.as_ref(),
                     })

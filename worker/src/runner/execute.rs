@@ -91,6 +91,13 @@ impl Inner {
     ) {
         let started = Instant::now();
         let stale_flag = Arc::new(AtomicBool::new(false));
+        // Whether the step may have a checkpoint when it ends: one its begin saw, or one it
+        // saves (set before each save is sent). Only then does the commit delete it.
+        let checkpointed = Arc::new(AtomicBool::new(data.contains_key(&format!(
+            "{}{}",
+            field::CHECKPOINT_PREFIX,
+            held.job.step
+        ))));
         let (process_type, version) = (begun.process_type.as_str(), begun.version);
         let (result, output) = self
             .run_step(
@@ -99,7 +106,7 @@ impl Inner {
                 version,
                 data,
                 cancel.clone(),
-                stale_flag.clone(),
+                (stale_flag.clone(), checkpointed.clone()),
             )
             .await;
         tracing::Span::current().record("honua.outcome", result.outcome.as_str());
@@ -128,7 +135,7 @@ impl Inner {
                     &held,
                     (process_type, &kind),
                     (result, fast),
-                    output,
+                    (output, checkpointed.load(Ordering::SeqCst)),
                     duration_ms,
                 )
                 .await;
@@ -166,7 +173,7 @@ impl Inner {
         version: u32,
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
-        stale: Arc<AtomicBool>,
+        (stale, checkpointed): (Arc<AtomicBool>, Arc<AtomicBool>),
     ) -> (StepResult, Option<Vec<u8>>) {
         let job = &held.job;
         let fail = |error: String, code: &str, failure: Failure| StepResult {
@@ -249,6 +256,7 @@ impl Inner {
                 codec: self.codec,
                 cancel: cancel.clone(),
                 stale,
+                saved: checkpointed,
             }),
         };
         let timeout = step_def.timeout;
