@@ -7,6 +7,11 @@
 //! 500 ms, and a blocking read on a shared multiplexed connection would delay every other
 //! command on it).
 //!
+//! Partitions ([`crate::partition`]): a [`Store`] is the handle of one partition of the
+//! deployment ([`Store::in_partition`], [`Store::of`] a process's, [`Store::all`]); the
+//! calls named by a process id (loading records and data, events for it, purging it) go to
+//! its partition whichever handle makes them, the rest work on the handle's partition.
+//!
 //! This module owns the [`Store`] handle, its errors, the fence answers and what both
 //! services use: opening, readiness, groups, the library, group reads and `drop_entry.lua`.
 //! The calls are split by who makes them, each an `impl Store` block of its own:
