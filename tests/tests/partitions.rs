@@ -296,7 +296,10 @@ async fn flows_complete_across_four_partitions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_steps_in_every_partition_are_reclaimed() {
     let redis = RedisServer::start();
-    let dir = defs_dir(&[defs::COUNT]);
+    // `Count` with 200 ticks (10 s): w1 is killed long before any step could finish.
+    let long = defs::COUNT.1.replace("total = 40", "total = 200");
+    assert_ne!(long, defs::COUNT.1);
+    let dir = defs_dir(&[("count.toml", &long)]);
     let mut cfg = test_config(&redis.url(), dir.path());
     cfg.partitions = P;
     cfg.custom_step_kinds = vec!["counter".into()];
