@@ -46,7 +46,7 @@ else
 fi
 
 python3 - "$K8S_VERSION" "$out" <<'PY'
-import glob, os, sys
+import glob, os, re, sys
 import yaml
 import kubernetes_validate as kv
 
@@ -68,6 +68,13 @@ REDIS_STREAMS = {"address", "addressFromEnv", "host", "hostFromEnv", "port", "po
                  "consumerGroup", "pendingEntriesCount", "streamLength", "lagCount",
                  "activationLagCount", "databaseIndex", "enableTLS", "unsafeSsl",
                  "activationValue"}
+# redis-cluster-streams (keda.sh/docs/2.16/scalers/redis-cluster-streams): the same
+# stream fields, the nodes as comma-separated lists.
+REDIS_CLUSTER_STREAMS = (REDIS_STREAMS - {"address", "addressFromEnv", "host", "hostFromEnv",
+                                          "port", "portFromEnv", "databaseIndex"}) | {
+    "addresses", "addressesFromEnv", "hosts", "hostsFromEnv", "ports", "portsFromEnv"}
+# advanced.scalingModifiers (keda.sh/docs/2.16/concepts/scaling-deployments, KEDA >= 2.12).
+SCALING_MODIFIERS = {"formula", "target", "activationTarget", "metricType"}
 CPU_MEM = {"type", "value", "containerName"}
 TA_SPEC = {"podIdentity", "secretTargetRef", "env", "hashiCorpVault", "azureKeyVault",
            "gcpSecretManager", "awsSecretManager", "configMapTargetRef", "boundServiceAccountToken"}
@@ -88,6 +95,21 @@ def check_scaled_object(o, where):
     unknown(where + ".spec.advanced", adv, SO_ADVANCED)
     unknown(where + ".spec.advanced.horizontalPodAutoscalerConfig",
             adv.get("horizontalPodAutoscalerConfig") or {}, SO_HPA_CONFIG)
+    mods = adv.get("scalingModifiers")
+    if mods is not None:
+        unknown(where + ".spec.advanced.scalingModifiers", mods, SCALING_MODIFIERS)
+        if not isinstance(mods.get("formula"), str) or not isinstance(mods.get("target"), str):
+            errors.append(f"{where}: scalingModifiers needs a formula and a target (strings)")
+        if mods.get("metricType", "AverageValue") not in METRIC_TYPES:
+            errors.append(f"{where}: scalingModifiers.metricType not in {sorted(METRIC_TYPES)}")
+        names = {t.get("name") for t in spec.get("triggers") or []}
+        used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", mods.get("formula") or ""))
+        if None in names:
+            errors.append(f"{where}: with scalingModifiers every trigger needs a name")
+        if used - names:
+            errors.append(f"{where}: the formula names unknown triggers {sorted(used - names)}")
+        if names - used - {None}:
+            errors.append(f"{where}: triggers {sorted(names - used - {None})} are not in the formula")
     for k in ("pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount"):
         if k in spec and not isinstance(spec[k], int):
             errors.append(f"{where}: spec.{k} must be an integer")
@@ -103,15 +125,18 @@ def check_scaled_object(o, where):
                 errors.append(f"{tw}.metadata.{k}: trigger metadata values are strings")
         if "metricType" in t and t["metricType"] not in METRIC_TYPES:
             errors.append(f"{tw}.metricType: {t['metricType']!r} not in {sorted(METRIC_TYPES)}")
-        if t.get("type") == "redis-streams":
-            unknown(tw + ".metadata", md, REDIS_STREAMS)
+        if t.get("type") in ("redis-streams", "redis-cluster-streams"):
+            cluster = t["type"] == "redis-cluster-streams"
+            unknown(tw + ".metadata", md, REDIS_CLUSTER_STREAMS if cluster else REDIS_STREAMS)
             for req in ("stream", "consumerGroup"):
                 if req not in md:
                     errors.append(f"{tw}.metadata.{req} is required")
             if "lagCount" not in md or "pendingEntriesCount" in md or "streamLength" in md:
                 errors.append(f"{tw}: scale on lagCount only (not pendingEntriesCount/streamLength)")
-            if not any(k in md for k in ("address", "addressFromEnv", "host", "hostFromEnv")):
-                errors.append(f"{tw}: address or host is required")
+            nodes = (("addresses", "addressesFromEnv", "hosts", "hostsFromEnv") if cluster
+                     else ("address", "addressFromEnv", "host", "hostFromEnv"))
+            if not any(k in md for k in nodes):
+                errors.append(f"{tw}: {nodes[0]} or {nodes[2]} is required")
         elif t.get("type") in ("cpu", "memory"):
             unknown(tw + ".metadata", md, {"value", "containerName", "type"})
             if t.get("metricType") not in ("Utilization", "AverageValue"):

@@ -50,7 +50,8 @@ pub struct DrainReply {
 }
 
 impl Processes {
-    /// Drains the intake (idempotent: a second drain keeps the first one's time and name).
+    /// Drains the intake (idempotent: a second drain keeps the first one's time and name),
+    /// in every partition (each partition's creates check its own intake key).
     pub async fn drain(&self, by: &str) -> Result<DrainReply, StoreError> {
         let now = self.store.server_time_ms().await?;
         let state = serde_json::to_string(&Drained {
@@ -58,45 +59,61 @@ impl Processes {
             by: by.to_string(),
         })
         .unwrap_or_default();
-        if self.store.drain_intake(&state).await? {
+        let mut set = false;
+        for part in self.store.all() {
+            set |= part.drain_intake(&state).await?;
+        }
+        if set {
             tracing::warn!(by = %by, "intake drained: new processes are created Pending until intake resumes");
         }
         self.intake_report().await
     }
 
-    /// Opens the intake: the schedulers start the Pending processes, oldest first.
+    /// Opens the intake of every partition: the schedulers start the Pending processes,
+    /// oldest first.
     pub async fn resume_intake(&self, by: &str) -> Result<DrainReply, StoreError> {
-        if self.store.resume_intake().await? {
+        let mut resumed = false;
+        for part in self.store.all() {
+            resumed |= part.resume_intake().await?;
+        }
+        if resumed {
             tracing::warn!(by = %by, "intake resumed: Pending processes start");
         }
         self.intake_report().await
     }
 
-    /// Whether intake is drained, and what is still in flight.
+    /// Whether intake is drained (in any partition), and what is still in flight in all of
+    /// them.
     pub async fn intake_report(&self) -> Result<DrainReply, StoreError> {
-        let state = self.store.intake().await?;
+        let mut state = None;
+        let (mut running, mut queued, mut active, mut pending_processes) = (0, 0, 0, 0);
+        for part in self.store.all() {
+            if state.is_none() {
+                state = part.intake().await?;
+            }
+            let jobs = part
+                .stream_stats(&part.keys().jobs(), WORKERS_GROUP)
+                .await?;
+            running += jobs.pending;
+            queued += jobs.lag.unwrap_or(jobs.length.saturating_sub(jobs.pending));
+            active += part.active_summary().await?.0;
+            pending_processes += part.status_count(ProcessStatus::Pending).await?;
+        }
         let drained: Option<Drained> = state.as_deref().map(|s| {
             serde_json::from_str(s).unwrap_or(Drained {
                 since_ms: 0,
                 by: "unknown".into(),
             })
         });
-        let jobs = self
-            .store
-            .stream_stats(&self.store.keys().jobs(), WORKERS_GROUP)
-            .await?;
-        let (active, _) = self.store.active_summary().await?;
-        let pending_processes = self.store.status_count(ProcessStatus::Pending).await?;
-        let queued = jobs.lag.unwrap_or(jobs.length.saturating_sub(jobs.pending));
         Ok(DrainReply {
             draining: drained.is_some(),
             since_ms: drained.as_ref().map(|d| d.since_ms),
             by: drained.map(|d| d.by),
-            running_steps: jobs.pending,
+            running_steps: running,
             queued_steps: queued,
             pending_processes,
             active_processes: active,
-            drained: state.is_some() && jobs.pending == 0 && queued == 0,
+            drained: state.is_some() && running == 0 && queued == 0,
         })
     }
 

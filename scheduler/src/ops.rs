@@ -87,6 +87,40 @@ fn parse_cursor(c: &str) -> Result<(u64, usize), OpsError> {
     Ok((max, offset))
 }
 
+/// The per-partition positions of a listing over several partitions: one `score:offset`
+/// per partition, or `-` for a partition with nothing left, comma-separated in partition
+/// order (`None`: every partition from the top). With one partition a cursor is the plain
+/// `score:offset` of [`parse_cursor`].
+fn parse_cursors(c: Option<&str>, partitions: u16) -> Result<Vec<Option<(u64, usize)>>, OpsError> {
+    let Some(c) = c else {
+        return Ok(vec![Some((CURSOR_MAX_SCORE, 0)); usize::from(partitions)]);
+    };
+    let bad = || OpsError::Invalid(format!("bad cursor {c:?}: pass x-next-cursor as given"));
+    let positions = c
+        .split(',')
+        .map(|p| match p {
+            "-" => Ok(None),
+            p => parse_cursor(p).map(Some).map_err(|_| bad()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if positions.len() != usize::from(partitions) {
+        return Err(bad());
+    }
+    Ok(positions)
+}
+
+/// The cursor [`parse_cursors`] reads.
+fn format_cursors(positions: &[Option<(u64, usize)>]) -> String {
+    positions
+        .iter()
+        .map(|p| match p {
+            Some((score, offset)) => format!("{score}:{offset}"),
+            None => "-".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Paging through a score index, highest score first, in batches, by the `score:offset`
 /// cursor of `x-next-cursor` ([`Processes::list`]'s scheme): the next page starts below the
 /// last entry scanned (its score, and how many entries with exactly that score were
@@ -100,25 +134,53 @@ pub(crate) struct CursorPage {
     exhausted: bool,
 }
 
-/// A page of at most `limit` entries from `cursor` (`None`: from the top).
-pub(crate) fn cursor_page(cursor: Option<&str>, limit: usize) -> Result<CursorPage, OpsError> {
-    let (max, offset) = match cursor {
-        None => (CURSOR_MAX_SCORE, 0usize),
-        Some(c) => parse_cursor(c)?,
-    };
-    Ok(CursorPage {
+/// Pages over the partitions of a deployment, one after the other, each through its own
+/// [`CursorPage`], by a cursor of per-partition positions ([`parse_cursors`]; with one
+/// partition the plain `score:offset` cursor).
+pub(crate) fn partitioned_pages(
+    cursor: Option<&str>,
+    partitions: u16,
+) -> Result<Vec<Option<(u64, usize)>>, OpsError> {
+    if partitions <= 1 {
+        return Ok(vec![Some(match cursor {
+            None => (CURSOR_MAX_SCORE, 0),
+            Some(c) => parse_cursor(c)?,
+        })]);
+    }
+    parse_cursors(cursor, partitions)
+}
+
+/// The next cursor of [`partitioned_pages`]' positions (`None` when every one is done).
+pub(crate) fn partitioned_cursor(positions: &[Option<(u64, usize)>]) -> Option<String> {
+    match positions {
+        [] => None,
+        [one] => one.map(|(score, offset)| format!("{score}:{offset}")),
+        many => many
+            .iter()
+            .any(Option::is_some)
+            .then(|| format_cursors(many)),
+    }
+}
+
+/// A page of at most `limit` entries from position (`max`, `offset`).
+pub(crate) fn cursor_page_at((max, offset): (u64, usize), limit: usize) -> CursorPage {
+    CursorPage {
         max,
         offset,
         last: (max, offset),
         remaining: limit,
         exhausted: false,
-    })
+    }
 }
 
 impl CursorPage {
     /// How many entries to read next (at most `batch`), `None` when the page is done.
     pub(crate) fn next_batch(&self, batch: usize) -> Option<usize> {
         (!self.exhausted && self.remaining > 0).then(|| batch.min(self.remaining))
+    }
+    /// How many more entries this page may scan.
+    pub(crate) fn remaining(&self) -> usize {
+        self.remaining
     }
     /// The highest score to read from (`ZREVRANGEBYSCORE max`).
     pub(crate) fn max_score(&self) -> u64 {
@@ -142,9 +204,9 @@ impl CursorPage {
     pub(crate) fn exhausted(&mut self) {
         self.exhausted = true;
     }
-    /// The cursor of the next page, while the index may have entries left.
-    pub(crate) fn next_cursor(&self) -> Option<String> {
-        (!self.exhausted).then(|| format!("{}:{}", self.last.0, self.last.1))
+    /// The next page's position (`score`, `offset`), while the index may have entries left.
+    pub(crate) fn position(&self) -> Option<(u64, usize)> {
+        (!self.exhausted).then_some(self.last)
     }
 }
 
@@ -154,7 +216,7 @@ impl Processes {
         if !honua_shared::envelope::valid_id(id) {
             return Err(OpsError::NotFound(id.to_string()));
         }
-        let (now, mut v) = self.store.load_processes(&[id]).await?;
+        let (now, mut v) = self.store.of(id).load_processes(&[id]).await?;
         let (meta, steps) = v.remove(0);
         match ProcessRecord::parse(id, &meta, &steps) {
             Ok(Some(r)) => Ok((r, now)),
@@ -174,10 +236,12 @@ impl Processes {
         decide: impl Fn(&Ctx<'_>, &ProcessRecord) -> Result<(Transition, T), OpsError>,
     ) -> Result<T, OpsError> {
         let decide = &decide;
-        let decided = self
+        // The process's own partition: its keys, and its server's clock.
+        let this = &self.of(id);
+        let decided = this
             .decide_and_commit(
                 || async move {
-                    let (rec, now) = self.load(id).await?;
+                    let (rec, now) = this.load(id).await?;
                     let def = self
                         .defs
                         .get(&rec.process_type, rec.version)
@@ -200,7 +264,7 @@ impl Processes {
                         return Ok(Decision::Done(extra));
                     }
                     let call = t.to_commit(
-                        self.store.keys(),
+                        this.store.keys(),
                         id,
                         Some(rec.revision()),
                         now,
@@ -450,35 +514,43 @@ impl Processes {
         }
         let now = self.store.server_time_ms().await?;
         let cutoff = now.saturating_sub(older_than.as_millis() as u64);
-        let key = self.store.keys().index_status(status);
         let mut deleted = 0;
-        loop {
-            let page = self.store.index_page(&key, 0, cutoff, 0, 500).await?;
-            if page.is_empty() {
-                break;
-            }
-            let ids: Vec<String> = page.into_iter().map(|(id, _)| id).collect();
-            let n = self.store.purge(status, &ids).await?;
-            deleted += n;
-            if n == 0 {
-                break;
+        for store in self.store.all() {
+            let key = store.keys().index_status(status);
+            loop {
+                let page = store.index_page(&key, 0, cutoff, 0, 500).await?;
+                if page.is_empty() {
+                    break;
+                }
+                let ids: Vec<String> = page.into_iter().map(|(id, _)| id).collect();
+                let n = store.purge(status, &ids).await?;
+                deleted += n;
+                if n == 0 {
+                    break;
+                }
             }
         }
         tracing::info!(status = %status, deleted, "purged finished processes");
         Ok(deleted)
     }
 
-    /// One page of processes, newest first, and the cursor of the next page.
+    /// One page of processes, newest first, and the cursor of the next page. With several
+    /// partitions their indexes are merged in order ([`Processes::list_merged`]).
     pub async fn list(
         &self,
         q: &ListQuery,
     ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
-        let keys = self.store.keys();
-        let now = self.store.server_time_ms().await?;
-        let limit = q.limit.clamp(1, 1000);
+        if self.store.partitions() > 1 {
+            return self.list_merged(q).await;
+        }
+        self.list_one(q).await
+    }
+
+    /// The index a listing with `q`'s filters reads, in `keys`' partition.
+    fn list_index(keys: &honua_shared::keys::Keys, q: &ListQuery) -> honua_shared::keys::Key {
         // Finished statuses are indexed by end time, the others by creation time; Pending
         // processes (intake drained) and Paused ones (by pause time) have their own index.
-        let key = match q.status {
+        match q.status {
             Some(s)
                 if s.is_finished()
                     || matches!(s, ProcessStatus::Pending | ProcessStatus::Paused) =>
@@ -488,7 +560,134 @@ impl Processes {
             Some(_) => keys.index_active(),
             None if q.active => keys.index_active(),
             None => keys.index_all(),
-        };
+        }
+    }
+
+    /// Whether record `r` passes `q`'s filters.
+    fn listed(q: &ListQuery, r: &ProcessRecord) -> bool {
+        !(q.status.is_some_and(|s| s != r.status)
+            || q.process_type
+                .as_ref()
+                .is_some_and(|t| *t != r.process_type))
+    }
+
+    /// [`Processes::list`] over several partitions: each partition's index is read in
+    /// batches and the batches merged by score (ties: lower partition first), so the page
+    /// is in the same order as one index of every process would give. The cursor holds one
+    /// position per partition ([`parse_cursors`]); an entry counts as scanned (moves its
+    /// partition's position) only once it is merged into the page, so fetched entries that
+    /// did not fit are read again by the next page.
+    async fn list_merged(
+        &self,
+        q: &ListQuery,
+    ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
+        use std::collections::VecDeque;
+        struct Part {
+            store: honua_shared::store::Store,
+            key: honua_shared::keys::Key,
+            max: u64,
+            /// Entries below `max` fetched so far (the next fetch's `LIMIT offset`).
+            fetched: usize,
+            /// The cursor position: (score, entries with that score scanned).
+            last: (u64, usize),
+            buf: VecDeque<(u64, Option<ProcessRecord>)>,
+            /// The index had nothing left after the last fetch.
+            exhausted: bool,
+        }
+        let parts_n = self.store.partitions();
+        let now = self.store.server_time_ms().await?;
+        let limit = q.limit.clamp(1, 1000);
+        let min = q
+            .since
+            .map(|d| now.saturating_sub(d.as_millis() as u64))
+            .unwrap_or(0);
+        let positions = parse_cursors(q.cursor.as_deref(), parts_n)?;
+        let mut parts: Vec<Part> = self
+            .store
+            .all()
+            .into_iter()
+            .zip(positions)
+            .map(|(store, pos)| {
+                let (max, offset) = pos.unwrap_or((0, 0));
+                Part {
+                    key: Self::list_index(store.keys(), q),
+                    store,
+                    max,
+                    fetched: offset,
+                    last: (max, offset),
+                    buf: VecDeque::new(),
+                    exhausted: pos.is_none(),
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        // Each fetch reads a share of the page from one partition (a partition is fetched
+        // again once its share is merged, e.g. when filters skip entries); in all at most
+        // about as many entries as a listing of one partition scans (20 pages' worth).
+        let batch = (limit / parts.len() + 1).max(limit.min(10));
+        let mut fetches = 20 * limit.div_ceil(batch) + parts.len();
+        'page: while out.len() < limit {
+            for part in parts.iter_mut() {
+                if !part.buf.is_empty() || part.exhausted {
+                    continue;
+                }
+                if fetches == 0 {
+                    break 'page;
+                }
+                fetches -= 1;
+                let page = part
+                    .store
+                    .index_page(&part.key, min, part.max, part.fetched, batch)
+                    .await?;
+                part.exhausted = page.len() < batch;
+                part.fetched += page.len();
+                let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
+                let (_, recs) = part.store.load_processes(&ids).await?;
+                for ((id, score), (meta, steps)) in page.iter().zip(recs) {
+                    let rec = ProcessRecord::parse(id, &meta, &steps).ok().flatten();
+                    part.buf.push_back((*score, rec));
+                }
+            }
+            // Every partition that may hold more has entries buffered: the highest head
+            // is the next entry of the merged order.
+            let Some(part) = parts
+                .iter_mut()
+                .filter(|p| !p.buf.is_empty())
+                .reduce(|a, b| if b.buf[0].0 > a.buf[0].0 { b } else { a })
+            else {
+                break;
+            };
+            let Some((score, rec)) = part.buf.pop_front() else {
+                break;
+            };
+            part.last = if score == part.last.0 {
+                (part.last.0, part.last.1 + 1)
+            } else {
+                (score, 1)
+            };
+            if let Some(r) = rec
+                && Self::listed(q, &r)
+            {
+                out.push(r);
+            }
+        }
+        let positions: Vec<Option<(u64, usize)>> = parts
+            .iter()
+            .map(|p| (!(p.exhausted && p.buf.is_empty())).then_some(p.last))
+            .collect();
+        let more = positions.iter().any(Option::is_some) || out.len() == limit;
+        Ok((out, more.then(|| format_cursors(&positions))))
+    }
+
+    /// [`Processes::list`] on one partition.
+    async fn list_one(
+        &self,
+        q: &ListQuery,
+    ) -> Result<(Vec<ProcessRecord>, Option<String>), OpsError> {
+        let keys = self.store.keys();
+        let now = self.store.server_time_ms().await?;
+        let limit = q.limit.clamp(1, 1000);
+        let key = Self::list_index(keys, q);
         let min = q
             .since
             .map(|d| now.saturating_sub(d.as_millis() as u64))
@@ -520,11 +719,7 @@ impl Processes {
                 let Ok(Some(r)) = ProcessRecord::parse(id, &meta, &steps) else {
                     continue;
                 };
-                if q.status.is_some_and(|s| s != r.status)
-                    || q.process_type
-                        .as_ref()
-                        .is_some_and(|t| *t != r.process_type)
-                {
+                if !Self::listed(q, &r) {
                     continue;
                 }
                 out.push(r);
@@ -541,5 +736,57 @@ impl Processes {
         let more = !exhausted || out.len() == limit;
         let next = more.then(|| format!("{}:{}", last.0, last.1));
         Ok((out, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partitioned_cursor_reads_back_what_it_wrote() {
+        let positions = vec![
+            Some((1_700_000_000_000, 2)),
+            None,
+            Some((CURSOR_MAX_SCORE, 0)),
+        ];
+        let c = format_cursors(&positions);
+        assert_eq!(c, format!("1700000000000:2,-,{CURSOR_MAX_SCORE}:0"));
+        assert_eq!(parse_cursors(Some(&c), 3).unwrap(), positions);
+        assert_eq!(partitioned_cursor(&positions), Some(c));
+        // From the top: every partition at the highest score.
+        assert_eq!(
+            parse_cursors(None, 2).unwrap(),
+            vec![Some((CURSOR_MAX_SCORE, 0)); 2]
+        );
+        // Every partition done: no next page.
+        assert_eq!(partitioned_cursor(&[None, None]), None);
+    }
+
+    #[test]
+    fn a_cursor_of_another_shape_is_refused() {
+        for bad in [
+            "12:0",
+            "1:0,2:0",
+            "1:0,x,2:0",
+            "1:0,,2:0",
+            "1:0,2:0,3:0,4:0",
+        ] {
+            assert!(
+                matches!(parse_cursors(Some(bad), 3), Err(OpsError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_partition_keeps_the_plain_cursor() {
+        assert_eq!(
+            partitioned_pages(Some("5:1"), 1).unwrap(),
+            vec![Some((5, 1))]
+        );
+        assert_eq!(partitioned_cursor(&[Some((5, 1))]), Some("5:1".into()));
+        assert_eq!(partitioned_cursor(&[None]), None);
+        assert!(partitioned_pages(Some("5:1,-"), 1).is_err());
     }
 }

@@ -73,6 +73,26 @@ impl Processes {
         }
     }
 
+    /// The same hold on partition `p` of the deployment (its store handle).
+    pub fn in_partition(&self, p: u16) -> Self {
+        Self {
+            store: self.store.in_partition(p),
+            ..self.clone()
+        }
+    }
+
+    /// The same hold on the partition process `id` lives in.
+    pub fn of(&self, id: &str) -> Self {
+        self.in_partition(self.store.partition_of(id))
+    }
+
+    /// One hold per partition, in order.
+    pub fn all(&self) -> Vec<Self> {
+        (0..self.store.partitions())
+            .map(|p| self.in_partition(p))
+            .collect()
+    }
+
     /// The one decide-and-commit path of every process change (a submission, an operator
     /// action, an event): `decide` reads what it needs and decides, the commit goes out,
     /// `answer` reads the commit's answer (or the error sending it). On

@@ -10,8 +10,9 @@ use crate::submit::SubmitError;
 use honua_shared::commit::{AckSource, CommitCall};
 use honua_shared::engine::{self, Ctx};
 use honua_shared::envelope::{Event, Submission};
-use honua_shared::keys::{Key, SCHEDULER_GROUP};
+use honua_shared::keys::{Key, Keys, SCHEDULER_GROUP};
 use honua_shared::metrics as m;
+use honua_shared::partition::Rotation;
 use honua_shared::record::ProcessRecord;
 use honua_shared::store::{Commit, Entry, Service, StoreError};
 use std::sync::Arc;
@@ -72,7 +73,10 @@ impl Scheduler {
         self.stats.clone()
     }
 
-    /// Runs every loop until `shutdown` fires.
+    /// Runs every loop until `shutdown` fires: for each of the submission, event and
+    /// result streams one reader over every partition (one blocking connection each, see
+    /// [`Rotation`]), and per partition its timer, takeover and intake loops (on the shared
+    /// multiplexed connection).
     pub async fn run(self, shutdown: CancellationToken) {
         let me = Arc::new(self);
         let store = &me.engine.store;
@@ -82,66 +86,37 @@ impl Scheduler {
         {
             return;
         }
-        info!(scheduler = %me.id, "scheduler started");
-        let keys = store.keys().clone();
-        let tasks = vec![
-            tokio::spawn(me.clone().reader(keys.submit(), shutdown.clone())),
-            tokio::spawn(me.clone().reader(keys.events(), shutdown.clone())),
-            tokio::spawn(me.clone().reader(keys.results(), shutdown.clone())),
-            tokio::spawn(me.clone().timers(shutdown.clone())),
-            tokio::spawn(me.clone().takeover(shutdown.clone())),
-            tokio::spawn({
-                let (engine, shutdown) = (me.engine.clone(), shutdown.clone());
-                async move { engine.run_intake(shutdown).await }
-            }),
+        info!(scheduler = %me.id, partitions = store.partitions(), "scheduler started");
+        // One view of this scheduler per partition: its engine's store is the partition's.
+        let parts: Arc<[Arc<Scheduler>]> = me
+            .engine
+            .all()
+            .into_iter()
+            .map(|engine| {
+                Arc::new(Scheduler {
+                    engine,
+                    id: me.id.clone(),
+                    stats: me.stats.clone(),
+                })
+            })
+            .collect();
+        let mut tasks = vec![
+            tokio::spawn(reader(parts.clone(), Keys::submit, shutdown.clone())),
+            tokio::spawn(reader(parts.clone(), Keys::events, shutdown.clone())),
+            tokio::spawn(reader(parts.clone(), Keys::results, shutdown.clone())),
         ];
+        for part in parts.iter() {
+            tasks.push(tokio::spawn(part.clone().timers(shutdown.clone())));
+            tasks.push(tokio::spawn(part.clone().takeover(shutdown.clone())));
+            tasks.push(tokio::spawn({
+                let (engine, shutdown) = (part.engine.clone(), shutdown.clone());
+                async move { engine.run_intake(shutdown).await }
+            }));
+        }
         for t in tasks {
             let _ = t.await;
         }
         info!(scheduler = %me.id, "scheduler stopped");
-    }
-
-    async fn reader(self: Arc<Self>, stream: Key, shutdown: CancellationToken) {
-        let cfg = &self.engine.cfg.scheduler;
-        let block = Duration::from_millis(cfg.read_block_ms);
-        let store = &self.engine.store;
-        let Ok(mut conn) = store.blocking(block) else {
-            return;
-        };
-        let mut backoff = Duration::from_millis(50);
-        while !shutdown.is_cancelled() {
-            let r = store
-                .read_group(
-                    &mut conn,
-                    &stream,
-                    SCHEDULER_GROUP,
-                    &self.id,
-                    cfg.batch,
-                    block,
-                )
-                .await;
-            match r {
-                Ok(entries) => {
-                    backoff = Duration::from_millis(50);
-                    self.handle(&stream, entries).await;
-                }
-                Err(StoreError::NoGroup { stream: s, group }) => {
-                    error!(stream = %s, %group, "consumer group missing (server restarted without data?); recreating it");
-                    self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::GROUPS_RECREATED, "stream" => stream_name(&stream))
-                        .increment(1);
-                    let _ = store.ensure_groups().await;
-                }
-                Err(e) => {
-                    warn!(error = %e, stream = %stream, "reading failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(honua_runtime::jitter(backoff)) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
     }
 
     async fn handle(&self, stream: &Key, entries: Vec<Entry>) {
@@ -505,7 +480,8 @@ impl Scheduler {
                             Err(e) => debug!(error = %e, "trimming streams failed"),
                         }
                     }
-                    if now.saturating_sub(last_sample) >= 5_000 {
+                    // Partition 0's loop samples the gauges of every partition.
+                    if store.partition() == 0 && now.saturating_sub(last_sample) >= 5_000 {
                         last_sample = now;
                         self.sample_fleet(now).await;
                     }
@@ -520,8 +496,11 @@ impl Scheduler {
                             Err(e) => debug!(error = %e, "trimming indexes failed"),
                         }
                         // A cluster primary that joined since (or a flushed server) gets
-                        // the library before a worker, which may not load it, calls there.
-                        if let Err(e) = store.load_scripts().await {
+                        // the library before a worker, which may not load it, calls there
+                        // (`FUNCTION LOAD` goes to every primary: partition 0's loop asks).
+                        if store.partition() == 0
+                            && let Err(e) = store.load_scripts().await
+                        {
                             debug!(error = %e, "checking the function library failed")
                         }
                     }
@@ -544,57 +523,74 @@ impl Scheduler {
         }
     }
 
-    /// Samples the fleet-wide gauges from Redis (every replica exports the same values).
+    /// Samples the fleet-wide gauges from Redis (every replica exports the same values):
+    /// totals over every partition, and the queue gauges per stream — per partition too
+    /// (label `partition`) when there are several.
     async fn sample_fleet(&self, now: u64) {
         let store = &self.engine.store;
-        let keys = store.keys();
+        let parts = store.all();
+        let labelled = parts.len() > 1;
         let mut ok = true;
-        match store.active_summary().await {
-            Ok((n, oldest)) => {
-                metrics::gauge!(m::ACTIVE_PROCESSES).set(n as f64);
-                let age = oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
-                metrics::gauge!(m::OLDEST_ACTIVE_AGE).set(age);
-            }
-            Err(_) => ok = false,
-        }
-        for (stream, group) in [
-            (keys.submit(), SCHEDULER_GROUP),
-            (keys.jobs(), honua_shared::keys::WORKERS_GROUP),
-            (keys.events(), SCHEDULER_GROUP),
-            (keys.results(), SCHEDULER_GROUP),
-        ] {
-            let name = stream_name(&stream);
-            match store.stream_stats(&stream, group).await {
-                Ok(s) => {
-                    metrics::gauge!(m::QUEUE_LENGTH, "stream" => name).set(s.length as f64);
-                    metrics::gauge!(m::QUEUE_LAG, "stream" => name)
-                        .set(s.lag.unwrap_or(s.length) as f64);
-                    metrics::gauge!(m::QUEUE_PENDING, "stream" => name).set(s.pending as f64);
-                    let age = s
-                        .oldest_pending_ms
-                        .map(|t| now.saturating_sub(t) as f64 / 1000.0)
-                        .unwrap_or(0.0);
-                    metrics::gauge!(m::QUEUE_OLDEST_PENDING_AGE, "stream" => name).set(age);
+        let (mut active, mut oldest_active) = (0u64, None::<u64>);
+        let (mut draining, mut pending, mut paused) = (false, 0u64, 0u64);
+        for part in &parts {
+            match part.active_summary().await {
+                Ok((n, oldest)) => {
+                    active += n;
+                    oldest_active = match (oldest_active, oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                 }
                 Err(_) => ok = false,
             }
-        }
-        match (
-            store.intake().await,
-            store
-                .status_count(honua_shared::status::ProcessStatus::Pending)
-                .await,
-            store
-                .status_count(honua_shared::status::ProcessStatus::Paused)
-                .await,
-        ) {
-            (Ok(intake), Ok(pending), Ok(paused)) => {
-                metrics::gauge!(m::INTAKE_DRAINING).set(if intake.is_some() { 1.0 } else { 0.0 });
-                metrics::gauge!(m::PENDING_PROCESSES).set(pending as f64);
-                metrics::gauge!(m::PAUSED_PROCESSES).set(paused as f64);
+            let keys = part.keys();
+            for (stream, group) in [
+                (keys.submit(), SCHEDULER_GROUP),
+                (keys.jobs(), honua_shared::keys::WORKERS_GROUP),
+                (keys.events(), SCHEDULER_GROUP),
+                (keys.results(), SCHEDULER_GROUP),
+            ] {
+                let mut labels = vec![("stream", stream_name(&stream).to_string())];
+                if labelled {
+                    labels.push(("partition", part.partition().to_string()));
+                }
+                match part.stream_stats(&stream, group).await {
+                    Ok(s) => {
+                        metrics::gauge!(m::QUEUE_LENGTH, &labels).set(s.length as f64);
+                        metrics::gauge!(m::QUEUE_LAG, &labels)
+                            .set(s.lag.unwrap_or(s.length) as f64);
+                        metrics::gauge!(m::QUEUE_PENDING, &labels).set(s.pending as f64);
+                        let age = s
+                            .oldest_pending_ms
+                            .map(|t| now.saturating_sub(t) as f64 / 1000.0)
+                            .unwrap_or(0.0);
+                        metrics::gauge!(m::QUEUE_OLDEST_PENDING_AGE, &labels).set(age);
+                    }
+                    Err(_) => ok = false,
+                }
             }
-            _ => ok = false,
+            match (
+                part.intake().await,
+                part.status_count(honua_shared::status::ProcessStatus::Pending)
+                    .await,
+                part.status_count(honua_shared::status::ProcessStatus::Paused)
+                    .await,
+            ) {
+                (Ok(intake), Ok(n_pending), Ok(n_paused)) => {
+                    draining |= intake.is_some();
+                    pending += n_pending;
+                    paused += n_paused;
+                }
+                _ => ok = false,
+            }
         }
+        metrics::gauge!(m::ACTIVE_PROCESSES).set(active as f64);
+        let age = oldest_active.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+        metrics::gauge!(m::OLDEST_ACTIVE_AGE).set(age);
+        metrics::gauge!(m::INTAKE_DRAINING).set(if draining { 1.0 } else { 0.0 });
+        metrics::gauge!(m::PENDING_PROCESSES).set(pending as f64);
+        metrics::gauge!(m::PAUSED_PROCESSES).set(paused as f64);
         match store.workers(1000).await {
             Ok(ws) => {
                 let live = ws
@@ -643,6 +639,63 @@ impl Scheduler {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Reads one stream (`stream_of` names it in a partition's keys) of every partition
+/// through one consumer group and one blocking connection, in [`Rotation`]: with one
+/// partition every read blocks as long as `read_block_ms`; with several, busy partitions are
+/// read in turn without blocking and an idle turn blocks briefly on each, so one scheduler
+/// holds three blocking connections whatever the partition count.
+async fn reader(
+    parts: Arc<[Arc<Scheduler>]>,
+    stream_of: fn(&Keys) -> Key,
+    shutdown: CancellationToken,
+) {
+    let Some(first) = parts.first() else {
+        return;
+    };
+    let cfg = &first.engine.cfg.scheduler;
+    let block = Duration::from_millis(cfg.read_block_ms);
+    let Ok(mut conn) = first.engine.store.blocking(block) else {
+        return;
+    };
+    let mut rotation = Rotation::all(parts.len() as u16, block);
+    let mut backoff = Duration::from_millis(50);
+    while !shutdown.is_cancelled() {
+        let (p, wait) = rotation.next_read();
+        let Some(me) = parts.get(usize::from(p)) else {
+            continue;
+        };
+        let store = &me.engine.store;
+        let stream = stream_of(store.keys());
+        let r = store
+            .read_group(&mut conn, &stream, SCHEDULER_GROUP, &me.id, cfg.batch, wait)
+            .await;
+        match r {
+            Ok(entries) => {
+                backoff = Duration::from_millis(50);
+                rotation.found(entries.len());
+                me.handle(&stream, entries).await;
+            }
+            Err(StoreError::NoGroup { stream: s, group }) => {
+                rotation.found(0);
+                error!(stream = %s, %group, "consumer group missing (server restarted without data?); recreating it");
+                me.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::GROUPS_RECREATED, "stream" => stream_name(&stream))
+                    .increment(1);
+                let _ = store.ensure_groups().await;
+            }
+            Err(e) => {
+                rotation.found(0);
+                warn!(error = %e, stream = %stream, "reading failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(honua_runtime::jitter(backoff)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -8,7 +8,7 @@
 //! `ck:<step>`) through the configured state codec (size cap, depth cap, LZ4), each blob that
 //! does not decode reported with the codec's error code instead of failing the whole read.
 
-use crate::ops::{OpsError, cursor_page};
+use crate::ops::{OpsError, cursor_page_at, partitioned_cursor, partitioned_pages};
 use crate::processes::Processes;
 use honua_shared::codec::StateCodec;
 use honua_shared::envelope::valid_id;
@@ -235,36 +235,46 @@ impl Processes {
     /// One page of the check of every live process (`index:all`, newest first): each record
     /// parsed and each blob decoded. Index entries whose record has expired are skipped.
     pub async fn check_states(&self, q: &CheckQuery) -> Result<CheckReport, OpsError> {
-        let key = self.store.keys().index_all();
         let codec = self.cfg.codec();
         let mut report = CheckReport::default();
-        let mut page = cursor_page(q.cursor.as_deref(), q.limit.clamp(1, 1000))?;
-        while let Some(batch) = page.next_batch(CHECK_BATCH) {
-            let entries = self
-                .store
-                .index_page(&key, 0, page.max_score(), page.offset(), batch)
-                .await?;
-            let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
-            let raws = self.store.raw_processes(&ids).await?;
-            for ((id, score), raw) in entries.iter().zip(&raws) {
-                page.scanned(*score);
-                if raw.meta.is_empty() {
-                    continue;
+        let mut budget = q.limit.clamp(1, 1000);
+        // With several partitions they are checked one after the other; the cursor holds
+        // each one's position.
+        let mut positions = partitioned_pages(q.cursor.as_deref(), self.store.partitions())?;
+        for (store, pos) in self.store.all().into_iter().zip(positions.iter_mut()) {
+            let (Some(at), true) = (*pos, budget > 0) else {
+                continue;
+            };
+            let key = store.keys().index_all();
+            let mut page = cursor_page_at(at, budget);
+            while let Some(batch) = page.next_batch(CHECK_BATCH) {
+                let entries = store
+                    .index_page(&key, 0, page.max_score(), page.offset(), batch)
+                    .await?;
+                let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+                let raws = store.raw_processes(&ids).await?;
+                for ((id, score), raw) in entries.iter().zip(&raws) {
+                    page.scanned(*score);
+                    if raw.meta.is_empty() {
+                        continue;
+                    }
+                    if q.process_type
+                        .as_deref()
+                        .is_some_and(|t| raw.meta.get(field::TYPE).map(String::as_str) != Some(t))
+                    {
+                        continue;
+                    }
+                    report.checked += 1;
+                    report.problems.extend(inspect(&codec, id, raw).0);
                 }
-                if q.process_type
-                    .as_deref()
-                    .is_some_and(|t| raw.meta.get(field::TYPE).map(String::as_str) != Some(t))
-                {
-                    continue;
+                if entries.len() < batch {
+                    page.exhausted();
                 }
-                report.checked += 1;
-                report.problems.extend(inspect(&codec, id, raw).0);
             }
-            if entries.len() < batch {
-                page.exhausted();
-            }
+            budget = page.remaining();
+            *pos = page.position();
         }
-        report.next_cursor = page.next_cursor();
+        report.next_cursor = partitioned_cursor(&positions);
         Ok(report)
     }
 
@@ -283,7 +293,7 @@ impl Processes {
         if !valid_id(id) {
             return Err(OpsError::NotFound(id.to_string()));
         }
-        let store = &self.store;
+        let store = &self.store.of(id);
         for _ in 0..DELETE_ATTEMPTS {
             let (meta, steps) = store.load_process(id).await?;
             let status = meta.get(field::STATUS).cloned().unwrap_or_default();

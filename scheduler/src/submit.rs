@@ -34,6 +34,19 @@ pub enum SubmitError {
     },
     #[error("the submission could not be made durable: {0}")]
     NotDurable(String),
+    /// The submitter's id and idempotency key map to different partitions.
+    #[error(transparent)]
+    Partition(#[from] honua_shared::partition::RouteError),
+    /// A submission written to the stream of a partition it does not map to (see the
+    /// README on partitions): set aside, never created in the wrong partition.
+    #[error(
+        "submitted to partition {found}, but its {by} maps to partition {expected}: write it to that partition's submission stream"
+    )]
+    WrongPartition {
+        found: u16,
+        expected: u16,
+        by: &'static str,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -133,9 +146,50 @@ impl Processes {
         }
     }
 
+    /// Picks the submission's partition ([`honua_shared::partition::route`]) and creates it
+    /// there. A stream entry (`ack`) is created in the partition whose stream it came from,
+    /// which must be the one it maps to.
     async fn create_in_span(
         &self,
         sub: &Submission,
+        ack: Option<&str>,
+        span: &tracing::Span,
+    ) -> Result<Submitted, SubmitError> {
+        use honua_shared::partition;
+        let partitions = self.store.partitions();
+        let routed = partition::route(
+            sub.id.as_deref(),
+            sub.idempotency_key.as_deref(),
+            partitions,
+        )?;
+        let here = self.store.partition();
+        let p = match (routed, ack) {
+            (Some(expected), Some(_)) if expected != here => {
+                return Err(SubmitError::WrongPartition {
+                    found: here,
+                    expected,
+                    by: if sub.idempotency_key.is_some() {
+                        "idempotency key"
+                    } else {
+                        "id"
+                    },
+                });
+            }
+            (Some(p), _) => p,
+            (None, Some(_)) => here,
+            (None, None) => partition::any_partition(partitions),
+        };
+        let id = sub
+            .id
+            .clone()
+            .unwrap_or_else(|| partition::new_id_in(p, partitions));
+        self.in_partition(p).create_here(sub, id, ack, span).await
+    }
+
+    async fn create_here(
+        &self,
+        sub: &Submission,
+        id: String,
         ack: Option<&str>,
         span: &tracing::Span,
     ) -> Result<Submitted, SubmitError> {
@@ -164,10 +218,6 @@ impl Processes {
             .codec()
             .encode(&sub.input)
             .map_err(|e| SubmitError::InvalidInput(e.to_string()))?;
-        let id = sub
-            .id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         // A create has no revision to lose (commit.lua answers `conflict` only to an
         // update); the answer step asks to decide again only when intake is drained, and
         // the create is then decided Pending.

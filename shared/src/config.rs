@@ -312,6 +312,11 @@ pub struct Config {
     pub redis_cluster_nodes: Vec<String>,
     /// Separates deployments (and tests) that share one Redis.
     pub key_prefix: String,
+    /// How many partitions (hash tags `{0}`…`{P-1}`) the deployment's keys are split into,
+    /// 1-[`crate::partition::MAX_PARTITIONS`]: fixed for the life of a deployment's layout
+    /// (every service of it must agree; changing it strands processes in partitions the
+    /// new count does not map to: see the README on partitions).
+    pub partitions: u16,
     /// Gateway listen address. Unset: `0.0.0.0:9090` with API keys, `127.0.0.1:9090`
     /// without (an open API is not exposed by default); see [`Config::listen_addr`].
     pub http_addr: Option<String>,
@@ -347,6 +352,7 @@ impl Default for Config {
             redis_url: DEFAULT_REDIS_URL.into(),
             redis_cluster_nodes: Vec::new(),
             key_prefix: "honua".into(),
+            partitions: 1,
             http_addr: None,
             definitions_dir: PathBuf::from("processes"),
             custom_step_kinds: Vec::new(),
@@ -380,6 +386,7 @@ pub const ENV_VARS: &[&str] = &[
     "HONUA_REDIS_URL",
     "HONUA_REDIS_CLUSTER_NODES",
     "HONUA_KEY_PREFIX",
+    "HONUA_PARTITIONS",
     "HONUA_HTTP_ADDR",
     "HONUA_DEFINITIONS_DIR",
     "HONUA_RETENTION_SECS",
@@ -446,6 +453,7 @@ impl Config {
                 "HONUA_REDIS_URL" => self.redis_url = v.clone(),
                 "HONUA_REDIS_CLUSTER_NODES" => self.redis_cluster_nodes = comma_list(v),
                 "HONUA_KEY_PREFIX" => self.key_prefix = v.clone(),
+                "HONUA_PARTITIONS" => self.partitions = parse_env("HONUA_PARTITIONS", v)?,
                 "HONUA_HTTP_ADDR" => self.http_addr = Some(v.clone()),
                 "HONUA_DEFINITIONS_DIR" => self.definitions_dir = PathBuf::from(v),
                 "HONUA_RETENTION_SECS" => {
@@ -535,6 +543,15 @@ impl Config {
         }
         if !crate::envelope::valid_id(&self.key_prefix) {
             return bad("key_prefix", "must be 1-64 characters of [A-Za-z0-9_-]");
+        }
+        if !(1..=crate::partition::MAX_PARTITIONS).contains(&self.partitions) {
+            return bad(
+                "partitions",
+                format!(
+                    "must be 1-{} (and never changed for a live deployment)",
+                    crate::partition::MAX_PARTITIONS
+                ),
+            );
         }
         if self
             .http_addr
@@ -825,6 +842,25 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn partitions_default_to_one_and_are_validated() {
+        assert_eq!(Config::default().partitions, 1);
+        let c = Config::load(None, env(&[("HONUA_PARTITIONS", "8")])).unwrap();
+        assert_eq!(c.partitions, 8);
+        c.validate().unwrap();
+        for bad in [0, crate::partition::MAX_PARTITIONS + 1] {
+            let c = Config {
+                partitions: bad,
+                ..Config::default()
+            };
+            match c.validate() {
+                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "partitions"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(Config::load(None, env(&[("HONUA_PARTITIONS", "many")])).is_err());
     }
 
     #[test]

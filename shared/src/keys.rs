@@ -1,7 +1,9 @@
 //! Every Redis structure Honua uses, in one place. No other module writes a key string.
 //!
-//! All keys of one deployment share one hash tag (`{shard}`), so every atomic script runs
-//! unchanged on Redis Cluster: every key it touches is passed in `KEYS` and lives in one slot.
+//! All keys of one partition of a deployment share one hash tag (`{shard}`, the partition's
+//! number: `{0}`…`{P-1}`, see [`crate::partition`]), so every atomic script runs unchanged
+//! on Redis Cluster: every key it touches is passed in `KEYS` and lives in one slot. Each
+//! partition holds the whole structure below for the processes that live in it.
 //! The layout carries a version segment (`v2`) so a later layout can migrate side by side
 //! (v2: the steps hash holds `#v`, the transitions workers committed, which v1 code does not
 //! check; see the README on moving a live v1 deployment).
@@ -28,6 +30,7 @@
 //! | `<prefix>:v2:{<shard>}:intake` | string (JSON: since, by) | present while the fleet's intake is drained (`POST /api/admin/drain`) |
 //! | `<prefix>:v2:{<shard>}:workers` | sorted set, score = last heartbeat (server ms) | live workers |
 //! | `<prefix>:v2:{<shard>}:workers:info` | hash, field per worker (JSON: version, host, concurrency, started) | what each worker registered at start; its field goes when it retires |
+//! | `<prefix>:v2:{0}:partitions` | string | the deployment's partition count, set by its first scheduler; a scheduler configured with another count refuses to start |
 //! | `<prefix>:v2:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
 //! | `<prefix>:v2:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
 //! | `<prefix>:v2:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
@@ -74,6 +77,7 @@ impl redis::ToSingleRedisArg for Key {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     base: String,
+    shard: u16,
     /// The deployment prefix alone (keys with their own hash tag, e.g. LLM limiter buckets).
     prefix: String,
 }
@@ -83,8 +87,19 @@ impl Keys {
     pub fn new(prefix: &str, shard: u16) -> Self {
         Self {
             base: format!("{prefix}:{LAYOUT_VERSION}:{{{shard}}}"),
+            shard,
             prefix: prefix.to_string(),
         }
+    }
+
+    /// The shard (partition) these keys belong to.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// The keys of the same deployment in another shard.
+    pub fn in_shard(&self, shard: u16) -> Keys {
+        Keys::new(&self.prefix, shard)
     }
 
     fn key(&self, suffix: &str) -> Key {
@@ -158,6 +173,11 @@ impl Keys {
     pub fn stats_hour(&self, hour: u64) -> Key {
         self.key(&format!("stats:hour:{hour}"))
     }
+    /// The deployment's partition count (`SET NX` by the first scheduler; meaningful in
+    /// shard 0 only).
+    pub fn partition_count(&self) -> Key {
+        self.key("partitions")
+    }
     /// Present while the fleet's intake is drained: processes are created Pending.
     pub fn intake(&self) -> Key {
         self.key("intake")
@@ -220,6 +240,7 @@ impl Keys {
             self.index_all(),
             self.index_active(),
             self.intake(),
+            self.partition_count(),
         ];
         keys.extend(
             crate::status::ProcessStatus::ALL

@@ -24,6 +24,7 @@ pub mod limiter;
 pub mod llm_config;
 pub mod llm_store;
 pub mod metrics;
+pub mod partition;
 pub mod record;
 pub mod scripts;
 pub mod status;

@@ -71,7 +71,7 @@ impl Store {
     /// `llm` step of it has called a provider.
     pub async fn llm_usage(&self, id: &str) -> Result<Option<(u64, u64)>> {
         let (tokens, cost): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(self.keys().llm_usage(id))
+            .arg(self.keys_of(id).llm_usage(id))
             .arg("tokens")
             .arg("cost_micro_usd")
             .query_async(&mut self.conn())

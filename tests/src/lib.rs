@@ -315,6 +315,7 @@ impl WorkerProcess {
                 cfg.redis_cluster_nodes.join(","),
             )
             .env("HONUA_KEY_PREFIX", &cfg.key_prefix)
+            .env("HONUA_PARTITIONS", cfg.partitions.to_string())
             .env("HONUA_DEFINITIONS_DIR", &cfg.definitions_dir)
             .env("HONUA_WORKER_ID", id)
             .env("HONUA_LEASE_MS", cfg.worker.lease_ms.to_string())
@@ -564,6 +565,23 @@ impl Fleet {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until process `id` waits for approval, then sends it signal `name` through
+    /// the gateway (202).
+    pub async fn approve(&self, c: &reqwest::Client, id: &str, name: &str) {
+        wait_for("waiting for approval", DEADLINE, || async {
+            self.record(id)
+                .await
+                .filter(|r| r.status == honua_shared::status::ProcessStatus::WaitingForApproval)
+        })
+        .await;
+        let r = c
+            .post(self.url(&format!("/api/processes/{id}/signal/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "signal {name} to {id}");
     }
 
     pub fn committed(&self) -> u64 {

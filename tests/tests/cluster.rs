@@ -1,6 +1,7 @@
-//! Whole-system tests on a local Redis Cluster (three primaries, three replicas) with the
-//! deployment's one partition: every key under the hash tag `{0}`, so on one primary and
-//! its replica. Each test starts its own cluster (the failover test changes its topology).
+//! Whole-system tests on a local Redis Cluster (three primaries, three replicas): with the
+//! deployment's one partition (every key under the hash tag `{0}`, so on one primary and
+//! its replica), and with eight partitions spread over the primaries. Each test starts its
+//! own cluster (the failover test changes its topology).
 
 use honua_shared::config::Config;
 use honua_shared::envelope::Submission;
@@ -326,5 +327,89 @@ async fn the_fleet_recovers_when_the_home_primary_is_killed_and_its_replica_prom
     );
     let distinct: std::collections::HashSet<_> = ids.iter().collect();
     assert_eq!(distinct.len(), BEFORE + AFTER, "one process per submission");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_complete_on_eight_partitions_spread_over_the_primaries() {
+    use honua_shared::partition::partition_of;
+    const P: u16 = 8;
+    let cluster = RedisCluster::start();
+    let dir = defs_dir(&[defs::THREE, defs::GATE, defs::FAN]);
+    let mut cfg = cluster_config(&cluster, &dir, "parts");
+    cfg.partitions = P;
+    let f = Fleet::start(cfg, 1, 2).await;
+    let c = http();
+    let parts = f.store().all();
+    let primaries: std::collections::BTreeSet<usize> = parts
+        .iter()
+        .map(|s| cluster.primary_of(s.keys().submit().as_str()))
+        .collect();
+    assert!(primaries.len() >= 2, "partitions on {primaries:?}");
+
+    // Each flow a few times over HTTP, so every kind runs in several partitions.
+    let mut ids = Vec::new();
+    for t in ["Three", "Fan", "Gate"] {
+        for i in 0..6 {
+            let r = c
+                .post(f.url("/api/processes"))
+                .json(&json!({"processType": t, "input": {"i": i}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            let id = r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            ids.push((t, id));
+        }
+    }
+    for (_, id) in ids.iter().filter(|(t, _)| *t == "Gate") {
+        f.approve(&c, id, "review").await;
+    }
+    let mut steps = 0u64;
+    let mut steps_rev = 0u64;
+    let mut used = std::collections::BTreeSet::new();
+    for (t, id) in &ids {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(rec.status, ProcessStatus::Completed, "{t} {rec:?}");
+        // A Gate's approval step is decided by its signal (an event), not a worker.
+        steps += rec.steps.len() as u64 - u64::from(*t == "Gate");
+        steps_rev += rec.steps_rev;
+        used.insert(partition_of(id, P));
+    }
+    assert!(used.len() >= 4, "processes in partitions {used:?}");
+    // Every step committed once: by its worker with its successors, or through its
+    // partition's results stream.
+    let mut results = 0;
+    for s in &parts {
+        results += entries_added(s, &s.keys().results()).await;
+    }
+    assert_eq!(results + steps_rev, steps, "one commit per step");
+
+    // An idempotent resubmission answers the stored process.
+    let body = json!({"processType": "Three", "input": {}, "idempotencyKey": "order-8"});
+    let first: Value = c
+        .post(f.url("/api/processes"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = c
+        .post(f.url("/api/processes"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], first["id"]);
+
+    let queues: Vec<Value> = get_json(&c, &f.url("/api/queues")).await;
+    assert_eq!(queues.len(), 4 * usize::from(P) + 4, "{queues:?}");
+    assert!(queues.iter().all(|q| q["missing"] == false), "{queues:?}");
     f.stop().await;
 }

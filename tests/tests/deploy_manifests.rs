@@ -1101,6 +1101,86 @@ fn prod_overlays_require_the_api_keys_secret() {
     );
 }
 
+/// The KEDA component of a partitioned deployment on a Redis Cluster: one
+/// redis-cluster-streams trigger per partition on that partition's job stream (the keys the
+/// code builds), all of them summed by the scaling formula, as many as the HONUA_PARTITIONS
+/// it sets on both Deployments; the file is what generate.sh writes; the overlay using it
+/// builds on prod and replaces HONUA_REDIS_URL with HONUA_REDIS_CLUSTER_NODES.
+#[test]
+fn keda_on_a_cluster_sums_the_lag_of_every_partition() {
+    let dir = "deploy/k8s/components/keda-cluster";
+    let objs = docs(&format!("{dir}/scaledobject.yaml"));
+    let so = find(&objs, "ScaledObject", "honua-process-framework");
+    let triggers = so["spec"]["triggers"].as_array().unwrap();
+    let comp = &docs(&format!("{dir}/kustomization.yaml"))[0];
+    let partitions: Vec<u16> = comp["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["patch"].as_str())
+        .filter_map(|text| serde_yaml_ng::from_str::<Value>(text).ok())
+        .filter(|p| p["kind"] == "Deployment")
+        .map(|d| {
+            let c = &pod_spec(&d)["containers"][0];
+            let v = env_value(c, "HONUA_PARTITIONS").expect("HONUA_PARTITIONS set");
+            v["value"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(partitions.len(), 2, "both Deployments: {comp}");
+    assert!(partitions.iter().all(|&p| usize::from(p) == triggers.len()));
+    let cfg = Config {
+        partitions: partitions[0],
+        ..Config::default()
+    };
+    cfg.validate().unwrap();
+    let keys = Keys::new(&cfg.key_prefix, 0);
+    let formula = so["spec"]["advanced"]["scalingModifiers"]["formula"]
+        .as_str()
+        .unwrap();
+    let terms: BTreeSet<&str> = formula.split('+').map(str::trim).collect();
+    for (p, t) in triggers.iter().enumerate() {
+        assert_eq!(t["type"], "redis-cluster-streams");
+        assert_eq!(
+            t["metadata"]["stream"],
+            keys.in_shard(p as u16).jobs().as_str()
+        );
+        assert_eq!(t["metadata"]["consumerGroup"], WORKERS_GROUP);
+        assert!(t["metadata"]["lagCount"].is_string());
+        assert!(terms.contains(t["name"].as_str().unwrap()), "{formula}");
+    }
+    assert_eq!(terms.len(), triggers.len(), "{formula}");
+    // The checked-in file is generate.sh's output for this P.
+    if std::process::Command::new("bash")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            root().join(format!("{dir}/generate.sh")),
+            tmp.path().join("generate.sh"),
+        )
+        .unwrap();
+        let out = std::process::Command::new("bash")
+            .arg(tmp.path().join("generate.sh"))
+            .arg(partitions[0].to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            std::fs::read_to_string(tmp.path().join("scaledobject.yaml")).unwrap()
+                == read(&format!("{dir}/scaledobject.yaml")),
+            "{dir}/scaledobject.yaml differs from generate.sh {}: regenerate it",
+            partitions[0]
+        );
+    }
+    let overlay = &docs("deploy/k8s/overlays/prod-keda-cluster/kustomization.yaml")[0];
+    assert_eq!(overlay["resources"][0], "../prod", "{overlay}");
+    let text = read("deploy/k8s/overlays/prod-keda-cluster/kustomization.yaml");
+    assert!(text.contains("HONUA_REDIS_CLUSTER_NODES") && text.contains("$patch: delete"));
+    assert!(ENV_VARS.contains(&"HONUA_PARTITIONS"));
+}
+
 /// The `path = "…"` entries of a clippy.toml's disallowed lists.
 fn disallowed_paths(rel: &str) -> BTreeSet<String> {
     read(rel)

@@ -111,6 +111,9 @@ impl From<SubmitError> for ApiError {
                 ApiError::bad("unknown_process_type", e.to_string())
             }
             SubmitError::InvalidInput(_) => ApiError::bad("invalid_input", e.to_string()),
+            SubmitError::Partition(_) | SubmitError::WrongPartition { .. } => {
+                ApiError::bad("invalid_input", e.to_string())
+            }
             SubmitError::IdTaken(_) => {
                 ApiError::new(StatusCode::CONFLICT, "id_taken", e.to_string())
             }

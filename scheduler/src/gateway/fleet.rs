@@ -99,30 +99,66 @@ pub struct QueueView {
     pub consumers: u64,
 }
 
+/// Per stream: one row per partition (the stream's key names it: `…:{3}:jobs`) and, with
+/// several partitions, one more per stream with their sum, named with `{*}` for the
+/// partition (`…:{*}:jobs`: length, lag and pending summed, the oldest pending entry of
+/// any, the most consumers of one).
 #[utoipa::path(get, path = "/api/queues", responses((status = 200, body = [QueueView])))]
 pub(super) async fn queues(State(st): State<ApiState>) -> Result<Json<Vec<QueueView>>, ApiError> {
     let store = &st.engine.store;
-    let k = store.keys();
     let now = store.server_time_ms().await?;
+    let parts = store.all();
     let mut out = Vec::new();
-    for (stream, group) in [
-        (k.submit(), honua_shared::keys::SCHEDULER_GROUP),
-        (k.jobs(), honua_shared::keys::WORKERS_GROUP),
-        (k.events(), honua_shared::keys::SCHEDULER_GROUP),
-        (k.results(), honua_shared::keys::SCHEDULER_GROUP),
-    ] {
-        let s = store.stream_stats(&stream, group).await?;
-        out.push(QueueView {
-            oldest_pending_age_ms: s.oldest_pending_ms.map(|t| now.saturating_sub(t)),
-            stream: s.stream,
-            group: s.group,
-            missing: s.missing,
-            length: s.length,
-            lag: s.lag,
-            pending: s.pending,
-            oldest_pending_ms: s.oldest_pending_ms,
-            consumers: s.consumers,
-        });
+    let streams = |k: &honua_shared::keys::Keys| {
+        [
+            (k.submit(), honua_shared::keys::SCHEDULER_GROUP),
+            (k.jobs(), honua_shared::keys::WORKERS_GROUP),
+            (k.events(), honua_shared::keys::SCHEDULER_GROUP),
+            (k.results(), honua_shared::keys::SCHEDULER_GROUP),
+        ]
+    };
+    for part in &parts {
+        for (stream, group) in streams(part.keys()) {
+            let s = part.stream_stats(&stream, group).await?;
+            out.push(QueueView {
+                oldest_pending_age_ms: s.oldest_pending_ms.map(|t| now.saturating_sub(t)),
+                stream: s.stream,
+                group: s.group,
+                missing: s.missing,
+                length: s.length,
+                lag: s.lag,
+                pending: s.pending,
+                oldest_pending_ms: s.oldest_pending_ms,
+                consumers: s.consumers,
+            });
+        }
+    }
+    if parts.len() > 1 {
+        let per_stream = streams(store.keys()).len();
+        let totals: Vec<QueueView> = streams(store.keys())
+            .into_iter()
+            .enumerate()
+            .map(|(i, (stream, group))| {
+                let rows: Vec<&QueueView> = out.iter().skip(i).step_by(per_stream).collect();
+                let oldest = rows.iter().filter_map(|r| r.oldest_pending_ms).min();
+                QueueView {
+                    stream: stream.as_str().replacen(
+                        &format!("{{{}}}", store.partition()),
+                        "{*}",
+                        1,
+                    ),
+                    group: group.to_string(),
+                    missing: rows.iter().any(|r| r.missing),
+                    length: rows.iter().map(|r| r.length).sum(),
+                    lag: rows.iter().map(|r| r.lag).sum(),
+                    pending: rows.iter().map(|r| r.pending).sum(),
+                    oldest_pending_ms: oldest,
+                    oldest_pending_age_ms: oldest.map(|t| now.saturating_sub(t)),
+                    consumers: rows.iter().map(|r| r.consumers).max().unwrap_or(0),
+                }
+            })
+            .collect();
+        out.extend(totals);
     }
     Ok(Json(out))
 }
@@ -214,10 +250,14 @@ pub(super) async fn deadletters(
     q: Result<Query<DlqParams>, QueryRejection>,
 ) -> Result<Json<Vec<DeadLetterView>>, ApiError> {
     let Query(p) = q?;
-    let store = &st.engine.store;
-    let entries = store
-        .stream_latest(&store.keys().dlq(), page_limit(p.limit)?)
-        .await?;
+    let limit = page_limit(p.limit)?;
+    // The newest of every partition's dead letters (stream ids are times), newest first.
+    let mut entries = Vec::new();
+    for part in st.engine.store.all() {
+        entries.extend(part.stream_latest(&part.keys().dlq(), limit).await?);
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(stream_order(&e.id)));
+    entries.truncate(limit);
     Ok(Json(
         entries
             .into_iter()
@@ -255,17 +295,28 @@ pub(super) async fn replay(
             format!("{id:?} is not a dead-letter id (<milliseconds>-<sequence>)"),
         ));
     }
-    let entry = store
-        .stream_entry(&store.keys().dlq(), &id)
-        .await?
-        .ok_or_else(not_found)?;
+    // The first partition that holds a dead letter with this id.
+    let mut found = None;
+    for part in store.all() {
+        if let Some(e) = part.stream_entry(&part.keys().dlq(), &id).await? {
+            found = Some((part, e));
+            break;
+        }
+    }
+    let (part, entry) = found.ok_or_else(not_found)?;
     let pid = entry.fields.get("pid").unwrap_or("").to_string();
     st.engine
         .retry(&pid, None, None, super::processes::by(&caller))
         .await?;
-    store.delete_dead_letter(&id).await?;
+    part.delete_dead_letter(&id).await?;
     tracing::info!(dead_letter = %id, process_id = %pid, "dead letter replayed");
     action_reply(&st, &pid, vec![]).await
+}
+
+/// A stream entry id (`ms-seq`) as a sortable pair; unparsable ids sort first.
+fn stream_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// A full stream entry id, `<ms>-<seq>`, both parts 64-bit numbers (what Redis accepts).

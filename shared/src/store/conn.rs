@@ -10,9 +10,9 @@
 //! Commands with keys go where their slot lives (every key of a deployment shares one hash
 //! tag, so every script and pipeline stays in one slot). Commands without keys would go to a
 //! random or to every node; on a cluster the ones the services send — `PING`, `TIME`,
-//! `INFO`, `COMMAND`, `WAIT`, `WAITAOF` — go to the primary that owns the deployment's
-//! slot (its "home", the slot of the submission stream's key), which is the server whose
-//! clock, identity and persistence matter. `FUNCTION LOAD`/`DELETE`/`FLUSH` go to every
+//! `INFO`, `COMMAND`, `WAIT`, `WAITAOF` — go to the primary that owns the slot of the
+//! handle's partition (its "home", the slot of that partition's submission stream key),
+//! which is the server whose clock, identity and persistence matter to its calls. `FUNCTION LOAD`/`DELETE`/`FLUSH` go to every
 //! primary (the redis crate's own routing: LLM limiter buckets have hash tags of their own
 //! and live on any primary), and `FUNCTION LIST` asks every primary and lists a library only
 //! when all of them have it, so a primary without it (a new node, a flushed one) makes
@@ -86,6 +86,15 @@ impl Conn {
         Conn::Cluster {
             conn,
             home: Route::with_key(home_key, SlotAddr::Master),
+        }
+    }
+
+    /// The same connection, with keyless commands going to the primary of `home_key`'s
+    /// slot (a partition's handle: its `WAIT` and `TIME` go to its own primary).
+    pub(crate) fn rehome(&self, home_key: &[u8]) -> Self {
+        match self {
+            Conn::Standalone(c) => Conn::Standalone(c.clone()),
+            Conn::Cluster { conn, .. } => Conn::cluster(conn.clone(), home_key),
         }
     }
 }

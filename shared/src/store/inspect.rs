@@ -115,30 +115,32 @@ pub struct References {
 const SCAN_BATCH: usize = 500;
 
 impl Store {
-    /// The meta, steps and data hashes of each process, in one round trip.
+    /// The meta, steps and data hashes of each process: one round trip per partition they
+    /// live in.
     pub async fn raw_processes(&self, ids: &[&str]) -> Result<Vec<RawProcess>> {
-        if ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            let [meta, steps, data] = self.keys.process_keys(id);
-            pipe.cmd("HGETALL")
-                .arg(meta)
-                .cmd("HGETALL")
-                .arg(steps)
-                .cmd("HGETALL")
-                .arg(data);
-        }
-        let vals: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        let mut it = vals.into_iter();
-        while let (Some(m), Some(s), Some(d)) = (it.next(), it.next(), it.next()) {
-            out.push(RawProcess {
-                meta: redis::from_redis_value(m)?,
-                steps: redis::from_redis_value(s)?,
-                data: redis::from_redis_value(d)?,
-            });
+        let mut out: Vec<RawProcess> = ids.iter().map(|_| RawProcess::default()).collect();
+        for (part, at) in self.by_partition(ids) {
+            let mut pipe = redis::pipe();
+            for &i in &at {
+                let [meta, steps, data] = part.keys.process_keys(ids[i]);
+                pipe.cmd("HGETALL")
+                    .arg(meta)
+                    .cmd("HGETALL")
+                    .arg(steps)
+                    .cmd("HGETALL")
+                    .arg(data);
+            }
+            let vals: Vec<Value> = pipe.query_async(&mut part.conn()).await?;
+            let mut it = vals.into_iter();
+            for &i in &at {
+                if let (Some(m), Some(s), Some(d)) = (it.next(), it.next(), it.next()) {
+                    out[i] = RawProcess {
+                        meta: redis::from_redis_value(m)?,
+                        steps: redis::from_redis_value(s)?,
+                        data: redis::from_redis_value(d)?,
+                    };
+                }
+            }
         }
         Ok(out)
     }
@@ -377,10 +379,11 @@ impl Store {
         })
     }
 
-    /// The process an idempotency key names, if any (one `GET`).
+    /// The process an idempotency key names, if any (one `GET`, in the partition the key
+    /// maps to).
     pub async fn idempotent_process(&self, idem: &str) -> Result<Option<String>> {
         Ok(redis::cmd("GET")
-            .arg(self.keys.idempotency(idem))
+            .arg(self.keys_of(idem).idempotency(idem))
             .query_async(&mut self.conn())
             .await?)
     }
@@ -510,35 +513,40 @@ impl Store {
             .query_async(&mut self.conn())
             .await?;
         let mut out = Vec::with_capacity(seen.len());
+        let parts = self.all();
         for (id, last) in seen {
-            let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-                .arg(self.keys.jobs())
-                .arg(WORKERS_GROUP)
-                .arg("-")
-                .arg("+")
-                .arg(100)
-                .arg(&id)
-                .query_async(&mut self.conn())
-                .await
-                .unwrap_or_default();
             let mut jobs = Vec::new();
-            for (entry, _, idle, deliveries) in pending {
-                let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                    .arg(self.keys.jobs())
-                    .arg(&entry)
-                    .arg(&entry)
-                    .query_async(&mut self.conn())
-                    .await?;
-                if let Some(e) = r.ids.first()
-                    && let Ok(job) = JobEnvelope::from_fields(&FieldMap::from_redis(&e.map))
-                {
-                    jobs.push(HeldJob {
-                        entry_id: entry,
-                        process_id: job.process_id,
-                        step: job.step,
-                        idle_ms: idle,
-                        deliveries,
-                    });
+            // The jobs it holds in every partition (a worker heartbeats in partition 0
+            // whatever it holds, and in each partition it holds jobs in).
+            for part in &parts {
+                let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                    .arg(part.keys.jobs())
+                    .arg(WORKERS_GROUP)
+                    .arg("-")
+                    .arg("+")
+                    .arg(100)
+                    .arg(&id)
+                    .query_async(&mut part.conn())
+                    .await
+                    .unwrap_or_default();
+                for (entry, _, idle, deliveries) in pending {
+                    let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                        .arg(part.keys.jobs())
+                        .arg(&entry)
+                        .arg(&entry)
+                        .query_async(&mut part.conn())
+                        .await?;
+                    if let Some(e) = r.ids.first()
+                        && let Ok(job) = JobEnvelope::from_fields(&FieldMap::from_redis(&e.map))
+                    {
+                        jobs.push(HeldJob {
+                            entry_id: entry,
+                            process_id: job.process_id,
+                            step: job.step,
+                            idle_ms: idle,
+                            deliveries,
+                        });
+                    }
                 }
             }
             out.push(WorkerInfo {

@@ -7,6 +7,11 @@
 //! 500 ms, and a blocking read on a shared multiplexed connection would delay every other
 //! command on it).
 //!
+//! Partitions ([`crate::partition`]): a [`Store`] is the handle of one partition of the
+//! deployment ([`Store::in_partition`], [`Store::of`] a process's, [`Store::all`]); the
+//! calls named by a process id (loading records and data, events for it, purging it) go to
+//! its partition whichever handle makes them, the rest work on the handle's partition.
+//!
 //! This module owns the [`Store`] handle, its errors, the fence answers and what both
 //! services use: opening, readiness, groups, the library, group reads and `drop_entry.lua`.
 //! The calls are split by who makes them, each an `impl Store` block of its own:
@@ -57,6 +62,13 @@ pub enum StoreError {
     /// ([`Store::commit_many`]) is retried one by one, which loads it. Retry with backoff.
     #[error("redis function library {library} is not loaded yet")]
     FunctionsNotLoaded { library: String },
+    /// The deployment's keys are laid out in `stored` partitions, this service is
+    /// configured with `configured`: a configuration error, retried (the service does not
+    /// start) until fixed.
+    #[error(
+        "the deployment's keys are laid out in {stored} partitions but this service is configured with {configured} (partitions / HONUA_PARTITIONS must be the same for every service)"
+    )]
+    PartitionCount { stored: u16, configured: u16 },
     #[error("unexpected reply from {script}: {detail}")]
     Reply {
         script: &'static str,
@@ -180,10 +192,17 @@ pub struct ServerInfo {
     pub now_ms: u64,
 }
 
-/// A handle on one deployment's Redis data.
+/// A handle on one deployment's Redis data, and on one of its partitions: [`Store::keys`]
+/// are that partition's (a handle opened on a deployment starts on partition 0), and the
+/// calls that name no process (stream reads, sweeps, indexes) work on it. Every handle
+/// knows the deployment's partition count: [`Store::of`] gives the handle of the partition
+/// a process lives in, [`Store::all`] one per partition; all of them share the client and
+/// the multiplexed connection (on a cluster, keyless commands go to the primary of the
+/// handle's partition).
 #[derive(Clone)]
 pub struct Store {
     keys: Keys,
+    partitions: u16,
     client: Client,
     conn: Conn,
 }
@@ -237,6 +256,7 @@ impl Store {
         )?;
         Ok(Self {
             keys,
+            partitions: 1,
             client: Client::Standalone(client),
             conn: Conn::Standalone(conn),
         })
@@ -257,23 +277,98 @@ impl Store {
         Ok(Self {
             conn: cluster_conn(&client, &keys, Duration::from_secs(5)),
             keys,
+            partitions: 1,
             client: Client::Cluster(Box::new(client)),
         })
     }
 
     /// Opens the store of `cfg`'s deployment (its `redis_cluster_nodes`, else its
-    /// `redis_url`, and its `key_prefix`), as every service and tool does.
+    /// `redis_url`, its `key_prefix` and its `partitions`), as every service and tool does.
     pub fn from_config(cfg: &Config) -> Result<Self> {
         let keys = Keys::new(&cfg.key_prefix, 0);
-        if cfg.redis_cluster_nodes.is_empty() {
+        let store = if cfg.redis_cluster_nodes.is_empty() {
             Self::open(&cfg.redis_url, keys)
         } else {
             Self::open_cluster(&cfg.redis_cluster_nodes, keys)
+        }?;
+        Ok(store.with_partitions(cfg.partitions))
+    }
+
+    /// The same store on a deployment of `partitions` partitions (at least 1).
+    pub fn with_partitions(mut self, partitions: u16) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// This handle's partition's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Whether this is a Redis Cluster (partitions may live on different servers).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.client, Client::Cluster(_))
+    }
+
+    /// How many partitions the deployment has.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// This handle's partition.
+    pub fn partition(&self) -> u16 {
+        self.keys.shard()
+    }
+
+    /// The handle of partition `p` (same connections).
+    pub fn in_partition(&self, p: u16) -> Store {
+        if p == self.keys.shard() {
+            return self.clone();
+        }
+        let keys = self.keys.in_shard(p);
+        Store {
+            conn: self.conn.rehome(keys.submit().as_str().as_bytes()),
+            keys,
+            partitions: self.partitions,
+            client: self.client.clone(),
         }
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// The partition process `id` lives in.
+    pub fn partition_of(&self, id: &str) -> u16 {
+        crate::partition::partition_of(id, self.partitions)
+    }
+
+    /// The handle of the partition process `id` lives in.
+    pub fn of(&self, id: &str) -> Store {
+        self.in_partition(self.partition_of(id))
+    }
+
+    /// One handle per partition, in order.
+    pub fn all(&self) -> Vec<Store> {
+        (0..self.partitions).map(|p| self.in_partition(p)).collect()
+    }
+
+    /// The keys of the partition process `id` lives in.
+    pub fn keys_of(&self, id: &str) -> Keys {
+        match self.partition_of(id) {
+            p if p == self.keys.shard() => self.keys.clone(),
+            p => self.keys.in_shard(p),
+        }
+    }
+
+    /// The positions of `ids` grouped by the partition each lives in, with its handle, in
+    /// partition order (one group of all of them with one partition), so a pipeline over
+    /// them stays in one slot per group.
+    fn by_partition(&self, ids: &[&str]) -> Vec<(Store, Vec<usize>)> {
+        let mut groups: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+        for (i, id) in ids.iter().enumerate() {
+            groups.entry(self.partition_of(id)).or_default().push(i);
+        }
+        groups
+            .into_iter()
+            .map(|(p, at)| (self.in_partition(p), at))
+            .collect()
     }
 
     /// A multiplexed connection handle for ad-hoc reads (cheap to clone).
@@ -390,12 +485,17 @@ impl Store {
         let mut delay = Duration::from_millis(100);
         loop {
             let ready = async {
-                match service {
-                    Service::Scheduler => {
-                        self.ensure_groups().await?;
-                    }
-                    Service::Worker => {
-                        self.ensure_job_group().await?;
+                for part in self.all() {
+                    match service {
+                        Service::Scheduler => {
+                            part.ensure_groups().await?;
+                            if part.partition() == 0 {
+                                part.check_partition_count().await?;
+                            }
+                        }
+                        Service::Worker => {
+                            part.ensure_job_group().await?;
+                        }
                     }
                 }
                 self.load_scripts().await
@@ -414,7 +514,31 @@ impl Store {
         }
     }
 
-    /// `XREADGROUP … >` on a dedicated blocking connection.
+    /// Records the deployment's partition count in partition 0 when none is recorded yet
+    /// (`SET NX`), and fails with [`StoreError::PartitionCount`] when another is.
+    pub async fn check_partition_count(&self) -> Result<()> {
+        let key = self.keys.in_shard(0).partition_count();
+        let (stored,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(self.partitions)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut self.conn())
+            .await?;
+        match stored.and_then(|s| s.parse::<u16>().ok()) {
+            Some(n) if n != self.partitions => Err(StoreError::PartitionCount {
+                stored: n,
+                configured: self.partitions,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// `XREADGROUP … >` on a dedicated blocking connection; a `block` of zero reads without
+    /// blocking (what is there now, or nothing).
     pub async fn read_group(
         &self,
         conn: &mut Conn,
@@ -424,14 +548,16 @@ impl Store {
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>> {
-        let r: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(group)
             .arg(consumer)
             .arg("COUNT")
-            .arg(count.max(1))
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
+            .arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        let r: redis::RedisResult<Value> = cmd
             .arg("STREAMS")
             .arg(stream)
             .arg(">")

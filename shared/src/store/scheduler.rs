@@ -87,9 +87,11 @@ impl Store {
         self.xadd(&self.keys.submit(), fields).await
     }
 
-    /// Appends an event for the scheduler (signals from the gateway).
+    /// Appends an event for the scheduler (signals from the gateway), to the events stream
+    /// of the partition its process lives in.
     pub async fn send_event(&self, event: &Event) -> Result<String> {
-        self.xadd(&self.keys.events(), &event.to_fields()).await
+        let events = self.keys_of(event.process_id()).events();
+        self.xadd(&events, &event.to_fields()).await
     }
 
     async fn xadd(&self, stream: &Key, fields: &Fields) -> Result<String> {
@@ -101,47 +103,69 @@ impl Store {
         Ok(cmd.query_async(&mut self.conn()).await?)
     }
 
-    /// The meta and steps hashes of a process (empty when it does not exist).
+    /// The meta and steps hashes of a process (empty when it does not exist), from the
+    /// partition it lives in.
     pub async fn load_process(
         &self,
         id: &str,
     ) -> Result<(HashMap<String, String>, HashMap<String, String>)> {
+        let keys = self.keys_of(id);
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL")
-            .arg(self.keys.process(id))
+            .arg(keys.process(id))
             .cmd("HGETALL")
-            .arg(self.keys.steps(id));
+            .arg(keys.steps(id));
         Ok(pipe.query_async(&mut self.conn()).await?)
     }
 
-    /// Records of many processes in one round trip, with the server time.
+    /// Records of many processes, with the server time (of this handle's partition's
+    /// server): one round trip per partition they live in.
     pub async fn load_processes(
         &self,
         ids: &[&str],
     ) -> Result<(u64, Vec<(HashMap<String, String>, HashMap<String, String>)>)> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("TIME");
-        for id in ids {
-            pipe.cmd("HGETALL")
-                .arg(self.keys.process(id))
-                .cmd("HGETALL")
-                .arg(self.keys.steps(id));
+        type Record = (HashMap<String, String>, HashMap<String, String>);
+        let mut out: Vec<Record> = vec![Default::default(); ids.len()];
+        let mut now = None;
+        for (part, at) in self.by_partition(ids) {
+            let home = part.partition() == self.partition();
+            let mut pipe = redis::pipe();
+            if home {
+                pipe.cmd("TIME");
+            }
+            for &i in &at {
+                pipe.cmd("HGETALL")
+                    .arg(part.keys.process(ids[i]))
+                    .cmd("HGETALL")
+                    .arg(part.keys.steps(ids[i]));
+            }
+            let mut vals: Vec<Value> = pipe.query_async(&mut part.conn()).await?;
+            let rest = if home {
+                let rest = vals.split_off(1);
+                let (s, us): (u64, u64) = redis::from_redis_value(vals.remove(0))?;
+                now = Some(s * 1000 + us / 1000);
+                rest
+            } else {
+                vals
+            };
+            let mut it = rest.into_iter();
+            for &i in &at {
+                if let (Some(m), Some(st)) = (it.next(), it.next()) {
+                    out[i] = (redis::from_redis_value(m)?, redis::from_redis_value(st)?);
+                }
+            }
         }
-        let mut vals: Vec<Value> = pipe.query_async(&mut self.conn()).await?;
-        let rest = vals.split_off(1);
-        let (s, us): (u64, u64) = redis::from_redis_value(vals.remove(0))?;
-        let mut out = Vec::with_capacity(ids.len());
-        let mut it = rest.into_iter();
-        while let (Some(m), Some(st)) = (it.next(), it.next()) {
-            out.push((redis::from_redis_value(m)?, redis::from_redis_value(st)?));
-        }
-        Ok((s * 1000 + us / 1000, out))
+        let now = match now {
+            Some(n) => n,
+            None => self.server_time_ms().await?,
+        };
+        Ok((now, out))
     }
 
-    /// The data hash of a process (input, outputs, checkpoints).
+    /// The data hash of a process (input, outputs, checkpoints), from its partition.
     pub async fn load_data(&self, id: &str) -> Result<HashMap<String, Vec<u8>>> {
         Ok(redis::cmd("HGETALL")
-            .arg(self.keys.data(id))
+            .arg(self.keys_of(id).data(id))
             .query_async(&mut self.conn())
             .await?)
     }
@@ -242,18 +266,20 @@ impl Store {
         Ok((r.0, r.1.into_iter().filter_map(parse_entry).collect()))
     }
 
-    /// Runs `purge.lua` for each id: deletes those still in the finished `status`.
+    /// Runs `purge.lua` for each id (in the partition it lives in): deletes those still in
+    /// the finished `status`.
     pub async fn purge(&self, status: crate::status::ProcessStatus, ids: &[String]) -> Result<u64> {
         let mut n = 0;
         for id in ids {
-            let [meta, steps, data] = self.keys.process_keys(id);
+            let keys = self.keys_of(id);
+            let [meta, steps, data] = keys.process_keys(id);
             let r: u64 = Scripts::get()
                 .purge
                 .key(meta)
                 .key(steps)
                 .key(data)
-                .key(self.keys.index_status(status))
-                .key(self.keys.index_all())
+                .key(keys.index_status(status))
+                .key(keys.index_all())
                 .arg(status.as_str())
                 .arg(id)
                 .invoke_async(&mut self.conn())

@@ -331,6 +331,7 @@ impl Inner {
         };
         let usage = self
             .store
+            .of(&ctx.process_id)
             .llm_budget(&call)
             .await
             .map_err(|e| StepError::Retryable(format!("llm budget check failed: {e}")))?;

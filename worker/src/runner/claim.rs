@@ -10,7 +10,8 @@ use backon::Retryable;
 use honua_shared::envelope::JobEnvelope;
 use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::metrics as m;
-use honua_shared::store::{Begin, Entry, Fence, Held, ServerInfo, StoreError};
+use honua_shared::partition::Rotation;
+use honua_shared::store::{Begin, Entry, Fence, Held, ServerInfo, Store, StoreError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -70,13 +71,23 @@ impl Inner {
         permits
     }
 
+    /// Reads new jobs of every partition into free slots, over one blocking connection
+    /// whatever the partition count: one reader rotates over the partitions
+    /// ([`Rotation`]), reading each busy one in turn without blocking (one read per
+    /// partition per turn, so a partition with a backlog cannot starve the others) and,
+    /// once a whole turn found nothing, blocking briefly on each in turn (`read_block_ms`
+    /// split over them). With one partition every read blocks for `read_block_ms`, as
+    /// before partitions. Not one blocking read per partition: on a cluster every blocking
+    /// connection is a connection to each node, and a worker fleet times P of them would
+    /// be mostly idle connections.
     pub(super) async fn reader(self: Arc<Self>, shutdown: CancellationToken) {
         let block = Duration::from_millis(self.cfg.worker.read_block_ms);
         let Ok(mut conn) = self.store.blocking(block) else {
             error!("cannot create the blocking connection");
             return;
         };
-        let jobs = self.store.keys().jobs();
+        let parts = self.store.all();
+        let mut rotation = Rotation::all(self.store.partitions(), block);
         let mut backoff = Duration::from_millis(50);
         loop {
             let first = tokio::select! {
@@ -97,32 +108,39 @@ impl Inner {
             // wait for a slot (their idle time runs until `begin`).
             let permits = self.take_permits(first, 256);
             let count = permits.len();
+            let (p, wait) = rotation.next_read();
+            let Some(store) = parts.get(usize::from(p)) else {
+                continue;
+            };
+            let jobs = store.keys().jobs();
             // Not raced against shutdown: entries Redis has delivered must not be dropped
             // unprocessed. The read returns within `block`.
-            let res = self
-                .store
-                .read_group(&mut conn, &jobs, WORKERS_GROUP, &self.id, count, block)
+            let res = store
+                .read_group(&mut conn, &jobs, WORKERS_GROUP, &self.id, count, wait)
                 .await;
             match res {
                 Ok(entries) => {
                     backoff = Duration::from_millis(50);
+                    rotation.found(entries.len());
                     let mut permits = permits;
                     permits.truncate(entries.len());
                     // A fresh delivery (`>`) is the entry's first: delivery count 1.
                     let entries = entries.into_iter().map(|e| (e, 1)).collect();
-                    self.clone().start(entries, permits).await;
+                    self.clone().start(p, entries, permits).await;
                 }
                 Err(StoreError::NoGroup { stream, group }) => {
                     drop(permits);
+                    rotation.found(0);
                     error!(%stream, %group, "consumer group missing (server restarted without data?); recreating it");
                     self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
-                    if let Err(e) = self.store.ensure_job_group().await {
+                    if let Err(e) = store.ensure_job_group().await {
                         warn!(error = %e, "recreating groups failed");
                     }
                 }
                 Err(e) => {
                     drop(permits);
+                    rotation.found(0);
                     warn!(error = %e, "reading jobs failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(honua_runtime::jitter(backoff)) => {}
@@ -136,29 +154,53 @@ impl Inner {
 
     pub(super) async fn sweeper(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_millis(self.cfg.worker.sweep_ms);
-        let lease = self.cfg.worker.lease();
         let mut rounds: u64 = 0;
-        let mut server = ServerWatch::default();
-        // Reclaimed jobs waiting for a slot on this worker, at most: the rest stay for
-        // other workers (or the next sweep).
-        let cap = self.cfg.worker.max_concurrent_steps;
+        // Per partition on a cluster: each may live on another primary, with its own
+        // restarts and failovers.
+        let parts = self.store.all();
+        let mut servers: Vec<ServerWatch> = parts.iter().map(|_| ServerWatch::default()).collect();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(honua_runtime::jitter(every)) => {}
                 _ = shutdown.cancelled() => return,
             }
             rounds += 1;
-            if !self.may_reclaim(&mut server).await {
-                continue;
+            // On one server every partition has the same restarts: watch it once a round.
+            let mut may = false;
+            for (i, (store, server)) in parts.iter().zip(servers.iter_mut()).enumerate() {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                if i == 0 || self.store.is_cluster() {
+                    may = self.may_reclaim(store, server).await;
+                }
+                if may {
+                    self.clone().sweep(store, &shutdown).await;
+                }
             }
+            if rounds.is_multiple_of(30) {
+                for store in &parts {
+                    self.retire_idle_consumers(store).await;
+                }
+            }
+        }
+    }
+
+    /// One lease sweep of `store`'s partition: reclaims (or dead-letters) the jobs idle
+    /// longer than the lease, in pages, while this worker has room for them.
+    async fn sweep(self: Arc<Self>, store: &Store, shutdown: &CancellationToken) {
+        let lease = self.cfg.worker.lease();
+        // Reclaimed jobs waiting for a slot on this worker, at most: the rest stay for
+        // other workers (or the next sweep).
+        let cap = self.cfg.worker.max_concurrent_steps;
+        {
             let mut cursor = "0-0".to_string();
             loop {
                 let room = cap.saturating_sub(self.waiting.load(Ordering::SeqCst));
                 if room == 0 || shutdown.is_cancelled() {
                     break;
                 }
-                let r = self
-                    .store
+                let r = store
                     .reclaim(
                         &self.id,
                         lease,
@@ -173,7 +215,7 @@ impl Inner {
                         self.stats.groups_recreated.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(m::GROUPS_RECREATED, "stream" => "jobs").increment(1);
                         error!("job consumer group missing; recreating it");
-                        let _ = self.store.ensure_job_group().await;
+                        let _ = store.ensure_job_group().await;
                         break;
                     }
                     Err(e) => {
@@ -205,29 +247,28 @@ impl Inner {
                 }
                 // No slot is needed to claim: each job begins now and waits for a slot
                 // ahead of new reads.
-                self.clone().start(r.claimed, Vec::new()).await;
+                self.clone()
+                    .start(store.partition(), r.claimed, Vec::new())
+                    .await;
                 if r.next_cursor == "0-0" {
                     break;
                 }
                 cursor = r.next_cursor;
             }
-            if rounds.is_multiple_of(30) {
-                self.retire_idle_consumers().await;
-            }
         }
     }
 
-    async fn retire_idle_consumers(&self) {
+    async fn retire_idle_consumers(&self, store: &Store) {
         let idle = self.cfg.worker.retire_idle();
         let after_ms = idle.as_millis() as u64;
-        let Ok(consumers) = self.store.job_consumers().await else {
+        let Ok(consumers) = store.job_consumers().await else {
             return;
         };
         for c in consumers {
             if c.pending == 0
                 && c.idle_ms > after_ms
                 && *c.name != *self.id
-                && let Ok(true) = self.store.retire_idle_consumer(&c.name, idle).await
+                && let Ok(true) = store.retire_idle_consumer(&c.name, idle).await
             {
                 info!(consumer = %c.name, "retired idle consumer");
             }
@@ -262,42 +303,54 @@ impl Inner {
             .map(|r| r.held.clone())
             .collect();
         let mut reached = true;
-        for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
-            match self.store.heartbeat(&self.id, chunk).await {
-                Ok(answers) => {
-                    for (h, a) in chunk.iter().zip(answers) {
-                        let why = match a {
-                            Fence::Ok => continue,
-                            Fence::Stale => Stop::Stale,
-                            Fence::Finished => Stop::Finished,
-                        };
-                        // Only a step still running counts: one that finished meanwhile
-                        // was acknowledged by its own commit.
-                        let applied = match self.inflight.lock().unwrap().get(&claim(h)) {
-                            Some(r) => {
-                                let set = r.stop.stop(why);
-                                if set {
-                                    r.cancel.cancel();
+        // Per partition (each call's keys share one slot); partition 0 always, so the
+        // worker is in its registry (liveness, `/health`) whatever it holds.
+        let mut by_part: std::collections::BTreeMap<u16, Vec<Held>> = [(0, vec![])].into();
+        for h in held {
+            by_part
+                .entry(self.store.partition_of(&h.job.process_id))
+                .or_default()
+                .push(h);
+        }
+        for (p, held) in by_part {
+            let store = self.store.in_partition(p);
+            for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
+                match store.heartbeat(&self.id, chunk).await {
+                    Ok(answers) => {
+                        for (h, a) in chunk.iter().zip(answers) {
+                            let why = match a {
+                                Fence::Ok => continue,
+                                Fence::Stale => Stop::Stale,
+                                Fence::Finished => Stop::Finished,
+                            };
+                            // Only a step still running counts: one that finished meanwhile
+                            // was acknowledged by its own commit.
+                            let applied = match self.inflight.lock().unwrap().get(&claim(h)) {
+                                Some(r) => {
+                                    let set = r.stop.stop(why);
+                                    if set {
+                                        r.cancel.cancel();
+                                    }
+                                    set
                                 }
-                                set
+                                None => false,
+                            };
+                            if !applied {
+                                continue;
                             }
-                            None => false,
-                        };
-                        if !applied {
-                            continue;
-                        }
-                        if why == Stop::Stale {
-                            self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!(m::STALE_COMMITS).increment(1);
-                            warn!(process_id = %h.job.process_id, step = %h.job.step, "claim is stale (reclaimed elsewhere); stopping the step");
-                        } else {
-                            info!(process_id = %h.job.process_id, step = %h.job.step, "process is over; stopping the step");
+                            if why == Stop::Stale {
+                                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!(m::STALE_COMMITS).increment(1);
+                                warn!(process_id = %h.job.process_id, step = %h.job.step, "claim is stale (reclaimed elsewhere); stopping the step");
+                            } else {
+                                info!(process_id = %h.job.process_id, step = %h.job.step, "process is over; stopping the step");
+                            }
                         }
                     }
-                }
-                Err(e) => {
-                    reached = false;
-                    warn!(error = %e, "heartbeat failed")
+                    Err(e) => {
+                        reached = false;
+                        warn!(error = %e, "heartbeat failed")
+                    }
                 }
             }
         }
@@ -315,14 +368,14 @@ impl Inner {
     /// plus one heartbeat interval on the server's clock: pending entries keep their
     /// pre-outage delivery times, so right after a restart every job looks idle, and live
     /// workers need that long to re-assert their claims.
-    async fn may_reclaim(&self, server: &mut ServerWatch) -> bool {
+    async fn may_reclaim(&self, store: &Store, server: &mut ServerWatch) -> bool {
         let every = self.cfg.worker.heartbeat();
         let since = (self.born.elapsed().as_millis() as u64)
             .saturating_sub(self.last_beat_ms.load(Ordering::SeqCst));
         if since > every.as_millis() as u64 && !self.beat().await {
             return false;
         }
-        let info = match self.store.server_info().await {
+        let info = match store.server_info().await {
             Ok(i) => i,
             Err(StoreError::NoPermission(e)) => {
                 // An ACL without INFO (a template older than this worker): reclaiming
@@ -347,18 +400,20 @@ impl Inner {
     /// new reads, heartbeaten meanwhile.
     async fn start(
         self: Arc<Self>,
+        partition: u16,
         entries: Vec<(Entry, u64)>,
         mut permits: Vec<OwnedSemaphorePermit>,
     ) {
-        let jobs_key = self.store.keys().jobs();
+        // Every call for these jobs goes to the partition they were read from.
+        let store = self.store.in_partition(partition);
+        let jobs_key = store.keys().jobs();
         let mut jobs = Vec::with_capacity(entries.len());
         for (e, seen) in entries {
             match JobEnvelope::from_fields(&e.fields) {
                 Ok(job) => jobs.push((e.id, seen, job)),
                 Err(err) => {
                     error!(entry = %e.id, error = %err, "unreadable job entry; quarantined");
-                    let _ = self
-                        .store
+                    let _ = store
                         .drop_entry(
                             &jobs_key,
                             WORKERS_GROUP,
@@ -386,7 +441,7 @@ impl Inner {
         let sent_ns = AtomicU64::new(0);
         let answers = (|| {
             sent_ns.store(self.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.store.begin(&self.id, &jobs, &traces, &may_route)
+            store.begin(&self.id, &jobs, &traces, &may_route)
         })
             .retry(crate::redis_backoff(Duration::from_secs(5)))
             .when(StoreError::is_retryable)

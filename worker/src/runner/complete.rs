@@ -140,32 +140,45 @@ impl Inner {
                     Err(_) => break,
                 }
             }
-            let items: Vec<Completion<'_>> = batch
-                .iter()
-                .map(|c| Completion {
-                    held: &c.held,
-                    output: c.output.as_deref(),
-                    checkpoint: c.checkpoint,
-                    result: &c.result,
-                    fast: c.fast.as_ref(),
-                })
-                .collect();
-            let r = (|| self.store.complete_many(&self.id, &items))
-                .retry(crate::redis_backoff(Duration::from_secs(60)))
-                .when(StoreError::is_retryable)
-                .notify(|e, _| warn!(error = %e, steps = items.len(), "commit failed; retrying"))
-                .await;
-            drop(items);
-            match r {
-                Ok(answers) => {
-                    for (c, a) in batch.into_iter().zip(answers) {
-                        let _ = c.done.send(Ok(a));
+            // One call per partition (each call's keys share one slot).
+            let mut by_part: std::collections::BTreeMap<u16, Vec<Completing>> = Default::default();
+            for c in batch {
+                by_part
+                    .entry(self.store.partition_of(&c.held.job.process_id))
+                    .or_default()
+                    .push(c);
+            }
+            for (p, batch) in by_part {
+                let store = self.store.in_partition(p);
+                let items: Vec<Completion<'_>> = batch
+                    .iter()
+                    .map(|c| Completion {
+                        held: &c.held,
+                        output: c.output.as_deref(),
+                        checkpoint: c.checkpoint,
+                        result: &c.result,
+                        fast: c.fast.as_ref(),
+                    })
+                    .collect();
+                let r = (|| store.complete_many(&self.id, &items))
+                    .retry(crate::redis_backoff(Duration::from_secs(60)))
+                    .when(StoreError::is_retryable)
+                    .notify(
+                        |e, _| warn!(error = %e, steps = items.len(), "commit failed; retrying"),
+                    )
+                    .await;
+                drop(items);
+                match r {
+                    Ok(answers) => {
+                        for (c, a) in batch.into_iter().zip(answers) {
+                            let _ = c.done.send(Ok(a));
+                        }
                     }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for c in batch {
-                        let _ = c.done.send(Err(msg.clone()));
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for c in batch {
+                            let _ = c.done.send(Err(msg.clone()));
+                        }
                     }
                 }
             }

@@ -146,7 +146,8 @@ impl Inner {
     }
 
     async fn release(&self, held: &Held) {
-        let r = (|| self.store.release(&self.id, held))
+        let store = self.store.of(&held.job.process_id);
+        let r = (|| store.release(&self.id, held))
             .retry(crate::redis_backoff(Duration::from_secs(10)))
             .when(StoreError::is_retryable)
             .notify(|e, _| warn!(error = %e, "release failed; retrying"))
@@ -249,7 +250,7 @@ impl Inner {
             cancel: cancel.clone(),
             clock,
             checkpointer: Some(Checkpointer {
-                store: self.store.clone(),
+                store: self.store.of(&held.job.process_id),
                 consumer: self.id.clone(),
                 held: held.clone(),
                 codec: self.codec,

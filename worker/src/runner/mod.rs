@@ -275,10 +275,16 @@ impl Worker {
         if let Some(c) = completer {
             let _ = c.await;
         }
-        match inner.store.retire_consumer(&inner.id).await {
-            Ok(true) => info!(worker = %inner.id, "consumer retired"),
-            Ok(false) => warn!(worker = %inner.id, "consumer still owns pending jobs; kept"),
-            Err(e) => warn!(error = %e, "could not retire consumer"),
+        for store in inner.store.all() {
+            match store.retire_consumer(&inner.id).await {
+                Ok(true) => {
+                    info!(worker = %inner.id, partition = store.partition(), "consumer retired")
+                }
+                Ok(false) => {
+                    warn!(worker = %inner.id, partition = store.partition(), "consumer still owns pending jobs; kept")
+                }
+                Err(e) => warn!(error = %e, "could not retire consumer"),
+            }
         }
         info!(worker = %inner.id, "worker stopped");
     }
