@@ -24,6 +24,10 @@ async fn get_json(c: &reqwest::Client, url: &str) -> Value {
     c.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 async fn submit(c: &reqwest::Client, f: &Fleet, body: Value, key: Option<&str>) -> (u16, Value) {
     let mut r = c.post(f.url("/api/processes")).json(&body);
     if let Some(k) = key {
@@ -243,6 +247,38 @@ async fn flows_complete_across_four_partitions() {
         .to_string();
     assert!(reason.contains("partition 3"), "{reason}");
     assert!(f.record(&stray).await.is_none(), "never created");
+
+    // The console sums the partitions: the overview's per-type row counts every completed
+    // Three (as the merged API list does), and the quarantine page shows the stray entry.
+    let threes = get_json(
+        &c,
+        &f.url("/api/processes?status=Completed&processType=Three&limit=500"),
+    )
+    .await;
+    let threes = threes.as_array().unwrap().len();
+    assert!(threes > usize::from(P), "{threes}");
+    let page = c
+        .get(f.url("/ui/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let row = page
+        .split("<tr ")
+        .find(|r| r.starts_with("data-type=\"Three\""))
+        .unwrap_or_else(|| panic!("no row for Three in {page}"));
+    assert!(
+        row.contains(&format!("data-completed-hour=\"{threes}\"")),
+        "{threes} completed: {}",
+        &row[..row.len().min(300)]
+    );
+    let page = get_text(&c, &f.url("/ui/quarantine")).await;
+    assert!(
+        page.contains(&stray),
+        "the stray entry on the quarantine page"
+    );
 
     // A drain holds new processes Pending in every partition; resuming starts them all.
     let r = c.post(f.url("/api/admin/drain")).send().await.unwrap();

@@ -16,7 +16,7 @@ use axum::{Extension, Form, Json};
 use honua_shared::limiter::{BreakerState, BucketState, LimitSpec};
 use honua_shared::llm_config::{LlmProviderConfig, ProviderKind};
 use honua_shared::status::{ProcessStatus, StepStatus};
-use honua_shared::store::TypeCounts;
+use honua_shared::store::{Store, TypeCounts};
 use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
@@ -58,13 +58,37 @@ fn filled(s: &Option<String>) -> Option<&str> {
 // ---------------------------------------------------------------------------------------
 // Overview
 
+/// `ZCOUNT`s of one status index over `ranges`, summed over the partitions.
+async fn index_counts(
+    parts: &[Store],
+    status: ProcessStatus,
+    ranges: &[(u64, u64)],
+) -> Result<Vec<u64>, UiError> {
+    let mut out = vec![0u64; ranges.len()];
+    for p in parts {
+        add(
+            &mut out,
+            &p.index_counts(&p.keys().index_status(status), ranges)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+fn add(into: &mut [u64], more: &[u64]) {
+    for (a, b) in into.iter_mut().zip(more) {
+        *a += b;
+    }
+}
+
 pub(super) async fn overview(
     State(st): State<ApiState>,
     Extension(viewer): Extension<Viewer>,
     headers: HeaderMap,
 ) -> Result<Response, UiError> {
     let store = &st.engine.store;
-    let k = store.keys();
+    // Every figure sums the deployment's partitions (one with the default layout).
+    let parts = store.all();
     let now = store.server_time_ms().await?;
     // Per minute over the last hour, from the finished indexes (scored by end time): one
     // ZCOUNT per minute and status, no write anywhere.
@@ -72,17 +96,10 @@ pub(super) async fn overview(
     let minutes: Vec<(u64, u64)> = (0..60)
         .map(|i| (first + i * MINUTE_MS, first + (i + 1) * MINUTE_MS))
         .collect();
-    let completed = store
-        .index_counts(&k.index_status(ProcessStatus::Completed), &minutes)
-        .await?;
+    let completed = index_counts(&parts, ProcessStatus::Completed, &minutes).await?;
     let mut failed = vec![0u64; minutes.len()];
     for s in [ProcessStatus::Failed, ProcessStatus::TimedOut] {
-        for (f, n) in failed
-            .iter_mut()
-            .zip(store.index_counts(&k.index_status(s), &minutes).await?)
-        {
-            *f += n;
-        }
+        add(&mut failed, &index_counts(&parts, s, &minutes).await?);
     }
     let windows = [
         (now.saturating_sub(3_600_000), now + 1),
@@ -90,22 +107,37 @@ pub(super) async fn overview(
     ];
     let mut finished = Vec::new();
     for s in FINISHED {
-        finished.push((s, store.index_counts(&k.index_status(s), &windows).await?));
+        finished.push((s, index_counts(&parts, s, &windows).await?));
     }
-    let (active, oldest) = store.active_summary().await?;
-    let paused = store.status_count(ProcessStatus::Paused).await?;
-    let pending = store.status_count(ProcessStatus::Pending).await?;
+    let (mut active, mut oldest, mut paused, mut pending) = (0, None::<u64>, 0, 0);
+    let mut draining = false;
+    for p in &parts {
+        let (n, o) = p.active_summary().await?;
+        active += n;
+        oldest = match (oldest, o) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        paused += p.status_count(ProcessStatus::Paused).await?;
+        pending += p.status_count(ProcessStatus::Pending).await?;
+        draining |= p.intake().await?.is_some();
+    }
     let live = store
         .live_workers(now.saturating_sub(LIVE_WORKER_MS - 1))
         .await?;
-    let draining = store.intake().await?.is_some();
     let Json(queues) = fleet::queues(State(st.clone())).await?;
     // LLM tokens and spend today per process type: the daily counters the budget script
-    // keeps.
+    // keeps (in each process's partition).
     let mut types: Vec<&str> = st.engine.defs.iter().map(|d| d.name.as_str()).collect();
     types.dedup();
     let day = honua_shared::llm_store::utc_day(now / 1000);
-    let usage = store.llm_usage_on(&types, &day).await?;
+    let mut usage = vec![(0u64, 0u64); types.len()];
+    for p in &parts {
+        for (u, (n, c)) in usage.iter_mut().zip(p.llm_usage_on(&types, &day).await?) {
+            u.0 += n;
+            u.1 += c;
+        }
+    }
     let llm: Vec<(&str, (u64, u64))> = types
         .iter()
         .copied()
@@ -114,8 +146,17 @@ pub(super) async fn overview(
         .collect();
     let spent: u64 = llm.iter().map(|(_, (_, c))| c).sum();
     // Per process type: unfinished now, finished in the last hour and day (the counters
-    // the finishing commits keep; one pipelined round trip).
-    let per_type = store.type_counts(&types, now).await?;
+    // the finishing commits keep; one pipelined round trip per partition).
+    let mut per_type = store.type_counts(&types, now).await?;
+    for p in parts.iter().skip(1) {
+        for (t, more) in per_type.iter_mut().zip(p.type_counts(&types, now).await?) {
+            t.active += more.active;
+            for (f, m) in t.finished.iter_mut().zip(more.finished) {
+                f.1 += m.1;
+                f.2 += m.2;
+            }
+        }
+    }
     let limiter = limiter_states(&st).await?;
     let live_region = html! {
         section aria-labelledby="counts" {
@@ -614,9 +655,7 @@ pub(super) async fn confirm_bulk(
         let store = &st.engine.store;
         let now = store.server_time_ms().await?;
         let cutoff = now.saturating_sub(age.as_millis() as u64);
-        let n = store
-            .index_counts(&store.keys().index_status(status), &[(0, cutoff + 1)])
-            .await?[0];
+        let n = index_counts(&store.all(), status, &[(0, cutoff + 1)]).await?[0];
         html! {
             p.confirm { "This deletes " strong { (n) } " " (status.as_str()) " processes that ended more than " (older) " ago, with their state. It cannot be undone." }
             form method="post" action="/ui/bulk" {
@@ -1287,6 +1326,12 @@ pub(super) async fn replay(
     Ok(html_response(layout(Some(&viewer), "Done", body)))
 }
 
+/// A stream entry id as (ms, seq), for ordering entries of several streams.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
 fn sorted_fields(f: &honua_shared::envelope::FieldMap) -> Vec<(&str, &str)> {
     let mut v: Vec<(&str, &str)> = f.iter().collect();
     v.sort();
@@ -1298,8 +1343,14 @@ pub(super) async fn quarantine(
     Extension(viewer): Extension<Viewer>,
     headers: HeaderMap,
 ) -> Result<Response, UiError> {
-    let store = &st.engine.store;
-    let entries = store.stream_latest(&store.keys().quarantine(), 200).await?;
+    // The newest 200 of every partition's quarantine, newest first (entry ids are
+    // times, so they sort across partitions).
+    let mut entries = Vec::new();
+    for p in st.engine.store.all() {
+        entries.extend(p.stream_latest(&p.keys().quarantine(), 200).await?);
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(stream_id(&e.id)));
+    entries.truncate(200);
     let live = html! {
         p { "Stream entries the scheduler could not process, set aside with the reason (newest first, at most 200)." }
         @if entries.is_empty() { p { "Nothing is quarantined." } } @else {
