@@ -33,8 +33,8 @@
 //! | `<prefix>:v2:{0}:partitions` | string | the deployment's partition count, set by its first scheduler; a scheduler configured with another count refuses to start |
 //! | `<prefix>:v2:{<shard>}:quarantine` | stream (no group) | corrupt entries set aside with their error |
 //! | `<prefix>:v2:{<shard>}:process:<id>:llm` | hash `tokens`, `cost_micro_usd`, with TTL | LLM usage of one process (budgets) |
-//! | `<prefix>:v2:{<shard>}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day |
-//! | `<prefix>:v2:{<shard>}:llm:cost:<type>:<yyyymmdd>` | integer with TTL | LLM cost (micro-USD, from the price table) of one process type on one UTC day |
+//! | `<prefix>:v2:{0}:llm:usage:<type>:<yyyymmdd>` | integer with TTL | LLM tokens of one process type on one UTC day (partition 0 only: one count per deployment) |
+//! | `<prefix>:v2:{0}:llm:cost:<type>:<yyyymmdd>` | integer with TTL | LLM cost (micro-USD, from the price table) of one process type on one UTC day |
 //! | `<prefix>:v2:{<shard>}:llm:cache:<sha256>` | string (JSON) with TTL | shared LLM response cache |
 //! | `<prefix>:v2:{llm:<bucket>}:limit` | hash `req_tat`, `tok_tat` (server µs), with TTL | fleet-wide GCRA state of one LLM bucket |
 //! | `<prefix>:v2:{llm:<bucket>}:paused` | string (server µs) with TTL | the bucket is paused until then (provider 429) |

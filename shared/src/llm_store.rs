@@ -39,31 +39,59 @@ pub struct BudgetCall<'a> {
     pub process_ttl: Duration,
 }
 
+/// One `llm_budget.lua` call in `store`'s partition: (process tokens, type tokens, over).
+async fn budget_call(
+    store: &Store,
+    keys: &[crate::keys::Key],
+    mode: &str,
+    call: &BudgetCall<'_>,
+) -> Result<(u64, u64, u8)> {
+    let mut inv = Scripts::get().llm_budget.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    inv.arg(call.add_tokens)
+        .arg(call.add_cost_micro_usd)
+        .arg(call.process_cap)
+        .arg(call.type_daily_cap)
+        .arg(call.process_ttl.as_secs().max(1))
+        .arg(2 * 86_400)
+        .arg(mode);
+    inv.invoke_async(&mut store.conn()).await
+}
+
 impl Store {
-    /// Checks (and with `add_tokens` > 0 charges) the token budgets in one script.
+    /// Checks (and with `add_tokens` > 0 charges) the token budgets (`llm_budget.lua`).
+    /// The type's daily counters live in partition 0, the process's usage in its own
+    /// partition: one call when that is partition 0 (always with one partition), else one
+    /// call for each (counters only add, so nothing needs the two in one step).
     pub async fn llm_budget(&self, call: &BudgetCall<'_>) -> Result<BudgetUsage> {
-        let k = self.keys();
-        let (p, t, over): (u64, u64, u8) = Scripts::get()
-            .llm_budget
-            .key(k.llm_usage(call.process_id))
-            .key(k.llm_type_usage(call.process_type, call.day))
-            .key(k.llm_type_cost(call.process_type, call.day))
-            .arg(call.add_tokens)
-            .arg(call.add_cost_micro_usd)
-            .arg(call.process_cap)
-            .arg(call.type_daily_cap)
-            .arg(call.process_ttl.as_secs().max(1))
-            .arg(2 * 86_400)
-            .invoke_async(&mut self.conn())
-            .await?;
+        let home = self.of(call.process_id);
+        let zero = self.in_partition(0);
+        let usage = home.keys().llm_usage(call.process_id);
+        let day = (
+            zero.keys().llm_type_usage(call.process_type, call.day),
+            zero.keys().llm_type_cost(call.process_type, call.day),
+        );
+        let (p, t) = if home.partition() == 0 {
+            let (p, t, _) = budget_call(&home, &[usage, day.0, day.1], "all", call).await?;
+            (p, t)
+        } else {
+            let (p, _, _) = budget_call(&home, &[usage], "process", call).await?;
+            let (_, t, _) = budget_call(&zero, &[day.0, day.1], "type", call).await?;
+            (p, t)
+        };
+        let over = if call.process_cap > 0 && p >= call.process_cap {
+            BudgetOver::Process
+        } else if call.type_daily_cap > 0 && t >= call.type_daily_cap {
+            BudgetOver::TypeDaily
+        } else {
+            BudgetOver::No
+        };
         Ok(BudgetUsage {
             process_tokens: p,
             type_tokens_today: t,
-            over: match over {
-                1 => BudgetOver::Process,
-                2 => BudgetOver::TypeDaily,
-                _ => BudgetOver::No,
-            },
+            over,
         })
     }
 

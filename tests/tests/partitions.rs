@@ -455,3 +455,76 @@ async fn a_scheduler_with_another_partition_count_does_not_start() {
     stop.cancel();
     assert!(!ready.await.unwrap(), "not ready with the wrong count");
 }
+
+/// A process type's daily LLM token budget counts the whole deployment, whichever
+/// partitions its processes live in: the day's counters are in partition 0, each process's
+/// usage in its own partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_types_daily_llm_budget_counts_every_partition() {
+    use honua_shared::llm_store::{BudgetCall, BudgetOver};
+    let redis = RedisServer::start();
+    let dir = defs_dir(&[defs::THREE]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.partitions = P;
+    let store = honua_tests::store(&cfg);
+    store.load_scripts().await.unwrap();
+    // One process id in each partition, 0 last.
+    let ids: Vec<String> = [1, 2, 3, 0]
+        .iter()
+        .map(|&p| {
+            (0..1000)
+                .map(|i| format!("budget-{i}"))
+                .find(|id| partition_of(id, P) == p)
+                .unwrap()
+        })
+        .collect();
+    let charge = |id: &str| {
+        let store = store.clone();
+        let id = id.to_string();
+        async move {
+            store
+                .llm_budget(&BudgetCall {
+                    process_id: &id,
+                    process_type: "Three",
+                    day: "20261204",
+                    add_tokens: 40,
+                    add_cost_micro_usd: 7,
+                    process_cap: 100,
+                    type_daily_cap: 150,
+                    process_ttl: std::time::Duration::from_secs(60),
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // 40 tokens per process: the type reaches 150 with the fourth, though no partition
+    // holds more than 40 of them.
+    let mut seen = Vec::new();
+    for id in &ids {
+        let u = charge(id).await;
+        assert_eq!(u.process_tokens, 40, "{id}");
+        seen.push((u.type_tokens_today, u.over));
+    }
+    assert_eq!(
+        seen,
+        [
+            (40, BudgetOver::No),
+            (80, BudgetOver::No),
+            (120, BudgetOver::No),
+            (160, BudgetOver::TypeDaily)
+        ]
+    );
+    // Each process's usage is in its own partition; the day's totals in partition 0.
+    for id in &ids {
+        assert_eq!(store.llm_usage(id).await.unwrap(), Some((40, 7)), "{id}");
+    }
+    let zero = store.in_partition(0);
+    assert_eq!(
+        zero.llm_usage_on(&["Three"], "20261204").await.unwrap(),
+        [(160, 28)]
+    );
+    // A process's own cap still applies on its partition.
+    charge(&ids[0]).await;
+    let u = charge(&ids[0]).await;
+    assert_eq!((u.process_tokens, u.over), (120, BudgetOver::Process));
+}
