@@ -360,7 +360,9 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
                     json: None,
                     redis_url: None,
                 },
-                processes: None,
+                // Long enough (30,000 steps, and as many raw jobs) that start-up and the
+                // raw run's first batches do not weigh on the rates.
+                processes: Some(if quick { 100 } else { 10_000 }),
                 schedulers: 1,
                 workers: 2,
                 max_concurrent_steps: 64,
@@ -372,7 +374,15 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
             throughput_into(&mut report, server, &prefix, engine_params(&tp), true).await?;
             let processes = if quick { 100 } else { 3000 };
             // The fan-out/join shape next to the line, so the slow path stays measured.
-            let dag = point(server, &format!("{prefix}-dag"), processes, 2, Shape::Dag).await?;
+            let dag_processes = if quick { 100 } else { 10_000 };
+            let dag = point(
+                server,
+                &format!("{prefix}-dag"),
+                dag_processes,
+                2,
+                Shape::Dag,
+            )
+            .await?;
             report.dag = Some(dag);
             scale_into(
                 &mut report,
