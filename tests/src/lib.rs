@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod defs;
 pub mod llm_load;
+pub mod logged;
 pub mod otlp;
 pub mod recorder;
 pub mod webdriver;
