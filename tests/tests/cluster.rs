@@ -503,31 +503,6 @@ struct Acked {
     acked: Instant,
 }
 
-/// Waits until every process in `ids` has finished and checks that each completed with
-/// every step committed once (`steps` steps each): by its worker with its successors (the
-/// process's `steps_rev`), or through its partition's results stream.
-async fn assert_each_completed_once(f: &Fleet, ids: &[String], steps: u64) {
-    let mut steps_rev = 0;
-    for id in ids {
-        let rec = f.wait_finished(id).await;
-        assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
-        steps_rev += rec.steps_rev;
-    }
-    let mut results = 0;
-    for s in f.store().all() {
-        results += entries_added(&s, &s.keys().results()).await;
-    }
-    let want = steps * ids.len() as u64;
-    assert_eq!(
-        results + steps_rev,
-        want,
-        "duplicate step commits: {}",
-        (results + steps_rev).saturating_sub(want)
-    );
-    let distinct: std::collections::HashSet<_> = ids.iter().collect();
-    assert_eq!(distinct.len(), ids.len(), "one process per submission");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_partitions_slot_moves_to_another_primary_under_load() {
     const P: u16 = 8;
