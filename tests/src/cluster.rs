@@ -76,10 +76,9 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..6).map(|_| RedisServer::start_cluster_node()).collect();
         let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(honua::dev::cluster_create_args(
+                nodes.iter().map(|n| n.port),
+            ))
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli must be installed");
@@ -123,9 +122,7 @@ impl RedisCluster {
                         Self::query(n, redis::cmd("CLUSTER").arg("INFO")).unwrap_or_default();
                     let repl: String =
                         Self::query(n, redis::cmd("INFO").arg("replication")).unwrap_or_default();
-                    info.contains("cluster_state:ok")
-                        && info.contains("cluster_slots_ok:16384")
-                        && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+                    honua::dev::cluster_node_ready(&info, &repl)
                 })
                 .then_some(())
         })
