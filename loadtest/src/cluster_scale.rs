@@ -57,6 +57,10 @@ pub struct ClusterPoint {
     pub primaries: Vec<PrimaryUse>,
     /// Redis CPU per step, the primaries summed.
     pub primaries_cpu_us_per_step: f64,
+    /// The primaries' CPU (summed, cores) while the fleet idled before the point.
+    pub idle_primaries_busy: f64,
+    /// [`ClusterPoint::primaries_cpu_us_per_step`] less the idle CPU over the point's time.
+    pub net_primaries_cpu_us_per_step: f64,
     /// The replicas' CPU per step, summed (replication).
     pub replicas_cpu_us_per_step: f64,
     /// The busiest primary's CPU over the idlest one's.
@@ -77,6 +81,14 @@ pub struct ClusterScaleReport {
     pub redis_version: String,
     pub points: Vec<ClusterPoint>,
     pub raw_per_primary: Vec<RawPrimary>,
+}
+
+/// How long the idle CPU is measured before each point.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+
+/// The ports of the primaries.
+fn primary_ports(nodes: &[Node]) -> impl Iterator<Item = u16> + '_ {
+    nodes.iter().filter(|n| n.primary).map(|n| n.port)
 }
 
 /// A node of the cluster, asked directly.
@@ -351,6 +363,15 @@ async fn point(
             "{partitions} partition(s): {} processes, 1 scheduler, {} workers ...",
             params.processes, params.workers
         );
+        // The fleet's fixed cost: the primaries' CPU while it idles (timer, takeover and
+        // intake loops and reads per partition, the workers' sweeps).
+        let idle_before = cpu(nodes).await?;
+        tokio::time::sleep(IDLE_WINDOW).await;
+        let idle_after = cpu(nodes).await?;
+        let idle: f64 = primary_ports(nodes)
+            .map(|p| idle_after[&p] - idle_before[&p])
+            .sum::<f64>()
+            / IDLE_WINDOW.as_secs_f64();
         let cpu_before = cpu(nodes).await?;
         let start = Instant::now();
         let (done, _) = throughput::submit_and_wait(
@@ -364,14 +385,14 @@ async fn point(
         .await?;
         let seconds = start.elapsed().as_secs_f64();
         let cpu_after = cpu(nodes).await?;
-        Ok::<_, BenchError>((done, seconds, cpu_before, cpu_after))
+        Ok::<_, BenchError>((done, seconds, cpu_before, cpu_after, idle))
     }
     .await;
     shutdown.cancel();
     let (stats, stopped) = fleet.stop().await;
     let total = params.processes + throughput::warm_up_processes(params.workers);
     let health = throughput::health(&bench.store, stats, total * Shape::Line.steps()).await?;
-    let (done, seconds, before, after) = measured?;
+    let (done, seconds, before, after, idle) = measured?;
     stopped?;
     let steps = params.processes * Shape::Line.steps();
     let used = |port: u16| after[&port] - before[&port];
@@ -406,6 +427,8 @@ async fn point(
         steps_per_sec: steps as f64 / seconds,
         primaries,
         primaries_cpu_us_per_step: primaries_cpu * per_step,
+        idle_primaries_busy: idle,
+        net_primaries_cpu_us_per_step: (primaries_cpu - idle * seconds).max(0.0) * per_step,
         replicas_cpu_us_per_step: replicas_cpu * per_step,
         max_min_primary_cpu: max / min.max(1e-9),
         completed: done.completed,
@@ -425,8 +448,8 @@ impl ClusterScaleReport {
         );
         let _ = writeln!(
             s,
-            "{:>3} {:>9} {:>14} {:>14} {:>8}  primaries: port [partitions] CPU s (busy)",
-            "P", "steps/s", "prim µs/step", "repl µs/step", "max/min"
+            "{:>3} {:>9} {:>14} {:>10} {:>10} {:>14} {:>8}  primaries: port [partitions] CPU s (busy)",
+            "P", "steps/s", "prim µs/step", "idle busy", "net µs", "repl µs/step", "max/min"
         );
         for p in &self.points {
             let prim: Vec<String> = p
@@ -444,10 +467,12 @@ impl ClusterScaleReport {
                 .collect();
             let _ = writeln!(
                 s,
-                "{:>3} {:>9.0} {:>14.1} {:>14.1} {:>8.2}  {}",
+                "{:>3} {:>9.0} {:>14.1} {:>10.3} {:>10.1} {:>14.1} {:>8.2}  {}",
                 p.partitions,
                 p.steps_per_sec,
                 p.primaries_cpu_us_per_step,
+                p.idle_primaries_busy,
+                p.net_primaries_cpu_us_per_step,
                 p.replicas_cpu_us_per_step,
                 p.max_min_primary_cpu,
                 prim.join("; ")
