@@ -69,7 +69,8 @@ enum Command {
     Latency(LatencyArgs),
     /// kill -9 random worker processes during a run (default lease, then a 2 s lease)
     Crash(CrashArgs),
-    /// Throughput with 1, 2 and 4 workers, each next to the raw cycle with as many consumers
+    /// Throughput with 1, 2 and 4 workers, each next to the raw cycle with as many consumers;
+    /// with --partitions, on a local Redis Cluster by partition count
     Scale(ScaleArgs),
     /// LLM-bound: llm steps against the mock provider under a fleet-wide limit; worker RSS
     Llm(LlmArgs),
