@@ -8,6 +8,7 @@ Writes, for what the results contain:
   latency-cdf.png            dispatch and end-to-end latency CDFs, with the raw floor
   reclaim-cdf.png            kill -9 -> claimed again, per crash run
   limiter-rate.png           LLM requests per second at the provider vs the limit
+  cluster-scale.png          `scale --partitions`: Redis CPU per step and per primary by P
 Later files win when several results hold the same scenario.
 """
 
@@ -23,7 +24,7 @@ import matplotlib.ticker  # noqa: E402
 
 
 def load(paths):
-    merged = {"scale": [], "latency": [], "crash": [], "llm": None}
+    merged = {"scale": [], "latency": [], "crash": [], "llm": None, "points": []}
     for p in paths:
         with open(p) as f:
             r = json.load(f)
@@ -155,6 +156,45 @@ def limiter_rate(r, out):
     plt.close(fig)
 
 
+def cluster_scale(r, out):
+    pts = r["points"]
+    if not pts:
+        return
+    ps = [str(p["partitions"]) for p in pts]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(ps, [p["primaries_cpu_us_per_step"] for p in pts], "o-", label="primaries")
+    a1.plot(ps, [p["net_primaries_cpu_us_per_step"] for p in pts], "s--",
+            label="primaries, less the idle fleet")
+    a1.plot(ps, [p["replicas_cpu_us_per_step"] for p in pts], "^:", label="replicas")
+    a1.set_ylim(bottom=0)
+    a1.set_xlabel("partitions")
+    a1.set_ylabel("Redis CPU per step (µs)")
+    a1.set_title("Redis CPU per step")
+    a1.legend(fontsize=8, loc="lower right")
+    a1.grid(alpha=0.3)
+    n = max(len(p["primaries"]) for p in pts)
+    width = 0.8 / n
+    for i in range(n):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(pts))]
+        busy = [p["primaries"][i]["busy"] * 100 if i < len(p["primaries"]) else 0 for p in pts]
+        a2.bar(xs, busy, width, label=f"primary {i + 1}")
+    for j, p in enumerate(pts):
+        top = max(u["busy"] for u in p["primaries"]) * 100
+        ratio = p["max_min_primary_cpu"]
+        a2.annotate("max/min\n" + (f"{ratio:.2f}" if ratio < 10 else "(some idle)"), (j, top),
+                    ha="center", va="bottom", fontsize=7)
+    a2.set_xticks(range(len(pts)), ps)
+    a2.set_xlabel("partitions")
+    a2.set_ylabel("CPU busy (% of a core)")
+    a2.set_title("Load per primary")
+    a2.set_ylim(top=a2.get_ylim()[1] * 1.2)
+    a2.legend(fontsize=8, loc="upper right")
+    a2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cluster-scale.png"), dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+")
@@ -166,6 +206,7 @@ def main():
     latency_cdf(r, a.out)
     reclaim_cdf(r, a.out)
     limiter_rate(r, a.out)
+    cluster_scale(r, a.out)
 
 
 if __name__ == "__main__":

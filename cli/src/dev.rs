@@ -178,21 +178,29 @@ pub struct RedisChild {
     pub port: u16,
     child: tokio::process::Child,
     dir: std::path::PathBuf,
+    /// Extra `redis-server` arguments (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisChild {
     /// Starts `redis-server` on a free port with AOF on, its data under `dir`.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Self::spawn(port, dir).await?;
+        Self::start_on(port, dir, &[]).await
+    }
+
+    /// [`RedisChild::start`] on `port`, with extra `redis-server` arguments.
+    async fn start_on(port: u16, dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let child = Self::spawn(port, dir, extra).await?;
         Ok(Self {
             url: format!("redis://127.0.0.1:{port}"),
             child,
             port,
             dir: dir.to_path_buf(),
+            extra: extra.to_vec(),
         })
     }
 
@@ -201,17 +209,22 @@ impl RedisChild {
     pub async fn crash_and_restart(&mut self, down: Duration) -> anyhow::Result<()> {
         let _ = self.child.kill().await;
         tokio::time::sleep(down).await;
-        self.child = Self::spawn(self.port, &self.dir).await?;
+        self.child = Self::spawn(self.port, &self.dir, &self.extra).await?;
         Ok(())
     }
 
-    async fn spawn(port: u16, dir: &Path) -> anyhow::Result<tokio::process::Child> {
+    async fn spawn(
+        port: u16,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<tokio::process::Child> {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
             .args(["--maxmemory-policy", "noeviction"])
             .arg("--dir")
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             // Its own process group: Ctrl-C reaches honua, which drains the workers before
@@ -242,6 +255,110 @@ impl RedisChild {
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+/// The `redis-cli` arguments that make a cluster of the nodes on loopback `ports`, one
+/// replica per primary (six nodes: three primaries).
+pub fn cluster_create_args(ports: impl IntoIterator<Item = u16>) -> Vec<String> {
+    let mut args = vec!["--cluster".to_string(), "create".to_string()];
+    args.extend(ports.into_iter().map(|p| format!("127.0.0.1:{p}")));
+    args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+    args
+}
+
+/// Whether a cluster node is ready, from its `CLUSTER INFO` and `INFO replication`: the
+/// cluster is ok with every slot served, and the node is a primary or a replica whose link
+/// to its primary is up.
+pub fn cluster_node_ready(cluster_info: &str, replication_info: &str) -> bool {
+    cluster_info.contains("cluster_state:ok")
+        && cluster_info.contains("cluster_slots_ok:16384")
+        && (replication_info.contains("role:master")
+            || replication_info.contains("master_link_status:up"))
+}
+
+/// A local Redis Cluster: six [`RedisChild`] nodes with `--cluster-enabled yes` on free
+/// loopback ports (each with its cluster bus port, `port + 10000`, free too), three
+/// primaries with one replica each, created with `redis-cli --cluster create`; what
+/// `scripts/cluster.sh` starts, for programs (the load test's `scale --partitions`).
+pub struct RedisClusterChildren {
+    pub nodes: Vec<RedisChild>,
+}
+
+impl RedisClusterChildren {
+    /// Starts the nodes with their data under `dir`, creates the cluster and waits until
+    /// every node reports `cluster_state:ok` and every replica is in sync.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let extra: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut nodes = Vec::new();
+        while nodes.len() < 6 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            if port >= 55_535 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
+            {
+                continue;
+            }
+            let node_dir = dir.join(port.to_string());
+            nodes.push(RedisChild::start_on(port, &node_dir, &extra).await?);
+        }
+        let out = tokio::process::Command::new("redis-cli")
+            .args(cluster_create_args(nodes.iter().map(|n| n.port)))
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot run redis-cli ({e}); install redis-tools"))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for n in &nodes {
+            let client = redis::Client::open(n.url.as_str())?;
+            let ask = |cmd: redis::Cmd| {
+                let client = client.clone();
+                async move {
+                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                    cmd.query_async::<String>(&mut c).await.ok()
+                }
+            };
+            loop {
+                let cluster = ask(redis::cmd("CLUSTER").arg("INFO").clone()).await;
+                let replication = ask(redis::cmd("INFO").arg("replication").clone()).await;
+                if let (Some(c), Some(r)) = (cluster, replication)
+                    && cluster_node_ready(&c, &r)
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!("the cluster is not ok on port {}", n.port);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Seed URLs of every node (`redis_cluster_nodes`).
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url.clone()).collect()
+    }
+
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.stop().await;
+        }
     }
 }
 
@@ -498,6 +615,38 @@ async fn progress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_node_is_ready_with_every_slot_served_and_its_replica_link_up() {
+        let ok = "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16384\r\n";
+        assert!(cluster_node_ready(ok, "# Replication\r\nrole:master\r\n"));
+        assert!(cluster_node_ready(
+            ok,
+            "role:slave\r\nmaster_link_status:up\r\n"
+        ));
+        assert!(!cluster_node_ready(
+            ok,
+            "role:slave\r\nmaster_link_status:down\r\n"
+        ));
+        let partial = "cluster_state:ok\r\ncluster_slots_ok:16000\r\n";
+        assert!(!cluster_node_ready(partial, "role:master\r\n"));
+        assert!(!cluster_node_ready(
+            "cluster_state:fail\r\n",
+            "role:master\r\n"
+        ));
+        assert_eq!(
+            cluster_create_args([7000, 7001]),
+            [
+                "--cluster",
+                "create",
+                "127.0.0.1:7000",
+                "127.0.0.1:7001",
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes"
+            ]
+        );
+    }
 
     fn tmp_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(

@@ -61,7 +61,17 @@ pub async fn run(
     prefix: &str,
     params: BaselineParams,
 ) -> Result<BaselineResult, BenchError> {
-    let stream = Keys::new(&format!("{prefix}-raw"), 0).jobs();
+    run_in(server, prefix, 0, params).await
+}
+
+/// [`run`] on the stream of partition `partition` (its hash tag picks a cluster node's slot).
+pub async fn run_in(
+    server: &Server,
+    prefix: &str,
+    partition: u16,
+    params: BaselineParams,
+) -> Result<BaselineResult, BenchError> {
+    let stream = Keys::new(&format!("{prefix}-raw"), partition).jobs();
     let mut admin = server.connect(Duration::from_secs(5)).await?;
     let () = admin.del(&stream).await?;
     let () = admin

@@ -8,6 +8,7 @@
 //! honua-loadtest crash      [--seconds S] [--rate R] [--step-ms D] [--kills K] [--workers W] [--lease-ms L --sweep-ms S]
 //!                           [--nemesis kill,stop,redis] [--fault-ms F]
 //! honua-loadtest scale      [--processes N] [--workers-list 1,2,4]
+//! honua-loadtest scale      --partitions 1,2,4,8 [--processes N] [--workers W]   (a local Redis Cluster)
 //! honua-loadtest llm        [--seconds S] [--rpm N] [--burst N] [--latency-ms L] [--workers W] [--in-flight N]
 //! honua-loadtest console    [--processes N] [--renders R]
 //! honua-loadtest all        (every scenario above but console, one report)
@@ -20,6 +21,7 @@
 
 mod baseline;
 mod child;
+mod cluster_scale;
 mod component;
 mod console;
 mod cputime;
@@ -67,7 +69,8 @@ enum Command {
     Latency(LatencyArgs),
     /// kill -9 random worker processes during a run (default lease, then a 2 s lease)
     Crash(CrashArgs),
-    /// Throughput with 1, 2 and 4 workers, each next to the raw cycle with as many consumers
+    /// Throughput with 1, 2 and 4 workers, each next to the raw cycle with as many consumers;
+    /// with --partitions, on a local Redis Cluster by partition count
     Scale(ScaleArgs),
     /// LLM-bound: llm steps against the mock provider under a fleet-wide limit; worker RSS
     Llm(LlmArgs),
@@ -215,6 +218,17 @@ struct ScaleArgs {
     /// Worker counts [default: 1,2,4; 1,2 with --quick]
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     workers_list: Vec<usize>,
+    /// Partition counts: run on a local Redis Cluster (six nodes the run starts) instead,
+    /// one point per count, with Redis CPU per primary and the raw cycle on each primary
+    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with_all = ["workers_list", "redis_url"])]
+    partitions: Vec<u16>,
+    /// Workers of every cluster point
+    #[arg(long, value_name = "W", default_value_t = 2)]
+    workers: usize,
+    /// Cluster points: leave each partition where its hash tag's slot falls, instead of
+    /// moving the slots so that the primaries take turns (partition i on primary i mod 3)
+    #[arg(long, requires = "partitions")]
+    no_spread: bool,
 }
 
 #[derive(Debug, Args)]
@@ -280,6 +294,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Baseline(a) => &a.common,
         Command::Latency(a) => &a.common,
         Command::Crash(a) => &a.common,
+        Command::Scale(a) if !a.partitions.is_empty() => return cluster_scale_run(a).await,
         Command::Scale(a) => &a.common,
         Command::Llm(a) => &a.common,
         Command::Console(a) => &a.common,
@@ -687,4 +702,37 @@ async fn raw(
     baseline::run(server, prefix, params)
         .await
         .context("the raw baseline failed")
+}
+
+/// `scale --partitions`: the points on a local Redis Cluster, printed and written as JSON.
+async fn cluster_scale_run(a: &ScaleArgs) -> anyhow::Result<()> {
+    let params = cluster_scale::ClusterScaleParams {
+        partitions: a.partitions.clone(),
+        processes: a
+            .processes
+            .unwrap_or(if a.common.quick { 100 } else { 3000 }),
+        workers: a.workers.max(1),
+        timeout: Duration::from_secs(600),
+        spread: !a.no_spread,
+    };
+    let report = cluster_scale::run(params).await?;
+    print!("{}", report.summary());
+    if let Some(path) = &a.common.json {
+        let json = serde_json::to_string_pretty(&report).context("cannot encode the results")?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let problems: Vec<String> = report
+        .points
+        .iter()
+        .flat_map(|p| {
+            p.anomalies
+                .iter()
+                .map(move |a| format!("P={}: {a}", p.partitions))
+        })
+        .collect();
+    if !problems.is_empty() {
+        anyhow::bail!("the engine run had problems: {}", problems.join("; "));
+    }
+    Ok(())
 }

@@ -531,23 +531,13 @@ async fn measure(
     warm_up(&engine, warm_up_processes(params.workers)).await?;
     let before = outcome(store).await?;
     let meter = Meter::start(&mut admin).await?;
-    let submitting = tokio::spawn(submit_all(
+    let (done, submitted_at) = submit_and_wait(
         engine.clone(),
+        before,
         params.processes,
         params.submitters,
-    ));
-    let mut progress = Progress::new(
-        format!("throughput, {} workers", params.workers),
-        params.processes as u64,
-        "processes",
-    );
-    let (done, submitted_at) = wait_finished(
-        store,
-        before,
-        params.processes as u64,
-        submitting,
         params.timeout,
-        &mut progress,
+        format!("throughput, {} workers", params.workers),
     )
     .await?;
     let start = meter.started();
@@ -651,6 +641,31 @@ where
     Ok(out)
 }
 
+/// Submits `processes` processes from `submitters` tasks and waits (showing progress as
+/// `label`) until that many more than `before` have finished; returns those and when the
+/// last submission was acknowledged.
+pub(crate) async fn submit_and_wait(
+    engine: Processes,
+    before: Outcome,
+    processes: usize,
+    submitters: usize,
+    timeout: Duration,
+    label: String,
+) -> Result<(Outcome, Instant), BenchError> {
+    let store = engine.store.clone();
+    let submitting = tokio::spawn(submit_all(engine, processes, submitters));
+    let mut progress = Progress::new(label, processes as u64, "processes");
+    wait_finished(
+        &store,
+        before,
+        processes as u64,
+        submitting,
+        timeout,
+        &mut progress,
+    )
+    .await
+}
+
 /// Creates `total` processes from `tasks` concurrent tasks; returns when the last was
 /// acknowledged.
 async fn submit_all(engine: Processes, total: usize, tasks: usize) -> Result<Instant, BenchError> {
@@ -722,21 +737,24 @@ fn show(n: Option<u64>) -> String {
     n.map_or("?".into(), |n| n.to_string())
 }
 
+/// Finished processes by status, summed over every partition.
 pub(crate) async fn outcome(store: &Store) -> Result<Outcome, BenchError> {
-    let keys = store.keys();
-    let (completed, failed, cancelled, timed_out) = redis::pipe()
-        .zcard(keys.index_status(ProcessStatus::Completed))
-        .zcard(keys.index_status(ProcessStatus::Failed))
-        .zcard(keys.index_status(ProcessStatus::Cancelled))
-        .zcard(keys.index_status(ProcessStatus::TimedOut))
-        .query_async(&mut store.conn())
-        .await?;
-    Ok(Outcome {
-        completed,
-        failed,
-        cancelled,
-        timed_out,
-    })
+    let mut sum = Outcome::default();
+    for part in store.all() {
+        let keys = part.keys();
+        let (completed, failed, cancelled, timed_out): (u64, u64, u64, u64) = redis::pipe()
+            .zcard(keys.index_status(ProcessStatus::Completed))
+            .zcard(keys.index_status(ProcessStatus::Failed))
+            .zcard(keys.index_status(ProcessStatus::Cancelled))
+            .zcard(keys.index_status(ProcessStatus::TimedOut))
+            .query_async(&mut part.conn())
+            .await?;
+        sum.completed += completed;
+        sum.failed += failed;
+        sum.cancelled += cancelled;
+        sum.timed_out += timed_out;
+    }
+    Ok(sum)
 }
 
 pub(crate) fn warm_up_processes(workers: usize) -> usize {

@@ -42,6 +42,10 @@ impl RedisServer {
     }
 }
 
+/// Keys per `MIGRATE` when [`RedisCluster::move_slot`] moves a slot (`redis-cli --cluster
+/// reshard`'s default `--cluster-pipeline`).
+pub const MIGRATE_BATCH: usize = 10;
+
 /// Polls `f` until it returns `Some`; panics with `what` after `deadline` (the synchronous
 /// [`crate::wait_for`]).
 pub fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -72,10 +76,9 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..6).map(|_| RedisServer::start_cluster_node()).collect();
         let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(honua::dev::cluster_create_args(
+                nodes.iter().map(|n| n.port),
+            ))
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli must be installed");
@@ -119,32 +122,32 @@ impl RedisCluster {
                         Self::query(n, redis::cmd("CLUSTER").arg("INFO")).unwrap_or_default();
                     let repl: String =
                         Self::query(n, redis::cmd("INFO").arg("replication")).unwrap_or_default();
-                    info.contains("cluster_state:ok")
-                        && info.contains("cluster_slots_ok:16384")
-                        && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+                    honua::dev::cluster_node_ready(&info, &repl)
                 })
                 .then_some(())
         })
     }
 
+    /// The port of the primary serving `slot`, as node `n` sees it (`CLUSTER SLOTS`).
+    fn owner_port(n: &RedisServer, slot: u16) -> Option<u16> {
+        // `[[first, last, [host, port, id], replicas…], …]`
+        let ranges: Vec<Vec<redis::Value>> = Self::query(n, redis::cmd("CLUSTER").arg("SLOTS"))?;
+        let int = |v: Option<&redis::Value>| {
+            v.and_then(|v| redis::from_redis_value::<u16>(v.clone()).ok())
+        };
+        let range = ranges.into_iter().find(|r| {
+            matches!((int(r.first()), int(r.get(1))), (Some(lo), Some(hi)) if (lo..=hi).contains(&slot))
+        })?;
+        let primary: Vec<redis::Value> = redis::from_redis_value(range.get(2)?.clone()).ok()?;
+        int(primary.get(1))
+    }
+
     /// The index of the node serving `key`'s slot as primary, as the live nodes agree.
     pub fn primary_of(&self, key: &str) -> usize {
+        let slot = self.slot_of(key);
         poll("the primary of a key", crate::DEADLINE, || {
             let mut owners = self.live().map(|(_, n)| {
-                let slot: u16 = Self::query(n, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))?;
-                // `[[first, last, [host, port, id], replicas…], …]`
-                let ranges: Vec<Vec<redis::Value>> =
-                    Self::query(n, redis::cmd("CLUSTER").arg("SLOTS"))?;
-                let range = ranges.into_iter().find(|r| {
-                    let bound = |i: usize| {
-                        r.get(i)
-                            .and_then(|v| redis::from_redis_value::<u16>(v.clone()).ok())
-                    };
-                    matches!((bound(0), bound(1)), (Some(lo), Some(hi)) if (lo..=hi).contains(&slot))
-                })?;
-                let primary: Vec<redis::Value> =
-                    redis::from_redis_value(range.get(2)?.clone()).ok()?;
-                let port: u16 = redis::from_redis_value(primary.get(1)?.clone()).ok()?;
+                let port = Self::owner_port(n, slot)?;
                 self.live().find(|(_, n)| n.port == port).map(|(i, _)| i)
             });
             let first = owners.next()??;
@@ -172,6 +175,94 @@ impl RedisCluster {
                 .ok()?;
             self.live().find(|(_, n)| n.port == port).map(|(j, _)| j)
         })
+    }
+
+    /// The cluster slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        poll("a key's slot", crate::DEADLINE, || {
+            let (_, n) = self.live().next()?;
+            Self::query(n, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+        })
+    }
+
+    /// The cluster node id of node `i`.
+    pub fn id_of(&self, i: usize) -> String {
+        poll("a node id", crate::DEADLINE, || {
+            Self::query(&self.nodes[i], redis::cmd("CLUSTER").arg("MYID"))
+        })
+    }
+
+    /// The indexes of the live primaries.
+    pub fn primaries(&self) -> Vec<usize> {
+        self.live()
+            .filter(|(_, n)| {
+                let role: Option<Vec<redis::Value>> = Self::query(n, &redis::cmd("ROLE"));
+                role.and_then(|r| redis::from_redis_value::<String>(r.first()?.clone()).ok())
+                    .is_some_and(|r| r == "master")
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Moves `slot` from primary `from` to primary `to` while clients keep using it, as
+    /// `redis-cli --cluster reshard` moves each slot: the target marks it `IMPORTING`, the
+    /// source `MIGRATING` (from then on the source answers `ASK` for a key it no longer has
+    /// and `TRYAGAIN` for a multi-key call whose keys are split), `MIGRATE` carries its keys
+    /// over [`MIGRATE_BATCH`] at a time, and `SETSLOT … NODE` hands it to the target on the
+    /// target, the source and every other primary (clients then get `MOVED`). Waits until
+    /// every live node agrees, and returns how many keys moved.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) -> usize {
+        let (src_id, dst_id) = (self.id_of(from), self.id_of(to));
+        let mut src = self.nodes[from].client().get_connection().unwrap();
+        let mut dst = self.nodes[to].client().get_connection().unwrap();
+        let setslot = |c: &mut redis::Connection, state: &str, id: &str| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id)
+                .query(c)
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state}: {e}"));
+        };
+        setslot(&mut dst, "IMPORTING", &src_id);
+        setslot(&mut src, "MIGRATING", &dst_id);
+        let mut moved = 0;
+        loop {
+            let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(MIGRATE_BATCH)
+                .query(&mut src)
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.nodes[to].port)
+                .arg("")
+                .arg(0)
+                .arg(10_000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut src)
+                .unwrap_or_else(|e| panic!("MIGRATE of slot {slot}: {e}"));
+            moved += keys.len();
+        }
+        setslot(&mut dst, "NODE", &dst_id);
+        setslot(&mut src, "NODE", &dst_id);
+        for i in self.primaries() {
+            if i != from && i != to {
+                let mut c = self.nodes[i].client().get_connection().unwrap();
+                setslot(&mut c, "NODE", &dst_id);
+            }
+        }
+        poll("every node to see the slot moved", crate::DEADLINE, || {
+            self.live()
+                .all(|(_, n)| Self::owner_port(n, slot) == Some(self.nodes[to].port))
+                .then_some(())
+        });
+        moved
     }
 
     /// `kill -9` of node `i`; it stays down.

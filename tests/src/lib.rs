@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod defs;
 pub mod llm_load;
+pub mod logged;
 pub mod otlp;
 pub mod recorder;
 pub mod webdriver;
@@ -280,7 +281,7 @@ pub fn store(cfg: &Config) -> Store {
     Store::from_config(cfg).unwrap()
 }
 
-/// A child `honua-test-worker` process, killed on drop.
+/// A child `honua-test-worker` (or `honua-test-scheduler`) process, killed on drop.
 pub struct WorkerProcess {
     pub id: String,
     /// The worker's JSON log (stdout).
@@ -335,6 +336,33 @@ impl WorkerProcess {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn honua-test-worker");
+        Self {
+            id: id.to_string(),
+            stdout,
+            child: Some(child),
+        }
+    }
+
+    /// Starts the scheduler binary `bin` (integration tests pass
+    /// `env!("CARGO_BIN_EXE_honua-test-scheduler")`) with `cfg` as consumer `id`, its gateway
+    /// on a free loopback port; its JSON log goes to `<dir>/<id>.stdout`. The handle is the
+    /// same as a worker's ([`WorkerProcess::kill9`], [`WorkerProcess::signal`]).
+    pub fn spawn_scheduler(bin: &str, cfg: &Config, id: &str, dir: &Path) -> Self {
+        let mut cfg = cfg.clone();
+        cfg.scheduler.id = Some(id.to_string());
+        cfg.http_addr = Some("127.0.0.1:0".into());
+        let config = dir.join(format!("{id}.json"));
+        std::fs::write(&config, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let stdout = dir.join(format!("{id}.stdout"));
+        let child = Command::new(bin)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("HONUA_TEST_CONFIG", &config)
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn honua-test-scheduler");
         Self {
             id: id.to_string(),
             stdout,
@@ -597,6 +625,35 @@ impl Fleet {
             let _ = t.await;
         }
     }
+}
+
+/// Waits until every process in `ids` has finished and checks that each completed with
+/// every step committed once (`steps` steps each): by its worker with its successors (the
+/// process's `steps_rev`), or through its partition's results stream.
+pub async fn assert_each_completed_once(f: &Fleet, ids: &[String], steps: u64) {
+    let mut steps_rev = 0;
+    for id in ids {
+        let rec = f.wait_finished(id).await;
+        assert_eq!(
+            rec.status,
+            honua_shared::status::ProcessStatus::Completed,
+            "{rec:?}"
+        );
+        steps_rev += rec.steps_rev;
+    }
+    let mut results = 0;
+    for s in f.store().all() {
+        results += entries_added(&s, &s.keys().results()).await;
+    }
+    let want = steps * ids.len() as u64;
+    assert_eq!(
+        results + steps_rev,
+        want,
+        "duplicate step commits: {}",
+        (results + steps_rev).saturating_sub(want)
+    );
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "one process per submission");
 }
 
 /// `XINFO STREAM` field `entries-added`: how many entries a stream ever received.

@@ -4,7 +4,8 @@
 //! queues report, a stream submission written to the wrong partition is quarantined, and a
 //! drain, its resume and a purge cover every partition;
 //! a killed worker's steps in every partition are reclaimed and resume from their
-//! checkpoints.
+//! checkpoints; a scheduler process killed under load leaves its partitions' pending
+//! entries to the other, and every process completes once.
 
 use honua_shared::envelope::Submission;
 use honua_shared::partition::partition_of;
@@ -527,4 +528,129 @@ async fn a_types_daily_llm_budget_counts_every_partition() {
     charge(&ids[0]).await;
     let u = charge(&ids[0]).await;
     assert_eq!((u.process_tokens, u.over), (120, BudgetOver::Process));
+}
+
+/// How many entries of the scheduler group's submission, event and result streams of every
+/// partition consumer `consumer` holds (read, not yet acknowledged).
+async fn held_by(f: &Fleet, consumer: &str) -> u64 {
+    let mut n = 0;
+    for s in f.store().all() {
+        let k = s.keys();
+        for stream in [k.submit(), k.events(), k.results()] {
+            let consumers: Vec<std::collections::HashMap<String, redis::Value>> =
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&stream)
+                    .arg(honua_shared::keys::SCHEDULER_GROUP)
+                    .query_async(&mut s.conn())
+                    .await
+                    .unwrap_or_default();
+            for c in consumers {
+                let name = c
+                    .get("name")
+                    .cloned()
+                    .map(redis::from_redis_value::<String>);
+                if matches!(name, Some(Ok(ref name)) if name == consumer) {
+                    n += c
+                        .get("pending")
+                        .cloned()
+                        .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_schedulers_pending_entries_are_taken_over_by_the_other() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let redis = RedisServer::start();
+    let dir = defs_dir(&[defs::THREE]);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.partitions = P;
+    // The gateway's engine and two workers in-process, two scheduler processes.
+    let f = Fleet::start(cfg.clone(), 0, 2).await;
+    let bin = env!("CARGO_BIN_EXE_honua-test-scheduler");
+    let mut a = WorkerProcess::spawn_scheduler(bin, &cfg, "scheduler-a", dir.path());
+    let _b = WorkerProcess::spawn_scheduler(bin, &cfg, "scheduler-b", dir.path());
+
+    // A steady stream of submissions, each straight into its partition's stream (so the
+    // schedulers store them), one every 10 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+    let load = tokio::spawn({
+        let (store, stop, sent) = (f.store().clone(), stop.clone(), sent.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for n in 0.. {
+                tick.tick().await;
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let id = format!("s-{n}");
+                let sub = Submission {
+                    process_type: "Three".into(),
+                    version: None,
+                    input: json!({"n": n}),
+                    id: Some(id.clone()),
+                    idempotency_key: None,
+                    tenant: None,
+                    trace: Default::default(),
+                };
+                store.of(&id).submit(&sub.to_fields()).await.unwrap();
+                sent.lock().unwrap().push(id);
+            }
+        }
+    });
+    let sent_count = || sent.lock().unwrap().len();
+    wait_for("processes under way", DEADLINE, || async {
+        (sent_count() >= 50).then_some(())
+    })
+    .await;
+    let first = sent.lock().unwrap()[0].clone();
+    f.wait_finished(&first).await;
+
+    // Kill `a` at a moment it holds entries: stopped, it reads and acknowledges nothing
+    // more, so what it holds then is what it leaves behind.
+    let held = wait_for("scheduler-a holding entries", DEADLINE, || async {
+        a.signal(SIGSTOP);
+        let n = held_by(&f, "scheduler-a").await;
+        if n == 0 {
+            a.signal(SIGCONT);
+        }
+        (n > 0).then_some(n)
+    })
+    .await;
+    a.kill9();
+    let killed = Instant::now();
+    let at_kill = sent_count();
+    wait_for("scheduler-a's entries taken over", DEADLINE, || async {
+        (held_by(&f, "scheduler-a").await == 0).then_some(())
+    })
+    .await;
+    let takeover = killed.elapsed();
+    // The load goes on with one scheduler.
+    wait_for("more submissions", DEADLINE, || async {
+        (sent_count() >= at_kill + 100).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+
+    // Every process completes, each step committed once.
+    let ids = sent.lock().unwrap().clone();
+    assert_each_completed_once(&f, &ids, 3).await;
+    let done = killed.elapsed();
+    eprintln!(
+        "scheduler-a killed holding {held} entries with {at_kill} submissions sent; the \
+         other took them over within {} ms; all {} processes completed {} ms after the kill",
+        takeover.as_millis(),
+        ids.len(),
+        done.as_millis()
+    );
+    f.stop().await;
 }

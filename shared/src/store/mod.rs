@@ -47,7 +47,10 @@ pub enum StoreError {
     /// The group is missing (data loss or a flushed server): recreate it and raise an alert.
     #[error("consumer group {group} on {stream} is missing")]
     NoGroup { stream: String, group: String },
-    /// Connection refused/dropped, timeout, loading, failover: retry with backoff.
+    /// Connection refused/dropped, timeout, loading, failover, a slot being resharded
+    /// (`MOVED`/`ASK` the cluster client did not follow, e.g. inside a pipeline; `TRYAGAIN`
+    /// for a script whose keys are split between two nodes mid-migration): retry with
+    /// backoff.
     #[error("redis unavailable: {0}")]
     Unavailable(#[source] RedisError),
     /// The service's Redis user may not run a command (`NOPERM`): its ACL is older or
@@ -111,6 +114,8 @@ impl From<RedisError> for StoreError {
                 e.kind(),
                 ErrorKind::Server(
                     redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::Moved
+                        | redis::ServerErrorKind::Ask
                         | redis::ServerErrorKind::TryAgain
                         | redis::ServerErrorKind::MasterDown
                         | redis::ServerErrorKind::ClusterDown
@@ -657,5 +662,60 @@ fn value_u64(v: &Value) -> u64 {
     match v {
         Value::Int(i) => (*i).max(0) as u64,
         other => value_str(other).parse().unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error a server reply `-<line>` becomes.
+    fn server_error(line: &str) -> StoreError {
+        let v = redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap();
+        v.extract_error().unwrap_err().into()
+    }
+
+    #[test]
+    fn cluster_redirections_and_migrations_are_retried() {
+        for line in [
+            "MOVED 3999 127.0.0.1:7002",
+            "ASK 3999 127.0.0.1:7002",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+            "MASTERDOWN Link with MASTER is down",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script",
+            "NOREPLICAS Not enough good replicas to write.",
+        ] {
+            let e = server_error(line);
+            assert!(
+                matches!(e, StoreError::Unavailable(_)) && e.is_retryable(),
+                "{line}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn script_errors_and_permissions_are_not_retried() {
+        for (line, want_perm) in [
+            ("ERR user_script:1: bad argument", false),
+            (
+                "CROSSSLOT Keys in request don't hash to the same slot",
+                false,
+            ),
+            (
+                "NOPERM this user has no permissions to run the 'fcall' command",
+                true,
+            ),
+        ] {
+            let e = server_error(line);
+            assert!(!e.is_retryable(), "{line}: {e:?}");
+            assert_eq!(
+                matches!(e, StoreError::NoPermission(_)),
+                want_perm,
+                "{line}"
+            );
+        }
     }
 }
