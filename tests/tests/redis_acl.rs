@@ -608,6 +608,9 @@ const RUST_COMMANDS: &[(&str, &[&str])] = &[
     ("SYNC", &["backup"]),
     // Sent by the redis crate's cluster client (the slot map), not named in our code.
     ("CLUSTER SLOTS", &["scheduler", "worker", "keda"]),
+    // Only `honua dev`'s local cluster starter (and the load test's), against nodes it
+    // started itself without ACL users: no role needs it.
+    ("CLUSTER INFO", &[]),
 ];
 
 /// Commands whose first argument names a subcommand.
