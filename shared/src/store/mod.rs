@@ -362,17 +362,33 @@ impl Store {
         }
     }
 
-    /// The positions of `ids` grouped by the partition each lives in, with its handle, in
-    /// partition order (one group of all of them with one partition), so a pipeline over
-    /// them stays in one slot per group.
-    fn by_partition(&self, ids: &[&str]) -> Vec<(Store, Vec<usize>)> {
-        let mut groups: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
-        for (i, id) in ids.iter().enumerate() {
-            groups.entry(self.partition_of(id)).or_default().push(i);
+    /// `items` grouped by the partition of the process each names (`id`), each group with
+    /// its partition's handle, in partition order (one group with one partition), so a
+    /// call or pipeline per group stays in one slot.
+    pub fn group_by_partition<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        id: impl Fn(&T) -> &str,
+    ) -> Vec<(Store, Vec<T>)> {
+        let mut groups: std::collections::BTreeMap<u16, Vec<T>> = Default::default();
+        for item in items {
+            groups
+                .entry(self.partition_of(id(&item)))
+                .or_default()
+                .push(item);
         }
         groups
             .into_iter()
-            .map(|(p, at)| (self.in_partition(p), at))
+            .map(|(p, items)| (self.in_partition(p), items))
+            .collect()
+    }
+
+    /// The positions of `ids` grouped by the partition each lives in
+    /// ([`Store::group_by_partition`]).
+    fn by_partition(&self, ids: &[&str]) -> Vec<(Store, Vec<usize>)> {
+        self.group_by_partition(ids.iter().copied().enumerate(), |(_, id)| id)
+            .into_iter()
+            .map(|(store, at)| (store, at.into_iter().map(|(i, _)| i).collect()))
             .collect()
     }
 

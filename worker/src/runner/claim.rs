@@ -305,15 +305,13 @@ impl Inner {
         let mut reached = true;
         // Per partition (each call's keys share one slot); partition 0 always, so the
         // worker is in its registry (liveness, `/health`) whatever it holds.
-        let mut by_part: std::collections::BTreeMap<u16, Vec<Held>> = [(0, vec![])].into();
-        for h in held {
-            by_part
-                .entry(self.store.partition_of(&h.job.process_id))
-                .or_default()
-                .push(h);
+        let mut groups = self
+            .store
+            .group_by_partition(held, |h| h.job.process_id.as_str());
+        if groups.first().is_none_or(|(s, _)| s.partition() != 0) {
+            groups.insert(0, (self.store.in_partition(0), vec![]));
         }
-        for (p, held) in by_part {
-            let store = self.store.in_partition(p);
+        for (store, held) in groups {
             for chunk in held.chunks(200).chain(held.is_empty().then_some(&[][..])) {
                 match store.heartbeat(&self.id, chunk).await {
                     Ok(answers) => {

@@ -141,15 +141,10 @@ impl Inner {
                 }
             }
             // One call per partition (each call's keys share one slot).
-            let mut by_part: std::collections::BTreeMap<u16, Vec<Completing>> = Default::default();
-            for c in batch {
-                by_part
-                    .entry(self.store.partition_of(&c.held.job.process_id))
-                    .or_default()
-                    .push(c);
-            }
-            for (p, batch) in by_part {
-                let store = self.store.in_partition(p);
+            let groups = self
+                .store
+                .group_by_partition(batch, |c| c.held.job.process_id.as_str());
+            for (store, batch) in groups {
                 let items: Vec<Completion<'_>> = batch
                     .iter()
                     .map(|c| Completion {
