@@ -75,6 +75,21 @@ async fn get_json<T: serde::de::DeserializeOwned>(c: &reqwest::Client, url: &str
 }
 
 /// The libraries `FUNCTION LIST` shows on node `n` (asked directly, not through the cluster).
+/// Submits a process over HTTP (201 expected) and returns its id.
+async fn submit(c: &reqwest::Client, f: &Fleet, body: Value) -> String {
+    let r = c
+        .post(f.url("/api/processes"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn libraries_on(n: &RedisServer) -> Vec<String> {
     let mut c = n.client().get_connection().unwrap();
     let libs: Vec<std::collections::HashMap<String, redis::Value>> =
@@ -92,17 +107,12 @@ async fn three_step_fan_out_and_approval_flows_complete_on_a_cluster() {
     let c = http();
 
     // Three steps, submitted over HTTP.
-    let r = c
-        .post(f.url("/api/processes"))
-        .json(&json!({"processType": "Three", "input": {"who": "cluster"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = submit(
+        &c,
+        &f,
+        json!({"processType": "Three", "input": {"who": "cluster"}}),
+    )
+    .await;
     let rec = f.wait_finished(&id).await;
     assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
     for s in ["A", "B", "C"] {
@@ -337,17 +347,7 @@ async fn flows_complete_on_eight_partitions_spread_over_the_primaries() {
     let mut ids = Vec::new();
     for t in ["Three", "Fan", "Gate"] {
         for i in 0..6 {
-            let r = c
-                .post(f.url("/api/processes"))
-                .json(&json!({"processType": t, "input": {"i": i}}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 201);
-            let id = r.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string();
+            let id = submit(&c, &f, json!({"processType": t, "input": {"i": i}})).await;
             ids.push((t, id));
         }
     }
