@@ -2,19 +2,22 @@
 -- KEYS[1]            job stream
 -- KEYS[3i-1..3i+1]   for job i: process meta hash, steps hash, data hash
 -- ARGV[1] group, ARGV[2] consumer
--- ARGV[6i-3..6i+2]   for job i: entry id, step name, token, the traceparent of this
+-- ARGV[5i-2..5i+2]   for job i: entry id, step name, token, the traceparent of this
 --                    attempt's span ('' when the worker does not trace), the delivery count
---                    the starter saw (1 for XREADGROUP, the XAUTOCLAIM count for a reclaim),
---                    '1' to be sent the process's step records (the worker may then commit
---                    the step's successors itself: complete.lua's fast path), else '0')
+--                    the starter saw (1 for XREADGROUP, the XAUTOCLAIM count for a reclaim)
 -- A claim is (entry id, delivery count): it begins only while the PEL still holds exactly
 -- that claim for this consumer, so one claim starts at most one execution (a reader and a
 -- sweeper of the same worker that both got the entry cannot both start it). Beginning
 -- resets the entry's idle time, as a heartbeat does, when it has been idle for more than
 -- a second (a read or reclaim just now reset it already: the common case costs no XCLAIM).
+-- The process's data hash (and, for the worker's own transitions, its steps hash) are read
+-- by the worker right after this call in the same pipeline, outside the function: values
+-- that cross into Lua and back cost the server three times what a plain read does, and a
+-- later state is as good as this one (a transition decided on it commits only while the
+-- revisions it was decided on are current; see complete.lua).
 -- Returns one reply per job:
---   {'ok', deliveries, type, version, step_record_json, data_hash_flat, tenant ('' none),
---    status, rev, trace ('' none), steps_hash_flat (or false when not asked)}
+--   {'ok', deliveries, type, version, step_record_json, tenant ('' none), status, rev,
+--    trace ('' none)}
 --   {'lost'}              the entry is no longer this claim (reclaimed meanwhile): skip it
 --   {'obsolete', reason}  superseded or the process is over: acknowledged and dropped
 local jobs, group, consumer = KEYS[1], ARGV[1], ARGV[2]
@@ -68,10 +71,10 @@ local function running_record(raw, token, deliveries, trace)
 end
 
 local out = {}
-local n = (#ARGV - 2) / 6
+local n = (#ARGV - 2) / 5
 for i = 1, n do
-  local meta, steps, data = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local a = 6 * i - 3
+  local meta, steps = KEYS[3 * i - 1], KEYS[3 * i]
+  local a = 5 * i - 2
   local id, step, token, trace, seen = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local p = pending_entry(jobs, group, id)
   if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(seen) then
@@ -82,34 +85,17 @@ for i = 1, n do
       ack(jobs, group, id)
       out[i] = {'obsolete', 'process is ' .. tostring(m[1] or 'gone')}
     else
-      -- With the snapshot asked for, one HGETALL reads the step record too (the record
-      -- is then replaced in the reply by the running one written below).
-      local snapshot, at, raw = false, nil, nil
-      if ARGV[a + 5] == '1' then
-        snapshot = redis.call('HGETALL', steps)
-        for f = 1, #snapshot, 2 do
-          if snapshot[f] == step then
-            at, raw = f + 1, snapshot[f + 1]
-            break
-          end
-        end
-      else
-        raw = redis.call('HGET', steps, step)
-      end
+      local raw = redis.call('HGET', steps, step)
       local enc = raw and running_record(raw, token, tonumber(p[4]), trace)
       if not enc then
         ack(jobs, group, id)
         out[i] = {'obsolete', 'job superseded'}
       else
         redis.call('HSET', steps, step, enc)
-        if at then
-          snapshot[at] = enc
-        end
         if tonumber(p[3]) > 1000 then
           redis.call('XCLAIM', jobs, group, consumer, 0, id, 'JUSTID')
         end
-        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, redis.call('HGETALL', data), m[4] or '',
-          m[1], m[5] or '0', m[6] or '', snapshot}
+        out[i] = {'ok', tonumber(p[4]), m[2], m[3], enc, m[4] or '', m[1], m[5] or '0', m[6] or ''}
       end
     end
   end

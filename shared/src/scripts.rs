@@ -295,6 +295,50 @@ impl Invocation<'_> {
     }
 }
 
+impl Invocation<'_> {
+    /// Runs the call and then `after`, in one pipeline (one round trip). The commands of
+    /// `after` run after the function, outside it: reads whose values would otherwise cross
+    /// into Lua and back. They are not atomic with the call (other clients' commands may
+    /// run in between), so only reads a caller can take from a later state belong there.
+    /// A missing library is loaded and the pipeline retried once, as in
+    /// [`Invocation::invoke_async`]. Returns the call's answer and one reply per command of
+    /// `after` (a failed command's reply is its `Value::ServerError`).
+    pub async fn invoke_with<T: FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+        after: &[redis::Cmd],
+    ) -> Result<(T, Vec<Value>), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors().add_command(self.cmd());
+        for c in after {
+            pipe.add_command(c.clone());
+        }
+        let mut replies: Vec<Value> = pipe.query_async(conn).await?;
+        if let Some(Value::ServerError(e)) = replies.first() {
+            let e = RedisError::from(e.clone());
+            if e.kind() != ErrorKind::Server(ServerErrorKind::ResponseError) {
+                return Err(e.into());
+            }
+            if !(Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND)) {
+                return Err(e.into());
+            }
+            replies = pipe.query_async(conn).await?;
+            if let Some(Value::ServerError(e)) = replies.first() {
+                return Err(function_error(RedisError::from(e.clone())));
+            }
+        }
+        if replies.len() != after.len() + 1 {
+            return Err(StoreError::Reply {
+                script: "pipeline",
+                detail: format!("{} replies to {} commands", replies.len(), after.len() + 1),
+            });
+        }
+        let rest = replies.split_off(1);
+        let first = replies.pop().unwrap_or(Value::Nil);
+        Ok((T::from_redis_value(first)?, rest))
+    }
+}
+
 /// The detail of Redis's `ERR` reply to `FCALL` of an unknown function (Redis 7.0 to 8.x;
 /// there is no error code for it). Only decides whether to retry once after the library was
 /// found loaded.

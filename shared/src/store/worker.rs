@@ -92,26 +92,44 @@ impl Store {
         let mut inv = Scripts::get().begin.prepare_invoke();
         inv.key(self.keys.jobs());
         inv.arg(WORKERS_GROUP).arg(consumer);
+        // After the call, in the same round trip: each job's data hash, and its steps hash
+        // when its snapshot is asked for (begin.lua says why these are read outside it).
+        let mut reads = Vec::with_capacity(jobs.len() * 2);
+        let mut asked = Vec::with_capacity(jobs.len());
         for (i, (id, seen, job)) in jobs.iter().enumerate() {
-            for k in self.keys.process_keys(&job.process_id) {
-                inv.key(k);
+            let [meta, steps, data] = self.keys.process_keys(&job.process_id);
+            reads.push(redis::cmd("HGETALL").arg(&data).clone());
+            let snap = snapshot(&job.step);
+            if snap {
+                reads.push(redis::cmd("HGETALL").arg(&steps).clone());
             }
+            asked.push(snap);
+            inv.key(meta).key(steps).key(data);
             let trace = attempt_traces.get(i).cloned().flatten().unwrap_or_default();
             inv.arg(id)
                 .arg(&job.step)
                 .arg(&job.token)
                 .arg(trace)
-                .arg(*seen)
-                .arg(if snapshot(&job.step) { "1" } else { "0" });
+                .arg(*seen);
         }
-        let replies: Vec<Vec<Value>> = inv
-            .invoke_async(&mut self.conn())
+        let (replies, read): (Vec<Vec<Value>>, Vec<Value>) = inv
+            .invoke_with(&mut self.conn(), &reads)
             .await
             .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
+        if replies.len() != jobs.len() {
+            return Err(reply(
+                "begin",
+                format!("{} answers to {} jobs", replies.len(), jobs.len()),
+            ));
+        }
+        let mut read = read.into_iter();
         replies
             .into_iter()
             .zip(jobs)
-            .map(|(r, (_, _, job))| {
+            .zip(asked)
+            .map(|((r, (_, _, job)), asked)| {
+                let data = read.next().unwrap_or(Value::Nil);
+                let steps = if asked { read.next() } else { None };
                 let mut it = r.into_iter();
                 let tag = it.next().map(|v| value_str(&v)).unwrap_or_default();
                 match tag.as_str() {
@@ -130,8 +148,7 @@ impl Store {
                         let raw = value_str(&it.next().unwrap_or(Value::Nil));
                         let step = serde_json::from_str(&raw)
                             .map_err(|e| reply("begin", format!("step record: {e}")))?;
-                        let data: HashMap<String, Vec<u8>> =
-                            redis::from_redis_value(it.next().unwrap_or(Value::Nil))?;
+                        let data: HashMap<String, Vec<u8>> = redis::from_redis_value(data)?;
                         let tenant = it.next().map(|v| value_str(&v)).filter(|t| !t.is_empty());
                         let mut meta: HashMap<String, String> = [
                             (field::TYPE, process_type.clone()),
@@ -148,14 +165,14 @@ impl Store {
                         meta.retain(|_, v| !v.is_empty());
                         // Without a snapshot (not asked, or unreadable) the result goes to
                         // the scheduler, as always.
-                        let snapshot = match it.next() {
-                            Some(Value::Nil) | None => None,
-                            Some(v) => {
+                        let snapshot = match steps {
+                            Some(v @ Value::Array(_)) | Some(v @ Value::Map(_)) => {
                                 let steps: HashMap<String, String> = redis::from_redis_value(v)?;
                                 crate::record::ProcessRecord::parse(&job.process_id, &meta, &steps)
                                     .ok()
                                     .flatten()
                             }
+                            _ => None,
                         };
                         Ok(Begin::Ok {
                             deliveries,
