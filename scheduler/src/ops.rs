@@ -278,7 +278,7 @@ impl Processes {
                     })
                 },
                 |extra, committed| match committed? {
-                    Commit::Ok { .. } => Ok(Answered::Done(extra)),
+                    Commit::Ok => Ok(Answered::Done(extra)),
                     Commit::Conflict => Ok(Answered::Conflict),
                     Commit::Gone => Err(OpsError::NotFound(id.to_string())),
                     other => Err(OpsError::Store(StoreError::Reply {

@@ -377,14 +377,14 @@ impl Scheduler {
         span.record(
             "honua.commit",
             match &committed {
-                Commit::Ok { .. } => "ok",
+                Commit::Ok => "ok",
                 Commit::Conflict => "conflict",
                 _ => "discarded",
             },
         );
         let _entered = span.enter();
         match committed {
-            Commit::Ok { .. } => {
+            Commit::Ok => {
                 if let Some((status, error)) = t.finish() {
                     let took = rec.duration_ms(now).unwrap_or(0);
                     let code = t.actions.iter().find_map(|a| match a {

@@ -275,7 +275,7 @@ impl Processes {
                     })
                 },
                 |(), committed| match committed? {
-                    Commit::Ok { .. } => Ok(Answered::Done(None)),
+                    Commit::Ok => Ok(Answered::Done(None)),
                     Commit::Closed if !pending.load(Relaxed) => {
                         pending.store(true, Relaxed);
                         Ok(Answered::Conflict)

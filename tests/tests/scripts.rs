@@ -869,7 +869,7 @@ async fn decide_and_commit_decides_again_after_a_lost_race_and_gives_up_at_the_b
     let answer = |(), committed: Result<Commit, StoreError>| {
         Ok(match committed? {
             Commit::Conflict => Answered::Conflict,
-            Commit::Ok { .. } => Answered::Done(()),
+            Commit::Ok => Answered::Done(()),
             other => panic!("unexpected answer {other:?}"),
         })
     };
@@ -1033,7 +1033,7 @@ async fn a_create_that_starts_steps_is_refused_while_intake_is_drained() {
         None,
         hour,
     ));
-    assert!(matches!(st.commit(&held).await.unwrap(), Commit::Ok { .. }));
+    assert!(matches!(st.commit(&held).await.unwrap(), Commit::Ok));
     let rec = processes.load("p-drained").await.unwrap().0;
     assert_eq!(rec.status, ProcessStatus::Pending);
     assert!(rec.steps.is_empty());
@@ -1049,10 +1049,7 @@ async fn a_create_that_starts_steps_is_refused_while_intake_is_drained() {
     );
     let again = engine::create(&ctx, "p-open", vec![0x80], None, None, hour)
         .to_commit(&keys, "p-open", None, now, 60, None);
-    assert!(matches!(
-        st.commit(&again).await.unwrap(),
-        Commit::Ok { .. }
-    ));
+    assert!(matches!(st.commit(&again).await.unwrap(), Commit::Ok));
 }
 
 /// A process created through the engine (idempotency key `key-<id>`), with its first job
@@ -1483,10 +1480,7 @@ async fn a_worker_commits_a_steps_successors_only_on_the_revision_it_decided_on(
         60,
         None,
     );
-    assert!(matches!(
-        st.commit(&between).await.unwrap(),
-        Commit::Ok { .. }
-    ));
+    assert!(matches!(st.commit(&between).await.unwrap(), Commit::Ok));
     let jobs_before = jobs_added().await;
     let item = Completion {
         held: &held,

@@ -70,9 +70,7 @@ impl DeleteGuard {
 /// The answer of `commit.lua`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Commit {
-    Ok {
-        now_ms: u64,
-    },
+    Ok,
     Conflict,
     Gone,
     Exists,
@@ -512,9 +510,7 @@ fn parse_commit(r: Vec<Value>) -> Result<Commit> {
     let tag = r.first().map(value_str).unwrap_or_default();
     let second = r.get(1).map(value_str);
     Ok(match tag.as_str() {
-        "ok" => Commit::Ok {
-            now_ms: second.and_then(|s| s.parse().ok()).unwrap_or(0),
-        },
+        "ok" => Commit::Ok,
         "conflict" => Commit::Conflict,
         "gone" => Commit::Gone,
         "exists" => Commit::Exists,
