@@ -72,12 +72,17 @@ end
 
 local out = {}
 local n = (#ARGV - 2) / 5
+local ids = {}
+for i = 1, n do
+  ids[i] = ARGV[5 * i - 2]
+end
+local held = pending_entries(jobs, group, consumer, ids)
 for i = 1, n do
   local meta, steps = KEYS[3 * i - 1], KEYS[3 * i]
   local a = 5 * i - 2
   local id, step, token, trace, seen = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local p = pending_entry(jobs, group, id)
-  if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(seen) then
+  local p = held[id]
+  if not p or tonumber(p[4]) ~= tonumber(seen) then
     out[i] = {'lost'}
   else
     local m = redis.call('HMGET', meta, F_STATUS, F_TYPE, F_VERSION, F_TENANT, F_REV, F_TRACE)

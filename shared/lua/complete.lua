@@ -144,25 +144,39 @@ local function write_result(t, data)
   end
 end
 
+-- The entries this call acknowledges, acknowledged with one XACK at the end (the call is
+-- atomic, so nothing can see them in between); an entry acknowledged earlier in this call
+-- counts as acknowledged.
+local acked, acked_ids = {}, {}
+-- This consumer's PEL entries of the batch's ids, read once before anything is written.
+local held
+local function ack_later(id)
+  if not acked[id] then
+    acked[id] = true
+    acked_ids[#acked_ids + 1] = id
+  end
+end
+
 -- Owner- and fence-checked like `fence` in the prelude, then committed.
 local now
 local function complete_one(t, meta, steps, data)
-  local p = pending_entry(jobs, group, t.id)
+  local p = not acked[t.id] and held[t.id]
   if not p and landed(t, steps) then
     return 'ok'
   end
-  if not p or p[2] ~= consumer or tonumber(p[4]) ~= tonumber(t.dl) then
+  if not p or tonumber(p[4]) ~= tonumber(t.dl) then
     return 'stale'
   end
   local m = redis.call('HMGET', meta, F_STATUS, F_REV)
   if not m[1] or not process_active(m[1]) then
-    ack(jobs, group, t.id)
+    ack_later(t.id)
     return 'finished'
   end
-  -- The worker's transition was decided on the snapshot this claim's begin took right
-  -- after marking the step running. While the process is still at that revision the step
-  -- record is still that one (any other write to it fails the claim check above or raises
-  -- rev or the steps rev), so it is not read again here.
+  -- The worker's transition was decided on the rev this claim's begin returned and the
+  -- steps hash the worker read right after it (with its steps rev). While the process is
+  -- still at both revisions the step records are still those (any other write to them
+  -- fails the claim check above or raises rev or the steps rev), so they are not read
+  -- again here.
   if t.rev and m[2] == t.rev then
     local srev = redis.call('HGET', steps, F_STEPS_REV) or '0'
     if srev == t.srev then
@@ -171,7 +185,7 @@ local function complete_one(t, meta, steps, data)
       for _, j in ipairs(t.jobs) do
         redis.call('XADD', jobs, '*', unpack(ARGV, j[1], j[2]))
       end
-      ack(jobs, group, t.id)
+      ack_later(t.id)
       return 'fast'
     end
   end
@@ -187,12 +201,21 @@ local function complete_one(t, meta, steps, data)
   write_result(t, data)
   redis.call('HSET', steps, t.step, rec)
   redis.call('XADD', events, '*', unpack(ARGV, t.first, t.last))
-  ack(jobs, group, t.id)
+  ack_later(t.id)
   return 'ok'
 end
 
+local ids = {}
+for j, t in ipairs(todo) do
+  ids[j] = t.id
+end
+held = pending_entries(jobs, group, consumer, ids)
 local out = {}
 for j, t in ipairs(todo) do
   out[j] = complete_one(t, KEYS[3 * j], KEYS[3 * j + 1], KEYS[3 * j + 2])
+end
+-- In chunks: `unpack` of a few thousand values fails.
+for i = 1, #acked_ids, 500 do
+  redis.call('XACK', jobs, group, unpack(acked_ids, i, math.min(i + 499, #acked_ids)))
 end
 return out

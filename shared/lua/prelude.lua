@@ -13,6 +13,56 @@ local function pending_entry(stream, group, id)
   return r[1]
 end
 
+-- The PEL entries of a batch of ids that `consumer` holds: a table from id to
+-- {id, consumer, idle_ms, deliveries}; an id it does not hold is absent. One XPENDING over
+-- the batch's id range (filtered to the consumer, whose own PEL Redis walks) replaces one
+-- call per id: a call from Lua costs several times the command itself. Ids the range reply
+-- could not hold (the consumer holds more entries inside the range than it returned) are
+-- looked up one by one.
+local function stream_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function pending_entries(stream, group, consumer, ids)
+  local found = {}
+  local lo, hi, lo_ms, lo_seq, hi_ms, hi_seq
+  for _, id in ipairs(ids) do
+    local ms, seq = stream_id(id)
+    if not ms or not seq then
+      lo = nil
+      break
+    end
+    if not lo or ms < lo_ms or (ms == lo_ms and seq < lo_seq) then
+      lo, lo_ms, lo_seq = id, ms, seq
+    end
+    if not hi or ms > hi_ms or (ms == hi_ms and seq > hi_seq) then
+      hi, hi_ms, hi_seq = id, ms, seq
+    end
+  end
+  -- One id, or an id that is not an entry id (the per-id path reports it as Redis does):
+  -- no range call.
+  local complete = false
+  if lo and #ids > 1 then
+    local limit = #ids + 64
+    local r = redis.call('XPENDING', stream, group, lo, hi, limit, consumer)
+    for _, p in ipairs(r) do
+      found[p[1]] = p
+    end
+    complete = #r < limit
+  end
+  if not complete then
+    for _, id in ipairs(ids) do
+      if not found[id] then
+        local p = pending_entry(stream, group, id)
+        if p and p[2] == consumer then
+          found[id] = p
+        end
+      end
+    end
+  end
+  return found
+end
+
 -- Acknowledge one entry. Acknowledged entries are never needed again; they are not deleted
 -- here (a per-entry XDEL cost more than the rest of the ack) but trimmed in bulk by
 -- trim.lua, which removes only entries below every group's oldest pending and

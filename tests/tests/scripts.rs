@@ -21,6 +21,24 @@ kind = "noop"
 "#,
 )];
 
+/// A submission of the `One` type with an empty input.
+fn one() -> honua_shared::envelope::Submission {
+    of_type("One")
+}
+
+/// A submission of `process_type` with an empty input.
+fn of_type(process_type: &str) -> honua_shared::envelope::Submission {
+    honua_shared::envelope::Submission {
+        process_type: process_type.into(),
+        version: None,
+        input: json!({}),
+        id: None,
+        idempotency_key: None,
+        tenant: None,
+        trace: Default::default(),
+    }
+}
+
 /// The store and the engine (no scheduler loop) of a fleet with the `One` type.
 async fn engine_of(redis: &RedisServer) -> (Store, honua_scheduler::Processes, tempfile::TempDir) {
     let dir = defs_dir(DEF);
@@ -39,23 +57,7 @@ async fn setup(
     redis: &RedisServer,
 ) -> (Store, Held, honua_scheduler::Processes, tempfile::TempDir) {
     let (st, engine, dir) = engine_of(redis).await;
-    let pid = engine
-        .create(
-            &honua_shared::envelope::Submission {
-                process_type: "One".into(),
-                version: None,
-                input: json!({}),
-                id: None,
-                idempotency_key: None,
-                tenant: None,
-                trace: Default::default(),
-            },
-            None,
-        )
-        .await
-        .unwrap()
-        .id()
-        .to_string();
+    let pid = engine.create(&one(), None).await.unwrap().id().to_string();
     let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
     let entries = read_as_a(&st, &mut conn).await;
     assert_eq!(entries.len(), 1);
@@ -262,6 +264,73 @@ async fn begin_starts_a_claim_only_under_the_delivery_count_its_starter_saw() {
     assert!(r.claimed.is_empty(), "{r:?}");
 }
 
+/// Jobs `consumer` reads until it has `n` (10 per read).
+async fn read_n(st: &Store, consumer: &str, n: usize) -> Vec<(String, u64, JobEnvelope)> {
+    let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let entries = st
+            .read_group(
+                &mut conn,
+                &st.keys().jobs(),
+                WORKERS_GROUP,
+                consumer,
+                n - out.len(),
+                Duration::from_millis(100),
+            )
+            .await
+            .unwrap();
+        assert!(!entries.is_empty(), "{consumer} read {} of {n}", out.len());
+        for e in entries {
+            out.push((e.id, 1, JobEnvelope::from_fields(&e.fields).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn begin_finds_each_claim_of_a_batch_whatever_else_its_consumer_holds() {
+    let redis = RedisServer::start();
+    let (st, engine, _d) = engine_of(&redis).await;
+    let sub = one();
+    // `a` holds 80 jobs; between them lies one that `b` holds.
+    for _ in 0..40 {
+        engine.create(&sub, None).await.unwrap();
+    }
+    let mut a = read_n(&st, "a", 40).await;
+    engine.create(&sub, None).await.unwrap();
+    let b = read_n(&st, "b", 1).await;
+    for _ in 0..40 {
+        engine.create(&sub, None).await.unwrap();
+    }
+    a.extend(read_n(&st, "a", 40).await);
+    // The batch's id range holds 81 entries, 80 of them `a`'s: more than begin's one range
+    // read returns for a batch of three, so it looks the rest up one by one.
+    let batch = [a[0].clone(), b[0].clone(), a[79].clone()];
+    let r = st.begin("a", &batch, &[], &|_| false).await.unwrap();
+    assert!(
+        matches!(
+            r.as_slice(),
+            [Begin::Ok { .. }, Begin::Lost, Begin::Ok { .. }]
+        ),
+        "{r:?}"
+    );
+    // A batch of all the rest: one range read covers it; `b`'s claim is still `b`'s.
+    let mut batch: Vec<_> = a[1..79].to_vec();
+    batch.push(b[0].clone());
+    let r = st.begin("a", &batch, &[], &|_| false).await.unwrap();
+    assert_eq!(r.len(), 79);
+    assert!(
+        r[..78].iter().all(|x| matches!(x, Begin::Ok { .. })),
+        "{r:?}"
+    );
+    assert!(matches!(r[78], Begin::Lost), "{:?}", r[78]);
+    assert!(matches!(
+        st.begin("b", &b, &[], &|_| false).await.unwrap().as_slice(),
+        [Begin::Ok { .. }]
+    ));
+}
+
 #[tokio::test]
 async fn delivery_counter_dead_letters_and_consumers_retire_only_when_empty() {
     let redis = RedisServer::start();
@@ -380,15 +449,7 @@ async fn a_batch_of_completions_is_fenced_step_by_step() {
     let redis = RedisServer::start();
     let (st, held_1, engine, _d) = setup(&redis).await;
     // A second process whose job `a` also holds.
-    let sub = honua_shared::envelope::Submission {
-        process_type: "One".into(),
-        version: None,
-        input: json!({}),
-        id: None,
-        idempotency_key: None,
-        tenant: None,
-        trace: Default::default(),
-    };
+    let sub = one();
     engine.create(&sub, None).await.unwrap();
     let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
     let entries = read_as_a(&st, &mut conn).await;
@@ -1335,15 +1396,7 @@ async fn begin_with_snapshot(
     st: &Store,
     engine: &honua_scheduler::Processes,
 ) -> (Held, honua_shared::record::ProcessRecord) {
-    let sub = honua_shared::envelope::Submission {
-        process_type: "Three".into(),
-        version: None,
-        input: json!({}),
-        id: None,
-        idempotency_key: None,
-        tenant: None,
-        trace: Default::default(),
-    };
+    let sub = of_type("Three");
     let pid = engine.create(&sub, None).await.unwrap().id().to_string();
     let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
     let entries = read_as_a(st, &mut conn).await;
