@@ -167,6 +167,18 @@ fn push_opt<T: std::fmt::Display>(out: &mut Fields, k: &str, v: &Option<T>) {
     }
 }
 
+/// [`push`] of a string value: a plain copy, not a `Display` round (every field of every
+/// job and event goes through here).
+fn push_str(out: &mut Fields, k: &str, v: &str) {
+    out.push((k.to_owned(), v.to_owned()));
+}
+
+fn push_opt_str(out: &mut Fields, k: &str, v: &Option<String>) {
+    if let Some(v) = v {
+        push_str(out, k, v);
+    }
+}
+
 /// W3C trace context carried from the submission through every job of a process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TraceContext {
@@ -231,14 +243,14 @@ impl JobEnvelope {
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::with_capacity(9);
         push(&mut f, wire::VERSION, ENVELOPE_VERSION);
-        push(&mut f, wire::PROCESS_ID, &self.process_id);
-        push(&mut f, wire::STEP, &self.step);
-        push(&mut f, wire::TOKEN, &self.token);
+        push_str(&mut f, wire::PROCESS_ID, &self.process_id);
+        push_str(&mut f, wire::STEP, &self.step);
+        push_str(&mut f, wire::TOKEN, &self.token);
         push(&mut f, "attempt", self.attempt);
         push(&mut f, "visit", self.visit);
         push(&mut f, "enq_ms", self.enqueued_ms);
-        push_opt(&mut f, "tp", &self.trace.traceparent);
-        push_opt(&mut f, "ts", &self.trace.tracestate);
+        push_opt_str(&mut f, "tp", &self.trace.traceparent);
+        push_opt_str(&mut f, "ts", &self.trace.tracestate);
         f
     }
 
@@ -442,13 +454,13 @@ impl Event {
                 token,
                 result,
             } => {
-                push(&mut f, wire::TYPE, event_type::STEP);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, wire::STEP, step);
-                push(&mut f, wire::TOKEN, token);
-                push(&mut f, wire::OUTCOME, &result.outcome);
-                push_opt(&mut f, wire::ERROR, &result.error);
-                push_opt(&mut f, wire::CODE, &result.code);
+                push_str(&mut f, wire::TYPE, event_type::STEP);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::STEP, step);
+                push_str(&mut f, wire::TOKEN, token);
+                push_str(&mut f, wire::OUTCOME, &result.outcome);
+                push_opt_str(&mut f, wire::ERROR, &result.error);
+                push_opt_str(&mut f, wire::CODE, &result.code);
                 push_opt(&mut f, wire::FAILURE, &result.failure.map(|x| x.as_wire()));
             }
             Event::DeadLetter {
@@ -458,12 +470,12 @@ impl Event {
                 deliveries,
                 reason,
             } => {
-                push(&mut f, wire::TYPE, event_type::DEAD_LETTER);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, wire::STEP, step);
-                push(&mut f, wire::TOKEN, token);
+                push_str(&mut f, wire::TYPE, event_type::DEAD_LETTER);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::STEP, step);
+                push_str(&mut f, wire::TOKEN, token);
                 push(&mut f, wire::DELIVERIES, deliveries);
-                push(&mut f, wire::REASON, reason);
+                push_str(&mut f, wire::REASON, reason);
             }
             Event::Timer {
                 process_id,
@@ -480,14 +492,14 @@ impl Event {
                 } else {
                     event_type::STEP_TIMEOUT
                 };
-                push(&mut f, wire::TYPE, t);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, wire::STEP, step);
-                push(&mut f, wire::TOKEN, token);
+                push_str(&mut f, wire::TYPE, t);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::STEP, step);
+                push_str(&mut f, wire::TOKEN, token);
             }
             Event::ProcessTimeout { process_id } => {
-                push(&mut f, wire::TYPE, event_type::PROCESS_TIMEOUT);
-                push(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::TYPE, event_type::PROCESS_TIMEOUT);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
             }
             Event::Signal {
                 process_id,
@@ -495,12 +507,12 @@ impl Event {
                 value,
                 by,
             } => {
-                push(&mut f, wire::TYPE, event_type::SIGNAL);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, "name", name);
-                push(&mut f, "value", value);
+                push_str(&mut f, wire::TYPE, event_type::SIGNAL);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, "name", name);
+                push_str(&mut f, "value", value);
                 if let Some(by) = by {
-                    push(&mut f, "by", by);
+                    push_str(&mut f, "by", by);
                 }
             }
         }
@@ -610,14 +622,14 @@ impl Submission {
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::new();
         push(&mut f, wire::VERSION, ENVELOPE_VERSION);
-        push(&mut f, "type", &self.process_type);
+        push_str(&mut f, "type", &self.process_type);
         push_opt(&mut f, "version", &self.version);
         push(&mut f, "input", &self.input);
-        push_opt(&mut f, "id", &self.id);
-        push_opt(&mut f, "idempotency_key", &self.idempotency_key);
-        push_opt(&mut f, "tenant", &self.tenant);
-        push_opt(&mut f, "tp", &self.trace.traceparent);
-        push_opt(&mut f, "ts", &self.trace.tracestate);
+        push_opt_str(&mut f, "id", &self.id);
+        push_opt_str(&mut f, "idempotency_key", &self.idempotency_key);
+        push_opt_str(&mut f, "tenant", &self.tenant);
+        push_opt_str(&mut f, "tp", &self.trace.traceparent);
+        push_opt_str(&mut f, "ts", &self.trace.tracestate);
         f
     }
 
