@@ -69,16 +69,29 @@ pub mod wire {
 /// Read access to an entry's fields.
 #[derive(Debug, Default, Clone)]
 pub struct FieldMap {
-    map: HashMap<String, String>,
+    /// Each field once (a repeated field keeps its last value). A list, not a hash map: an
+    /// entry has a handful of fields, and every job and event is read through here.
+    map: Vec<(String, String)>,
     /// How many fields the entry has (more than `map` holds when it was capped).
     total: usize,
 }
 
 impl FieldMap {
     pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        let mut total = 0;
-        let map = pairs.into_iter().inspect(|_| total += 1).collect();
-        Self { map, total }
+        let mut f = Self::default();
+        for (k, v) in pairs {
+            f.total += 1;
+            f.insert(k, v);
+        }
+        f
+    }
+
+    /// Sets `k` to `v`, replacing an earlier value of `k`.
+    fn insert(&mut self, k: String, v: String) {
+        match self.map.iter_mut().find(|(name, _)| *name == k) {
+            Some((_, old)) => *old = v,
+            None => self.map.push((k, v)),
+        }
     }
 
     /// From the flat `[field, value, …]` list of a stream entry as Redis sends it: reads at
@@ -91,15 +104,16 @@ impl FieldMap {
             redis::Value::Int(i) => Some(i.to_string()),
             _ => None,
         };
-        let map = values
-            .chunks_exact(2)
-            .take(MAX_ENTRY_FIELDS)
-            .filter_map(|kv| Some((text(&kv[0])?, text(&kv[1])?)))
-            .collect();
-        Self {
-            map,
+        let mut f = Self {
+            map: Vec::with_capacity((values.len() / 2).min(MAX_ENTRY_FIELDS)),
             total: values.len() / 2,
+        };
+        for kv in values.chunks_exact(2).take(MAX_ENTRY_FIELDS) {
+            if let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) {
+                f.insert(k, v);
+            }
         }
+        f
     }
 
     /// From an already parsed entry (binary-safe: non-UTF-8 values are replaced).
@@ -123,8 +137,9 @@ impl FieldMap {
 
     pub fn get(&self, f: &str) -> Option<&str> {
         self.map
-            .get(f)
-            .map(String::as_str)
+            .iter()
+            .find(|(k, _)| k == f)
+            .map(|(_, v)| v.as_str())
             .filter(|s| !s.is_empty())
     }
 
