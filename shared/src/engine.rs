@@ -182,7 +182,11 @@ impl<'a> Planner<'a> {
         if !self.touched.iter().any(|s| s == step) {
             self.touched.push(step.to_string());
         }
-        self.steps.entry(step.to_string()).or_default()
+        // No key allocated for a step that has a record (every step but a first visit).
+        if !self.steps.contains_key(step) {
+            self.steps.insert(step.to_string(), StepRecord::default());
+        }
+        self.steps.get_mut(step).expect("inserted above")
     }
 
     fn fail(&mut self, status: ProcessStatus, error: String, code: &str) {

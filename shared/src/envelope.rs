@@ -69,16 +69,29 @@ pub mod wire {
 /// Read access to an entry's fields.
 #[derive(Debug, Default, Clone)]
 pub struct FieldMap {
-    map: HashMap<String, String>,
+    /// Each field once (a repeated field keeps its last value). A list, not a hash map: an
+    /// entry has a handful of fields, and every job and event is read through here.
+    map: Vec<(String, String)>,
     /// How many fields the entry has (more than `map` holds when it was capped).
     total: usize,
 }
 
 impl FieldMap {
     pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        let mut total = 0;
-        let map = pairs.into_iter().inspect(|_| total += 1).collect();
-        Self { map, total }
+        let mut f = Self::default();
+        for (k, v) in pairs {
+            f.total += 1;
+            f.insert(k, v);
+        }
+        f
+    }
+
+    /// Sets `k` to `v`, replacing an earlier value of `k`.
+    fn insert(&mut self, k: String, v: String) {
+        match self.map.iter_mut().find(|(name, _)| *name == k) {
+            Some((_, old)) => *old = v,
+            None => self.map.push((k, v)),
+        }
     }
 
     /// From the flat `[field, value, …]` list of a stream entry as Redis sends it: reads at
@@ -91,15 +104,16 @@ impl FieldMap {
             redis::Value::Int(i) => Some(i.to_string()),
             _ => None,
         };
-        let map = values
-            .chunks_exact(2)
-            .take(MAX_ENTRY_FIELDS)
-            .filter_map(|kv| Some((text(&kv[0])?, text(&kv[1])?)))
-            .collect();
-        Self {
-            map,
+        let mut f = Self {
+            map: Vec::with_capacity((values.len() / 2).min(MAX_ENTRY_FIELDS)),
             total: values.len() / 2,
+        };
+        for kv in values.chunks_exact(2).take(MAX_ENTRY_FIELDS) {
+            if let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) {
+                f.insert(k, v);
+            }
         }
+        f
     }
 
     /// From an already parsed entry (binary-safe: non-UTF-8 values are replaced).
@@ -123,8 +137,9 @@ impl FieldMap {
 
     pub fn get(&self, f: &str) -> Option<&str> {
         self.map
-            .get(f)
-            .map(String::as_str)
+            .iter()
+            .find(|(k, _)| k == f)
+            .map(|(_, v)| v.as_str())
             .filter(|s| !s.is_empty())
     }
 
@@ -164,6 +179,18 @@ fn push(out: &mut Fields, k: &str, v: impl ToString) {
 fn push_opt<T: std::fmt::Display>(out: &mut Fields, k: &str, v: &Option<T>) {
     if let Some(v) = v {
         push(out, k, v);
+    }
+}
+
+/// [`push`] of a string value: a plain copy, not a `Display` round (every field of every
+/// job and event goes through here).
+fn push_str(out: &mut Fields, k: &str, v: &str) {
+    out.push((k.to_owned(), v.to_owned()));
+}
+
+fn push_opt_str(out: &mut Fields, k: &str, v: &Option<String>) {
+    if let Some(v) = v {
+        push_str(out, k, v);
     }
 }
 
@@ -231,14 +258,14 @@ impl JobEnvelope {
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::with_capacity(9);
         push(&mut f, wire::VERSION, ENVELOPE_VERSION);
-        push(&mut f, wire::PROCESS_ID, &self.process_id);
-        push(&mut f, wire::STEP, &self.step);
-        push(&mut f, wire::TOKEN, &self.token);
+        push_str(&mut f, wire::PROCESS_ID, &self.process_id);
+        push_str(&mut f, wire::STEP, &self.step);
+        push_str(&mut f, wire::TOKEN, &self.token);
         push(&mut f, "attempt", self.attempt);
         push(&mut f, "visit", self.visit);
         push(&mut f, "enq_ms", self.enqueued_ms);
-        push_opt(&mut f, "tp", &self.trace.traceparent);
-        push_opt(&mut f, "ts", &self.trace.tracestate);
+        push_opt_str(&mut f, "tp", &self.trace.traceparent);
+        push_opt_str(&mut f, "ts", &self.trace.tracestate);
         f
     }
 
@@ -442,13 +469,13 @@ impl Event {
                 token,
                 result,
             } => {
-                push(&mut f, wire::TYPE, event_type::STEP);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, wire::STEP, step);
-                push(&mut f, wire::TOKEN, token);
-                push(&mut f, wire::OUTCOME, &result.outcome);
-                push_opt(&mut f, wire::ERROR, &result.error);
-                push_opt(&mut f, wire::CODE, &result.code);
+                push_str(&mut f, wire::TYPE, event_type::STEP);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::STEP, step);
+                push_str(&mut f, wire::TOKEN, token);
+                push_str(&mut f, wire::OUTCOME, &result.outcome);
+                push_opt_str(&mut f, wire::ERROR, &result.error);
+                push_opt_str(&mut f, wire::CODE, &result.code);
                 push_opt(&mut f, wire::FAILURE, &result.failure.map(|x| x.as_wire()));
             }
             Event::DeadLetter {
@@ -458,12 +485,12 @@ impl Event {
                 deliveries,
                 reason,
             } => {
-                push(&mut f, wire::TYPE, event_type::DEAD_LETTER);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, wire::STEP, step);
-                push(&mut f, wire::TOKEN, token);
+                push_str(&mut f, wire::TYPE, event_type::DEAD_LETTER);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::STEP, step);
+                push_str(&mut f, wire::TOKEN, token);
                 push(&mut f, wire::DELIVERIES, deliveries);
-                push(&mut f, wire::REASON, reason);
+                push_str(&mut f, wire::REASON, reason);
             }
             Event::Timer {
                 process_id,
@@ -480,14 +507,14 @@ impl Event {
                 } else {
                     event_type::STEP_TIMEOUT
                 };
-                push(&mut f, wire::TYPE, t);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, wire::STEP, step);
-                push(&mut f, wire::TOKEN, token);
+                push_str(&mut f, wire::TYPE, t);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::STEP, step);
+                push_str(&mut f, wire::TOKEN, token);
             }
             Event::ProcessTimeout { process_id } => {
-                push(&mut f, wire::TYPE, event_type::PROCESS_TIMEOUT);
-                push(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, wire::TYPE, event_type::PROCESS_TIMEOUT);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
             }
             Event::Signal {
                 process_id,
@@ -495,12 +522,12 @@ impl Event {
                 value,
                 by,
             } => {
-                push(&mut f, wire::TYPE, event_type::SIGNAL);
-                push(&mut f, wire::PROCESS_ID, process_id);
-                push(&mut f, "name", name);
-                push(&mut f, "value", value);
+                push_str(&mut f, wire::TYPE, event_type::SIGNAL);
+                push_str(&mut f, wire::PROCESS_ID, process_id);
+                push_str(&mut f, "name", name);
+                push_str(&mut f, "value", value);
                 if let Some(by) = by {
-                    push(&mut f, "by", by);
+                    push_str(&mut f, "by", by);
                 }
             }
         }
@@ -610,14 +637,14 @@ impl Submission {
     pub fn to_fields(&self) -> Fields {
         let mut f = Fields::new();
         push(&mut f, wire::VERSION, ENVELOPE_VERSION);
-        push(&mut f, "type", &self.process_type);
+        push_str(&mut f, "type", &self.process_type);
         push_opt(&mut f, "version", &self.version);
         push(&mut f, "input", &self.input);
-        push_opt(&mut f, "id", &self.id);
-        push_opt(&mut f, "idempotency_key", &self.idempotency_key);
-        push_opt(&mut f, "tenant", &self.tenant);
-        push_opt(&mut f, "tp", &self.trace.traceparent);
-        push_opt(&mut f, "ts", &self.trace.tracestate);
+        push_opt_str(&mut f, "id", &self.id);
+        push_opt_str(&mut f, "idempotency_key", &self.idempotency_key);
+        push_opt_str(&mut f, "tenant", &self.tenant);
+        push_opt_str(&mut f, "tp", &self.trace.traceparent);
+        push_opt_str(&mut f, "ts", &self.trace.tracestate);
         f
     }
 

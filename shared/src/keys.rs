@@ -103,7 +103,20 @@ impl Keys {
     }
 
     fn key(&self, suffix: &str) -> Key {
-        Key(format!("{}:{suffix}", self.base))
+        self.key_of(&[suffix])
+    }
+
+    /// `base:` followed by `parts` run together, built in one allocation (the per-process
+    /// keys are built for every call of every step).
+    fn key_of(&self, parts: &[&str]) -> Key {
+        let len = self.base.len() + 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut k = String::with_capacity(len);
+        k.push_str(&self.base);
+        k.push(':');
+        for p in parts {
+            k.push_str(p);
+        }
+        Key(k)
     }
 
     pub fn submit(&self) -> Key {
@@ -137,13 +150,13 @@ impl Keys {
         self.key("workers:info")
     }
     pub fn process(&self, id: &str) -> Key {
-        self.key(&format!("process:{id}"))
+        self.key_of(&["process:", id])
     }
     pub fn steps(&self, id: &str) -> Key {
-        self.key(&format!("process:{id}:steps"))
+        self.key_of(&["process:", id, ":steps"])
     }
     pub fn data(&self, id: &str) -> Key {
-        self.key(&format!("process:{id}:data"))
+        self.key_of(&["process:", id, ":data"])
     }
     /// The three keys of one process, in the order scripts expect them.
     pub fn process_keys(&self, id: &str) -> [Key; 3] {
@@ -161,7 +174,7 @@ impl Keys {
     /// Unfinished processes of one type (created or reopened: added; finished or deleted:
     /// removed), for counts per type without reading every record.
     pub fn index_active_type(&self, process_type: &str) -> Key {
-        self.key(&format!("index:active:{process_type}"))
+        self.key_of(&["index:active:", process_type])
     }
     /// Processes finished in one minute (`minute` = unix ms / 60 000), per `<Status>:<type>`
     /// field ([`stats_field`]); written by the commit that finishes them.
@@ -183,7 +196,7 @@ impl Keys {
         self.key("intake")
     }
     pub fn index_status(&self, status: crate::status::ProcessStatus) -> Key {
-        self.key(&format!("index:status:{}", status.as_str()))
+        self.key_of(&["index:status:", status.as_str()])
     }
     /// LLM token and cost usage of one process (`llm_budget.lua`).
     pub fn llm_usage(&self, id: &str) -> Key {

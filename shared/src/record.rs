@@ -233,6 +233,33 @@ pub struct ProcessRecord {
     pub steps: BTreeMap<String, StepRecord>,
 }
 
+/// How many meta hash fields [`ProcessRecord::parse`] reads.
+const META_FIELDS: usize = 17;
+
+/// The slot of a meta hash field [`ProcessRecord::parse`] reads.
+fn meta_slot(name: &str) -> Option<usize> {
+    Some(match name {
+        field::TYPE => 0,
+        field::VERSION => 1,
+        field::STATUS => 2,
+        field::REV => 3,
+        field::CREATED_MS => 4,
+        field::STARTED_MS => 5,
+        field::ENDED_MS => 6,
+        field::UPDATED_MS => 7,
+        field::DEADLINE_MS => 8,
+        field::PAUSED_MS => 9,
+        field::DEADLINE_LEFT_MS => 10,
+        field::ERROR => 11,
+        field::CODE => 12,
+        field::IDEMPOTENCY_KEY => 13,
+        field::TENANT => 14,
+        field::TRACE => 15,
+        field::AUDIT => 16,
+        _ => return None,
+    })
+}
+
 impl ProcessRecord {
     /// From the meta hash and the steps hash. `Ok(None)` when the process does not exist.
     pub fn parse(
@@ -243,7 +270,17 @@ impl ProcessRecord {
         if meta.is_empty() {
             return Ok(None);
         }
-        let get = |f: &'static str| meta.get(f).map(String::as_str).filter(|s| !s.is_empty());
+        // One pass over the hash instead of a hashed lookup per field (this runs for every
+        // record the scheduler decides on and every snapshot a worker begins with).
+        let mut slots: [Option<&str>; META_FIELDS] = [None; META_FIELDS];
+        for (k, v) in meta {
+            if let Some(i) = meta_slot(k)
+                && !v.is_empty()
+            {
+                slots[i] = Some(v.as_str());
+            }
+        }
+        let get = |f: &'static str| meta_slot(f).and_then(|i| slots[i]);
         let req = |f: &'static str| get(f).ok_or(RecordError::Missing(f));
         fn num<T: std::str::FromStr>(
             f: &'static str,

@@ -145,6 +145,9 @@ struct Inner {
     last_beat_ms: AtomicU64,
     born: Instant,
     stats: Arc<WorkerStats>,
+    /// The slot gauges ([`Inner::slot_gauges`]), registered once: set twice per step.
+    inflight_gauge: metrics::Gauge,
+    free_slots_gauge: metrics::Gauge,
     /// Step results waiting for the completer, which commits them in batches.
     completions: mpsc::UnboundedSender<Completing>,
     completions_rx: Mutex<Option<mpsc::UnboundedReceiver<Completing>>>,
@@ -192,6 +195,8 @@ impl Worker {
                 waiting: AtomicUsize::new(0),
                 last_beat_ms: AtomicU64::new(0),
                 born: Instant::now(),
+                inflight_gauge: metrics::gauge!(m::WORKER_INFLIGHT),
+                free_slots_gauge: metrics::gauge!(m::WORKER_FREE_SLOTS),
                 completions,
                 completions_rx: Mutex::new(Some(completions_rx)),
                 stats: Arc::new(WorkerStats::default()),
@@ -322,12 +327,12 @@ impl Inner {
 
     fn slot_gauges(&self) {
         let inflight = self.inflight.lock().unwrap().len();
-        metrics::gauge!(m::WORKER_INFLIGHT).set(inflight as f64);
+        self.inflight_gauge.set(inflight as f64);
         let free = self
             .cfg
             .worker
             .max_concurrent_steps
             .saturating_sub(inflight);
-        metrics::gauge!(m::WORKER_FREE_SLOTS).set(free as f64);
+        self.free_slots_gauge.set(free as f64);
     }
 }
