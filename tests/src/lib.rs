@@ -382,6 +382,19 @@ impl WorkerProcess {
         let _ = send_signal(self.pid(), sig);
     }
 
+    /// SIGSTOP, returning once every thread of the process is stopped: a stop is
+    /// asynchronous (the kernel wakes one thread to start the group stop, and on a busy
+    /// machine the others may run on until it gets a CPU), so a test that acts right after
+    /// the signal would race a process that is still running.
+    pub async fn stop(&self) {
+        let pid = self.pid();
+        self.signal(SIGSTOP);
+        wait_for("the worker to stop", DEADLINE, || async move {
+            all_threads_stopped(pid).then_some(())
+        })
+        .await;
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -426,6 +439,24 @@ pub const SIGSTOP: i32 = 19;
 pub const SIGCONT: i32 = 18;
 
 /// Sends a signal with kill(1) (the crate forbids unsafe code, so no libc call).
+/// Every thread of `pid` is stopped (state `T` or `t` in `/proc/<pid>/task/*/stat`), or
+/// the process is gone.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses and may hold any
+        // character: read it after the last ')'.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.trim_start().chars().next());
+        matches!(state, Some('T' | 't' | 'Z' | 'X') | None)
+    })
+}
+
 pub fn send_signal(pid: i32, sig: i32) -> std::io::Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))

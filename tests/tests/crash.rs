@@ -136,7 +136,7 @@ async fn frozen_worker_cannot_commit_after_its_job_was_reclaimed() {
         starts(&log, &pid).into_iter().find(|l| l.worker == "w1")
     })
     .await;
-    w1.signal(SIGSTOP);
+    w1.stop().await;
     let _w2 = spawn(&cfg, "w2", &log);
     let rec = f.wait_finished(&pid).await;
     assert_eq!(rec.status, ProcessStatus::Completed);

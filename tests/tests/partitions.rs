@@ -617,7 +617,7 @@ async fn a_killed_schedulers_pending_entries_are_taken_over_by_the_other() {
     // Kill `a` at a moment it holds entries: stopped, it reads and acknowledges nothing
     // more, so what it holds then is what it leaves behind.
     let held = wait_for("scheduler-a holding entries", DEADLINE, || async {
-        a.signal(SIGSTOP);
+        a.stop().await;
         let n = held_by(&f, "scheduler-a").await;
         if n == 0 {
             a.signal(SIGCONT);

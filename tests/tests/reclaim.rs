@@ -98,7 +98,7 @@ async fn a_job_delivered_to_a_paused_worker_runs_once_on_resume() {
     let pid = loop {
         tries += 1;
         assert!(tries <= 20, "never froze w1 inside its blocking read");
-        w1.signal(SIGSTOP);
+        w1.stop().await;
         let pid = f.submit("Call", json!({})).await;
         wait_for("the job to be enqueued", DEADLINE, || async {
             let r = f.record(&pid).await?;
@@ -158,7 +158,7 @@ async fn a_saturated_fleet_reclaims_a_frozen_workers_jobs_within_the_lease() {
         (r.len() == cfg.worker.max_concurrent_steps).then_some(r)
     })
     .await;
-    w3.signal(SIGSTOP);
+    w3.stop().await;
     let frozen_at = f.store().server_time_ms().await.unwrap();
     // What w3 really holds once frozen (a commit may have landed just before the stop).
     let held: Vec<String> = running_on(&f, &held, "w3").await;
