@@ -224,8 +224,8 @@ impl Function {
     pub fn prepare_invoke(&self) -> Invocation<'_> {
         Invocation {
             function: self,
-            keys: Vec::new(),
-            args: Vec::new(),
+            keys: redis::Cmd::new(),
+            args: redis::Cmd::new(),
         }
     }
 
@@ -242,11 +242,13 @@ impl Function {
     }
 }
 
-/// One call of a [`Function`] with its keys and arguments.
+/// One call of a [`Function`] with its keys and arguments. Keys and arguments are each
+/// written into one buffer (a [`redis::Cmd`] used as an argument list), not one allocation
+/// per value: a batch call carries hundreds of them.
 pub struct Invocation<'a> {
     function: &'a Function,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    keys: redis::Cmd,
+    args: redis::Cmd,
 }
 
 impl Invocation<'_> {
@@ -263,10 +265,12 @@ impl Invocation<'_> {
     /// The `FCALL` command (for pipelines).
     pub fn cmd(&self) -> redis::Cmd {
         let mut c = redis::cmd("FCALL");
-        c.arg(&self.function.name)
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
+        c.arg(&self.function.name).arg(self.keys.args_iter().len());
+        for a in self.keys.args_iter().chain(self.args.args_iter()) {
+            if let redis::Arg::Simple(v) = a {
+                c.arg(v);
+            }
+        }
         c
     }
 
