@@ -144,12 +144,17 @@ local function write_result(t, data)
   end
 end
 
+-- This consumer's PEL entries of the batch's ids, read once before anything is written.
+local ids = {}
+for j, t in ipairs(todo) do
+  ids[j] = t.id
+end
+local held = pending_entries(jobs, group, consumer, ids)
+
 -- The entries this call acknowledges, acknowledged with one XACK at the end (the call is
 -- atomic, so nothing can see them in between); an entry acknowledged earlier in this call
 -- counts as acknowledged.
 local acked, acked_ids = {}, {}
--- This consumer's PEL entries of the batch's ids, read once before anything is written.
-local held
 local function ack_later(id)
   if not acked[id] then
     acked[id] = true
@@ -205,11 +210,6 @@ local function complete_one(t, meta, steps, data)
   return 'ok'
 end
 
-local ids = {}
-for j, t in ipairs(todo) do
-  ids[j] = t.id
-end
-held = pending_entries(jobs, group, consumer, ids)
 local out = {}
 for j, t in ipairs(todo) do
   out[j] = complete_one(t, KEYS[3 * j], KEYS[3 * j + 1], KEYS[3 * j + 2])

@@ -255,7 +255,13 @@ impl Transition {
                         b(delayed_member("event", &event.to_fields())),
                     ]);
                 }
-                Action::SetStatus(s) => meta_fields.push((field::STATUS.into(), b(s))),
+                // A create sets the status itself and then states it again: one field.
+                Action::SetStatus(s) => {
+                    match meta_fields.iter_mut().find(|(f, _)| f == field::STATUS) {
+                        Some((_, v)) => *v = b(s),
+                        None => meta_fields.push((field::STATUS.into(), b(s))),
+                    }
+                }
                 Action::Start {
                     timeout_ms,
                     idempotency_key,
@@ -374,15 +380,6 @@ impl Transition {
             }
         }
         ops.pairs("hset", steps_k.clone(), step_fields);
-        // Actions may set one field twice (a create that starts the process and then sets
-        // its status): send each once, with its last value, as HSET would keep it.
-        let mut seen = std::collections::HashSet::new();
-        let mut meta_fields: Vec<_> = meta_fields
-            .into_iter()
-            .rev()
-            .filter(|(f, _)| seen.insert(f.clone()))
-            .collect();
-        meta_fields.reverse();
         ops.pairs("hset", meta.clone(), meta_fields);
         if self.finish().is_some() {
             for k in [meta, steps_k, data_k] {

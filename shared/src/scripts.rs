@@ -287,16 +287,25 @@ impl Invocation<'_> {
         let cmd = self.cmd();
         match cmd.query_async::<T>(conn).await {
             Ok(v) => Ok(v),
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
-                if Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND) {
-                    cmd.query_async(conn).await.map_err(function_error)
-                } else {
-                    Err(e.into())
-                }
+            Err(e) if retry_after_load(conn, &e).await? => {
+                cmd.query_async(conn).await.map_err(function_error)
             }
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Whether a function call that failed with `e` is worth one retry: on `ERR`, when the
+/// library was missing and is loaded now, or when `e` is Redis's "Function not found"
+/// (another process loaded it meanwhile). See [`Invocation::invoke_async`].
+async fn retry_after_load(
+    conn: &mut impl ConnectionLike,
+    e: &RedisError,
+) -> Result<bool, StoreError> {
+    Ok(
+        e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+            && (Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND)),
+    )
 }
 
 impl Invocation<'_> {
@@ -310,20 +319,18 @@ impl Invocation<'_> {
     pub async fn invoke_with<T: FromRedisValue>(
         &self,
         conn: &mut impl ConnectionLike,
-        after: &[redis::Cmd],
+        after: Vec<redis::Cmd>,
     ) -> Result<(T, Vec<Value>), StoreError> {
+        let commands = after.len() + 1;
         let mut pipe = redis::pipe();
         pipe.ignore_errors().add_command(self.cmd());
         for c in after {
-            pipe.add_command(c.clone());
+            pipe.add_command(c);
         }
         let mut replies: Vec<Value> = pipe.query_async(conn).await?;
         if let Some(Value::ServerError(e)) = replies.first() {
             let e = RedisError::from(e.clone());
-            if e.kind() != ErrorKind::Server(ServerErrorKind::ResponseError) {
-                return Err(e.into());
-            }
-            if !(Library::get().ensure(conn).await? || e.detail() == Some(NOT_FOUND)) {
+            if !retry_after_load(conn, &e).await? {
                 return Err(e.into());
             }
             replies = pipe.query_async(conn).await?;
@@ -331,10 +338,10 @@ impl Invocation<'_> {
                 return Err(function_error(RedisError::from(e.clone())));
             }
         }
-        if replies.len() != after.len() + 1 {
+        if replies.len() != commands {
             return Err(StoreError::Reply {
                 script: "pipeline",
-                detail: format!("{} replies to {} commands", replies.len(), after.len() + 1),
+                detail: format!("{} replies to {commands} commands", replies.len()),
             });
         }
         let rest = replies.split_off(1);

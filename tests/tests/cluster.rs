@@ -74,22 +74,25 @@ async fn get_json<T: serde::de::DeserializeOwned>(c: &reqwest::Client, url: &str
     c.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-/// The libraries `FUNCTION LIST` shows on node `n` (asked directly, not through the cluster).
-/// Submits a process over HTTP (201 expected) and returns its id.
-async fn submit(c: &reqwest::Client, f: &Fleet, body: Value) -> String {
+/// Posts a submission over HTTP; returns the status code and the body.
+async fn post_process(c: &reqwest::Client, f: &Fleet, body: &Value) -> (u16, Value) {
     let r = c
         .post(f.url("/api/processes"))
-        .json(&body)
+        .json(body)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    (r.status().as_u16(), r.json::<Value>().await.unwrap())
 }
 
+/// Submits a process over HTTP (201 expected) and returns its id.
+async fn submit(c: &reqwest::Client, f: &Fleet, body: Value) -> String {
+    let (status, r) = post_process(c, f, &body).await;
+    assert_eq!(status, 201);
+    r["id"].as_str().unwrap().to_string()
+}
+
+/// The libraries `FUNCTION LIST` shows on node `n` (asked directly, not through the cluster).
 fn libraries_on(n: &RedisServer) -> Vec<String> {
     let mut c = n.client().get_connection().unwrap();
     let libs: Vec<std::collections::HashMap<String, redis::Value>> =
@@ -376,23 +379,10 @@ async fn flows_complete_on_eight_partitions_spread_over_the_primaries() {
 
     // An idempotent resubmission answers the stored process.
     let body = json!({"processType": "Three", "input": {}, "idempotencyKey": "order-8"});
-    let first: Value = c
-        .post(f.url("/api/processes"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let r = c
-        .post(f.url("/api/processes"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["id"], first["id"]);
+    let (_, first) = post_process(&c, &f, &body).await;
+    let (status, again) = post_process(&c, &f, &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["id"], first["id"]);
 
     let queues: Vec<Value> = get_json(&c, &f.url("/api/queues")).await;
     assert_eq!(queues.len(), 4 * usize::from(P) + 4, "{queues:?}");

@@ -98,10 +98,14 @@ impl Store {
         let mut asked = Vec::with_capacity(jobs.len());
         for (i, (id, seen, job)) in jobs.iter().enumerate() {
             let [meta, steps, data] = self.keys.process_keys(&job.process_id);
-            reads.push(redis::cmd("HGETALL").arg(&data).clone());
+            let mut read = redis::cmd("HGETALL");
+            read.arg(&data);
+            reads.push(read);
             let snap = snapshot(&job.step);
             if snap {
-                reads.push(redis::cmd("HGETALL").arg(&steps).clone());
+                let mut read = redis::cmd("HGETALL");
+                read.arg(&steps);
+                reads.push(read);
             }
             asked.push(snap);
             inv.key(meta).key(steps).key(data);
@@ -113,7 +117,7 @@ impl Store {
                 .arg(*seen);
         }
         let (replies, read): (Vec<Vec<Value>>, Vec<Value>) = inv
-            .invoke_with(&mut self.conn(), &reads)
+            .invoke_with(&mut self.conn(), reads)
             .await
             .map_err(|e| e.for_group(&self.keys.jobs(), WORKERS_GROUP))?;
         if replies.len() != jobs.len() {
