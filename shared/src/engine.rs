@@ -121,13 +121,55 @@ pub struct Ctx<'a> {
     pub jitter: f64,
 }
 
+/// No step records: a create's planner starts from these.
+static NO_STEPS: BTreeMap<String, StepRecord> = BTreeMap::new();
+
+/// The step records as a transition sees them: the record's own, under the ones this
+/// transition changed. A record is copied when first changed, not the whole map up front
+/// (a transition touches one or two of a process's records).
+struct Steps<'a> {
+    base: &'a BTreeMap<String, StepRecord>,
+    changed: BTreeMap<String, StepRecord>,
+}
+
+impl<'a> Steps<'a> {
+    fn get(&self, step: &str) -> Option<&StepRecord> {
+        self.changed.get(step).or_else(|| self.base.get(step))
+    }
+
+    /// The record to change, copied from the base the first time (a default one for a
+    /// step with no record yet).
+    fn edit(&mut self, step: &str) -> &mut StepRecord {
+        // No key allocated for a step changed before.
+        if !self.changed.contains_key(step) {
+            let r = self.base.get(step).cloned().unwrap_or_default();
+            self.changed.insert(step.to_string(), r);
+        }
+        self.changed.get_mut(step).expect("inserted above")
+    }
+
+    /// The record to change, when the step has one.
+    fn edit_existing(&mut self, step: &str) -> Option<&mut StepRecord> {
+        self.get(step)?;
+        Some(self.edit(step))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &StepRecord)> {
+        self.changed.iter().chain(
+            self.base
+                .iter()
+                .filter(|(n, _)| !self.changed.contains_key(*n)),
+        )
+    }
+}
+
 struct Planner<'a> {
     ctx: &'a Ctx<'a>,
     pid: &'a str,
     trace: TraceContext,
     token_base: u64,
     tokens: u32,
-    steps: BTreeMap<String, StepRecord>,
+    steps: Steps<'a>,
     touched: Vec<String>,
     actions: Vec<Action>,
     notes: Vec<String>,
@@ -141,7 +183,7 @@ impl<'a> Planner<'a> {
         ctx: &'a Ctx<'a>,
         pid: &'a str,
         token_base: u64,
-        steps: BTreeMap<String, StepRecord>,
+        steps: &'a BTreeMap<String, StepRecord>,
         trace: Option<String>,
     ) -> Self {
         Self {
@@ -153,7 +195,10 @@ impl<'a> Planner<'a> {
             },
             token_base,
             tokens: 0,
-            steps,
+            steps: Steps {
+                base: steps,
+                changed: BTreeMap::new(),
+            },
             touched: Vec::new(),
             actions: Vec::new(),
             notes: Vec::new(),
@@ -168,7 +213,7 @@ impl<'a> Planner<'a> {
             ctx,
             &rec.id,
             rec.revision().token_base(),
-            rec.steps.clone(),
+            &rec.steps,
             rec.trace.clone(),
         )
     }
@@ -182,11 +227,7 @@ impl<'a> Planner<'a> {
         if !self.touched.iter().any(|s| s == step) {
             self.touched.push(step.to_string());
         }
-        // No key allocated for a step that has a record (every step but a first visit).
-        if !self.steps.contains_key(step) {
-            self.steps.insert(step.to_string(), StepRecord::default());
-        }
-        self.steps.get_mut(step).expect("inserted above")
+        self.steps.edit(step)
     }
 
     fn fail(&mut self, status: ProcessStatus, error: String, code: &str) {
@@ -329,7 +370,7 @@ impl<'a> Planner<'a> {
     /// Runs a step again in the same visit (operator retry): fresh token and attempts.
     fn reenter(&mut self, name: &str) {
         let visit = self.steps.get(name).map_or(0, |r| r.visit);
-        if let Some(r) = self.steps.get_mut(name) {
+        if let Some(r) = self.steps.edit_existing(name) {
             r.visit = visit.saturating_sub(1);
         }
         self.activate(name);
@@ -467,7 +508,7 @@ impl<'a> Planner<'a> {
                 actions: self.actions,
                 notes: self.notes,
             };
-        } else if !self.steps.values().any(|r| r.status.is_active()) {
+        } else if !self.steps.iter().any(|(_, r)| r.status.is_active()) {
             None
         } else if self.paused {
             Some(ProcessStatus::Paused)
@@ -504,8 +545,12 @@ impl<'a> Planner<'a> {
             .touched
             .iter()
             .map(|n| Action::SetStep {
+                record: self
+                    .steps
+                    .changed
+                    .remove(n)
+                    .expect("a touched step is changed"),
                 step: n.clone(),
-                record: self.steps[n].clone(),
             })
             .collect();
         sets.append(&mut self.actions);
@@ -522,7 +567,7 @@ pub fn create(
     trace: Option<String>,
     timeout: Duration,
 ) -> Transition {
-    let mut p = Planner::new(ctx, process_id, 1, BTreeMap::new(), trace.clone());
+    let mut p = Planner::new(ctx, process_id, 1, &NO_STEPS, trace.clone());
     p.actions.push(create_action(
         ctx,
         input,

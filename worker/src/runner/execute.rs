@@ -3,8 +3,9 @@
 //! (stale claim, process over) or handed back (shutdown).
 
 use super::{Inner, Stop, StopCell, claim};
-use crate::handler::{Checkpointer, ServerClock, StepContext, StepOutput};
+use crate::handler::{Checkpointer, ServerClock, StepContext, StepError, StepHandler, StepOutput};
 use backon::Retryable;
+use futures::FutureExt;
 use honua_shared::codec::{CodecError, StateCodec};
 use honua_shared::commit::FastCommit;
 use honua_shared::engine::{self, Ctx};
@@ -17,6 +18,7 @@ use honua_shared::status::outcome;
 use honua_shared::store::{Fence, Held, StoreError};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -267,18 +269,17 @@ impl Inner {
                 None,
             );
         }
-        // The handler runs as a child of the step span (its own spans join the trace).
-        let mut task = tokio::spawn(async move { handler.run(ctx).await }.in_current_span());
-        let joined = tokio::select! {
-            r = tokio::time::timeout(timeout, &mut task) => r,
-            _ = cancel.cancelled() => {
-                task.abort();
-                return (fail("step cancelled".into(), "cancelled", Failure::Retryable), None);
+        // The handler runs in the step's task, inside its span (its own spans join the
+        // trace).
+        let r = match run_handler(handler.as_ref(), ctx, timeout, &cancel).await {
+            Ok(r) => r,
+            Err(Interrupted::Cancelled) => {
+                return (
+                    fail("step cancelled".into(), "cancelled", Failure::Retryable),
+                    None,
+                );
             }
-        };
-        let r = match joined {
-            Err(_) => {
-                task.abort();
+            Err(Interrupted::TimedOut) => {
                 return (
                     fail(
                         format!(
@@ -291,15 +292,16 @@ impl Inner {
                     None,
                 );
             }
-            Ok(Err(join)) => {
-                let msg = if join.is_panic() {
-                    "step handler panicked"
-                } else {
-                    "step handler was aborted"
-                };
-                return (fail(msg.into(), "handler_panic", Failure::Retryable), None);
+            Err(Interrupted::Panicked) => {
+                return (
+                    fail(
+                        "step handler panicked".into(),
+                        "handler_panic",
+                        Failure::Retryable,
+                    ),
+                    None,
+                );
             }
-            Ok(Ok(r)) => r,
         };
         match r {
             Ok(StepOutput {
@@ -329,6 +331,34 @@ impl Inner {
             }
             Err(e) => (fail(e.to_string(), e.code(), e.failure()), None),
         }
+    }
+}
+
+/// Why a handler's run ended without its result.
+#[derive(Debug, PartialEq)]
+enum Interrupted {
+    Cancelled,
+    TimedOut,
+    Panicked,
+}
+
+/// Runs a handler to its result, bounded by `timeout` and `cancel`. It runs in the caller's
+/// task, not one of its own (a spawn per step was a measurable share of a worker's CPU): a
+/// panic is caught here, and stopping it drops its future, as aborting its task did.
+async fn run_handler(
+    handler: &dyn StepHandler,
+    ctx: StepContext,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Result<StepOutput, StepError>, Interrupted> {
+    let run = AssertUnwindSafe(handler.run(ctx)).catch_unwind();
+    tokio::select! {
+        r = tokio::time::timeout(timeout, run) => match r {
+            Err(_) => Err(Interrupted::TimedOut),
+            Ok(Err(_)) => Err(Interrupted::Panicked),
+            Ok(Ok(r)) => Ok(r),
+        },
+        _ = cancel.cancelled() => Err(Interrupted::Cancelled),
     }
 }
 
@@ -368,4 +398,70 @@ fn decode_state(
         outputs,
         checkpoint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+
+    /// Does what its step's config says: `panic`, `hang` (never returns) or return its input.
+    struct Scripted;
+
+    #[async_trait]
+    impl StepHandler for Scripted {
+        async fn run(&self, ctx: StepContext) -> Result<StepOutput, StepError> {
+            match ctx.config["do"].as_str() {
+                Some("panic") => panic!("a handler bug"),
+                Some("hang") => std::future::pending().await,
+                _ => Ok(StepOutput::ok_with(ctx.input)),
+            }
+        }
+    }
+
+    async fn run(
+        what: &str,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Result<StepOutput, StepError>, Interrupted> {
+        let ctx = StepContext::for_test(
+            "scripted",
+            serde_json::json!({ "do": what }),
+            serde_json::json!({ "n": 1 }),
+        );
+        run_handler(&Scripted, ctx, timeout, cancel).await
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_returns_gives_its_result() {
+        let r = run("return", Duration::from_secs(60), &CancellationToken::new()).await;
+        assert_eq!(
+            r.unwrap().unwrap().output,
+            Some(serde_json::json!({ "n": 1 }))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_caught_in_the_step_task() {
+        let r = run("panic", Duration::from_secs(60), &CancellationToken::new()).await;
+        assert_eq!(r.err(), Some(Interrupted::Panicked));
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_its_timeout_is_dropped() {
+        let r = run("hang", Duration::from_millis(20), &CancellationToken::new()).await;
+        assert_eq!(r.err(), Some(Interrupted::TimedOut));
+    }
+
+    #[tokio::test]
+    async fn cancelling_drops_a_running_handler() {
+        let cancel = CancellationToken::new();
+        let stopper = cancel.clone();
+        let r = tokio::join!(
+            run("hang", Duration::from_secs(3600), &cancel),
+            async move { stopper.cancel() }
+        )
+        .0;
+        assert_eq!(r.err(), Some(Interrupted::Cancelled));
+    }
 }
