@@ -14,17 +14,15 @@ pub struct Component {
 }
 
 impl Component {
-    /// Starts a thread running `make()` to completion on a new multi-threaded runtime.
+    /// Starts a thread running `make()` to completion on a new multi-threaded runtime of
+    /// `threads` worker threads (0: one per CPU), as a service's `runtime_threads` builds it.
     /// `make` runs on that thread, so whatever it connects is driven by that runtime.
-    pub fn spawn<M, F>(name: &str, make: M) -> Result<Self, BenchError>
+    pub fn spawn<M, F>(name: &str, threads: usize, make: M) -> Result<Self, BenchError>
     where
         M: FnOnce() -> F + Send + 'static,
         F: Future<Output = ()>,
     {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .thread_name(name)
-            .enable_all()
-            .build()
+        let runtime = honua_runtime::build_runtime(name, threads)
             .map_err(BenchError::io(format!("cannot build the {name} runtime")))?;
         let (tx, done) = oneshot::channel();
         let thread = std::thread::Builder::new()

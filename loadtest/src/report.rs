@@ -188,7 +188,7 @@ impl Report {
         if let Some(e) = &self.engine {
             writeln!(
                 s,
-                "  engine:    {} {} processes ({}); {} scheduler(s), {} workers ({} concurrent steps each); {} submitters",
+                "  engine:    {} {} processes ({}); {} scheduler(s), {} workers ({} concurrent steps each), each on a runtime of {} thread(s); {} submitters",
                 e.processes,
                 e.process_type,
                 match e.shape {
@@ -198,6 +198,7 @@ impl Report {
                 e.schedulers,
                 e.workers,
                 e.max_concurrent_steps,
+                crate::throughput::ENGINE_RUNTIME_THREADS,
                 e.submitters
             )?;
         }

@@ -391,12 +391,19 @@ impl Bench {
     }
 }
 
+/// Threads of each scheduler's and worker's runtime (`runtime_threads`): the engine's
+/// components share the host's cores with Redis and the submitters, as pods of one CPU
+/// each would; a runtime per component with a thread per core spends its CPU waking its
+/// threads up.
+pub(crate) const ENGINE_RUNTIME_THREADS: usize = 1;
+
 fn bench_config(url: &str, prefix: &str, definitions: &Path) -> Config {
     Config {
         redis_url: url.to_string(),
         key_prefix: prefix.to_string(),
         definitions_dir: definitions.to_path_buf(),
         retention_secs: RETENTION_SECS,
+        runtime_threads: ENGINE_RUNTIME_THREADS,
         ..Config::default()
     }
 }
@@ -478,7 +485,7 @@ fn spawn_scheduler(
     cfg.scheduler.id = Some(name.to_string());
     let (cfg, defs, kinds) = (Arc::new(cfg), defs.clone(), kinds.clone());
     let shutdown = shutdown.clone();
-    let component = Component::spawn(name, move || async move {
+    let component = Component::spawn(name, cfg.runtime_threads, move || async move {
         let store = match Store::from_config(&cfg) {
             Ok(s) => s,
             Err(e) => {
@@ -505,7 +512,7 @@ fn spawn_worker(
     let mut cfg = cfg.clone();
     cfg.worker.id = Some(name.to_string());
     let (defs, shutdown) = (defs.clone(), shutdown.clone());
-    let component = Component::spawn(name, move || async move {
+    let component = Component::spawn(name, cfg.runtime_threads, move || async move {
         let store = match Store::from_config(&cfg) {
             Ok(s) => s,
             Err(e) => {

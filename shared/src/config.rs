@@ -335,6 +335,11 @@ pub struct Config {
     /// anyway, with a warning.
     pub wait_replicas_timeout_ms: u64,
     pub max_request_body_kb: usize,
+    /// Threads of the process's async runtime; 0: one per CPU the process may use (Linux
+    /// counts the cgroup's CPU quota, not a pod's request: a pod with no CPU limit gets one
+    /// per node core, and threads that outnumber the CPU the process actually gets mostly
+    /// wake one another up).
+    pub runtime_threads: usize,
     /// Timeouts and connection cap of the gateway and the worker's metrics listener.
     pub http_server: HttpServerConfig,
     pub api: ApiConfig,
@@ -361,6 +366,7 @@ impl Default for Config {
             wait_replicas: None,
             wait_replicas_timeout_ms: 1000,
             max_request_body_kb: 1024,
+            runtime_threads: 0,
             http_server: HttpServerConfig::default(),
             api: ApiConfig::default(),
             state: StateConfig::default(),
@@ -371,6 +377,9 @@ impl Default for Config {
         }
     }
 }
+
+/// Most threads `runtime_threads` may ask for.
+pub const MAX_RUNTIME_THREADS: usize = 256;
 
 /// `redis_url` when none is configured.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -405,6 +414,7 @@ pub const ENV_VARS: &[&str] = &[
     "HONUA_API_KEYS",
     "HONUA_SESSION_SECRET",
     "HONUA_WORKER_METRICS_ADDR",
+    "HONUA_RUNTIME_THREADS",
 ];
 
 fn parse_env<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
@@ -454,6 +464,9 @@ impl Config {
                 "HONUA_REDIS_CLUSTER_NODES" => self.redis_cluster_nodes = comma_list(v),
                 "HONUA_KEY_PREFIX" => self.key_prefix = v.clone(),
                 "HONUA_PARTITIONS" => self.partitions = parse_env("HONUA_PARTITIONS", v)?,
+                "HONUA_RUNTIME_THREADS" => {
+                    self.runtime_threads = parse_env("HONUA_RUNTIME_THREADS", v)?
+                }
                 "HONUA_HTTP_ADDR" => self.http_addr = Some(v.clone()),
                 "HONUA_DEFINITIONS_DIR" => self.definitions_dir = PathBuf::from(v),
                 "HONUA_RETENTION_SECS" => {
@@ -543,6 +556,12 @@ impl Config {
         }
         if !crate::envelope::valid_id(&self.key_prefix) {
             return bad("key_prefix", "must be 1-64 characters of [A-Za-z0-9_-]");
+        }
+        if self.runtime_threads > MAX_RUNTIME_THREADS {
+            return bad(
+                "runtime_threads",
+                format!("must be 0 (one per CPU) to {MAX_RUNTIME_THREADS}"),
+            );
         }
         if !(1..=crate::partition::MAX_PARTITIONS).contains(&self.partitions) {
             return bad(
@@ -861,6 +880,23 @@ mod tests {
             }
         }
         assert!(Config::load(None, env(&[("HONUA_PARTITIONS", "many")])).is_err());
+    }
+
+    #[test]
+    fn runtime_threads_default_to_one_per_cpu_and_are_validated() {
+        assert_eq!(Config::default().runtime_threads, 0);
+        let c = Config::load(None, env(&[("HONUA_RUNTIME_THREADS", "1")])).unwrap();
+        assert_eq!(c.runtime_threads, 1);
+        c.validate().unwrap();
+        let c = Config {
+            runtime_threads: MAX_RUNTIME_THREADS + 1,
+            ..Config::default()
+        };
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "runtime_threads"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Config::load(None, env(&[("HONUA_RUNTIME_THREADS", "-1")])).is_err());
     }
 
     #[test]

@@ -17,20 +17,24 @@ struct Args {
     http_addr: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = telemetry::init_from_env(LogFormat::Json);
-    honua_runtime::install_crypto_provider();
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(a) = args.http_addr {
         cfg.http_addr = Some(a);
     }
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        s.cancel();
-    });
-    honua_scheduler::run_scheduler(cfg, None, shutdown).await
+    // Validated before the runtime is built from it (run_scheduler validates again).
+    cfg.validate()?;
+    let runtime = honua_runtime::build_runtime("honua-scheduler", cfg.runtime_threads)?;
+    runtime.block_on(async move {
+        let _telemetry = telemetry::init_from_env(LogFormat::Json);
+        honua_runtime::install_crypto_provider();
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            telemetry::shutdown_signal().await;
+            s.cancel();
+        });
+        honua_scheduler::run_scheduler(cfg, None, shutdown).await
+    })
 }

@@ -17,14 +17,18 @@ struct Args {
     id: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = telemetry::init_from_env(LogFormat::Json);
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(id) = args.id {
         cfg.worker.id = Some(id);
     }
-    let handlers = honua_worker::builtin_handlers(&cfg);
-    honua_worker::run_main(cfg, handlers, CancellationToken::new()).await
+    // Validated before the runtime is built from it (run_main validates again).
+    cfg.validate()?;
+    let runtime = honua_runtime::build_runtime("honua-worker", cfg.runtime_threads)?;
+    runtime.block_on(async move {
+        let _telemetry = telemetry::init_from_env(LogFormat::Json);
+        let handlers = honua_worker::builtin_handlers(&cfg);
+        honua_worker::run_main(cfg, handlers, CancellationToken::new()).await
+    })
 }
