@@ -7,6 +7,7 @@ use super::execute::Begun;
 use super::{Inner, Running, Stop, StopCell, claim};
 use crate::handler::ServerClock;
 use backon::Retryable;
+use futures::FutureExt;
 use honua_shared::envelope::JobEnvelope;
 use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::metrics as m;
@@ -494,21 +495,31 @@ impl Inner {
                     );
                     self.stats.started.fetch_add(1, Ordering::Relaxed);
                     self.slot_gauges();
-                    tokio::spawn(async move {
-                        let permit = match permit {
-                            Some(p) => Some(p),
-                            None => me.wait_for_slot(&cancel).await,
-                        };
-                        let begun = Begun {
-                            process_type,
-                            version,
-                            tenant,
-                            clock,
-                            snapshot,
-                        };
-                        me.execute(span, held, begun, data, cancel, stop).await;
-                        drop(permit);
-                    });
+                    let begun = Begun {
+                        process_type,
+                        version,
+                        tenant,
+                        clock,
+                        snapshot,
+                    };
+                    let run = me
+                        .clone()
+                        .execute(span, held, begun, data, cancel.clone(), stop);
+                    // The step's task is its future with the permit released at the end: no
+                    // async block around it, which would hold the future twice (once
+                    // captured, once awaited) and be copied whole when spawned.
+                    match permit {
+                        Some(p) => {
+                            tokio::spawn(run.map(move |()| drop(p)));
+                        }
+                        None => {
+                            tokio::spawn(async move {
+                                let p = me.wait_for_slot(&cancel).await;
+                                run.await;
+                                drop(p);
+                            });
+                        }
+                    }
                 }
                 Begin::Lost => {
                     span.record("honua.outcome", "lost");

@@ -58,7 +58,10 @@ impl Inner {
         engine::on_event(&ctx, rec, &event).to_fast(rec.revision(), rec.status)
     }
 
-    pub(super) async fn execute(
+    /// Runs one claimed step in its span. Not an `async fn`: the future it returns holds
+    /// the step's arguments once (in `execute_in_span`'s state), not a second copy around it,
+    /// and every step's task is moved in memory as a whole (spawned, then finished).
+    pub(super) fn execute(
         self: Arc<Self>,
         span: tracing::Span,
         held: Held,
@@ -66,7 +69,7 @@ impl Inner {
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
         stop: Arc<StopCell>,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
         if held.deliveries > 1 {
             span.in_scope(|| {
                 info!(
@@ -77,10 +80,8 @@ impl Inner {
                 )
             });
         }
-        let me = self.clone();
-        me.execute_in_span(held, begun, data, cancel, stop)
+        self.execute_in_span(held, begun, data, cancel, stop)
             .instrument(span)
-            .await;
     }
 
     async fn execute_in_span(
