@@ -15,7 +15,9 @@
 //! kill finds steps running — with no-op steps a kill mostly finds nothing in flight.
 //!
 //! - **Lost processes**: submitted (acknowledged) but not Completed once the run has had
-//!   lease + sweep + a minute after the last arrival. Must be 0.
+//!   lease + sweep + a minute after the last arrival. Must be 0. Each arrival carries an
+//!   idempotency key and is retried with it while Redis is down, so a submission whose
+//!   answer was lost is not counted twice.
 //! - **Step commits**: every committed step result either adds one event to the results
 //!   stream (`XINFO STREAM … entries-added` over the run; in this run only `complete.lua`
 //!   adds to it — no timers, signals, hand-backs or dead letters) or, when its worker
@@ -39,8 +41,8 @@ use crate::progress::Progress;
 use crate::server::Server;
 use crate::stats::Dist;
 use crate::throughput::{self, Bench, Fleet, Outcome, STEPS_PER_PROCESS, submission};
-use honua_scheduler::Processes;
-use honua_shared::envelope::{FieldMap, JobEnvelope};
+use honua_scheduler::{Processes, Submitted};
+use honua_shared::envelope::{FieldMap, JobEnvelope, Submission};
 use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::store::Store;
 use redis::AsyncCommands;
@@ -123,6 +125,10 @@ pub struct CrashResult {
     /// Executions beyond one per claim (process, step, delivery count): must be 0.
     pub duplicate_claim_executions: u64,
     pub steps_never_executed: u64,
+    /// Submissions retried after an error that the engine answered with the process the
+    /// first attempt had created (its answer was lost with the server): the idempotency
+    /// key at work.
+    pub resubmitted: u64,
     /// Jobs pending on the workers when they were killed.
     pub jobs_held_by_killed_workers: usize,
     /// Of those, the ones claimed again (the rest were finished by the victim between the
@@ -280,7 +286,7 @@ async fn measure(
     let (injected, done) = tokio::join!(injecting, watching);
     progress.finish();
     let end = Instant::now();
-    let ids = arriving
+    let (ids, resubmitted) = arriving
         .await
         .map_err(|_| BenchError::Component("submitting panicked".into()))??;
     let (mut children, kills) = injected?;
@@ -353,6 +359,7 @@ async fn measure(
         duplicate_executions,
         duplicate_claim_executions,
         steps_never_executed: never,
+        resubmitted,
         reclaimed_steps: reclaim.len(),
         reclaim: Dist::of(reclaim),
         reclaim_bound_ms: w.lease_ms + w.sweep_ms,
@@ -361,30 +368,46 @@ async fn measure(
 }
 
 /// Submits `n` processes at a fixed rate (open loop); returns their ids.
-async fn arrive(engine: Processes, n: usize, period: Duration) -> Result<Vec<String>, BenchError> {
+async fn arrive(
+    engine: Processes,
+    n: usize,
+    period: Duration,
+) -> Result<(Vec<String>, u64), BenchError> {
     let start = tokio::time::Instant::now();
     let mut set = JoinSet::new();
     for i in 0..n {
         tokio::time::sleep_until(start + period.mul_f64(i as f64)).await;
         let engine = engine.clone();
         set.spawn(async move {
-            // A submission refused while Redis is down (the redis nemesis) is retried, as a
-            // client would; only an acknowledged one counts.
+            // A submission refused while Redis is down (the redis nemesis) is retried with
+            // its idempotency key, as a careful client does: one that landed but whose
+            // answer was lost with the server returns the process it created instead of
+            // starting a second one. Only an acknowledged one counts.
+            let sub = Submission {
+                idempotency_key: Some(format!("arrival-{i}")),
+                ..submission()
+            };
             let give_up = Instant::now() + Duration::from_secs(60);
             loop {
-                match engine.create(&submission(), None).await {
-                    Ok(id) => return Ok::<String, BenchError>(id.id().to_string()),
+                match engine.create(&sub, None).await {
+                    Ok(s) => {
+                        let again = matches!(s, Submitted::Duplicate { .. });
+                        return Ok::<_, BenchError>((s.id().to_string(), again));
+                    }
                     Err(e) if Instant::now() > give_up => return Err(e.into()),
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
     }
-    let mut ids = Vec::with_capacity(n);
+    let (mut ids, mut resubmitted) = (Vec::with_capacity(n), 0);
     while let Some(joined) = set.join_next().await {
-        ids.push(joined.map_err(|_| BenchError::Component("a submission panicked".into()))??);
+        let (id, again) =
+            joined.map_err(|_| BenchError::Component("a submission panicked".into()))??;
+        ids.push(id);
+        resubmitted += u64::from(again);
     }
-    Ok(ids)
+    Ok((ids, resubmitted))
 }
 
 /// One kill: when, and the jobs (process, step) the victim held.

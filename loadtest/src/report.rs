@@ -469,6 +469,13 @@ impl Report {
                 c.duplicate_claim_executions,
                 c.steps_never_executed
             )?;
+            if c.resubmitted > 0 {
+                writeln!(
+                    s,
+                    "  {} submissions retried after a lost answer got back the process their first attempt created (idempotency key)",
+                    c.resubmitted
+                )?;
+            }
             if c.nemesis != Nemesis::Redis {
                 writeln!(
                     s,
