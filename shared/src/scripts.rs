@@ -264,9 +264,23 @@ impl Invocation<'_> {
 
     /// The `FCALL` command (for pipelines).
     pub fn cmd(&self) -> redis::Cmd {
-        let mut c = redis::cmd("FCALL");
-        c.arg(&self.function.name).arg(self.keys.args_iter().len());
-        for a in self.keys.args_iter().chain(self.args.args_iter()) {
+        let values = || self.keys.args_iter().chain(self.args.args_iter());
+        // Sized up front: a batch call's buffers would otherwise grow (and be copied) a
+        // dozen times.
+        let bytes: usize = values()
+            .map(|a| match a {
+                redis::Arg::Simple(v) => v.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut c = redis::Cmd::with_capacity(
+            3 + self.keys.args_iter().len() + self.args.args_iter().len(),
+            "FCALL".len() + self.function.name.len() + 8 + bytes,
+        );
+        c.arg("FCALL")
+            .arg(&self.function.name)
+            .arg(self.keys.args_iter().len());
+        for a in values() {
             if let redis::Arg::Simple(v) = a {
                 c.arg(v);
             }
