@@ -10,8 +10,9 @@ use honua_shared::metrics as m;
 use honua_shared::status::ProcessStatus;
 use honua_shared::status::outcome;
 use honua_shared::store::{Completion, Fence, Held, StoreError};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,53 @@ fn transition_span(held: &Held, process_type: &str, status: ProcessStatus) {
     honua_runtime::telemetry::set_parent(&span, &held.job.trace);
 }
 
+/// The metric handles a committed step updates, for one label set.
+#[derive(Clone)]
+struct StepHandles {
+    /// `m::STEPS` {process_type, kind, outcome}.
+    steps: metrics::Counter,
+    /// `m::STEP_DURATION` {kind, outcome}.
+    duration: metrics::Histogram,
+    /// `m::WORKER_TRANSITIONS` {process_type}.
+    transitions: metrics::Counter,
+}
+
+/// The per-step metric handles of each (process type, kind, outcome) seen, registered on
+/// first use: a step's metrics then cost one map look-up instead of three label sets
+/// built, hashed and looked up in the recorder's registry. The worker installs the
+/// recorder before it counts anything, so no handle is taken from a missing one.
+#[derive(Default)]
+pub(super) struct StepMetrics(Mutex<HashMap<String, StepHandles>>);
+
+impl StepMetrics {
+    fn get(&self, process_type: &str, kind: &str, outcome: &str) -> StepHandles {
+        // Label values are names, never containing the separator (a control character).
+        let mut key = String::with_capacity(process_type.len() + kind.len() + outcome.len() + 2);
+        for (i, part) in [process_type, kind, outcome].into_iter().enumerate() {
+            if i > 0 {
+                key.push('\u{1f}');
+            }
+            key.push_str(part);
+        }
+        let mut map = self.0.lock().unwrap();
+        if let Some(h) = map.get(&key) {
+            return h.clone();
+        }
+        let labels = [
+            ("process_type", process_type.to_string()),
+            ("kind", kind.to_string()),
+            ("outcome", outcome.to_string()),
+        ];
+        let h = StepHandles {
+            steps: metrics::counter!(m::STEPS, &labels),
+            duration: metrics::histogram!(m::STEP_DURATION, &labels[1..]),
+            transitions: metrics::counter!(m::WORKER_TRANSITIONS, "process_type" => process_type.to_string()),
+        };
+        map.insert(key, h.clone());
+        h
+    }
+}
+
 impl Inner {
     pub(super) async fn commit(
         &self,
@@ -78,20 +126,14 @@ impl Inner {
         match r {
             Ok((Fence::Ok, fast)) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
+                let metrics = self.step_metrics.get(process_type, kind, &result.outcome);
                 if let (true, Some(status)) = (fast, status) {
                     self.stats.fast_commits.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::WORKER_TRANSITIONS, "process_type" => process_type.to_string())
-                        .increment(1);
+                    metrics.transitions.increment(1);
                     transition_span(held, process_type, status);
                 }
-                let labels = [
-                    ("process_type", process_type.to_string()),
-                    ("kind", kind.to_string()),
-                    ("outcome", result.outcome.clone()),
-                ];
-                metrics::counter!(m::STEPS, &labels).increment(1);
-                metrics::histogram!(m::STEP_DURATION, &labels[1..])
-                    .record(duration_ms as f64 / 1000.0);
+                metrics.steps.increment(1);
+                metrics.duration.record(duration_ms as f64 / 1000.0);
                 if result.outcome == outcome::FAILED {
                     warn!(process_id = %pid, step = %step, worker = %self.id, duration_ms, error = result.error.as_deref().unwrap_or(""), "Process {pid} step {step} failed, duration {duration_ms} ms");
                 } else {

@@ -148,6 +148,8 @@ struct Inner {
     /// The slot gauges ([`Inner::slot_gauges`]), registered once: set twice per step.
     inflight_gauge: metrics::Gauge,
     free_slots_gauge: metrics::Gauge,
+    /// The per-step metric handles of each label set seen ([`complete::StepMetrics`]).
+    step_metrics: complete::StepMetrics,
     /// Step results waiting for the completer, which commits them in batches.
     completions: mpsc::UnboundedSender<Completing>,
     completions_rx: Mutex<Option<mpsc::UnboundedReceiver<Completing>>>,
@@ -197,6 +199,7 @@ impl Worker {
                 born: Instant::now(),
                 inflight_gauge: metrics::gauge!(m::WORKER_INFLIGHT),
                 free_slots_gauge: metrics::gauge!(m::WORKER_FREE_SLOTS),
+                step_metrics: complete::StepMetrics::default(),
                 completions,
                 completions_rx: Mutex::new(Some(completions_rx)),
                 stats: Arc::new(WorkerStats::default()),
