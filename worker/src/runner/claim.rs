@@ -7,7 +7,6 @@ use super::execute::Begun;
 use super::{Inner, Running, Stop, StopCell, claim};
 use crate::handler::ServerClock;
 use backon::Retryable;
-use futures::FutureExt;
 use honua_shared::envelope::JobEnvelope;
 use honua_shared::keys::WORKERS_GROUP;
 use honua_shared::metrics as m;
@@ -502,21 +501,27 @@ impl Inner {
                         clock,
                         snapshot,
                     };
-                    let run = me
-                        .clone()
-                        .execute(span, held, begun, data, cancel.clone(), stop);
-                    // The step's task is its future with the permit released at the end: no
-                    // async block around it, which would hold the future twice (once
-                    // captured, once awaited) and be copied whole when spawned.
+                    // The step's task is its execute future itself (no async block around
+                    // it, which would hold it twice and be copied whole when spawned); the
+                    // future holds the slot until the step is settled. A reclaimed job
+                    // without a slot waits for one first.
                     match permit {
                         Some(p) => {
-                            tokio::spawn(run.map(move |()| drop(p)));
+                            tokio::spawn(me.execute(
+                                span,
+                                held,
+                                begun,
+                                data,
+                                (cancel, stop),
+                                Some(p),
+                            ));
                         }
                         None => {
                             tokio::spawn(async move {
                                 let p = me.wait_for_slot(&cancel).await;
-                                run.await;
-                                drop(p);
+                                me.clone()
+                                    .execute(span, held, begun, data, (cancel, stop), p)
+                                    .await;
                             });
                         }
                     }

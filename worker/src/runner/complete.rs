@@ -1,8 +1,9 @@
-//! Committing step results: each step task hands its result to the completer, which
-//! commits every result that arrived while its previous `complete.lua` call was in flight
-//! in one call (each step still fenced on its own), and answers each task.
+//! Committing step results: each step task hands its result to the completer and ends;
+//! the completer commits every result that arrived while its previous `complete.lua` call
+//! was in flight in one call (each step still fenced on its own), then settles each step:
+//! its metrics and log, its claim out of the in-flight map, its slot freed.
 
-use super::Inner;
+use super::{Inner, claim};
 use backon::Retryable;
 use honua_shared::commit::FastCommit;
 use honua_shared::envelope::StepResult;
@@ -14,14 +15,14 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 /// Most step results one `complete.lua` call commits.
 const COMPLETE_BATCH: usize = 256;
 
-/// A step result handed to the completer, with where to send its answer.
+/// A step result handed to the completer, with what settling its answer needs.
 pub(super) struct Completing {
     held: Held,
     output: Option<Vec<u8>>,
@@ -29,7 +30,14 @@ pub(super) struct Completing {
     checkpoint: bool,
     result: StepResult,
     fast: Option<FastCommit>,
-    done: oneshot::Sender<Result<(Fence, bool), String>>,
+    /// The step's metric labels and duration.
+    process_type: String,
+    kind: String,
+    duration_ms: u64,
+    /// The step's span (its log lines) and its slot, held until the answer is settled: a
+    /// step counts against `max_concurrent_steps` until its result is committed.
+    span: tracing::Span,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The `process.transition` span of a transition this worker committed with its step's
@@ -97,40 +105,52 @@ impl StepMetrics {
 }
 
 impl Inner {
-    pub(super) async fn commit(
+    /// Hands a step's result to the completer; the step's task ends here, and the
+    /// completer settles the step once the commit answers ([`Inner::settle`]).
+    pub(super) fn commit(
         &self,
-        held: &Held,
-        (process_type, kind): (&str, &str),
+        held: Held,
+        (process_type, kind): (String, String),
         (result, fast): (StepResult, Option<FastCommit>),
         (output, checkpoint): (Option<Vec<u8>>, bool),
         duration_ms: u64,
+        permit: Option<OwnedSemaphorePermit>,
     ) {
-        let pid = &held.job.process_id;
-        let step = &held.job.step;
-        let (done, answer) = oneshot::channel();
-        let status = fast.as_ref().map(|f| f.status);
-        let sent = self.completions.send(Completing {
-            held: held.clone(),
+        let c = Completing {
+            held,
             output,
             checkpoint,
-            result: result.clone(),
+            result,
             fast,
-            done,
-        });
-        let r = match sent {
-            Ok(()) => answer
-                .await
-                .unwrap_or_else(|_| Err("the completer stopped".into())),
-            Err(_) => Err("the worker is stopping".into()),
+            process_type,
+            kind,
+            duration_ms,
+            span: tracing::Span::current(),
+            permit,
         };
+        if let Err(mpsc::error::SendError(c)) = self.completions.send(c) {
+            self.settle(c, Err("the worker is stopping".into()));
+        }
+    }
+
+    /// Accounts for a step's commit once it answered, in the step's span: metrics and log,
+    /// the claim out of the in-flight map, then the slot freed (`c` dropped).
+    fn settle(&self, c: Completing, r: Result<(Fence, bool), String>) {
+        let _entered = c.span.enter();
+        let (held, result) = (&c.held, &c.result);
+        let pid = &held.job.process_id;
+        let step = &held.job.step;
+        let duration_ms = c.duration_ms;
         match r {
             Ok((Fence::Ok, fast)) => {
                 self.stats.committed.fetch_add(1, Ordering::Relaxed);
-                let metrics = self.step_metrics.get(process_type, kind, &result.outcome);
-                if let (true, Some(status)) = (fast, status) {
+                let metrics = self
+                    .step_metrics
+                    .get(&c.process_type, &c.kind, &result.outcome);
+                if let (true, Some(f)) = (fast, &c.fast) {
                     self.stats.fast_commits.fetch_add(1, Ordering::Relaxed);
                     metrics.transitions.increment(1);
-                    transition_span(held, process_type, status);
+                    transition_span(held, &c.process_type, f.status);
                 }
                 metrics.steps.increment(1);
                 metrics.duration.record(duration_ms as f64 / 1000.0);
@@ -152,6 +172,10 @@ impl Inner {
                 error!(error = %e, process_id = %pid, step = %step, "commit failed; the job will be reclaimed and run again")
             }
         }
+        self.inflight.lock().unwrap().remove(&claim(held));
+        self.slot_gauges();
+        drop(_entered);
+        drop(c.permit);
     }
 
     /// Commits step results in batches: one `complete.lua` call for every result that
@@ -207,14 +231,18 @@ impl Inner {
                 drop(items);
                 match r {
                     Ok(answers) => {
-                        for (c, a) in batch.into_iter().zip(answers) {
-                            let _ = c.done.send(Ok(a));
+                        let mut answers = answers.into_iter();
+                        for c in batch {
+                            let a = answers
+                                .next()
+                                .ok_or_else(|| "no answer for this step".into());
+                            self.settle(c, a);
                         }
                     }
                     Err(e) => {
                         let msg = e.to_string();
                         for c in batch {
-                            let _ = c.done.send(Err(msg.clone()));
+                            self.settle(c, Err(msg.clone()));
                         }
                     }
                 }

@@ -22,6 +22,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 
@@ -67,8 +68,8 @@ impl Inner {
         held: Held,
         begun: Begun,
         data: HashMap<String, Vec<u8>>,
-        cancel: CancellationToken,
-        stop: Arc<StopCell>,
+        (cancel, stop): (CancellationToken, Arc<StopCell>),
+        permit: Option<OwnedSemaphorePermit>,
     ) -> impl Future<Output = ()> + Send + 'static {
         if held.deliveries > 1 {
             span.in_scope(|| {
@@ -80,10 +81,12 @@ impl Inner {
                 )
             });
         }
-        self.execute_in_span(held, begun, data, cancel, stop)
+        self.execute_in_span(held, begun, data, cancel, stop, permit)
             .instrument(span)
     }
 
+    /// Runs the step and commits or discards its result. `permit` is its slot: freed when
+    /// this returns, or, for a result handed to the completer, once that is committed.
     async fn execute_in_span(
         self: Arc<Self>,
         held: Held,
@@ -91,6 +94,7 @@ impl Inner {
         data: HashMap<String, Vec<u8>>,
         cancel: CancellationToken,
         stop: Arc<StopCell>,
+        permit: Option<OwnedSemaphorePermit>,
     ) {
         let started = Instant::now();
         let stale_flag = Arc::new(AtomicBool::new(false));
@@ -134,18 +138,22 @@ impl Inner {
                     .and_then(|d| d.step(&held.job.step).map(|s| s.kind.clone()))
                     .unwrap_or_default();
                 let fast = self.successors(&held, &begun, &result);
+                // The completer settles the step (its claim leaves the in-flight map and its
+                // slot is freed once the commit answers): this task ends here.
                 self.commit(
-                    &held,
-                    (process_type, &kind),
+                    held,
+                    (begun.process_type, kind),
                     (result, fast),
                     (output, checkpointed.load(Ordering::SeqCst)),
                     duration_ms,
-                )
-                .await;
+                    permit,
+                );
+                return;
             }
         }
         self.inflight.lock().unwrap().remove(&claim(&held));
         self.slot_gauges();
+        drop(permit);
     }
 
     async fn release(&self, held: &Held) {
