@@ -270,11 +270,8 @@ const SHORT_SWEEP_MS: u64 = 500;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("lt-main")
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let runtime =
+        honua_runtime::build_runtime("lt-main", 0).context("cannot start the tokio runtime")?;
     runtime.block_on(run(cli.command))
 }
 

@@ -863,6 +863,14 @@ mod tests {
             .collect()
     }
 
+    /// Asserts that `c` fails validation naming `field`.
+    fn assert_invalid(c: &Config, field: &str) {
+        match c.validate() {
+            Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+
     #[test]
     fn partitions_default_to_one_and_are_validated() {
         assert_eq!(Config::default().partitions, 1);
@@ -874,10 +882,7 @@ mod tests {
                 partitions: bad,
                 ..Config::default()
             };
-            match c.validate() {
-                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "partitions"),
-                other => panic!("{bad}: {other:?}"),
-            }
+            assert_invalid(&c, "partitions");
         }
         assert!(Config::load(None, env(&[("HONUA_PARTITIONS", "many")])).is_err());
     }
@@ -892,10 +897,7 @@ mod tests {
             runtime_threads: MAX_RUNTIME_THREADS + 1,
             ..Config::default()
         };
-        match c.validate() {
-            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "runtime_threads"),
-            other => panic!("{other:?}"),
-        }
+        assert_invalid(&c, "runtime_threads");
         assert!(Config::load(None, env(&[("HONUA_RUNTIME_THREADS", "-1")])).is_err());
     }
 
@@ -1026,10 +1028,7 @@ mod tests {
         let mut c = Config::default();
         c.worker.lease_ms = 1000;
         c.worker.heartbeat_ms = Some(900);
-        match c.validate() {
-            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "worker.heartbeat_ms"),
-            other => panic!("{other:?}"),
-        }
+        assert_invalid(&c, "worker.heartbeat_ms");
         let mut c = Config::default();
         c.state.max_depth = 1024;
         assert!(c.validate().is_err());

@@ -265,6 +265,7 @@ impl Invocation<'_> {
     /// The `FCALL` command (for pipelines).
     pub fn cmd(&self) -> redis::Cmd {
         let values = || self.keys.args_iter().chain(self.args.args_iter());
+        let keys = self.keys.args_iter().len();
         // Sized up front: a batch call's buffers would otherwise grow (and be copied) a
         // dozen times.
         let bytes: usize = values()
@@ -274,12 +275,10 @@ impl Invocation<'_> {
             })
             .sum();
         let mut c = redis::Cmd::with_capacity(
-            3 + self.keys.args_iter().len() + self.args.args_iter().len(),
+            3 + keys + self.args.args_iter().len(),
             "FCALL".len() + self.function.name.len() + 8 + bytes,
         );
-        c.arg("FCALL")
-            .arg(&self.function.name)
-            .arg(self.keys.args_iter().len());
+        c.arg("FCALL").arg(&self.function.name).arg(keys);
         for a in values() {
             if let redis::Arg::Simple(v) = a {
                 c.arg(v);

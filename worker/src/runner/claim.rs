@@ -519,9 +519,7 @@ impl Inner {
                         None => {
                             tokio::spawn(async move {
                                 let p = me.wait_for_slot(&cancel).await;
-                                me.clone()
-                                    .execute(span, held, begun, data, (cancel, stop), p)
-                                    .await;
+                                me.execute(span, held, begun, data, (cancel, stop), p).await;
                             });
                         }
                     }

@@ -78,13 +78,7 @@ pub(super) struct StepMetrics(Mutex<HashMap<String, StepHandles>>);
 impl StepMetrics {
     fn get(&self, process_type: &str, kind: &str, outcome: &str) -> StepHandles {
         // Label values are names, never containing the separator (a control character).
-        let mut key = String::with_capacity(process_type.len() + kind.len() + outcome.len() + 2);
-        for (i, part) in [process_type, kind, outcome].into_iter().enumerate() {
-            if i > 0 {
-                key.push('\u{1f}');
-            }
-            key.push_str(part);
-        }
+        let key = format!("{process_type}\u{1f}{kind}\u{1f}{outcome}");
         let mut map = self.0.lock().unwrap();
         if let Some(h) = map.get(&key) {
             return h.clone();
@@ -172,10 +166,16 @@ impl Inner {
                 error!(error = %e, process_id = %pid, step = %step, "commit failed; the job will be reclaimed and run again")
             }
         }
-        self.inflight.lock().unwrap().remove(&claim(held));
-        self.slot_gauges();
+        self.step_ended(held);
         drop(_entered);
         drop(c.permit);
+    }
+
+    /// A step is over (committed, discarded or handed back): its claim leaves the in-flight
+    /// map. Its slot is freed by the caller dropping its permit right after.
+    pub(super) fn step_ended(&self, held: &Held) {
+        self.inflight.lock().unwrap().remove(&claim(held));
+        self.slot_gauges();
     }
 
     /// Commits step results in batches: one `complete.lua` call for every result that

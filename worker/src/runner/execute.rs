@@ -2,7 +2,7 @@
 //! checkpointer), the result it becomes, and what happens to it: committed, discarded
 //! (stale claim, process over) or handed back (shutdown).
 
-use super::{Inner, Stop, StopCell, claim};
+use super::{Inner, Stop, StopCell};
 use crate::handler::{Checkpointer, ServerClock, StepContext, StepError, StepHandler, StepOutput};
 use backon::Retryable;
 use futures::FutureExt;
@@ -151,8 +151,7 @@ impl Inner {
                 return;
             }
         }
-        self.inflight.lock().unwrap().remove(&claim(&held));
-        self.slot_gauges();
+        self.step_ended(&held);
         drop(permit);
     }
 
