@@ -8,6 +8,7 @@
 
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod durable;
 pub mod gateway;
 pub mod intake;
 pub mod ops;

@@ -2,11 +2,13 @@
 //! read, decide, commit through `commit.lua`, and decide again from a fresh read when the
 //! commit lost a revision race.
 
+use crate::durable::SharedWait;
 use honua_shared::commit::CommitCall;
 use honua_shared::config::{Config, WaitAof};
 use honua_shared::definition::{DefinitionSet, KindRegistry};
 use honua_shared::store::{Commit, Store, StoreError};
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::Instrument;
 
 /// How many times in a row one change may lose the revision race before
@@ -51,7 +53,72 @@ pub struct Processes {
     pub kinds: Arc<KindRegistry>,
     /// Decided once at start: the server has WAITAOF and AOF is on.
     pub waitaof: bool,
+    /// The durability waits submissions share, per partition ([`crate::durable`]).
+    waits: Arc<Waits>,
 }
+
+/// One shared `WAIT` and one shared `WAITAOF` per partition, each on that partition's
+/// connection (the one its commits go through); `None` where submissions do not wait.
+struct Waits {
+    replicas: Vec<Shared<u32>>,
+    aof: Vec<Shared<bool>>,
+}
+
+/// A partition's shared wait answering `T` or why it failed; `None`: not waited for.
+type Shared<T> = Option<Arc<SharedWait<Result<T, String>>>>;
+
+/// Partition `p`'s wait in `waits`, when there is one, waited for.
+async fn wait_in<T: Clone + Send + 'static>(
+    waits: &[Shared<T>],
+    p: u16,
+) -> Option<Result<T, String>> {
+    let w = waits.get(usize::from(p))?.as_ref()?;
+    Some(
+        w.wait()
+            .await
+            .unwrap_or_else(|| Err("the wait ended unanswered".into())),
+    )
+}
+
+impl Waits {
+    fn new(cfg: &Config, store: &Store, waitaof: bool) -> Self {
+        let replicas = cfg.replicas_to_wait();
+        let timeout = Duration::from_millis(cfg.wait_replicas_timeout_ms);
+        let per_partition = |p: u16| {
+            let store = store.in_partition(p);
+            let wait_replicas = (replicas > 0).then(|| {
+                let store = store.clone();
+                SharedWait::new(
+                    timeout,
+                    Box::new(move |t| {
+                        let store = store.clone();
+                        Box::pin(async move {
+                            store
+                                .wait_replicas(replicas, t)
+                                .await
+                                .map_err(|e| e.to_string())
+                        })
+                    }),
+                )
+            });
+            let wait_aof = waitaof.then(|| {
+                SharedWait::new(
+                    AOF_TIMEOUT,
+                    Box::new(move |t| {
+                        let store = store.clone();
+                        Box::pin(async move { store.wait_aof(t).await.map_err(|e| e.to_string()) })
+                    }),
+                )
+            });
+            (wait_replicas, wait_aof)
+        };
+        let (replicas, aof) = (0..store.partitions()).map(per_partition).unzip();
+        Self { replicas, aof }
+    }
+}
+
+/// How long a submission waits for the local AOF's fsync (`WAITAOF`).
+pub const AOF_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Processes {
     pub async fn new(
@@ -64,13 +131,29 @@ impl Processes {
             WaitAof::Off => false,
             _ => store.supports_waitaof().await.unwrap_or(false),
         };
+        let waits = Arc::new(Waits::new(&cfg, &store, waitaof));
         Self {
             cfg,
             store,
             defs,
             kinds,
             waitaof,
+            waits,
         }
+    }
+
+    /// Waits until the replicas `replicas_to_wait` asks for have every write this
+    /// partition's connection made so far (`WAIT`, shared with the submissions waiting at
+    /// the same time). `None` when no replica is waited for; else how many confirmed, or
+    /// why the wait failed.
+    pub async fn wait_replicas(&self) -> Option<Result<u32, String>> {
+        wait_in(&self.waits.replicas, self.store.partition()).await
+    }
+
+    /// Waits until the local AOF has fsynced every write this partition's connection made
+    /// so far (`WAITAOF`, shared likewise). `None` when the server cannot (`waitaof`).
+    pub async fn wait_aof(&self) -> Option<Result<bool, String>> {
+        wait_in(&self.waits.aof, self.store.partition()).await
     }
 
     /// The same hold on partition `p` of the deployment (its store handle).

@@ -8,7 +8,6 @@ use honua_shared::envelope::Submission;
 use honua_shared::record::ProcessRecord;
 use honua_shared::store::{Commit, StoreError};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 use tracing::Instrument;
 
 /// Why a submission was refused.
@@ -300,28 +299,25 @@ impl Processes {
                 }));
             }
         };
-        if self.waitaof {
-            match self.store.wait_aof(Duration::from_secs(1)).await {
-                Ok(true) => {}
-                Ok(false) if self.cfg.wait_aof == WaitAof::Required => {
-                    return Err(SubmitError::NotDurable("WAITAOF timed out".into()));
-                }
-                Ok(false) => {
-                    tracing::warn!(process_id = %id, "WAITAOF timed out; acknowledged anyway")
-                }
-                Err(e) => tracing::warn!(error = %e, "WAITAOF failed"),
+        match self.wait_aof().await {
+            None | Some(Ok(true)) => {}
+            Some(Ok(false)) if self.cfg.wait_aof == WaitAof::Required => {
+                return Err(SubmitError::NotDurable("WAITAOF timed out".into()));
             }
+            Some(Ok(false)) => {
+                tracing::warn!(process_id = %id, "WAITAOF timed out; acknowledged anyway")
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "WAITAOF failed"),
         }
-        let replicas = self.cfg.replicas_to_wait();
-        if replicas > 0 {
-            let timeout = Duration::from_millis(self.cfg.wait_replicas_timeout_ms);
-            match self.store.wait_replicas(replicas, timeout).await {
-                Ok(n) if n >= replicas => {}
-                Ok(n) => {
-                    tracing::warn!(process_id = %id, confirmed = n, wanted = replicas, "WAIT timed out; acknowledged anyway")
+        match self.wait_replicas().await {
+            None => {}
+            Some(Ok(n)) => {
+                let wanted = self.cfg.replicas_to_wait();
+                if n < wanted {
+                    tracing::warn!(process_id = %id, confirmed = n, wanted, "WAIT timed out; acknowledged anyway")
                 }
-                Err(e) => tracing::warn!(error = %e, "WAIT failed"),
             }
+            Some(Err(e)) => tracing::warn!(error = %e, "WAIT failed"),
         }
         let status = match &result {
             Submitted::Created(_) => {

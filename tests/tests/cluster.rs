@@ -106,7 +106,11 @@ fn libraries_on(n: &RedisServer) -> Vec<String> {
 async fn three_step_fan_out_and_approval_flows_complete_on_a_cluster() {
     let cluster = RedisCluster::start();
     let dir = defs_dir(&[defs::THREE, defs::GATE, defs::FAN]);
-    let f = Fleet::start(cluster_config(&cluster, &dir, "flows"), 1, 2).await;
+    let mut cfg = cluster_config(&cluster, &dir, "flows");
+    // A submission is acknowledged once its replica confirms it, or anyway after this long:
+    // long enough that a loaded machine's replica always confirms in time here.
+    cfg.wait_replicas_timeout_ms = 60_000;
+    let f = Fleet::start(cfg, 1, 2).await;
     let c = http();
 
     // Three steps, submitted over HTTP.
@@ -156,6 +160,77 @@ async fn three_step_fan_out_and_approval_flows_complete_on_a_cluster() {
     let rec = f.wait_finished(&id).await;
     assert_eq!(rec.status, ProcessStatus::Completed, "{rec:?}");
     assert_eq!(rec.steps["Apply"].status, StepStatus::Completed);
+
+    // Submissions made at the same time share their `WAIT`s (one covers every commit its
+    // connection had answered when it went out), and each is on the replica when it is
+    // acknowledged.
+    let home = cluster.primary_of(f.store().keys().submit().as_str());
+    let replica = cluster.replica_of(home);
+    let waits_on_home = || {
+        let mut conn = cluster.nodes[home].client().get_connection().unwrap();
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut conn)
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
+            .map_or(0, |rest| {
+                rest.split(',').next().unwrap().parse::<usize>().unwrap()
+            })
+    };
+    let before = waits_on_home();
+    let mut on_replica = cluster.nodes[replica]
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("READONLY")
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    const AT_ONCE: usize = 64;
+    let submissions: Vec<_> = (0..AT_ONCE)
+        .map(|i| {
+            let (engine, keys, mut on_replica) = (
+                f.engine.clone(),
+                f.store().keys().clone(),
+                on_replica.clone(),
+            );
+            tokio::spawn(async move {
+                let sub = Submission {
+                    process_type: "Three".into(),
+                    version: None,
+                    input: json!({"i": i}),
+                    id: None,
+                    idempotency_key: None,
+                    tenant: None,
+                    trace: Default::default(),
+                };
+                let id = engine.create(&sub, None).await.unwrap().id().to_string();
+                let on_replica: Option<String> = redis::cmd("HGET")
+                    .arg(keys.process(&id))
+                    .arg("type")
+                    .query_async(&mut on_replica)
+                    .await
+                    .unwrap();
+                (id, on_replica)
+            })
+        })
+        .collect();
+    for s in submissions {
+        let (id, on_replica) = s.await.unwrap();
+        assert_eq!(
+            on_replica.as_deref(),
+            Some("Three"),
+            "{id} was acknowledged before its replica had it"
+        );
+    }
+    let waits = waits_on_home() - before;
+    assert!(
+        (1..AT_ONCE).contains(&waits),
+        "{waits} WAITs for {AT_ONCE} submissions at once"
+    );
 
     // Keyless reads (INFO, TIME, PING) and the stream reads (XINFO) of health and queues.
     let health: Value = get_json(&c, &f.url("/health")).await;
