@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use honua::cli::{self, CliArgs};
 use honua::dev::{self, DevOptions, MockLlmOptions};
 use honua_runtime::telemetry::{self, LogFormat};
-use honua_shared::config::Config;
+use honua_shared::config::{Config, MAX_RUNTIME_THREADS};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -67,8 +67,7 @@ enum Role {
     Worker,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let role = match cli.cmd {
         Cmd::Role(role) => role,
@@ -76,7 +75,12 @@ async fn main() -> anyhow::Result<ExitCode> {
             let mut global = cli.ops;
             global.token = std::env::var("HONUA_TOKEN").ok().filter(|t| !t.is_empty());
             let args = CliArgs { global, command };
-            let code = cli::run(args, &mut std::io::stdout(), &mut std::io::stderr()).await;
+            let runtime = honua_runtime::build_runtime("honua", 0)?;
+            let code = runtime.block_on(cli::run(
+                args,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            ));
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
     };
@@ -87,6 +91,19 @@ async fn main() -> anyhow::Result<ExitCode> {
         .find(|(k, _)| k == "HONUA_REDIS_URL")
         .map(|(_, v)| v.clone());
     let cfg = Config::load(cli.config.as_deref(), env)?;
+    // Validated before the runtime is built from it, as the services' binaries do (each
+    // role validates again); `dev` validates once it has filled in its Redis.
+    if !matches!(role, Role::Dev { .. }) {
+        cfg.validate()?;
+    }
+    let threads = cfg.runtime_threads.min(MAX_RUNTIME_THREADS);
+    let runtime = honua_runtime::build_runtime("honua", threads)?;
+    runtime.block_on(run_role(role, cfg, redis_from_env))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one role on the runtime `runtime_threads` sized.
+async fn run_role(role: Role, cfg: Config, redis_from_env: Option<String>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let hand_back = CancellationToken::new();
     tokio::spawn(telemetry::shutdown_signals(
@@ -126,7 +143,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             honua_worker::run_main(cfg, handlers, shutdown).await?
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 #[cfg(test)]
