@@ -58,8 +58,13 @@ pub struct Processes {
 }
 
 /// One shared `WAIT` and one shared `WAITAOF` per partition, each on that partition's
-/// connection (the one its commits go through); `None` where submissions do not wait.
+/// submissions connection (the one its creates commit through); `None` where submissions
+/// do not wait.
 struct Waits {
+    /// The store submissions go through: a connection of their own when they wait (a `WAIT`
+    /// blocks every later call on its connection until it answers, so the scheduler's and
+    /// the gateway's other calls go on the shared one), else the shared one.
+    submitting: Store,
     replicas: Vec<Shared<u32>>,
     aof: Vec<Shared<bool>>,
 }
@@ -84,8 +89,18 @@ impl Waits {
     fn new(cfg: &Config, store: &Store, waitaof: bool) -> Self {
         let replicas = cfg.replicas_to_wait();
         let timeout = Duration::from_millis(cfg.wait_replicas_timeout_ms);
+        let submitting = if replicas > 0 || waitaof {
+            // A response may take as long as the longest wait.
+            let longest = timeout.max(AOF_TIMEOUT) + Duration::from_secs(5);
+            store.with_own_connection(longest).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no connection of their own for submissions: their WAITs hold up the shared one");
+                store.clone()
+            })
+        } else {
+            store.clone()
+        };
         let per_partition = |p: u16| {
-            let store = store.in_partition(p);
+            let store = submitting.in_partition(p);
             let wait_replicas = (replicas > 0).then(|| {
                 let store = store.clone();
                 SharedWait::new(
@@ -113,7 +128,11 @@ impl Waits {
             (wait_replicas, wait_aof)
         };
         let (replicas, aof) = (0..store.partitions()).map(per_partition).unzip();
-        Self { replicas, aof }
+        Self {
+            submitting,
+            replicas,
+            aof,
+        }
     }
 }
 
@@ -139,6 +158,15 @@ impl Processes {
             kinds,
             waitaof,
             waits,
+        }
+    }
+
+    /// The same hold on the submissions' connection ([`Waits::submitting`]): what creates
+    /// go through, so that their commits and the `WAIT`s after them share one connection.
+    pub fn submitting(&self) -> Self {
+        Self {
+            store: self.waits.submitting.in_partition(self.store.partition()),
+            ..self.clone()
         }
     }
 

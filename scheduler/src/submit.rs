@@ -182,7 +182,10 @@ impl Processes {
             .id
             .clone()
             .unwrap_or_else(|| partition::new_id_in(p, partitions));
-        self.in_partition(p).create_here(sub, id, ack, span).await
+        self.submitting()
+            .in_partition(p)
+            .create_here(sub, id, ack, span)
+            .await
     }
 
     async fn create_here(

@@ -21,6 +21,19 @@ pub use cluster::RedisCluster;
 /// A generous default deadline: tests run on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A submission of `process_type` with an empty input and nothing else set.
+pub fn submission_of(process_type: &str) -> honua_shared::envelope::Submission {
+    honua_shared::envelope::Submission {
+        process_type: process_type.into(),
+        version: None,
+        input: serde_json::json!({}),
+        id: None,
+        idempotency_key: None,
+        tenant: None,
+        trace: Default::default(),
+    }
+}
+
 /// Picks a free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -589,13 +602,8 @@ impl Fleet {
     /// Submits through the engine (as the gateway does); returns the process id.
     pub async fn submit(&self, process_type: &str, input: serde_json::Value) -> String {
         let sub = honua_shared::envelope::Submission {
-            process_type: process_type.into(),
-            version: None,
             input,
-            id: None,
-            idempotency_key: None,
-            tenant: None,
-            trace: Default::default(),
+            ..submission_of(process_type)
         };
         self.engine
             .create(&sub, None)

@@ -199,13 +199,8 @@ async fn three_step_fan_out_and_approval_flows_complete_on_a_cluster() {
             );
             tokio::spawn(async move {
                 let sub = Submission {
-                    process_type: "Three".into(),
-                    version: None,
                     input: json!({"i": i}),
-                    id: None,
-                    idempotency_key: None,
-                    tenant: None,
-                    trace: Default::default(),
+                    ..submission_of("Three")
                 };
                 let id = engine.create(&sub, None).await.unwrap().id().to_string();
                 let on_replica: Option<String> = redis::cmd("HGET")

@@ -614,3 +614,52 @@ async fn gateway_rejects_bad_input_and_reports_redis_outages() {
     assert_eq!(f.wait_finished(&id).await.status, ProcessStatus::Completed);
     f.stop().await;
 }
+
+/// A submission waiting for a replica (`WAIT`: one is asked for, none is there, so the
+/// server holds the call until its timeout) blocks only the submissions' own connection:
+/// the engine's other calls, on the shared one, are answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_waiting_for_a_replica_holds_up_no_other_call() {
+    let redis = RedisServer::start();
+    let dir = defs_dir(DEFS);
+    let mut cfg = test_config(&redis.url(), dir.path());
+    cfg.wait_replicas = Some(1);
+    cfg.wait_replicas_timeout_ms = 120_000;
+    let f = Fleet::start(cfg, 0, 0).await;
+    let engine = f.engine.clone();
+    let submission =
+        tokio::spawn(async move { engine.create(&submission_of("Three"), None).await });
+    let watch = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    wait_for(
+        "the submission's WAIT blocked on the server",
+        DEADLINE,
+        || {
+            let mut watch = watch.clone();
+            async move {
+                let clients: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut watch)
+                    .await
+                    .unwrap();
+                clients
+                    .lines()
+                    .any(|l| l.contains("cmd=wait"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // On a shared connection this would wait behind the WAIT (and time out).
+    f.store().server_time_ms().await.unwrap();
+    let (meta, _) = f.store().load_process("not-there").await.unwrap();
+    assert!(meta.is_empty());
+    assert!(
+        !submission.is_finished(),
+        "the other calls were answered while the WAIT still held its connection"
+    );
+    submission.abort();
+}

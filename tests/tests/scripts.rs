@@ -23,20 +23,7 @@ kind = "noop"
 
 /// A submission of the `One` type with an empty input.
 fn one() -> honua_shared::envelope::Submission {
-    of_type("One")
-}
-
-/// A submission of `process_type` with an empty input.
-fn of_type(process_type: &str) -> honua_shared::envelope::Submission {
-    honua_shared::envelope::Submission {
-        process_type: process_type.into(),
-        version: None,
-        input: json!({}),
-        id: None,
-        idempotency_key: None,
-        tenant: None,
-        trace: Default::default(),
-    }
+    submission_of("One")
 }
 
 /// The store and the engine (no scheduler loop) of a fleet with the `One` type.
@@ -1396,7 +1383,7 @@ async fn begin_with_snapshot(
     st: &Store,
     engine: &honua_scheduler::Processes,
 ) -> (Held, honua_shared::record::ProcessRecord) {
-    let sub = of_type("Three");
+    let sub = submission_of("Three");
     let pid = engine.create(&sub, None).await.unwrap().id().to_string();
     let mut conn = st.blocking(Duration::from_millis(100)).unwrap();
     let entries = read_as_a(st, &mut conn).await;

@@ -399,13 +399,29 @@ impl Store {
 
     /// A dedicated connection for blocking reads of up to `block`.
     pub fn blocking(&self, block: Duration) -> Result<Conn> {
-        let timeout = block + Duration::from_secs(5);
+        self.own_conn(block + Duration::from_secs(5))
+    }
+
+    /// A new connection (to each node, on a cluster) with this response timeout.
+    fn own_conn(&self, response_timeout: Duration) -> Result<Conn> {
         Ok(match &self.client {
             Client::Standalone(c) => Conn::Standalone(ConnectionManager::new_lazy_with_config(
                 c.clone(),
-                manager_config(timeout),
+                manager_config(response_timeout),
             )?),
-            Client::Cluster(c) => cluster_conn(c, &self.keys, timeout),
+            Client::Cluster(c) => cluster_conn(c, &self.keys, response_timeout),
+        })
+    }
+
+    /// The same store on a connection of its own (to each node, on a cluster) with this
+    /// response timeout: for calls that block the connection they are sent on (`WAIT`), so
+    /// that they hold up no other traffic. Connects on first use.
+    pub fn with_own_connection(&self, response_timeout: Duration) -> Result<Self> {
+        Ok(Self {
+            conn: self.own_conn(response_timeout)?,
+            keys: self.keys.clone(),
+            partitions: self.partitions,
+            client: self.client.clone(),
         })
     }
 
