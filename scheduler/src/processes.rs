@@ -163,7 +163,7 @@ impl Processes {
 
     /// The same hold on the submissions' connection ([`Waits::submitting`]): what creates
     /// go through, so that their commits and the `WAIT`s after them share one connection.
-    pub fn submitting(&self) -> Self {
+    pub(crate) fn submitting(&self) -> Self {
         Self {
             store: self.waits.submitting.in_partition(self.store.partition()),
             ..self.clone()
@@ -174,13 +174,13 @@ impl Processes {
     /// partition's connection made so far (`WAIT`, shared with the submissions waiting at
     /// the same time). `None` when no replica is waited for; else how many confirmed, or
     /// why the wait failed.
-    pub async fn wait_replicas(&self) -> Option<Result<u32, String>> {
+    pub(crate) async fn wait_replicas(&self) -> Option<Result<u32, String>> {
         wait_in(&self.waits.replicas, self.store.partition()).await
     }
 
     /// Waits until the local AOF has fsynced every write this partition's connection made
     /// so far (`WAITAOF`, shared likewise). `None` when the server cannot (`waitaof`).
-    pub async fn wait_aof(&self) -> Option<Result<bool, String>> {
+    pub(crate) async fn wait_aof(&self) -> Option<Result<bool, String>> {
         wait_in(&self.waits.aof, self.store.partition()).await
     }
 
