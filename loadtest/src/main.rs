@@ -139,6 +139,9 @@ struct ThroughputArgs {
     /// The process type's graph: `line` (A → B → C) or `dag` (A → {B, C} → D, a join)
     #[arg(long, value_enum, default_value_t = Shape::Line)]
     shape: Shape,
+    /// Bytes of output each step writes (its process's state grows by that much per step)
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    output_bytes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -382,6 +385,7 @@ async fn run_on(server: &Server, command: &Command) -> anyhow::Result<Report> {
                 timeout_secs: 600,
                 no_baseline: false,
                 shape: Shape::Line,
+                output_bytes: 0,
             };
             throughput_into(&mut report, server, &prefix, engine_params(&tp), true).await?;
             let processes = if quick { 100 } else { 3000 };
@@ -568,6 +572,7 @@ async fn point(
         submitters: 32,
         timeout: Duration::from_secs(600),
         shape,
+        output_bytes: 0,
     };
     let engine = throughput::run(server, prefix, params)
         .await
@@ -675,6 +680,7 @@ fn engine_params(a: &ThroughputArgs) -> EngineParams {
         submitters: a.submitters.max(1),
         timeout: Duration::from_secs(a.timeout_secs),
         shape: a.shape,
+        output_bytes: a.output_bytes,
     }
 }
 

@@ -188,12 +188,16 @@ impl Report {
         if let Some(e) = &self.engine {
             writeln!(
                 s,
-                "  engine:    {} {} processes ({}); {} scheduler(s), {} workers ({} concurrent steps each), each on a runtime of {} thread(s); {} submitters",
+                "  engine:    {} {} processes ({}{}); {} scheduler(s), {} workers ({} concurrent steps each), each on a runtime of {} thread(s); {} submitters",
                 e.processes,
                 e.process_type,
                 match e.shape {
                     Shape::Line => "3 noop steps, A → B → C",
                     Shape::Dag => "4 noop steps, A → {B, C} → D, D joins both",
+                },
+                match e.output_bytes {
+                    0 => String::new(),
+                    n => format!("; each outputs {n} bytes"),
                 },
                 e.schedulers,
                 e.workers,

@@ -65,6 +65,20 @@ impl Shape {
             Shape::Dag => dag_definition(kind),
         }
     }
+
+    /// The same with `noop` steps that each output `output_bytes` bytes of text (a
+    /// process's state grows by that much per step: what larger states cost per step).
+    pub(crate) fn noop_definition(self, output_bytes: usize) -> String {
+        let def = self.definition("noop");
+        if output_bytes == 0 {
+            return def;
+        }
+        let pad = "x".repeat(output_bytes);
+        def.replace(
+            "kind = \"noop\"\n",
+            &format!("kind = \"noop\"\nconfig = {{ output = {{ pad = \"{pad}\" }} }}\n"),
+        )
+    }
 }
 
 /// The DAG shape: A fans out to B and C, which run in parallel; D joins both.
@@ -142,6 +156,8 @@ pub struct EngineParams {
     pub submitters: usize,
     pub timeout: Duration,
     pub shape: Shape,
+    /// Bytes of output each step writes (0: none).
+    pub output_bytes: usize,
 }
 
 /// Per-component figures (scheduler, workers, submitters).
@@ -257,6 +273,8 @@ impl Health {
 pub struct EngineResult {
     pub process_type: &'static str,
     pub shape: Shape,
+    /// Bytes of output each step wrote.
+    pub output_bytes: usize,
     pub processes: usize,
     pub steps: usize,
     pub schedulers: usize,
@@ -292,7 +310,8 @@ pub async fn run(
     prefix: &str,
     params: EngineParams,
 ) -> Result<EngineResult, BenchError> {
-    let bench = Bench::prepare_with(server, prefix, &params.shape.definition("noop"), |cfg| {
+    let definition = params.shape.noop_definition(params.output_bytes);
+    let bench = Bench::prepare_with(server, prefix, &definition, |cfg| {
         cfg.worker.max_concurrent_steps = params.max_concurrent_steps;
     })?;
     let shutdown = CancellationToken::new();
@@ -555,6 +574,7 @@ async fn measure(
     Ok(EngineResult {
         process_type: PROCESS_TYPE,
         shape: params.shape,
+        output_bytes: params.output_bytes,
         processes: params.processes,
         steps,
         schedulers: params.schedulers,
@@ -822,6 +842,26 @@ mod tests {
         assert_eq!(
             def.step("D").unwrap().join,
             honua_shared::definition::Join::All
+        );
+    }
+
+    #[test]
+    fn steps_output_the_bytes_asked_for() {
+        for shape in [Shape::Line, Shape::Dag] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("bench.toml"), shape.noop_definition(1000)).unwrap();
+            let cfg = bench_config("redis://127.0.0.1:1", "lt-test", dir.path());
+            let (defs, _) = honua_scheduler::load_definitions(&cfg).unwrap();
+            let def = defs.latest(PROCESS_TYPE).unwrap();
+            assert_eq!(def.steps.len(), shape.steps());
+            for step in &def.steps {
+                let pad = step.config["output"]["pad"].as_str().unwrap();
+                assert_eq!(pad.len(), 1000, "{}", step.name);
+            }
+        }
+        assert_eq!(
+            Shape::Line.noop_definition(0),
+            Shape::Line.definition("noop")
         );
     }
 
