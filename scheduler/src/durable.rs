@@ -74,12 +74,16 @@ impl<T: Clone + Send + 'static> SharedWait<T> {
     /// block for what its batch's oldest submission has left of the timeout (at least 1 ms:
     /// `WAIT … 0` would block for ever).
     async fn drain(self: Arc<Self>) {
-        let _reset = Reset(&self.state);
+        let mut reset = Reset {
+            queue: &self.state,
+            armed: true,
+        };
         loop {
             let (batch, since) = {
                 let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if q.queued.is_empty() {
                     q.running = false;
+                    reset.armed = false;
                     return;
                 }
                 (std::mem::take(&mut q.queued), q.since.take())
@@ -97,14 +101,18 @@ impl<T: Clone + Send + 'static> SharedWait<T> {
     }
 }
 
-/// Lets the next submission start a task again if the draining one panics (the queued
-/// submissions then get `None`).
-struct Reset<'a, T>(&'a Mutex<Queue<T>>);
+/// Lets the next submission start a task again if the draining one ends without
+/// finishing: it panicked, or its runtime shut down. The queued submissions then get `None`.
+struct Reset<'a, T> {
+    queue: &'a Mutex<Queue<T>>,
+    /// Cleared when the task ends normally (it has handed `running` back itself).
+    armed: bool,
+}
 
 impl<T> Drop for Reset<'_, T> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if self.armed {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             q.running = false;
             q.queued.clear();
             q.since = None;
@@ -218,6 +226,38 @@ mod tests {
         let t = timeouts.lock().unwrap().clone();
         assert_eq!(t[0], Duration::from_millis(1000));
         assert_eq!(t[1], Duration::from_millis(300));
+    }
+
+    #[test]
+    fn a_wait_whose_runtime_shuts_down_answers_none_and_the_next_starts_again() {
+        let (_open, gate) = tokio::sync::watch::channel(false);
+        let (run, calls, _) = counting(gate);
+        let w = SharedWait::new(Duration::from_secs(5), run);
+        // A wait that never answers, on a runtime that goes away under it.
+        let first = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let waiting = first.spawn({
+            let w = Arc::clone(&w);
+            async move { w.wait().await }
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // Dropping a runtime waits until its tasks are dropped.
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(
+            second.block_on(waiting).is_err(),
+            "its task went with its runtime"
+        );
+        // The shared wait is free again; this one answers at once (the gate's sender is
+        // gone, so the wait returns).
+        drop(_open);
+        assert_eq!(second.block_on(w.wait()), Some(2));
     }
 
     #[tokio::test]
