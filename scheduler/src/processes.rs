@@ -137,7 +137,7 @@ impl Waits {
 }
 
 /// How long a submission waits for the local AOF's fsync (`WAITAOF`).
-pub const AOF_TIMEOUT: Duration = Duration::from_secs(1);
+const AOF_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Processes {
     pub async fn new(

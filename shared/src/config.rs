@@ -863,6 +863,13 @@ mod tests {
             .collect()
     }
 
+    /// The config with one `HONUA_*` variable set, which must load and validate.
+    fn valid_with(var: &str, value: &str) -> Config {
+        let c = Config::load(None, env(&[(var, value)])).unwrap();
+        c.validate().unwrap();
+        c
+    }
+
     /// Asserts that `c` fails validation naming `field`.
     fn assert_invalid(c: &Config, field: &str) {
         match c.validate() {
@@ -874,9 +881,7 @@ mod tests {
     #[test]
     fn partitions_default_to_one_and_are_validated() {
         assert_eq!(Config::default().partitions, 1);
-        let c = Config::load(None, env(&[("HONUA_PARTITIONS", "8")])).unwrap();
-        assert_eq!(c.partitions, 8);
-        c.validate().unwrap();
+        assert_eq!(valid_with("HONUA_PARTITIONS", "8").partitions, 8);
         for bad in [0, crate::partition::MAX_PARTITIONS + 1] {
             let c = Config {
                 partitions: bad,
@@ -890,9 +895,7 @@ mod tests {
     #[test]
     fn runtime_threads_default_to_one_per_cpu_and_are_validated() {
         assert_eq!(Config::default().runtime_threads, 0);
-        let c = Config::load(None, env(&[("HONUA_RUNTIME_THREADS", "1")])).unwrap();
-        assert_eq!(c.runtime_threads, 1);
-        c.validate().unwrap();
+        assert_eq!(valid_with("HONUA_RUNTIME_THREADS", "1").runtime_threads, 1);
         let c = Config {
             runtime_threads: MAX_RUNTIME_THREADS + 1,
             ..Config::default()

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use honua::cli::{self, CliArgs};
 use honua::dev::{self, DevOptions, MockLlmOptions};
 use honua_runtime::telemetry::{self, LogFormat};
-use honua_shared::config::{Config, MAX_RUNTIME_THREADS};
+use honua_shared::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -92,12 +92,9 @@ fn main() -> anyhow::Result<ExitCode> {
         .map(|(_, v)| v.clone());
     let cfg = Config::load(cli.config.as_deref(), env)?;
     // Validated before the runtime is built from it, as the services' binaries do (each
-    // role validates again); `dev` validates once it has filled in its Redis.
-    if !matches!(role, Role::Dev { .. }) {
-        cfg.validate()?;
-    }
-    let threads = cfg.runtime_threads.min(MAX_RUNTIME_THREADS);
-    let runtime = honua_runtime::build_runtime("honua", threads)?;
+    // role validates again, `dev` once it has filled in its Redis).
+    cfg.validate()?;
+    let runtime = honua_runtime::build_runtime("honua", cfg.runtime_threads)?;
     runtime.block_on(run_role(role, cfg, redis_from_env))?;
     Ok(ExitCode::SUCCESS)
 }
